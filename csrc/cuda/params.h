@@ -1,0 +1,90 @@
+// Plain parameter structs shared by the torch glue and the CUDA kernels.
+// This header must stay torch-free: kernels include it, and so may a future
+// non-torch frontend.
+#pragma once
+#include <cstdint>
+
+namespace fastattn {
+
+// Element type of q/k/v/out/dout and of dq/dk/dv. Accumulation is always fp32.
+enum class ElemType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// Which keys a query may see. Query i of a sequence with lengths (sq, sk)
+// sees key j iff
+//     (window_left  < 0 || j >= i + offset - window_left) &&
+//     (window_right < 0 || j <= i + offset + window_right)
+// where offset = bottom_right ? sk - sq : 0. Causal is window_right == 0.
+// A row that sees no key gets out = 0 and lse = -inf.
+struct MaskParams {
+  int window_left = -1;
+  int window_right = -1;
+  bool bottom_right = false;
+};
+
+// Forward: out = softmax(scale * q k^T + mask) v and lse = logsumexp(scale * q k^T + mask)
+// (natural log, fp32).
+//
+// Layout: q is (batch, seqlen_q, heads_q, head_dim) addressed by the strides
+// below (in elements, last dim contiguous); k and v likewise with heads_kv.
+// Query head h reads kv head h / (heads_q / heads_kv) (GQA/MQA by index).
+//
+// Varlen: when cu_seqlens_q != nullptr the batch is ragged: sequence b owns
+// rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q/out (batch strides are then
+// ignored, treated as 0) and rows [cu_seqlens_k[b], cu_seqlens_k[b+1]) of k/v.
+// seqlen_q / seqlen_k are then the maxima (they only size the grid).
+//
+// lse element (b, h, row) lives at lse[b * lse_batch_stride + h * lse_head_stride + row]
+// with row = (varlen ? cu_seqlens_q[b] : 0) + i. Dense: (B, Hq, Sq) contiguous;
+// varlen: (Hq, total_q) contiguous with lse_batch_stride = 0.
+struct FwdParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+  int64_t lse_batch_stride = 0, lse_head_stride = 0;
+
+  int batch = 0;
+  int heads_q = 0;
+  int heads_kv = 0;
+  int head_dim = 0;
+  int seqlen_q = 0;  // max over the batch when varlen
+  int seqlen_k = 0;  // max over the batch when varlen
+
+  const int* cu_seqlens_q = nullptr;  // (batch + 1) int32, device memory
+  const int* cu_seqlens_k = nullptr;
+
+  float scale = 1.f;       // softmax scale applied to q k^T
+  float scale_log2 = 1.f;  // scale * log2(e): kernels work in exp2
+  MaskParams mask;
+  ElemType dtype = ElemType::kFloat16;
+  int num_sms = 0;  // of the current device, for grid heuristics
+};
+
+// Backward. Inputs as in FwdParams plus dout (same layout as out) and the
+// forward's out/lse. Outputs dq/dk/dv have the layouts of q/k/v (their own
+// strides below). Workspaces are allocated by the glue in fp32:
+//   dq_accum     (batch, heads_q, seqlen_q_rounded, head_dim)  zeroed; varlen: see launcher
+//   dsoftmax_sum (D = rowsum(dO * O)) laid out like lse.
+struct BwdParams : FwdParams {
+  const void* dout = nullptr;
+  int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
+
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+
+  float* dq_accum = nullptr;
+  float* dsoftmax_sum = nullptr;
+  bool deterministic = false;
+};
+
+}  // namespace fastattn

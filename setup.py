@@ -1,0 +1,153 @@
+"""Build fastattn: a CUDA extension when torch has CUDA and nvcc is found, else CPU only.
+
+Environment:
+  FASTATTN_REQUIRE_CUDA=1   fail instead of falling back to a CPU-only build (CI sets it)
+  FASTATTN_FORCE_CPU=1      build the CPU-only extension even where CUDA is available
+  FASTATTN_CUDA_ARCHS       e.g. "8.0;9.0" (default: the local GPU's, else "8.0;9.0")
+  FASTATTN_HDIMS            narrowed dev build, e.g. "128" or "64,128" (default: all)
+  FASTATTN_DTYPES           narrowed dev build, e.g. "bf16" (default: "fp16,bf16")
+  MAX_JOBS                  parallel compile jobs (honoured by torch's ninja builder)
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ALL_HDIMS = (32, 64, 96, 128, 192, 256)
+ALL_DTYPES = ("fp16", "bf16")
+
+
+def _env_list(name, default):
+    raw = os.environ.get(name, "").replace(";", ",").strip()
+    if not raw:
+        return list(default)
+    return [x.strip() for x in raw.split(",") if x.strip()]
+
+
+def _cuda_available_for_build():
+    """(ok, reason): whether the CUDA extension can be built here."""
+    if os.environ.get("FASTATTN_FORCE_CPU") == "1":
+        return False, "FASTATTN_FORCE_CPU=1"
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} has no CUDA"
+    if cpp_extension.CUDA_HOME is None or not (
+        shutil.which("nvcc") or os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    ):
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, ""
+
+
+def _cuda_archs():
+    raw = os.environ.get("FASTATTN_CUDA_ARCHS", "").strip()
+    if not raw:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            raw = f"{major}.{minor}"
+        else:
+            raw = "8.0;9.0"
+    archs = [a.strip() for a in raw.replace(",", ";").split(";") if a.strip()]
+    flags = []
+    for arch in archs:
+        num = arch.replace(".", "").replace("+PTX", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def _selected(path, hdims, dtypes):
+    """Narrowed builds drop instantiation files named *hdim<D>* / *<dtype>* not selected."""
+    name = os.path.basename(path)
+    m = re.search(r"hdim(\d+)", name)
+    if m and int(m.group(1)) not in hdims:
+        return False
+    m = re.search(r"(fp16|bf16)", name)
+    if m and m.group(1) not in dtypes:
+        return False
+    return True
+
+
+def build_extension():
+    from torch.utils import cpp_extension
+
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_glue = sorted(glob.glob("csrc/torch_cuda*.cpp"))
+    cpp_sources = [s for s in cpp_sources if s not in cuda_glue]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+
+    use_cuda, reason = _cuda_available_for_build()
+    if not use_cuda:
+        if os.environ.get("FASTATTN_REQUIRE_CUDA") == "1":
+            sys.exit(f"fastattn: FASTATTN_REQUIRE_CUDA=1 but the CUDA build is skipped: {reason}")
+        print(f"fastattn: building the CPU-only extension ({reason})")
+        return cpp_extension.CppExtension(
+            "fastattn._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+
+    hdims = [int(h) for h in _env_list("FASTATTN_HDIMS", ALL_HDIMS)]
+    dtypes = _env_list("FASTATTN_DTYPES", ALL_DTYPES)
+    bad = [h for h in hdims if h not in ALL_HDIMS] + [d for d in dtypes if d not in ALL_DTYPES]
+    if bad:
+        sys.exit(f"fastattn: unknown FASTATTN_HDIMS/FASTATTN_DTYPES entries {bad}")
+    cu_sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
+    cu_sources = [s for s in cu_sources if _selected(s, hdims, dtypes)]
+    defines = [f"-DFASTATTN_ENABLE_HDIM{h}" for h in hdims]
+    defines += [f"-DFASTATTN_ENABLE_{d.upper()}" for d in dtypes]
+    defines += ["-DFASTATTN_WITH_CUDA"]
+    nvcc_flags = [
+        "-O3",
+        "-std=c++17",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-lineinfo",
+    ] + _cuda_archs() + defines
+    if os.environ.get("FASTATTN_NVCC_THREADS"):
+        nvcc_flags += ["--threads", os.environ["FASTATTN_NVCC_THREADS"]]
+    print(f"fastattn: building the CUDA extension (hdims {hdims}, dtypes {dtypes}, "
+          f"{len(cu_sources)} .cu files, flags {_cuda_archs()})")
+    return cpp_extension.CUDAExtension(
+        "fastattn._C",
+        cpp_sources + cuda_glue + cu_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        name="fastattn",
+        version="0.1.0",
+        description="IO-aware attention kernels for PyTorch (FlashAttention, decoding, paged KV)",
+        package_dir={"": "python"},
+        packages=find_packages("python"),
+        ext_modules=[build_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+        python_requires=">=3.9",
+        install_requires=["torch>=2.4"],
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
