@@ -10,11 +10,12 @@ TORCH_LIBRARY(fastattn, m) {
   // scaled scores, (B, Hq, Sq) or (Hq, total_q), float32 (float64 for
   // float64 inputs). window_* < 0 means unbounded; causal sets window_right = 0;
   // bottom_right aligns the mask diagonal to the last query/key (flash-attn),
-  // otherwise to the first (torch SDPA).
+  // otherwise to the first (torch SDPA). `deterministic` is not used by the
+  // forward itself: autograd saves it for the bwd call it makes.
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, int window_left, "
-      "int window_right, bool bottom_right) -> (Tensor out, Tensor lse)");
+      "int window_right, bool bottom_right, bool deterministic) -> (Tensor out, Tensor lse)");
   // Gradients of fwd given dout, recomputing the probabilities from lse.
   // deterministic=True makes dq bitwise reproducible (no float atomics).
   m.def(

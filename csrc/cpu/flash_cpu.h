@@ -1,0 +1,26 @@
+// CPU implementations of the fwd/bwd ops (see csrc/ops.cpp for the schemas).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastattn::cpu {
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v,
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k,
+                                           int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                           double scale, bool causal, int64_t window_left,
+                                           int64_t window_right, bool bottom_right,
+                                           bool deterministic);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
+    bool deterministic);
+
+}  // namespace fastattn::cpu
