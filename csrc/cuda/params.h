@@ -58,6 +58,10 @@ struct FwdParams {
 
   const int* cu_seqlens_q = nullptr;  // (batch + 1) int32, device memory
   const int* cu_seqlens_k = nullptr;
+  // Varlen: rows of q and of k/v (total_q, total_k). Kernels clamp the
+  // cu_seqlens they read into [0, total] so bad offsets can't reach far.
+  int64_t total_q = 0;
+  int64_t total_k = 0;
 
   float scale = 1.f;       // softmax scale applied to q k^T
   float scale_log2 = 1.f;  // scale * log2(e): kernels work in exp2

@@ -1,0 +1,151 @@
+// Online softmax (FlashAttention-2 style) in exp2 with the softmax scale folded
+// in, plus the log-sum-exp merge used by split-KV / recursive attention.
+//
+// Scores are kept raw (unscaled q.k); with c = scale * log2(e) (FwdParams::
+// scale_log2) the probabilities are p = 2^(s*c - m*c), m the raw running max,
+// so one FFMA + one EX2 per score. This requires c >= 0 (the glue makes the
+// scale non-negative); masked scores are -inf and give p = 0. A row whose max
+// is still -inf uses m*c = 0 so no NaN (-inf - -inf) can appear.
+//
+// Scalar helpers (any layout):
+//   quad_max(x), quad_sum(x)                        reduce over the 4 lanes of a quad (mma row group)
+//   scaled_max(m, c)                                m*c, or 0 when m == -inf
+//   lse_from(m, l, scale)                           natural-log LSE of a finished row (-inf if l == 0)
+//   merge_lse(lse_a, lse_b, &wa, &wb)               merged LSE and the weights of the two partial outputs
+//
+// OnlineSoftmax<MT> works on the mma.m16n8 C layout (see ptx.h): a thread owns
+// rows g and g+8 of each of its MT m-tiles, i.e. 2*MT rows, index mt*2 + h.
+//   OnlineSoftmax<MT> sm; sm.init();
+//   sm.update<kCheckInf>(s, o, c);   s[MT][NT][4] raw scores -> p (in place); rescales o[MT][NO][4]
+//                                    of a row only when its max changed; accumulates row sums.
+//   sm.finalize(o, scale, lse);      o /= rowsum (0 for empty rows); lse[2*MT] natural-log LSE.
+#pragma once
+#include <cstdint>
+
+#include "cuda/common/ptx.h"
+#include "cuda/common/types.h"
+
+namespace fastattn {
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+__device__ __forceinline__ float scaled_max(float m, float scale_log2) {
+  return m == neg_inf() ? 0.f : m * scale_log2;
+}
+
+// Natural-log LSE of a row with raw max m and sum l of 2^(s*c - m*c).
+__device__ __forceinline__ float lse_from(float m, float l, float scale) {
+  // ln(sum exp(scale*s)) = scale*m + ln(l)
+  return l > 0.f ? m * scale + __logf(l) : neg_inf();
+}
+
+// Merge of two partial results over disjoint key sets: returns the merged LSE
+// and the weights w_a, w_b with out = w_a * out_a + w_b * out_b. Both -inf
+// gives -inf and zero weights.
+__device__ __forceinline__ float merge_lse(float lse_a, float lse_b, float* w_a, float* w_b) {
+  const float m = fmaxf(lse_a, lse_b);
+  if (m == neg_inf()) {
+    *w_a = 0.f;
+    *w_b = 0.f;
+    return neg_inf();
+  }
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float ea = ptx::ex2_approx((lse_a - m) * kLog2e);
+  const float eb = ptx::ex2_approx((lse_b - m) * kLog2e);
+  const float s = ea + eb;
+  *w_a = ea / s;
+  *w_b = eb / s;
+  return m + __logf(s);
+}
+
+template <int MT>
+struct OnlineSoftmax {
+  static constexpr int kRows = 2 * MT;
+  float row_max[kRows];  // raw running max over the quad (same in its 4 lanes)
+  float row_sum[kRows];  // this lane's partial sum; quad-reduced in finalize()
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = neg_inf();
+      row_sum[r] = 0.f;
+    }
+  }
+
+  // s: raw scores of one KV tile (masked = -inf), turned into p in place.
+  // o: the output accumulator, rescaled row by row where the max moved.
+  template <int NT, int NO>
+  __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&o)[MT][NO][4],
+                                         float scale_log2) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = mt * 2 + h;
+        float m = row_max[r];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          m = fmaxf(m, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+        }
+        m = quad_max(m);
+        if (m != row_max[r]) {  // max moved (m > old): rescale this row's O and sum
+          const float factor =
+              ptx::ex2_approx(scaled_max(row_max[r], scale_log2) - scaled_max(m, scale_log2));
+          row_sum[r] *= factor;
+#pragma unroll
+          for (int no = 0; no < NO; ++no) {
+            o[mt][no][2 * h] *= factor;
+            o[mt][no][2 * h + 1] *= factor;
+          }
+          row_max[r] = m;
+        }
+        const float mc = scaled_max(m, scale_log2);
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = ptx::ex2_approx(fmaf(s[mt][nt][2 * h + e], scale_log2, -mc));
+            s[mt][nt][2 * h + e] = p;
+            sum += p;
+          }
+        }
+        row_sum[r] += sum;
+      }
+    }
+  }
+
+  // Normalizes o and returns the natural-log LSE per row (index mt*2 + h).
+  template <int NO>
+  __device__ __forceinline__ void finalize(float (&o)[MT][NO][4], float scale,
+                                           float (&lse)[kRows]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = mt * 2 + h;
+        const float l = quad_sum(row_sum[r]);
+        row_sum[r] = l;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int no = 0; no < NO; ++no) {
+          o[mt][no][2 * h] *= inv;
+          o[mt][no][2 * h + 1] *= inv;
+        }
+        lse[r] = lse_from(row_max[r], l, scale);
+      }
+    }
+  }
+};
+
+}  // namespace fastattn

@@ -1,0 +1,139 @@
+// Global <-> shared tile movement and sequence bookkeeping:
+//   - seq_bounds(...)                    per-sequence start row and length (dense or varlen),
+//                                        clamping untrusted cu_seqlens into [0, total]
+//   - row sources, the "KV-block iterator": where row r of one (sequence, head) lives
+//       ContiguousRows<Elem>{base, row_stride}       base + r * row_stride
+//       PagedRows<Elem>{...}                         page block_table[r / page_size], slot r % page_size
+//     Kernels only call src.row(r) for valid rows and src.safe_ptr() for the
+//     zero-filled ones, so contiguous, paged (and block-sparse, which only
+//     changes which block index comes next) share one tile loader.
+//   - load_tile_async<kThreads, Tile>(tile_addr, src, row0, row_limit, col_limit, tid)
+//       cp.async 16-byte copies of rows [row0, row0 + Tile::kRows) into a SmemTile,
+//       zero-filling rows >= row_limit and 8-column chunks >= col_limit.
+//   - store_tile<kThreads, Tile>(dst, row_stride, smem, row_limit, col_limit, tid)
+//       16-byte stores of the tile's valid rows / chunks to global memory.
+// Columns are counted in elements of 2-byte types; col_limit must be a multiple
+// of 8 (the glue pads head dims that are not).
+#pragma once
+#include <cstdint>
+
+#include "cuda/common/fragment.h"
+#include "cuda/common/ptx.h"
+
+namespace fastattn {
+
+struct SeqBounds {
+  int64_t start;  // first row of the sequence in the (possibly packed) tensor
+  int len;        // its length
+};
+
+// Dense (cu == nullptr): start = 0, len = dense_len. Varlen: rows
+// [cu[b], cu[b+1]) clamped into [0, total] and the length to max_len.
+__device__ __forceinline__ SeqBounds seq_bounds(const int* cu, int b, int dense_len, int max_len,
+                                                int64_t total) {
+  SeqBounds r;
+  if (cu == nullptr) {
+    r.start = 0;
+    r.len = dense_len;
+    return r;
+  }
+  int64_t s = cu[b];
+  int64_t e = cu[b + 1];
+  s = s < 0 ? 0 : (s > total ? total : s);
+  e = e < s ? s : (e > total ? total : e);
+  int64_t len = e - s;
+  r.start = s;
+  r.len = static_cast<int>(len > max_len ? max_len : len);
+  return r;
+}
+
+template <typename Elem>
+struct ContiguousRows {
+  const Elem* base;    // row 0 of this (sequence, head)
+  int64_t row_stride;  // elements between consecutive rows
+  __device__ __forceinline__ const Elem* row(int r) const { return base + r * row_stride; }
+  __device__ __forceinline__ const Elem* safe_ptr() const { return base; }
+};
+
+// Paged rows: logical row r of a sequence lives in physical page
+// block_table[r / page_size], slot r % page_size.
+template <typename Elem>
+struct PagedRows {
+  const Elem* pool;          // page 0, slot 0, head 0
+  const int* block_table;    // this sequence's page indices
+  int page_size;             // rows per page
+  int64_t page_stride;       // elements between pages
+  int64_t row_stride;        // elements between slots of a page
+  int64_t head_offset;       // elements to this head
+  __device__ __forceinline__ const Elem* row(int r) const {
+    const int page = block_table[r / page_size];
+    return pool + page * page_stride + (r % page_size) * row_stride + head_offset;
+  }
+  __device__ __forceinline__ const Elem* safe_ptr() const { return pool; }
+};
+
+constexpr int next_pow2(int x) {
+  int p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
+// Thread -> (row, 16-byte chunk) mapping shared by load_tile_async and store_tile:
+// a row is covered by kSlots consecutive threads (power of two >= chunks per row),
+// kRowsPerPass rows per pass.
+template <int kThreads, typename Tile>
+struct TileCopyMap {
+  static constexpr int kChunks = Tile::kCols / 8;
+  static constexpr int kSlots = next_pow2(kChunks) < kThreads ? next_pow2(kChunks) : kThreads;
+  static constexpr int kRowsPerPass = kThreads / kSlots;
+  static constexpr int kPasses = (Tile::kRows + kRowsPerPass - 1) / kRowsPerPass;
+  static constexpr int kChunkPasses = (kChunks + kSlots - 1) / kSlots;
+  static_assert(kThreads % kSlots == 0, "threads must cover whole rows");
+};
+
+template <int kThreads, typename Tile, typename Src>
+__device__ __forceinline__ void load_tile_async(uint32_t tile_addr, const Src& src, int row0,
+                                                int row_limit, int col_limit, int tid) {
+  using Map = TileCopyMap<kThreads, Tile>;
+  const int slot = tid % Map::kSlots;
+  const int r0 = tid / Map::kSlots;
+#pragma unroll
+  for (int i = 0; i < Map::kPasses; ++i) {
+    const int r = r0 + i * Map::kRowsPerPass;
+    if (Map::kPasses * Map::kRowsPerPass > Tile::kRows && r >= Tile::kRows) continue;
+    const bool row_ok = row0 + r < row_limit;
+#pragma unroll
+    for (int j = 0; j < Map::kChunkPasses; ++j) {
+      const int c = slot + j * Map::kSlots;
+      if (c < Map::kChunks) {
+        const bool ok = row_ok && c * 8 < col_limit;
+        const auto* g = ok ? src.row(row0 + r) + c * 8 : src.safe_ptr();
+        ptx::cp_async_16(tile_addr + Tile::offset(r, c * 8), g, ok);
+      }
+    }
+  }
+}
+
+template <int kThreads, typename Tile, typename Elem>
+__device__ __forceinline__ void store_tile(Elem* dst, int64_t row_stride, const char* smem_tile,
+                                           int row_limit, int col_limit, int tid) {
+  using Map = TileCopyMap<kThreads, Tile>;
+  const int slot = tid % Map::kSlots;
+  const int r0 = tid / Map::kSlots;
+#pragma unroll
+  for (int i = 0; i < Map::kPasses; ++i) {
+    const int r = r0 + i * Map::kRowsPerPass;
+    if (Map::kPasses * Map::kRowsPerPass > Tile::kRows && r >= Tile::kRows) continue;
+    if (r >= row_limit) continue;
+#pragma unroll
+    for (int j = 0; j < Map::kChunkPasses; ++j) {
+      const int c = slot + j * Map::kSlots;
+      if (c < Map::kChunks && c * 8 < col_limit) {
+        const uint4 v = *reinterpret_cast<const uint4*>(smem_tile + Tile::offset(r, c * 8));
+        *reinterpret_cast<uint4*>(dst + r * row_stride + c * 8) = v;
+      }
+    }
+  }
+}
+
+}  // namespace fastattn
