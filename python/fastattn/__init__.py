@@ -1,0 +1,33 @@
+"""fastattn: IO-aware attention kernels for PyTorch.
+
+    fastattn.scaled_dot_product_attention(...)   drop-in for torch SDPA
+    fastattn.patch_sdpa() / unpatch_sdpa()       route torch's SDPA through fastattn
+    fastattn.flash_attn_func(...)                flash-attn 2.x compatible API
+    fastattn.flash_attn_varlen_func(...)         ragged batches (cu_seqlens)
+    fastattn.explain(...)                        which path an SDPA call takes
+Low-level ops: torch.ops.fastattn.fwd / bwd (schemas in csrc/ops.cpp).
+"""
+from ._ops import has_cuda_kernels, ops
+from .functional import (
+    Route,
+    explain,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    scaled_dot_product_attention,
+)
+from .patch import is_sdpa_patched, patch_sdpa, unpatch_sdpa
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Route",
+    "explain",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "has_cuda_kernels",
+    "is_sdpa_patched",
+    "ops",
+    "patch_sdpa",
+    "scaled_dot_product_attention",
+    "unpatch_sdpa",
+]

@@ -1,0 +1,173 @@
+"""Public attention functions: the SDPA drop-in and the flash-attn-compatible API."""
+import logging
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._ops import has_cuda_kernels, ops
+
+logger = logging.getLogger("fastattn")
+
+# torch's own SDPA, kept before any patch_sdpa() so that routed calls never
+# come back to us.
+_torch_sdpa = F.scaled_dot_product_attention
+
+MAX_HEAD_DIM = 256
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Route(NamedTuple):
+    """Which implementation a call runs on, and why."""
+
+    backend: str  # "fastattn" or "torch"
+    reason: str
+
+    def __str__(self):
+        return f"{self.backend}: {self.reason}"
+
+
+def _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> Route:
+    tensors = (query, key, value)
+    if any(not isinstance(t, torch.Tensor) for t in tensors):
+        return Route("torch", "query/key/value are not all tensors")
+    if any(t.is_nested for t in tensors):
+        return Route("torch", "nested tensors are not supported by fastattn kernels")
+    if attn_mask is not None:
+        return Route("torch", "attn_mask is not supported by fastattn kernels yet")
+    if dropout_p > 0.0:
+        return Route("torch", f"dropout_p={dropout_p} is not supported by fastattn kernels yet")
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        return Route("torch", "inputs of rank < 2")
+    if len({t.device for t in tensors}) != 1 or len({t.dtype for t in tensors}) != 1:
+        return Route("torch", "query/key/value differ in device or dtype")
+    dev = query.device.type
+    if dev == "cuda":
+        if not has_cuda_kernels():
+            return Route("torch", "this fastattn build has no CUDA kernels")
+        if query.dtype not in _CUDA_DTYPES:
+            return Route("torch", f"{query.dtype} on CUDA (fastattn CUDA kernels take float16/bfloat16)")
+    elif dev == "cpu":
+        if query.dtype not in _CPU_DTYPES:
+            return Route("torch", f"{query.dtype} is not a floating dtype fastattn supports")
+    else:
+        return Route("torch", f"device type {dev!r} has no fastattn kernels")
+    E, Ev = query.size(-1), value.size(-1)
+    if key.size(-1) != E or Ev != E:
+        return Route("torch", f"value head dim {Ev} differs from query/key head dim {E}")
+    if E > MAX_HEAD_DIM:
+        return Route("torch", f"head dim {E} > {MAX_HEAD_DIM}")
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        return Route("torch", "empty input")
+    if enable_gqa and (query.dim() < 3 or key.size(-3) != value.size(-3)
+                       or query.size(-3) % key.size(-3) != 0):
+        return Route("torch", "enable_gqa with head counts fastattn cannot group")
+    causal = " causal (top-left)" if is_causal else ""
+    return Route("fastattn", f"fastattn.fwd{causal} on {dev}")
+
+
+def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+            enable_gqa=False) -> Route:
+    """Which implementation `scaled_dot_product_attention` would use for these arguments."""
+    return _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+    Same arguments, shapes ((N, ..., H, L, E)) and semantics, top-left causal
+    mask when L != S. Calls the kernels cannot serve (attn_mask, dropout_p > 0,
+    float32 on CUDA, value head dim != query head dim, ...) go to torch's own
+    SDPA unchanged; `fastattn.explain(...)` says which way a call goes, and the
+    "fastattn" logger reports it at DEBUG level.
+    """
+    route = _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if route.backend == "torch":
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("scaled_dot_product_attention -> torch SDPA (%s)", route.reason)
+        kwargs = {"enable_gqa": True} if enable_gqa else {}
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                           is_causal=is_causal, scale=scale, **kwargs)
+
+    squeeze = query.dim() == 2
+    if squeeze:  # (L, E): a single head
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+    if enable_gqa:
+        batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        hq, hkv = query.size(-3), key.size(-3)
+    else:
+        batch_heads = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        batch, hq = batch_heads[:-1], batch_heads[-1]
+        hkv = hq
+    L, S, E = query.size(-2), key.size(-2), query.size(-1)
+    # Broadcast by expanding (stride 0, no copy), then view as (B, L, H, E):
+    # the kernels take any batch/row/head strides.
+    q = query.expand(*batch, hq, L, E).reshape(-1, hq, L, E).transpose(1, 2)
+    k = key.expand(*batch, hkv, S, E).reshape(-1, hkv, S, E).transpose(1, 2)
+    v = value.expand(*batch, hkv, S, E).reshape(-1, hkv, S, E).transpose(1, 2)
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    out, _ = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(is_causal), -1, -1, False, False)
+    out = out.transpose(1, 2).reshape(*batch, hq, L, E)
+    return out.squeeze(0) if squeeze else out
+
+
+def _flash_unsupported(dropout_p, softcap, alibi_slopes):
+    if dropout_p:
+        raise NotImplementedError(f"fastattn: dropout_p={dropout_p} is not supported yet (use 0.0)")
+    if softcap:
+        raise NotImplementedError(f"fastattn: softcap={softcap} is not supported yet (use 0.0)")
+    if alibi_slopes is not None:
+        raise NotImplementedError("fastattn: alibi_slopes is not supported yet")
+
+
+def _window(window_size) -> Tuple[int, int]:
+    if len(window_size) != 2:
+        raise ValueError(f"fastattn: window_size must be (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    return left, right
+
+
+def _check_flash_dtype(q):
+    if q.is_cuda and q.dtype not in _CUDA_DTYPES:
+        raise TypeError(f"fastattn: flash_attn_* on CUDA takes float16 or bfloat16, got {q.dtype}")
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn 2.x compatible attention over (batch, seqlen, nheads, headdim) tensors.
+
+    Causal and window masks are aligned bottom-right (the last query sees the
+    last key). Returns out, or (out, softmax_lse, None) with return_attn_probs;
+    softmax_lse is (batch, nheads, seqlen_q) float32.
+    """
+    _flash_unsupported(dropout_p, softcap, alibi_slopes)
+    _check_flash_dtype(q)
+    left, right = _window(window_size)
+    scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
+    out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, True,
+                       bool(deterministic))
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           return_attn_probs=False, block_table=None):
+    """flash-attn 2.x compatible attention over a ragged batch.
+
+    q is (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim);
+    cu_seqlens_* are int32 (batch + 1) prefix sums of the sequence lengths.
+    softmax_lse is (nheads, total_q) float32.
+    """
+    _flash_unsupported(dropout_p, softcap, alibi_slopes)
+    if block_table is not None:
+        raise NotImplementedError("fastattn: block_table (paged KV) is not supported yet")
+    _check_flash_dtype(q)
+    left, right = _window(window_size)
+    scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
+    out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                       scale, bool(causal), left, right, True, bool(deterministic))
+    return (out, lse, None) if return_attn_probs else out
