@@ -64,6 +64,10 @@ def _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
     if enable_gqa and (query.dim() < 3 or key.size(-3) != value.size(-3)
                        or query.size(-3) % key.size(-3) != 0):
         return Route("torch", "enable_gqa with head counts fastattn cannot group")
+    try:
+        torch.broadcast_shapes(*(t.shape[:-3 if enable_gqa else -2] for t in tensors))
+    except RuntimeError:
+        return Route("torch", "batch/head dims that do not broadcast (torch raises)")
     causal = " causal (top-left)" if is_causal else ""
     return Route("fastattn", f"fastattn.fwd{causal} on {dev}")
 
@@ -95,23 +99,55 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     squeeze = query.dim() == 2
     if squeeze:  # (L, E): a single head
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-    if enable_gqa:
-        batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
-        hq, hkv = query.size(-3), key.size(-3)
-    else:
-        batch_heads = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-        batch, hq = batch_heads[:-1], batch_heads[-1]
-        hkv = hq
-    L, S, E = query.size(-2), key.size(-2), query.size(-1)
-    # Broadcast by expanding (stride 0, no copy), then view as (B, L, H, E):
-    # the kernels take any batch/row/head strides.
-    q = query.expand(*batch, hq, L, E).reshape(-1, hq, L, E).transpose(1, 2)
-    k = key.expand(*batch, hkv, S, E).reshape(-1, hkv, S, E).transpose(1, 2)
-    v = value.expand(*batch, hkv, S, E).reshape(-1, hkv, S, E).transpose(1, 2)
+    E = query.size(-1)
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    q, k, v, restore = _sdpa_to_bshd(query, key, value)
     out, _ = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(is_causal), -1, -1, False, False)
-    out = out.transpose(1, 2).reshape(*batch, hq, L, E)
+    out = restore(out)
     return out.squeeze(0) if squeeze else out
+
+
+def _sdpa_to_bshd(query, key, value):
+    """Views SDPA's (N, ..., H, L, E) inputs as the kernels' (B, S, H, E).
+
+    Broadcasting follows torch. Dims where key/value are broadcast against
+    the query (size 1 there) are folded into the query heads, ordered so that
+    query head index // group still finds the kv head: those dims then act as
+    a larger GQA group, K/V are read once per group and their gradients are
+    reduced inside the kernel in fp32 instead of by a low-precision expand
+    backward. Dims where only the query is broadcast are expanded (stride 0).
+    Returns q, k, v and a function mapping the kernel output back to
+    (*batch, Hq, L, E).
+    """
+    nb = max(t.dim() for t in (query, key, value)) - 3
+    pad = lambda t: t.reshape((1,) * (nb + 3 - t.dim()) + tuple(t.shape))
+    query, key, value = pad(query), pad(key), pad(value)
+    hq, hk, hv = query.size(-3), key.size(-3), value.size(-3)
+    L, S, E = query.size(-2), key.size(-2), query.size(-1)
+    kv_batch = torch.broadcast_shapes(key.shape[:nb], value.shape[:nb])
+    batch = torch.broadcast_shapes(query.shape[:nb], kv_batch)
+    hkv = max(hk, hv)  # k and v heads broadcast against each other
+    if hq % hkv != 0:  # only reachable without enable_gqa: a query broadcast over heads
+        hq = hkv
+    key = key.expand(*kv_batch, hkv, S, E)
+    value = value.expand(*kv_batch, hkv, S, E)
+    query = query.expand(*batch, hq, L, E)
+    shared = [i for i in range(nb) if kv_batch[i] == batch[i]]
+    folded = [i for i in range(nb) if kv_batch[i] != batch[i]]
+    shared_shape = [batch[i] for i in shared]
+    folded_shape = [batch[i] for i in folded]
+    q = query.permute(*shared, nb, *folded, nb + 1, nb + 2).reshape(-1, hq * math.prod(folded_shape), L, E)
+    kv_perm = (*shared, *folded, nb, nb + 1, nb + 2)
+    k = key.permute(*kv_perm).reshape(-1, hkv, S, E)
+    v = value.permute(*kv_perm).reshape(-1, hkv, S, E)
+    order = shared + [nb] + folded  # positions of batch dims and the head dim in q's permuted view
+    inverse = [order.index(i) for i in range(nb + 1)]
+
+    def restore(out):
+        out = out.transpose(1, 2).reshape(*shared_shape, hq, *folded_shape, L, E)
+        return out.permute(*inverse, nb + 1, nb + 2)
+
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), restore
 
 
 def _flash_unsupported(dropout_p, softcap, alibi_slopes):

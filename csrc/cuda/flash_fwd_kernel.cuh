@@ -1,0 +1,260 @@
+// FlashAttention-2 forward kernel for sm80+ (mma.sync m16n8k16, ldmatrix,
+// cp.async), templated on head dim / tile shape / element type only; masks,
+// varlen, GQA, the runtime head dim and strides are runtime.
+//
+// One CTA computes a kBlockM x kHeadDim block of O for one (batch, head):
+//   grid = (query blocks [fastest: neighbouring CTAs share K/V in L2], heads_q, batch)
+// Each of the kNWarps warps owns kMT consecutive m16 row tiles of the block
+// (no inter-warp reduction). K and V tiles (kBlockN rows) stream through shared
+// memory with cp.async, staggered so that one is always in flight:
+//   wait K[n] -> issue V[n] -> S = Q K[n]^T -> mask (boundary tiles only)
+//   -> wait V[n] -> issue K[n-1] -> online softmax (exp2) -> O += P V[n]
+// KV blocks run from the last visible one down to the first visible one;
+// blocks no query of the CTA can see are skipped entirely.
+#pragma once
+#include <cstdint>
+
+#include "cuda/common/fragment.h"
+#include "cuda/common/mask.h"
+#include "cuda/common/ptx.h"
+#include "cuda/common/softmax.h"
+#include "cuda/common/tile_io.h"
+#include "cuda/common/types.h"
+#include "cuda/params.h"
+
+namespace fastattn {
+namespace gpu {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, bool kQInRegs_>
+struct FwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr bool kQInRegs = kQInRegs_;  // keep Q's A fragments in registers
+
+  static constexpr int kMT = kBlockM / (16 * kNWarps);  // m16 tiles per warp
+  static constexpr int kNT = kBlockN / 8;               // n8 tiles of S
+  static constexpr int kDT = kHeadDim / 8;              // n8 tiles of O
+  static constexpr int kKS = kHeadDim / 16;             // k16 steps of Q K^T
+  static constexpr int kKV = kBlockN / 16;              // k16 steps of P V
+  static_assert(kMT >= 1 && kBlockM == kMT * 16 * kNWarps, "block rows must split over warps");
+  static_assert(kHeadDim % 16 == 0 && kBlockN % 16 == 0, "tile shape");
+
+  using QTile = SmemTile<kBlockM, kHeadDim>;  // also stages O in the epilogue
+  using KTile = SmemTile<kBlockN, kHeadDim>;
+  using VTile = SmemTile<kBlockN, kHeadDim>;
+  static constexpr int kSmemBytes = QTile::kBytes + KTile::kBytes + VTile::kBytes;
+};
+
+template <typename Traits, typename Elem>
+__device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, int b, int h,
+                                                int m_block) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int MT = Traits::kMT;
+  constexpr int NT = Traits::kNT;
+  constexpr int DT = Traits::kDT;
+  constexpr int KS = Traits::kKS;
+  constexpr int KV = Traits::kKV;
+  using QTile = typename Traits::QTile;
+  using KTile = typename Traits::KTile;
+  using VTile = typename Traits::VTile;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const SeqBounds qs = seq_bounds(p.cu_seqlens_q, b, p.seqlen_q, p.seqlen_q, p.total_q);
+  const int sq = qs.len;
+  const int m0 = m_block * kBlockM;
+  if (m0 >= sq) return;  // uniform over the CTA
+  const SeqBounds ks = seq_bounds(p.cu_seqlens_k, b, p.seqlen_k, p.seqlen_k, p.total_k);
+  const int sk = ks.len;
+  const int hk = h / (p.heads_q / p.heads_kv);
+
+  const Elem* q_base = static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
+                       (qs.start + m0) * p.q_row_stride + h * p.q_head_stride;
+  const Elem* k_base = static_cast<const Elem*>(p.k) + (varlen ? 0 : b * p.k_batch_stride) +
+                       ks.start * p.k_row_stride + hk * p.k_head_stride;
+  const Elem* v_base = static_cast<const Elem*>(p.v) + (varlen ? 0 : b * p.v_batch_stride) +
+                       ks.start * p.v_row_stride + hk * p.v_head_stride;
+  Elem* o_base = static_cast<Elem*>(p.out) + (varlen ? 0 : b * p.o_batch_stride) +
+                 (qs.start + m0) * p.o_row_stride + h * p.o_head_stride;
+  float* lse_base = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
+                    (varlen ? qs.start : 0) + m0;
+
+  const MaskPolicy mask = MaskPolicy::make(p.mask, sq, sk);
+  const int m1 = (m0 + kBlockM < sq) ? m0 + kBlockM : sq;
+  int n_begin = 0, n_end = 0;
+  if (sk > 0) {
+    n_begin = mask.kv_block_begin(m0, m1, kBlockN);
+    n_end = mask.kv_block_end(m0, m1, kBlockN);
+  }
+
+  const uint32_t q_addr = ptx::smem_u32(smem);
+  const uint32_t k_addr = q_addr + QTile::kBytes;
+  const uint32_t v_addr = k_addr + KTile::kBytes;
+  const int warp_row = warp * MT * 16;  // first row of this warp within the block
+
+  float acc_o[MT][DT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+  OnlineSoftmax<MT> softmax;
+  softmax.init();
+
+  if (n_begin < n_end) {
+    const ContiguousRows<Elem> q_src{q_base, p.q_row_stride};
+    const ContiguousRows<Elem> k_src{k_base, p.k_row_stride};
+    const ContiguousRows<Elem> v_src{v_base, p.v_row_stride};
+    load_tile_async<kThreads, QTile>(q_addr, q_src, 0, sq - m0, p.head_dim, tid);
+    int n = n_end - 1;
+    load_tile_async<kThreads, KTile>(k_addr, k_src, n * kBlockN, sk, p.head_dim, tid);
+    ptx::cp_async_commit();
+
+    const int a_off = a_lane_offset<QTile>(lane) + QTile::offset(warp_row, 0);
+    const int b_off = b_lane_offset<KTile>(lane);
+    const int v_off = b_trans_lane_offset<VTile>(lane);
+
+    constexpr int kQR = Traits::kQInRegs ? MT : 1;
+    constexpr int kQK = Traits::kQInRegs ? KS : 1;
+    uint32_t q_frag[kQR][kQK][4];
+    if constexpr (Traits::kQInRegs) {
+      ptx::cp_async_wait<0>();
+      __syncthreads();
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) load_a<QTile>(q_frag[mt][kk], q_addr, a_off, mt * 16, kk * 16);
+    }
+
+    // Scores of this thread: rows warp_row + mt*16 + lane/4 (+8), cols 2*(lane%4) (+1) + nt*8.
+    const int row0 = m0 + warp_row + (lane >> 2);
+    const int col_lane = 2 * (lane & 3);
+
+    for (; n >= n_begin; --n) {
+      ptx::cp_async_wait<0>();
+      __syncthreads();  // K[n] (and Q) landed; every warp is done with V[n+1]
+      load_tile_async<kThreads, VTile>(v_addr, v_src, n * kBlockN, sk, p.head_dim, tid);
+      ptx::cp_async_commit();
+
+      float s[MT][NT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if constexpr (Traits::kQInRegs) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) a[mt][e] = q_frag[mt][kk][e];
+          } else {
+            load_a<QTile>(a[mt], q_addr, a_off, mt * 16, kk * 16);
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          uint32_t bk[4];
+          load_b_pair<KTile>(bk, k_addr, b_off, np * 16, kk * 16);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            ptx::mma_m16n8k16<Elem>(s[mt][2 * np], a[mt], bk[0], bk[1]);
+            ptx::mma_m16n8k16<Elem>(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+          }
+        }
+      }
+
+      const int c0 = n * kBlockN;
+      if (mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {
+        apply_mask_c<MT, NT>(s, mask, row0, c0 + col_lane);
+      }
+
+      ptx::cp_async_wait<0>();
+      __syncthreads();  // V[n] landed; every warp is done with K[n]
+      if (n > n_begin) {
+        load_tile_async<kThreads, KTile>(k_addr, k_src, (n - 1) * kBlockN, sk, p.head_dim, tid);
+        ptx::cp_async_commit();
+      }
+
+      softmax.update(s, acc_o, p.scale_log2);
+
+#pragma unroll
+      for (int kk = 0; kk < KV; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) c_pair_to_a<Elem>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < DT / 2; ++dp) {
+          uint32_t bv[4];
+          load_b_trans_pair<VTile>(bv, v_addr, v_off, kk * 16, dp * 16);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            ptx::mma_m16n8k16<Elem>(acc_o[mt][2 * dp], a[mt], bv[0], bv[1]);
+            ptx::mma_m16n8k16<Elem>(acc_o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+          }
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: normalize, LSE, O through shared memory (the Q tile: each
+  // warp only ever read its own Q rows, so it may overwrite them now).
+  float lse[2 * MT];
+  softmax.finalize(acc_o, p.scale, lse);
+
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = warp_row + mt * 16 + hh * 8 + (lane >> 2);
+        if (m0 + r < sq) lse_base[r] = lse[mt * 2 + hh];
+      }
+  }
+
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int r = warp_row + mt * 16 + (lane >> 2);
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      const int c = dt * 8 + 2 * (lane & 3);
+      *reinterpret_cast<uint32_t*>(smem + QTile::offset(r, c)) =
+          pack2<Elem>(acc_o[mt][dt][0], acc_o[mt][dt][1]);
+      *reinterpret_cast<uint32_t*>(smem + QTile::offset(r + 8, c)) =
+          pack2<Elem>(acc_o[mt][dt][2], acc_o[mt][dt][3]);
+    }
+  }
+  __syncthreads();
+  store_tile<kThreads, QTile>(o_base, p.o_row_stride, smem, sq - m0, p.head_dim, tid);
+}
+
+template <typename Traits, typename Elem>
+__global__ void __launch_bounds__(Traits::kThreads)
+    flash_fwd_kernel(const __grid_constant__ FwdParams p) {
+  extern __shared__ __align__(128) char smem[];
+  // Masks that bound keys on the right (causal, windows) give the last query
+  // blocks the most work: schedule those first.
+  const int m_block =
+      p.mask.window_right >= 0 ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : blockIdx.x;
+  const int h = blockIdx.y;
+  for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    flash_fwd_block<Traits, Elem>(p, smem, b, h, m_block);
+    if (b + gridDim.z < p.batch) __syncthreads();  // smem is reused by the next sequence
+  }
+}
+
+}  // namespace gpu
+}  // namespace fastattn

@@ -1,0 +1,54 @@
+// Launch template of the FlashAttention-2 forward: tile configuration per head
+// dim and the host-side launcher. Included only by the per-(hdim, dtype)
+// instantiation files flash_fwd_hdim<D>_<fp16|bf16>.cu.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "cuda/common/types.h"
+#include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/launch.h"
+
+namespace fastattn {
+namespace gpu {
+
+// Tile shapes (kHeadDim, kBlockM, kBlockN, kNWarps, kQInRegs), chosen for
+// sm80/sm90 with mma.sync: 128 query rows per CTA, 2 m16 tiles per warp up to
+// hdim 128 (the B fragments of K/V are reused twice from registers), 8 warps
+// of one m16 tile each for hdim 192/256 (keeps O + S under 255 registers).
+template <int kHeadDim>
+struct FwdConfig;
+template <> struct FwdConfig<32> { using Traits = FwdTraits<32, 128, 128, 4, true>; };
+template <> struct FwdConfig<64> { using Traits = FwdTraits<64, 128, 128, 4, false>; };
+template <> struct FwdConfig<96> { using Traits = FwdTraits<96, 128, 64, 4, false>; };
+template <> struct FwdConfig<128> { using Traits = FwdTraits<128, 128, 64, 4, false>; };
+template <> struct FwdConfig<192> { using Traits = FwdTraits<192, 128, 64, 8, false>; };
+template <> struct FwdConfig<256> { using Traits = FwdTraits<256, 128, 64, 8, false>; };
+
+template <int kHeadDim, ElemType kDtype>
+cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
+  using Elem = typename ElemOf<kDtype>::type;
+  using Traits = typename FwdConfig<kHeadDim>::Traits;
+  if (params.batch <= 0 || params.seqlen_q <= 0 || params.heads_q <= 0) return cudaSuccess;
+  if (params.head_dim > kHeadDim || params.heads_q > 65535) return cudaErrorInvalidValue;
+  const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  // Query blocks on x (fastest): consecutive CTAs share one head's K/V in L2;
+  // then heads (GQA groups adjacent), then batch (kernel loops past 65535).
+  const dim3 grid(num_m_blocks, params.heads_q, params.batch < 65535 ? params.batch : 65535);
+  auto kernel = flash_fwd_kernel<Traits, Elem>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  if (kSmem > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace gpu
+}  // namespace fastattn
+
+// Explicit instantiation for one (head dim, dtype); used by the .cu files.
+#define FASTATTN_INSTANTIATE_FWD(HDIM, DTYPE)                                              \
+  template cudaError_t fastattn::gpu::run_fwd_hdim<HDIM, fastattn::ElemType::DTYPE>(       \
+      const fastattn::FwdParams&, cudaStream_t);

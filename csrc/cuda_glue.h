@@ -1,0 +1,149 @@
+// Helpers shared by the CUDA glue files (torch_cuda.cpp for fwd,
+// torch_cuda_bwd.cpp for bwd): CUDA-only argument checks, tensor -> params
+// conversion, and the alignment fallback for the cp.async kernels.
+//
+//   ElemType cuda_elem_type(q)                         fp16/bf16 or a clear error
+//   check_cuda_devices(q, {{&k, "k"}, ...})           all on q's CUDA device
+//   bool kernel_readable(t)                             16-byte aligned pointer + strides, D % 8 == 0
+//   at::Tensor kernel_readable_copy(t, padded_dim)     zero-padded contiguous copy (rare path)
+//   int64_t padded_head_dim(d)                          d rounded up to a multiple of 8
+//   void fill_fwd_params(p, prob, q, k, v, out, lse, cu_q, cu_k)
+//                                                       pointers, strides, sizes, scale, mask
+//   void check_launch(cudaError_t, what)                raises a c10::Error naming the launch
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <utility>
+
+#include "attention_problem.h"
+#include "cuda/launch.h"
+#include "cuda/params.h"
+
+namespace fastattn {
+namespace glue {
+
+inline ElemType cuda_elem_type(const at::Tensor& q) {
+  const auto t = q.scalar_type();
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16,
+              "fastattn: the CUDA kernels take float16 or bfloat16 tensors, got ", t,
+              " on ", q.device(), "; convert with .half() / .bfloat16() (float32 and float64 "
+              "run on the CPU backend)");
+  return t == at::kHalf ? ElemType::kFloat16 : ElemType::kBFloat16;
+}
+
+inline void check_cuda_devices(
+    const at::Tensor& q, std::initializer_list<std::pair<const at::Tensor*, const char*>> others) {
+  TORCH_CHECK(q.is_cuda(), "fastattn: expected CUDA tensors, q is on ", q.device());
+  for (const auto& [t, name] : others) {
+    if (t == nullptr || !t->defined()) continue;
+    TORCH_CHECK(t->is_cuda() && t->device() == q.device(), "fastattn: all tensors must be on ",
+                "one CUDA device; q is on ", q.device(), " but ", name, " is on ", t->device());
+  }
+}
+
+inline int64_t padded_head_dim(int64_t d) { return (d + 7) / 8 * 8; }
+
+// The kernels copy 16-byte chunks: the data pointer and every stride of a dim
+// with more than one element (but the last, contiguous) must be multiples of
+// 16 bytes, and the head dim a multiple of 8.
+inline bool kernel_readable(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  const int64_t elem = t.element_size();
+  if (t.size(-1) % 8 != 0) return false;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) {
+    if (t.size(i) > 1 && (t.stride(i) * elem) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Zero-padded contiguous copy with last dim padded_dim (>= t.size(-1)). Used
+// only when kernel_readable(t) is false: unaligned views or head dims that are
+// not a multiple of 8. The zero columns add nothing to q.k and give zero
+// output columns, which the glue drops.
+inline at::Tensor kernel_readable_copy(const at::Tensor& t, int64_t padded_dim) {
+  auto sizes = t.sizes().vec();
+  sizes.back() = padded_dim;
+  at::Tensor c = at::zeros(sizes, t.options());
+  c.narrow(-1, 0, t.size(-1)).copy_(t);
+  return c;
+}
+
+// Windows at least as wide as every key/query distance are unbounded; this
+// keeps the kernels' int arithmetic (i + offset +- window) far from overflow.
+inline int clamp_window(int64_t w, int64_t seqlen_q, int64_t seqlen_k) {
+  if (w < 0 || w >= seqlen_q + seqlen_k) return -1;
+  return static_cast<int>(w);
+}
+
+// Fills the common (forward) part of the params. q/k/v/out must already be
+// kernel-readable; out has q's layout; lse is the fresh empty_lse() tensor.
+inline void fill_fwd_params(FwdParams& p, const AttnProblem& prob, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                            const at::Tensor& lse, const std::optional<at::Tensor>& cu_q,
+                            const std::optional<at::Tensor>& cu_k) {
+  TORCH_CHECK(prob.seqlen_q <= INT32_MAX && prob.seqlen_k <= INT32_MAX,
+              "fastattn: sequence lengths must fit in int32");
+  TORCH_CHECK(prob.heads_q <= 65535, "fastattn: at most 65535 query heads are supported on CUDA, "
+              "got ", prob.heads_q);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  const bool varlen = prob.varlen;
+  // Dense (B, S, H, D); varlen (T, H, D) with no batch stride.
+  auto strides = [varlen](const at::Tensor& t, int64_t& bs, int64_t& rs, int64_t& hs) {
+    if (varlen) {
+      bs = 0;
+      rs = t.stride(0);
+      hs = t.stride(1);
+    } else {
+      bs = t.stride(0);
+      rs = t.stride(1);
+      hs = t.stride(2);
+    }
+  };
+  strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  if (varlen) {
+    p.lse_batch_stride = 0;
+    p.lse_head_stride = lse.stride(0);
+  } else {
+    p.lse_batch_stride = lse.stride(0);
+    p.lse_head_stride = lse.stride(1);
+  }
+  p.batch = static_cast<int>(prob.batch);
+  p.heads_q = static_cast<int>(prob.heads_q);
+  p.heads_kv = static_cast<int>(prob.heads_kv);
+  p.head_dim = static_cast<int>(q.size(-1));  // the (possibly padded) kernel-visible head dim
+  p.seqlen_q = static_cast<int>(prob.seqlen_q);
+  p.seqlen_k = static_cast<int>(prob.seqlen_k);
+  p.cu_seqlens_q = varlen ? cu_q->data_ptr<int>() : nullptr;
+  p.cu_seqlens_k = varlen ? cu_k->data_ptr<int>() : nullptr;
+  p.total_q = varlen ? q.size(0) : 0;
+  p.total_k = varlen ? k.size(0) : 0;
+  p.scale = static_cast<float>(prob.scale);
+  p.scale_log2 = static_cast<float>(prob.scale * 1.4426950408889634);
+  p.mask.window_left = clamp_window(prob.window_left, prob.seqlen_q, prob.seqlen_k);
+  p.mask.window_right = clamp_window(prob.window_right, prob.seqlen_q, prob.seqlen_k);
+  p.mask.bottom_right = prob.bottom_right;
+  p.dtype = q.scalar_type() == at::kHalf ? ElemType::kFloat16 : ElemType::kBFloat16;
+  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+inline void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fastattn: ", what, " kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+
+}  // namespace glue
+}  // namespace fastattn

@@ -1,0 +1,92 @@
+// CUDA glue of the `fwd` op: argument checks, params from tensors, launch on
+// the current stream. No host sync and no reads of device data (CUDA-graph
+// capturable); the kernels clamp untrusted cu_seqlens themselves.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "attention_problem.h"
+#include "cuda/launch.h"
+#include "cuda/params.h"
+#include "cuda_glue.h"
+
+namespace fastattn {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v,
+                                            const std::optional<at::Tensor>& cu_seqlens_q,
+                                            const std::optional<at::Tensor>& cu_seqlens_k,
+                                            int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                            double scale, bool causal, int64_t window_left,
+                                            int64_t window_right, bool bottom_right,
+                                            bool /*deterministic: only used by bwd*/) {
+  const AttnProblem prob = check_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, scale, causal, window_left,
+                                          window_right, bottom_right);
+  const ElemType dtype = glue::cuda_elem_type(q);
+  glue::check_cuda_devices(q, {{&k, "k"},
+                               {&v, "v"},
+                               {cu_seqlens_q ? &*cu_seqlens_q : nullptr, "cu_seqlens_q"},
+                               {cu_seqlens_k ? &*cu_seqlens_k : nullptr, "cu_seqlens_k"}});
+  c10::cuda::CUDAGuard guard(q.device());
+
+  const int64_t d = prob.head_dim;
+  const int64_t dpad = glue::padded_head_dim(d);
+  const int kernel_d = gpu::fwd_kernel_head_dim(static_cast<int>(dpad), dtype);
+  TORCH_CHECK(kernel_d > 0, "fastattn: this build has no CUDA forward kernel for head_dim ", d,
+              " and dtype ", q.scalar_type(), " (narrowed build? see FASTATTN_HDIMS / "
+              "FASTATTN_DTYPES)");
+
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, q's shape (the fake's contract)
+  at::Tensor lse = empty_lse(prob, q);
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+
+  // The kernels need scale >= 0 (exp2 with the scale folded in, max over raw
+  // scores): softmax(s * q.k) with s < 0 is softmax(|s| * (-q).k), and s == 0
+  // is softmax(1 * 0.k). Both cost one copy of q; real workloads never hit them.
+  at::Tensor qk = q;
+  AttnProblem kp = prob;
+  if (scale < 0) {
+    qk = q.neg();
+    kp.scale = -scale;
+  } else if (scale == 0) {
+    qk = at::zeros_like(q);
+    kp.scale = 1.0;
+  }
+
+  // cp.async reads 16-byte chunks: copy into an aligned, head-dim-padded
+  // buffer whatever is not readable as is (head dim not a multiple of 8,
+  // unaligned pointer or strides). Ordinary layouts take no copy.
+  at::Tensor qr = glue::kernel_readable(qk) ? qk : glue::kernel_readable_copy(qk, dpad);
+  at::Tensor kr = glue::kernel_readable(k) ? k : glue::kernel_readable_copy(k, dpad);
+  at::Tensor vr = glue::kernel_readable(v) ? v : glue::kernel_readable_copy(v, dpad);
+  const bool padded = qr.size(-1) != d || kr.size(-1) != d || vr.size(-1) != d;
+  if (padded) {
+    // Mixed cases (one tensor padded, one not) can only be d % 8 != 0, where all three pad.
+    if (qr.size(-1) != dpad) qr = glue::kernel_readable_copy(qk, dpad);
+    if (kr.size(-1) != dpad) kr = glue::kernel_readable_copy(k, dpad);
+    if (vr.size(-1) != dpad) vr = glue::kernel_readable_copy(v, dpad);
+  }
+  at::Tensor out_k = padded ? at::empty(qr.sizes(), q.options()) : out;
+  if (!glue::kernel_readable(out_k)) out_k = at::empty(qr.sizes(), q.options());
+
+  FwdParams params;
+  glue::fill_fwd_params(params, kp, qr, kr, vr, out_k, lse, cu_seqlens_q, cu_seqlens_k);
+  glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "fwd");
+
+  if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("fwd", &fastattn::fwd_cuda); }
