@@ -26,9 +26,16 @@ def _lse_shape(q, cu_seqlens_q):
     return (q.shape[0], q.shape[2], q.shape[1])  # (B, Hq, Sq)
 
 
+def _check_one_device(*tensors):
+    devices = {t.device for t in tensors if t is not None}
+    torch._check(len(devices) == 1,
+                 lambda: f"fastattn: q, k and v must be on one device, got {sorted(map(str, devices))}")
+
+
 @torch.library.register_fake("fastattn::fwd")
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
               window_left, window_right, bottom_right, deterministic):
+    _check_one_device(q, k, v, cu_seqlens_q, cu_seqlens_k)
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -37,6 +44,7 @@ def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 @torch.library.register_fake("fastattn::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               scale, causal, window_left, window_right, bottom_right, deterministic):
+    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -62,6 +70,10 @@ def _fwd_backward(ctx, dout, dlse):
               a["window_left"], a["window_right"], a["bottom_right"])
     if dout is None:
         dout = torch.zeros_like(out)
+    elif dout.stride(-1) != 1:
+        # e.g. the expanded (all-stride-0) gradient of out.sum(); the kernels
+        # need a contiguous last dim.
+        dout = dout.contiguous()
     dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *common, deterministic)
     if dlse is not None:
         # d lse_i / d s_ij = P_ij, so an lse gradient adds dS_ij = P_ij * dlse_i:
