@@ -17,12 +17,38 @@ namespace gpu {
 // of one m16 tile each for hdim 192/256 (keeps O + S under 255 registers).
 template <int kHeadDim>
 struct FwdConfig;
-template <> struct FwdConfig<32> { using Traits = FwdTraits<32, 128, 128, 4, true>; };
-template <> struct FwdConfig<64> { using Traits = FwdTraits<64, 128, 128, 4, false>; };
-template <> struct FwdConfig<96> { using Traits = FwdTraits<96, 128, 64, 4, false>; };
-template <> struct FwdConfig<128> { using Traits = FwdTraits<128, 128, 64, 4, false>; };
-template <> struct FwdConfig<192> { using Traits = FwdTraits<192, 128, 64, 8, false>; };
-template <> struct FwdConfig<256> { using Traits = FwdTraits<256, 128, 64, 8, false>; };
+// Tuning hook: -DFASTATTN_FWD_TILES_<D>="BM, BN, WARPS, QREGS" overrides one
+// head dim's tiles at compile time (used by dev benchmarks, not by setup.py).
+#define FASTATTN_FWD_CONFIG(D, DEFAULT_TILES)                               \
+  template <>                                                               \
+  struct FwdConfig<D> {                                                     \
+    using Traits = FwdTraits<D, DEFAULT_TILES>;                             \
+  };
+#ifndef FASTATTN_FWD_TILES_32
+#define FASTATTN_FWD_TILES_32 128, 128, 4, true
+#endif
+#ifndef FASTATTN_FWD_TILES_64
+#define FASTATTN_FWD_TILES_64 128, 128, 4, false
+#endif
+#ifndef FASTATTN_FWD_TILES_96
+#define FASTATTN_FWD_TILES_96 128, 64, 4, false
+#endif
+#ifndef FASTATTN_FWD_TILES_128
+#define FASTATTN_FWD_TILES_128 128, 64, 4, false
+#endif
+#ifndef FASTATTN_FWD_TILES_192
+#define FASTATTN_FWD_TILES_192 128, 64, 8, false
+#endif
+#ifndef FASTATTN_FWD_TILES_256
+#define FASTATTN_FWD_TILES_256 128, 64, 8, false
+#endif
+FASTATTN_FWD_CONFIG(32, FASTATTN_FWD_TILES_32)
+FASTATTN_FWD_CONFIG(64, FASTATTN_FWD_TILES_64)
+FASTATTN_FWD_CONFIG(96, FASTATTN_FWD_TILES_96)
+FASTATTN_FWD_CONFIG(128, FASTATTN_FWD_TILES_128)
+FASTATTN_FWD_CONFIG(192, FASTATTN_FWD_TILES_192)
+FASTATTN_FWD_CONFIG(256, FASTATTN_FWD_TILES_256)
+#undef FASTATTN_FWD_CONFIG
 
 template <int kHeadDim, ElemType kDtype>
 cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {

@@ -27,7 +27,33 @@ template <int kHeadDim, ElemType kDtype>
 cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream);
 
 // ----------------------------------------------------------------- backward
-// (declarations added below by the backward kernel's owner)
+// Work decomposition and workspace sizes of one backward call, from the
+// sizes, head_dim, dtype, deterministic and num_sms fields of the params.
+struct BwdPlan {
+  int kernel_head_dim = 0;  // compiled kernel that runs it; 0: none in this build
+  int block_n = 0;          // keys per CTA
+  int heads_per_cta = 1;    // q heads of one GQA group per CTA
+  int dq_splits = 1;        // dq_accum slices (deterministic: grid columns)
+  int dkv_copies = 0;       // dk/dv fp32 accumulator copies; 0: dk/dv written directly
+  int64_t dq_accum_elems = 0;   // floats of dq_accum
+  int64_t dkv_accum_elems = 0;  // floats of dk_accum and of dv_accum (each)
+};
+
+// Smallest compiled backward kernel head dim >= head_dim for this dtype, or 0.
+int bwd_kernel_head_dim(int head_dim, ElemType dtype);
+
+BwdPlan plan_bwd(const BwdParams& params);
+
+// Runs the backward: preprocess (D = rowsum(dO * O), zero dq_accum), the main
+// kernel, convert (dq, and dk/dv when accumulated in fp32). params must carry
+// the plan's heads_per_cta / dq_splits / dkv_copies and its workspaces (see
+// BwdParams). Same alignment rules as run_fwd; any finite scale.
+cudaError_t run_bwd(const BwdParams& params, cudaStream_t stream);
+
+// Main kernel only; one instantiation per (head dim, dtype), in
+// flash_bwd_hdim<D>_<fp16|bf16>.cu.
+template <int kHeadDim, ElemType kDtype>
+cudaError_t run_bwd_hdim(const BwdParams& params, cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace fastattn

@@ -72,9 +72,14 @@ struct FwdParams {
 
 // Backward. Inputs as in FwdParams plus dout (same layout as out) and the
 // forward's out/lse. Outputs dq/dk/dv have the layouts of q/k/v (their own
-// strides below). Workspaces are allocated by the glue in fp32:
-//   dq_accum     (batch, heads_q, seqlen_q_rounded, head_dim)  zeroed; varlen: see launcher
-//   dsoftmax_sum (D = rowsum(dO * O)) laid out like lse.
+// strides below). fp32 workspaces, allocated by the glue as sized by
+// gpu::plan_bwd (cuda/launch.h), with "rows" = total_q / total_k (varlen) or
+// batch * seqlen_q / batch * seqlen_k (dense; row = b * seqlen + i):
+//   dsoftmax_sum  D = rowsum(dO * O), laid out like lse (written by the preprocess kernel)
+//   dq_accum      (dq_splits, rows_q, heads_q, head_dim); zeroed by the preprocess kernel
+//   dk_accum, dv_accum  (dkv_copies, rows_k, heads_kv, head_dim), zero-filled by the glue;
+//                 only when heads_per_cta < heads_q / heads_kv (else nullptr: the main
+//                 kernel writes dk/dv directly)
 struct BwdParams : FwdParams {
   const void* dout = nullptr;
   int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
@@ -87,7 +92,16 @@ struct BwdParams : FwdParams {
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
 
   float* dq_accum = nullptr;
+  float* dk_accum = nullptr;
+  float* dv_accum = nullptr;
   float* dsoftmax_sum = nullptr;
+  // Work decomposition (from gpu::plan_bwd): each CTA handles heads_per_cta
+  // q heads of one GQA group; deterministic runs use dq_splits grid columns
+  // (one dq_accum slice each) and dkv_copies = group / heads_per_cta copies.
+  int heads_per_cta = 1;
+  int dq_splits = 1;
+  int dkv_copies = 0;
+  // dq bitwise reproducible run to run (no float atomics; see flash_bwd_kernel.cuh).
   bool deterministic = false;
 };
 

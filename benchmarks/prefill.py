@@ -1,0 +1,175 @@
+"""Prefill/training attention: fastattn vs torch SDPA backends and FlexAttention, same run.
+
+bf16, hidden 2048 (hdim 64 x 32 heads, hdim 128 x 16 heads), S in {1k, 4k, 16k},
+batch = 16k / S, causal and not; forward and backward TFLOP/s, ratios vs the
+best torch backend. All implementations get the same (B, H, S, D) tensors.
+
+    python -m benchmarks.prefill            # full matrix
+    python -m benchmarks.prefill --quick    # a few minutes on an H100
+Writes benchmarks/results/prefill.json and prefill.png.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fastattn  # noqa: E402
+from benchmarks.common import (Result, attention_flops, copies_to_exceed_l2, device_name,  # noqa: E402
+                               format_table, median, save_json, time_cuda)
+
+SDPA_BACKENDS = {
+    "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+def configs(quick):
+    seqlens = [1024, 4096, 16384]
+    heads = [(64, 32), (128, 16)]
+    out = []
+    for D, H in heads:
+        for S in seqlens:
+            for causal in (False, True):
+                if quick and S == 16384 and not causal:
+                    continue
+                out.append(dict(B=16384 // S, H=H, S=S, D=D, causal=causal))
+    return out
+
+
+def make_impls(flex_ok):
+    impls = {"fastattn": lambda q, k, v, c: fastattn.scaled_dot_product_attention(q, k, v, is_causal=c)}
+    for name, backend in SDPA_BACKENDS.items():
+        def run(q, k, v, c, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=c)
+        impls[name] = run
+    if flex_ok:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+        masks = {}
+
+        def run_flex(q, k, v, c):
+            if not c:
+                return flex(q, k, v)
+            key = (q.shape[-2], k.shape[-2])
+            if key not in masks:
+                masks[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, *key,
+                                               device=q.device)
+            return flex(q, k, v, block_mask=masks[key])
+        impls["flex"] = run_flex
+    return impls
+
+
+def bench_one(cfg, name, impl, modes, dtype=torch.bfloat16):
+    B, H, S, D, causal = cfg["B"], cfg["H"], cfg["S"], cfg["D"], cfg["causal"]
+    set_bytes = 4 * B * H * S * D * 2
+    n = copies_to_exceed_l2(set_bytes, cap=4)
+    sets = [[torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+            for _ in range(n)]
+    douts = [torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(n)]
+    results = []
+    try:
+        if "fwd" in modes:
+            with torch.no_grad():
+                ms = median(time_cuda(lambda i: impl(*sets[i], causal), n))
+            results.append(Result(cfg, name, "fwd", ms, attention_flops(B, H, S, S, D, causal) / ms / 1e9))
+        if "bwd" in modes:
+            outs = [impl(*sets[i], causal) for i in range(n)]
+            ms = median(time_cuda(
+                lambda i: torch.autograd.grad(outs[i], sets[i], douts[i], retain_graph=True), n))
+            results.append(Result(cfg, name, "bwd", ms,
+                                  attention_flops(B, H, S, S, D, causal, "bwd") / ms / 1e9))
+    except Exception as e:  # a backend that does not run a config is reported, not fatal
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        for mode in modes:
+            if not any(r.mode == mode for r in results):
+                results.append(Result(cfg, name, mode, None, error=msg))
+    del sets, douts
+    torch.cuda.empty_cache()
+    return results
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    modes = sorted({r.mode for r in results})
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.5), squeeze=False)
+    cfg_key = lambda c: f"D{c['D']} S{c['S'] // 1024}k{' c' if c['causal'] else ''}"
+    for ax, mode in zip(axes[0], modes):
+        rs = [r for r in results if r.mode == mode]
+        cfgs = list(dict.fromkeys(cfg_key(r.config) for r in rs))
+        impls = list(dict.fromkeys(r.impl for r in rs))
+        w = 0.8 / len(impls)
+        for j, impl in enumerate(impls):
+            vals = [next((r.tflops or 0 for r in rs if r.impl == impl and cfg_key(r.config) == c), 0)
+                    for c in cfgs]
+            ax.bar([i + j * w for i in range(len(cfgs))], vals, w, label=impl)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(cfgs))])
+        ax.set_xticklabels(cfgs, rotation=30, fontsize=8)
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"attention {mode}, bf16")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer configs, no FlexAttention compile")
+    ap.add_argument("--modes", default="fwd,bwd")
+    ap.add_argument("--impls", default="", help="comma list to restrict (fastattn,sdpa-flash,...)")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks need a CUDA GPU")
+    modes = args.modes.split(",")
+    impls = make_impls(flex_ok=not (args.no_flex or args.quick))
+    if args.impls:
+        impls = {k: v for k, v in impls.items() if k in args.impls.split(",")}
+    results = []
+    for cfg in configs(args.quick):
+        for name, impl in impls.items():
+            results += bench_one(cfg, name, impl, modes)
+        print(".", end="", flush=True)
+    print()
+    meta = {"device": device_name(), "torch": torch.__version__, "dtype": "bf16"}
+    save_json(os.path.join(args.out, "prefill.json"), results, meta)
+    plot(results, os.path.join(args.out, "prefill.png"))
+    print(f"device: {meta['device']}, torch {meta['torch']}, bf16")
+    print(summary_table(results, list(impls)))
+
+
+def summary_table(results, impl_names):
+    rows = []
+    keyed = {}
+    for r in results:
+        c = r.config
+        keyed.setdefault((c["D"], c["H"], c["S"], c["B"], c["causal"], r.mode), {})[r.impl] = r
+    for (D, H, S, B, causal, mode), by_impl in keyed.items():
+        row = [mode, f"{B}x{H}x{S}x{D}", "yes" if causal else "no"]
+        for name in impl_names:
+            r = by_impl.get(name)
+            row.append("n/a" if r is None or r.tflops is None else f"{r.tflops:.0f}")
+        ours = by_impl.get("fastattn")
+        torch_best = max((r.tflops or 0 for n, r in by_impl.items() if n.startswith("sdpa")), default=0)
+        flash = by_impl.get("sdpa-flash")
+        ratio = lambda a, b: "n/a" if not a or not b else f"{a / b:.2f}"
+        row.append(ratio(ours and ours.tflops, flash and flash.tflops))
+        row.append(ratio(ours and ours.tflops, torch_best))
+        rows.append(row)
+    headers = ["mode", "BxHxSxD", "causal"] + [f"{n} TF/s" for n in impl_names] + ["vs flash", "vs best sdpa"]
+    return format_table(headers, rows)
+
+
+if __name__ == "__main__":
+    main()

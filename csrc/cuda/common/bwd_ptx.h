@@ -1,0 +1,40 @@
+// Small PTX / memory helpers first needed by the backward kernels (usable by
+// any kernel; complements common/ptx.h):
+//   cp_async_4(dst, src, pred)          4-byte cp.async, zero-fill when !pred (per-row
+//                                       scalars such as LSE whose rows are not 16-byte aligned)
+//   red_add_f32x2(ptr, a, b)            ptr[0] += a, ptr[1] += b as fire-and-forget global
+//                                       reductions (one vector RED on sm90+, two scalar ones
+//                                       before); ptr must be 8-byte aligned
+//   rmw_add_f32x2(ptr, a, b)            the same with a plain load + store: for buffers that
+//                                       exactly one thread ever updates (bitwise reproducible)
+#pragma once
+#include <cstdint>
+
+namespace fastattn {
+namespace ptx {
+
+__device__ __forceinline__ void cp_async_4(uint32_t smem_dst, const void* src, bool pred) {
+  const int src_bytes = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void red_add_f32x2(float* ptr, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(ptr), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(ptr, a);
+  atomicAdd(ptr + 1, b);
+#endif
+}
+
+__device__ __forceinline__ void rmw_add_f32x2(float* ptr, float a, float b) {
+  float2 v = *reinterpret_cast<const float2*>(ptr);
+  v.x += a;
+  v.y += b;
+  *reinterpret_cast<float2*>(ptr) = v;
+}
+
+}  // namespace ptx
+}  // namespace fastattn

@@ -1,0 +1,4 @@
+// Backward kernel instantiation: head dim 128, bf16 (dropped by narrowed builds).
+#include "cuda/flash_bwd_launch.cuh"
+
+FASTATTN_INSTANTIATE_BWD(128, kBFloat16)

@@ -1,0 +1,4 @@
+// Backward kernel instantiation: head dim 256, fp16 (dropped by narrowed builds).
+#include "cuda/flash_bwd_launch.cuh"
+
+FASTATTN_INSTANTIATE_BWD(256, kFloat16)

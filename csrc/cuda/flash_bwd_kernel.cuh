@@ -1,0 +1,502 @@
+// FlashAttention-2 backward main kernel for sm80+ (mma.sync m16n8k16, ldmatrix,
+// cp.async), templated on the tile shape and element type only; masks, varlen,
+// GQA, the runtime head dim (<= kHeadDim, a multiple of 8) and strides are runtime.
+//
+// One CTA owns one KV block (kBlockN keys) of one (sequence, kv head) and the
+// q heads [hq0, hq0 + heads_per_cta) of that kv head's GQA group. K_j and V_j
+// are loaded once; the CTA then walks every (q head, query block) that can see
+// the block (fully masked query blocks are skipped) and per query block of
+// kBlockM rows:
+//
+//   S^T  = K_j Q_i^T            (recomputed; keys are the fragment rows)
+//   P^T  = exp2(S^T * scale*log2e - lse_i * log2e)  from the stored LSE
+//   dP^T = V_j dO_i^T
+//   dS^T = P^T o (dP^T - D_i)   with D = rowsum(dO o O) from the preprocess kernel
+//   dV_j += P^T dO_i            (registers, fp32)
+//   dK_j += dS^T Q_i            (registers, fp32; times scale at the end)
+//   dQ_i += dS K_j              (fp32 into dq_accum; times scale in the convert kernel)
+//
+// Warp layout: warp w owns the m16 row tile of keys rg = w % kRowGroups and the
+// head-dim slice dh = w / kRowGroups of width kDW = kHeadDim / kDSplit. Because
+// a warp owns whole key rows, P^T and dS^T go straight from the accumulators
+// of S^T / dP^T into the A fragments of the dV / dK products (no shared-memory
+// round trip) and dK / dV stay in registers across the whole loop. For
+// kDSplit == 2 (head dims 192/256, where full-width dK + dV would need >= 192
+// accumulator registers per thread) the two warps of a key tile each reduce
+// S^T and dP^T over half of the head dim and exchange the partial sums through
+// shared memory (a + b == b + a, so both hold bitwise equal P and dS).
+//
+// dS^T goes to shared memory once for the dQ product, which is tiled over all
+// warps (kQWarpsM x kQWarpsN) and reduces over the block's keys. dQ leaves the
+// CTA as fp32 adds into dq_accum:
+//   - default: `red.global.add` (atomics; order between CTAs is arbitrary);
+//   - deterministic: dq_accum has one slice per grid column (dq_splits); the
+//     CTA in grid column x handles KV blocks x, x + dq_splits, ... in order and
+//     is the only writer of its slice for its q heads, and each element of a
+//     slice is always updated by the same thread: plain load + add + store,
+//     bitwise reproducible. The convert kernel sums the slices in fixed order.
+// dK / dV: written directly (scaled, cast) when the CTA covers the whole GQA
+// group (heads_per_cta == group); otherwise they are fp32 partial sums into
+// dk_accum / dv_accum (atomics by default; deterministic: one copy per head
+// slot, plain stores) reduced by the convert kernel.
+#pragma once
+#include <cstdint>
+
+#include "cuda/common/bwd_mask.h"
+#include "cuda/common/bwd_ptx.h"
+#include "cuda/common/fragment.h"
+#include "cuda/common/mask.h"
+#include "cuda/common/ptx.h"
+#include "cuda/common/tile_io.h"
+#include "cuda/common/types.h"
+#include "cuda/params.h"
+
+namespace fastattn {
+namespace gpu {
+
+template <int kHeadDim_, int kBlockM_, int kNWarps_, int kDSplit_, int kQWarpsM_>
+struct BwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // query rows per inner iteration
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kDSplit = kDSplit_;  // warps sharing one key tile (head-dim slices)
+  static constexpr int kRowGroups = kNWarps / kDSplit;
+  static constexpr int kBlockN = 16 * kRowGroups;  // keys per CTA
+  static constexpr int kDW = kHeadDim / kDSplit;   // head-dim slice of one warp
+
+  static constexpr int kNTS = kBlockM / 8;  // n8 tiles (queries) of a warp's S^T / dP^T
+  static constexpr int kKSQ = kBlockM / 16;  // k16 steps over queries (dV, dK)
+  static constexpr int kKSD = kDW / 16;      // k16 steps over the head-dim slice (S^T, dP^T)
+  static constexpr int kNTD = kDW / 8;       // n8 tiles of a warp's dK / dV
+
+  // dQ = dS K: kBlockM x kHeadDim over kQWarpsM x kQWarpsN warps, k over kBlockN.
+  static constexpr int kQWarpsM = kQWarpsM_;
+  static constexpr int kQWarpsN = kNWarps / kQWarpsM;
+  static constexpr int kQTileM = kBlockM / kQWarpsM;
+  static constexpr int kQTileN = kHeadDim / kQWarpsN;
+  static constexpr int kQMT = kQTileM / 16;
+  static constexpr int kQNT = kQTileN / 8;
+
+  // dO is double-buffered like Q when shared memory allows (kDSplit == 1);
+  // otherwise the next dO load starts once every warp is done with dV.
+  static constexpr bool kDoubleDO = kDSplit == 1;
+
+  static_assert(kDSplit == 1 || kDSplit == 2, "head-dim split");
+  static_assert(kNWarps % kDSplit == 0 && kNWarps % kQWarpsM == 0, "warp layout");
+  static_assert(kDW % 16 == 0 && kBlockM % 16 == 0, "tile shape");
+  static_assert(kQTileM % 16 == 0 && kQTileN % 16 == 0, "dQ warp tile");
+
+  using QTile = SmemTile<kBlockM, kHeadDim>;   // Q and dO, [query][d]
+  using KTile = SmemTile<kBlockN, kHeadDim>;   // K and V, [key][d]; dK/dV staging
+  using DSTile = SmemTile<kBlockN, kBlockM>;   // dS^T, [key][query]
+
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + KTile::kBytes;
+  static constexpr int kOffQ = kOffV + KTile::kBytes;                  // 2 buffers
+  static constexpr int kOffDO = kOffQ + 2 * QTile::kBytes;             // 1 or 2 buffers
+  static constexpr int kOffDS = kOffDO + (kDoubleDO ? 2 : 1) * QTile::kBytes;
+  static constexpr int kOffLse = kOffDS + DSTile::kBytes;              // float[2][kBlockM]
+  static constexpr int kOffDsum = kOffLse + 2 * kBlockM * 4;           // float[2][kBlockM]
+  static constexpr int kOffX = kOffDsum + 2 * kBlockM * 4;             // partial-sum exchange
+  static constexpr int kXFloatsPerWarp = kDSplit == 2 ? 2 * kNTS * 4 * 32 : 0;
+  static constexpr int kSmemBytes = kOffX + kNWarps * kXFloatsPerWarp * 4;
+};
+
+template <typename Traits, typename Elem>
+__device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* smem, int b,
+                                                   int slot, int n_block, int dq_slice,
+                                                   const SeqBounds& qs, const SeqBounds& ks) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kDW = Traits::kDW;
+  constexpr int NTS = Traits::kNTS;
+  constexpr int KSQ = Traits::kKSQ;
+  constexpr int KSD = Traits::kKSD;
+  constexpr int NTD = Traits::kNTD;
+  constexpr int QMT = Traits::kQMT;
+  constexpr int QNT = Traits::kQNT;
+  using QTile = typename Traits::QTile;
+  using KTile = typename Traits::KTile;
+  using DSTile = typename Traits::DSTile;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int rg = warp % Traits::kRowGroups;
+  const int dh = warp / Traits::kRowGroups;
+  const int g = lane >> 2;
+  const int t4 = lane & 3;
+
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int sq = qs.len;
+  const int sk = ks.len;
+  const int n0 = n_block * kBlockN;
+  const int group = p.heads_q / p.heads_kv;
+  const int hpc = p.heads_per_cta;
+  const int hq0 = slot * hpc;
+  const int hk = hq0 / group;
+  const int head_dim = p.head_dim;
+
+  const uint32_t s_base = ptx::smem_u32(smem);
+  const uint32_t sK = s_base + Traits::kOffK;
+  const uint32_t sV = s_base + Traits::kOffV;
+  const uint32_t sQ0 = s_base + Traits::kOffQ;
+  const uint32_t sDO0 = s_base + Traits::kOffDO;
+  const uint32_t sDS = s_base + Traits::kOffDS;
+  const uint32_t sLse0 = s_base + Traits::kOffLse;
+  const uint32_t sDsum0 = s_base + Traits::kOffDsum;
+  const float* lse_smem = reinterpret_cast<const float*>(smem + Traits::kOffLse);
+  const float* dsum_smem = reinterpret_cast<const float*>(smem + Traits::kOffDsum);
+
+  const Elem* k_base = static_cast<const Elem*>(p.k) + (varlen ? 0 : b * p.k_batch_stride) +
+                       ks.start * p.k_row_stride + hk * p.k_head_stride;
+  const Elem* v_base = static_cast<const Elem*>(p.v) + (varlen ? 0 : b * p.v_batch_stride) +
+                       ks.start * p.v_row_stride + hk * p.v_head_stride;
+
+  // The previous KV block of this CTA may still read the dK/dV staging (sK, sV).
+  __syncthreads();
+  load_tile_async<kThreads, KTile>(sK, ContiguousRows<Elem>{k_base, p.k_row_stride}, n0, sk,
+                                   head_dim, tid);
+  load_tile_async<kThreads, KTile>(sV, ContiguousRows<Elem>{v_base, p.v_row_stride}, n0, sk,
+                                   head_dim, tid);
+  ptx::cp_async_commit();
+
+  const MaskPolicy mask = MaskPolicy::make(p.mask, sq, sk);
+  int mb_begin = 0, nm = 0;
+  if (sq > 0) {
+    const int r_lo = mask.q_row_begin(n0, n0 + kBlockN);
+    const int r_hi = mask.q_row_end(n0, n0 + kBlockN);
+    if (r_hi > r_lo) {
+      mb_begin = r_lo / kBlockM;
+      nm = (r_hi + kBlockM - 1) / kBlockM - mb_begin;
+    }
+  }
+  const int n_iter = nm * hpc;
+
+  // Issues the cp.async loads of iteration `it` (q head, query block): Q, LSE and
+  // D into buffer `buf`, and dO when `with_do`.
+  auto issue_q = [&](int it, int buf, bool with_q, bool with_do) {
+    const int t = it / nm;
+    const int m0 = (mb_begin + it - t * nm) * kBlockM;
+    const int hq = hq0 + t;
+    if (with_q) {
+      const Elem* q_base = static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
+                           qs.start * p.q_row_stride + hq * p.q_head_stride;
+      load_tile_async<kThreads, QTile>(sQ0 + buf * QTile::kBytes,
+                                       ContiguousRows<Elem>{q_base, p.q_row_stride}, m0, sq,
+                                       head_dim, tid);
+      if (tid < kBlockM) {
+        const int64_t off = b * p.lse_batch_stride + hq * p.lse_head_stride + qs.start + m0 + tid;
+        const bool ok = m0 + tid < sq;
+        ptx::cp_async_4(sLse0 + (buf * kBlockM + tid) * 4, ok ? p.lse + off : p.lse, ok);
+        ptx::cp_async_4(sDsum0 + (buf * kBlockM + tid) * 4,
+                        ok ? p.dsoftmax_sum + off : p.dsoftmax_sum, ok);
+      }
+    }
+    if (with_do) {
+      const Elem* do_base = static_cast<const Elem*>(p.dout) +
+                            (varlen ? 0 : b * p.do_batch_stride) + qs.start * p.do_row_stride +
+                            hq * p.do_head_stride;
+      const int dbuf = Traits::kDoubleDO ? buf : 0;
+      load_tile_async<kThreads, QTile>(sDO0 + dbuf * QTile::kBytes,
+                                       ContiguousRows<Elem>{do_base, p.do_row_stride}, m0, sq,
+                                       head_dim, tid);
+    }
+  };
+
+  float acc_dk[NTD][4];
+  float acc_dv[NTD][4];
+#pragma unroll
+  for (int i = 0; i < NTD; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc_dk[i][e] = 0.f;
+      acc_dv[i][e] = 0.f;
+    }
+
+  if (n_iter > 0) {
+    issue_q(0, 0, true, true);
+    ptx::cp_async_commit();
+  }
+
+  // Per-lane ldmatrix offsets.
+  const int a_off_k = a_lane_offset<KTile>(lane) + KTile::offset(rg * 16, dh * kDW);
+  const int b_off_q = b_lane_offset<QTile>(lane) + QTile::offset(0, dh * kDW);
+  const int bt_off_q = b_trans_lane_offset<QTile>(lane) + QTile::offset(0, dh * kDW);
+  const int wqm = warp % Traits::kQWarpsM;
+  const int wqn = warp / Traits::kQWarpsM;
+  const int at_off_ds = a_trans_lane_offset<DSTile>(lane) + DSTile::offset(0, wqm * Traits::kQTileM);
+  const int bt_off_k = b_trans_lane_offset<KTile>(lane) + KTile::offset(0, wqn * Traits::kQTileN);
+
+  const int64_t rows_q = varlen ? p.total_q : int64_t(p.batch) * p.seqlen_q;
+  const int64_t dq_row0 = varlen ? qs.start : int64_t(b) * p.seqlen_q;
+  const int64_t dq_rstride = int64_t(p.heads_q) * head_dim;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale_log2 = p.scale * kLog2e;
+  const int key0 = n0 + rg * 16 + g;  // this thread's keys: key0, key0 + 8
+
+  for (int it = 0; it < n_iter; ++it) {
+    const int buf = it & 1;
+    const int t = it / nm;
+    const int m0 = (mb_begin + it - t * nm) * kBlockM;
+    const int hq = hq0 + t;
+    const uint32_t sQ = sQ0 + buf * QTile::kBytes;
+    const uint32_t sDO = sDO0 + (Traits::kDoubleDO ? buf : 0) * QTile::kBytes;
+
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // Q/dO/LSE/D of `it` landed; every warp is done with `it - 1`
+    if (it + 1 < n_iter) {
+      issue_q(it + 1, buf ^ 1, true, Traits::kDoubleDO);
+      ptx::cp_async_commit();
+    }
+
+    // ---- S^T = K Q^T and dP^T = V dO^T (over this warp's head-dim slice)
+    float s[NTS][4];
+    float dp[NTS][4];
+#pragma unroll
+    for (int i = 0; i < NTS; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[i][e] = 0.f;
+        dp[i][e] = 0.f;
+      }
+#pragma unroll
+    for (int kk = 0; kk < KSD; ++kk) {
+      uint32_t ak[4], av[4];
+      ptx::ldsm_x4(ak, sK + a_off_k + kk * 32);
+      ptx::ldsm_x4(av, sV + a_off_k + kk * 32);
+#pragma unroll
+      for (int np = 0; np < NTS / 2; ++np) {
+        uint32_t bq[4], bd[4];
+        ptx::ldsm_x4(bq, sQ + b_off_q + QTile::offset(np * 16, kk * 16));
+        ptx::ldsm_x4(bd, sDO + b_off_q + QTile::offset(np * 16, kk * 16));
+        ptx::mma_m16n8k16<Elem>(s[2 * np], ak, bq[0], bq[1]);
+        ptx::mma_m16n8k16<Elem>(s[2 * np + 1], ak, bq[2], bq[3]);
+        ptx::mma_m16n8k16<Elem>(dp[2 * np], av, bd[0], bd[1]);
+        ptx::mma_m16n8k16<Elem>(dp[2 * np + 1], av, bd[2], bd[3]);
+      }
+    }
+
+    if constexpr (Traits::kDSplit == 2) {
+      // Exchange the partial sums with the warp holding the other head-dim half.
+      float* xmine = reinterpret_cast<float*>(smem + Traits::kOffX) +
+                     warp * Traits::kXFloatsPerWarp + lane;
+      const float* xother = reinterpret_cast<const float*>(smem + Traits::kOffX) +
+                            ((warp + Traits::kRowGroups) % Traits::kNWarps) *
+                                Traits::kXFloatsPerWarp +
+                            lane;
+#pragma unroll
+      for (int i = 0; i < NTS; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          xmine[((i * 4 + e) * 2) * 32] = s[i][e];
+          xmine[((i * 4 + e) * 2 + 1) * 32] = dp[i][e];
+        }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < NTS; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[i][e] += xother[((i * 4 + e) * 2) * 32];
+          dp[i][e] += xother[((i * 4 + e) * 2 + 1) * 32];
+        }
+    }
+
+    // ---- P^T and dS^T (in place: s -> p, dp -> ds)
+    const float* lse_b = lse_smem + buf * kBlockM;
+    const float* dsum_b = dsum_smem + buf * kBlockM;
+#pragma unroll
+    for (int nt = 0; nt < NTS; ++nt) {
+      const int c = nt * 8 + 2 * t4;
+      const float2 l2 = *reinterpret_cast<const float2*>(lse_b + c);
+      // Rows with lse = -inf saw no key: +inf makes their P exactly 0.
+      const float lc0 = l2.x == neg_inf() ? -neg_inf() : l2.x * kLog2e;
+      const float lc1 = l2.y == neg_inf() ? -neg_inf() : l2.y * kLog2e;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        s[nt][2 * h] = ptx::ex2_approx(fmaf(s[nt][2 * h], scale_log2, -lc0));
+        s[nt][2 * h + 1] = ptx::ex2_approx(fmaf(s[nt][2 * h + 1], scale_log2, -lc1));
+      }
+    }
+    if (mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+      zero_invisible_c_transposed<NTS>(s, mask, key0, m0 + 2 * t4);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NTS; ++nt) {
+      const float2 d2 = *reinterpret_cast<const float2*>(dsum_b + nt * 8 + 2 * t4);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        dp[nt][2 * h] = s[nt][2 * h] * (dp[nt][2 * h] - d2.x);
+        dp[nt][2 * h + 1] = s[nt][2 * h + 1] * (dp[nt][2 * h + 1] - d2.y);
+      }
+    }
+
+    uint32_t pa[KSQ][4];
+    uint32_t dsa[KSQ][4];
+#pragma unroll
+    for (int kk = 0; kk < KSQ; ++kk) {
+      c_pair_to_a<Elem>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+      c_pair_to_a<Elem>(dsa[kk], dp[2 * kk], dp[2 * kk + 1]);
+    }
+
+    // dS^T -> shared memory for dQ (one warp per key tile writes it).
+    if (dh == 0) {
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt) {
+        const int c = nt * 8 + 2 * t4;
+        const int r = rg * 16 + g;
+        *reinterpret_cast<uint32_t*>(smem + Traits::kOffDS + DSTile::offset(r, c)) =
+            dsa[nt / 2][(nt & 1) * 2];
+        *reinterpret_cast<uint32_t*>(smem + Traits::kOffDS + DSTile::offset(r + 8, c)) =
+            dsa[nt / 2][(nt & 1) * 2 + 1];
+      }
+    }
+
+    // ---- dV += P^T dO, dK += dS^T Q (this warp's key rows and head-dim slice)
+#pragma unroll
+    for (int kk = 0; kk < KSQ; ++kk) {
+#pragma unroll
+      for (int np = 0; np < NTD / 2; ++np) {
+        uint32_t bd[4], bq[4];
+        ptx::ldsm_x4_trans(bd, sDO + bt_off_q + QTile::offset(kk * 16, np * 16));
+        ptx::ldsm_x4_trans(bq, sQ + bt_off_q + QTile::offset(kk * 16, np * 16));
+        ptx::mma_m16n8k16<Elem>(acc_dv[2 * np], pa[kk], bd[0], bd[1]);
+        ptx::mma_m16n8k16<Elem>(acc_dv[2 * np + 1], pa[kk], bd[2], bd[3]);
+        ptx::mma_m16n8k16<Elem>(acc_dk[2 * np], dsa[kk], bq[0], bq[1]);
+        ptx::mma_m16n8k16<Elem>(acc_dk[2 * np + 1], dsa[kk], bq[2], bq[3]);
+      }
+    }
+
+    __syncthreads();  // dS^T complete; every warp is done with dO (single-buffer case)
+    if (!Traits::kDoubleDO && it + 1 < n_iter) {
+      issue_q(it + 1, 0, false, true);
+      ptx::cp_async_commit();
+    }
+
+    // ---- dQ += dS K  (kBlockM x kHeadDim, this warp's kQTileM x kQTileN tile)
+    float acc_dq[QMT][QNT][4];
+#pragma unroll
+    for (int i = 0; i < QMT; ++i)
+#pragma unroll
+      for (int j = 0; j < QNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dq[i][j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[QMT][4];
+#pragma unroll
+      for (int mt = 0; mt < QMT; ++mt) {
+        ptx::ldsm_x4_trans(a[mt], sDS + at_off_ds + DSTile::offset(kk * 16, mt * 16));
+      }
+#pragma unroll
+      for (int np = 0; np < QNT / 2; ++np) {
+        uint32_t bk[4];
+        ptx::ldsm_x4_trans(bk, sK + bt_off_k + KTile::offset(kk * 16, np * 16));
+#pragma unroll
+        for (int mt = 0; mt < QMT; ++mt) {
+          ptx::mma_m16n8k16<Elem>(acc_dq[mt][2 * np], a[mt], bk[0], bk[1]);
+          ptx::mma_m16n8k16<Elem>(acc_dq[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+    float* dq_base = p.dq_accum + (int64_t(dq_slice) * rows_q + dq_row0 + m0) * dq_rstride +
+                     int64_t(hq) * head_dim;
+#pragma unroll
+    for (int mt = 0; mt < QMT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = wqm * Traits::kQTileM + mt * 16 + h * 8 + g;
+        if (m0 + r < sq) {
+          float* row_ptr = dq_base + int64_t(r) * dq_rstride;
+#pragma unroll
+          for (int nt = 0; nt < QNT; ++nt) {
+            const int c = wqn * Traits::kQTileN + nt * 8 + 2 * t4;
+            if (c < head_dim) {
+              if (p.deterministic) {
+                ptx::rmw_add_f32x2(row_ptr + c, acc_dq[mt][nt][2 * h], acc_dq[mt][nt][2 * h + 1]);
+              } else {
+                ptx::red_add_f32x2(row_ptr + c, acc_dq[mt][nt][2 * h], acc_dq[mt][nt][2 * h + 1]);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: dK (times scale) and dV of this KV block
+  if (p.dk_accum == nullptr) {
+    __syncthreads();  // every warp is done reading sK / sV
+    const float scale = p.scale;
+#pragma unroll
+    for (int nt = 0; nt < NTD; ++nt) {
+      const int c = dh * kDW + nt * 8 + 2 * t4;
+      const int r = rg * 16 + g;
+      *reinterpret_cast<uint32_t*>(smem + Traits::kOffK + KTile::offset(r, c)) =
+          pack2<Elem>(acc_dk[nt][0] * scale, acc_dk[nt][1] * scale);
+      *reinterpret_cast<uint32_t*>(smem + Traits::kOffK + KTile::offset(r + 8, c)) =
+          pack2<Elem>(acc_dk[nt][2] * scale, acc_dk[nt][3] * scale);
+      *reinterpret_cast<uint32_t*>(smem + Traits::kOffV + KTile::offset(r, c)) =
+          pack2<Elem>(acc_dv[nt][0], acc_dv[nt][1]);
+      *reinterpret_cast<uint32_t*>(smem + Traits::kOffV + KTile::offset(r + 8, c)) =
+          pack2<Elem>(acc_dv[nt][2], acc_dv[nt][3]);
+    }
+    __syncthreads();
+    Elem* dk_base = static_cast<Elem*>(p.dk) + (varlen ? 0 : b * p.dk_batch_stride) +
+                    (ks.start + n0) * p.dk_row_stride + hk * p.dk_head_stride;
+    Elem* dv_base = static_cast<Elem*>(p.dv) + (varlen ? 0 : b * p.dv_batch_stride) +
+                    (ks.start + n0) * p.dv_row_stride + hk * p.dv_head_stride;
+    store_tile<kThreads, KTile>(dk_base, p.dk_row_stride, smem + Traits::kOffK, sk - n0,
+                                head_dim, tid);
+    store_tile<kThreads, KTile>(dv_base, p.dv_row_stride, smem + Traits::kOffV, sk - n0,
+                                head_dim, tid);
+  } else {
+    // fp32 partial sums over this CTA's q heads (unscaled; the convert kernel scales dK).
+    const int64_t rows_k = varlen ? p.total_k : int64_t(p.batch) * p.seqlen_k;
+    const int64_t k_row0 = varlen ? ks.start : int64_t(b) * p.seqlen_k;
+    const int64_t rstride = int64_t(p.heads_kv) * head_dim;
+    const int copy = p.deterministic ? slot % (group / hpc) : 0;
+    const int64_t base = (int64_t(copy) * rows_k + k_row0 + n0) * rstride + int64_t(hk) * head_dim;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = rg * 16 + g + h * 8;
+      if (n0 + r >= sk) continue;
+#pragma unroll
+      for (int nt = 0; nt < NTD; ++nt) {
+        const int c = dh * kDW + nt * 8 + 2 * t4;
+        if (c >= head_dim) continue;
+        float* pk = p.dk_accum + base + int64_t(r) * rstride + c;
+        float* pv = p.dv_accum + base + int64_t(r) * rstride + c;
+        if (p.deterministic) {
+          *reinterpret_cast<float2*>(pk) = make_float2(acc_dk[nt][2 * h], acc_dk[nt][2 * h + 1]);
+          *reinterpret_cast<float2*>(pv) = make_float2(acc_dv[nt][2 * h], acc_dv[nt][2 * h + 1]);
+        } else {
+          ptx::red_add_f32x2(pk, acc_dk[nt][2 * h], acc_dk[nt][2 * h + 1]);
+          ptx::red_add_f32x2(pv, acc_dv[nt][2 * h], acc_dv[nt][2 * h + 1]);
+        }
+      }
+    }
+  }
+}
+
+// grid = (KV blocks [deterministic: dq_splits, each CTA strides over KV blocks],
+//         heads_q / heads_per_cta, batch [looped past 65535])
+template <typename Traits, typename Elem>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    flash_bwd_kernel(const __grid_constant__ BwdParams p) {
+  extern __shared__ __align__(128) char smem[];
+  const int slot = blockIdx.y;
+  const int dq_slice = p.deterministic ? static_cast<int>(blockIdx.x) : 0;
+  for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const SeqBounds qs = seq_bounds(p.cu_seqlens_q, b, p.seqlen_q, p.seqlen_q, p.total_q);
+    const SeqBounds ks = seq_bounds(p.cu_seqlens_k, b, p.seqlen_k, p.seqlen_k, p.total_k);
+    for (int n_block = blockIdx.x; n_block * Traits::kBlockN < ks.len; n_block += gridDim.x) {
+      flash_bwd_kv_block<Traits, Elem>(p, smem, b, slot, n_block, dq_slice, qs, ks);
+    }
+  }
+}
+
+}  // namespace gpu
+}  // namespace fastattn

@@ -1,0 +1,62 @@
+// Launch template of the FlashAttention-2 backward main kernel: tile
+// configuration per head dim and the host-side launcher. Included by the
+// per-(hdim, dtype) instantiation files flash_bwd_hdim<D>_<fp16|bf16>.cu and
+// (for the block sizes only) by flash_bwd_dispatch.cu.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "cuda/common/types.h"
+#include "cuda/flash_bwd_kernel.cuh"
+#include "cuda/launch.h"
+
+namespace fastattn {
+namespace gpu {
+
+// BwdTraits<kHeadDim, kBlockM, kNWarps, kDSplit, kQWarpsM>: 8 warps each.
+// Up to hdim 128 every warp owns 16 keys x the full head dim (kBlockN = 128
+// keys per CTA; dK + dV take 2 * kHeadDim / 2 fp32 registers per thread, 128 at
+// hdim 128). hdim 192/256 split the head dim over warp pairs (kBlockN = 64) and
+// use 32-row query blocks so that K, V, 2 x Q, dO, dS^T and the partial-sum
+// exchange fit the 163 KB of shared memory an sm80 block may have.
+template <int kHeadDim>
+struct BwdConfig;
+template <> struct BwdConfig<32> { using Traits = BwdTraits<32, 128, 8, 1, 8>; };
+template <> struct BwdConfig<64> { using Traits = BwdTraits<64, 64, 8, 1, 4>; };
+template <> struct BwdConfig<96> { using Traits = BwdTraits<96, 64, 8, 1, 4>; };
+template <> struct BwdConfig<128> { using Traits = BwdTraits<128, 64, 8, 1, 2>; };
+template <> struct BwdConfig<192> { using Traits = BwdTraits<192, 32, 8, 2, 2>; };
+template <> struct BwdConfig<256> { using Traits = BwdTraits<256, 32, 8, 2, 2>; };
+
+template <int kHeadDim, ElemType kDtype>
+cudaError_t run_bwd_hdim(const BwdParams& p, cudaStream_t stream) {
+  using Elem = typename ElemOf<kDtype>::type;
+  using Traits = typename BwdConfig<kHeadDim>::Traits;
+  if (p.batch <= 0 || p.seqlen_k <= 0 || p.heads_q <= 0) return cudaSuccess;
+  if (p.head_dim > kHeadDim || p.heads_per_cta <= 0 ||
+      (p.heads_q / p.heads_kv) % p.heads_per_cta != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int num_n_blocks = (p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  const int grid_x = p.deterministic ? p.dq_splits : num_n_blocks;
+  if (grid_x <= 0) return cudaErrorInvalidValue;
+  // KV blocks on x (fastest: neighbouring CTAs share the same Q/dO in L2),
+  // then head slots, then sequences (the kernel loops past 65535).
+  const dim3 grid(grid_x, p.heads_q / p.heads_per_cta, p.batch < 65535 ? p.batch : 65535);
+  auto kernel = flash_bwd_kernel<Traits, Elem>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  if (kSmem > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace gpu
+}  // namespace fastattn
+
+// Explicit instantiation for one (head dim, dtype); used by the .cu files.
+#define FASTATTN_INSTANTIATE_BWD(HDIM, DTYPE)                                              \
+  template cudaError_t fastattn::gpu::run_bwd_hdim<HDIM, fastattn::ElemType::DTYPE>(       \
+      const fastattn::BwdParams&, cudaStream_t);
