@@ -194,3 +194,39 @@ def test_deterministic_repeat(device):
             first = res
         else:
             assert all(torch.equal(a, b) for a, b in zip(first, res))
+
+
+def _random_configs(n, seed):
+    rng = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=rng))]
+    lengths = [1, 2, 17, 63, 64, 65, 113, 257]
+    for _ in range(n):
+        hkv = pick([1, 2, 3])
+        shape = (pick([1, 2, 3]), pick(lengths), pick(lengths), hkv * pick([1, 2, 4]), hkv,
+                 pick([8, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256]))
+        window = (pick([-1, 0, 7, 40]), pick([-1, 0, 5, 33]))
+        yield shape, (pick([False, True]), window, pick([False, True]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(4))
+def test_random_configs_forward_backward(device, seed):
+    for shape, (causal, window, br) in _random_configs(6, seed):
+        B, Sq, Sk, Hq, Hkv, D = shape
+        scale = float(torch.empty(()).uniform_(0.05, 0.5))
+        dtype = DTYPES[device][seed % len(DTYPES[device])]
+        q, k, v = random_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, device, requires_grad=True,
+                             layout=["bshd", "bhsd", "strided"][seed % 3])
+        out, lse = _run_fwd(q, k, v, scale, causal, window, br)
+        math_fn = lambda dt: (lambda *t: attention_math(*t, scale, causal, window, br, dtype=dt))
+        ref_o, ref_l = math_fn(torch.float64)(q, k, v)
+        base_o, base_l = math_fn(dtype)(q, k, v)
+        what = f"{shape} causal={causal} window={window} br={br} {dtype}"
+        assert_close_rule(f"out {what}", out, base_o, ref_o)
+        assert_close_rule(f"lse {what}", lse, base_l, ref_l)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        ref = grads_in(torch.float64, lambda *t: math_fn(torch.float64)(*t)[0], (q, k, v), dout)
+        base = grads_in(dtype, lambda *t: math_fn(dtype)(*t)[0], (q, k, v), dout)
+        for name, g, b, r in zip(("dq", "dk", "dv"), grads, base, ref):
+            assert_close_rule(f"{name} {what}", g, b, r, factor=GRAD_FACTOR)

@@ -1,0 +1,124 @@
+"""GPU-only properties of the CUDA kernels: races, determinism, memory, graphs."""
+import pytest
+import torch
+
+import fastattn
+from reference import random_qkv
+
+pytestmark = pytest.mark.cuda
+ops = fastattn.ops
+
+
+def _fwd(q, k, v, causal=True, br=True, window=(-1, -1), deterministic=False):
+    return ops.fwd(q, k, v, None, None, 0, 0, q.size(-1) ** -0.5, causal, window[0], window[1], br,
+                   deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_is_bitwise_stable(dtype):
+    """The same forward 100x gives bitwise-equal out and lse (a changing result is a race)."""
+    q, k, v = random_qkv(2, 1000, 1000, 8, 2, 128, dtype, "cuda")
+    out0, lse0 = _fwd(q, k, v)
+    for _ in range(100):
+        out, lse = _fwd(q, k, v)
+        assert torch.equal(out, out0) and torch.equal(lse, lse0)
+
+
+@pytest.mark.parametrize("hdim", [64, 128])
+def test_deterministic_backward_bitwise(hdim):
+    q, k, v = random_qkv(2, 777, 1029, 8, 2, hdim, torch.bfloat16, "cuda", requires_grad=True)
+    dout = torch.randn(2, 777, 8, hdim, device="cuda", dtype=torch.bfloat16)
+    first = None
+    for _ in range(10):
+        out = fastattn.flash_attn_func(q, k, v, causal=True, deterministic=True)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        if first is None:
+            first = grads
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(grads, first))
+
+
+def test_outputs_poisoned_memory_is_overwritten():
+    """Fill the caching allocator's free blocks with NaN first: every output element
+    must be written by the kernels (an unwritten one would show as NaN)."""
+    q, k, v = random_qkv(3, 113, 4097, 4, 1, 96, torch.float16, "cuda", requires_grad=True)
+    junk = torch.full((64 * 2**20,), float("nan"), device="cuda")
+    del junk
+    out, lse = _fwd(q, k, v, causal=False, br=False)
+    assert not out.isnan().any() and not lse.isnan().any()
+    junk = torch.full((64 * 2**20,), float("nan"), device="cuda")
+    del junk
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(not g.isnan().any() for g in grads)
+
+
+@pytest.mark.slow
+def test_long_sequence_memory_is_linear():
+    """S = 32k forward+backward: peak memory stays a small multiple of the inputs
+    (an S x S score matrix would need 32k^2 * 4 B = 4 GiB per head)."""
+    S, H, D = 32768, 4, 128
+    q, k, v = random_qkv(1, S, S, H, H, D, torch.bfloat16, "cuda", requires_grad=True)
+    dout = torch.randn_like(q)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fastattn.flash_attn_func(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    input_bytes = 4 * q.numel() * q.element_size()
+    assert peak < 6 * input_bytes, f"peak {peak / 2**20:.0f} MiB vs inputs {input_bytes / 2**20:.0f} MiB"
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_cuda_graph_capture_and_replay():
+    q, k, v = random_qkv(2, 300, 500, 4, 2, 64, torch.bfloat16, "cuda")
+    static = [t.clone() for t in (q, k, v)]
+    _fwd(*static)  # warm up (kernel attributes, allocator) outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, lse = _fwd(*static)
+    for _ in range(3):
+        new = random_qkv(2, 300, 500, 4, 2, 64, torch.bfloat16, "cuda")
+        for s, n in zip(static, new):
+            s.copy_(n)
+        g.replay()
+        ref_out, ref_lse = _fwd(*new)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+def test_cuda_graph_training_step():
+    """Forward + backward captured together (no host sync inside either op)."""
+    q, k, v = random_qkv(1, 256, 256, 4, 4, 64, torch.float16, "cuda", requires_grad=True)
+    dout = torch.randn(1, 256, 4, 64, device="cuda", dtype=torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            out = fastattn.flash_attn_func(q, k, v, causal=True)
+            torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fastattn.flash_attn_func(q, k, v, causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    g.replay()
+    torch.cuda.synchronize()
+    ref = fastattn.flash_attn_func(q, k, v, causal=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
+def test_large_batch_strides_beyond_int32():
+    """A (B, H, S, D) view whose element offsets exceed 2^31 still indexes correctly."""
+    B, H, S, D = 1, 2, 2, 64
+    big = torch.empty(2**31 // (S * D) + 64, H, S, D, device="cuda", dtype=torch.float16)
+    tail = big[-1:]  # batch 0 of this view starts past element 2^31
+    tail.normal_()
+    q = tail.transpose(1, 2)
+    out, _ = _fwd(q, q, q, causal=False, br=False)
+    ref, _ = _fwd(q.contiguous(), q.contiguous(), q.contiguous(), causal=False, br=False)
+    assert torch.equal(out, ref)
