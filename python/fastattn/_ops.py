@@ -11,9 +11,13 @@ from . import _C  # noqa: F401  (loading the library registers the ops)
 ops = torch.ops.fastattn
 
 
+# Read once at import: a plain constant is free to consult inside torch.compile.
+_HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::fwd", "CUDA")
+
+
 def has_cuda_kernels() -> bool:
     """Whether this build of fastattn carries CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::fwd", "CUDA")
+    return _HAS_CUDA_KERNELS
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
