@@ -203,3 +203,10 @@ def test_debug_log_names_route(caplog):
         fastattn.scaled_dot_product_attention(q, q, q, dropout_p=0.0,
                                               attn_mask=torch.ones(4, 4, dtype=torch.bool))
     assert any("attn_mask" in r.getMessage() for r in caplog.records)
+
+
+def test_example_train_step_runs():
+    import runpy
+    import pathlib
+    runpy.run_path(str(pathlib.Path(__file__).parent.parent / "examples" / "train_step.py"),
+                   run_name="__main__")
