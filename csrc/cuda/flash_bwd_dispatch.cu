@@ -8,6 +8,20 @@
 #include "cuda/flash_bwd_launch.cuh"
 #include "cuda/launch.h"
 
+// Instantiated in flash_bwd_hdim<D>_<dtype>.cu.
+FASTATTN_EXTERN_BWD(32, kFloat16)
+FASTATTN_EXTERN_BWD(64, kFloat16)
+FASTATTN_EXTERN_BWD(96, kFloat16)
+FASTATTN_EXTERN_BWD(128, kFloat16)
+FASTATTN_EXTERN_BWD(192, kFloat16)
+FASTATTN_EXTERN_BWD(256, kFloat16)
+FASTATTN_EXTERN_BWD(32, kBFloat16)
+FASTATTN_EXTERN_BWD(64, kBFloat16)
+FASTATTN_EXTERN_BWD(96, kBFloat16)
+FASTATTN_EXTERN_BWD(128, kBFloat16)
+FASTATTN_EXTERN_BWD(192, kBFloat16)
+FASTATTN_EXTERN_BWD(256, kBFloat16)
+
 namespace fastattn {
 namespace gpu {
 namespace {

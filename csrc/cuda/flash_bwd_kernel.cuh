@@ -427,6 +427,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   }
 
   // ---- epilogue: dK (times scale) and dV of this KV block
+  ptx::cp_async_wait<0>();  // K/V may still be in flight when no query block saw them
   if (p.dk_accum == nullptr) {
     __syncthreads();  // every warp is done reading sK / sV
     const float scale = p.scale;

@@ -20,7 +20,7 @@ namespace gpu {
 // exchange fit the 163 KB of shared memory an sm80 block may have.
 template <int kHeadDim>
 struct BwdConfig;
-template <> struct BwdConfig<32> { using Traits = BwdTraits<32, 128, 8, 1, 8>; };
+template <> struct BwdConfig<32> { using Traits = BwdTraits<32, 64, 8, 1, 4>; };
 template <> struct BwdConfig<64> { using Traits = BwdTraits<64, 64, 8, 1, 4>; };
 template <> struct BwdConfig<96> { using Traits = BwdTraits<96, 64, 8, 1, 4>; };
 template <> struct BwdConfig<128> { using Traits = BwdTraits<128, 64, 8, 1, 2>; };
@@ -59,4 +59,9 @@ cudaError_t run_bwd_hdim(const BwdParams& p, cudaStream_t stream) {
 // Explicit instantiation for one (head dim, dtype); used by the .cu files.
 #define FASTATTN_INSTANTIATE_BWD(HDIM, DTYPE)                                              \
   template cudaError_t fastattn::gpu::run_bwd_hdim<HDIM, fastattn::ElemType::DTYPE>(       \
+      const fastattn::BwdParams&, cudaStream_t);
+
+// Suppresses implicit instantiation where the dispatch refers to them.
+#define FASTATTN_EXTERN_BWD(HDIM, DTYPE)                                                   \
+  extern template cudaError_t fastattn::gpu::run_bwd_hdim<HDIM, fastattn::ElemType::DTYPE>( \
       const fastattn::BwdParams&, cudaStream_t);
