@@ -9,6 +9,7 @@ for out and for lse (where finite; -inf rows must match exactly). Inputs are
 random normal (never zeros); outputs are checked for NaN/inf everywhere.
 """
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -23,6 +24,7 @@ p.add_argument("--hdims", default="32,64,96,128,192,256")
 p.add_argument("--dtypes", default="bf16,fp16")
 p.add_argument("--bench-hdims", default="64,128")
 p.add_argument("--tag", default="")
+p.add_argument("--quick", action="store_true", help="a few small cases (for compute-sanitizer)")
 args = p.parse_args()
 
 if args.lib:
@@ -131,8 +133,8 @@ def check_varlen(name, lens_q, lens_k, Hq, Hkv, D, dtype, scale, causal=False, w
     q = rnd(tq, Hq, D, dtype=dtype)
     k = rnd(tk, Hkv, D, dtype=dtype)
     v = rnd(tk, Hkv, D, dtype=dtype)
-    cq = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=dev)
-    ck = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=dev)
+    cq = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32, device=dev)
+    ck = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32, device=dev)
     out, lse = fwd(q, k, v, cq, ck, max(lens_q), max(lens_k), scale, causal, wl, wr, br, False)
     torch.cuda.synchronize()
     assert out.shape == q.shape and lse.shape == (Hq, tq)
@@ -145,6 +147,19 @@ def check_varlen(name, lens_q, lens_k, Hq, Hkv, D, dtype, scale, causal=False, w
         c = attn_ref(qb, kb, vb, scale, wl, wr_eff, br, True)
         ro.append(a[0]); rl.append(a[1]); lo.append(c[0]); ll.append(c[1])
     compare(name, out, lse, (torch.cat(ro), torch.cat(rl, 1)), (torch.cat(lo), torch.cat(ll, 1)))
+
+
+def quick():
+    dtype = DTYPES[0]
+    for D in HDIMS + [40]:
+        if D > max(HDIMS):
+            continue
+        q = rnd(2, 113, 4, D, dtype=dtype)
+        k = rnd(2, 177, 2, D, dtype=dtype)
+        check_dense(f"quick D{D}", q, k, k.clone(), D ** -0.5, True, -1, -1, True)
+        check_varlen(f"quick varlen D{D}", [0, 1, 17, 130], [5, 0, 33, 200], 4, 2, D, dtype,
+                     D ** -0.5, True, -1, -1, True)
+    print(f"quick: {results['pass']} pass, {results['fail']} fail", flush=True)
 
 
 def correctness():
@@ -286,7 +301,9 @@ def bench():
 
 
 print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-if not args.bench_only:
+if args.quick:
+    quick()
+elif not args.bench_only:
     correctness()
 if args.bench or args.bench_only:
     bench()

@@ -111,12 +111,17 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
   softmax.init();
 
   if (n_begin < n_end) {
-    const ContiguousRows<Elem> q_src{q_base, p.q_row_stride};
-    const ContiguousRows<Elem> k_src{k_base, p.k_row_stride};
-    const ContiguousRows<Elem> v_src{v_base, p.v_row_stride};
-    load_tile_async<kThreads, QTile>(q_addr, q_src, 0, sq - m0, p.head_dim, tid);
+    ContiguousTileLoader<kThreads, KTile, Elem> k_loader;
+    ContiguousTileLoader<kThreads, VTile, Elem> v_loader;
+    k_loader.init(k_base, p.k_row_stride, p.head_dim, tid);
+    v_loader.init(v_base, p.v_row_stride, p.head_dim, tid);
+    {
+      ContiguousTileLoader<kThreads, QTile, Elem> q_loader;
+      q_loader.init(q_base, p.q_row_stride, p.head_dim, tid);
+      q_loader.load(q_addr, 0, sq - m0);
+    }
     int n = n_end - 1;
-    load_tile_async<kThreads, KTile>(k_addr, k_src, n * kBlockN, sk, p.head_dim, tid);
+    k_loader.load(k_addr, n * kBlockN, sk);
     ptx::cp_async_commit();
 
     const int a_off = a_lane_offset<QTile>(lane) + QTile::offset(warp_row, 0);
@@ -142,7 +147,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
     for (; n >= n_begin; --n) {
       ptx::cp_async_wait<0>();
       __syncthreads();  // K[n] (and Q) landed; every warp is done with V[n+1]
-      load_tile_async<kThreads, VTile>(v_addr, v_src, n * kBlockN, sk, p.head_dim, tid);
+      v_loader.load(v_addr, n * kBlockN, sk);
       ptx::cp_async_commit();
 
       float s[MT][NT][4];
@@ -185,7 +190,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       ptx::cp_async_wait<0>();
       __syncthreads();  // V[n] landed; every warp is done with K[n]
       if (n > n_begin) {
-        load_tile_async<kThreads, KTile>(k_addr, k_src, (n - 1) * kBlockN, sk, p.head_dim, tid);
+        k_loader.load(k_addr, (n - 1) * kBlockN, sk);
         ptx::cp_async_commit();
       }
 

@@ -37,7 +37,7 @@ __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
 // Both addresses must be 16-byte aligned.
 __device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* src, bool pred) {
   const int src_bytes = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(src),
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(src),
                "r"(src_bytes)
                : "memory");
 }

@@ -16,8 +16,8 @@
 // OnlineSoftmax<MT> works on the mma.m16n8 C layout (see ptx.h): a thread owns
 // rows g and g+8 of each of its MT m-tiles, i.e. 2*MT rows, index mt*2 + h.
 //   OnlineSoftmax<MT> sm; sm.init();
-//   sm.update<kCheckInf>(s, o, c);   s[MT][NT][4] raw scores -> p (in place); rescales o[MT][NO][4]
-//                                    of a row only when its max changed; accumulates row sums.
+//   sm.update(s, o, c);              s[MT][NT][4] raw scores -> p (in place); rescales o[MT][NO][4]
+//                                    only when a row max of the warp moved; accumulates row sums.
 //   sm.finalize(o, scale, lse);      o /= rowsum (0 for empty rows); lse[2*MT] natural-log LSE.
 #pragma once
 #include <cstdint>
@@ -83,10 +83,14 @@ struct OnlineSoftmax {
   }
 
   // s: raw scores of one KV tile (masked = -inf), turned into p in place.
-  // o: the output accumulator, rescaled row by row where the max moved.
+  // o: the output accumulator. It is rescaled only when the max of one of the
+  // warp's rows moved (decided warp-wide, so the branch never diverges; rows
+  // whose max did not move get the factor 2^0 = 1 exactly).
   template <int NT, int NO>
   __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&o)[MT][NO][4],
                                          float scale_log2) {
+    float new_max[kRows];
+    bool moved = false;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -97,19 +101,34 @@ struct OnlineSoftmax {
         for (int nt = 0; nt < NT; ++nt) {
           m = fmaxf(m, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
         }
-        m = quad_max(m);
-        if (m != row_max[r]) {  // max moved (m > old): rescale this row's O and sum
-          const float factor =
-              ptx::ex2_approx(scaled_max(row_max[r], scale_log2) - scaled_max(m, scale_log2));
+        new_max[r] = quad_max(m);
+        moved |= new_max[r] != row_max[r];
+      }
+    }
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = mt * 2 + h;
+          const float factor = ptx::ex2_approx(scaled_max(row_max[r], scale_log2) -
+                                               scaled_max(new_max[r], scale_log2));
           row_sum[r] *= factor;
 #pragma unroll
           for (int no = 0; no < NO; ++no) {
             o[mt][no][2 * h] *= factor;
             o[mt][no][2 * h + 1] *= factor;
           }
-          row_max[r] = m;
+          row_max[r] = new_max[r];
         }
-        const float mc = scaled_max(m, scale_log2);
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = mt * 2 + h;
+        const float mc = scaled_max(row_max[r], scale_log2);
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {

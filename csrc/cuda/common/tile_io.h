@@ -10,6 +10,10 @@
 //   - load_tile_async<kThreads, Tile>(tile_addr, src, row0, row_limit, col_limit, tid)
 //       cp.async 16-byte copies of rows [row0, row0 + Tile::kRows) into a SmemTile,
 //       zero-filling rows >= row_limit and 8-column chunks >= col_limit.
+//   - ContiguousTileLoader<kThreads, Tile, Elem>: the same for a contiguous source with the
+//     per-thread pointer / predicates computed once (init), so a tile load costs one
+//     64-bit add per 16-byte copy: loader.init(base, row_stride, col_limit, tid);
+//     loader.load(tile_addr, row0, row_limit).
 //   - store_tile<kThreads, Tile>(dst, row_stride, smem, row_limit, col_limit, tid)
 //       16-byte stores of the tile's valid rows / chunks to global memory.
 // Columns are counted in elements of 2-byte types; col_limit must be a multiple
@@ -113,6 +117,59 @@ __device__ __forceinline__ void load_tile_async(uint32_t tile_addr, const Src& s
     }
   }
 }
+
+// Contiguous-source tile streamer. Rows >= row_limit and chunks >= col_limit
+// are zero-filled. cp.async still translates the address of a zero-filled
+// (src-size 0) copy, so those copies are pointed at row 0 / column 0 of the
+// source, which exists whenever a tile is loaded at all (row_limit > 0).
+template <int kThreads, typename Tile, typename Elem>
+struct ContiguousTileLoader {
+  using Map = TileCopyMap<kThreads, Tile>;
+  static_assert(Map::kChunkPasses == 1, "one 16-byte chunk per thread and row");
+  const Elem* base;         // row 0, column 0 of the source
+  const Elem* thread_base;  // base + r0 * row_stride + (own chunk valid ? slot * 8 : 0)
+  int64_t row_stride;
+  int r0;                   // this thread's first row within the tile
+  int smem_off;             // Tile::offset(r0, slot * 8)
+  bool active;              // slot < chunks per row (threads past the row's end idle)
+  bool chunk_ok;            // own chunk is < col_limit (else zero-filled)
+
+  __device__ __forceinline__ void init(const Elem* src, int64_t rs, int col_limit, int tid) {
+    const int slot = tid % Map::kSlots;
+    r0 = tid / Map::kSlots;
+    base = src;
+    row_stride = rs;
+    active = slot < Map::kChunks;
+    chunk_ok = active && slot * 8 < col_limit;
+    thread_base = src + r0 * rs + (chunk_ok ? slot * 8 : 0);
+    smem_off = Tile::offset(r0, active ? slot * 8 : 0);
+  }
+
+  // Rows [row0, row0 + Tile::kRows) of the source into the tile at tile_addr.
+  __device__ __forceinline__ void load(uint32_t tile_addr, int row0, int row_limit) const {
+    if (Map::kSlots != Map::kChunks && !active) return;
+    const Elem* p = thread_base + row0 * row_stride;
+    if (row0 + Tile::kRows <= row_limit) {  // whole tile inside the sequence
+#pragma unroll
+      for (int i = 0; i < Map::kPasses; ++i) {
+        const int r = i * Map::kRowsPerPass;  // relative to r0
+        if (Map::kPasses * Map::kRowsPerPass > Tile::kRows && r0 + r >= Tile::kRows) continue;
+        ptx::cp_async_16(tile_addr + smem_off + r * Tile::kStrideBytes, p + r * row_stride,
+                         chunk_ok);
+      }
+    } else {
+      const int rows_left = row_limit - row0 - r0;
+#pragma unroll
+      for (int i = 0; i < Map::kPasses; ++i) {
+        const int r = i * Map::kRowsPerPass;
+        if (Map::kPasses * Map::kRowsPerPass > Tile::kRows && r0 + r >= Tile::kRows) continue;
+        const bool row_ok = r < rows_left;
+        ptx::cp_async_16(tile_addr + smem_off + r * Tile::kStrideBytes,
+                         row_ok ? p + r * row_stride : base, row_ok && chunk_ok);
+      }
+    }
+  }
+};
 
 template <int kThreads, typename Tile, typename Elem>
 __device__ __forceinline__ void store_tile(Elem* dst, int64_t row_stride, const char* smem_tile,
