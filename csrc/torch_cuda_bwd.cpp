@@ -102,6 +102,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
 
   const gpu::BwdPlan plan = gpu::plan_bwd(p);
   TORCH_CHECK(plan.kernel_head_dim > 0, "fastattn: no CUDA backward kernel for head_dim ", d);
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(static_cast<size_t>(plan.smem_bytes) <= prop->sharedMemPerBlockOptin,
+              "fastattn: the CUDA backward for head_dim ", d, " needs ", plan.smem_bytes,
+              " bytes of shared memory per block, but ", prop->name, " allows ",
+              prop->sharedMemPerBlockOptin, " (sm80/sm90-class GPUs have enough)");
   p.heads_per_cta = plan.heads_per_cta;
   p.dq_splits = plan.dq_splits;
   p.dkv_copies = plan.dkv_copies;

@@ -28,6 +28,7 @@ p.add_argument("--dtypes", default="bf16,fp16")
 p.add_argument("--bench-configs", default="64x32,128x16", help="hdim x heads")
 p.add_argument("--bench-seqs", default="1024,4096,16384")
 p.add_argument("--det-runs", type=int, default=10)
+p.add_argument("--device", default="cuda", help="cpu: dry run of this script against the CPU op")
 args = p.parse_args()
 
 if args.lib:
@@ -36,7 +37,7 @@ else:
     import fastattn  # noqa: F401
 
 ops = torch.ops.fastattn
-dev = "cuda"
+dev = args.device
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HDIMS = [int(x) for x in args.hdims.split(",")]
 DTYPES = [DT[x] for x in args.dtypes.split(",")]
@@ -50,6 +51,8 @@ def rnd(*shape, dtype=torch.float32):
 
 def poison():
     # Fill freed allocator blocks with NaN so unwritten outputs are caught.
+    if dev != "cuda":
+        return
     x = torch.empty(64 << 20, device=dev, dtype=torch.float32)
     x.fill_(float("nan"))
     del x
@@ -164,7 +167,8 @@ def check_case(name, dtype, B, sq, sk, hq, hkv, d, causal=False, wl=-1, wr=-1, b
                            ref_lse)
     poison()
     g = ops.bwd(dout, q, k, v, out, lse, cu_q, cu_k, msq, msk, scale, causal, wl, wr, br, det)
-    torch.cuda.synchronize()
+    if dev == "cuda":
+        torch.cuda.synchronize()
     ok = True
     parts = []
     ratio = 0.0
@@ -238,6 +242,8 @@ def run_checks():
                            causal=True)
         check_case(f"{dn} negative scale d{HDIMS[0]}", dtype, 1, 100, 90, 2, 1, HDIMS[0],
                    scale=-0.3)
+    if dev != "cuda":
+        return
     # bad input: fp32 on CUDA
     try:
         x = rnd(1, 8, 1, 64)

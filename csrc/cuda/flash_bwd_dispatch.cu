@@ -63,15 +63,21 @@ bool dtype_compiled(ElemType t) {
   return false;
 }
 
-int block_n_of(int kernel_hdim) {
+template <int kHeadDim>
+void config_of(int& block_n, int& smem) {
+  block_n = BwdConfig<kHeadDim>::Traits::kBlockN;
+  smem = BwdConfig<kHeadDim>::Traits::kSmemBytes;
+}
+
+void config_of(int kernel_hdim, int& block_n, int& smem) {
   switch (kernel_hdim) {
-    case 32: return BwdConfig<32>::Traits::kBlockN;
-    case 64: return BwdConfig<64>::Traits::kBlockN;
-    case 96: return BwdConfig<96>::Traits::kBlockN;
-    case 128: return BwdConfig<128>::Traits::kBlockN;
-    case 192: return BwdConfig<192>::Traits::kBlockN;
-    case 256: return BwdConfig<256>::Traits::kBlockN;
-    default: return 0;
+    case 32: return config_of<32>(block_n, smem);
+    case 64: return config_of<64>(block_n, smem);
+    case 96: return config_of<96>(block_n, smem);
+    case 128: return config_of<128>(block_n, smem);
+    case 192: return config_of<192>(block_n, smem);
+    case 256: return config_of<256>(block_n, smem);
+    default: block_n = smem = 0;
   }
 }
 
@@ -307,7 +313,7 @@ BwdPlan plan_bwd(const BwdParams& p) {
   BwdPlan plan;
   plan.kernel_head_dim = bwd_kernel_head_dim(p.head_dim, p.dtype);
   if (plan.kernel_head_dim == 0) return plan;
-  plan.block_n = block_n_of(plan.kernel_head_dim);
+  config_of(plan.kernel_head_dim, plan.block_n, plan.smem_bytes);
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int64_t rows_q = varlen ? p.total_q : int64_t(p.batch) * p.seqlen_q;
   const int64_t rows_k = varlen ? p.total_k : int64_t(p.batch) * p.seqlen_k;

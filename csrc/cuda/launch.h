@@ -32,6 +32,7 @@ cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream);
 struct BwdPlan {
   int kernel_head_dim = 0;  // compiled kernel that runs it; 0: none in this build
   int block_n = 0;          // keys per CTA
+  int smem_bytes = 0;       // dynamic shared memory of the main kernel
   int heads_per_cta = 1;    // q heads of one GQA group per CTA
   int dq_splits = 1;        // dq_accum slices (deterministic: grid columns)
   int dkv_copies = 0;       // dk/dv fp32 accumulator copies; 0: dk/dv written directly
