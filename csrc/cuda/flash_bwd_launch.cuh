@@ -12,12 +12,13 @@
 namespace fastattn {
 namespace gpu {
 
-// BwdTraits<kHeadDim, kBlockM, kNWarps, kDSplit, kQWarpsM>: 8 warps each.
-// Up to hdim 128 every warp owns 16 keys x the full head dim (kBlockN = 128
-// keys per CTA; dK + dV take 2 * kHeadDim / 2 fp32 registers per thread, 128 at
-// hdim 128). hdim 192/256 split the head dim over warp pairs (kBlockN = 64) and
-// use 32-row query blocks so that K, V, 2 x Q, dO, dS^T and the partial-sum
-// exchange fit the 163 KB of shared memory an sm80 block may have.
+// BwdTraits<kHeadDim, kBlockM, kNWarps, kDSplit, kQWarpsM>: 8 warps each,
+// 64-row query blocks. Up to hdim 128 every warp owns 16 keys x the full head
+// dim (kBlockN = 128 keys per CTA); dK + dV then take kHeadDim fp32 registers
+// per thread (128 at hdim 128). hdim 192/256 split the head dim over warp pairs
+// (kBlockN = 64) and use 32-row query blocks so that K, V, 2 x Q, dO, dS^T and
+// the partial-sum exchange fit the 163 KB of shared memory an sm80 block may
+// have. Shared memory: 59 / 91 / 123 / 155 / 125 / 153 KB for hdim 32 ... 256.
 template <int kHeadDim>
 struct BwdConfig;
 template <> struct BwdConfig<32> { using Traits = BwdTraits<32, 64, 8, 1, 4>; };
