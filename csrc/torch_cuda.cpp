@@ -1,6 +1,9 @@
 // CUDA glue of the `fwd` op: argument checks, params from tensors, launch on
 // the current stream. No host sync and no reads of device data (CUDA-graph
-// capturable); the kernels clamp untrusted cu_seqlens themselves.
+// capturable); the kernels clamp untrusted cu_seqlens themselves. (Varlen
+// rows outside [cu_seqlens_q[0], cu_seqlens_q[-1]) belong to no sequence and
+// are left unwritten: valid cu_seqlens cover all rows, which only a CPU
+// cu_seqlens lets check_fwd_args verify without a sync.)
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

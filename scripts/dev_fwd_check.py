@@ -25,6 +25,7 @@ p.add_argument("--dtypes", default="bf16,fp16")
 p.add_argument("--bench-hdims", default="64,128")
 p.add_argument("--tag", default="")
 p.add_argument("--quick", action="store_true", help="a few small cases (for compute-sanitizer)")
+p.add_argument("--diag", action="store_true", help="graph-replay diagnostics")
 args = p.parse_args()
 
 if args.lib:
@@ -149,6 +150,47 @@ def check_varlen(name, lens_q, lens_k, Hq, Hkv, D, dtype, scale, causal=False, w
     compare(name, out, lse, (torch.cat(ro), torch.cat(rl, 1)), (torch.cat(lo), torch.cat(ll, 1)))
 
 
+def diag():
+    for D in [64, HDIMS[-1]]:
+        for varlen in [False, True]:
+            dtype = DTYPES[0]
+            qg = rnd(2, 300, 4, D, dtype=dtype)
+            kg = rnd(2, 260, 2, D, dtype=dtype)
+            vg = rnd(2, 260, 2, D, dtype=dtype)
+            if varlen:
+                cq = torch.tensor([0, 100, 600], dtype=torch.int32, device=dev)
+                ck = torch.tensor([0, 60, 520], dtype=torch.int32, device=dev)
+                qf, kf, vf = qg.view(600, 4, D), kg.view(520, 2, D), vg.view(520, 2, D)
+                call = lambda: fwd(qf, kf, vf, cq, ck, 500, 460, 0.1, True, -1, -1, True, False)
+            else:
+                qf, kf, vf = qg, kg, vg
+                call = lambda: fwd(qf, kf, vf, None, None, 0, 0, 0.1, True, -1, -1, True, False)
+            e1 = call()
+            e2 = call()
+            det = torch.equal(e1[0], e2[0]) and torch.equal(e1[1], e2[1])
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    call()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                og, lg = call()
+            g.replay()
+            torch.cuda.synchronize()
+            same_old = torch.equal(og, e1[0])
+            qf.copy_(rnd(*qf.shape, dtype=dtype))
+            g.replay()
+            torch.cuda.synchronize()
+            oe, le = call()
+            print(f"diag D={D} varlen={varlen}: eager det={det} replay(old q)==eager {same_old}; "
+                  f"new q: out maxdiff {(og.float() - oe.float()).abs().max().item():.3e} "
+                  f"nan og {og.isnan().sum().item()} oe {oe.isnan().sum().item()} "
+                  f"lse eq {torch.equal(lg, le)} lse nan {lg.isnan().sum().item()}/{le.isnan().sum().item()}"
+                  f" og==old {torch.equal(og, e1[0])}", flush=True)
+
+
 def quick():
     dtype = DTYPES[0]
     for D in HDIMS + [40]:
@@ -238,6 +280,33 @@ def correctness():
     results["pass" if same else "fail"] += 1
     if not same:
         print("FAIL determinism")
+    # CUDA graph capture + replay on fresh inputs
+    dtype = DTYPES[0]
+    D = HDIMS[-1]
+    qg = rnd(2, 300, 4, D, dtype=dtype)
+    kg = rnd(2, 260, 2, D, dtype=dtype)
+    vg = rnd(2, 260, 2, D, dtype=dtype)
+    # (cu_seqlens must cover every row: rows past cu_seqlens_q[-1] are never written)
+    cq = torch.tensor([0, 100, 600], dtype=torch.int32, device=dev)
+    ck = torch.tensor([0, 60, 520], dtype=torch.int32, device=dev)
+    qf, kf, vf = qg.view(600, 4, D), kg.view(520, 2, D), vg.view(520, 2, D)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fwd(qf, kf, vf, cq, ck, 500, 460, 0.1, True, -1, -1, True, False)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        og, lg = fwd(qf, kf, vf, cq, ck, 500, 460, 0.1, True, -1, -1, True, False)
+    qf.copy_(rnd(600, 4, D, dtype=dtype))
+    g.replay()
+    torch.cuda.synchronize()
+    oe, le = fwd(qf, kf, vf, cq, ck, 500, 460, 0.1, True, -1, -1, True, False)
+    gok = bool(torch.equal(og, oe)) and bool(torch.equal(lg, le))
+    results["pass" if gok else "fail"] += 1
+    if not gok:
+        print("FAIL graph replay")
     # error messages
     for bad, why in [(lambda: fwd(q.float(), k.float(), v.float(), None, None, 0, 0, 1.0, False,
                                   -1, -1, False, False), "float32")]:
@@ -301,7 +370,9 @@ def bench():
 
 
 print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-if args.quick:
+if args.diag:
+    diag()
+elif args.quick:
     quick()
 elif not args.bench_only:
     correctness()
