@@ -11,11 +11,21 @@ from reference import assert_close_rule, attention_math, grads_in
 
 
 def _sdpa_ref(q, k, v, dtype, is_causal=False, scale=None, enable_gqa=False):
-    """torch SDPA's math on (N, ..., H, L, E) computed in dtype (float64 = reference)."""
-    kw = {"enable_gqa": True} if enable_gqa else {}
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype),
-                                              is_causal=is_causal, scale=scale, **kw)
+    """SDPA's math on (N, ..., H, L, E), every op in `dtype` (float64 = reference).
+
+    Written out rather than calling torch's MATH backend, which on CUDA
+    upcasts fp16/bf16 to fp32 and so is not a same-precision baseline.
+    """
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if enable_gqa:
+        group = q.size(-3) // k.size(-3)
+        k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    s = (q * scale) @ k.transpose(-1, -2)
+    if is_causal:
+        L, S = q.size(-2), k.size(-2)
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
 
 
 def _ran_fastattn(fn):
