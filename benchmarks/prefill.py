@@ -50,6 +50,10 @@ def make_impls(flex_ok):
         impls[name] = run
     if flex_ok:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        # One compiled graph per (shape, mask, grad mode): lift dynamo's limit so
+        # that no config falls back to the unfused implementation.
+        torch._dynamo.config.recompile_limit = 256
+        torch._dynamo.config.cache_size_limit = 256
         flex = torch.compile(flex_attention, dynamic=False)
         masks = {}
 
