@@ -23,4 +23,31 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "float scale, bool causal, int window_left, int window_right, bool bottom_right, "
       "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+
+  // Recursive attention: attention over the union of disjoint key sets is the
+  // LSE-weighted merge of the parts. out_* are (..., S, H, D), lse_* are
+  // (..., H, S) float32 (the layouts fwd returns, dense or varlen). Parts with
+  // lse = -inf (empty key sets) get weight 0; all parts empty gives out = 0,
+  // lse = -inf. Returns a fresh contiguous out (out_a's dtype) and fp32 lse.
+  m.def("merge_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
+  // The same over a stacked leading dim: outs (N, ..., S, H, D), lses (N, ..., H, S).
+  m.def("merge_states_n(Tensor outs, Tensor lses) -> (Tensor out, Tensor lse)");
+  // Attention of a few new query tokens over a KV cache (flash-decoding).
+  // q (B, Sq, Hq, D); k_cache/v_cache (B_cache, S_max, Hkv, D), or paged
+  // (num_blocks, block_size, Hkv, D) addressed through block_table (B, max_blocks) int32.
+  // seqlens_k (B) int32: keys per sequence (None: all S_max); cache_batch_idx (B) int32:
+  // which cache row sequence b reads (None: b). Causal/window align bottom-right
+  // (query Sq-1 sits at key seqlens_k-1). num_splits: KV splits (0 = heuristic).
+  // Returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32.
+  m.def(
+      "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqlens_k, Tensor? cache_batch_idx, "
+      "Tensor? block_table, float scale, bool causal, int window_left, int window_right, "
+      "int num_splits) -> (Tensor out, Tensor lse)");
+  // Writes new tokens into a cache in place: k, v (N, Hkv, D); slot_mapping (N) int64,
+  // slot = row * S (contiguous cache (B_cache, S, Hkv, D): row = cache batch, S = S_max;
+  // paged (num_blocks, block_size, Hkv, D): row = block, S = block_size) + position.
+  // Negative slots are padding and skipped.
+  m.def(
+      "append_kv(Tensor k, Tensor v, Tensor slot_mapping, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache) -> ()");
 }
