@@ -1,8 +1,13 @@
 #include <torch/library.h>
 
+#include "cpu/decode_cpu.h"
 #include "cpu/flash_cpu.h"
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("fwd", &fastattn::cpu::fwd_cpu);
   m.impl("bwd", &fastattn::cpu::bwd_cpu);
+  m.impl("decode", &fastattn::cpu::decode_cpu);
+  m.impl("merge_states", &fastattn::cpu::merge_states_cpu);
+  m.impl("merge_states_n", &fastattn::cpu::merge_states_n_cpu);
+  m.impl("append_kv", &fastattn::cpu::append_kv_cpu);
 }

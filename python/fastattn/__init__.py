@@ -4,10 +4,13 @@
     fastattn.patch_sdpa() / unpatch_sdpa()       route torch's SDPA through fastattn
     fastattn.flash_attn_func(...)                flash-attn 2.x compatible API
     fastattn.flash_attn_varlen_func(...)         ragged batches (cu_seqlens)
+    fastattn.flash_attn_with_kvcache(...)        decoding over a KV cache (split-KV)
+    fastattn.merge_attention_states(...)         merge partial (out, lse) over disjoint key sets
     fastattn.explain(...)                        which path an SDPA call takes
-Low-level ops: torch.ops.fastattn.fwd / bwd (schemas in csrc/ops.cpp).
+Low-level ops: torch.ops.fastattn.* (schemas in csrc/ops.cpp).
 """
 from ._ops import has_cuda_kernels, ops
+from .decode import flash_attn_with_kvcache, merge_attention_states, merge_attention_states_n
 from .functional import (
     Route,
     explain,
@@ -24,8 +27,11 @@ __all__ = [
     "explain",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "has_cuda_kernels",
     "is_sdpa_patched",
+    "merge_attention_states",
+    "merge_attention_states_n",
     "ops",
     "patch_sdpa",
     "scaled_dot_product_attention",

@@ -99,3 +99,87 @@ def _lse_grad_rows(dlse, q, cu_seqlens_q):
 
 
 torch.library.register_autograd("fastattn::fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ---------------------------------------------------------------- decode / merge / append
+@torch.library.register_fake("fastattn::decode")
+def _decode_fake(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale, causal,
+                 window_left, window_right, num_splits):
+    _check_one_device(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table)
+    B, Sq, Hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.register_fake("fastattn::merge_states")
+def _merge_fake(out_a, lse_a, out_b, lse_b):
+    _check_one_device(out_a, lse_a, out_b, lse_b)
+    return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)
+
+
+@torch.library.register_fake("fastattn::merge_states_n")
+def _merge_n_fake(outs, lses):
+    _check_one_device(outs, lses)
+    return outs.new_empty(outs.shape[1:]), lses.new_empty(lses.shape[1:])
+
+
+@torch.library.register_fake("fastattn::append_kv")
+def _append_kv_fake(k, v, slot_mapping, k_cache, v_cache):
+    _check_one_device(k, v, slot_mapping, k_cache, v_cache)
+    return None
+
+
+def _merge_weights(lses, lse):
+    """w_n = exp(lse_n - lse) (N, ..., H, S); 0 where lse = -inf (no keys anywhere)."""
+    w = torch.exp(lses - lse.unsqueeze(0))
+    return torch.where(torch.isneginf(lse).unsqueeze(0), torch.zeros_like(w), w)
+
+
+def _merge_backward_common(outs, lses, out, lse, dout, dlse):
+    """Gradients of out = sum_n w_n out_n, lse = log sum_n exp(lse_n) for stacked parts:
+    d out_n = w_n dout;  d lse_n = w_n ((dout . out_n) - (dout . out) + dlse)."""
+    w = _merge_weights(lses.float(), lse.float())           # (N, ..., H, S)
+    w_rows = w.transpose(-1, -2).unsqueeze(-1)               # (N, ..., S, H, 1)
+    douts = dlses = None
+    if dout is not None:
+        douts = (w_rows * dout.float().unsqueeze(0)).to(outs.dtype)
+        dot_parts = (dout.float().unsqueeze(0) * outs.float()).sum(-1)   # (N, ..., S, H)
+        dot_out = (dout.float() * out.float()).sum(-1)                    # (..., S, H)
+        dlses = w * (dot_parts - dot_out.unsqueeze(0)).transpose(-1, -2)
+    if dlse is not None:
+        extra = w * dlse.float().unsqueeze(0)
+        dlses = extra if dlses is None else dlses + extra
+    if douts is None:
+        douts = torch.zeros_like(outs)
+    if dlses is None:
+        dlses = torch.zeros_like(lses)
+    return douts, dlses.to(lses.dtype)
+
+
+def _merge_n_setup(ctx, inputs, output):
+    outs, lses = inputs
+    out, lse = output
+    ctx.save_for_backward(outs, lses, out, lse)
+    ctx.set_materialize_grads(False)
+
+
+def _merge_n_backward(ctx, dout, dlse):
+    outs, lses, out, lse = ctx.saved_tensors
+    return _merge_backward_common(outs, lses, out, lse, dout, dlse)
+
+
+def _merge_setup(ctx, inputs, output):
+    out_a, lse_a, out_b, lse_b = inputs
+    out, lse = output
+    ctx.save_for_backward(out_a, lse_a, out_b, lse_b, out, lse)
+    ctx.set_materialize_grads(False)
+
+
+def _merge_backward(ctx, dout, dlse):
+    out_a, lse_a, out_b, lse_b, out, lse = ctx.saved_tensors
+    douts, dlses = _merge_backward_common(torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]),
+                                          out, lse, dout, dlse)
+    return douts[0], dlses[0], douts[1], dlses[1]
+
+
+torch.library.register_autograd("fastattn::merge_states_n", _merge_n_backward, setup_context=_merge_n_setup)
+torch.library.register_autograd("fastattn::merge_states", _merge_backward, setup_context=_merge_setup)

@@ -1,0 +1,219 @@
+// CPU implementations of decode (split-KV attention over a KV cache),
+// merge_states / merge_states_n and append_kv: the same algorithms as the
+// CUDA kernels, on the one online-softmax state and one merge of
+// online_softmax_cpu.h. Decode packs the query heads of one KV head (x Sq
+// rows) into one row block so each cached key/value row is converted once per
+// KV head, splits the keys into chunks, and merges the chunks' (O, lse).
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu/cpu_common.h"
+#include "cpu/decode_cpu.h"
+#include "cpu/online_softmax_cpu.h"
+#include "decode_problem.h"
+
+namespace fastattn::cpu {
+namespace {
+
+// Splits of the key range: the requested number, or enough (key-tile sized)
+// chunks for every thread to have work when batch x kv heads is small.
+int64_t cpu_num_splits(const DecodeProblem& p) {
+  const int64_t max_chunks = std::max<int64_t>(1, (p.max_seqlen_k + kBlockK - 1) / kBlockK);
+  if (p.num_splits > 0) return std::min(p.num_splits, max_chunks);
+  const int64_t work = p.batch * p.heads_kv;
+  const int64_t want = (2 * at::get_num_threads() + work - 1) / work;
+  return std::clamp<int64_t>(want, 1, std::min<int64_t>(max_chunks, 16));
+}
+
+template <typename scalar_t>
+void decode_impl(const DecodeProblem& p, const at::Tensor& q, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const int32_t* seqlens_k, const int32_t* batch_idx,
+                 at::Tensor& out, at::Tensor& lse) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t D = p.head_dim, Sq = p.seqlen_q;
+  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t packed = group * Sq;  // rows (head in group, query) per KV head
+  const int64_t row_blocks = (packed + kBlockQ - 1) / kBlockQ;
+  const int64_t splits = cpu_num_splits(p);
+  const RowView<const scalar_t> Q(q, false), K(k_cache, false), V(v_cache, false);
+  const RowView<scalar_t> O(out, false);
+  auto* lse_ptr = static_cast<acc_t*>(lse.data_ptr());
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  AttnProblem mask;  // the bottom-right window of visible_keys()
+  mask.window_left = p.window_left;
+  mask.window_right = p.window_right;
+  mask.bottom_right = true;
+
+  // Partial results of every split: (B, Hq, Sq, splits) rows of D, plus lse.
+  std::vector<acc_t> part_o, part_lse;
+  if (splits > 1) {
+    part_o.resize(p.batch * p.heads_q * Sq * splits * D);
+    part_lse.resize(p.batch * p.heads_q * Sq * splits);
+  }
+  auto part_index = [&](int64_t b, int64_t h, int64_t i, int64_t s) {
+    return ((b * p.heads_q + h) * Sq + i) * splits + s;
+  };
+
+  at::parallel_for(0, p.batch * p.heads_kv * row_blocks * splits, 1, [&](int64_t begin, int64_t end) {
+    RowBlockState<acc_t> st(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task % splits;
+      const int64_t rb = (task / splits) % row_blocks;
+      const int64_t hk = (task / (splits * row_blocks)) % p.heads_kv;
+      const int64_t b = task / (splits * row_blocks * p.heads_kv);
+      const int64_t sk = seqlens_k ? seqlens_k[b] : p.max_seqlen_k;
+      const int64_t cache_row = batch_idx ? batch_idx[b] : b;
+      // Split s covers whole key tiles [j_begin, j_end) of this sequence.
+      const int64_t tiles = (sk + kBlockK - 1) / kBlockK;
+      const int64_t j_begin = std::min(sk, (tiles * s / splits) * kBlockK);
+      const int64_t j_end = std::min(sk, (tiles * (s + 1) / splits) * kBlockK);
+      const int64_t r0 = rb * kBlockQ;
+      const int64_t rows = std::min(kBlockQ, packed - r0);
+      // Packed row r is query (r % Sq) of head hk * group + r / Sq.
+      auto head_of = [&](int64_t r) { return hk * group + (r0 + r) / Sq; };
+      auto query_of = [&](int64_t r) { return (r0 + r) % Sq; };
+      st.reset(rows, [&](int64_t r) { return Q.row(b, query_of(r), head_of(r)); });
+      auto range = [&](int64_t r) {
+        KeyRange kr = visible_keys(mask, query_of(r), Sq, sk);
+        return KeyRange{std::max(kr.lo, j_begin), std::max(std::max(kr.lo, j_begin), std::min(kr.hi, j_end))};
+      };
+      auto k_row = [&](int64_t j) { return K.row(cache_row, j, hk); };
+      auto v_row = [&](int64_t j) { return V.row(cache_row, j, hk); };
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
+        st.visit(j0, std::min(kBlockK, j_end - j0), k_row, v_row, range, scale);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t h = head_of(r), i = query_of(r);
+        if (splits == 1) {
+          st.finish(r, O.row(b, i, h), &lse_ptr[(b * p.heads_q + h) * Sq + i]);
+        } else {
+          const int64_t idx = part_index(b, h, i, s);
+          st.finish(r, &part_o[idx * D], &part_lse[idx]);
+        }
+      }
+    }
+  });
+  if (splits == 1) return;
+
+  at::parallel_for(0, p.batch * p.heads_q * Sq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(D);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % Sq, h = (row / Sq) % p.heads_q, b = row / (Sq * p.heads_q);
+      const int64_t base = part_index(b, h, i, 0);
+      merge_row<acc_t>(
+          splits, D, [&](int64_t s) { return &part_o[(base + s) * D]; },
+          [&](int64_t s) { return part_lse[base + s]; }, O.row(b, i, h), &lse_ptr[row], scratch.data());
+    }
+  });
+}
+
+// Merge over N parts given as strided (outer, S, H, D) / (outer, H, S) views.
+template <typename scalar_t>
+void merge_impl(const MergeProblem& p, const std::vector<at::Tensor>& outs,
+                const std::vector<at::Tensor>& lses, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t n = static_cast<int64_t>(outs.size()), D = p.head_dim;
+  auto* dst = static_cast<scalar_t*>(out.data_ptr());
+  auto* dst_lse = static_cast<acc_t*>(lse.data_ptr());
+  at::parallel_for(0, p.outer * p.seqlen * p.heads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(D);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t h = row % p.heads, s = (row / p.heads) % p.seqlen, o = row / (p.heads * p.seqlen);
+      merge_row<acc_t>(
+          n, D,
+          [&](int64_t i) {
+            const auto& t = outs[i];
+            return static_cast<const scalar_t*>(t.data_ptr()) + o * t.stride(0) + s * t.stride(1) +
+                   h * t.stride(2);
+          },
+          [&](int64_t i) {
+            const auto& t = lses[i];
+            return static_cast<const acc_t*>(t.data_ptr())[o * t.stride(0) + h * t.stride(1) +
+                                                           s * t.stride(2)];
+          },
+          dst + row * D, &dst_lse[(o * p.heads + h) * p.seqlen + s], scratch.data());
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_parts(const MergeProblem& p,
+                                               const std::vector<at::Tensor>& outs,
+                                               const std::vector<at::Tensor>& lses) {
+  TORCH_CHECK(outs[0].device().is_cpu(), "fastattn: the CPU kernel got tensors on ", outs[0].device());
+  auto [out, lse] = empty_merge_outputs(p, outs[0]);
+  std::vector<at::Tensor> o4, l3;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    o4.push_back(outs[i].reshape({p.outer, p.seqlen, p.heads, p.head_dim}));
+    l3.push_back(lses[i].reshape({p.outer, p.heads, p.seqlen}));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fastattn_merge_cpu",
+                                  [&] { merge_impl<scalar_t>(p, o4, l3, out, lse); });
+  return {out, lse};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                              const at::Tensor& v_cache,
+                                              const std::optional<at::Tensor>& seqlens_k,
+                                              const std::optional<at::Tensor>& cache_batch_idx,
+                                              const std::optional<at::Tensor>& block_table,
+                                              double scale, bool causal, int64_t window_left,
+                                              int64_t window_right, int64_t num_splits) {
+  const DecodeProblem p = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx,
+                                            block_table, scale, causal, window_left, window_right,
+                                            num_splits);
+  TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
+  TORCH_CHECK_NOT_IMPLEMENTED(!p.paged, "fastattn: block_table (paged KV) is not supported by decode yet");
+  auto [out, lse] = empty_decode_outputs(p, q);
+  const int32_t* lens = seqlens_k ? seqlens_k->data_ptr<int32_t>() : nullptr;
+  const int32_t* idx = cache_batch_idx ? cache_batch_idx->data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_decode_cpu", [&] {
+    decode_impl<scalar_t>(p, q, k_cache, v_cache, lens, idx, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                    const at::Tensor& out_b, const at::Tensor& lse_b) {
+  const MergeProblem p = check_merge_args(out_a, lse_a, out_b, lse_b);
+  return merge_parts(p, {out_a, out_b}, {lse_a, lse_b});
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_states_n_cpu(const at::Tensor& outs, const at::Tensor& lses) {
+  const MergeProblem p = check_merge_n_args(outs, lses);
+  return merge_parts(p, outs.unbind(0), lses.unbind(0));
+}
+
+void append_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slot_mapping,
+                   at::Tensor& k_cache, at::Tensor& v_cache) {
+  const AppendProblem p = check_append_args(k, v, slot_mapping, k_cache, v_cache);
+  TORCH_CHECK(k.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", k.device());
+  const auto slots = slot_mapping.contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t num_slots = p.rows * p.row_len;
+  for (int64_t n = 0; n < p.num_tokens; ++n) {
+    // The CPU can afford to check what the GPU kernel must skip silently.
+    TORCH_CHECK(slot[n] < num_slots, "fastattn: slot_mapping[", n, "] = ", slot[n],
+                " is outside the cache's ", num_slots, " slots");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "fastattn_append_kv_cpu", [&] {
+    at::parallel_for(0, p.num_tokens, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        if (slot[n] < 0) continue;  // padding
+        const int64_t row = slot[n] / p.row_len, pos = slot[n] % p.row_len;
+        for (auto [src, dst] : {std::pair{&k, &k_cache}, {&v, &v_cache}}) {
+          for (int64_t h = 0; h < p.heads_kv; ++h) {
+            const auto* s = src->data_ptr<scalar_t>() + n * src->stride(0) + h * src->stride(1);
+            auto* d = dst->data_ptr<scalar_t>() + row * dst->stride(0) + pos * dst->stride(1) +
+                      h * dst->stride(2);
+            std::copy(s, s + p.head_dim, d);
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace fastattn::cpu

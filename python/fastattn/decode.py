@@ -1,0 +1,117 @@
+"""Decoding over a KV cache (flash-attn's flash_attn_with_kvcache) and the
+attention-state merge ("recursive attention")."""
+from typing import Optional
+
+import torch
+
+from ._ops import ops
+from .functional import _check_flash_dtype, _window
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two disjoint key sets from the parts' results.
+
+    out_* (..., S, H, D) and lse_* (..., H, S) float32, as flash_attn_func(...,
+    return_attn_probs=True) or flash_attn_varlen_func return them. Empty parts
+    (lse = -inf) weigh nothing. Differentiable (out and lse). Returns (out, lse).
+    """
+    return ops.merge_states(out_a, lse_a, out_b, lse_b)
+
+
+def merge_attention_states_n(outs, lses):
+    """N-way merge over a stacked leading dim: outs (N, ..., S, H, D), lses (N, ..., H, S)."""
+    return ops.merge_states_n(outs, lses)
+
+
+def _as_int32(x, batch, device, name):
+    if x is None:
+        return None
+    if isinstance(x, int):
+        return torch.full((batch,), x, dtype=torch.int32, device=device)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fastattn: {name} must be an int or an int32 tensor, got {type(x).__name__}")
+    if x.dtype != torch.int32:
+        raise TypeError(f"fastattn: {name} must be int32, got {x.dtype}")
+    return x
+
+
+def _apply_rotary(x, cos, sin, positions, interleaved):
+    """Rotary embedding of x (B, S, H, D) at positions (B, S) over the first 2*cos.size(1) dims."""
+    rot = 2 * cos.size(1)
+    c = cos[positions].unsqueeze(2).float()  # (B, S, 1, rot/2)
+    s = sin[positions].unsqueeze(2).float()
+    xr = x[..., :rot].float()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
+        out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
+                            block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
+                            softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                            return_softmax_lse=False):
+    """flash-attn 2.x compatible decoding/chunk attention over a KV cache (inference only).
+
+    q (B, Sq, Hq, D); k_cache, v_cache (B_cache, S_max, Hkv, D). If k, v
+    (B, S_new, Hkv, D) are given they are written into the cache in place at
+    positions cache_seqlens[b] + i of cache row cache_batch_idx[b] (before
+    attending); cache_seqlens are the lengths *before* that append. Causal and
+    windows align bottom-right (query Sq-1 sits at the last key). Rotary
+    (rotary_cos/sin (S_ro, rotary_dim/2)) rotates k at its cache positions and q
+    at cache_seqlens + i when causal or windowed, else at cache_seqlens.
+    num_splits: KV splits (0 = heuristic). Returns out, or (out, softmax_lse
+    (B, Hq, Sq) float32) with return_softmax_lse.
+    """
+    if softcap:
+        raise NotImplementedError(f"fastattn: softcap={softcap} is not supported yet (use 0.0)")
+    if alibi_slopes is not None:
+        raise NotImplementedError("fastattn: alibi_slopes is not supported yet")
+    if cache_leftpad is not None:
+        raise NotImplementedError("fastattn: cache_leftpad is not supported yet")
+    if block_table is not None:
+        raise NotImplementedError("fastattn: block_table (paged KV) is not supported yet")
+    if (k is None) != (v is None):
+        raise ValueError("fastattn: pass both k and v, or neither")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("fastattn: pass both rotary_cos and rotary_sin, or neither")
+    if rotary_cos is not None and k is None:
+        raise ValueError("fastattn: rotary_cos/rotary_sin apply only when new k, v are passed")
+    if q.dim() != 4:
+        raise ValueError(f"fastattn: q must be (batch, seqlen_q, heads, head_dim), got shape {tuple(q.shape)}")
+    _check_flash_dtype(q)
+    left, right = _window(window_size)
+    B, Sq = q.shape[0], q.shape[1]
+    S_max = k_cache.shape[1]
+    scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
+    cache_seqlens = _as_int32(cache_seqlens, B, q.device, "cache_seqlens")
+    cache_batch_idx = _as_int32(cache_batch_idx, B, q.device, "cache_batch_idx")
+
+    seqlens_k = cache_seqlens
+    if k is not None:
+        if k.dim() != 4 or k.shape[0] != B or v.shape != k.shape:
+            raise ValueError(f"fastattn: k and v must be (batch={B}, seqlen_new, heads_kv, head_dim), "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        S_new = k.shape[1]
+        start = (cache_seqlens if cache_seqlens is not None
+                 else torch.zeros(B, dtype=torch.int32, device=q.device)).long()
+        positions = start[:, None] + torch.arange(S_new, device=q.device)  # (B, S_new)
+        if rotary_cos is not None:
+            k = _apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
+            q_pos = (start[:, None] + torch.arange(Sq, device=q.device)
+                     if (causal or left >= 0 or right >= 0) else start[:, None].expand(B, Sq))
+            q = _apply_rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
+        rows = (cache_batch_idx.long() if cache_batch_idx is not None
+                else torch.arange(B, device=q.device))
+        slots = rows[:, None] * S_max + positions
+        ops.append_kv(k.reshape(B * S_new, *k.shape[2:]), v.reshape(B * S_new, *v.shape[2:]),
+                      slots.reshape(-1), k_cache, v_cache)
+        seqlens_k = (start + S_new).to(torch.int32)
+
+    out, lse = ops.decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, None, scale, bool(causal),
+                          left, right, int(num_splits))
+    return (out, lse) if return_softmax_lse else out
