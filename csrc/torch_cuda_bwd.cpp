@@ -107,12 +107,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
               "fastattn: the CUDA backward for head_dim ", d, " needs ", plan.smem_bytes,
               " bytes of shared memory per block, but ", prop->name, " allows ",
               prop->sharedMemPerBlockOptin, " (sm80/sm90-class GPUs have enough)");
+  p.smem_optin = static_cast<int>(prop->sharedMemPerBlockOptin);
   p.heads_per_cta = plan.heads_per_cta;
   p.dq_splits = plan.dq_splits;
   p.dkv_copies = plan.dkv_copies;
 
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dsum = at::empty(lse.sizes(), f32);
+  // D = rowsum(dO * O) and lse * log2(e), each laid out like lse (contiguous).
+  at::Tensor dsum = at::empty({2 * lse.numel()}, f32);
   at::Tensor dq_accum = at::empty({plan.dq_accum_elems}, f32);  // zeroed by the preprocess kernel
   at::Tensor dk_accum, dv_accum;
   if (plan.dkv_accum_elems > 0) {
@@ -122,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     p.dv_accum = dv_accum.data_ptr<float>();
   }
   p.dsoftmax_sum = dsum.data_ptr<float>();
+  p.lse_log2 = p.dsoftmax_sum + lse.numel();
   p.dq_accum = dq_accum.data_ptr<float>();
 
   glue::check_launch(gpu::run_bwd(p, at::cuda::getCurrentCUDAStream()), "bwd");

@@ -4,6 +4,7 @@
 // referenced; a head dim that is not compiled runs through the next larger one.
 #include <cstdint>
 
+#include "cuda/common/bwd_dq_layout.h"
 #include "cuda/common/types.h"
 #include "cuda/flash_bwd_launch.cuh"
 #include "cuda/launch.h"
@@ -82,9 +83,10 @@ void config_of(int kernel_hdim, int& block_n, int& smem) {
 }
 
 // ------------------------------------------------------------ preprocess
-// D[row, h] = sum_d dO * O in fp32 (stored like lse) and zeroing of every
-// dq_accum slice of that (row, h). One 8-lane group per (row, head); a warp
-// takes 4 consecutive items so that the loop and the shuffles stay warp-uniform.
+// D[row, h] = sum_d dO * O in fp32 (stored like lse) and lse * log2(e) (+inf
+// for rows with lse = -inf, whose P is then exactly 0): one 8-lane group per
+// (row, head); a warp takes 4 consecutive items so that the loop and the
+// shuffles stay warp-uniform. Then zeroes dq_accum.
 template <typename Elem>
 __global__ void __launch_bounds__(256)
     flash_bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
@@ -94,7 +96,6 @@ __global__ void __launch_bounds__(256)
   const int lane = threadIdx.x & 31;
   const int lane8 = lane & 7;
   const int chunks = p.head_dim / 8;
-  const int64_t slice = items * p.head_dim;
   const int64_t warp_global = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int64_t warp_count = int64_t(gridDim.x) * blockDim.x / 32;
   const Elem* out = static_cast<const Elem*>(p.out);
@@ -132,17 +133,22 @@ __global__ void __launch_bounds__(256)
     acc += __shfl_xor_sync(0xffffffffu, acc, 4);
     if (valid) {
       if (lane8 == 0) {
-        p.dsoftmax_sum[b * p.lse_batch_stride + h * p.lse_head_stride + i] = acc;
-      }
-      const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int s = 0; s < p.dq_splits; ++s) {
-        float* dq = p.dq_accum + s * slice + item * p.head_dim;
-        for (int c = lane8; c < chunks; c += 8) {
-          reinterpret_cast<float4*>(dq + c * 8)[0] = z;
-          reinterpret_cast<float4*>(dq + c * 8)[1] = z;
-        }
+        const int64_t off = b * p.lse_batch_stride + h * p.lse_head_stride + i;
+        p.dsoftmax_sum[off] = acc;
+        const float l = p.lse[off];
+        p.lse_log2[off] = l == neg_inf() ? -neg_inf() : l * 1.4426950408889634f;
       }
     }
+  }
+  // Zero every dq_accum slice (padding rows included: the layout is in
+  // common/bwd_dq_layout.h), 16 bytes per store.
+  const int64_t dq_vec4 =
+      int64_t(p.dq_splits) * dq_pad_rows(varlen, p.batch, p.seqlen_q, p.total_q) *
+      p.heads_q * p.head_dim / 4;
+  const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < dq_vec4;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    reinterpret_cast<float4*>(p.dq_accum)[i] = z;
   }
 }
 
@@ -159,6 +165,12 @@ struct ConvertJob {
   void* out = nullptr;
   int64_t batch_stride = 0, row_stride = 0, head_stride = 0;
   float scale = 1.f;
+  // dq_accum's tiled layout (common/bwd_dq_layout.h) instead of (row, head, d);
+  // varlen: the sequences' cu_seqlens, count and max length locate a row's padded row.
+  bool dq_tiled = false;
+  const int* cu_seqlens = nullptr;
+  int batch = 0;
+  int max_len = 0;
 };
 
 template <typename Elem>
@@ -175,18 +187,55 @@ __global__ void __launch_bounds__(256)
     const int c = static_cast<int>(it - rh * chunks);
     const int64_t row = rh / j.heads;
     const int h = static_cast<int>(rh - row * j.heads);
-    const float* src = j.acc + rh * head_dim + c * 8;
     float v[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = 0.f;
-    for (int k = 0; k < j.copies; ++k) {
-      const float4 a = reinterpret_cast<const float4*>(src + k * j.copy_stride)[0];
-      const float4 b = reinterpret_cast<const float4*>(src + k * j.copy_stride)[1];
-      v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
-      v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
-    }
     const int64_t bb = j.seqlen > 0 ? row / j.seqlen : 0;
     const int64_t i = j.seqlen > 0 ? row - bb * j.seqlen : row;
+    if (!j.dq_tiled) {
+      const float* src = j.acc + rh * head_dim + c * 8;
+      for (int k = 0; k < j.copies; ++k) {
+        const float4 a = reinterpret_cast<const float4*>(src + k * j.copy_stride)[0];
+        const float4 b = reinterpret_cast<const float4*>(src + k * j.copy_stride)[1];
+        v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
+        v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+      }
+    } else {
+      // Padded row of this row; -1 (output 0) for varlen rows that no sequence
+      // covers (or past a sequence's max length), which the main kernel never wrote.
+      int64_t prow = -1;
+      if (j.cu_seqlens == nullptr) {
+        prow = bb * dq_round16(j.seqlen) + i;
+      } else {
+        int lo = 0, hi = j.batch - 1;  // last sequence whose (clamped) start is <= row
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) >> 1;
+          if (seq_bounds(j.cu_seqlens, mid, 0, j.max_len, j.rows).start <= row) {
+            lo = mid;
+          } else {
+            hi = mid - 1;
+          }
+        }
+        const SeqBounds sb = seq_bounds(j.cu_seqlens, lo, 0, j.max_len, j.rows);
+        if (row >= sb.start && row < sb.start + sb.len) {
+          prow = dq_pad_start(true, lo, 0, sb.start) + (row - sb.start);
+        }
+      }
+      if (prow >= 0) {
+        // Row prow % 16 of its group, columns 8c .. 8c + 7: lanes 4 (prow % 8) + t.
+        const float* src = j.acc + (prow >> 4) * 16 * j.heads * int64_t(head_dim) +
+                           int64_t(h) * 16 * head_dim + c * 128 + (prow & 7) * 16 +
+                           ((prow >> 3) & 1) * 2;
+        for (int k = 0; k < j.copies; ++k) {
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            const float2 a = *reinterpret_cast<const float2*>(src + k * j.copy_stride + t * 4);
+            v[2 * t] += a.x;
+            v[2 * t + 1] += a.y;
+          }
+        }
+      }
+    }
     uint4 o;
     o.x = pack2<Elem>(v[0] * j.scale, v[1] * j.scale);
     o.y = pack2<Elem>(v[2] * j.scale, v[3] * j.scale);
@@ -256,7 +305,6 @@ cudaError_t run_bwd_dtype(int kernel_hdim, const BwdParams& p, cudaStream_t stre
     ConvertJob jq;
     jq.acc = p.dq_accum;
     jq.copies = p.dq_splits;
-    jq.copy_stride = rows_q * p.heads_q * p.head_dim;
     jq.rows = rows_q;
     jq.heads = p.heads_q;
     jq.seqlen = varlen ? 0 : p.seqlen_q;
@@ -265,6 +313,11 @@ cudaError_t run_bwd_dtype(int kernel_hdim, const BwdParams& p, cudaStream_t stre
     jq.row_stride = p.dq_row_stride;
     jq.head_stride = p.dq_head_stride;
     jq.scale = p.scale;
+    jq.dq_tiled = true;
+    jq.copy_stride = dq_pad_rows(varlen, p.batch, p.seqlen_q, p.total_q) * p.heads_q * p.head_dim;
+    jq.cu_seqlens = p.cu_seqlens_q;
+    jq.batch = p.batch;
+    jq.max_len = p.seqlen_q;
     ConvertJob jk, jv;
     int n_jobs = 1;
     int64_t items = rows_q * p.heads_q * (p.head_dim / 8);
@@ -315,7 +368,6 @@ BwdPlan plan_bwd(const BwdParams& p) {
   if (plan.kernel_head_dim == 0) return plan;
   config_of(plan.kernel_head_dim, plan.block_n, plan.smem_bytes);
   const bool varlen = p.cu_seqlens_q != nullptr;
-  const int64_t rows_q = varlen ? p.total_q : int64_t(p.batch) * p.seqlen_q;
   const int64_t rows_k = varlen ? p.total_k : int64_t(p.batch) * p.seqlen_k;
   const int group = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
   const int64_t n_blocks = (int64_t(p.seqlen_k) + plan.block_n - 1) / plan.block_n;
@@ -334,7 +386,8 @@ BwdPlan plan_bwd(const BwdParams& p) {
     }
   }
   const int64_t slots = p.heads_q / plan.heads_per_cta;
-  const int64_t dq_elems = rows_q * p.heads_q * p.head_dim;
+  const int64_t dq_elems =
+      dq_pad_rows(varlen, p.batch, p.seqlen_q, p.total_q) * p.heads_q * p.head_dim;
 
   // Deterministic: grid column x walks KV blocks x, x + dq_splits, ... and owns
   // dq_accum slice x. Enough columns for ~2 CTAs per SM, at most one per KV

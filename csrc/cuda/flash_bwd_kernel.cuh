@@ -27,21 +27,33 @@
 // shared memory (a + b == b + a, so both hold bitwise equal P and dS).
 //
 // dS^T goes to shared memory once for the dQ product, which is tiled over all
-// warps (kQWarpsM x kQWarpsN) and reduces over the block's keys. dQ leaves the
-// CTA as fp32 adds into dq_accum:
-//   - default: `red.global.add` (atomics; order between CTAs is arbitrary);
+// warps (kQWarpsM x kQWarpsN) and reduces over the block's keys. With
+// kPipelineDQ (where the device has the shared memory for a second dS^T
+// buffer) the dQ of iteration i runs at the end of iteration i + 1, after its
+// dV / dK, from the other buffer: one __syncthreads per iteration instead of two.
+// dQ leaves the CTA as fp32 adds into dq_accum, whose layout
+// (common/bwd_dq_layout.h) stores each 16 x 8 mma C tile as 128 contiguous
+// floats in fragment order, so that a warp adds a tile with one 16-byte
+// reduction per lane (4 full lines, instead of 8 rows x 32 bytes per 64 floats):
+//   - default: `red.global.add.v4.f32` (atomics; order between CTAs is arbitrary);
 //   - deterministic: dq_accum has one slice per grid column (dq_splits); the
 //     CTA in grid column x handles KV blocks x, x + dq_splits, ... in order and
 //     is the only writer of its slice for its q heads, and each element of a
 //     slice is always updated by the same thread: plain load + add + store,
 //     bitwise reproducible. The convert kernel sums the slices in fixed order.
+// Per-iteration bookkeeping is kept off the hot path: Q / dO tiles stream
+// through per-thread loaders set up once per q head, the LSE arrives pre-scaled
+// by log2(e) from the preprocess kernel (+inf for rows that saw no key), and
+// dQ tiles inside the sequence and head dim are stored without bounds checks.
 // dK / dV: written directly (scaled, cast) when the CTA covers the whole GQA
 // group (heads_per_cta == group); otherwise they are fp32 partial sums into
 // dk_accum / dv_accum (atomics by default; deterministic: one copy per head
 // slot, plain stores) reduced by the convert kernel.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
+#include "cuda/common/bwd_dq_layout.h"
 #include "cuda/common/bwd_mask.h"
 #include "cuda/common/bwd_ptx.h"
 #include "cuda/common/fragment.h"
@@ -54,7 +66,8 @@
 namespace fastattn {
 namespace gpu {
 
-template <int kHeadDim_, int kBlockM_, int kNWarps_, int kDSplit_, int kQWarpsM_>
+template <int kHeadDim_, int kBlockM_, int kNWarps_, int kDSplit_, int kQWarpsM_,
+          bool kPipelineDQ_ = false>
 struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;  // query rows per inner iteration
@@ -81,6 +94,10 @@ struct BwdTraits {
   // dO is double-buffered like Q when shared memory allows (kDSplit == 1);
   // otherwise the next dO load starts once every warp is done with dV.
   static constexpr bool kDoubleDO = kDSplit == 1;
+  // dQ of iteration i computed during iteration i + 1 from a second dS^T buffer
+  // (one barrier per iteration instead of two) where the device has the shared
+  // memory (kSmemBytesPipelined); needs kDoubleDO.
+  static constexpr bool kPipelineDQ = kPipelineDQ_ && kDoubleDO;
 
   static_assert(kDSplit == 1 || kDSplit == 2, "head-dim split");
   static_assert(kNWarps % kDSplit == 0 && kNWarps % kQWarpsM == 0, "warp layout");
@@ -95,12 +112,15 @@ struct BwdTraits {
   static constexpr int kOffV = kOffK + KTile::kBytes;
   static constexpr int kOffQ = kOffV + KTile::kBytes;                  // 2 buffers
   static constexpr int kOffDO = kOffQ + 2 * QTile::kBytes;             // 1 or 2 buffers
-  static constexpr int kOffDS = kOffDO + (kDoubleDO ? 2 : 1) * QTile::kBytes;
-  static constexpr int kOffLse = kOffDS + DSTile::kBytes;              // float[2][kBlockM]
+  static constexpr int kOffLse = kOffDO + (kDoubleDO ? 2 : 1) * QTile::kBytes;  // float[2][kBlockM]
   static constexpr int kOffDsum = kOffLse + 2 * kBlockM * 4;           // float[2][kBlockM]
   static constexpr int kOffX = kOffDsum + 2 * kBlockM * 4;             // partial-sum exchange
   static constexpr int kXFloatsPerWarp = kDSplit == 2 ? 2 * kNTS * 4 * 32 : 0;
-  static constexpr int kSmemBytes = kOffX + kNWarps * kXFloatsPerWarp * 4;
+  static constexpr int kOffDS = kOffX + kNWarps * kXFloatsPerWarp * 4;  // 1 or 2 buffers (last)
+  // One dS^T buffer; the pipelined dQ (kDoubleDO only) takes a second one when
+  // the device allows kSmemBytesPipelined.
+  static constexpr int kSmemBytes = kOffDS + DSTile::kBytes;
+  static constexpr int kSmemBytesPipelined = kOffDS + 2 * DSTile::kBytes;
 };
 
 template <typename Traits, typename Elem>
@@ -164,45 +184,50 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   ptx::cp_async_commit();
 
   const MaskPolicy mask = MaskPolicy::make(p.mask, sq, sk);
-  int mb_begin = 0, nm = 0;
+  int mb_begin = 0, mb_end = 0;
   if (sq > 0) {
     const int r_lo = mask.q_row_begin(n0, n0 + kBlockN);
     const int r_hi = mask.q_row_end(n0, n0 + kBlockN);
     if (r_hi > r_lo) {
       mb_begin = r_lo / kBlockM;
-      nm = (r_hi + kBlockM - 1) / kBlockM - mb_begin;
+      mb_end = (r_hi + kBlockM - 1) / kBlockM;
     }
   }
-  const int n_iter = nm * hpc;
+  const int n_iter = (mb_end - mb_begin) * hpc;
 
-  // Issues the cp.async loads of iteration `it` (q head, query block): Q, LSE and
-  // D into buffer `buf`, and dO when `with_do`.
-  auto issue_q = [&](int it, int buf, bool with_q, bool with_do) {
-    const int t = it / nm;
-    const int m0 = (mb_begin + it - t * nm) * kBlockM;
-    const int hq = hq0 + t;
+  // Sources of the per-iteration tiles of one q head, set up once per head:
+  // tile loaders with per-thread pointers, and this thread's LSE / D entry
+  // (threads tid < kBlockM copy row m0 + tid).
+  using QLoader = ContiguousTileLoader<kThreads, QTile, Elem>;
+  QLoader q_ld, do_ld;
+  const float* lse_src = p.lse_log2;
+  const float* dsum_src = p.dsoftmax_sum;
+  auto set_head = [&](int hq) {
+    const Elem* q_base = static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
+                         qs.start * p.q_row_stride + hq * p.q_head_stride;
+    const Elem* do_base = static_cast<const Elem*>(p.dout) +
+                          (varlen ? 0 : b * p.do_batch_stride) + qs.start * p.do_row_stride +
+                          hq * p.do_head_stride;
+    q_ld.init(q_base, p.q_row_stride, head_dim, tid);
+    do_ld.init(do_base, p.do_row_stride, head_dim, tid);
+    const int64_t off = b * p.lse_batch_stride + hq * p.lse_head_stride + qs.start + tid;
+    lse_src = p.lse_log2 + off;
+    dsum_src = p.dsoftmax_sum + off;
+  };
+  // Issues the cp.async loads of query block m0 of the current loader head:
+  // Q, LSE and D into buffer `buf`, and dO when `with_do`.
+  auto issue_q = [&](int m0, int buf, bool with_q, bool with_do) {
     if (with_q) {
-      const Elem* q_base = static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
-                           qs.start * p.q_row_stride + hq * p.q_head_stride;
-      load_tile_async<kThreads, QTile>(sQ0 + buf * QTile::kBytes,
-                                       ContiguousRows<Elem>{q_base, p.q_row_stride}, m0, sq,
-                                       head_dim, tid);
+      q_ld.load(sQ0 + buf * QTile::kBytes, m0, sq);
       if (tid < kBlockM) {
-        const int64_t off = b * p.lse_batch_stride + hq * p.lse_head_stride + qs.start + m0 + tid;
         const bool ok = m0 + tid < sq;
-        ptx::cp_async_4(sLse0 + (buf * kBlockM + tid) * 4, ok ? p.lse + off : p.lse, ok);
-        ptx::cp_async_4(sDsum0 + (buf * kBlockM + tid) * 4,
-                        ok ? p.dsoftmax_sum + off : p.dsoftmax_sum, ok);
+        ptx::cp_async_4(sLse0 + (buf * kBlockM + tid) * 4, ok ? lse_src + m0 : p.lse_log2, ok);
+        ptx::cp_async_4(sDsum0 + (buf * kBlockM + tid) * 4, ok ? dsum_src + m0 : p.dsoftmax_sum,
+                        ok);
       }
     }
     if (with_do) {
-      const Elem* do_base = static_cast<const Elem*>(p.dout) +
-                            (varlen ? 0 : b * p.do_batch_stride) + qs.start * p.do_row_stride +
-                            hq * p.do_head_stride;
-      const int dbuf = Traits::kDoubleDO ? buf : 0;
-      load_tile_async<kThreads, QTile>(sDO0 + dbuf * QTile::kBytes,
-                                       ContiguousRows<Elem>{do_base, p.do_row_stride}, m0, sq,
-                                       head_dim, tid);
+      do_ld.load(sDO0 + (Traits::kDoubleDO ? buf : 0) * QTile::kBytes, m0, sq);
     }
   };
 
@@ -216,8 +241,13 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       acc_dv[i][e] = 0.f;
     }
 
+  // Iteration order: q heads hq0 .. hq0 + hpc - 1, query blocks ascending within each.
+  // (cur_t, cur_mb): the iteration being computed; (nxt_t, nxt_mb): the last one issued.
+  int cur_t = 0, cur_mb = mb_begin;
+  int nxt_t = 0, nxt_mb = mb_begin;
   if (n_iter > 0) {
-    issue_q(0, 0, true, true);
+    set_head(hq0);
+    issue_q(mb_begin * kBlockM, 0, true, true);
     ptx::cp_async_commit();
   }
 
@@ -230,25 +260,107 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   const int at_off_ds = a_trans_lane_offset<DSTile>(lane) + DSTile::offset(0, wqm * Traits::kQTileM);
   const int bt_off_k = b_trans_lane_offset<KTile>(lane) + KTile::offset(0, wqn * Traits::kQTileN);
 
-  const int64_t rows_q = varlen ? p.total_q : int64_t(p.batch) * p.seqlen_q;
-  const int64_t dq_row0 = varlen ? qs.start : int64_t(b) * p.seqlen_q;
-  const int64_t dq_rstride = int64_t(p.heads_q) * head_dim;
+  // dq_accum: 16-row groups of fragment-ordered 16 x 8 tiles (common/bwd_dq_layout.h).
+  const int64_t dq_rstride = int64_t(p.heads_q) * head_dim;  // floats per padded row
+  const int64_t dq_slice_stride =
+      dq_pad_rows(varlen, p.batch, p.seqlen_q, p.total_q) * dq_rstride;
   constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = p.scale * kLog2e;
   const int key0 = n0 + rg * 16 + g;  // this thread's keys: key0, key0 + 8
 
+  // This thread's 4 floats of the warp tile's first 16 x 8 dQ tile (query block 0,
+  // q head 0); an iteration adds m0 padded rows and the head's 16 * head_dim
+  // floats, the tile (mt, nt) of the warp tile 16 * mt rows and nt * 128 floats.
+  float* const dq_thread =
+      p.dq_accum + dq_slice * dq_slice_stride +
+      (dq_pad_start(varlen, b, p.seqlen_q, qs.start) + wqm * Traits::kQTileM) * dq_rstride +
+      (wqn * Traits::kQTileN / 8) * 128 + lane * 4;
+  const bool full_d = head_dim == Traits::kHeadDim;
+
+  // dQ += dS K of one finished iteration (query block m0, q head hq) from the
+  // dS^T tile at ds_tile: kBlockM x kHeadDim over kQWarpsM x kQWarpsN warps,
+  // reduced over the block's keys, then added into dq_accum.
+  auto do_dq = [&](uint32_t ds_tile, int m0, int hq) {
+    float acc_dq[QMT][QNT][4];
+#pragma unroll
+    for (int i = 0; i < QMT; ++i)
+#pragma unroll
+      for (int j = 0; j < QNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dq[i][j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[QMT][4];
+#pragma unroll
+      for (int mt = 0; mt < QMT; ++mt) {
+        ptx::ldsm_x4_trans(a[mt], ds_tile + at_off_ds + DSTile::offset(kk * 16, mt * 16));
+      }
+#pragma unroll
+      for (int np = 0; np < QNT / 2; ++np) {
+        uint32_t bk[4];
+        ptx::ldsm_x4_trans(bk, sK + bt_off_k + KTile::offset(kk * 16, np * 16));
+#pragma unroll
+        for (int mt = 0; mt < QMT; ++mt) {
+          ptx::mma_m16n8k16<Elem>(acc_dq[mt][2 * np], a[mt], bk[0], bk[1]);
+          ptx::mma_m16n8k16<Elem>(acc_dq[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+    float* const dq_it = dq_thread + int64_t(m0) * dq_rstride + int64_t(hq) * 16 * head_dim;
+    // Interior blocks (all rows < sq, full head dim) store without checks; else a
+    // 16-row tile is stored when it starts inside the sequence (its rows past the
+    // end add exact zeros: Q and dO rows there are zero-filled, so dS is 0) and
+    // its columns are inside the head dim. The deterministic branch is
+    // warp-uniform and hoisted out of the stores.
+    auto store_dq = [&](auto det, auto checked) {
+#pragma unroll
+      for (int mt = 0; mt < QMT; ++mt) {
+        if (decltype(checked)::value && m0 + wqm * Traits::kQTileM + mt * 16 >= sq) continue;
+        float* tile_ptr = dq_it + int64_t(mt * 16) * dq_rstride;
+#pragma unroll
+        for (int nt = 0; nt < QNT; ++nt) {
+          if (decltype(checked)::value && wqn * Traits::kQTileN + nt * 8 >= head_dim) continue;
+          const float(&c)[4] = acc_dq[mt][nt];
+          if constexpr (decltype(det)::value) {
+            ptx::rmw_add_f32x4(tile_ptr + nt * 128, c[0], c[1], c[2], c[3]);
+          } else {
+            ptx::red_add_f32x4(tile_ptr + nt * 128, c[0], c[1], c[2], c[3]);
+          }
+        }
+      }
+    };
+    const bool interior = full_d && m0 + kBlockM <= sq;
+    if (p.deterministic) {
+      if (interior) store_dq(std::true_type{}, std::false_type{});
+      else store_dq(std::true_type{}, std::true_type{});
+    } else {
+      if (interior) store_dq(std::false_type{}, std::false_type{});
+      else store_dq(std::false_type{}, std::true_type{});
+    }
+  };
+
+  // Pipelined (dq_pipelined, needs the second dS^T buffer): the dQ of iteration
+  // it - 1 runs at the end of iteration it, after its dV / dK, from the other
+  // dS^T buffer, which every warp finished writing before the barrier at the
+  // top of iteration it; one barrier per iteration instead of two.
+  const bool pipe = Traits::kPipelineDQ && p.dq_pipelined;
+  int prev_m0 = 0, prev_hq = 0;
   for (int it = 0; it < n_iter; ++it) {
     const int buf = it & 1;
-    const int t = it / nm;
-    const int m0 = (mb_begin + it - t * nm) * kBlockM;
-    const int hq = hq0 + t;
+    const int m0 = cur_mb * kBlockM;
+    const int hq = hq0 + cur_t;
     const uint32_t sQ = sQ0 + buf * QTile::kBytes;
     const uint32_t sDO = sDO0 + (Traits::kDoubleDO ? buf : 0) * QTile::kBytes;
 
     ptx::cp_async_wait<0>();
     __syncthreads();  // Q/dO/LSE/D of `it` landed; every warp is done with `it - 1`
     if (it + 1 < n_iter) {
-      issue_q(it + 1, buf ^ 1, true, Traits::kDoubleDO);
+      if (++nxt_mb == mb_end) {
+        nxt_mb = mb_begin;
+        ++nxt_t;
+        set_head(hq0 + nxt_t);
+      }
+      issue_q(nxt_mb * kBlockM, buf ^ 1, true, Traits::kDoubleDO);
       ptx::cp_async_commit();
     }
 
@@ -310,10 +422,10 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
 #pragma unroll
     for (int nt = 0; nt < NTS; ++nt) {
       const int c = nt * 8 + 2 * t4;
+      // lse * log2(e), +inf for rows that saw no key (P exactly 0): from the preprocess.
       const float2 l2 = *reinterpret_cast<const float2*>(lse_b + c);
-      // Rows with lse = -inf saw no key: +inf makes their P exactly 0.
-      const float lc0 = l2.x == neg_inf() ? -neg_inf() : l2.x * kLog2e;
-      const float lc1 = l2.y == neg_inf() ? -neg_inf() : l2.y * kLog2e;
+      const float lc0 = l2.x;
+      const float lc1 = l2.y;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         s[nt][2 * h] = ptx::ex2_approx(fmaf(s[nt][2 * h], scale_log2, -lc0));
@@ -342,14 +454,14 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
     }
 
     // dS^T -> shared memory for dQ (one warp per key tile writes it).
+    char* const ds_store = smem + Traits::kOffDS + (pipe ? buf : 0) * DSTile::kBytes;
     if (dh == 0) {
 #pragma unroll
       for (int nt = 0; nt < NTS; ++nt) {
         const int c = nt * 8 + 2 * t4;
         const int r = rg * 16 + g;
-        *reinterpret_cast<uint32_t*>(smem + Traits::kOffDS + DSTile::offset(r, c)) =
-            dsa[nt / 2][(nt & 1) * 2];
-        *reinterpret_cast<uint32_t*>(smem + Traits::kOffDS + DSTile::offset(r + 8, c)) =
+        *reinterpret_cast<uint32_t*>(ds_store + DSTile::offset(r, c)) = dsa[nt / 2][(nt & 1) * 2];
+        *reinterpret_cast<uint32_t*>(ds_store + DSTile::offset(r + 8, c)) =
             dsa[nt / 2][(nt & 1) * 2 + 1];
       }
     }
@@ -369,61 +481,30 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       }
     }
 
-    __syncthreads();  // dS^T complete; every warp is done with dO (single-buffer case)
-    if (!Traits::kDoubleDO && it + 1 < n_iter) {
-      issue_q(it + 1, 0, false, true);
-      ptx::cp_async_commit();
+    if (!pipe) {
+      __syncthreads();  // dS^T complete; every warp is done with dO (single-buffer case)
+      if (!Traits::kDoubleDO && it + 1 < n_iter) {
+        issue_q(nxt_mb * kBlockM, 0, false, true);
+        ptx::cp_async_commit();
+      }
     }
 
-    // ---- dQ += dS K  (kBlockM x kHeadDim, this warp's kQTileM x kQTileN tile)
-    float acc_dq[QMT][QNT][4];
-#pragma unroll
-    for (int i = 0; i < QMT; ++i)
-#pragma unroll
-      for (int j = 0; j < QNT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dq[i][j][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[QMT][4];
-#pragma unroll
-      for (int mt = 0; mt < QMT; ++mt) {
-        ptx::ldsm_x4_trans(a[mt], sDS + at_off_ds + DSTile::offset(kk * 16, mt * 16));
-      }
-#pragma unroll
-      for (int np = 0; np < QNT / 2; ++np) {
-        uint32_t bk[4];
-        ptx::ldsm_x4_trans(bk, sK + bt_off_k + KTile::offset(kk * 16, np * 16));
-#pragma unroll
-        for (int mt = 0; mt < QMT; ++mt) {
-          ptx::mma_m16n8k16<Elem>(acc_dq[mt][2 * np], a[mt], bk[0], bk[1]);
-          ptx::mma_m16n8k16<Elem>(acc_dq[mt][2 * np + 1], a[mt], bk[2], bk[3]);
-        }
-      }
+    // dQ of this iteration (unpipelined) or of the previous one (pipelined).
+    if (!pipe || it > 0) {
+      do_dq(pipe ? sDS + (buf ^ 1) * DSTile::kBytes : sDS, pipe ? prev_m0 : m0,
+            pipe ? prev_hq : hq);
     }
-    float* dq_base = p.dq_accum + (int64_t(dq_slice) * rows_q + dq_row0 + m0) * dq_rstride +
-                     int64_t(hq) * head_dim;
-#pragma unroll
-    for (int mt = 0; mt < QMT; ++mt) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = wqm * Traits::kQTileM + mt * 16 + h * 8 + g;
-        if (m0 + r < sq) {
-          float* row_ptr = dq_base + int64_t(r) * dq_rstride;
-#pragma unroll
-          for (int nt = 0; nt < QNT; ++nt) {
-            const int c = wqn * Traits::kQTileN + nt * 8 + 2 * t4;
-            if (c < head_dim) {
-              if (p.deterministic) {
-                ptx::rmw_add_f32x2(row_ptr + c, acc_dq[mt][nt][2 * h], acc_dq[mt][nt][2 * h + 1]);
-              } else {
-                ptx::red_add_f32x2(row_ptr + c, acc_dq[mt][nt][2 * h], acc_dq[mt][nt][2 * h + 1]);
-              }
-            }
-          }
-        }
-      }
+    prev_m0 = m0;
+    prev_hq = hq;
+    if (++cur_mb == mb_end) {
+      cur_mb = mb_begin;
+      ++cur_t;
     }
+  }
+
+  if (pipe && n_iter > 0) {
+    __syncthreads();  // the last dS^T is complete
+    do_dq(sDS + ((n_iter - 1) & 1) * DSTile::kBytes, prev_m0, prev_hq);
   }
 
   // ---- epilogue: dK (times scale) and dV of this KV block

@@ -12,19 +12,25 @@
 namespace fastattn {
 namespace gpu {
 
-// BwdTraits<kHeadDim, kBlockM, kNWarps, kDSplit, kQWarpsM>: 8 warps each,
-// 64-row query blocks. Up to hdim 128 every warp owns 16 keys x the full head
-// dim (kBlockN = 128 keys per CTA); dK + dV then take kHeadDim fp32 registers
-// per thread (128 at hdim 128). hdim 192/256 split the head dim over warp pairs
-// (kBlockN = 64) and use 32-row query blocks so that K, V, 2 x Q, dO, dS^T and
-// the partial-sum exchange fit the 163 KB of shared memory an sm80 block may
-// have. Shared memory: 59 / 91 / 123 / 155 / 125 / 153 KB for hdim 32 ... 256.
+// BwdTraits<kHeadDim, kBlockM, kNWarps, kDSplit, kQWarpsM, kPipelineDQ>: 8 warps
+// each. Up to hdim 128 every warp owns 16 keys x the full head dim (kBlockN =
+// 128 keys per CTA); dK + dV then take kHeadDim fp32 registers per thread (128
+// at hdim 128). hdim 64 uses 128-row query blocks (S^T / dP^T take 128
+// registers, dK / dV 64), which halves the per-query-block overhead and the
+// ldmatrix traffic of K / V per FLOP; the other head dims use 64-row query
+// blocks (hdim 128 has no registers left for 128). hdim 64 and 128 pipeline dQ
+// (a second dS^T buffer, one barrier per iteration) where the device has the
+// shared memory (H100 class; sm80 runs them unpipelined). hdim 192/256 split
+// the head dim over warp pairs (kBlockN = 64) and use 32-row query blocks so
+// that K, V, 2 x Q, dO, dS^T and the partial-sum exchange fit the 163 KB of
+// shared memory an sm80 block may have. Shared memory (KB) for hdim 32 ... 256:
+// 59 / 144 (178 pipelined) / 123 / 155 (173 pipelined) / 125 / 153.
 template <int kHeadDim>
 struct BwdConfig;
 template <> struct BwdConfig<32> { using Traits = BwdTraits<32, 64, 8, 1, 4>; };
-template <> struct BwdConfig<64> { using Traits = BwdTraits<64, 64, 8, 1, 4>; };
+template <> struct BwdConfig<64> { using Traits = BwdTraits<64, 128, 8, 1, 4, true>; };
 template <> struct BwdConfig<96> { using Traits = BwdTraits<96, 64, 8, 1, 4>; };
-template <> struct BwdConfig<128> { using Traits = BwdTraits<128, 64, 8, 1, 2>; };
+template <> struct BwdConfig<128> { using Traits = BwdTraits<128, 64, 8, 1, 2, true>; };
 template <> struct BwdConfig<192> { using Traits = BwdTraits<192, 32, 8, 2, 2>; };
 template <> struct BwdConfig<256> { using Traits = BwdTraits<256, 32, 8, 2, 2>; };
 
@@ -44,13 +50,16 @@ cudaError_t run_bwd_hdim(const BwdParams& p, cudaStream_t stream) {
   // then head slots, then sequences (the kernel loops past 65535).
   const dim3 grid(grid_x, p.heads_q / p.heads_per_cta, p.batch < 65535 ? p.batch : 65535);
   auto kernel = flash_bwd_kernel<Traits, Elem>;
-  constexpr int kSmem = Traits::kSmemBytes;
-  if (kSmem > 48 * 1024) {
+  // The pipelined dQ (one barrier per iteration) needs a second dS^T buffer.
+  BwdParams kp = p;
+  kp.dq_pipelined = Traits::kPipelineDQ && p.smem_optin >= Traits::kSmemBytesPipelined;
+  const int smem = kp.dq_pipelined ? Traits::kSmemBytesPipelined : Traits::kSmemBytes;
+  if (smem > 48 * 1024) {
     cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(kp);
   return cudaGetLastError();
 }
 

@@ -76,7 +76,8 @@ struct FwdParams {
 // gpu::plan_bwd (cuda/launch.h), with "rows" = total_q / total_k (varlen) or
 // batch * seqlen_q / batch * seqlen_k (dense; row = b * seqlen + i):
 //   dsoftmax_sum  D = rowsum(dO * O), laid out like lse (written by the preprocess kernel)
-//   dq_accum      (dq_splits, rows_q, heads_q, head_dim); zeroed by the preprocess kernel
+//   dq_accum      dq_splits slices in the tiled layout of cuda/common/bwd_dq_layout.h;
+//                 zeroed by the preprocess kernel
 //   dk_accum, dv_accum  (dkv_copies, rows_k, heads_kv, head_dim), zero-filled by the glue;
 //                 only when heads_per_cta < heads_q / heads_kv (else nullptr: the main
 //                 kernel writes dk/dv directly)
@@ -95,6 +96,9 @@ struct BwdParams : FwdParams {
   float* dk_accum = nullptr;
   float* dv_accum = nullptr;
   float* dsoftmax_sum = nullptr;
+  // lse * log2(e), +inf where lse = -inf (rows that saw no key), laid out like
+  // lse; written by the preprocess kernel, read by the main kernel.
+  float* lse_log2 = nullptr;
   // Work decomposition (from gpu::plan_bwd): each CTA handles heads_per_cta
   // q heads of one GQA group; deterministic runs use dq_splits grid columns
   // (one dq_accum slice each) and dkv_copies = group / heads_per_cta copies.
@@ -103,6 +107,10 @@ struct BwdParams : FwdParams {
   int dkv_copies = 0;
   // dq bitwise reproducible run to run (no float atomics; see flash_bwd_kernel.cuh).
   bool deterministic = false;
+  // Largest dynamic shared memory per block of the device (the glue's query):
+  // the launcher pipelines dQ (gpu::run_bwd_hdim) where it fits.
+  int smem_optin = 0;
+  bool dq_pipelined = false;  // set by the launcher, not by callers
 };
 
 }  // namespace fastattn

@@ -7,6 +7,8 @@
 //                                       before); ptr must be 8-byte aligned
 //   rmw_add_f32x2(ptr, a, b)            the same with a plain load + store: for buffers that
 //                                       exactly one thread ever updates (bitwise reproducible)
+//   red_add_f32x4 / rmw_add_f32x4(ptr, a, b, c, d)
+//                                       the same for 4 floats; ptr 16-byte aligned
 #pragma once
 #include <cstdint>
 
@@ -34,6 +36,28 @@ __device__ __forceinline__ void rmw_add_f32x2(float* ptr, float a, float b) {
   v.x += a;
   v.y += b;
   *reinterpret_cast<float2*>(ptr) = v;
+}
+
+__device__ __forceinline__ void red_add_f32x4(float* ptr, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "f"(a), "f"(b),
+               "f"(c), "f"(d)
+               : "memory");
+#else
+  atomicAdd(ptr, a);
+  atomicAdd(ptr + 1, b);
+  atomicAdd(ptr + 2, c);
+  atomicAdd(ptr + 3, d);
+#endif
+}
+
+__device__ __forceinline__ void rmw_add_f32x4(float* ptr, float a, float b, float c, float d) {
+  float4 v = *reinterpret_cast<const float4*>(ptr);
+  v.x += a;
+  v.y += b;
+  v.z += c;
+  v.w += d;
+  *reinterpret_cast<float4*>(ptr) = v;
 }
 
 }  // namespace ptx
