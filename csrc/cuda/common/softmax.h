@@ -12,6 +12,10 @@
 //   scaled_max(m, c)                                m*c, or 0 when m == -inf
 //   lse_from(m, l, scale)                           natural-log LSE of a finished row (-inf if l == 0)
 //   merge_lse(lse_a, lse_b, &wa, &wb)               merged LSE and the weights of the two partial outputs
+//   LseMerge m; m.add(lse_i)...; m.result()          N-way merged LSE (online max + rescaled sum)
+//   lse_weight(lse_i, lse)                          weight exp(lse_i - lse) of part i in the merged
+//                                                   output; exactly 0 for an empty part (-inf), so
+//                                                   callers skip reading that part's output
 //
 // OnlineSoftmax<MT> works on the mma.m16n8 C layout (see ptx.h): a thread owns
 // rows g and g+8 of each of its MT m-tiles, i.e. 2*MT rows, index mt*2 + h.
@@ -66,6 +70,34 @@ __device__ __forceinline__ float merge_lse(float lse_a, float lse_b, float* w_a,
   *w_a = ea / s;
   *w_b = eb / s;
   return m + __logf(s);
+}
+
+// N-way merge of partial results over disjoint key sets (split-KV combine,
+// merge_states, the warps of one decode CTA): lse = log(sum_i exp(lse_i)) and
+// out = sum_i lse_weight(lse_i, lse) * out_i. Parts with lse_i = -inf are
+// ignored; no part left gives lse = -inf (and all weights 0: out = 0).
+struct LseMerge {
+  float max = neg_inf();  // largest lse added so far
+  float sum = 0.f;        // sum of exp(lse_i - max)
+
+  __device__ __forceinline__ void add(float lse_i) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    if (lse_i == neg_inf()) return;
+    if (lse_i > max) {
+      sum = sum * ptx::ex2_approx((max - lse_i) * kLog2e) + 1.f;  // ex2(-inf) = 0 on the first part
+      max = lse_i;
+    } else {
+      sum += ptx::ex2_approx((lse_i - max) * kLog2e);
+    }
+  }
+  __device__ __forceinline__ float result() const {
+    return sum > 0.f ? max + __logf(sum) : neg_inf();
+  }
+};
+
+__device__ __forceinline__ float lse_weight(float lse_i, float lse) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  return (lse_i == neg_inf() || lse == neg_inf()) ? 0.f : ptx::ex2_approx((lse_i - lse) * kLog2e);
 }
 
 template <int MT>

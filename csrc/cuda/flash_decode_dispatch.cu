@@ -1,0 +1,332 @@
+// Decode dispatch: runtime (head dim, dtype) -> compiled instantiation, the
+// launch plan (pipeline depth from the device's shared memory, split count
+// from SMs / batch / heads / length), and the split combine through the
+// merge kernel. Host-side sizes only: nothing here reads device data.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "cuda/decode_launch.h"
+#include "cuda/flash_decode_kernel.cuh"
+
+namespace fastattn {
+namespace gpu {
+namespace {
+
+constexpr int kHdims[] = {32, 64, 96, 128, 192, 256};
+constexpr int kMaxSplits = 128;
+
+bool hdim_compiled(int d) {
+  switch (d) {
+#ifdef FASTATTN_ENABLE_HDIM32
+    case 32: return true;
+#endif
+#ifdef FASTATTN_ENABLE_HDIM64
+    case 64: return true;
+#endif
+#ifdef FASTATTN_ENABLE_HDIM96
+    case 96: return true;
+#endif
+#ifdef FASTATTN_ENABLE_HDIM128
+    case 128: return true;
+#endif
+#ifdef FASTATTN_ENABLE_HDIM192
+    case 192: return true;
+#endif
+#ifdef FASTATTN_ENABLE_HDIM256
+    case 256: return true;
+#endif
+    default: return false;
+  }
+}
+
+bool dtype_compiled(ElemType t) {
+#ifdef FASTATTN_ENABLE_FP16
+  if (t == ElemType::kFloat16) return true;
+#endif
+#ifdef FASTATTN_ENABLE_BF16
+  if (t == ElemType::kBFloat16) return true;
+#endif
+  (void)t;
+  return false;
+}
+
+int stage_bytes(int d) {
+  switch (d) {
+    case 32: return DecodeTraits<32>::kStageBytes;
+    case 64: return DecodeTraits<64>::kStageBytes;
+    case 96: return DecodeTraits<96>::kStageBytes;
+    case 128: return DecodeTraits<128>::kStageBytes;
+    case 192: return DecodeTraits<192>::kStageBytes;
+    case 256: return DecodeTraits<256>::kStageBytes;
+    default: return 0;
+  }
+}
+
+template <ElemType kDtype>
+int ctas_per_sm_dtype(int d, int smem) {
+  switch (d) {
+#ifdef FASTATTN_ENABLE_HDIM32
+    case 32: return decode_ctas_per_sm<32, kDtype>(smem);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM64
+    case 64: return decode_ctas_per_sm<64, kDtype>(smem);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM96
+    case 96: return decode_ctas_per_sm<96, kDtype>(smem);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM128
+    case 128: return decode_ctas_per_sm<128, kDtype>(smem);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM192
+    case 192: return decode_ctas_per_sm<192, kDtype>(smem);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM256
+    case 256: return decode_ctas_per_sm<256, kDtype>(smem);
+#endif
+    default: return 0;
+  }
+}
+
+int ctas_per_sm(int d, ElemType t, int smem) {
+#ifdef FASTATTN_ENABLE_FP16
+  if (t == ElemType::kFloat16) return ctas_per_sm_dtype<ElemType::kFloat16>(d, smem);
+#endif
+#ifdef FASTATTN_ENABLE_BF16
+  if (t == ElemType::kBFloat16) return ctas_per_sm_dtype<ElemType::kBFloat16>(d, smem);
+#endif
+  (void)d;
+  (void)smem;
+  return 0;
+}
+
+int hdim_index(int d) {
+  for (int i = 0; i < 6; ++i)
+    if (kHdims[i] == d) return i;
+  return -1;
+}
+
+// Ring depth and resident CTAs per SM for (device, head dim, dtype), cached:
+// the depth that keeps the most K/V bytes in flight per SM
+// (resident CTAs x (stages - 1) stages), more resident CTAs on ties.
+struct RingChoice {
+  int stages = 0;
+  int ctas = 0;
+};
+
+RingChoice ring_choice(int d, ElemType t) {
+  static RingChoice cache[64][6][2];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return {};
+  const int hi = hdim_index(d);
+  const int ti = t == ElemType::kFloat16 ? 0 : 1;
+  if (device < 64 && hi >= 0 && cache[device][hi][ti].stages > 0) return cache[device][hi][ti];
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+      cudaSuccess)
+    return {};
+  const int sb = stage_bytes(d);
+  RingChoice best;
+  int64_t best_score = -1;
+  for (int s = 2; s <= 4; ++s) {
+    const int smem = s * sb;
+    if (smem > optin) break;
+    const int ctas = ctas_per_sm(d, t, smem);
+    if (ctas <= 0) continue;
+    const int64_t score = static_cast<int64_t>(ctas) * (s - 1) * sb;
+    if (score > best_score || (score == best_score && ctas > best.ctas)) {
+      best_score = score;
+      best.stages = s;
+      best.ctas = ctas;
+    }
+  }
+  if (device < 64 && hi >= 0 && best.stages > 0) cache[device][hi][ti] = best;
+  return best;
+}
+
+// Programmatic dependent launch of the combine: sm90+ and not disabled by
+// FASTATTN_DECODE_PDL=0 (read per call: a dev A/B switch).
+bool combine_pdl() {
+  const char* env = std::getenv("FASTATTN_DECODE_PDL");
+  if (env != nullptr && env[0] == '0') return false;
+  static int major[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
+  if (major[device] == 0) {
+    int m = 0;
+    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+      return false;
+    major[device] = m;
+  }
+  return major[device] >= 9;
+}
+
+// Fraction of the resident CTA slots used over the waves that `ctas` CTAs take.
+double wave_efficiency(int64_t ctas, int64_t slots) {
+  const int64_t waves = (ctas + slots - 1) / slots;
+  return static_cast<double>(ctas) / static_cast<double>(waves * slots);
+}
+
+template <ElemType kDtype>
+cudaError_t run_decode_dtype(int d, const DecodeParams& p, cudaStream_t stream) {
+  switch (d) {
+#ifdef FASTATTN_ENABLE_HDIM32
+    case 32: return run_decode_hdim<32, kDtype>(p, stream);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM64
+    case 64: return run_decode_hdim<64, kDtype>(p, stream);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM96
+    case 96: return run_decode_hdim<96, kDtype>(p, stream);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM128
+    case 128: return run_decode_hdim<128, kDtype>(p, stream);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM192
+    case 192: return run_decode_hdim<192, kDtype>(p, stream);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM256
+    case 256: return run_decode_hdim<256, kDtype>(p, stream);
+#endif
+    default: return cudaErrorNotSupported;
+  }
+}
+
+}  // namespace
+
+int decode_kernel_head_dim(int head_dim, ElemType dtype) {
+  if (!dtype_compiled(dtype)) return 0;
+  for (int d : kHdims) {
+    if (head_dim <= d && hdim_compiled(d)) return d;
+  }
+  return 0;
+}
+
+DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
+  DecodePlan plan;
+  plan.kernel_head_dim = decode_kernel_head_dim(p.head_dim, p.dtype);
+  if (plan.kernel_head_dim == 0 || p.heads_kv <= 0) return plan;
+
+  // GQA packing: group * seqlen_q rows; warps along M cover up to 64 rows per CTA.
+  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t m_total = group * p.seqlen_q;
+  const int64_t m_tiles = (m_total + 15) / 16;
+  plan.warps_m = m_tiles <= 1 ? 1 : (m_tiles == 2 ? 2 : 4);
+  const int64_t rows_cta = 16 * plan.warps_m;
+  const int64_t m_blocks = (m_total + rows_cta - 1) / rows_cta;
+  plan.num_m_blocks = static_cast<int>(m_blocks > 0 ? m_blocks : 1);
+
+  const RingChoice ring = ring_choice(plan.kernel_head_dim, p.dtype);
+  plan.stages = ring.stages;
+  plan.ctas_per_sm = ring.ctas;
+  plan.smem_bytes = ring.stages * stage_bytes(plan.kernel_head_dim);
+  if (ring.stages == 0) return plan;  // the glue reports the shared-memory shortfall
+
+  // Keys any query may see: all of S_max, or Sq + window_left with a left window.
+  int64_t eff_len = p.seqlen_k_max;
+  if (p.mask.window_left >= 0) {
+    const int64_t w = static_cast<int64_t>(p.seqlen_q) + p.mask.window_left;
+    if (w < eff_len) eff_len = w;
+  }
+  constexpr int kBlockN = DecodeTraits<128>::kBlockN;  // the same for every head dim
+  const int64_t n_blocks = eff_len > 0 ? (eff_len + kBlockN - 1) / kBlockN : 1;
+
+  int splits = 1;
+  if (requested_splits > 0) {
+    splits = requested_splits;
+    if (splits > n_blocks) splits = static_cast<int>(n_blocks);
+    if (splits > 1024) splits = 1024;
+  } else {
+    // Enough CTAs to use >= 85% of the resident slots of the waves they take,
+    // each split keeping >= 2 key blocks; no split once the batch alone fills the GPU.
+    const int64_t base = static_cast<int64_t>(p.batch) * p.heads_kv * plan.num_m_blocks;
+    const int64_t slots = static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 1) * ring.ctas;
+    int64_t max_s = n_blocks / 2;
+    if (max_s > kMaxSplits) max_s = kMaxSplits;
+    if (base < slots && max_s > 1) {
+      double best_eff = wave_efficiency(base, slots);
+      int best_s = 1;
+      for (int64_t s = 1; s <= max_s; ++s) {
+        const double e = wave_efficiency(base * s, slots);
+        if (e >= 0.85) {
+          best_s = static_cast<int>(s);
+          break;
+        }
+        if (e > best_eff + 1e-9) {
+          best_eff = e;
+          best_s = static_cast<int>(s);
+        }
+      }
+      splits = best_s;
+    }
+  }
+  plan.num_splits = splits < 1 ? 1 : splits;
+  if (plan.num_splits > 1) {
+    plan.o_partial_elems = static_cast<int64_t>(plan.num_splits) * p.batch * p.seqlen_q *
+                           p.heads_q * p.head_dim;
+    plan.lse_partial_elems =
+        static_cast<int64_t>(plan.num_splits) * p.batch * p.heads_q * p.seqlen_q;
+  }
+  return plan;
+}
+
+void apply_decode_plan(DecodeParams& p, const DecodePlan& plan) {
+  p.num_splits = plan.num_splits;
+  p.num_m_blocks = plan.num_m_blocks;
+  p.warps_m = plan.warps_m;
+  p.stages = plan.stages;
+}
+
+cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
+  const int d = decode_kernel_head_dim(p.head_dim, p.dtype);
+  if (d == 0) return cudaErrorNotSupported;
+  if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads_q <= 0) return cudaSuccess;
+  if (p.num_splits > 1) {
+    // The combine writes out (B, Sq, Hq, D) / lse (B, Hq, Sq) contiguous.
+    const int64_t hd = p.head_dim;
+    if (p.o_head_stride != hd || p.o_row_stride != hd * p.heads_q ||
+        p.o_batch_stride != hd * p.heads_q * p.seqlen_q || p.lse_head_stride != p.seqlen_q ||
+        p.lse_batch_stride != static_cast<int64_t>(p.heads_q) * p.seqlen_q) {
+      return cudaErrorInvalidValue;
+    }
+  }
+  cudaError_t err = cudaErrorNotSupported;
+#ifdef FASTATTN_ENABLE_FP16
+  if (p.dtype == ElemType::kFloat16) err = run_decode_dtype<ElemType::kFloat16>(d, p, stream);
+#endif
+#ifdef FASTATTN_ENABLE_BF16
+  if (p.dtype == ElemType::kBFloat16) err = run_decode_dtype<ElemType::kBFloat16>(d, p, stream);
+#endif
+  if (err != cudaSuccess || p.num_splits <= 1) return err;
+
+  // Combine: merge the num_splits fp32 partials (o_partial / lse_partial layouts
+  // of DecodeParams) into out / lse with the one merge kernel.
+  const int64_t hd = p.head_dim;
+  const int64_t hq = p.heads_q, sq = p.seqlen_q, bsz = p.batch;
+  MergeParams m;
+  m.two_views = false;
+  m.num_parts = p.num_splits;
+  m.in[0] = p.o_partial;
+  m.in_part_stride = bsz * sq * hq * hd;
+  m.in_outer_stride[0] = sq * hq * hd;
+  m.in_seq_stride[0] = hq * hd;
+  m.in_head_stride[0] = hd;
+  m.lse_in[0] = p.lse_partial;
+  m.lse_part_stride = bsz * hq * sq;
+  m.lse_outer_stride[0] = hq * sq;
+  m.lse_head_stride[0] = sq;
+  m.lse_seq_stride[0] = 1;
+  m.out = p.out;
+  m.lse_out = p.lse;
+  m.outer = bsz;
+  m.seqlen = p.seqlen_q;
+  m.heads = p.heads_q;
+  m.head_dim = p.head_dim;
+  m.in_type = MergeType::kFloat32;
+  m.out_type = p.dtype == ElemType::kFloat16 ? MergeType::kFloat16 : MergeType::kBFloat16;
+  return run_merge(m, stream, combine_pdl());
+}
+
+}  // namespace gpu
+}  // namespace fastattn

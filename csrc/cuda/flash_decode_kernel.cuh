@@ -1,0 +1,420 @@
+// Split-KV decode kernel (flash-decoding) for sm80+: a few query tokens per
+// sequence against a long KV cache. Memory-bound: the design goal is to keep
+// enough K/V bytes in flight per SM and to read each cache byte once.
+//
+// One CTA (4 warps) handles one (m-block, split, KV head, sequence):
+//   - GQA packing: the rows of the tile are (query, q head of this KV head)
+//     pairs, r <-> (i = r / group, head hk * group + r % group), so one pass
+//     over K/V serves every query head of the group (DecodeParams).
+//   - The 4 warps form a warps_m x warps_n grid (runtime; warps_m = 1 for the
+//     common <= 16 rows): each warp owns one m16 row tile and, of every
+//     kBlockN-key stage, the 16-key chunks c = wn, wn + warps_n, ... It keeps
+//     its own online-softmax state (common/softmax.h) over its keys.
+//   - K/V stream through a ring of `stages` (runtime, 2..4) shared-memory
+//     stages with cp.async, stages - 1 in flight while one is computed. Q is
+//     staged once in the last ring slot (free until the first refill) and then
+//     lives in registers as mma A fragments.
+//   - Epilogue: the warps of one row tile merge their (O, LSE) partials with
+//     LseMerge through shared memory (the same merge as merge_states and the
+//     split combine), then write out/lse directly (num_splits == 1) or fp32
+//     partials for the combine.
+// The key range of a sequence (from its device-side length and the mask) is
+// divided evenly among the splits on the device, so the launch shape depends
+// only on host-known maxima (CUDA-graph safe). The only place that knows how
+// K/V rows are addressed is the tile loader (ContiguousTileLoader here); a
+// paged cache swaps in a PagedRows-based loader (common/tile_io.h).
+#pragma once
+#include <cstdint>
+
+#include "cuda/common/fragment.h"
+#include "cuda/common/mask.h"
+#include "cuda/common/ptx.h"
+#include "cuda/common/softmax.h"
+#include "cuda/common/tile_io.h"
+#include "cuda/common/types.h"
+#include "cuda/decode_params.h"
+
+namespace fastattn {
+namespace gpu {
+
+template <int kHeadDim_>
+struct DecodeTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = 4;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kBlockN = 64;                // keys per pipeline stage
+  static constexpr int kChunks = kBlockN / 16;      // 16-key chunks per stage
+  static constexpr int kMaxRows = 16 * kNWarps;     // rows per CTA when warps_m = 4
+  static constexpr int kDT = kHeadDim / 8;          // n8 tiles of O
+  static constexpr int kKS = kHeadDim / 16;         // k16 steps of Q K^T
+  static constexpr int kMinStages = 2;
+  static constexpr int kMaxStages = 4;
+  static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of 16");
+  static_assert(kChunks == kNWarps, "one chunk per warp when every warp splits the keys");
+
+  using QTile = SmemTile<kMaxRows, kHeadDim>;
+  using KTile = SmemTile<kBlockN, kHeadDim>;
+  using VTile = SmemTile<kBlockN, kHeadDim>;
+  static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;
+
+  // Epilogue (reuses the ring): per-warp fp32 O [kNWarps][16][kOStride],
+  // per-warp LSE [kNWarps][16], merged LSE [kMaxRows].
+  static constexpr int kOStride = kHeadDim + 8;  // floats; 2-way bank conflicts at most
+  static constexpr int kEpilogueBytes =
+      kNWarps * 16 * kOStride * 4 + kNWarps * 16 * 4 + kMaxRows * 4;
+  // Output phase: threads per row (8 columns each) and rows per pass.
+  static constexpr int kTpr = next_pow2(kHeadDim / 8);
+  static constexpr int kRowsPerPass = kThreads / kTpr;
+
+  static_assert(QTile::kBytes <= kStageBytes, "Q is staged in one ring slot");
+  static_assert(kEpilogueBytes <= kMinStages * kStageBytes, "epilogue reuses the ring");
+  static_assert(kThreads % kTpr == 0, "output threads per row");
+
+  static constexpr int smem_bytes(int stages) { return stages * kStageBytes; }
+};
+
+// Waits until at most n of this thread's cp.async groups are pending
+// (n = stages - 2, runtime; larger n than handled waits for more, which is safe).
+__device__ __forceinline__ void cp_async_wait_dyn(int n) {
+  switch (n) {
+    case 0: ptx::cp_async_wait<0>(); break;
+    case 1: ptx::cp_async_wait<1>(); break;
+    default: ptx::cp_async_wait<2>(); break;
+  }
+}
+
+// Row source of the GQA-packed Q tile: row r = (query r / group, head r % group)
+// relative to `base` (query 0, first q head of the KV head's group).
+template <typename Elem>
+struct GqaQueryRows {
+  const Elem* base;
+  int group;
+  int64_t row_stride;
+  int64_t head_stride;
+  __device__ __forceinline__ const Elem* row(int r) const {
+    return base + static_cast<int64_t>(r / group) * row_stride +
+           static_cast<int64_t>(r % group) * head_stride;
+  }
+  __device__ __forceinline__ const Elem* safe_ptr() const { return base; }
+};
+
+// The sequence-level facts one CTA needs.
+struct DecodeSeq {
+  int sk;        // keys of this sequence (clamped)
+  int cb;        // cache row it reads
+};
+
+__device__ __forceinline__ DecodeSeq decode_seq(const DecodeParams& p, int b) {
+  DecodeSeq s;
+  s.sk = p.seqlen_k_max;
+  if (p.seqlens_k != nullptr) {
+    const int v = p.seqlens_k[b];
+    s.sk = v < 0 ? 0 : (v > p.seqlen_k_max ? p.seqlen_k_max : v);
+  }
+  s.cb = b;
+  if (p.cache_batch_idx != nullptr) {
+    s.cb = p.cache_batch_idx[b];
+    if (s.cb < 0 || s.cb >= p.cache_batch) {  // invalid row: empty sequence, no reads
+      s.cb = 0;
+      s.sk = 0;
+    }
+  }
+  return s;
+}
+
+// Key blocks [n_begin, n_end) of split `split` for the rows [m0, m_end) of a
+// sequence: the blocks visible to any of its seqlen_q queries are divided
+// evenly among the splits, then narrowed to what the CTA's own queries see.
+struct KeyBlockRange {
+  int begin;
+  int end;
+};
+
+__device__ __forceinline__ KeyBlockRange decode_key_blocks(const MaskPolicy& mask, int sq,
+                                                           int num_splits, int split, int i_lo,
+                                                           int i_hi, int block_n) {
+  KeyBlockRange r{0, 0};
+  if (mask.sk <= 0) return r;
+  const int seq_b0 = mask.kv_block_begin(0, sq, block_n);
+  const int seq_b1 = mask.kv_block_end(0, sq, block_n);
+  if (seq_b1 <= seq_b0) return r;
+  const int per = (seq_b1 - seq_b0 + num_splits - 1) / num_splits;
+  int b0 = seq_b0 + split * per;
+  int b1 = b0 + per < seq_b1 ? b0 + per : seq_b1;
+  const int own0 = mask.kv_block_begin(i_lo, i_hi + 1, block_n);
+  const int own1 = mask.kv_block_end(i_lo, i_hi + 1, block_n);
+  r.begin = b0 > own0 ? b0 : own0;
+  r.end = b1 < own1 ? b1 : own1;
+  if (r.end < r.begin) r.end = r.begin;
+  return r;
+}
+
+template <typename Traits, typename Elem>
+__device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* smem, int b,
+                                                   int hk, int m_block, int split) {
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kNWarps = Traits::kNWarps;
+  constexpr int DT = Traits::kDT;
+  constexpr int KS = Traits::kKS;
+  constexpr int kOStride = Traits::kOStride;
+  using QTile = typename Traits::QTile;
+  using KTile = typename Traits::KTile;
+  using VTile = typename Traits::VTile;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warps_n = kNWarps / p.warps_m;
+  const int wm = warp / warps_n;
+  const int wn = warp % warps_n;
+
+  const int group = p.heads_q / p.heads_kv;
+  const int m_total = group * p.seqlen_q;
+  const int rows_cta = 16 * p.warps_m;
+  const int m0 = m_block * rows_cta;
+  const int m_end = m0 + rows_cta < m_total ? m0 + rows_cta : m_total;  // > m0 (host grid)
+  const int i_lo = m0 / group;
+  const int i_hi = (m_end - 1) / group;
+
+  const DecodeSeq seq = decode_seq(p, b);
+  MaskParams mp = p.mask;
+  mp.bottom_right = true;
+  const MaskPolicy mask = MaskPolicy::make(mp, p.seqlen_q, seq.sk);
+  const KeyBlockRange blocks =
+      decode_key_blocks(mask, p.seqlen_q, p.num_splits, split, i_lo, i_hi, kBlockN);
+  const int n_iters = blocks.end - blocks.begin;
+
+  // This thread's C-fragment rows (g and g + 8 of the warp's m16 tile) and
+  // their visible key ranges; padding rows (>= m_end) see nothing.
+  int key_lo[2], key_hi[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = m0 + wm * 16 + (lane >> 2) + 8 * h;
+    if (r < m_end) {
+      key_lo[h] = mask.key_begin(r / group);
+      key_hi[h] = mask.key_end(r / group);
+    } else {
+      key_lo[h] = 0;
+      key_hi[h] = 0;
+    }
+  }
+  // Keys that every row of the CTA sees: chunks inside need no element mask.
+  const int full_lo = mask.key_begin(i_hi);
+  const int full_hi = mask.key_end(i_lo);
+
+  const uint32_t smem_base = ptx::smem_u32(smem);
+  const int stages = p.stages;
+
+  float acc_o[1][DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
+  OnlineSoftmax<1> softmax;
+  softmax.init();
+
+  if (n_iters > 0) {
+    const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride +
+                         static_cast<int64_t>(hk) * group * p.q_head_stride;
+    const Elem* k_base = static_cast<const Elem*>(p.k) + seq.cb * p.k_batch_stride +
+                         hk * p.k_head_stride;
+    const Elem* v_base = static_cast<const Elem*>(p.v) + seq.cb * p.v_batch_stride +
+                         hk * p.v_head_stride;
+    ContiguousTileLoader<kThreads, KTile, Elem> k_loader;
+    ContiguousTileLoader<kThreads, VTile, Elem> v_loader;
+    k_loader.init(k_base, p.k_row_stride, p.head_dim, tid);
+    v_loader.init(v_base, p.v_row_stride, p.head_dim, tid);
+
+    // Prologue: Q (into the last slot) with stage 0 in group 0, stages 1..S-2
+    // in their own groups (empty groups past the range keep the count uniform).
+    const uint32_t q_addr = smem_base + (stages - 1) * Traits::kStageBytes;
+    load_tile_async<kThreads, QTile>(
+        q_addr, GqaQueryRows<Elem>{q_base, group, p.q_row_stride, p.q_head_stride}, m0, m_end,
+        p.head_dim, tid);
+    for (int st = 0; st < stages - 1; ++st) {
+      if (st < n_iters) {
+        const uint32_t a = smem_base + st * Traits::kStageBytes;
+        k_loader.load(a, (blocks.begin + st) * kBlockN, seq.sk);
+        v_loader.load(a + KTile::kBytes, (blocks.begin + st) * kBlockN, seq.sk);
+      }
+      ptx::cp_async_commit();
+    }
+    cp_async_wait_dyn(stages - 2);
+    __syncthreads();  // Q and stage 0 visible
+
+    uint32_t q_frag[KS][4];
+    {
+      const int a_off = a_lane_offset<QTile>(lane) + QTile::offset(wm * 16, 0);
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) load_a<QTile>(q_frag[kk], q_addr, a_off, 0, kk * 16);
+    }
+
+    const int b_off = b_lane_offset<KTile>(lane);
+    const int v_off = b_trans_lane_offset<VTile>(lane);
+    const int col_lane = 2 * (lane & 3);
+    int slot = 0;
+    for (int it = 0; it < n_iters; ++it) {
+      cp_async_wait_dyn(stages - 2);
+      __syncthreads();  // stage `it` visible to all; every warp is done with slot it - 1 (and Q)
+      {
+        const int nxt = it + stages - 1;
+        if (nxt < n_iters) {
+          const int ns = slot == 0 ? stages - 1 : slot - 1;  // the slot of iteration it - 1
+          const uint32_t a = smem_base + ns * Traits::kStageBytes;
+          k_loader.load(a, (blocks.begin + nxt) * kBlockN, seq.sk);
+          v_loader.load(a + KTile::kBytes, (blocks.begin + nxt) * kBlockN, seq.sk);
+        }
+        ptx::cp_async_commit();
+      }
+      const uint32_t k_addr = smem_base + slot * Traits::kStageBytes;
+      const uint32_t v_addr = k_addr + KTile::kBytes;
+      const int key0 = (blocks.begin + it) * kBlockN;
+
+      for (int c = wn; c < Traits::kChunks; c += warps_n) {
+        // S = Q K^T for keys key0 + c*16 .. +15 (two n8 tiles).
+        float s[1][2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
+        const uint32_t kc = k_addr + c * 16 * KTile::kStrideBytes;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          uint32_t bk[4];
+          load_b_pair<KTile>(bk, kc, b_off, 0, kk * 16);
+          ptx::mma_m16n8k16<Elem>(s[0][0], q_frag[kk], bk[0], bk[1]);
+          ptx::mma_m16n8k16<Elem>(s[0][1], q_frag[kk], bk[2], bk[3]);
+        }
+        const int c0 = key0 + c * 16;
+        if (c0 < full_lo || c0 + 16 > full_hi) {  // warp-uniform
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int key = c0 + nt * 8 + col_lane + e;
+                if (key < key_lo[h] || key >= key_hi[h]) s[0][nt][2 * h + e] = neg_inf();
+              }
+        }
+        softmax.update(s, acc_o, p.scale_log2);
+
+        uint32_t pa[4];
+        c_pair_to_a<Elem>(pa, s[0][0], s[0][1]);
+        const uint32_t vc = v_addr + c * 16 * VTile::kStrideBytes;
+#pragma unroll
+        for (int dp = 0; dp < DT / 2; ++dp) {
+          uint32_t bv[4];
+          load_b_trans_pair<VTile>(bv, vc, v_off, 0, dp * 16);
+          ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp], pa, bv[0], bv[1]);
+          ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp + 1], pa, bv[2], bv[3]);
+        }
+      }
+      slot = slot + 1 == stages ? 0 : slot + 1;
+    }
+    ptx::cp_async_wait<0>();  // only empty groups can be pending; keep the ring quiet
+  }
+
+  // ---- epilogue: per-warp normalize + LSE, merge the warps of each row tile.
+  float lse_w[2];
+  softmax.finalize(acc_o, p.scale, lse_w);
+  __syncthreads();  // every warp is done reading the ring
+
+  float* o_slab = reinterpret_cast<float*>(smem);               // [kNWarps][16][kOStride]
+  float* lse_slab = o_slab + kNWarps * 16 * kOStride;           // [kNWarps][16]
+  float* lse_fin = lse_slab + kNWarps * 16;                     // [kMaxRows]
+  const int g = lane >> 2;
+  if ((lane & 3) == 0) {
+    lse_slab[warp * 16 + g] = lse_w[0];
+    lse_slab[warp * 16 + g + 8] = lse_w[1];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = g + 8 * h;
+    LseMerge merge;
+    for (int w = 0; w < warps_n; ++w) merge.add(lse_slab[(wm * warps_n + w) * 16 + row]);
+    const float lse_all = merge.result();
+    const float wt = lse_weight(lse_w[h], lse_all);
+    if (wn == 0 && (lane & 3) == 0) lse_fin[wm * 16 + row] = lse_all;
+    float* orow = o_slab + (warp * 16 + row) * kOStride + 2 * (lane & 3);
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      *reinterpret_cast<float2*>(orow + dt * 8) =
+          make_float2(acc_o[0][dt][2 * h] * wt, acc_o[0][dt][2 * h + 1] * wt);
+    }
+  }
+  __syncthreads();
+
+  // ---- output: rows of the CTA, 8 columns per thread.
+  const bool direct = p.num_splits == 1;
+  const int col = (tid % Traits::kTpr) * 8;
+  for (int rr = tid / Traits::kTpr; rr < rows_cta; rr += Traits::kRowsPerPass) {
+    const int r = m0 + rr;
+    if (r >= m_end) break;
+    const int i = r / group;
+    const int h = hk * group + r % group;
+    const float lse = lse_fin[rr];
+    if (col == 0) {
+      if (direct) {
+        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
+      } else {
+        p.lse_partial[((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q +
+                      i] = lse;
+      }
+    }
+    if (col >= p.head_dim) continue;
+    if (!direct && lse == neg_inf()) continue;  // the combine never reads empty partials
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = 0.f;
+    const int wrow = (rr >> 4) * warps_n;  // first warp of this row's tile
+    for (int w = 0; w < warps_n; ++w) {
+      const float* src = o_slab + ((wrow + w) * 16 + (rr & 15)) * kOStride + col;
+      const float4 x0 = *reinterpret_cast<const float4*>(src);
+      const float4 x1 = *reinterpret_cast<const float4*>(src + 4);
+      v[0] += x0.x; v[1] += x0.y; v[2] += x0.z; v[3] += x0.w;
+      v[4] += x1.x; v[5] += x1.y; v[6] += x1.z; v[7] += x1.w;
+    }
+    if (direct) {
+      Elem* dst = static_cast<Elem*>(p.out) + b * p.o_batch_stride + i * p.o_row_stride +
+                  h * p.o_head_stride + col;
+      uint4 u;
+      u.x = pack2<Elem>(v[0], v[1]);
+      u.y = pack2<Elem>(v[2], v[3]);
+      u.z = pack2<Elem>(v[4], v[5]);
+      u.w = pack2<Elem>(v[6], v[7]);
+      *reinterpret_cast<uint4*>(dst) = u;
+    } else {
+      float* dst = p.o_partial +
+                   (((static_cast<int64_t>(split) * p.batch + b) * p.seqlen_q + i) * p.heads_q + h) *
+                       p.head_dim +
+                   col;
+      *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    }
+  }
+}
+
+template <typename Traits, typename Elem>
+__global__ void __launch_bounds__(Traits::kThreads)
+    flash_decode_kernel(const __grid_constant__ DecodeParams p) {
+  extern __shared__ __align__(128) char smem[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Lets the combine (a programmatic dependent launch, see run_decode) be
+  // scheduled once every CTA of this grid has started; it still waits for
+  // this grid's completion before reading the partials.
+  if (p.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  const int m_block = blockIdx.x % p.num_m_blocks;
+  const int split = blockIdx.x / p.num_m_blocks;
+  const int hk = blockIdx.y;
+  for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    flash_decode_block<Traits, Elem>(p, smem, b, hk, m_block, split);
+    if (b + gridDim.z < p.batch) __syncthreads();  // smem is reused by the next sequence
+  }
+}
+
+}  // namespace gpu
+}  // namespace fastattn

@@ -1,0 +1,246 @@
+// LSE-weighted merge of partial attention results (MergeParams): serves the
+// merge_states / merge_states_n ops and the split-KV decode combine (fp32
+// partials in, fp16/bf16 out). Memory-bound: each thread owns 8 columns of one
+// row, reads every part's 8 values with 16-byte loads (two for fp32), four
+// parts in flight at a time, and never reads a part whose weight is 0 (-inf
+// lse: empty key set or an empty decode split).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/common/softmax.h"
+#include "cuda/common/types.h"
+#include "cuda/decode_launch.h"
+
+namespace fastattn {
+namespace gpu {
+namespace {
+
+constexpr int kMergeThreads = 128;
+
+// Threads per row: a power of two covering ceil(head_dim / 8) chunks, at most
+// the block (wider rows loop over their chunks).
+__host__ __device__ __forceinline__ int merge_threads_per_row(int head_dim) {
+  const int chunks = (head_dim + 7) / 8;
+  int t = 1;
+  while (t < chunks && t < kMergeThreads) t *= 2;
+  return t;
+}
+
+// 8 consecutive values <-> fp32, vectorized (16-byte aligned) or scalar (n valid).
+template <typename T>
+struct Io8;
+
+template <>
+struct Io8<float> {
+  static __device__ __forceinline__ void load(const float* p, float (&v)[8]) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  }
+  static __device__ __forceinline__ void store(float* p, const float (&v)[8]) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  }
+  static __device__ __forceinline__ float get(const float* p) { return *p; }
+  static __device__ __forceinline__ void put(float* p, float x) { *p = x; }
+};
+
+template <typename Half>
+struct Io8Half {
+  static __device__ __forceinline__ void load(const Half* p, float (&v)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    unpack2<Half>(u.x, v[0], v[1]);
+    unpack2<Half>(u.y, v[2], v[3]);
+    unpack2<Half>(u.z, v[4], v[5]);
+    unpack2<Half>(u.w, v[6], v[7]);
+  }
+  static __device__ __forceinline__ void store(Half* p, const float (&v)[8]) {
+    uint4 u;
+    u.x = pack2<Half>(v[0], v[1]);
+    u.y = pack2<Half>(v[2], v[3]);
+    u.z = pack2<Half>(v[4], v[5]);
+    u.w = pack2<Half>(v[6], v[7]);
+    *reinterpret_cast<uint4*>(p) = u;
+  }
+  static __device__ __forceinline__ float get(const Half* p) { return to_float(*p); }
+  static __device__ __forceinline__ void put(Half* p, float x) { *p = from_float(x); }
+  static __device__ __forceinline__ Half from_float(float x);
+};
+template <>
+__device__ __forceinline__ __half Io8Half<__half>::from_float(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 Io8Half<__nv_bfloat16>::from_float(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+struct Io8<__half> : Io8Half<__half> {};
+template <>
+struct Io8<__nv_bfloat16> : Io8Half<__nv_bfloat16> {};
+
+template <typename In, typename Out, bool kVec>
+__global__ void __launch_bounds__(kMergeThreads, 6)
+    merge_states_kernel(const __grid_constant__ MergeParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the decode kernel (run_decode):
+  // wait until that grid has completed and its partials are visible. A no-op
+  // for an ordinary launch.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+  const int tpr = merge_threads_per_row(p.head_dim);
+  const int rows_per_block = kMergeThreads / tpr;
+  const int t = threadIdx.x % tpr;
+  const int64_t rows = p.outer * p.seqlen * p.heads;
+  const int n = p.num_parts;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr;
+       row < rows; row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int h = static_cast<int>(row % p.heads);
+    const int64_t os = row / p.heads;
+    const int s = static_cast<int>(os % p.seqlen);
+    const int64_t o = os / p.seqlen;
+
+    // This row in view 0 (part 0 of a stacked tensor, or out_a) and view 1 (out_b).
+    const In* in0 = static_cast<const In*>(p.in[0]) + o * p.in_outer_stride[0] +
+                    s * p.in_seq_stride[0] + h * p.in_head_stride[0];
+    const float* lse0 = p.lse_in[0] + o * p.lse_outer_stride[0] + h * p.lse_head_stride[0] +
+                        s * p.lse_seq_stride[0];
+    const In* in1 = in0;
+    const float* lse1 = lse0;
+    if (p.two_views) {
+      in1 = static_cast<const In*>(p.in[1]) + o * p.in_outer_stride[1] + s * p.in_seq_stride[1] +
+            h * p.in_head_stride[1];
+      lse1 = p.lse_in[1] + o * p.lse_outer_stride[1] + h * p.lse_head_stride[1] +
+             s * p.lse_seq_stride[1];
+    }
+    auto lse_of = [&](int part) -> float {
+      return p.two_views ? (part == 0 ? *lse0 : *lse1) : lse0[part * p.lse_part_stride];
+    };
+    auto in_of = [&](int part) -> const In* {
+      return p.two_views ? (part == 0 ? in0 : in1) : in0 + part * p.in_part_stride;
+    };
+
+    LseMerge merge;
+    for (int q = 0; q < n; ++q) merge.add(lse_of(q));
+    const float lse = merge.result();
+
+    for (int c = t * 8; c < p.head_dim; c += tpr * 8) {
+      float acc[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+      if (lse != neg_inf()) {
+        for (int q0 = 0; q0 < n; q0 += 4) {
+          float w[4];
+          float x[4][8];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            w[u] = q0 + u < n ? lse_weight(lse_of(q0 + u), lse) : 0.f;
+            if (w[u] != 0.f) {
+              const In* src = in_of(q0 + u) + c;
+              if constexpr (kVec) {
+                Io8<In>::load(src, x[u]);
+              } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) x[u][e] = c + e < p.head_dim ? Io8<In>::get(src + e) : 0.f;
+              }
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            if (w[u] != 0.f) {
+#pragma unroll
+              for (int e = 0; e < 8; ++e) acc[e] = fmaf(w[u], x[u][e], acc[e]);
+            }
+          }
+        }
+      }
+      Out* dst = static_cast<Out*>(p.out) + row * p.head_dim + c;
+      if constexpr (kVec) {
+        Io8<Out>::store(dst, acc);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          if (c + e < p.head_dim) Io8<Out>::put(dst + e, acc[e]);
+      }
+    }
+    if (t == 0) p.lse_out[(o * p.heads + h) * p.seqlen + s] = lse;
+  }
+}
+
+int type_bytes(MergeType t) { return t == MergeType::kFloat32 ? 4 : 2; }
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// 16-byte vector path: head_dim % 8 == 0 and every pointer / stride of a dim
+// that can advance (size > 1) keeps 16-byte alignment.
+bool merge_vectorizable(const MergeParams& p) {
+  if (p.head_dim % 8 != 0 || !aligned16(p.out)) return false;
+  const int eb = type_bytes(p.in_type);
+  auto ok = [eb](int64_t stride, int64_t size) { return size <= 1 || (stride * eb) % 16 == 0; };
+  const int views = p.two_views ? 2 : 1;
+  for (int v = 0; v < views; ++v) {
+    if (!aligned16(p.in[v])) return false;
+    if (!ok(p.in_outer_stride[v], p.outer) || !ok(p.in_seq_stride[v], p.seqlen) ||
+        !ok(p.in_head_stride[v], p.heads))
+      return false;
+  }
+  if (!p.two_views && !ok(p.in_part_stride, p.num_parts)) return false;
+  return true;
+}
+
+template <typename In, typename Out, bool kVec>
+cudaError_t launch_merge_kernel(const MergeParams& p, unsigned blocks, cudaStream_t stream,
+                                bool programmatic) {
+  if (!programmatic) {
+    merge_states_kernel<In, Out, kVec><<<blocks, kMergeThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kMergeThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, merge_states_kernel<In, Out, kVec>, p);
+}
+
+template <typename In, typename Out>
+cudaError_t launch_merge(const MergeParams& p, cudaStream_t stream, bool programmatic) {
+  const int64_t rows = p.outer * p.seqlen * p.heads;
+  const int rows_per_block = kMergeThreads / merge_threads_per_row(p.head_dim);
+  int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+  if (blocks > 0x7fffffff) blocks = 0x7fffffff;  // the kernel loops over the rest
+  const unsigned nb = static_cast<unsigned>(blocks);
+  return merge_vectorizable(p) ? launch_merge_kernel<In, Out, true>(p, nb, stream, programmatic)
+                               : launch_merge_kernel<In, Out, false>(p, nb, stream, programmatic);
+}
+
+}  // namespace
+
+cudaError_t run_merge(const MergeParams& p, cudaStream_t stream, bool programmatic) {
+  if (p.outer <= 0 || p.seqlen <= 0 || p.heads <= 0) return cudaSuccess;
+  if (p.num_parts < 1 || (p.two_views && p.num_parts != 2) || p.head_dim < 0) {
+    return cudaErrorInvalidValue;
+  }
+  using MT = MergeType;
+  if (p.in_type == MT::kFloat16 && p.out_type == MT::kFloat16)
+    return launch_merge<__half, __half>(p, stream, programmatic);
+  if (p.in_type == MT::kBFloat16 && p.out_type == MT::kBFloat16)
+    return launch_merge<__nv_bfloat16, __nv_bfloat16>(p, stream, programmatic);
+  if (p.in_type == MT::kFloat32 && p.out_type == MT::kFloat32)
+    return launch_merge<float, float>(p, stream, programmatic);
+  if (p.in_type == MT::kFloat32 && p.out_type == MT::kFloat16)
+    return launch_merge<float, __half>(p, stream, programmatic);
+  if (p.in_type == MT::kFloat32 && p.out_type == MT::kBFloat16)
+    return launch_merge<float, __nv_bfloat16>(p, stream, programmatic);
+  return cudaErrorNotSupported;
+}
+
+}  // namespace gpu
+}  // namespace fastattn
