@@ -21,8 +21,8 @@
 // The key range of a sequence (from its device-side length and the mask) is
 // divided evenly among the splits on the device, so the launch shape depends
 // only on host-known maxima (CUDA-graph safe). The only place that knows how
-// K/V rows are addressed is the tile loader (ContiguousTileLoader here); a
-// paged cache swaps in a PagedRows-based loader (common/tile_io.h).
+// K/V rows are addressed is DecodeKvLoader (contiguous rows here); a paged
+// cache swaps in a PagedRows-based loader (common/tile_io.h).
 #pragma once
 #include <cstdint>
 
@@ -122,6 +122,36 @@ __device__ __forceinline__ DecodeSeq decode_seq(const DecodeParams& p, int b) {
   return s;
 }
 
+// The KV-block iterator of the decode kernel: K and V of one (sequence, KV
+// head) as blocks of kBlockN key rows, loaded into one ring stage (K tile,
+// then V tile) with rows >= sk zero-filled. Contiguous cache rows here; a
+// paged cache only changes how a block's rows are addressed (PagedRows with
+// load_tile_async, common/tile_io.h), nothing else in the kernel.
+template <typename Traits, typename Elem>
+struct DecodeKvLoader {
+  using KTile = typename Traits::KTile;
+  using VTile = typename Traits::VTile;
+  ContiguousTileLoader<Traits::kThreads, KTile, Elem> k;
+  ContiguousTileLoader<Traits::kThreads, VTile, Elem> v;
+  int sk;
+
+  __device__ __forceinline__ void init(const DecodeParams& p, const DecodeSeq& seq, int hk,
+                                       int tid) {
+    const Elem* k_base = static_cast<const Elem*>(p.k) + seq.cb * p.k_batch_stride +
+                         hk * p.k_head_stride;
+    const Elem* v_base = static_cast<const Elem*>(p.v) + seq.cb * p.v_batch_stride +
+                         hk * p.v_head_stride;
+    k.init(k_base, p.k_row_stride, p.head_dim, tid);
+    v.init(v_base, p.v_row_stride, p.head_dim, tid);
+    sk = seq.sk;
+  }
+  // Key block `block` (rows block * kBlockN ...) into the stage at stage_addr.
+  __device__ __forceinline__ void load(uint32_t stage_addr, int block) const {
+    k.load(stage_addr, block * Traits::kBlockN, sk);
+    v.load(stage_addr + KTile::kBytes, block * Traits::kBlockN, sk);
+  }
+};
+
 // Key blocks [n_begin, n_end) of split `split` for the rows [m0, m_end) of a
 // sequence: the blocks visible to any of its seqlen_q queries are divided
 // evenly among the splits, then narrowed to what the CTA's own queries see.
@@ -217,14 +247,8 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   if (n_iters > 0) {
     const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride +
                          static_cast<int64_t>(hk) * group * p.q_head_stride;
-    const Elem* k_base = static_cast<const Elem*>(p.k) + seq.cb * p.k_batch_stride +
-                         hk * p.k_head_stride;
-    const Elem* v_base = static_cast<const Elem*>(p.v) + seq.cb * p.v_batch_stride +
-                         hk * p.v_head_stride;
-    ContiguousTileLoader<kThreads, KTile, Elem> k_loader;
-    ContiguousTileLoader<kThreads, VTile, Elem> v_loader;
-    k_loader.init(k_base, p.k_row_stride, p.head_dim, tid);
-    v_loader.init(v_base, p.v_row_stride, p.head_dim, tid);
+    DecodeKvLoader<Traits, Elem> kv;
+    kv.init(p, seq, hk, tid);
 
     // Prologue: Q (into the last slot) with stage 0 in group 0, stages 1..S-2
     // in their own groups (empty groups past the range keep the count uniform).
@@ -233,11 +257,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
         q_addr, GqaQueryRows<Elem>{q_base, group, p.q_row_stride, p.q_head_stride}, m0, m_end,
         p.head_dim, tid);
     for (int st = 0; st < stages - 1; ++st) {
-      if (st < n_iters) {
-        const uint32_t a = smem_base + st * Traits::kStageBytes;
-        k_loader.load(a, (blocks.begin + st) * kBlockN, seq.sk);
-        v_loader.load(a + KTile::kBytes, (blocks.begin + st) * kBlockN, seq.sk);
-      }
+      if (st < n_iters) kv.load(smem_base + st * Traits::kStageBytes, blocks.begin + st);
       ptx::cp_async_commit();
     }
     cp_async_wait_dyn(stages - 2);
@@ -261,9 +281,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
         const int nxt = it + stages - 1;
         if (nxt < n_iters) {
           const int ns = slot == 0 ? stages - 1 : slot - 1;  // the slot of iteration it - 1
-          const uint32_t a = smem_base + ns * Traits::kStageBytes;
-          k_loader.load(a, (blocks.begin + nxt) * kBlockN, seq.sk);
-          v_loader.load(a + KTile::kBytes, (blocks.begin + nxt) * kBlockN, seq.sk);
+          kv.load(smem_base + ns * Traits::kStageBytes, blocks.begin + nxt);
         }
         ptx::cp_async_commit();
       }
