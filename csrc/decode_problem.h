@@ -109,9 +109,10 @@ struct AppendProblem {
 
 // k, v (N, Hkv, D); slot_mapping (N) int64; k_cache, v_cache (rows, S, Hkv, D)
 // of one shape; one dtype for k, v and the caches; all on one device; last
-// dims contiguous (other strides free). Slot values are not errors: negative
-// slots are padding and slots >= rows * S are out of range; both are skipped
-// by every backend.
+// dims contiguous (other strides free). Negative slots are padding and are
+// skipped. Slots >= rows * S are out of range: the CPU backend raises (it can
+// check without a device sync); the CUDA kernel cannot check them without a
+// sync and skips them instead.
 AppendProblem check_append_args(const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& slot_mapping, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache);

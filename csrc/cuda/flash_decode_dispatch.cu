@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "cuda/compiled_variants.h"
 #include "cuda/decode_launch.h"
 #include "cuda/flash_decode_kernel.cuh"
 
@@ -14,43 +15,7 @@ namespace fastattn {
 namespace gpu {
 namespace {
 
-constexpr int kHdims[] = {32, 64, 96, 128, 192, 256};
 constexpr int kMaxSplits = 128;
-
-bool hdim_compiled(int d) {
-  switch (d) {
-#ifdef FASTATTN_ENABLE_HDIM32
-    case 32: return true;
-#endif
-#ifdef FASTATTN_ENABLE_HDIM64
-    case 64: return true;
-#endif
-#ifdef FASTATTN_ENABLE_HDIM96
-    case 96: return true;
-#endif
-#ifdef FASTATTN_ENABLE_HDIM128
-    case 128: return true;
-#endif
-#ifdef FASTATTN_ENABLE_HDIM192
-    case 192: return true;
-#endif
-#ifdef FASTATTN_ENABLE_HDIM256
-    case 256: return true;
-#endif
-    default: return false;
-  }
-}
-
-bool dtype_compiled(ElemType t) {
-#ifdef FASTATTN_ENABLE_FP16
-  if (t == ElemType::kFloat16) return true;
-#endif
-#ifdef FASTATTN_ENABLE_BF16
-  if (t == ElemType::kBFloat16) return true;
-#endif
-  (void)t;
-  return false;
-}
 
 int stage_bytes(int d) {
   switch (d) {
@@ -103,7 +68,7 @@ int ctas_per_sm(int d, ElemType t, int smem) {
 
 int hdim_index(int d) {
   for (int i = 0; i < 6; ++i)
-    if (kHdims[i] == d) return i;
+    if (kKernelHeadDims[i] == d) return i;
   return -1;
 }
 
@@ -196,11 +161,7 @@ cudaError_t run_decode_dtype(int d, const DecodeParams& p, cudaStream_t stream) 
 }  // namespace
 
 int decode_kernel_head_dim(int head_dim, ElemType dtype) {
-  if (!dtype_compiled(dtype)) return 0;
-  for (int d : kHdims) {
-    if (head_dim <= d && hdim_compiled(d)) return d;
-  }
-  return 0;
+  return compiled_kernel_head_dim(head_dim, dtype);
 }
 
 DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {

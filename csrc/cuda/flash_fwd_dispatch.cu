@@ -2,48 +2,13 @@
 // Only instantiations this build compiled (FASTATTN_ENABLE_HDIM<D>,
 // FASTATTN_ENABLE_FP16/BF16 from setup.py) are referenced; a head dim that is
 // not compiled runs through the next larger compiled one.
+#include "cuda/compiled_variants.h"
 #include "cuda/launch.h"
 
 namespace fastattn {
 namespace gpu {
 namespace {
 
-constexpr int kHdims[] = {32, 64, 96, 128, 192, 256};
-
-bool hdim_compiled(int d) {
-  switch (d) {
-#ifdef FASTATTN_ENABLE_HDIM32
-    case 32: return true;
-#endif
-#ifdef FASTATTN_ENABLE_HDIM64
-    case 64: return true;
-#endif
-#ifdef FASTATTN_ENABLE_HDIM96
-    case 96: return true;
-#endif
-#ifdef FASTATTN_ENABLE_HDIM128
-    case 128: return true;
-#endif
-#ifdef FASTATTN_ENABLE_HDIM192
-    case 192: return true;
-#endif
-#ifdef FASTATTN_ENABLE_HDIM256
-    case 256: return true;
-#endif
-    default: return false;
-  }
-}
-
-bool dtype_compiled(ElemType t) {
-#ifdef FASTATTN_ENABLE_FP16
-  if (t == ElemType::kFloat16) return true;
-#endif
-#ifdef FASTATTN_ENABLE_BF16
-  if (t == ElemType::kBFloat16) return true;
-#endif
-  (void)t;
-  return false;
-}
 
 template <ElemType kDtype>
 cudaError_t run_fwd_dtype(int kernel_hdim, const FwdParams& p, cudaStream_t stream) {
@@ -73,11 +38,7 @@ cudaError_t run_fwd_dtype(int kernel_hdim, const FwdParams& p, cudaStream_t stre
 }  // namespace
 
 int fwd_kernel_head_dim(int head_dim, ElemType dtype) {
-  if (!dtype_compiled(dtype)) return 0;
-  for (int d : kHdims) {
-    if (head_dim <= d && hdim_compiled(d)) return d;
-  }
-  return 0;
+  return compiled_kernel_head_dim(head_dim, dtype);
 }
 
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
