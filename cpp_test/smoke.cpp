@@ -70,6 +70,23 @@ int main() {
   ok &= check("bwd dk (fp32)", dk, kd.grad(), 1e-4);
   ok &= check("bwd dv (fp32)", dv, vd.grad(), 1e-4);
 
+  // Recursive attention: the merge of attention over two halves of the keys
+  // is attention over all of them (non-causal, so the halves are independent).
+  using MergeFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&);
+  auto merge = c10::Dispatcher::singleton()
+                   .findSchemaOrThrow("fastattn::merge_states", "")
+                   .typed<MergeFn>();
+  auto [full_out, full_lse] = fwd.call(q, k, v, std::nullopt, std::nullopt, 0, 0, scale, false,
+                                       -1, -1, false, false);
+  auto [oa, la] = fwd.call(q, k.narrow(1, 0, 20), v.narrow(1, 0, 20), std::nullopt, std::nullopt,
+                           0, 0, scale, false, -1, -1, false, false);
+  auto [ob, lb] = fwd.call(q, k.narrow(1, 20, 33), v.narrow(1, 20, 33), std::nullopt,
+                           std::nullopt, 0, 0, scale, false, -1, -1, false, false);
+  auto [merged, merged_lse] = merge.call(oa, la, ob, lb);
+  ok &= check("merge_states out (fp32)", merged, full_out.to(at::kDouble), 1e-5);
+  ok &= check("merge_states lse (fp32)", merged_lse, full_lse.to(at::kDouble), 1e-5);
+
   // Bad input is an error, not a crash.
   try {
     fwd.call(q, k.narrow(2, 0, 1).expand({2, 53, 3, 64}), v, std::nullopt, std::nullopt, 0, 0,
