@@ -33,13 +33,15 @@ import contextlib
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import copy_bandwidth_gbs, time_cuda_graph  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--lib", default=None)
@@ -569,70 +571,18 @@ TIMING_MODE = {}
 
 
 def time_ms(fn, n_sets, reps=15, inner=None):
-    """Median per-call GPU ms of fn(set_index). `inner` calls (rotating over n_sets input
-    copies, which defeats L2 residency) are captured in one CUDA graph and replayed `reps`
-    times between two events, so host overhead (Python, dispatch, allocation) is not
-    measured: decode steps run under CUDA graphs in practice. Falls back to queued eager
-    calls when capture fails (TIMING_MODE records which)."""
-    for i in range(3):
-        fn(i % n_sets)
-    sync()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    if inner is None:
-        a.record()
-        for i in range(5):
-            fn(i % n_sets)
-        b.record()
-        b.synchronize()
-        one = a.elapsed_time(b) / 5  # an upper bound when host-bound: inner only gets smaller
-        inner = max(n_sets, min(64, int(1.5 / max(one, 1e-3))))
-    try:
-        s_ = torch.cuda.Stream()
-        s_.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s_):
-            for i in range(2):
-                fn(i % n_sets)
-        torch.cuda.current_stream().wait_stream(s_)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for k in range(inner):
-                fn(k % n_sets)
-        g.replay()
-        sync()
-        ts = []
-        for _ in range(reps):
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / inner)
-        del g
-        TIMING_MODE["graph"] = TIMING_MODE.get("graph", 0) + 1
-        return statistics.median(ts)
-    except Exception as e:  # capture not supported by this callable: queued eager calls
-        TIMING_MODE["eager"] = TIMING_MODE.get("eager", 0) + 1
-        TIMING_MODE.setdefault("eager_why", str(e).splitlines()[0][:100])
-        sync()
-    ts = []
-    k = 0
-    for _ in range(reps):
-        a.record()
-        for _ in range(inner):
-            fn(k % n_sets)
-            k += 1
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / inner)
-    return statistics.median(ts)
+    """Median per-call GPU ms of fn(set_index) under CUDA-graph replay (see
+    benchmarks.common.time_cuda_graph); TIMING_MODE records graph vs eager."""
+    ms, mode = time_cuda_graph(fn, n_sets, reps=reps, inner=inner)
+    key = "graph" if mode == "graph" else "eager"
+    TIMING_MODE[key] = TIMING_MODE.get(key, 0) + 1
+    if key == "eager":
+        TIMING_MODE.setdefault("eager_why", mode[len("eager: "):])
+    return ms
 
 
 def copy_bandwidth():
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda i: dst.copy_(src), 1, reps=10, inner=5)
-    del src, dst
-    return 2 * n / ms / 1e6  # GB/s (read + write)
+    return copy_bandwidth_gbs()  # GB/s (read + write)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,116 @@
+"""Decoding: fastattn's split-KV decode vs torch SDPA (flash, cuDNN) and FlexAttention, same run.
+
+bf16, Hq=32, Hkv=8, D=128, one query token, (B, L) in {(1,16k), (1,64k),
+(1,128k), (8,8k), (32,4k), (64,2k), (16,32k)}; every sequence has L cached
+tokens. Each step is timed under CUDA graphs (as a serving loop replays a
+captured decode step), inputs rotated past L2. Reports microseconds and the
+achieved bandwidth of the K and V bytes read, against the measured
+device-to-device copy bandwidth (read + write).
+
+    python -m benchmarks.decode [--out DIR]
+Writes DIR/decode.json.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fastattn  # noqa: E402
+from benchmarks.common import (Result, copies_to_exceed_l2, copy_bandwidth_gbs, device_name,  # noqa: E402
+                               format_table, save_json, time_cuda_graph)
+
+CONFIGS = [(1, 16384), (1, 65536), (1, 131072), (8, 8192), (32, 4096), (64, 2048), (16, 32768)]
+HQ, HKV, D = 32, 8, 128
+
+
+def make_inputs(B, L, n):
+    sets = []
+    for _ in range(n):
+        q = torch.randn(B, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, L, HKV, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, L, HKV, D, device="cuda", dtype=torch.bfloat16)
+        sets.append((q, k, v))
+    return sets
+
+
+def impls(flex_ok=True):
+    def ours(q, k, v):
+        return fastattn.flash_attn_with_kvcache(q, k, v)
+
+    def sdpa(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2), enable_gqa=True)
+        return run
+
+    out = {"fastattn": ours, "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+           "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+    if flex_ok:
+        from torch.nn.attention.flex_attention import flex_attention
+        torch._dynamo.config.recompile_limit = 256
+        flex = torch.compile(flex_attention, dynamic=False)
+        out["flex"] = lambda q, k, v: flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           enable_gqa=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--no-flex", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks need a CUDA GPU")
+    copy_bw = copy_bandwidth_gbs()
+    fns = impls(flex_ok=not args.no_flex)
+    results = []
+    for B, L in CONFIGS:
+        kv_bytes = 2 * B * L * HKV * D * 2
+        n = copies_to_exceed_l2(kv_bytes, cap=4)
+        sets = make_inputs(B, L, n)
+        ref = None
+        for name, fn in fns.items():
+            cfg = dict(B=B, L=L, Hq=HQ, Hkv=HKV, D=D)
+            try:
+                with torch.no_grad():
+                    out = fn(*sets[0]).reshape(B, HQ, D) if name == "fastattn" else \
+                        fn(*sets[0]).transpose(1, 2).reshape(B, HQ, D)
+                    ref = out if ref is None else ref
+                    err = (out.float() - ref.float()).abs().max().item()
+                    ms, mode = time_cuda_graph(lambda i: fn(*sets[i]), n)
+                results.append(Result(cfg, name, "decode", ms, gbps=kv_bytes / ms / 1e6,
+                                      extra={"timing": mode, "max_diff_vs_fastattn": err}))
+            except Exception as e:  # a backend that does not run a config is reported, not fatal
+                results.append(Result(cfg, name, "decode", None,
+                                      error=f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+        del sets
+        torch.cuda.empty_cache()
+        print(".", end="", flush=True)
+    print()
+    meta = {"device": device_name(), "torch": torch.__version__, "dtype": "bf16",
+            "copy_bandwidth_gbs": copy_bw}
+    save_json(os.path.join(args.out, "decode.json"), results, meta)
+    print(f"device: {meta['device']}, torch {meta['torch']}, bf16; d2d copy {copy_bw:.0f} GB/s (read+write)")
+    names = list(fns)
+    rows = []
+    for B, L in CONFIGS:
+        by = {r.impl: r for r in results if r.config["B"] == B and r.config["L"] == L}
+        ours = by["fastattn"]
+        best = min((r.ms for n, r in by.items() if n != "fastattn" and r.ms), default=None)
+        row = [B, L, B * L]
+        row += ["n/a" if by[n].ms is None else f"{by[n].ms * 1e3:.1f}" for n in names]
+        row += [f"{ours.gbps:.0f}" if ours.gbps else "n/a",
+                f"{100 * ours.gbps / copy_bw:.0f}%" if ours.gbps else "n/a",
+                f"{best / ours.ms:.2f}" if best and ours.ms else "n/a"]
+        rows.append(row)
+    headers = ["B", "L", "tokens"] + [f"{n} us" for n in names] + ["ours GB/s", "of copy BW", "speedup vs best other"]
+    print(format_table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
