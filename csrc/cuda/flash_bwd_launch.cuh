@@ -5,6 +5,11 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/common/types.h"
 #include "cuda/flash_bwd_kernel.cuh"
 #include "cuda/launch.h"
@@ -25,19 +30,96 @@ namespace gpu {
 // that K, V, 2 x Q, dO, dS^T and the partial-sum exchange fit the 163 KB of
 // shared memory an sm80 block may have. Shared memory (KB) for hdim 32 ... 256:
 // 59 / 144 (178 pipelined) / 123 / 155 (173 pipelined) / 125 / 153.
+// hdim 64 and 128 also have the paired warp layout (Paired: pairs of warps own
+// 32 keys, P^T through shared memory; see BwdTraits), which takes the place of
+// Traits where the device has its shared memory (hdim 64: 212 KB, hdim 128:
+// 191 KB; H100 class), with the same kBlockN. Elsewhere Paired == Traits.
 template <int kHeadDim>
 struct BwdConfig;
-template <> struct BwdConfig<32> { using Traits = BwdTraits<32, 64, 8, 1, 4>; };
-template <> struct BwdConfig<64> { using Traits = BwdTraits<64, 128, 8, 1, 4, true>; };
-template <> struct BwdConfig<96> { using Traits = BwdTraits<96, 64, 8, 1, 4>; };
-template <> struct BwdConfig<128> { using Traits = BwdTraits<128, 64, 8, 1, 2, true>; };
-template <> struct BwdConfig<192> { using Traits = BwdTraits<192, 32, 8, 2, 2>; };
-template <> struct BwdConfig<256> { using Traits = BwdTraits<256, 32, 8, 2, 2>; };
+template <> struct BwdConfig<32> {
+  using Traits = BwdTraits<32, 64, 8, 1, 4>;
+  using Paired = Traits;
+};
+template <> struct BwdConfig<64> {
+  using Traits = BwdTraits<64, 128, 8, 1, 4, true>;
+  using Paired = BwdTraits<64, 128, 8, 1, 4, true, true>;
+};
+template <> struct BwdConfig<96> {
+  using Traits = BwdTraits<96, 64, 8, 1, 4>;
+  using Paired = Traits;
+};
+template <> struct BwdConfig<128> {
+  using Traits = BwdTraits<128, 64, 8, 1, 2, true>;
+  using Paired = BwdTraits<128, 64, 8, 1, 2, true, true>;
+};
+template <> struct BwdConfig<192> {
+  using Traits = BwdTraits<192, 32, 8, 2, 2>;
+  using Paired = Traits;
+};
+template <> struct BwdConfig<256> {
+  using Traits = BwdTraits<256, 32, 8, 2, 2>;
+  using Paired = Traits;
+};
+
+// Developer switches for A/B timings, from the environment variable
+// FASTATTN_BWD_DEV (read once; a comma list): "classic" never takes the paired
+// layout, "x_order" keeps the plain launch order (cta_group 1). Unset: neither.
+enum : int { kBwdDevClassic = 1, kBwdDevXOrder = 2 };
+inline int bwd_dev_flags() {
+  static const int flags = [] {
+    const char* e = std::getenv("FASTATTN_BWD_DEV");
+    int f = 0;
+    if (e != nullptr) {
+      if (std::strstr(e, "classic") != nullptr) f |= kBwdDevClassic;
+      if (std::strstr(e, "x_order") != nullptr) f |= kBwdDevXOrder;
+    }
+    return f;
+  }();
+  return flags;
+}
+
+// CTA order (the kernel's cta_group): for masks that make the KV blocks'
+// work unequal (causal, windows), group the (head slot, batch) units so that a
+// group holds at least ~one wave of CTAs (power of two >= num_sms / KV
+// blocks), at most as many units as keep the group's Q + dO (2 B) and
+// dq_accum (4 B) within 16 MiB of L2; 1 (plain order) for deterministic runs,
+// unmasked runs and grids with a wave of KV blocks per unit.
+inline int bwd_cta_group(const BwdParams& p, int num_n_blocks, int units) {
+  if (p.deterministic || (p.mask.window_left < 0 && p.mask.window_right < 0)) return 1;
+  if (bwd_dev_flags() & kBwdDevXOrder) return 1;
+  const int sms = p.num_sms > 0 ? p.num_sms : 108;
+  if (num_n_blocks >= sms || units <= 1) return 1;
+  if (int64_t(num_n_blocks) * units > INT_MAX) return 1;
+  int want = 1;
+  while (want * num_n_blocks < sms) want *= 2;
+  const int64_t unit_bytes = int64_t(p.seqlen_q) * p.head_dim * p.heads_per_cta * 8;
+  int cap = 1;
+  while (cap < want && int64_t(cap) * 2 * unit_bytes <= (int64_t(16) << 20)) cap *= 2;
+  return want < cap ? want : cap;
+}
+
+template <typename Traits, typename Elem>
+cudaError_t launch_bwd_kernel(const BwdParams& p, bool pipelined, int cta_group,
+                              const dim3& grid, cudaStream_t stream) {
+  auto kernel = flash_bwd_kernel<Traits, Elem>;
+  BwdParams kp = p;
+  kp.dq_pipelined = pipelined;
+  const int smem = pipelined ? Traits::kSmemBytesPipelined : Traits::kSmemBytes;
+  if (smem > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(kp, cta_group);
+  return cudaGetLastError();
+}
 
 template <int kHeadDim, ElemType kDtype>
 cudaError_t run_bwd_hdim(const BwdParams& p, cudaStream_t stream) {
   using Elem = typename ElemOf<kDtype>::type;
   using Traits = typename BwdConfig<kHeadDim>::Traits;
+  using Paired = typename BwdConfig<kHeadDim>::Paired;
+  static_assert(Paired::kBlockN == Traits::kBlockN, "the work plan assumes one kBlockN");
   if (p.batch <= 0 || p.seqlen_k <= 0 || p.heads_q <= 0) return cudaSuccess;
   if (p.head_dim > kHeadDim || p.heads_per_cta <= 0 ||
       (p.heads_q / p.heads_kv) % p.heads_per_cta != 0) {
@@ -49,18 +131,15 @@ cudaError_t run_bwd_hdim(const BwdParams& p, cudaStream_t stream) {
   // KV blocks on x (fastest: neighbouring CTAs share the same Q/dO in L2),
   // then head slots, then sequences (the kernel loops past 65535).
   const dim3 grid(grid_x, p.heads_q / p.heads_per_cta, p.batch < 65535 ? p.batch : 65535);
-  auto kernel = flash_bwd_kernel<Traits, Elem>;
-  // The pipelined dQ (one barrier per iteration) needs a second dS^T buffer.
-  BwdParams kp = p;
-  kp.dq_pipelined = Traits::kPipelineDQ && p.smem_optin >= Traits::kSmemBytesPipelined;
-  const int smem = kp.dq_pipelined ? Traits::kSmemBytesPipelined : Traits::kSmemBytes;
-  if (smem > 48 * 1024) {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
+  const int cta_group = bwd_cta_group(p, grid.x, grid.y * grid.z);
+  if constexpr (Paired::kPaired) {
+    if (p.smem_optin >= Paired::kSmemBytes && !(bwd_dev_flags() & kBwdDevClassic)) {
+      return launch_bwd_kernel<Paired, Elem>(p, true, cta_group, grid, stream);
+    }
   }
-  kernel<<<grid, Traits::kThreads, smem, stream>>>(kp);
-  return cudaGetLastError();
+  // The pipelined dQ (one barrier per iteration) needs a second dS^T buffer.
+  const bool pipelined = Traits::kPipelineDQ && p.smem_optin >= Traits::kSmemBytesPipelined;
+  return launch_bwd_kernel<Traits, Elem>(p, pipelined, cta_group, grid, stream);
 }
 
 }  // namespace gpu

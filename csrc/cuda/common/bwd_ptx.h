@@ -9,6 +9,9 @@
 //                                       exactly one thread ever updates (bitwise reproducible)
 //   red_add_f32x4 / rmw_add_f32x4(ptr, a, b, c, d)
 //                                       the same for 4 floats; ptr 16-byte aligned
+//   bar_sync_named(id, threads)         barrier `id` (1..15; 0 is __syncthreads) over
+//                                       `threads` threads (a multiple of 32), with
+//                                       shared-memory ordering among them
 #pragma once
 #include <cstdint>
 
@@ -58,6 +61,10 @@ __device__ __forceinline__ void rmw_add_f32x4(float* ptr, float a, float b, floa
   v.z += c;
   v.w += d;
   *reinterpret_cast<float4*>(ptr) = v;
+}
+
+__device__ __forceinline__ void bar_sync_named(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 }  // namespace ptx
