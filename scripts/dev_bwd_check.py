@@ -236,6 +236,13 @@ def run_checks():
                        wr=100)
             check_case(f"{dn} d{dd} deterministic varlen window", dtype, 0, 0, 0, 4, 1, dd,
                        wl=32, wr=8, lens=[(300, 400), (5, 1), (700, 700)], det=True)
+        if 64 in HDIMS:
+            # hdim 64 takes the skewed-dQ kernel from 32 query blocks (4096 rows) on
+            # where the paired layout runs (flash_bwd_launch.cuh).
+            check_case(f"{dn} d64 4100x700 causal BR GQA 4/2 (skewed dQ)", dtype, 1, 4100, 700,
+                       4, 2, 64, causal=True, br=True)
+            check_case(f"{dn} d64 deterministic 4096x300 (skewed dQ)", dtype, 1, 4096, 300, 2, 2,
+                       64, det=True)
         for odd in (40, 72, 33):
             if any(h >= odd for h in HDIMS):
                 check_case(f"{dn} odd d{odd} causal 200x200", dtype, 2, 200, 200, 2, 2, odd,

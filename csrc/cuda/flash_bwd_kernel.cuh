@@ -31,7 +31,10 @@
 // memory, and after a barrier of the pair accumulates dV / dK for the 32 keys
 // over one half of the head dim from all kBlockM queries: each K / V and Q / dO
 // fragment then feeds two mma tiles instead of one (hdim 128: 144 instead of
-// 176 ldmatrix per warp and query block; measured +5 to 6% on H200).
+// 176 ldmatrix per warp and query block; measured +5 to 6% on H200). With
+// kSkewDQ (hdim 64, long query loops) warps 4..7 run each dQ right after the
+// barrier that completes its dS^T, warps 0..3 after their next main work, so
+// that the two warps of a scheduler are in different phases (see `late`).
 //
 // dS^T goes to shared memory once for the dQ product, which is tiled over all
 // warps (kQWarpsM x kQWarpsN) and reduces over the block's keys. With
@@ -78,7 +81,7 @@ namespace fastattn {
 namespace gpu {
 
 template <int kHeadDim_, int kBlockM_, int kNWarps_, int kDSplit_, int kQWarpsM_,
-          bool kPipelineDQ_ = false, bool kPaired_ = false>
+          bool kPipelineDQ_ = false, bool kPaired_ = false, bool kSkewDQ_ = false>
 struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;  // query rows per inner iteration
@@ -126,6 +129,8 @@ struct BwdTraits {
   // Accumulator shape of dK / dV per thread: kAccM m16 tiles (keys) x kAccN n8 tiles (d).
   static constexpr int kAccM = kPaired ? 2 : 1;
   static constexpr int kAccN = kPaired ? kPD / 8 : kDW / 8;
+  // Skewed dQ (paired layout only; see `late` in flash_bwd_kv_block).
+  static constexpr bool kSkewDQ = kSkewDQ_ && kPaired;
 
   static_assert(kDSplit == 1 || kDSplit == 2, "head-dim split");
   static_assert(!kPaired || (kNWarps == 8 && kDSplit == 1 && kPipelineDQ_ && kPQ % 16 == 0 &&
@@ -392,6 +397,34 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   // dS^T buffer, which every warp finished writing before the barrier at the
   // top of iteration it; one barrier per iteration instead of two.
   const bool pipe = Traits::kPipelineDQ && p.dq_pipelined;
+  // Barrier k of the loop (every warp passes barriers 0 .. n_iter exactly once
+  // in the loop and after it): Q/dO/LSE/D of iteration k landed, every warp is
+  // done with the main work of k - 1 and with the dQ of k - 2; then the loads
+  // of iteration k + 1 are issued into the other buffer.
+  auto sync_issue = [&](int k) {
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+    if (k + 1 < n_iter) {
+      if (++nxt_mb == mb_end) {
+        nxt_mb = mb_begin;
+        ++nxt_t;
+        set_head(hq0 + nxt_t);
+      }
+      issue_q(nxt_mb * kBlockM, (k & 1) ^ 1, true, Traits::kDoubleDO);
+      ptx::cp_async_commit();
+    }
+  };
+  // Skewed dQ (Traits::kSkewDQ, paired layout, pipelined): warps 4..7 ("late")
+  // pass barrier it + 1 right after their main work of iteration it and then
+  // run the dQ of it; warps 0..3 run the dQ of it - 1 after their main work of
+  // it, as without the skew. Warps w and w + 4 share a scheduler, so one of
+  // them is in mma work while the other computes exp2 / dS and stores P^T /
+  // dS^T, instead of both leaving the tensor pipe idle in the same phase. Same
+  // barriers and buffer lifetimes (sync_issue); one copy of the main work and
+  // of dQ in the code. Costs registers (ptxas reloads a few loop invariants
+  // per iteration), so the launcher takes it for long query loops only.
+  const bool late = Traits::kSkewDQ && pipe && warp >= Traits::kNWarps / 2;
+  if (late && n_iter > 0) sync_issue(0);
   int prev_m0 = 0, prev_hq = 0;
   for (int it = 0; it < n_iter; ++it) {
     const int buf = it & 1;
@@ -400,17 +433,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
     const uint32_t sQ = sQ0 + buf * QTile::kBytes;
     const uint32_t sDO = sDO0 + (Traits::kDoubleDO ? buf : 0) * QTile::kBytes;
 
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // Q/dO/LSE/D of `it` landed; every warp is done with `it - 1`
-    if (it + 1 < n_iter) {
-      if (++nxt_mb == mb_end) {
-        nxt_mb = mb_begin;
-        ++nxt_t;
-        set_head(hq0 + nxt_t);
-      }
-      issue_q(nxt_mb * kBlockM, buf ^ 1, true, Traits::kDoubleDO);
-      ptx::cp_async_commit();
-    }
+    if (!late) sync_issue(it);
 
     // This iteration's dS^T buffer (read by dQ; by dK too in the paired layout).
     char* const ds_store = smem + Traits::kOffDS + (pipe ? buf : 0) * DSTile::kBytes;
@@ -649,10 +672,13 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       }
     }
 
-    // dQ of this iteration (unpipelined) or of the previous one (pipelined).
-    if (!pipe || it > 0) {
-      do_dq(pipe ? sDS + (buf ^ 1) * DSTile::kBytes : sDS, pipe ? prev_m0 : m0,
-            pipe ? prev_hq : hq);
+    // dQ of this iteration (unpipelined; late warps, after barrier it + 1) or
+    // of the previous one (pipelined).
+    if (late) sync_issue(it + 1);
+    if (!pipe || late || it > 0) {
+      const bool cur = !pipe || late;
+      do_dq(sDS + (pipe ? (cur ? buf : buf ^ 1) : 0) * DSTile::kBytes, cur ? m0 : prev_m0,
+            cur ? hq : prev_hq);
     }
     prev_m0 = m0;
     prev_hq = hq;
@@ -662,8 +688,8 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
     }
   }
 
-  if (pipe && n_iter > 0) {
-    __syncthreads();  // the last dS^T is complete
+  if (pipe && !late && n_iter > 0) {
+    sync_issue(n_iter);  // barrier n_iter: the last dS^T is complete (issues nothing)
     do_dq(sDS + ((n_iter - 1) & 1) * DSTile::kBytes, prev_m0, prev_hq);
   }
 

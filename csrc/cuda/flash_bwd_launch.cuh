@@ -34,37 +34,51 @@ namespace gpu {
 // 32 keys, P^T through shared memory; see BwdTraits), which takes the place of
 // Traits where the device has its shared memory (hdim 64: 212 KB, hdim 128:
 // 191 KB; H100 class), with the same kBlockN. Elsewhere Paired == Traits.
+// PairedSkew: Paired with the skewed dQ (BwdTraits kSkewDQ), taken for long
+// query loops (at least kSkewMinQueryBlocks query blocks per q head). Measured
+// on H200 (bf16, same run): hdim 64 at 4k / 16k +6 / +7% non-causal, +1 / +4%
+// causal; its register pressure (ptxas reloads loop invariants) cost 1k causal
+// 7% in an earlier build that used it everywhere, and at hdim 128 it gained
+// only ~1%, within noise, so hdim 128 keeps Paired (PairedSkew == Paired).
 template <int kHeadDim>
 struct BwdConfig;
 template <> struct BwdConfig<32> {
   using Traits = BwdTraits<32, 64, 8, 1, 4>;
   using Paired = Traits;
+  using PairedSkew = Paired;
 };
 template <> struct BwdConfig<64> {
   using Traits = BwdTraits<64, 128, 8, 1, 4, true>;
   using Paired = BwdTraits<64, 128, 8, 1, 4, true, true>;
+  using PairedSkew = BwdTraits<64, 128, 8, 1, 4, true, true, true>;
 };
 template <> struct BwdConfig<96> {
   using Traits = BwdTraits<96, 64, 8, 1, 4>;
   using Paired = Traits;
+  using PairedSkew = Paired;
 };
 template <> struct BwdConfig<128> {
   using Traits = BwdTraits<128, 64, 8, 1, 2, true>;
   using Paired = BwdTraits<128, 64, 8, 1, 2, true, true>;
+  using PairedSkew = Paired;
 };
 template <> struct BwdConfig<192> {
   using Traits = BwdTraits<192, 32, 8, 2, 2>;
   using Paired = Traits;
+  using PairedSkew = Paired;
 };
 template <> struct BwdConfig<256> {
   using Traits = BwdTraits<256, 32, 8, 2, 2>;
   using Paired = Traits;
+  using PairedSkew = Paired;
 };
+constexpr int kSkewMinQueryBlocks = 32;
 
 // Developer switches for A/B timings, from the environment variable
 // FASTATTN_BWD_DEV (read once; a comma list): "classic" never takes the paired
-// layout, "x_order" keeps the plain launch order (cta_group 1). Unset: neither.
-enum : int { kBwdDevClassic = 1, kBwdDevXOrder = 2 };
+// layout, "x_order" keeps the plain launch order (cta_group 1), "no_skew"
+// never takes PairedSkew. Unset: none of these.
+enum : int { kBwdDevClassic = 1, kBwdDevXOrder = 2, kBwdDevNoSkew = 4 };
 inline int bwd_dev_flags() {
   static const int flags = [] {
     const char* e = std::getenv("FASTATTN_BWD_DEV");
@@ -72,6 +86,7 @@ inline int bwd_dev_flags() {
     if (e != nullptr) {
       if (std::strstr(e, "classic") != nullptr) f |= kBwdDevClassic;
       if (std::strstr(e, "x_order") != nullptr) f |= kBwdDevXOrder;
+      if (std::strstr(e, "no_skew") != nullptr) f |= kBwdDevNoSkew;
     }
     return f;
   }();
@@ -119,6 +134,7 @@ cudaError_t run_bwd_hdim(const BwdParams& p, cudaStream_t stream) {
   using Elem = typename ElemOf<kDtype>::type;
   using Traits = typename BwdConfig<kHeadDim>::Traits;
   using Paired = typename BwdConfig<kHeadDim>::Paired;
+  using PairedSkew = typename BwdConfig<kHeadDim>::PairedSkew;
   static_assert(Paired::kBlockN == Traits::kBlockN, "the work plan assumes one kBlockN");
   if (p.batch <= 0 || p.seqlen_k <= 0 || p.heads_q <= 0) return cudaSuccess;
   if (p.head_dim > kHeadDim || p.heads_per_cta <= 0 ||
@@ -134,6 +150,13 @@ cudaError_t run_bwd_hdim(const BwdParams& p, cudaStream_t stream) {
   const int cta_group = bwd_cta_group(p, grid.x, grid.y * grid.z);
   if constexpr (Paired::kPaired) {
     if (p.smem_optin >= Paired::kSmemBytes && !(bwd_dev_flags() & kBwdDevClassic)) {
+      if constexpr (PairedSkew::kSkewDQ) {
+        const int q_blocks = (p.seqlen_q + Paired::kBlockM - 1) / Paired::kBlockM;
+        if (q_blocks >= kSkewMinQueryBlocks && p.smem_optin >= PairedSkew::kSmemBytes &&
+            !(bwd_dev_flags() & kBwdDevNoSkew)) {
+          return launch_bwd_kernel<PairedSkew, Elem>(p, true, cta_group, grid, stream);
+        }
+      }
       return launch_bwd_kernel<Paired, Elem>(p, true, cta_group, grid, stream);
     }
   }
