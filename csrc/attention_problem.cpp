@@ -5,16 +5,6 @@
 namespace fastattn {
 namespace {
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-
-void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "fastattn: ", name,
-              " must have a contiguous last dimension (stride 1), got strides ", t.strides(),
-              "; call .contiguous() on it first");
-}
-
 // Host-side check of cu_seqlens contents; only possible (without a device
 // sync) for CPU tensors. CUDA kernels clamp instead of trusting them.
 void check_cu_seqlens_values(const at::Tensor& cu, const char* name, int64_t total_rows,

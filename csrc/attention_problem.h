@@ -27,6 +27,18 @@ struct AttnProblem {
 // Largest head dim any backend accepts.
 constexpr int64_t kMaxHeadDim = 256;
 
+// Input dtypes some backend takes (the CUDA kernels narrow this to fp16/bf16).
+inline bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+// Every kernel reads rows of head_dim contiguous elements; other strides are free.
+inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "fastattn: ", name,
+              " must have a contiguous last dimension (stride 1), got strides ", t.strides(),
+              "; call .contiguous() on it first");
+}
+
 // Checks q/k/v (+ optional cu_seqlens) and returns the problem they describe.
 // Dense layout: (B, S, H, D); varlen: (total, H, D) with int32 cu_seqlens of
 // length B + 1. The last dim must be contiguous; other strides are free.

@@ -8,16 +8,6 @@
 namespace fastattn {
 namespace {
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-
-void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "fastattn: ", name,
-              " must have a contiguous last dimension (stride 1), got strides ", t.strides(),
-              "; call .contiguous() on it first");
-}
-
 // Index tensors: 1-D (or 2-D for block_table) int32 of the given leading size on q's device.
 void check_index_tensor(const at::Tensor& t, const at::Tensor& q, const char* name,
                         at::ScalarType dtype, int64_t rank, int64_t size0) {
