@@ -14,9 +14,13 @@ The allocator is poisoned with NaN before each call (unwritten outputs show).
 """
 import argparse
 import math
+import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import median, time_cuda  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--lib", default=None, help="load this shared library instead of importing fastattn")
@@ -268,20 +272,7 @@ def bench():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def timeit(fn, reps=20):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        ts.sort()
-        return ts[len(ts) // 2]
+        return median(time_cuda(lambda i: fn(), 1, repeat=reps))
 
     rows = []
     for cfg in args.bench_configs.split(","):

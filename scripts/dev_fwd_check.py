@@ -11,10 +11,14 @@ random normal (never zeros); outputs are checked for NaN/inf everywhere.
 import argparse
 import itertools
 import math
+import os
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import median, time_cuda  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--lib", default=None, help="load this shared library instead of importing fastattn")
@@ -326,20 +330,7 @@ def correctness():
 
 
 def bench_one(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+    return median(time_cuda(lambda i: fn(), 1, repeat=iters))
 
 
 def bench():
