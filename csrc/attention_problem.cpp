@@ -2,38 +2,9 @@
 
 #include <cmath>
 
+#include "index_checks.h"
+
 namespace fastattn {
-namespace {
-
-// Host-side check of cu_seqlens contents; only possible (without a device
-// sync) for CPU tensors. CUDA kernels clamp instead of trusting them.
-void check_cu_seqlens_values(const at::Tensor& cu, const char* name, int64_t total_rows,
-                             int64_t max_seqlen) {
-  if (!cu.device().is_cpu()) return;
-  auto acc = cu.accessor<int32_t, 1>();
-  TORCH_CHECK(acc[0] == 0, "fastattn: ", name, "[0] must be 0, got ", acc[0]);
-  for (int64_t b = 0; b + 1 < cu.size(0); ++b) {
-    int64_t len = static_cast<int64_t>(acc[b + 1]) - acc[b];
-    TORCH_CHECK(len >= 0, "fastattn: ", name, " must be non-decreasing, but ", name, "[", b + 1,
-                "] = ", acc[b + 1], " < ", name, "[", b, "] = ", acc[b]);
-    TORCH_CHECK(len <= max_seqlen, "fastattn: sequence ", b, " has length ", len,
-                " per ", name, ", more than the max_seqlen ", max_seqlen, " passed with it");
-  }
-  TORCH_CHECK(acc[cu.size(0) - 1] == total_rows, "fastattn: ", name, "[-1] = ",
-              acc[cu.size(0) - 1], " must equal the number of rows ", total_rows);
-}
-
-void check_cu_seqlens(const at::Tensor& cu, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, "fastattn: ", name,
-              " must be 1-D of length batch + 1 >= 2, got shape ", cu.sizes());
-  TORCH_CHECK(cu.scalar_type() == at::kInt, "fastattn: ", name, " must be int32, got ",
-              cu.scalar_type());
-  TORCH_CHECK(cu.device() == q.device(), "fastattn: ", name, " is on ", cu.device(),
-              " but q is on ", q.device());
-  TORCH_CHECK(cu.is_contiguous(), "fastattn: ", name, " must be contiguous");
-}
-
-}  // namespace
 
 at::ScalarType lse_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;

@@ -4,36 +4,9 @@
 #include <utility>
 
 #include "attention_problem.h"
+#include "index_checks.h"
 
 namespace fastattn {
-namespace {
-
-// Index tensors: 1-D (or 2-D for block_table) int32 of the given leading size on q's device.
-void check_index_tensor(const at::Tensor& t, const at::Tensor& q, const char* name,
-                        at::ScalarType dtype, int64_t rank, int64_t size0) {
-  TORCH_CHECK(t.dim() == rank, "fastattn: ", name, " must be ", rank, "-D, got shape ", t.sizes());
-  TORCH_CHECK(t.size(0) == size0, "fastattn: ", name, " must have ", size0,
-              " rows (one per sequence), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "fastattn: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), "fastattn: ", name, " is on ", t.device(),
-              " but q is on ", q.device());
-}
-
-// Values of a CPU int32 index tensor in [lo, hi] (inclusive); other devices
-// are not read (no host sync), their kernels make bad values harmless.
-void check_index_values(const at::Tensor& t, const char* name, int64_t lo, int64_t hi,
-                        const char* what) {
-  if (!t.device().is_cpu()) return;
-  const at::Tensor c = t.contiguous();
-  const int32_t* v = c.data_ptr<int32_t>();
-  for (int64_t i = 0; i < c.numel(); ++i) {
-    TORCH_CHECK(v[i] >= lo && v[i] <= hi, "fastattn: ", name, " has value ", v[i],
-                " at flat index ", i, ", outside [", lo, ", ", hi, "] (", what, ")");
-  }
-}
-
-}  // namespace
 
 DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache,
@@ -98,7 +71,6 @@ DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
     TORCH_CHECK(p.cache_seqlen >= 1, "fastattn: the paged cache's block_size must be >= 1");
     p.max_blocks_per_seq = bt.size(1);
     p.max_seqlen_k = p.max_blocks_per_seq * p.cache_seqlen;
-    check_index_values(bt, "block_table", 0, p.cache_rows - 1, "page index into the cache");
   } else {
     p.max_seqlen_k = p.cache_seqlen;
   }
@@ -122,6 +94,9 @@ DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
   }
   TORCH_CHECK(p.max_seqlen_k <= INT32_MAX, "fastattn: the cache length must fit in int32, got ",
               p.max_seqlen_k);
+  if (p.paged) {
+    check_block_table_values(*block_table, seqlens_k, p.cache_seqlen, p.cache_rows);
+  }
 
   p.scale = scale;
   p.window_left = window_left < 0 ? -1 : window_left;

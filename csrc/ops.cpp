@@ -43,6 +43,18 @@ TORCH_LIBRARY(fastattn, m) {
       "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqlens_k, Tensor? cache_batch_idx, "
       "Tensor? block_table, float scale, bool causal, int window_left, int window_right, "
       "int num_splits) -> (Tensor out, Tensor lse)");
+  // Chunked prefill over a paged KV cache (forward only, inference): q
+  // (total_q, Hq, D) packed by cu_seqlens_q (B + 1) int32, sequence b's rows
+  // attending to its seqlens_k[b] keys in k_cache/v_cache (num_blocks,
+  // block_size, Hkv, D) through block_table (B, max_blocks) int32 (append the
+  // new chunk's K/V with append_kv first). Causal/window align bottom-right
+  // (a chunk's last query sits at key seqlens_k[b] - 1), so prefill chunks and
+  // decode rows (1 query) mix in one call. Returns out (total_q, Hq, D) and lse
+  // (Hq, total_q) float32 (float64 for float64 q).
+  m.def(
+      "paged_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
+      "Tensor seqlens_k, Tensor block_table, int max_seqlen_q, float scale, bool causal, "
+      "int window_left, int window_right) -> (Tensor out, Tensor lse)");
   // Writes new tokens into a cache in place: k, v (N, Hkv, D); slot_mapping (N) int64,
   // slot = row * S (contiguous cache (B_cache, S, Hkv, D): row = cache batch, S = S_max;
   // paged (num_blocks, block_size, Hkv, D): row = block, S = block_size) + position.

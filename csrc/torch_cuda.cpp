@@ -1,4 +1,4 @@
-// CUDA glue of the `fwd` op: argument checks, params from tensors, launch on
+// CUDA glue of the `fwd` and `paged_fwd` ops: argument checks, params from tensors, launch on
 // the current stream. No host sync and no reads of device data (CUDA-graph
 // capturable); the kernels clamp untrusted cu_seqlens themselves. (Varlen
 // rows outside [cu_seqlens_q[0], cu_seqlens_q[-1]) belong to no sequence and
@@ -17,6 +17,7 @@
 #include "cuda/launch.h"
 #include "cuda/params.h"
 #include "cuda_glue.h"
+#include "paged_problem.h"
 
 namespace fastattn {
 namespace {
@@ -90,7 +91,95 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   return {out, lse};
 }
 
+// Chunked prefill over a paged cache: the forward kernel with the paged KV
+// loader. Same rules as fwd_cuda; bad device index values are made harmless
+// by the kernel (seqlens_k clamped into [0, max_blocks * block_size], page
+// ids outside the pool read as zeros).
+std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                                  const at::Tensor& v_cache,
+                                                  const at::Tensor& cu_seqlens_q,
+                                                  const at::Tensor& seqlens_k,
+                                                  const at::Tensor& block_table,
+                                                  int64_t max_seqlen_q, double scale, bool causal,
+                                                  int64_t window_left, int64_t window_right) {
+  const PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
+                                                  block_table, max_seqlen_q, scale, causal,
+                                                  window_left, window_right);
+  const AttnProblem& prob = pp.attn;
+  const ElemType dtype = glue::cuda_elem_type(q);
+  glue::check_cuda_devices(q, {{&k_cache, "k_cache"},
+                               {&v_cache, "v_cache"},
+                               {&cu_seqlens_q, "cu_seqlens_q"},
+                               {&seqlens_k, "seqlens_k"},
+                               {&block_table, "block_table"}});
+  c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(pp.num_blocks <= INT32_MAX, "fastattn: at most 2^31 - 1 cache blocks");
+
+  const int64_t d = prob.head_dim;
+  const int64_t dpad = glue::padded_head_dim(d);
+  const int kernel_d = gpu::fwd_kernel_head_dim(static_cast<int>(dpad), dtype);
+  TORCH_CHECK(kernel_d > 0, "fastattn: this build has no CUDA forward kernel for head_dim ", d,
+              " and dtype ", q.scalar_type(), " (narrowed build? see FASTATTN_HDIMS / "
+              "FASTATTN_DTYPES)");
+
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = empty_lse(prob, q);
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  at::Tensor qk = q;
+  AttnProblem kp = prob;
+  if (scale < 0) {
+    qk = q.neg();
+    kp.scale = -scale;
+  } else if (scale == 0) {
+    qk = at::zeros_like(q);
+    kp.scale = 1.0;
+  }
+  at::Tensor qr = glue::kernel_readable(qk) ? qk : glue::kernel_readable_copy(qk, dpad);
+  at::Tensor kr = glue::kernel_readable(k_cache) ? k_cache : glue::kernel_readable_copy(k_cache, dpad);
+  at::Tensor vr = glue::kernel_readable(v_cache) ? v_cache : glue::kernel_readable_copy(v_cache, dpad);
+  const bool padded = qr.size(-1) != d || kr.size(-1) != d || vr.size(-1) != d;
+  if (padded) {
+    if (qr.size(-1) != dpad) qr = glue::kernel_readable_copy(qk, dpad);
+    if (kr.size(-1) != dpad) kr = glue::kernel_readable_copy(k_cache, dpad);
+    if (vr.size(-1) != dpad) vr = glue::kernel_readable_copy(v_cache, dpad);
+  }
+  at::Tensor out_k = padded ? at::empty(qr.sizes(), q.options()) : out;
+  if (!glue::kernel_readable(out_k)) out_k = at::empty(qr.sizes(), q.options());
+
+  // fill_fwd_params sets the common (varlen) fields; the K/V strides are then
+  // set to the pools' page / slot / head strides.
+  const at::Tensor lens = seqlens_k.contiguous();
+  const at::Tensor table = block_table.contiguous();
+  FwdParams params;
+  glue::fill_fwd_params(params, kp, qr, kr, vr, out_k, lse,
+                        cu_seqlens_q, cu_seqlens_q);
+  params.k_batch_stride = kr.stride(0);
+  params.k_row_stride = kr.stride(1);
+  params.k_head_stride = kr.stride(2);
+  params.v_batch_stride = vr.stride(0);
+  params.v_row_stride = vr.stride(1);
+  params.v_head_stride = vr.stride(2);
+  params.heads_kv = static_cast<int>(prob.heads_kv);
+  params.cu_seqlens_k = nullptr;
+  params.total_k = 0;
+  params.block_table = table.data_ptr<int>();
+  params.block_table_batch_stride = table.stride(0);
+  params.page_size = static_cast<int>(pp.block_size);
+  params.num_pages = static_cast<int>(pp.num_blocks);
+  params.seqlens_k = lens.data_ptr<int>();
+  glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "paged_fwd");
+
+  if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace fastattn
 
-TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("fwd", &fastattn::fwd_cuda); }
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("fwd", &fastattn::fwd_cuda);
+  m.impl("paged_fwd", &fastattn::paged_fwd_cuda);
+}

@@ -10,6 +10,7 @@
 //   seqlens_k[b] outside [0, S_max]      clamped into it
 //   cache_batch_idx[b] outside [0, B_cache)  sequence b is empty: out 0, lse -inf
 //   slot_mapping[n] < 0 or >= rows * S    token n is skipped (nothing written)
+//   block_table page id outside [0, num_blocks)  that page's rows read as zeros
 // (The CPU backend checks these values and raises.)
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -45,8 +46,6 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& block_table,
                                                double scale, bool causal, int64_t window_left,
                                                int64_t window_right, int64_t num_splits) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!block_table.has_value(),
-                              "fastattn: block_table (paged KV) is not supported by decode yet");
   const DecodeProblem prob = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx,
                                                block_table, scale, causal, window_left,
                                                window_right, num_splits);
@@ -54,7 +53,8 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   glue::check_cuda_devices(q, {{&k_cache, "k_cache"},
                                {&v_cache, "v_cache"},
                                {seqlens_k ? &*seqlens_k : nullptr, "seqlens_k"},
-                               {cache_batch_idx ? &*cache_batch_idx : nullptr, "cache_batch_idx"}});
+                               {cache_batch_idx ? &*cache_batch_idx : nullptr, "cache_batch_idx"},
+                               {block_table ? &*block_table : nullptr, "block_table"}});
   c10::cuda::CUDAGuard guard(q.device());
 
   TORCH_CHECK(prob.heads_kv <= 65535, "fastattn: at most 65535 key/value heads are supported by "
@@ -107,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   // Index tensors: contiguous int32 (a no-op for the usual 1-D tensors).
   at::Tensor sl = seqlens_k ? seqlens_k->contiguous() : at::Tensor();
   at::Tensor cbi = cache_batch_idx ? cache_batch_idx->contiguous() : at::Tensor();
+  at::Tensor bt = block_table ? block_table->contiguous() : at::Tensor();
 
   DecodeParams p;
   p.q = qr.data_ptr();
@@ -130,6 +131,11 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   p.lse_head_stride = lse.stride(1);
   p.seqlens_k = sl.defined() ? sl.data_ptr<int>() : nullptr;
   p.cache_batch_idx = cbi.defined() ? cbi.data_ptr<int>() : nullptr;
+  if (bt.defined()) {  // paged: batch strides are page strides, cache_batch the page count
+    p.block_table = bt.data_ptr<int>();
+    p.block_table_batch_stride = bt.stride(0);
+    p.page_size = static_cast<int>(prob.cache_seqlen);
+  }
   p.batch = static_cast<int>(prob.batch);
   p.seqlen_q = static_cast<int>(prob.seqlen_q);
   p.heads_q = static_cast<int>(prob.heads_q);

@@ -199,10 +199,6 @@ def test_flash_attn_unsupported_options_raise():
         fastattn.flash_attn_func(q, q, q, softcap=30.0)
     with pytest.raises(NotImplementedError, match="alibi_slopes"):
         fastattn.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
-    cu = torch.tensor([0, 4], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        fastattn.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4,
-                                        block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match="window_size"):
         fastattn.flash_attn_func(q, q, q, window_size=(1, 2, 3))
 

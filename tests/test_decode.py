@@ -302,12 +302,12 @@ def test_decode_bad_input():
         fastattn.flash_attn_with_kvcache(torch.randn(2, 1, 3, 32), k_cache, v_cache)
     with pytest.raises(RuntimeError, match="cache_batch_idx"):
         fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_batch_idx=torch.tensor([0, 5], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="slot"):
+    # Appending past S_max must not spill into the next cache row (sequence 0 is full here).
+    with pytest.raises(ValueError, match="outside the cache"):
         fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32),
-                                         cache_seqlens=torch.tensor([3, 16], dtype=torch.int32))
+                                         cache_seqlens=torch.tensor([16, 3], dtype=torch.int32))
     for kw, name in [(dict(softcap=5.0), "softcap"), (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
-                     (dict(cache_leftpad=torch.zeros(2, dtype=torch.int32)), "cache_leftpad"),
-                     (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), "block_table")]:
+                     (dict(cache_leftpad=torch.zeros(2, dtype=torch.int32)), "cache_leftpad")]:
         with pytest.raises(NotImplementedError, match=name):
             fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
     with pytest.raises(RuntimeError, match="same shape|must have"):

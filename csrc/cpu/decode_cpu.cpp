@@ -1,4 +1,5 @@
-// CPU implementations of decode (split-KV attention over a KV cache),
+// CPU implementations of decode (split-KV attention over a contiguous or
+// paged KV cache),
 // merge_states / merge_states_n and append_kv: the same algorithms as the
 // CUDA kernels, on the one online-softmax state and one merge of
 // online_softmax_cpu.h. Decode packs the query heads of one KV head (x Sq
@@ -10,6 +11,7 @@
 
 #include "cpu/cpu_common.h"
 #include "cpu/decode_cpu.h"
+#include "cpu/kv_rows_cpu.h"
 #include "cpu/online_softmax_cpu.h"
 #include "decode_problem.h"
 
@@ -26,17 +28,34 @@ int64_t cpu_num_splits(const DecodeProblem& p) {
   return std::clamp<int64_t>(want, 1, std::min<int64_t>(max_chunks, 16));
 }
 
+// Contiguous cache (B_cache, S_max, Hkv, D): sequence b reads cache row
+// batch_idx[b] (or b) and has seqlens_k[b] (or S_max) keys.
 template <typename scalar_t>
-void decode_impl(const DecodeProblem& p, const at::Tensor& q, const at::Tensor& k_cache,
-                 const at::Tensor& v_cache, const int32_t* seqlens_k, const int32_t* batch_idx,
-                 at::Tensor& out, at::Tensor& lse) {
+struct CacheRowsKv {
+  RowView<const scalar_t> K, V;
+  const int32_t* lens;
+  const int32_t* batch_idx;
+  int64_t max_keys;
+  CacheRowsKv(const at::Tensor& k, const at::Tensor& v, const int32_t* l, const int32_t* idx,
+              int64_t max_len)
+      : K(k, false), V(v, false), lens(l), batch_idx(idx), max_keys(max_len) {}
+  int64_t keys(int64_t b) const { return lens ? lens[b] : max_keys; }
+  int64_t row(int64_t b) const { return batch_idx ? batch_idx[b] : b; }
+  const scalar_t* k(int64_t b, int64_t j, int64_t hk) const { return K.row(row(b), j, hk); }
+  const scalar_t* v(int64_t b, int64_t j, int64_t hk) const { return V.row(row(b), j, hk); }
+};
+
+// Decode over any KV row source: CacheRowsKv or PagedKv (kv_rows_cpu.h).
+template <typename scalar_t, typename Kv>
+void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, at::Tensor& out,
+                 at::Tensor& lse) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = p.head_dim, Sq = p.seqlen_q;
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t packed = group * Sq;  // rows (head in group, query) per KV head
   const int64_t row_blocks = (packed + kBlockQ - 1) / kBlockQ;
   const int64_t splits = cpu_num_splits(p);
-  const RowView<const scalar_t> Q(q, false), K(k_cache, false), V(v_cache, false);
+  const RowView<const scalar_t> Q(q, false);
   const RowView<scalar_t> O(out, false);
   auto* lse_ptr = static_cast<acc_t*>(lse.data_ptr());
   const acc_t scale = static_cast<acc_t>(p.scale);
@@ -62,8 +81,7 @@ void decode_impl(const DecodeProblem& p, const at::Tensor& q, const at::Tensor& 
       const int64_t rb = (task / splits) % row_blocks;
       const int64_t hk = (task / (splits * row_blocks)) % p.heads_kv;
       const int64_t b = task / (splits * row_blocks * p.heads_kv);
-      const int64_t sk = seqlens_k ? seqlens_k[b] : p.max_seqlen_k;
-      const int64_t cache_row = batch_idx ? batch_idx[b] : b;
+      const int64_t sk = kv.keys(b);
       // Split s covers whole key tiles [j_begin, j_end) of this sequence.
       const int64_t tiles = (sk + kBlockK - 1) / kBlockK;
       const int64_t j_begin = std::min(sk, (tiles * s / splits) * kBlockK);
@@ -78,8 +96,8 @@ void decode_impl(const DecodeProblem& p, const at::Tensor& q, const at::Tensor& 
         KeyRange kr = visible_keys(mask, query_of(r), Sq, sk);
         return KeyRange{std::max(kr.lo, j_begin), std::max(std::max(kr.lo, j_begin), std::min(kr.hi, j_end))};
       };
-      auto k_row = [&](int64_t j) { return K.row(cache_row, j, hk); };
-      auto v_row = [&](int64_t j) { return V.row(cache_row, j, hk); };
+      auto k_row = [&](int64_t j) { return kv.k(b, j, hk); };
+      auto v_row = [&](int64_t j) { return kv.v(b, j, hk); };
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
         st.visit(j0, std::min(kBlockK, j_end - j0), k_row, v_row, range, scale);
       }
@@ -165,12 +183,20 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
                                             block_table, scale, causal, window_left, window_right,
                                             num_splits);
   TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
-  TORCH_CHECK_NOT_IMPLEMENTED(!p.paged, "fastattn: block_table (paged KV) is not supported by decode yet");
   auto [out, lse] = empty_decode_outputs(p, q);
-  const int32_t* lens = seqlens_k ? seqlens_k->data_ptr<int32_t>() : nullptr;
-  const int32_t* idx = cache_batch_idx ? cache_batch_idx->data_ptr<int32_t>() : nullptr;
+  const at::Tensor lens_t = seqlens_k ? seqlens_k->contiguous() : at::Tensor();
+  const at::Tensor idx_t = cache_batch_idx ? cache_batch_idx->contiguous() : at::Tensor();
+  const int32_t* lens = lens_t.defined() ? lens_t.data_ptr<int32_t>() : nullptr;
+  const int32_t* idx = idx_t.defined() ? idx_t.data_ptr<int32_t>() : nullptr;
+  const at::Tensor table = p.paged ? block_table->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_decode_cpu", [&] {
-    decode_impl<scalar_t>(p, q, k_cache, v_cache, lens, idx, out, lse);
+    if (p.paged) {
+      decode_impl<scalar_t>(p, q, PagedKv<scalar_t>(k_cache, v_cache, table, lens, p.max_seqlen_k),
+                            out, lse);
+    } else {
+      decode_impl<scalar_t>(p, q, CacheRowsKv<scalar_t>(k_cache, v_cache, lens, idx, p.max_seqlen_k),
+                            out, lse);
+    }
   });
   return {out, lse};
 }

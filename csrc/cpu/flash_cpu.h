@@ -1,4 +1,4 @@
-// CPU implementations of the fwd/bwd ops (see csrc/ops.cpp for the schemas).
+// CPU implementations of the fwd/paged_fwd/bwd ops (see csrc/ops.cpp for the schemas).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -15,6 +15,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            double scale, bool causal, int64_t window_left,
                                            int64_t window_right, bool bottom_right,
                                            bool deterministic);
+
+std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                 const at::Tensor& v_cache,
+                                                 const at::Tensor& cu_seqlens_q,
+                                                 const at::Tensor& seqlens_k,
+                                                 const at::Tensor& block_table,
+                                                 int64_t max_seqlen_q, double scale, bool causal,
+                                                 int64_t window_left, int64_t window_right);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

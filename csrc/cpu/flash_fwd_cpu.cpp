@@ -1,4 +1,5 @@
-// FlashAttention-2 forward on the CPU: the same algorithm as the GPU kernel.
+// FlashAttention-2 forward on the CPU: the same algorithm as the GPU kernel,
+// over contiguous K/V (the fwd op) or a paged cache (the paged_fwd op).
 // Each task owns one (sequence, head, query tile); key/value tiles stream
 // past it through the online softmax of online_softmax_cpu.h, and O / l and
 // lse = m + log(l) are written once. No Sq x Sk matrix exists anywhere.
@@ -10,18 +11,22 @@
 
 #include "cpu/cpu_common.h"
 #include "cpu/flash_cpu.h"
+#include "cpu/kv_rows_cpu.h"
 #include "cpu/online_softmax_cpu.h"
+#include "paged_problem.h"
 
 namespace fastattn::cpu {
 namespace {
 
-template <typename scalar_t>
-void fwd_impl(const AttnProblem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const int32_t* cu_q, const int32_t* cu_k, at::Tensor& out, at::Tensor& lse) {
+// The forward over any KV row source (kv_rows_cpu.h). q / out / lse rows are
+// dense (B, Sq, ...) or varlen by cu_q.
+template <typename scalar_t, typename Kv>
+void fwd_impl(const AttnProblem& p, const at::Tensor& q, const Kv& kv, const int32_t* cu_q,
+              at::Tensor& out, at::Tensor& lse) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t q_tiles = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
-  const RowView<const scalar_t> Q(q, p.varlen), K(k, p.varlen), V(v, p.varlen);
+  const RowView<const scalar_t> Q(q, p.varlen);
   const RowView<scalar_t> O(out, p.varlen);
   auto* lse_ptr = static_cast<acc_t*>(lse.data_ptr());
   const int64_t lse_b_stride = p.varlen ? 0 : lse.stride(0);
@@ -35,21 +40,23 @@ void fwd_impl(const AttnProblem& p, const at::Tensor& q, const at::Tensor& k, co
       const int64_t h = (task / q_tiles) % p.heads_q;
       const int64_t b = task / (q_tiles * p.heads_q);
       const int64_t hk = h / group;
-      const SeqSpan sp = seq_span(p, cu_q, cu_k, b);
+      const int64_t q_begin = cu_q ? cu_q[b] : 0;
+      const int64_t sq = cu_q ? cu_q[b + 1] - cu_q[b] : p.seqlen_q;
+      const int64_t sk = kv.keys(b);
       const int64_t i0 = qt * kBlockQ;
-      if (i0 >= sp.sq) continue;
-      const int64_t rows = std::min(kBlockQ, sp.sq - i0);
-      st.reset(rows, [&](int64_t r) { return Q.row(b, sp.q_begin + i0 + r, h); });
-      auto range = [&](int64_t r) { return visible_keys(p, i0 + r, sp.sq, sp.sk); };
-      auto k_row = [&](int64_t j) { return K.row(b, sp.k_begin + j, hk); };
-      auto v_row = [&](int64_t j) { return V.row(b, sp.k_begin + j, hk); };
+      if (i0 >= sq) continue;
+      const int64_t rows = std::min(kBlockQ, sq - i0);
+      st.reset(rows, [&](int64_t r) { return Q.row(b, q_begin + i0 + r, h); });
+      auto range = [&](int64_t r) { return visible_keys(p, i0 + r, sq, sk); };
+      auto k_row = [&](int64_t j) { return kv.k(b, j, hk); };
+      auto v_row = [&](int64_t j) { return kv.v(b, j, hk); };
       // Keys any row of this tile can see; tiles outside are skipped.
       const int64_t k_lo = range(0).lo, k_hi = range(rows - 1).hi;
       for (int64_t j0 = (k_lo / kBlockK) * kBlockK; j0 < k_hi; j0 += kBlockK) {
-        st.visit(j0, std::min(kBlockK, sp.sk - j0), k_row, v_row, range, scale);
+        st.visit(j0, std::min(kBlockK, sk - j0), k_row, v_row, range, scale);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = sp.q_begin + i0 + r;
+        const int64_t row = q_begin + i0 + r;
         st.finish(r, O.row(b, row, h), &lse_ptr[b * lse_b_stride + h * lse_h_stride + row]);
       }
     }
@@ -74,8 +81,32 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   at::Tensor lse = empty_lse(p, q);
   const int32_t* cu_q = p.varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
   const int32_t* cu_k = p.varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_fwd_cpu",
-                                  [&] { fwd_impl<scalar_t>(p, q, k, v, cu_q, cu_k, out, lse); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_fwd_cpu", [&] {
+    fwd_impl<scalar_t>(p, q, ContiguousKv<scalar_t>(k, v, cu_k, p.seqlen_k), cu_q, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                 const at::Tensor& v_cache,
+                                                 const at::Tensor& cu_seqlens_q,
+                                                 const at::Tensor& seqlens_k,
+                                                 const at::Tensor& block_table,
+                                                 int64_t max_seqlen_q, double scale, bool causal,
+                                                 int64_t window_left, int64_t window_right) {
+  const PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
+                                                  block_table, max_seqlen_q, scale, causal,
+                                                  window_left, window_right);
+  TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
+  const AttnProblem& p = pp.attn;
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = empty_lse(p, q);
+  const at::Tensor lens = seqlens_k.contiguous();
+  const at::Tensor table = block_table.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_paged_fwd_cpu", [&] {
+    const PagedKv<scalar_t> kv(k_cache, v_cache, table, lens.data_ptr<int32_t>(), p.seqlen_k);
+    fwd_impl<scalar_t>(p, q, kv, cu_seqlens_q.data_ptr<int32_t>(), out, lse);
+  });
   return {out, lse};
 }
 

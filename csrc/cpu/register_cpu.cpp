@@ -5,6 +5,7 @@
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("fwd", &fastattn::cpu::fwd_cpu);
+  m.impl("paged_fwd", &fastattn::cpu::paged_fwd_cpu);
   m.impl("bwd", &fastattn::cpu::bwd_cpu);
   m.impl("decode", &fastattn::cpu::decode_cpu);
   m.impl("merge_states", &fastattn::cpu::merge_states_cpu);

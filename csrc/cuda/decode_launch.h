@@ -51,10 +51,11 @@ cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream);
 // One instantiation per (head dim, dtype), in flash_decode_hdim<D>_<fp16|bf16>.cu.
 template <int kHeadDim, ElemType kDtype>
 cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream);
-// Resident CTAs per SM of that kernel with smem_bytes of dynamic shared memory
-// (also raises the kernel's dynamic shared memory limit, once per device).
+// Resident CTAs per SM of that kernel (its contiguous or paged-KV variant)
+// with smem_bytes of dynamic shared memory (also raises both variants'
+// dynamic shared memory limit, once per device).
 template <int kHeadDim, ElemType kDtype>
-int decode_ctas_per_sm(int smem_bytes);
+int decode_ctas_per_sm(int smem_bytes, bool paged);
 
 // ------------------------------------------------------------------ merge
 // Runs the merge kernel (MergeParams documents it). Any strides; 16-byte

@@ -49,10 +49,13 @@ struct DecodeParams {
 
   const int* seqlens_k = nullptr;        // (batch) int32, device; nullptr: all seqlen_k_max
   const int* cache_batch_idx = nullptr;  // (batch) int32, device; nullptr: identity
-  // Paged KV (not implemented yet; the KV loader is the only place it changes):
-  // block_table (batch, max_blocks) int32, the caches then being
-  // (num_pages, page_size, heads_kv, head_dim).
-  const int* block_table = nullptr;
+  // Paged KV: block_table (batch, max_blocks) int32; the caches are then
+  // (num_pages, page_size, heads_kv, head_dim): the k_/v_ batch strides are
+  // the page strides, the row strides the slot strides, cache_batch the number
+  // of pages and seqlen_k_max = max_blocks * page_size. Key row r of sequence b
+  // lives in page block_table[b][r / page_size], slot r % page_size; a page id
+  // outside [0, cache_batch) reads as zeros (never out of bounds).
+  const int* block_table = nullptr;  // nullptr: contiguous cache
   int64_t block_table_batch_stride = 0;
   int page_size = 0;
 
@@ -61,7 +64,7 @@ struct DecodeParams {
   int heads_q = 0;
   int heads_kv = 0;
   int head_dim = 0;      // kernel-visible (multiple of 8, <= the kernel's head dim)
-  int cache_batch = 0;   // rows of the contiguous cache
+  int cache_batch = 0;   // rows of the contiguous cache (paged: number of pages)
   int seqlen_k_max = 0;  // S_max
 
   float scale = 1.f;       // >= 0 (the glue folds a negative scale into q)

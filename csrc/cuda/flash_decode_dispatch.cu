@@ -30,39 +30,40 @@ int stage_bytes(int d) {
 }
 
 template <ElemType kDtype>
-int ctas_per_sm_dtype(int d, int smem) {
+int ctas_per_sm_dtype(int d, int smem, bool paged) {
   switch (d) {
 #ifdef FASTATTN_ENABLE_HDIM32
-    case 32: return decode_ctas_per_sm<32, kDtype>(smem);
+    case 32: return decode_ctas_per_sm<32, kDtype>(smem, paged);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM64
-    case 64: return decode_ctas_per_sm<64, kDtype>(smem);
+    case 64: return decode_ctas_per_sm<64, kDtype>(smem, paged);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM96
-    case 96: return decode_ctas_per_sm<96, kDtype>(smem);
+    case 96: return decode_ctas_per_sm<96, kDtype>(smem, paged);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM128
-    case 128: return decode_ctas_per_sm<128, kDtype>(smem);
+    case 128: return decode_ctas_per_sm<128, kDtype>(smem, paged);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM192
-    case 192: return decode_ctas_per_sm<192, kDtype>(smem);
+    case 192: return decode_ctas_per_sm<192, kDtype>(smem, paged);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM256
-    case 256: return decode_ctas_per_sm<256, kDtype>(smem);
+    case 256: return decode_ctas_per_sm<256, kDtype>(smem, paged);
 #endif
     default: return 0;
   }
 }
 
-int ctas_per_sm(int d, ElemType t, int smem) {
+int ctas_per_sm(int d, ElemType t, int smem, bool paged) {
 #ifdef FASTATTN_ENABLE_FP16
-  if (t == ElemType::kFloat16) return ctas_per_sm_dtype<ElemType::kFloat16>(d, smem);
+  if (t == ElemType::kFloat16) return ctas_per_sm_dtype<ElemType::kFloat16>(d, smem, paged);
 #endif
 #ifdef FASTATTN_ENABLE_BF16
-  if (t == ElemType::kBFloat16) return ctas_per_sm_dtype<ElemType::kBFloat16>(d, smem);
+  if (t == ElemType::kBFloat16) return ctas_per_sm_dtype<ElemType::kBFloat16>(d, smem, paged);
 #endif
   (void)d;
   (void)smem;
+  (void)paged;
   return 0;
 }
 
@@ -80,13 +81,15 @@ struct RingChoice {
   int ctas = 0;
 };
 
-RingChoice ring_choice(int d, ElemType t) {
-  static RingChoice cache[64][6][2];
+RingChoice ring_choice(int d, ElemType t, bool paged) {
+  static RingChoice cache[64][6][2][2];
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return {};
   const int hi = hdim_index(d);
   const int ti = t == ElemType::kFloat16 ? 0 : 1;
-  if (device < 64 && hi >= 0 && cache[device][hi][ti].stages > 0) return cache[device][hi][ti];
+  const int pi = paged ? 1 : 0;
+  if (device < 64 && hi >= 0 && cache[device][hi][ti][pi].stages > 0)
+    return cache[device][hi][ti][pi];
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
       cudaSuccess)
@@ -97,7 +100,7 @@ RingChoice ring_choice(int d, ElemType t) {
   for (int s = 2; s <= 4; ++s) {
     const int smem = s * sb;
     if (smem > optin) break;
-    const int ctas = ctas_per_sm(d, t, smem);
+    const int ctas = ctas_per_sm(d, t, smem, paged);
     if (ctas <= 0) continue;
     const int64_t score = static_cast<int64_t>(ctas) * (s - 1) * sb;
     if (score > best_score || (score == best_score && ctas > best.ctas)) {
@@ -106,7 +109,7 @@ RingChoice ring_choice(int d, ElemType t) {
       best.ctas = ctas;
     }
   }
-  if (device < 64 && hi >= 0 && best.stages > 0) cache[device][hi][ti] = best;
+  if (device < 64 && hi >= 0 && best.stages > 0) cache[device][hi][ti][pi] = best;
   return best;
 }
 
@@ -178,7 +181,7 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
   const int64_t m_blocks = (m_total + rows_cta - 1) / rows_cta;
   plan.num_m_blocks = static_cast<int>(m_blocks > 0 ? m_blocks : 1);
 
-  const RingChoice ring = ring_choice(plan.kernel_head_dim, p.dtype);
+  const RingChoice ring = ring_choice(plan.kernel_head_dim, p.dtype, p.block_table != nullptr);
   plan.stages = ring.stages;
   plan.ctas_per_sm = ring.ctas;
   plan.smem_bytes = ring.stages * stage_bytes(plan.kernel_head_dim);

@@ -21,8 +21,8 @@
 // The key range of a sequence (from its device-side length and the mask) is
 // divided evenly among the splits on the device, so the launch shape depends
 // only on host-known maxima (CUDA-graph safe). The only place that knows how
-// K/V rows are addressed is DecodeKvLoader (contiguous rows here); a paged
-// cache swaps in a PagedRows-based loader (common/tile_io.h).
+// K/V rows are addressed is DecodeKvLoader: contiguous cache rows, or pages
+// through a block table (kPaged, common/tile_io.h PagedKvTileLoader).
 #pragma once
 #include <cstdint>
 
@@ -100,12 +100,14 @@ struct GqaQueryRows {
 
 // The sequence-level facts one CTA needs.
 struct DecodeSeq {
+  int b;         // sequence (batch index)
   int sk;        // keys of this sequence (clamped)
-  int cb;        // cache row it reads
+  int cb;        // cache row it reads (contiguous cache)
 };
 
 __device__ __forceinline__ DecodeSeq decode_seq(const DecodeParams& p, int b) {
   DecodeSeq s;
+  s.b = b;
   s.sk = p.seqlen_k_max;
   if (p.seqlens_k != nullptr) {
     const int v = p.seqlens_k[b];
@@ -124,11 +126,13 @@ __device__ __forceinline__ DecodeSeq decode_seq(const DecodeParams& p, int b) {
 
 // The KV-block iterator of the decode kernel: K and V of one (sequence, KV
 // head) as blocks of kBlockN key rows, loaded into one ring stage (K tile,
-// then V tile) with rows >= sk zero-filled. Contiguous cache rows here; a
-// paged cache only changes how a block's rows are addressed (PagedRows with
-// load_tile_async, common/tile_io.h), nothing else in the kernel.
+// then V tile) with rows >= sk zero-filled. The contiguous and the paged
+// cache differ only here, in how a block's row addresses are found.
+template <typename Traits, typename Elem, bool kPaged>
+struct DecodeKvLoader;
+
 template <typename Traits, typename Elem>
-struct DecodeKvLoader {
+struct DecodeKvLoader<Traits, Elem, false> {
   using KTile = typename Traits::KTile;
   using VTile = typename Traits::VTile;
   ContiguousTileLoader<Traits::kThreads, KTile, Elem> k;
@@ -149,6 +153,31 @@ struct DecodeKvLoader {
   __device__ __forceinline__ void load(uint32_t stage_addr, int block) const {
     k.load(stage_addr, block * Traits::kBlockN, sk);
     v.load(stage_addr + KTile::kBytes, block * Traits::kBlockN, sk);
+  }
+};
+
+// Paged cache: the k_/v_ batch strides are the page strides, the row strides
+// the slot strides, cache_batch the number of pages (DecodeParams).
+template <typename Traits, typename Elem>
+struct DecodeKvLoader<Traits, Elem, true> {
+  using KTile = typename Traits::KTile;
+  static_assert(sizeof(typename Traits::KTile) == sizeof(typename Traits::VTile) &&
+                    Traits::KTile::kRows == Traits::VTile::kRows,
+                "K and V tiles share one row map");
+  PagedKvTileLoader<Traits::kThreads, KTile, Elem> kv;
+  int sk;
+
+  __device__ __forceinline__ void init(const DecodeParams& p, const DecodeSeq& seq, int hk,
+                                       int tid) {
+    kv.init(static_cast<const Elem*>(p.k) + hk * p.k_head_stride,
+            static_cast<const Elem*>(p.v) + hk * p.v_head_stride, p.k_batch_stride,
+            p.k_row_stride, p.v_batch_stride, p.v_row_stride,
+            p.block_table + seq.b * p.block_table_batch_stride, p.page_size, p.cache_batch,
+            p.head_dim, tid);
+    sk = seq.sk;
+  }
+  __device__ __forceinline__ void load(uint32_t stage_addr, int block) const {
+    kv.load_kv(stage_addr, stage_addr + KTile::kBytes, block * Traits::kBlockN, sk);
   }
 };
 
@@ -179,7 +208,7 @@ __device__ __forceinline__ KeyBlockRange decode_key_blocks(const MaskPolicy& mas
   return r;
 }
 
-template <typename Traits, typename Elem>
+template <typename Traits, typename Elem, bool kPaged>
 __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* smem, int b,
                                                    int hk, int m_block, int split) {
   constexpr int kBlockN = Traits::kBlockN;
@@ -247,7 +276,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   if (n_iters > 0) {
     const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride +
                          static_cast<int64_t>(hk) * group * p.q_head_stride;
-    DecodeKvLoader<Traits, Elem> kv;
+    DecodeKvLoader<Traits, Elem, kPaged> kv;
     kv.init(p, seq, hk, tid);
 
     // Prologue: Q (into the last slot) with stage 0 in group 0, stages 1..S-2
@@ -415,7 +444,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   }
 }
 
-template <typename Traits, typename Elem>
+template <typename Traits, typename Elem, bool kPaged>
 __global__ void __launch_bounds__(Traits::kThreads)
     flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(128) char smem[];
@@ -429,7 +458,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int split = blockIdx.x / p.num_m_blocks;
   const int hk = blockIdx.y;
   for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
-    flash_decode_block<Traits, Elem>(p, smem, b, hk, m_block, split);
+    flash_decode_block<Traits, Elem, kPaged>(p, smem, b, hk, m_block, split);
     if (b + gridDim.z < p.batch) __syncthreads();  // smem is reused by the next sequence
   }
 }

@@ -26,7 +26,10 @@ cudaError_t decode_raise_smem_limit() {
   if (err != cudaSuccess) return err;
   int want = Traits::smem_bytes(Traits::kMaxStages);
   if (want > optin) want = optin;
-  err = cudaFuncSetAttribute(flash_decode_kernel<Traits, Elem>,
+  err = cudaFuncSetAttribute(flash_decode_kernel<Traits, Elem, false>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, want);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(flash_decode_kernel<Traits, Elem, true>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, want);
   if (err != cudaSuccess) return err;
   if (device < 64) done[device] = true;
@@ -34,13 +37,15 @@ cudaError_t decode_raise_smem_limit() {
 }
 
 template <int kHeadDim, ElemType kDtype>
-int decode_ctas_per_sm(int smem_bytes) {
+int decode_ctas_per_sm(int smem_bytes, bool paged) {
   using Elem = typename ElemOf<kDtype>::type;
   using Traits = DecodeTraits<kHeadDim>;
   if (decode_raise_smem_limit<kHeadDim, kDtype>() != cudaSuccess) return 0;
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, flash_decode_kernel<Traits, Elem>,
-                                                    Traits::kThreads, smem_bytes) != cudaSuccess) {
+  const auto kernel =
+      paged ? flash_decode_kernel<Traits, Elem, true> : flash_decode_kernel<Traits, Elem, false>;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Traits::kThreads, smem_bytes) !=
+      cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
@@ -56,7 +61,8 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
       p.heads_q % p.heads_kv != 0 || p.heads_kv > 65535 || p.num_splits < 1 ||
       p.stages < Traits::kMinStages || p.stages > Traits::kMaxStages ||
       (p.warps_m != 1 && p.warps_m != 2 && p.warps_m != 4) || p.num_m_blocks < 1 ||
-      (p.num_splits > 1 && (p.o_partial == nullptr || p.lse_partial == nullptr))) {
+      (p.num_splits > 1 && (p.o_partial == nullptr || p.lse_partial == nullptr)) ||
+      (p.block_table != nullptr && p.page_size < 1)) {
     return cudaErrorInvalidValue;
   }
   const int64_t gx = static_cast<int64_t>(p.num_m_blocks) * p.num_splits;
@@ -64,8 +70,9 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
   cudaError_t err = decode_raise_smem_limit<kHeadDim, kDtype>();
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(gx), p.heads_kv, p.batch < 65535 ? p.batch : 65535);
-  flash_decode_kernel<Traits, Elem>
-      <<<grid, Traits::kThreads, Traits::smem_bytes(p.stages), stream>>>(p);
+  const auto kernel = p.block_table != nullptr ? flash_decode_kernel<Traits, Elem, true>
+                                               : flash_decode_kernel<Traits, Elem, false>;
+  kernel<<<grid, Traits::kThreads, Traits::smem_bytes(p.stages), stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -75,4 +82,4 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
 #define FASTATTN_INSTANTIATE_DECODE(HDIM, DTYPE)                                             \
   template cudaError_t fastattn::gpu::run_decode_hdim<HDIM, fastattn::ElemType::DTYPE>(      \
       const fastattn::DecodeParams&, cudaStream_t);                                          \
-  template int fastattn::gpu::decode_ctas_per_sm<HDIM, fastattn::ElemType::DTYPE>(int);
+  template int fastattn::gpu::decode_ctas_per_sm<HDIM, fastattn::ElemType::DTYPE>(int, bool);

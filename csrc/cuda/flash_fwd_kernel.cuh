@@ -10,7 +10,9 @@
 //   wait K[n] -> issue V[n] -> S = Q K[n]^T -> mask (boundary tiles only)
 //   -> wait V[n] -> issue K[n-1] -> online softmax (exp2) -> O += P V[n]
 // KV blocks run from the last visible one down to the first visible one;
-// blocks no query of the CTA can see are skipped entirely.
+// blocks no query of the CTA can see are skipped entirely. K/V rows come from
+// FwdKvLoader: contiguous tensors, or a paged cache through a block table
+// (kPaged; the chunked-prefill path of the paged_fwd op).
 #pragma once
 #include <cstdint>
 
@@ -48,7 +50,69 @@ struct FwdTraits {
   static constexpr int kSmemBytes = QTile::kBytes + KTile::kBytes + VTile::kBytes;
 };
 
+// The KV-block iterator of the forward: K and V tiles of one (sequence, KV
+// head), rows >= sk zero-filled. Contiguous (dense or varlen) rows, or pages
+// through a block table (kPaged); nothing else in the kernel differs.
+template <typename Traits, typename Elem, bool kPaged>
+struct FwdKvLoader;
+
 template <typename Traits, typename Elem>
+struct FwdKvLoader<Traits, Elem, false> {
+  ContiguousTileLoader<Traits::kThreads, typename Traits::KTile, Elem> k;
+  ContiguousTileLoader<Traits::kThreads, typename Traits::VTile, Elem> v;
+  __device__ __forceinline__ void init(const FwdParams& p, int b, int64_t k_start, int hk,
+                                       int tid) {
+    const bool varlen = p.cu_seqlens_q != nullptr;
+    const Elem* k_base = static_cast<const Elem*>(p.k) + (varlen ? 0 : b * p.k_batch_stride) +
+                         k_start * p.k_row_stride + hk * p.k_head_stride;
+    const Elem* v_base = static_cast<const Elem*>(p.v) + (varlen ? 0 : b * p.v_batch_stride) +
+                         k_start * p.v_row_stride + hk * p.v_head_stride;
+    k.init(k_base, p.k_row_stride, p.head_dim, tid);
+    v.init(v_base, p.v_row_stride, p.head_dim, tid);
+  }
+  __device__ __forceinline__ void load_k(uint32_t addr, int row0, int sk) const {
+    k.load(addr, row0, sk);
+  }
+  __device__ __forceinline__ void load_v(uint32_t addr, int row0, int sk) const {
+    v.load(addr, row0, sk);
+  }
+};
+
+template <typename Traits, typename Elem>
+struct FwdKvLoader<Traits, Elem, true> {
+  PagedKvTileLoader<Traits::kThreads, typename Traits::KTile, Elem> kv;
+  __device__ __forceinline__ void init(const FwdParams& p, int b, int64_t /*k_start*/, int hk,
+                                       int tid) {
+    kv.init(static_cast<const Elem*>(p.k) + hk * p.k_head_stride,
+            static_cast<const Elem*>(p.v) + hk * p.v_head_stride, p.k_batch_stride,
+            p.k_row_stride, p.v_batch_stride, p.v_row_stride,
+            p.block_table + b * p.block_table_batch_stride, p.page_size, p.num_pages,
+            p.head_dim, tid);
+  }
+  __device__ __forceinline__ void load_k(uint32_t addr, int row0, int sk) const {
+    kv.load_k(addr, row0, sk);
+  }
+  __device__ __forceinline__ void load_v(uint32_t addr, int row0, int sk) const {
+    kv.load_v(addr, row0, sk);
+  }
+};
+
+// Keys of sequence b: contiguous rows [start, start + len) of k/v (dense or
+// varlen), or the paged sequence's seqlens_k[b] keys from key row 0.
+template <bool kPaged>
+__device__ __forceinline__ SeqBounds fwd_key_bounds(const FwdParams& p, int b) {
+  if constexpr (kPaged) {
+    SeqBounds r;
+    r.start = 0;
+    const int v = p.seqlens_k != nullptr ? p.seqlens_k[b] : p.seqlen_k;
+    r.len = v < 0 ? 0 : (v > p.seqlen_k ? p.seqlen_k : v);
+    return r;
+  } else {
+    return seq_bounds(p.cu_seqlens_k, b, p.seqlen_k, p.seqlen_k, p.total_k);
+  }
+}
+
+template <typename Traits, typename Elem, bool kPaged>
 __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, int b, int h,
                                                 int m_block) {
   constexpr int kBlockM = Traits::kBlockM;
@@ -72,16 +136,12 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
   const int sq = qs.len;
   const int m0 = m_block * kBlockM;
   if (m0 >= sq) return;  // uniform over the CTA
-  const SeqBounds ks = seq_bounds(p.cu_seqlens_k, b, p.seqlen_k, p.seqlen_k, p.total_k);
+  const SeqBounds ks = fwd_key_bounds<kPaged>(p, b);
   const int sk = ks.len;
   const int hk = h / (p.heads_q / p.heads_kv);
 
   const Elem* q_base = static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
                        (qs.start + m0) * p.q_row_stride + h * p.q_head_stride;
-  const Elem* k_base = static_cast<const Elem*>(p.k) + (varlen ? 0 : b * p.k_batch_stride) +
-                       ks.start * p.k_row_stride + hk * p.k_head_stride;
-  const Elem* v_base = static_cast<const Elem*>(p.v) + (varlen ? 0 : b * p.v_batch_stride) +
-                       ks.start * p.v_row_stride + hk * p.v_head_stride;
   Elem* o_base = static_cast<Elem*>(p.out) + (varlen ? 0 : b * p.o_batch_stride) +
                  (qs.start + m0) * p.o_row_stride + h * p.o_head_stride;
   float* lse_base = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
@@ -111,17 +171,15 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
   softmax.init();
 
   if (n_begin < n_end) {
-    ContiguousTileLoader<kThreads, KTile, Elem> k_loader;
-    ContiguousTileLoader<kThreads, VTile, Elem> v_loader;
-    k_loader.init(k_base, p.k_row_stride, p.head_dim, tid);
-    v_loader.init(v_base, p.v_row_stride, p.head_dim, tid);
+    FwdKvLoader<Traits, Elem, kPaged> kv;
+    kv.init(p, b, ks.start, hk, tid);
     {
       ContiguousTileLoader<kThreads, QTile, Elem> q_loader;
       q_loader.init(q_base, p.q_row_stride, p.head_dim, tid);
       q_loader.load(q_addr, 0, sq - m0);
     }
     int n = n_end - 1;
-    k_loader.load(k_addr, n * kBlockN, sk);
+    kv.load_k(k_addr, n * kBlockN, sk);
     ptx::cp_async_commit();
 
     const int a_off = a_lane_offset<QTile>(lane) + QTile::offset(warp_row, 0);
@@ -147,7 +205,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
     for (; n >= n_begin; --n) {
       ptx::cp_async_wait<0>();
       __syncthreads();  // K[n] (and Q) landed; every warp is done with V[n+1]
-      v_loader.load(v_addr, n * kBlockN, sk);
+      kv.load_v(v_addr, n * kBlockN, sk);
       ptx::cp_async_commit();
 
       float s[MT][NT][4];
@@ -190,7 +248,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       ptx::cp_async_wait<0>();
       __syncthreads();  // V[n] landed; every warp is done with K[n]
       if (n > n_begin) {
-        k_loader.load(k_addr, (n - 1) * kBlockN, sk);
+        kv.load_k(k_addr, (n - 1) * kBlockN, sk);
         ptx::cp_async_commit();
       }
 
@@ -246,7 +304,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
   store_tile<kThreads, QTile>(o_base, p.o_row_stride, smem, sq - m0, p.head_dim, tid);
 }
 
-template <typename Traits, typename Elem>
+template <typename Traits, typename Elem, bool kPaged>
 __global__ void __launch_bounds__(Traits::kThreads)
     flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   extern __shared__ __align__(128) char smem[];
@@ -256,7 +314,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       p.mask.window_right >= 0 ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : blockIdx.x;
   const int h = blockIdx.y;
   for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
-    flash_fwd_block<Traits, Elem>(p, smem, b, h, m_block);
+    flash_fwd_block<Traits, Elem, kPaged>(p, smem, b, h, m_block);
     if (b + gridDim.z < p.batch) __syncthreads();  // smem is reused by the next sequence
   }
 }

@@ -64,19 +64,24 @@ cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
   // Query blocks on x (fastest): consecutive CTAs share one head's K/V in L2;
   // then heads (GQA groups adjacent), then batch (kernel loops past 65535).
   const dim3 grid(num_m_blocks, params.heads_q, params.batch < 65535 ? params.batch : 65535);
-  auto kernel = flash_fwd_kernel<Traits, Elem>;
+  const bool paged = params.block_table != nullptr;
+  if (paged && (params.page_size < 1 || params.cu_seqlens_q == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  auto kernel = paged ? flash_fwd_kernel<Traits, Elem, true> : flash_fwd_kernel<Traits, Elem, false>;
   constexpr int kSmem = Traits::kSmemBytes;
   if (kSmem > 48 * 1024) {
-    // Once per device (kept out of CUDA-graph capture, which follows eager
-    // warm-up runs); racing threads would only set the same value twice.
-    static bool attr_set[64] = {};
+    // Once per device and variant (kept out of CUDA-graph capture, which
+    // follows eager warm-up runs); racing threads would only set the same
+    // value twice.
+    static bool attr_set[64][2] = {};
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
-    if (device >= 64 || !attr_set[device]) {
+    if (device >= 64 || !attr_set[device][paged]) {
       err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
       if (err != cudaSuccess) return err;
-      if (device < 64) attr_set[device] = true;
+      if (device < 64) attr_set[device][paged] = true;
     }
   }
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(params);

@@ -68,6 +68,20 @@ struct FwdParams {
   MaskParams mask;
   ElemType dtype = ElemType::kFloat16;
   int num_sms = 0;  // of the current device, for grid heuristics
+
+  // Paged K/V (forward only; the paged_fwd op): block_table != nullptr makes k
+  // and v page pools (num_pages, page_size, heads_kv, head_dim): k_batch_stride
+  // is then the page stride and k_row_stride the slot stride (v likewise).
+  // q/out are varlen (cu_seqlens_q); sequence b has seqlens_k[b] keys (clamped
+  // into [0, seqlen_k], seqlen_k = max_blocks * page_size) and key row r lives
+  // in page block_table[b * block_table_batch_stride + r / page_size], slot
+  // r % page_size; a page id outside [0, num_pages) reads as zeros.
+  // cu_seqlens_k is unused.
+  const int* block_table = nullptr;
+  int64_t block_table_batch_stride = 0;
+  int page_size = 0;
+  int num_pages = 0;
+  const int* seqlens_k = nullptr;
 };
 
 // Backward. Inputs as in FwdParams plus dout (same layout as out) and the

@@ -6,6 +6,7 @@
     fastattn.flash_attn_varlen_func(...)         ragged batches (cu_seqlens)
     fastattn.flash_attn_with_kvcache(...)        decoding over a KV cache (split-KV)
     fastattn.merge_attention_states(...)         merge partial (out, lse) over disjoint key sets
+    fastattn.PagedKVCache(...)                   paged KV cache: block pool, tables, fork/COW
     fastattn.explain(...)                        which path an SDPA call takes
 Low-level ops: torch.ops.fastattn.* (schemas in csrc/ops.cpp).
 """
@@ -18,6 +19,7 @@ from .functional import (
     flash_attn_varlen_func,
     scaled_dot_product_attention,
 )
+from .paged import OutOfBlocks, PagedKVCache
 from .patch import is_sdpa_patched, patch_sdpa, unpatch_sdpa
 
 __version__ = "0.1.0"
@@ -32,6 +34,8 @@ __all__ = [
     "is_sdpa_patched",
     "merge_attention_states",
     "merge_attention_states_n",
+    "OutOfBlocks",
+    "PagedKVCache",
     "ops",
     "patch_sdpa",
     "scaled_dot_product_attention",

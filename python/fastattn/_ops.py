@@ -110,6 +110,28 @@ def _decode_fake(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, s
     return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=_lse_dtype(q.dtype))
 
 
+@torch.library.register_fake("fastattn::paged_fwd")
+def _paged_fwd_fake(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, max_seqlen_q, scale,
+                    causal, window_left, window_right):
+    _check_one_device(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
+
+
+def _inference_only(name):
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"fastattn: {name} is inference-only (no backward through a KV cache); train with "
+            "flash_attn_func / flash_attn_varlen_func on contiguous k, v")
+    torch.library.register_autograd(f"fastattn::{name}", backward, setup_context=setup)
+
+
+_inference_only("decode")
+_inference_only("paged_fwd")
+
+
 @torch.library.register_fake("fastattn::merge_states")
 def _merge_fake(out_a, lse_a, out_b, lse_b):
     _check_one_device(out_a, lse_a, out_b, lse_b)

@@ -50,6 +50,34 @@ def _apply_rotary(x, cos, sin, positions, interleaved):
     return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
 
 
+def _append_slots(positions, capacity, row_len, block_table, cache_batch_idx):
+    """Cache slots (row * row_len + offset, int64) of the new tokens at positions (B, S_new).
+
+    Contiguous cache: row = cache_batch_idx[b] (or b), offset = position. Paged:
+    row = block_table[b, position // block_size], offset = position % block_size.
+    Positions outside [0, capacity) (capacity = S_max, or max_blocks *
+    block_size) have no slot: a CPU call raises; on the GPU (where checking would cost a host
+    sync) they get slot -1, which append_kv skips, and the decode kernel never
+    reads past the capacity either.
+    """
+    B = positions.shape[0]
+    over = (positions >= capacity) | (positions < 0)
+    if positions.device.type == "cpu" and not torch.compiler.is_compiling() and bool(over.any()):
+        b = int(over.any(dim=1).nonzero()[0])
+        raise ValueError(f"fastattn: appending to sequence {b} would write positions "
+                         f"{int(positions[b].min())}..{int(positions[b].max())}, outside the "
+                         f"cache's {capacity} slots (check cache_seqlens)")
+    pos = positions.clamp(0, capacity - 1)
+    if block_table is not None:
+        blocks = torch.gather(block_table.long(), 1, pos // row_len)
+        slots = blocks * row_len + pos % row_len
+    else:
+        rows = (cache_batch_idx.long() if cache_batch_idx is not None
+                else torch.arange(B, device=positions.device))
+        slots = rows[:, None] * row_len + pos
+    return torch.where(over, torch.full_like(slots, -1), slots)
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
                             block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -57,10 +85,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             return_softmax_lse=False):
     """flash-attn 2.x compatible decoding/chunk attention over a KV cache (inference only).
 
-    q (B, Sq, Hq, D); k_cache, v_cache (B_cache, S_max, Hkv, D). If k, v
-    (B, S_new, Hkv, D) are given they are written into the cache in place at
-    positions cache_seqlens[b] + i of cache row cache_batch_idx[b] (before
-    attending); cache_seqlens are the lengths *before* that append. Causal and
+    q (B, Sq, Hq, D); k_cache, v_cache (B_cache, S_max, Hkv, D), or a paged
+    cache (num_blocks, block_size, Hkv, D) with block_table (B, max_blocks)
+    int32 (position p of sequence b is slot p % block_size of block
+    block_table[b, p // block_size]). If k, v (B, S_new, Hkv, D) are given they
+    are written into the cache in place at positions cache_seqlens[b] + i of
+    cache row cache_batch_idx[b] (or through the block table) before
+    attending; cache_seqlens are the lengths *before* that append. Causal and
     windows align bottom-right (query Sq-1 sits at the last key). Rotary
     (rotary_cos/sin (S_ro, rotary_dim/2)) rotates k at its cache positions and q
     at cache_seqlens + i when causal or windowed, else at cache_seqlens.
@@ -73,8 +104,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise NotImplementedError("fastattn: alibi_slopes is not supported yet")
     if cache_leftpad is not None:
         raise NotImplementedError("fastattn: cache_leftpad is not supported yet")
-    if block_table is not None:
-        raise NotImplementedError("fastattn: block_table (paged KV) is not supported yet")
     if (k is None) != (v is None):
         raise ValueError("fastattn: pass both k and v, or neither")
     if (rotary_cos is None) != (rotary_sin is None):
@@ -86,7 +115,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     _check_flash_dtype(q)
     left, right = _window(window_size)
     B, Sq = q.shape[0], q.shape[1]
-    S_max = k_cache.shape[1]
+    paged = block_table is not None
+    if paged:
+        if cache_batch_idx is not None:
+            raise ValueError("fastattn: cache_batch_idx cannot be combined with block_table")
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.dtype != torch.int32:
+            raise TypeError("fastattn: block_table must be a 2-D int32 tensor (batch, max_blocks)")
+    # Keys a sequence can hold: S_max, or max_blocks * block_size when paged.
+    S_max = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
     cache_seqlens = _as_int32(cache_seqlens, B, q.device, "cache_seqlens")
     cache_batch_idx = _as_int32(cache_batch_idx, B, q.device, "cache_batch_idx")
@@ -105,13 +141,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             q_pos = (start[:, None] + torch.arange(Sq, device=q.device)
                      if (causal or left >= 0 or right >= 0) else start[:, None].expand(B, Sq))
             q = _apply_rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
-        rows = (cache_batch_idx.long() if cache_batch_idx is not None
-                else torch.arange(B, device=q.device))
-        slots = rows[:, None] * S_max + positions
+        slots = _append_slots(positions, S_max, k_cache.shape[1], block_table, cache_batch_idx)
         ops.append_kv(k.reshape(B * S_new, *k.shape[2:]), v.reshape(B * S_new, *v.shape[2:]),
                       slots.reshape(-1), k_cache, v_cache)
         seqlens_k = (start + S_new).to(torch.int32)
 
-    out, lse = ops.decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, None, scale, bool(causal),
-                          left, right, int(num_splits))
+    out, lse = ops.decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale,
+                          bool(causal), left, right, int(num_splits))
     return (out, lse) if return_softmax_lse else out

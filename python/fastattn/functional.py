@@ -197,13 +197,30 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q is (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim);
     cu_seqlens_* are int32 (batch + 1) prefix sums of the sequence lengths.
     softmax_lse is (nheads, total_q) float32.
+
+    Paged KV (inference: chunked prefill mixed with decode rows): with
+    block_table (batch, max_blocks) int32, k and v are paged caches
+    (num_blocks, block_size, nheads_k, headdim) already holding every key of
+    each sequence (its context plus the new chunk: append first, e.g.
+    PagedKVCache.append / ops.append_kv), and cu_seqlens_k gives the key
+    counts; sequence b's key j is slot j % block_size of block
+    block_table[b, j // block_size]. Masks align bottom-right, so a chunk's
+    last query sees the sequence's last key. No backward on this path.
     """
     _flash_unsupported(dropout_p, softcap, alibi_slopes)
-    if block_table is not None:
-        raise NotImplementedError("fastattn: block_table (paged KV) is not supported yet")
     _check_flash_dtype(q)
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if block_table is not None:
+        if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 2:
+            raise ValueError("fastattn: with block_table, cu_seqlens_k must be a 1-D int32 tensor of "
+                             "length batch + 1 (prefix sums of the key counts)")
+        if cu_seqlens_k.dtype != torch.int32:
+            raise TypeError(f"fastattn: cu_seqlens_k must be int32, got {cu_seqlens_k.dtype}")
+        seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+        out, lse = ops.paged_fwd(q, k, v, cu_seqlens_q, seqlens_k, block_table, int(max_seqlen_q),
+                                 scale, bool(causal), left, right)
+        return (out, lse, None) if return_attn_probs else out
     out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                        scale, bool(causal), left, right, True, bool(deterministic))
     return (out, lse, None) if return_attn_probs else out

@@ -3,10 +3,8 @@
 //                                        clamping untrusted cu_seqlens into [0, total]
 //   - row sources, the "KV-block iterator": where row r of one (sequence, head) lives
 //       ContiguousRows<Elem>{base, row_stride}       base + r * row_stride
-//       PagedRows<Elem>{...}                         page block_table[r / page_size], slot r % page_size
 //     Kernels only call src.row(r) for valid rows and src.safe_ptr() for the
-//     zero-filled ones, so contiguous, paged (and block-sparse, which only
-//     changes which block index comes next) share one tile loader.
+//     zero-filled ones (used for Q tiles and one-off loads).
 //   - load_tile_async<kThreads, Tile>(tile_addr, src, row0, row_limit, col_limit, tid)
 //       cp.async 16-byte copies of rows [row0, row0 + Tile::kRows) into a SmemTile,
 //       zero-filling rows >= row_limit and 8-column chunks >= col_limit.
@@ -14,6 +12,10 @@
 //     per-thread pointer / predicates computed once (init), so a tile load costs one
 //     64-bit add per 16-byte copy: loader.init(base, row_stride, col_limit, tid);
 //     loader.load(tile_addr, row0, row_limit).
+//   - PagedKvTileLoader<kThreads, Tile, Elem>: the KV-block iterator of a paged
+//     cache: the same tile loads with each row's address found through the block
+//     table (load_k / load_v / load_kv), so contiguous and paged K/V differ only
+//     in the loader type a kernel is instantiated with.
 //   - store_tile<kThreads, Tile>(dst, row_stride, smem, row_limit, col_limit, tid)
 //       16-byte stores of the tile's valid rows / chunks to global memory.
 // Columns are counted in elements of 2-byte types; col_limit must be a multiple
@@ -57,23 +59,6 @@ struct ContiguousRows {
   int64_t row_stride;  // elements between consecutive rows
   __device__ __forceinline__ const Elem* row(int r) const { return base + r * row_stride; }
   __device__ __forceinline__ const Elem* safe_ptr() const { return base; }
-};
-
-// Paged rows: logical row r of a sequence lives in physical page
-// block_table[r / page_size], slot r % page_size.
-template <typename Elem>
-struct PagedRows {
-  const Elem* pool;          // page 0, slot 0, head 0
-  const int* block_table;    // this sequence's page indices
-  int page_size;             // rows per page
-  int64_t page_stride;       // elements between pages
-  int64_t row_stride;        // elements between slots of a page
-  int64_t head_offset;       // elements to this head
-  __device__ __forceinline__ const Elem* row(int r) const {
-    const int page = block_table[r / page_size];
-    return pool + page * page_stride + (r % page_size) * row_stride + head_offset;
-  }
-  __device__ __forceinline__ const Elem* safe_ptr() const { return pool; }
 };
 
 constexpr int next_pow2(int x) {
@@ -168,6 +153,105 @@ struct ContiguousTileLoader {
                          row_ok ? p + r * row_stride : base, row_ok && chunk_ok);
       }
     }
+  }
+};
+
+// Paged K/V source of one (sequence, KV head): logical key row r lives in
+// page block_table[r / page_size] at slot r % page_size of the K and V pools.
+// Only the address of a row differs from the contiguous case; the tile shape,
+// the thread -> (row, chunk) map and the zero-fill rules are those of
+// ContiguousTileLoader, so the kernels' main loops do not change. K and V
+// share the block table, so one lookup serves both when they are loaded
+// together (decode). Page ids outside [0, num_pages) (bad device data the
+// host cannot check without a sync) read as zero rows instead of faulting.
+template <int kThreads, typename Tile, typename Elem>
+struct PagedKvTileLoader {
+  using Map = TileCopyMap<kThreads, Tile>;
+  static_assert(Map::kChunkPasses == 1, "one 16-byte chunk per thread and row");
+  const Elem* k_col;  // K pool + head offset + own chunk column
+  const Elem* v_col;
+  const Elem* k_safe;  // a valid address for zero-filled copies
+  const Elem* v_safe;
+  const int* table;   // this sequence's block table row
+  int64_t k_page_stride, k_slot_stride;
+  int64_t v_page_stride, v_slot_stride;
+  int page_size;
+  int page_shift;     // log2(page_size) when it is a power of two, else -1
+  int num_pages;
+  int r0;             // this thread's first row within the tile
+  int smem_off;
+  bool active, chunk_ok;
+
+  __device__ __forceinline__ void init(const Elem* k_head, const Elem* v_head, int64_t kps,
+                                       int64_t kss, int64_t vps, int64_t vss,
+                                       const int* block_table_row, int ps, int pages,
+                                       int col_limit, int tid) {
+    const int slot = tid % Map::kSlots;
+    r0 = tid / Map::kSlots;
+    active = slot < Map::kChunks;
+    chunk_ok = active && slot * 8 < col_limit;
+    k_col = k_head + (chunk_ok ? slot * 8 : 0);
+    v_col = v_head + (chunk_ok ? slot * 8 : 0);
+    k_safe = k_head;
+    v_safe = v_head;
+    table = block_table_row;
+    k_page_stride = kps;
+    k_slot_stride = kss;
+    v_page_stride = vps;
+    v_slot_stride = vss;
+    page_size = ps;
+    page_shift = (ps & (ps - 1)) == 0 ? __ffs(ps) - 1 : -1;
+    num_pages = pages;
+    smem_off = Tile::offset(r0, active ? slot * 8 : 0);
+  }
+
+  // Page and slot of every row this thread copies in the tile at row0; the
+  // table reads are independent loads issued back to back (one round trip).
+  __device__ __forceinline__ void lookup(int row0, int row_limit, int (&page)[Map::kPasses],
+                                         int (&slot)[Map::kPasses]) const {
+#pragma unroll
+    for (int i = 0; i < Map::kPasses; ++i) {
+      const int r = row0 + r0 + i * Map::kRowsPerPass;
+      const bool ok = r < row_limit && r0 + i * Map::kRowsPerPass < Tile::kRows;
+      const int idx = page_shift >= 0 ? (r >> page_shift) : r / page_size;
+      slot[i] = page_shift >= 0 ? (r & (page_size - 1)) : r - idx * page_size;
+      page[i] = ok ? __ldg(table + idx) : -1;
+    }
+  }
+
+  __device__ __forceinline__ void copy(uint32_t tile_addr, const Elem* col, const Elem* safe,
+                                       int64_t ps, int64_t ss, const int (&page)[Map::kPasses],
+                                       const int (&slot)[Map::kPasses]) const {
+#pragma unroll
+    for (int i = 0; i < Map::kPasses; ++i) {
+      const int r = i * Map::kRowsPerPass;
+      if (Map::kPasses * Map::kRowsPerPass > Tile::kRows && r0 + r >= Tile::kRows) continue;
+      const bool ok = static_cast<unsigned>(page[i]) < static_cast<unsigned>(num_pages);
+      const Elem* g = ok ? col + page[i] * ps + slot[i] * ss : safe;
+      ptx::cp_async_16(tile_addr + smem_off + r * Tile::kStrideBytes, g, ok && chunk_ok);
+    }
+  }
+
+  // Key rows [row0, row0 + Tile::kRows) into K and/or V tiles; rows >= row_limit zero-filled.
+  __device__ __forceinline__ void load_k(uint32_t tile_addr, int row0, int row_limit) const {
+    if (Map::kSlots != Map::kChunks && !active) return;
+    int page[Map::kPasses], slot[Map::kPasses];
+    lookup(row0, row_limit, page, slot);
+    copy(tile_addr, k_col, k_safe, k_page_stride, k_slot_stride, page, slot);
+  }
+  __device__ __forceinline__ void load_v(uint32_t tile_addr, int row0, int row_limit) const {
+    if (Map::kSlots != Map::kChunks && !active) return;
+    int page[Map::kPasses], slot[Map::kPasses];
+    lookup(row0, row_limit, page, slot);
+    copy(tile_addr, v_col, v_safe, v_page_stride, v_slot_stride, page, slot);
+  }
+  __device__ __forceinline__ void load_kv(uint32_t k_addr, uint32_t v_addr, int row0,
+                                          int row_limit) const {
+    if (Map::kSlots != Map::kChunks && !active) return;
+    int page[Map::kPasses], slot[Map::kPasses];
+    lookup(row0, row_limit, page, slot);
+    copy(k_addr, k_col, k_safe, k_page_stride, k_slot_stride, page, slot);
+    copy(v_addr, v_col, v_safe, v_page_stride, v_slot_stride, page, slot);
   }
 };
 

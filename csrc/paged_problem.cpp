@@ -1,0 +1,82 @@
+#include "paged_problem.h"
+
+#include <cmath>
+#include <utility>
+
+#include "index_checks.h"
+
+namespace fastattn {
+
+PagedFwdProblem check_paged_fwd_args(const at::Tensor& q, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q,
+                                     const at::Tensor& seqlens_k, const at::Tensor& block_table,
+                                     int64_t max_seqlen_q, double scale, bool causal,
+                                     int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(q.defined() && k_cache.defined() && v_cache.defined(),
+              "fastattn: q, k_cache and v_cache must be defined");
+  TORCH_CHECK(q.dim() == 3, "fastattn: paged prefill q must be 3-D (total_tokens, heads, "
+              "head_dim), packed by cu_seqlens_q; got ", q.dim(), "-D shape ", q.sizes());
+  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+    TORCH_CHECK(t->dim() == 4, "fastattn: ", name, " must be a 4-D paged cache (num_blocks, "
+                "block_size, heads_kv, head_dim), got ", t->dim(), "-D shape ", t->sizes());
+  }
+  TORCH_CHECK(is_supported_dtype(q.scalar_type()),
+              "fastattn: q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "fastattn: q, k_cache and v_cache must share one dtype, got ", q.scalar_type(), ", ",
+              k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  TORCH_CHECK(k_cache.device() == q.device() && v_cache.device() == q.device(),
+              "fastattn: q, k_cache and v_cache must be on one device, got ", q.device(), ", ",
+              k_cache.device(), ", ", v_cache.device());
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(),
+              "fastattn: k_cache and v_cache must have the same shape, got ", k_cache.sizes(),
+              " and ", v_cache.sizes());
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k_cache, "k_cache");
+  check_last_dim_contiguous(v_cache, "v_cache");
+
+  PagedFwdProblem p;
+  AttnProblem& a = p.attn;
+  a.varlen = true;
+  a.bottom_right = true;
+  a.total_q = q.size(0);
+  a.heads_q = q.size(1);
+  a.head_dim = q.size(2);
+  p.num_blocks = k_cache.size(0);
+  p.block_size = k_cache.size(1);
+  a.heads_kv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == a.head_dim,
+              "fastattn: q and k_cache must have the same head_dim, got ", a.head_dim, " and ",
+              k_cache.size(3));
+  TORCH_CHECK(a.head_dim >= 1 && a.head_dim <= kMaxHeadDim, "fastattn: head_dim must be in [1, ",
+              kMaxHeadDim, "], got ", a.head_dim);
+  TORCH_CHECK(a.heads_q >= 1 && a.heads_kv >= 1, "fastattn: heads must be >= 1");
+  TORCH_CHECK(a.heads_q % a.heads_kv == 0, "fastattn: the number of query heads (", a.heads_q,
+              ") must be divisible by the number of key/value heads of the cache (", a.heads_kv,
+              ")");
+  TORCH_CHECK(p.block_size >= 1, "fastattn: the paged cache's block_size must be >= 1");
+  TORCH_CHECK(std::isfinite(scale), "fastattn: scale must be finite, got ", scale);
+
+  check_cu_seqlens(cu_seqlens_q, q, "cu_seqlens_q");
+  a.batch = cu_seqlens_q.size(0) - 1;
+  TORCH_CHECK(max_seqlen_q >= 0, "fastattn: max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", a.total_q, max_seqlen_q);
+  check_index_tensor(block_table, q, "block_table", at::kInt, 2, a.batch);
+  check_index_tensor(seqlens_k, q, "seqlens_k", at::kInt, 1, a.batch);
+  p.max_blocks = block_table.size(1);
+  const int64_t max_keys = p.max_blocks * p.block_size;
+  TORCH_CHECK(max_keys <= INT32_MAX, "fastattn: max_blocks * block_size must fit in int32, got ",
+              max_keys);
+  check_index_values(seqlens_k, "seqlens_k", 0, max_keys,
+                     "keys per sequence, at most max_blocks * block_size");
+  check_block_table_values(block_table, seqlens_k, p.block_size, p.num_blocks);
+
+  a.seqlen_q = max_seqlen_q;
+  a.seqlen_k = max_keys;
+  a.scale = scale;
+  a.window_left = window_left < 0 ? -1 : window_left;
+  a.window_right = causal ? 0 : (window_right < 0 ? -1 : window_right);
+  return p;
+}
+
+}  // namespace fastattn
