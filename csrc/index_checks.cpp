@@ -1,16 +1,29 @@
 #include "index_checks.h"
 
 #include <algorithm>
+#include <string>
 
 namespace fastattn {
+
+namespace {
+// Index dtypes by the names users write (torch.int32), not c10's ("Int").
+std::string index_dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kShort: return "int16";
+    default: return c10::toString(t);
+  }
+}
+}  // namespace
 
 void check_index_tensor(const at::Tensor& t, const at::Tensor& q, const char* name,
                         at::ScalarType dtype, int64_t rank, int64_t size0) {
   TORCH_CHECK(t.dim() == rank, "fastattn: ", name, " must be ", rank, "-D, got shape ", t.sizes());
   TORCH_CHECK(t.size(0) == size0, "fastattn: ", name, " must have ", size0,
               " rows (one per sequence), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "fastattn: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastattn: ", name, " must be ", index_dtype_name(dtype),
+              ", got ", index_dtype_name(t.scalar_type()));
   TORCH_CHECK(t.device() == q.device(), "fastattn: ", name, " is on ", t.device(),
               " but q is on ", q.device());
 }

@@ -176,8 +176,11 @@ struct DecodeKvLoader<Traits, Elem, true> {
             p.head_dim, tid);
     sk = seq.sk;
   }
-  __device__ __forceinline__ void load(uint32_t stage_addr, int block) const {
+  // Blocks are loaded in increasing order, so the next block's page ids are
+  // fetched now and land while this block's copies and compute proceed.
+  __device__ __forceinline__ void load(uint32_t stage_addr, int block) {
     kv.load_kv(stage_addr, stage_addr + KTile::kBytes, block * Traits::kBlockN, sk);
+    kv.prefetch((block + 1) * Traits::kBlockN, sk);
   }
 };
 

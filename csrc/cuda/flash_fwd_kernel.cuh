@@ -89,11 +89,14 @@ struct FwdKvLoader<Traits, Elem, true> {
             p.block_table + b * p.block_table_batch_stride, p.page_size, p.num_pages,
             p.head_dim, tid);
   }
-  __device__ __forceinline__ void load_k(uint32_t addr, int row0, int sk) const {
+  __device__ __forceinline__ void load_k(uint32_t addr, int row0, int sk) {
     kv.load_k(addr, row0, sk);
   }
-  __device__ __forceinline__ void load_v(uint32_t addr, int row0, int sk) const {
+  // The kernel loads K[n], V[n], K[n-1], V[n-1], ...: once V[n] is issued the
+  // page ids of block n-1 are fetched, landing while S = Q K[n]^T is computed.
+  __device__ __forceinline__ void load_v(uint32_t addr, int row0, int sk) {
     kv.load_v(addr, row0, sk);
+    if (row0 >= Traits::kBlockN) kv.prefetch(row0 - Traits::kBlockN, sk);
   }
 };
 

@@ -115,6 +115,8 @@ class PagedKVCache:
                                              for _ in range(self._num_layers)]
         self.v_caches: list[torch.Tensor] = [torch.empty(shape, dtype=dtype, device=self._device)
                                              for _ in range(self._num_layers)]
+        # The resolved device ("cuda" -> "cuda:0"), so device checks compare equal.
+        self._device = self.k_caches[0].device if self._num_layers > 0 else self._device
         # A stack: pop() hands out the lowest ids first on a fresh cache, and a freed
         # block is the next one reused.
         self._free: list[int] = list(range(self._num_blocks - 1, -1, -1))

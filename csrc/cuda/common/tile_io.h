@@ -21,6 +21,7 @@
 // Columns are counted in elements of 2-byte types; col_limit must be a multiple
 // of 8 (the glue pads head dims that are not).
 #pragma once
+#include <climits>
 #include <cstdint>
 
 #include "cuda/common/fragment.h"
@@ -160,10 +161,18 @@ struct ContiguousTileLoader {
 // page block_table[r / page_size] at slot r % page_size of the K and V pools.
 // Only the address of a row differs from the contiguous case; the tile shape,
 // the thread -> (row, chunk) map and the zero-fill rules are those of
-// ContiguousTileLoader, so the kernels' main loops do not change. K and V
-// share the block table, so one lookup serves both when they are loaded
-// together (decode). Page ids outside [0, num_pages) (bad device data the
-// host cannot check without a sync) read as zero rows instead of faulting.
+// ContiguousTileLoader, so the kernels' main loops do not change.
+//
+// Page ids are looked up per thread for the rows it copies and cached in
+// registers (K and V share them). The table read is a dependent global load
+// in front of the tile's copies: done at copy time it would add a full
+// memory round trip to every tile's latency (measured: paged decode at half
+// the contiguous speed). So kernels call prefetch(next tile's row0) right
+// after issuing a tile: the table loads are in flight while the current tile
+// is computed, and the next load_* finds its page ids ready. A load whose
+// row0 was not prefetched looks its pages up on the spot (correct, slower).
+// Page ids outside [0, num_pages) (bad device data the host cannot check
+// without a sync) read as zero rows instead of faulting.
 template <int kThreads, typename Tile, typename Elem>
 struct PagedKvTileLoader {
   using Map = TileCopyMap<kThreads, Tile>;
@@ -181,6 +190,8 @@ struct PagedKvTileLoader {
   int r0;             // this thread's first row within the tile
   int smem_off;
   bool active, chunk_ok;
+  int cached_row0;             // tile whose page ids `page` holds (INT_MIN: none)
+  int page[Map::kPasses];      // page id of each row this thread copies (-1: zero-fill)
 
   __device__ __forceinline__ void init(const Elem* k_head, const Elem* v_head, int64_t kps,
                                        int64_t kss, int64_t vps, int64_t vss,
@@ -203,55 +214,54 @@ struct PagedKvTileLoader {
     page_shift = (ps & (ps - 1)) == 0 ? __ffs(ps) - 1 : -1;
     num_pages = pages;
     smem_off = Tile::offset(r0, active ? slot * 8 : 0);
+    cached_row0 = INT_MIN;
   }
 
-  // Page and slot of every row this thread copies in the tile at row0; the
-  // table reads are independent loads issued back to back (one round trip).
-  __device__ __forceinline__ void lookup(int row0, int row_limit, int (&page)[Map::kPasses],
-                                         int (&slot)[Map::kPasses]) const {
+  // Issues the table reads for the rows of the tile at row0 (independent
+  // loads, back to back; nothing waits for them until a copy uses them).
+  __device__ __forceinline__ void prefetch(int row0, int row_limit) {
+    cached_row0 = row0;
 #pragma unroll
     for (int i = 0; i < Map::kPasses; ++i) {
       const int r = row0 + r0 + i * Map::kRowsPerPass;
       const bool ok = r < row_limit && r0 + i * Map::kRowsPerPass < Tile::kRows;
       const int idx = page_shift >= 0 ? (r >> page_shift) : r / page_size;
-      slot[i] = page_shift >= 0 ? (r & (page_size - 1)) : r - idx * page_size;
       page[i] = ok ? __ldg(table + idx) : -1;
     }
   }
 
   __device__ __forceinline__ void copy(uint32_t tile_addr, const Elem* col, const Elem* safe,
-                                       int64_t ps, int64_t ss, const int (&page)[Map::kPasses],
-                                       const int (&slot)[Map::kPasses]) const {
+                                       int64_t ps, int64_t ss, int row0) const {
 #pragma unroll
     for (int i = 0; i < Map::kPasses; ++i) {
       const int r = i * Map::kRowsPerPass;
       if (Map::kPasses * Map::kRowsPerPass > Tile::kRows && r0 + r >= Tile::kRows) continue;
+      const int row = row0 + r0 + r;
+      const int slot = page_shift >= 0 ? (row & (page_size - 1)) : row % page_size;
       const bool ok = static_cast<unsigned>(page[i]) < static_cast<unsigned>(num_pages);
-      const Elem* g = ok ? col + page[i] * ps + slot[i] * ss : safe;
+      const Elem* g = ok ? col + page[i] * ps + slot * ss : safe;
       ptx::cp_async_16(tile_addr + smem_off + r * Tile::kStrideBytes, g, ok && chunk_ok);
     }
   }
 
-  // Key rows [row0, row0 + Tile::kRows) into K and/or V tiles; rows >= row_limit zero-filled.
-  __device__ __forceinline__ void load_k(uint32_t tile_addr, int row0, int row_limit) const {
+  // Key rows [row0, row0 + Tile::kRows) into K and/or V tiles; rows >= row_limit
+  // zero-filled. row_limit must be the same for every call on one sequence.
+  __device__ __forceinline__ void load_k(uint32_t tile_addr, int row0, int row_limit) {
     if (Map::kSlots != Map::kChunks && !active) return;
-    int page[Map::kPasses], slot[Map::kPasses];
-    lookup(row0, row_limit, page, slot);
-    copy(tile_addr, k_col, k_safe, k_page_stride, k_slot_stride, page, slot);
+    if (row0 != cached_row0) prefetch(row0, row_limit);
+    copy(tile_addr, k_col, k_safe, k_page_stride, k_slot_stride, row0);
   }
-  __device__ __forceinline__ void load_v(uint32_t tile_addr, int row0, int row_limit) const {
+  __device__ __forceinline__ void load_v(uint32_t tile_addr, int row0, int row_limit) {
     if (Map::kSlots != Map::kChunks && !active) return;
-    int page[Map::kPasses], slot[Map::kPasses];
-    lookup(row0, row_limit, page, slot);
-    copy(tile_addr, v_col, v_safe, v_page_stride, v_slot_stride, page, slot);
+    if (row0 != cached_row0) prefetch(row0, row_limit);
+    copy(tile_addr, v_col, v_safe, v_page_stride, v_slot_stride, row0);
   }
   __device__ __forceinline__ void load_kv(uint32_t k_addr, uint32_t v_addr, int row0,
-                                          int row_limit) const {
+                                          int row_limit) {
     if (Map::kSlots != Map::kChunks && !active) return;
-    int page[Map::kPasses], slot[Map::kPasses];
-    lookup(row0, row_limit, page, slot);
-    copy(k_addr, k_col, k_safe, k_page_stride, k_slot_stride, page, slot);
-    copy(v_addr, v_col, v_safe, v_page_stride, v_slot_stride, page, slot);
+    if (row0 != cached_row0) prefetch(row0, row_limit);
+    copy(k_addr, k_col, k_safe, k_page_stride, k_slot_stride, row0);
+    copy(v_addr, v_col, v_safe, v_page_stride, v_slot_stride, row0);
   }
 };
 
