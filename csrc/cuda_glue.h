@@ -140,6 +140,22 @@ inline void fill_fwd_params(FwdParams& p, const AttnProblem& prob, const at::Ten
   p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
+// The paged kernels address K and V with one (page, slot) offset per row:
+// the pools must share their strides, with page and slot strides below 2^31
+// elements. Pools that do not (rare: views with different strides) are
+// copied to contiguous ones; a pool whose page itself exceeds 2^31 elements
+// is refused.
+inline void paged_pools_for_kernel(at::Tensor& k_pool, at::Tensor& v_pool) {
+  auto fits = [](const at::Tensor& t) {
+    return t.stride(0) <= INT32_MAX && t.stride(1) <= INT32_MAX;
+  };
+  if (k_pool.strides() == v_pool.strides() && fits(k_pool)) return;
+  k_pool = k_pool.contiguous();
+  v_pool = v_pool.contiguous();
+  TORCH_CHECK(fits(k_pool), "fastattn: one page of the paged cache (block_size * heads_kv * "
+              "head_dim = ", k_pool.stride(0), " elements) must be below 2^31 elements");
+}
+
 inline void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fastattn: ", what, " kernel launch failed: ",
               cudaGetErrorString(err));

@@ -146,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
     if (kr.size(-1) != dpad) kr = glue::kernel_readable_copy(k_cache, dpad);
     if (vr.size(-1) != dpad) vr = glue::kernel_readable_copy(v_cache, dpad);
   }
+  glue::paged_pools_for_kernel(kr, vr);
   at::Tensor out_k = padded ? at::empty(qr.sizes(), q.options()) : out;
   if (!glue::kernel_readable(out_k)) out_k = at::empty(qr.sizes(), q.options());
 

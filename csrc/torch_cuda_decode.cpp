@@ -101,6 +101,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
     if (kr.size(-1) != dpad) kr = glue::kernel_readable_copy(k_cache, dpad);
     if (vr.size(-1) != dpad) vr = glue::kernel_readable_copy(v_cache, dpad);
   }
+  if (prob.paged) glue::paged_pools_for_kernel(kr, vr);
   at::Tensor out_k = padded ? at::empty({prob.batch, prob.seqlen_q, prob.heads_q, dpad}, q.options())
                             : out;
 

@@ -170,8 +170,8 @@ struct DecodeKvLoader<Traits, Elem, true> {
   __device__ __forceinline__ void init(const DecodeParams& p, const DecodeSeq& seq, int hk,
                                        int tid) {
     kv.init(static_cast<const Elem*>(p.k) + hk * p.k_head_stride,
-            static_cast<const Elem*>(p.v) + hk * p.v_head_stride, p.k_batch_stride,
-            p.k_row_stride, p.v_batch_stride, p.v_row_stride,
+            static_cast<const Elem*>(p.v) + hk * p.v_head_stride,
+            static_cast<int>(p.k_batch_stride), static_cast<int>(p.k_row_stride),
             p.block_table + seq.b * p.block_table_batch_stride, p.page_size, p.cache_batch,
             p.head_dim, tid);
     sk = seq.sk;

@@ -84,8 +84,8 @@ struct FwdKvLoader<Traits, Elem, true> {
   __device__ __forceinline__ void init(const FwdParams& p, int b, int64_t /*k_start*/, int hk,
                                        int tid) {
     kv.init(static_cast<const Elem*>(p.k) + hk * p.k_head_stride,
-            static_cast<const Elem*>(p.v) + hk * p.v_head_stride, p.k_batch_stride,
-            p.k_row_stride, p.v_batch_stride, p.v_row_stride,
+            static_cast<const Elem*>(p.v) + hk * p.v_head_stride,
+            static_cast<int>(p.k_batch_stride), static_cast<int>(p.k_row_stride),
             p.block_table + b * p.block_table_batch_stride, p.page_size, p.num_pages,
             p.head_dim, tid);
   }

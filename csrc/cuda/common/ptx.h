@@ -2,6 +2,7 @@
 // dependencies beyond the CUDA headers):
 //   - shared-memory addresses:   smem_u32(ptr)
 //   - async copies:              cp_async_16(dst, src, pred)   16 bytes, zero-fill when !pred
+//   - early loads:               ld_global_nc_early(p)   not moved towards its use
 //                                cp_async_commit(), cp_async_wait<N>()
 //   - tensor-core MMA:           mma_m16n8k16<Elem>(c, a, b)  fp16/bf16 in, fp32 accumulate
 //   - ldmatrix:                  ldsm_x4 / ldsm_x4_trans / ldsm_x2 / ldsm_x2_trans
@@ -40,6 +41,16 @@ __device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* src, 
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(src),
                "r"(src_bytes)
                : "memory");
+}
+
+// Read-only 32-bit global load that stays where it is written (volatile asm
+// keeps its order with the cp.async / barrier asm around it). For loads issued
+// early on purpose (a block table entry fetched one tile ahead): a plain load
+// may be sunk next to its first use, putting its latency back on the path.
+__device__ __forceinline__ int ld_global_nc_early(const int* p) {
+  int v;
+  asm volatile("ld.global.nc.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
 }
 
 __device__ __forceinline__ void cp_async_commit() {

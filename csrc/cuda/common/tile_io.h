@@ -172,96 +172,137 @@ struct ContiguousTileLoader {
 // is computed, and the next load_* finds its page ids ready. A load whose
 // row0 was not prefetched looks its pages up on the spot (correct, slower).
 // Page ids outside [0, num_pages) (bad device data the host cannot check
-// without a sync) read as zero rows instead of faulting.
+// without a sync) read as zero rows instead of faulting. The K and V pools
+// must share their page / slot strides, each < 2^31 elements (the glue
+// guarantees it), so one 32-bit-stride offset per row serves both.
 template <int kThreads, typename Tile, typename Elem>
 struct PagedKvTileLoader {
   using Map = TileCopyMap<kThreads, Tile>;
   static_assert(Map::kChunkPasses == 1, "one 16-byte chunk per thread and row");
+  static constexpr bool kRagged = Map::kPasses * Map::kRowsPerPass > Tile::kRows;
   const Elem* k_col;  // K pool + head offset + own chunk column
   const Elem* v_col;
-  const Elem* k_safe;  // a valid address for zero-filled copies
-  const Elem* v_safe;
   const int* table;   // this sequence's block table row
-  int64_t k_page_stride, k_slot_stride;
-  int64_t v_page_stride, v_slot_stride;
+  int page_stride;    // elements between pages (K and V pools share strides: the glue's rule)
+  int slot_stride;    // elements between slots of a page
   int page_size;
   int page_shift;     // log2(page_size) when it is a power of two, else -1
   int num_pages;
   int r0;             // this thread's first row within the tile
   int smem_off;
   bool active, chunk_ok;
+  // Tiles start at multiples of Tile::kRows, so with a power-of-two page size
+  // that Tile::kRows divides every tile lies in one page: one table read per
+  // tile and contiguous-style addressing (the common 64/128/256-row pages).
+  bool one_page;
   int cached_row0;             // tile whose page ids `page` holds (INT_MIN: none)
-  int page[Map::kPasses];      // page id of each row this thread copies (-1: zero-fill)
+  int cached_limit;            // its row_limit
+  int page[Map::kPasses];      // page id per row this thread copies (-1: zero-fill);
+                               // one_page: page[0] for the whole tile
 
-  __device__ __forceinline__ void init(const Elem* k_head, const Elem* v_head, int64_t kps,
-                                       int64_t kss, int64_t vps, int64_t vss,
-                                       const int* block_table_row, int ps, int pages,
-                                       int col_limit, int tid) {
+  __device__ __forceinline__ void init(const Elem* k_head, const Elem* v_head, int pstride,
+                                       int sstride, const int* block_table_row, int ps,
+                                       int pages, int col_limit, int tid) {
     const int slot = tid % Map::kSlots;
     r0 = tid / Map::kSlots;
     active = slot < Map::kChunks;
     chunk_ok = active && slot * 8 < col_limit;
     k_col = k_head + (chunk_ok ? slot * 8 : 0);
     v_col = v_head + (chunk_ok ? slot * 8 : 0);
-    k_safe = k_head;
-    v_safe = v_head;
     table = block_table_row;
-    k_page_stride = kps;
-    k_slot_stride = kss;
-    v_page_stride = vps;
-    v_slot_stride = vss;
+    page_stride = pstride;
+    slot_stride = sstride;
     page_size = ps;
     page_shift = (ps & (ps - 1)) == 0 ? __ffs(ps) - 1 : -1;
+    one_page = page_shift >= 0 && ps % Tile::kRows == 0;
     num_pages = pages;
     smem_off = Tile::offset(r0, active ? slot * 8 : 0);
     cached_row0 = INT_MIN;
+    cached_limit = 0;
   }
 
-  // Issues the table reads for the rows of the tile at row0 (independent
-  // loads, back to back; nothing waits for them until a copy uses them).
+  // Issues the table reads for the tile at row0 (a multiple of Tile::kRows):
+  // independent loads, back to back; nothing waits for them until a copy.
+  // The branches are uniform over the CTA (page size, tile position).
   __device__ __forceinline__ void prefetch(int row0, int row_limit) {
     cached_row0 = row0;
+    cached_limit = row_limit;
+    if (one_page) {
+      page[0] = -1;
+      if (row0 < row_limit) page[0] = ptx::ld_global_nc_early(table + (row0 >> page_shift));
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < Map::kPasses; ++i) {
       const int r = row0 + r0 + i * Map::kRowsPerPass;
-      const bool ok = r < row_limit && r0 + i * Map::kRowsPerPass < Tile::kRows;
+      const bool ok = r < row_limit && (!kRagged || r0 + i * Map::kRowsPerPass < Tile::kRows);
       const int idx = page_shift >= 0 ? (r >> page_shift) : r / page_size;
-      page[i] = ok ? __ldg(table + idx) : -1;
+      page[i] = -1;
+      if (ok) page[i] = ptx::ld_global_nc_early(table + idx);
     }
   }
 
-  __device__ __forceinline__ void copy(uint32_t tile_addr, const Elem* col, const Elem* safe,
-                                       int64_t ps, int64_t ss, int row0) const {
+  // Copies the cached tile into the K and/or V tiles. Every row's address is
+  // computed once and serves both tensors; zero-filled copies point at the
+  // pool's base (a valid address).
+  template <bool kK, bool kV>
+  __device__ __forceinline__ void copy(uint32_t k_addr, uint32_t v_addr) const {
+    auto issue = [&](int r, bool ok, int64_t off) {
+      const bool go = ok && chunk_ok;
+      if (kK) ptx::cp_async_16(k_addr + smem_off + r * Tile::kStrideBytes, k_col + (ok ? off : 0), go);
+      if (kV) ptx::cp_async_16(v_addr + smem_off + r * Tile::kStrideBytes, v_col + (ok ? off : 0), go);
+    };
+    if (one_page) {
+      const bool page_ok = static_cast<unsigned>(page[0]) < static_cast<unsigned>(num_pages);
+      const int rows_left = cached_limit - cached_row0 - r0;
+      const int64_t base = static_cast<int64_t>(page[0]) * page_stride +
+                           ((cached_row0 & (page_size - 1)) + r0) * slot_stride;
 #pragma unroll
-    for (int i = 0; i < Map::kPasses; ++i) {
-      const int r = i * Map::kRowsPerPass;
-      if (Map::kPasses * Map::kRowsPerPass > Tile::kRows && r0 + r >= Tile::kRows) continue;
-      const int row = row0 + r0 + r;
-      const int slot = page_shift >= 0 ? (row & (page_size - 1)) : row % page_size;
-      const bool ok = static_cast<unsigned>(page[i]) < static_cast<unsigned>(num_pages);
-      const Elem* g = ok ? col + page[i] * ps + slot * ss : safe;
-      ptx::cp_async_16(tile_addr + smem_off + r * Tile::kStrideBytes, g, ok && chunk_ok);
+      for (int i = 0; i < Map::kPasses; ++i) {
+        const int r = i * Map::kRowsPerPass;
+        if (kRagged && r0 + r >= Tile::kRows) continue;
+        issue(r, page_ok && r < rows_left, base + r * slot_stride);
+      }
+    } else if (page_shift >= 0) {
+      const int mask = page_size - 1;
+#pragma unroll
+      for (int i = 0; i < Map::kPasses; ++i) {
+        const int r = i * Map::kRowsPerPass;
+        if (kRagged && r0 + r >= Tile::kRows) continue;
+        const bool ok = static_cast<unsigned>(page[i]) < static_cast<unsigned>(num_pages);
+        issue(r, ok,
+              static_cast<int64_t>(page[i]) * page_stride + ((cached_row0 + r0 + r) & mask) * slot_stride);
+      }
+    } else {  // any other page size: the same with a division (correct, slower)
+#pragma unroll
+      for (int i = 0; i < Map::kPasses; ++i) {
+        const int r = i * Map::kRowsPerPass;
+        if (kRagged && r0 + r >= Tile::kRows) continue;
+        const bool ok = static_cast<unsigned>(page[i]) < static_cast<unsigned>(num_pages);
+        issue(r, ok,
+              static_cast<int64_t>(page[i]) * page_stride +
+                  ((cached_row0 + r0 + r) % page_size) * slot_stride);
+      }
     }
   }
 
   // Key rows [row0, row0 + Tile::kRows) into K and/or V tiles; rows >= row_limit
-  // zero-filled. row_limit must be the same for every call on one sequence.
+  // zero-filled. row0 is a multiple of Tile::kRows.
   __device__ __forceinline__ void load_k(uint32_t tile_addr, int row0, int row_limit) {
     if (Map::kSlots != Map::kChunks && !active) return;
-    if (row0 != cached_row0) prefetch(row0, row_limit);
-    copy(tile_addr, k_col, k_safe, k_page_stride, k_slot_stride, row0);
+    if (row0 != cached_row0 || row_limit != cached_limit) prefetch(row0, row_limit);
+    copy<true, false>(tile_addr, 0);
   }
   __device__ __forceinline__ void load_v(uint32_t tile_addr, int row0, int row_limit) {
     if (Map::kSlots != Map::kChunks && !active) return;
-    if (row0 != cached_row0) prefetch(row0, row_limit);
-    copy(tile_addr, v_col, v_safe, v_page_stride, v_slot_stride, row0);
+    if (row0 != cached_row0 || row_limit != cached_limit) prefetch(row0, row_limit);
+    copy<false, true>(0, tile_addr);
   }
   __device__ __forceinline__ void load_kv(uint32_t k_addr, uint32_t v_addr, int row0,
                                           int row_limit) {
     if (Map::kSlots != Map::kChunks && !active) return;
-    if (row0 != cached_row0) prefetch(row0, row_limit);
-    copy(k_addr, k_col, k_safe, k_page_stride, k_slot_stride, row0);
-    copy(v_addr, v_col, v_safe, v_page_stride, v_slot_stride, row0);
+    if (row0 != cached_row0 || row_limit != cached_limit) prefetch(row0, row_limit);
+    copy<true, true>(k_addr, v_addr);
   }
 };
 
