@@ -140,12 +140,21 @@ inline void fill_fwd_params(FwdParams& p, const AttnProblem& prob, const at::Ten
   p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
-// The paged kernels address K and V with one (page, slot) offset per row:
+// The paged kernels take power-of-two page sizes (shifts, not divisions, in
+// the address math) and address K and V with one (page, slot) offset per row:
 // the pools must share their strides, with page and slot strides below 2^31
 // elements. Pools that do not (rare: views with different strides) are
 // copied to contiguous ones; a pool whose page itself exceeds 2^31 elements
 // is refused.
 inline void paged_pools_for_kernel(at::Tensor& k_pool, at::Tensor& v_pool) {
+  const int64_t bs = k_pool.size(1);
+  // (A RuntimeError here: the Python API raises NotImplementedError first.
+  // c10::NotImplementedError thrown from this glue crashed the process in the
+  // torch 2.11 CUDA build, so it is not used.)
+  TORCH_CHECK((bs & (bs - 1)) == 0,
+              "fastattn: the CUDA paged kernels take power-of-two block sizes "
+              "(1, 2, 4, ..., 16, ..., 256, ...), got block_size = ", bs,
+              " (the CPU backend takes any block size)");
   auto fits = [](const at::Tensor& t) {
     return t.stride(0) <= INT32_MAX && t.stride(1) <= INT32_MAX;
   };

@@ -429,10 +429,17 @@ def top2_margin(row):
     return float(top[0] - top[1])
 
 
-def compare(finished, reference, logits_tol):
-    """Prints a line per mismatching request. Returns (mismatches, max |logit diff|, smallest
-    top-2 logit margin of the reference)."""
-    mismatches, max_diff, min_margin = 0, 0.0, math.inf
+def compare(finished, reference, logits_tol, allow_tie_flips=False):
+    """Prints a line per mismatching request. Returns (mismatches, tie flips, max |logit diff|,
+    smallest top-2 logit margin of the reference).
+
+    With allow_tie_flips (half-precision attention on the GPU), a request whose tokens diverge
+    is a "tie flip", not a mismatch, when every logit up to and including the divergence agrees
+    within the tolerance and the reference's top-2 margin there is below that step's logit
+    difference: the batched and the single runs use different kernels (paged prefill vs split-KV
+    decode), whose roundings may order two near-equal logits differently. In float32 (CPU) the
+    sequences must be identical."""
+    mismatches, tie_flips, max_diff, min_margin = 0, 0, 0.0, math.inf
     for rid, (ref_tokens, ref_logits) in reference.items():
         seq = finished[rid]
         min_margin = min(min_margin, *(top2_margin(row) for row in ref_logits))
@@ -443,6 +450,14 @@ def compare(finished, reference, logits_tol):
         max_diff = max(max_diff, diff)
         if seq.output == ref_tokens and diff <= logits_tol:
             continue
+        if allow_tie_flips and seq.output != ref_tokens and diff <= logits_tol:
+            step = float((seq.logits[n] - ref_logits[n]).abs().max())
+            if top2_margin(ref_logits[n]) < step:
+                tie_flips += 1
+                print(f"tie flip: request {rid} diverges at output token {n} where the reference's "
+                      f"top-2 logit margin {top2_margin(ref_logits[n]):.3g} < the step's logit "
+                      f"difference {step:.3g}")
+                continue
         mismatches += 1
         what = "tokens identical"
         if seq.output != ref_tokens:
@@ -451,7 +466,7 @@ def compare(finished, reference, logits_tol):
                     f"{top2_margin(ref_logits[n]):.3g}")
         print(f"MISMATCH request {rid} (prompt {len(seq.req.prompt)} tokens, {len(ref_tokens)} "
               f"generated): {what}; max |logit diff| {diff:.3g} (tolerance {logits_tol:g})")
-    return mismatches, max_diff, min_margin
+    return mismatches, tie_flips, max_diff, min_margin
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -545,7 +560,8 @@ def _run(args):
     reference_s = time.perf_counter() - t0
 
     logits_tol = 1e-3 if dtype == torch.float32 else 0.1  # logits have std ~4
-    bad, max_diff, min_margin = compare(engine.finished, reference, logits_tol)
+    bad, tie_flips, max_diff, min_margin = compare(engine.finished, reference, logits_tol,
+                                                    allow_tie_flips=dtype != torch.float32)
 
     st = engine.stats
     generated = sum(len(s.output) for s in engine.finished.values())
@@ -568,9 +584,12 @@ def _run(args):
         f"smallest reference top-2 logit margin {min_margin:.3g}")
     if bad:
         print(f"FAIL: {bad} of {len(requests)} sequences differ from single-request generation")
+    elif tie_flips:
+        print(f"OK: {len(requests) - tie_flips} of {len(requests)} sequences identical to single-request "
+              f"generation, {tie_flips} diverged only at a near-tie (see above)")
     else:
         print(f"OK: all {len(requests)} sequences identical to single-request generation")
-    return dict(ok=bad == 0, mismatches=bad, stats=st, generated=generated, chunked_prompts=chunked,
+    return dict(ok=bad == 0, mismatches=bad, tie_flips=tie_flips, stats=st, generated=generated, chunked_prompts=chunked,
                 max_logit_diff=max_diff, engine_s=engine_s, reference_s=reference_s)
 
 

@@ -10,7 +10,7 @@ import fastattn  # noqa: E402
 from benchmarks.common import time_cuda_graph  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
-SWEEP = {(1, 16384): [0, 30, 60], (8, 8192): [0, 4, 8], (32, 4096): [0, 2], (16, 32768): [0, 2, 4]}
+SWEEP = {(1, 16384): [0, 15, 30], (1, 65536): [0, 16, 33], (1, 131072): [0, 16, 33, 66], (8, 8192): [0, 2, 4]}
 for (B, L), split_list in SWEEP.items():
     q = torch.randn(B, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, L, HKV, D, device="cuda", dtype=torch.bfloat16)

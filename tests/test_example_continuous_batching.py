@@ -72,3 +72,6 @@ def test_cuda_batched_matches_single_request(example, dtype, block_size):
     result = run(example, "--device", "cuda", "--dtype", dtype, "--block-size", str(block_size),
                  "--requests", "32")
     assert result["ok"], f"{result['mismatches']} sequences differ (see the MISMATCH lines above)"
+    # Near-tie flips are explained by rounding, but they must stay rare: a systematic
+    # difference would flip many sequences.
+    assert result["tie_flips"] <= 2, f"{result['tie_flips']} of 32 sequences diverged at near-ties"

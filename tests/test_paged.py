@@ -222,6 +222,27 @@ def test_paged_kernels_with_the_allocator(device):
         assert_close_rule(f"seq {sid}", out[i], base, ref)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_block_size_not_a_power_of_two(device):
+    """The CPU kernels take any block size; the CUDA kernels refuse clearly."""
+    dtype = DTYPES[device][-1]
+    lens = [24, 50, 1]
+    k_pool, v_pool, table, ks, vs = make_paged(lens, 24, 2, 32, dtype, device)
+    q = torch.randn(3, 2, 4, 32, dtype=dtype, device=device)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    call = lambda: fastattn.flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=seqlens, block_table=table,
+                                                    causal=True)
+    if device == "cuda":
+        with pytest.raises(NotImplementedError, match="power-of-two"):
+            call()
+        return
+    out = call()
+    for b in range(3):
+        ref, _ = _ref_seq(q[b], ks[b], vs[b], 32 ** -0.5, True, (-1, -1), torch.float64)
+        base, _ = _ref_seq(q[b], ks[b], vs[b], 32 ** -0.5, True, (-1, -1), dtype)
+        assert_close_rule(f"seq {b}", out[b], base, ref)
+
+
 @pytest.mark.cuda
 def test_paged_decode_cuda_graph_replay():
     """A captured paged decode step replays correctly with new lengths and table contents."""

@@ -209,9 +209,20 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     // H200 (132 SMs, Hkv=8, D=128) the measured best split counts were 16 for
     // B=1, 2 for B=8 and 1 for B=16 at 32k: about one CTA per SM in total.
     const int64_t base = static_cast<int64_t>(p.batch) * p.heads_kv * plan.num_m_blocks;
-    const int64_t slots = static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 1);
+    int64_t slots = static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 1);
     int64_t max_s = n_blocks / 2;
     if (max_s > kMaxSplits) max_s = kMaxSplits;
+    // A paged cache costs more instructions per tile (a table read and an
+    // address per row), and decode runs few warps per SM, so it is partly
+    // issue-bound: when the batch leaves SMs idle, aim for two CTAs per SM as
+    // long as every split keeps >= 24 key blocks (below that the per-CTA fixed
+    // costs win). Measured on H200 at Hkv=8, D=128, page size 16: B=8 x 8k
+    // 100 -> 76 us (4 splits instead of 2), B=16 x 32k 717 -> 521 us (2 instead
+    // of 1); B=1 x 16k was best at one CTA per SM, as for the contiguous cache.
+    if (p.block_table != nullptr && base < slots && max_s > 1 &&
+        n_blocks * base / (2 * slots) >= 24) {
+      slots *= 2;
+    }
     if (base < slots && max_s > 1) {
       double best_eff = wave_efficiency(base, slots);
       int best_s = 1;

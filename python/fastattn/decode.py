@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 
 from ._ops import ops
-from .functional import _check_flash_dtype, _window
+from .functional import _check_flash_dtype, _check_paged_block_size, _window
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
@@ -121,6 +121,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError("fastattn: cache_batch_idx cannot be combined with block_table")
         if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.dtype != torch.int32:
             raise TypeError("fastattn: block_table must be a 2-D int32 tensor (batch, max_blocks)")
+        _check_paged_block_size(k_cache)
     # Keys a sequence can hold: S_max, or max_blocks * block_size when paged.
     S_max = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)

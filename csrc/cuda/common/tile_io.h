@@ -174,83 +174,114 @@ struct ContiguousTileLoader {
 // Page ids outside [0, num_pages) (bad device data the host cannot check
 // without a sync) read as zero rows instead of faulting. The K and V pools
 // must share their page / slot strides, each < 2^31 elements (the glue
-// guarantees it), so one 32-bit-stride offset per row serves both.
+// guarantees it), so one 32-bit-stride offset per row serves both. The page
+// size must be a power of two (the glue's rule; the CPU backend takes any).
 template <int kThreads, typename Tile, typename Elem>
 struct PagedKvTileLoader {
-  using Map = TileCopyMap<kThreads, Tile>;
-  static_assert(Map::kChunkPasses == 1, "one 16-byte chunk per thread and row");
-  static constexpr bool kRagged = Map::kPasses * Map::kRowsPerPass > Tile::kRows;
-  const Elem* k_col;  // K pool + head offset + own chunk column
+  // Thread map: each thread copies kCPT 16-byte chunks (kTPR columns apart)
+  // of each of its rows, so a row's address (the costly part) is computed
+  // once per kCPT chunks and tensors: half the address math of one chunk per
+  // thread and row, which mattered (decode is issue-bound at small batch).
+  static constexpr int kChunks = Tile::kCols / 8;
+  static constexpr int kCPT = kChunks >= 2 ? 2 : 1;
+  static constexpr int kTPR = next_pow2(kChunks) / kCPT < kThreads ? next_pow2(kChunks) / kCPT
+                                                                     : kThreads;
+  static constexpr int kRowsPerPass = kThreads / kTPR;
+  static constexpr int kPasses = (Tile::kRows + kRowsPerPass - 1) / kRowsPerPass;
+  static constexpr bool kRagged = kPasses * kRowsPerPass > Tile::kRows;
+  static_assert(kThreads % kTPR == 0, "threads must cover whole rows");
+  static_assert(kCPT * kTPR >= kChunks, "every chunk of a row has a thread");
+  static_assert((Tile::kRows & (Tile::kRows - 1)) == 0, "power-of-two tile rows");
+  const Elem* k_col;  // K pool + head offset + own first chunk column
   const Elem* v_col;
   const int* table;   // this sequence's block table row
   int page_stride;    // elements between pages (K and V pools share strides: the glue's rule)
   int slot_stride;    // elements between slots of a page
-  int page_size;
-  int page_shift;     // log2(page_size) when it is a power of two, else -1
+  int page_size;      // a power of two (the glue's rule)
+  int page_shift;     // log2(page_size)
   int num_pages;
   int r0;             // this thread's first row within the tile
-  int smem_off;
-  bool active, chunk_ok;
-  // Tiles start at multiples of Tile::kRows, so with a power-of-two page size
-  // that Tile::kRows divides every tile lies in one page: one table read per
-  // tile and contiguous-style addressing (the common 64/128/256-row pages).
+  int smem_off;       // of its first chunk in row r0
+  bool chunk_ok[kCPT];
+  // Tiles start at multiples of Tile::kRows, so pages of >= Tile::kRows rows
+  // hold whole tiles: one table read per tile and contiguous-style addressing.
+  // Smaller pages divide the tile, so the page index and slot of this thread's
+  // pass i relative to the tile start are fixed for the whole kernel:
+  // page_rel[i] = (r0 + i * kRowsPerPass) >> page_shift and
+  // slot_off[i] = ((r0 + i * kRowsPerPass) & (page_size - 1)) * slot_stride.
   bool one_page;
-  int cached_row0;             // tile whose page ids `page` holds (INT_MIN: none)
-  int cached_limit;            // its row_limit
-  int page[Map::kPasses];      // page id per row this thread copies (-1: zero-fill);
-                               // one_page: page[0] for the whole tile
+  int page_rel[kPasses];
+  int slot_off[kPasses];
+  int cached_row0;        // tile whose page ids `page` holds (INT_MIN: none)
+  int cached_limit;       // its row_limit
+  int page[kPasses];      // page id per row this thread copies (-1: zero-fill);
+                          // one_page: page[0] for the whole tile
 
   __device__ __forceinline__ void init(const Elem* k_head, const Elem* v_head, int pstride,
                                        int sstride, const int* block_table_row, int ps,
                                        int pages, int col_limit, int tid) {
-    const int slot = tid % Map::kSlots;
-    r0 = tid / Map::kSlots;
-    active = slot < Map::kChunks;
-    chunk_ok = active && slot * 8 < col_limit;
-    k_col = k_head + (chunk_ok ? slot * 8 : 0);
-    v_col = v_head + (chunk_ok ? slot * 8 : 0);
+    const int slot = tid % kTPR;
+    r0 = tid / kTPR;
+#pragma unroll
+    for (int j = 0; j < kCPT; ++j) {
+      const int c = slot + j * kTPR;
+      chunk_ok[j] = c < kChunks && c * 8 < col_limit;
+    }
+    k_col = k_head + slot * 8;
+    v_col = v_head + slot * 8;
     table = block_table_row;
     page_stride = pstride;
     slot_stride = sstride;
     page_size = ps;
-    page_shift = (ps & (ps - 1)) == 0 ? __ffs(ps) - 1 : -1;
-    one_page = page_shift >= 0 && ps % Tile::kRows == 0;
+    page_shift = __ffs(ps) - 1;
+    one_page = ps >= Tile::kRows;
     num_pages = pages;
-    smem_off = Tile::offset(r0, active ? slot * 8 : 0);
+    smem_off = Tile::offset(r0, slot * 8);
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int rel = r0 + i * kRowsPerPass;
+      page_rel[i] = rel >> page_shift;
+      slot_off[i] = (rel & (ps - 1)) * sstride;
+    }
     cached_row0 = INT_MIN;
     cached_limit = 0;
   }
 
   // Issues the table reads for the tile at row0 (a multiple of Tile::kRows):
   // independent loads, back to back; nothing waits for them until a copy.
-  // The branches are uniform over the CTA (page size, tile position).
   __device__ __forceinline__ void prefetch(int row0, int row_limit) {
     cached_row0 = row0;
     cached_limit = row_limit;
-    if (one_page) {
+    const int* t = table + (row0 >> page_shift);
+    if (one_page) {  // uniform over the CTA
       page[0] = -1;
-      if (row0 < row_limit) page[0] = ptx::ld_global_nc_early(table + (row0 >> page_shift));
+      if (row0 < row_limit) page[0] = ptx::ld_global_nc_early(t);
       return;
     }
+    const int rows_left = row_limit - row0 - r0;
 #pragma unroll
-    for (int i = 0; i < Map::kPasses; ++i) {
-      const int r = row0 + r0 + i * Map::kRowsPerPass;
-      const bool ok = r < row_limit && (!kRagged || r0 + i * Map::kRowsPerPass < Tile::kRows);
-      const int idx = page_shift >= 0 ? (r >> page_shift) : r / page_size;
+    for (int i = 0; i < kPasses; ++i) {
+      const bool ok = i * kRowsPerPass < rows_left &&
+                      (!kRagged || r0 + i * kRowsPerPass < Tile::kRows);
       page[i] = -1;
-      if (ok) page[i] = ptx::ld_global_nc_early(table + idx);
+      if (ok) page[i] = ptx::ld_global_nc_early(t + page_rel[i]);
     }
   }
 
   // Copies the cached tile into the K and/or V tiles. Every row's address is
-  // computed once and serves both tensors; zero-filled copies point at the
-  // pool's base (a valid address).
+  // computed once and serves both tensors and all of the thread's chunks;
+  // zero-filled copies point at the pool (a valid address).
   template <bool kK, bool kV>
   __device__ __forceinline__ void copy(uint32_t k_addr, uint32_t v_addr) const {
     auto issue = [&](int r, bool ok, int64_t off) {
-      const bool go = ok && chunk_ok;
-      if (kK) ptx::cp_async_16(k_addr + smem_off + r * Tile::kStrideBytes, k_col + (ok ? off : 0), go);
-      if (kV) ptx::cp_async_16(v_addr + smem_off + r * Tile::kStrideBytes, v_col + (ok ? off : 0), go);
+      const int64_t o = ok ? off : 0;
+#pragma unroll
+      for (int j = 0; j < kCPT; ++j) {
+        const bool go = ok && chunk_ok[j];
+        const int s = smem_off + r * Tile::kStrideBytes + j * kTPR * 16;
+        if (kK) ptx::cp_async_16(k_addr + s, k_col + o + j * kTPR * 8, go);
+        if (kV) ptx::cp_async_16(v_addr + s, v_col + o + j * kTPR * 8, go);
+      }
     };
     if (one_page) {
       const bool page_ok = static_cast<unsigned>(page[0]) < static_cast<unsigned>(num_pages);
@@ -258,30 +289,18 @@ struct PagedKvTileLoader {
       const int64_t base = static_cast<int64_t>(page[0]) * page_stride +
                            ((cached_row0 & (page_size - 1)) + r0) * slot_stride;
 #pragma unroll
-      for (int i = 0; i < Map::kPasses; ++i) {
-        const int r = i * Map::kRowsPerPass;
+      for (int i = 0; i < kPasses; ++i) {
+        const int r = i * kRowsPerPass;
         if (kRagged && r0 + r >= Tile::kRows) continue;
         issue(r, page_ok && r < rows_left, base + r * slot_stride);
       }
-    } else if (page_shift >= 0) {
-      const int mask = page_size - 1;
+    } else {
 #pragma unroll
-      for (int i = 0; i < Map::kPasses; ++i) {
-        const int r = i * Map::kRowsPerPass;
+      for (int i = 0; i < kPasses; ++i) {
+        const int r = i * kRowsPerPass;
         if (kRagged && r0 + r >= Tile::kRows) continue;
         const bool ok = static_cast<unsigned>(page[i]) < static_cast<unsigned>(num_pages);
-        issue(r, ok,
-              static_cast<int64_t>(page[i]) * page_stride + ((cached_row0 + r0 + r) & mask) * slot_stride);
-      }
-    } else {  // any other page size: the same with a division (correct, slower)
-#pragma unroll
-      for (int i = 0; i < Map::kPasses; ++i) {
-        const int r = i * Map::kRowsPerPass;
-        if (kRagged && r0 + r >= Tile::kRows) continue;
-        const bool ok = static_cast<unsigned>(page[i]) < static_cast<unsigned>(num_pages);
-        issue(r, ok,
-              static_cast<int64_t>(page[i]) * page_stride +
-                  ((cached_row0 + r0 + r) % page_size) * slot_stride);
+        issue(r, ok, static_cast<int64_t>(page[i]) * page_stride + slot_off[i]);
       }
     }
   }
@@ -289,18 +308,15 @@ struct PagedKvTileLoader {
   // Key rows [row0, row0 + Tile::kRows) into K and/or V tiles; rows >= row_limit
   // zero-filled. row0 is a multiple of Tile::kRows.
   __device__ __forceinline__ void load_k(uint32_t tile_addr, int row0, int row_limit) {
-    if (Map::kSlots != Map::kChunks && !active) return;
     if (row0 != cached_row0 || row_limit != cached_limit) prefetch(row0, row_limit);
     copy<true, false>(tile_addr, 0);
   }
   __device__ __forceinline__ void load_v(uint32_t tile_addr, int row0, int row_limit) {
-    if (Map::kSlots != Map::kChunks && !active) return;
     if (row0 != cached_row0 || row_limit != cached_limit) prefetch(row0, row_limit);
     copy<false, true>(0, tile_addr);
   }
   __device__ __forceinline__ void load_kv(uint32_t k_addr, uint32_t v_addr, int row0,
                                           int row_limit) {
-    if (Map::kSlots != Map::kChunks && !active) return;
     if (row0 != cached_row0 || row_limit != cached_limit) prefetch(row0, row_limit);
     copy<true, true>(k_addr, v_addr);
   }
