@@ -214,12 +214,14 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     if (max_s > kMaxSplits) max_s = kMaxSplits;
     // A paged cache costs more instructions per tile (a table read and an
     // address per row), and decode runs few warps per SM, so it is partly
-    // issue-bound: when the batch leaves SMs idle, aim for two CTAs per SM as
-    // long as every split keeps >= 24 key blocks (below that the per-CTA fixed
-    // costs win). Measured on H200 at Hkv=8, D=128, page size 16: B=8 x 8k
-    // 100 -> 76 us (4 splits instead of 2), B=16 x 32k 717 -> 521 us (2 instead
-    // of 1); B=1 x 16k was best at one CTA per SM, as for the contiguous cache.
-    if (p.block_table != nullptr && base < slots && max_s > 1 &&
+    // issue-bound: when the batch leaves SMs idle, aim for two CTAs per SM,
+    // unless there are so few (sequence, KV head) pairs that one CTA per SM
+    // already cuts each into many splits (then the per-CTA costs of more
+    // splits win), or a split would keep < 24 key blocks. Measured on H200 at
+    // Hkv=8, D=128, page size 16: B=8 x 8k 79 -> 76 us (4 splits instead of
+    // 2), B=16 x 32k 717 -> 521 us (2 instead of 1); B=1 x 64k 94 -> 86 us and
+    // B=1 x 128k 162 -> 156 us with one CTA per SM (16 splits, not 33).
+    if (p.block_table != nullptr && base < slots && 4 * base >= slots && max_s > 1 &&
         n_blocks * base / (2 * slots) >= 24) {
       slots *= 2;
     }
