@@ -1,5 +1,6 @@
 """A representative subset for compute-sanitizer (memcheck / racecheck):
-forward and backward, causal and not, GQA, varlen, odd sizes.
+forward and backward, causal and not, GQA, varlen, odd sizes; paged decode and
+chunked prefill (including page ids outside the pool).
 
     compute-sanitizer --tool memcheck  python scripts/sanitizer_subset.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_subset.py
@@ -26,6 +27,36 @@ def main():
     v = torch.randn(173, 2, 64, device="cuda", dtype=dt, requires_grad=True)
     out = fastattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 113, 113, causal=True)
     torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    # Paged KV: decode and chunked prefill over scattered pages (block sizes 16
+    # and 128, a table padded with -1 past each sequence's length, a length
+    # ending mid-page) and a decode whose table holds page ids outside the pool
+    # (they must read as zeros, not out of bounds).
+    with torch.no_grad():
+        for bs in (16, 128):
+            lens = [1, 300, 129]
+            pages = sum((n + bs - 1) // bs for n in lens) + 2
+            kp = torch.randn(pages, bs, 2, 128, device="cuda", dtype=dt)
+            vp = torch.randn_like(kp)
+            width = max((n + bs - 1) // bs for n in lens)
+            table = torch.full((3, width), -1, dtype=torch.int32)
+            perm, at = torch.randperm(pages), 0
+            for b, n in enumerate(lens):
+                m = (n + bs - 1) // bs
+                table[b, :m] = perm[at:at + m].int()
+                at += m
+            table = table.cuda()
+            seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+            q = torch.randn(3, 1, 8, 128, device="cuda", dtype=dt)
+            for splits in (1, 3):
+                fastattn.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, block_table=table,
+                                                 num_splits=splits)
+            cu_q = torch.tensor([0, 1, 41, 42], dtype=torch.int32, device="cuda")
+            cu_k = torch.nn.functional.pad(seqlens.cumsum(0), (1, 0)).to(torch.int32)
+            fastattn.flash_attn_varlen_func(torch.randn(42, 8, 128, device="cuda", dtype=dt), kp, vp, cu_q,
+                                            cu_k, 40, 300, causal=True, block_table=table)
+            bad = table.clone()
+            bad[1, 0] = 10 ** 6
+            fastattn.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, block_table=bad)
     torch.cuda.synchronize()
     print("sanitizer subset: done")
 
