@@ -228,9 +228,12 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     if (base < slots && max_s > 1) {
       double best_eff = wave_efficiency(base, slots);
       int best_s = 1;
+      // Paged: fill >= 95% of the slots (its CTAs are issue-bound, an idle SM
+      // costs more than for the contiguous cache: B=1 x 64k at 14 -> 16 splits).
+      const double target = p.block_table != nullptr ? 0.95 : 0.85;
       for (int64_t s = 1; s <= max_s; ++s) {
         const double e = wave_efficiency(base * s, slots);
-        if (e >= 0.85) {
+        if (e >= target) {
           best_s = static_cast<int>(s);
           break;
         }
