@@ -6,6 +6,7 @@
 //   check_cuda_devices(q, {{&k, "k"}, ...})           all on q's CUDA device
 //   bool kernel_readable(t)                             16-byte aligned pointer + strides, D % 8 == 0
 //   at::Tensor kernel_readable_copy(t, padded_dim)     zero-padded contiguous copy (rare path)
+//   KernelInputs kernel_inputs(q, k, v, scale, padded_dim)  scale >= 0 and readable q/k/v
 //   int64_t padded_head_dim(d)                          d rounded up to a multiple of 8
 //   void fill_fwd_params(p, prob, q, k, v, out, lse, cu_q, cu_k)
 //                                                       pointers, strides, sizes, scale, mask
@@ -73,6 +74,45 @@ inline at::Tensor kernel_readable_copy(const at::Tensor& t, int64_t padded_dim) 
   at::Tensor c = at::zeros(sizes, t.options());
   c.narrow(-1, 0, t.size(-1)).copy_(t);
   return c;
+}
+
+// q, k, v as the forward/decode kernels take them. The kernels need scale >= 0
+// (exp2 with the scale folded in, max over raw scores): softmax(s * q.k) with
+// s < 0 is softmax(|s| * (-q).k), and s == 0 is softmax(1 * 0.k); both cost
+// one copy of q, which real workloads never hit. cp.async reads 16-byte
+// chunks: whatever is not readable as is (head dim not a multiple of 8,
+// unaligned pointer or strides) is copied into an aligned buffer whose head
+// dim is padded to padded_dim with zeros (then all three are, and the
+// output's padding columns are dropped). Ordinary layouts take no copy.
+struct KernelInputs {
+  at::Tensor q, k, v;
+  double scale;  // >= 0
+  bool padded;   // head dim padded to padded_dim
+};
+
+inline KernelInputs kernel_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  double scale, int64_t padded_dim) {
+  at::Tensor qs = q;
+  double s = scale;
+  if (scale < 0) {
+    qs = q.neg();
+    s = -scale;
+  } else if (scale == 0) {
+    qs = at::zeros_like(q);
+    s = 1.0;
+  }
+  const int64_t d = q.size(-1);
+  KernelInputs in{kernel_readable(qs) ? qs : kernel_readable_copy(qs, padded_dim),
+                  kernel_readable(k) ? k : kernel_readable_copy(k, padded_dim),
+                  kernel_readable(v) ? v : kernel_readable_copy(v, padded_dim), s, false};
+  in.padded = in.q.size(-1) != d || in.k.size(-1) != d || in.v.size(-1) != d;
+  if (in.padded) {
+    // Mixed cases (one tensor padded, one not) can only be d % 8 != 0, where all three pad.
+    if (in.q.size(-1) != padded_dim) in.q = kernel_readable_copy(qs, padded_dim);
+    if (in.k.size(-1) != padded_dim) in.k = kernel_readable_copy(k, padded_dim);
+    if (in.v.size(-1) != padded_dim) in.v = kernel_readable_copy(v, padded_dim);
+  }
+  return in;
 }
 
 // Windows at least as wide as every key/query distance are unbounded; this

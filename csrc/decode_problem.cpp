@@ -8,21 +8,16 @@
 
 namespace fastattn {
 
-DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
-                                const at::Tensor& v_cache,
-                                const std::optional<at::Tensor>& seqlens_k,
-                                const std::optional<at::Tensor>& cache_batch_idx,
-                                const std::optional<at::Tensor>& block_table, double scale,
-                                bool causal, int64_t window_left, int64_t window_right,
-                                int64_t num_splits) {
+void check_q_and_caches(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        int64_t q_rank, const char* q_name, const char* q_layout,
+                        const char* cache_layout) {
   TORCH_CHECK(q.defined() && k_cache.defined() && v_cache.defined(),
               "fastattn: q, k_cache and v_cache must be defined");
-  TORCH_CHECK(q.dim() == 4, "fastattn: decode q must be 4-D (batch, seqlen_q, heads, head_dim), "
-              "got ", q.dim(), "-D shape ", q.sizes());
+  TORCH_CHECK(q.dim() == q_rank, "fastattn: ", q_name, " must be ", q_rank, "-D ", q_layout,
+              ", got ", q.dim(), "-D shape ", q.sizes());
   for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
-    TORCH_CHECK(t->dim() == 4, "fastattn: ", name, " must be 4-D (batch_cache, seqlen_cache, "
-                "heads_kv, head_dim), or (num_blocks, block_size, heads_kv, head_dim) with a "
-                "block_table; got ", t->dim(), "-D shape ", t->sizes());
+    TORCH_CHECK(t->dim() == 4, "fastattn: ", name, " must be 4-D ", cache_layout, "; got ",
+                t->dim(), "-D shape ", t->sizes());
   }
   TORCH_CHECK(is_supported_dtype(q.scalar_type()),
               "fastattn: q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
@@ -38,6 +33,18 @@ DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k_cache, "k_cache");
   check_last_dim_contiguous(v_cache, "v_cache");
+}
+
+DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache,
+                                const std::optional<at::Tensor>& seqlens_k,
+                                const std::optional<at::Tensor>& cache_batch_idx,
+                                const std::optional<at::Tensor>& block_table, double scale,
+                                bool causal, int64_t window_left, int64_t window_right,
+                                int64_t num_splits) {
+  check_q_and_caches(q, k_cache, v_cache, 4, "decode q", "(batch, seqlen_q, heads, head_dim)",
+                     "(batch_cache, seqlen_cache, heads_kv, head_dim), or (num_blocks, block_size, "
+                     "heads_kv, head_dim) with a block_table");
 
   DecodeProblem p;
   p.batch = q.size(0);

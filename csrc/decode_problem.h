@@ -28,6 +28,14 @@
 
 namespace fastattn {
 
+// Rank, dtype, device, shape and last-dim checks shared by the decode and
+// paged_fwd ops: q of rank q_rank (named q_name, laid out as q_layout), 4-D
+// k_cache / v_cache of one shape (laid out as cache_layout), one supported
+// dtype, one device, contiguous last dims.
+void check_q_and_caches(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        int64_t q_rank, const char* q_name, const char* q_layout,
+                        const char* cache_layout);
+
 struct DecodeProblem {
   int64_t batch = 0;      // B (sequences; q.size(0))
   int64_t seqlen_q = 0;   // Sq (new query tokens per sequence)

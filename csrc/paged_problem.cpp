@@ -3,6 +3,7 @@
 #include <cmath>
 #include <utility>
 
+#include "decode_problem.h"
 #include "index_checks.h"
 
 namespace fastattn {
@@ -12,28 +13,9 @@ PagedFwdProblem check_paged_fwd_args(const at::Tensor& q, const at::Tensor& k_ca
                                      const at::Tensor& seqlens_k, const at::Tensor& block_table,
                                      int64_t max_seqlen_q, double scale, bool causal,
                                      int64_t window_left, int64_t window_right) {
-  TORCH_CHECK(q.defined() && k_cache.defined() && v_cache.defined(),
-              "fastattn: q, k_cache and v_cache must be defined");
-  TORCH_CHECK(q.dim() == 3, "fastattn: paged prefill q must be 3-D (total_tokens, heads, "
-              "head_dim), packed by cu_seqlens_q; got ", q.dim(), "-D shape ", q.sizes());
-  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
-    TORCH_CHECK(t->dim() == 4, "fastattn: ", name, " must be a 4-D paged cache (num_blocks, "
-                "block_size, heads_kv, head_dim), got ", t->dim(), "-D shape ", t->sizes());
-  }
-  TORCH_CHECK(is_supported_dtype(q.scalar_type()),
-              "fastattn: q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "fastattn: q, k_cache and v_cache must share one dtype, got ", q.scalar_type(), ", ",
-              k_cache.scalar_type(), ", ", v_cache.scalar_type());
-  TORCH_CHECK(k_cache.device() == q.device() && v_cache.device() == q.device(),
-              "fastattn: q, k_cache and v_cache must be on one device, got ", q.device(), ", ",
-              k_cache.device(), ", ", v_cache.device());
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(),
-              "fastattn: k_cache and v_cache must have the same shape, got ", k_cache.sizes(),
-              " and ", v_cache.sizes());
-  check_last_dim_contiguous(q, "q");
-  check_last_dim_contiguous(k_cache, "k_cache");
-  check_last_dim_contiguous(v_cache, "v_cache");
+  check_q_and_caches(q, k_cache, v_cache, 3, "paged prefill q",
+                     "(total_tokens, heads, head_dim), packed by cu_seqlens_q",
+                     "paged cache (num_blocks, block_size, heads_kv, head_dim)");
 
   PagedFwdProblem p;
   AttnProblem& a = p.attn;

@@ -54,37 +54,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
     return {out, lse};
   }
 
-  // The kernels need scale >= 0 (exp2 with the scale folded in, max over raw
-  // scores): softmax(s * q.k) with s < 0 is softmax(|s| * (-q).k), and s == 0
-  // is softmax(1 * 0.k). Both cost one copy of q; real workloads never hit them.
-  at::Tensor qk = q;
+  const glue::KernelInputs in = glue::kernel_inputs(q, k, v, scale, dpad);
   AttnProblem kp = prob;
-  if (scale < 0) {
-    qk = q.neg();
-    kp.scale = -scale;
-  } else if (scale == 0) {
-    qk = at::zeros_like(q);
-    kp.scale = 1.0;
-  }
-
-  // cp.async reads 16-byte chunks: copy into an aligned, head-dim-padded
-  // buffer whatever is not readable as is (head dim not a multiple of 8,
-  // unaligned pointer or strides). Ordinary layouts take no copy.
-  at::Tensor qr = glue::kernel_readable(qk) ? qk : glue::kernel_readable_copy(qk, dpad);
-  at::Tensor kr = glue::kernel_readable(k) ? k : glue::kernel_readable_copy(k, dpad);
-  at::Tensor vr = glue::kernel_readable(v) ? v : glue::kernel_readable_copy(v, dpad);
-  const bool padded = qr.size(-1) != d || kr.size(-1) != d || vr.size(-1) != d;
-  if (padded) {
-    // Mixed cases (one tensor padded, one not) can only be d % 8 != 0, where all three pad.
-    if (qr.size(-1) != dpad) qr = glue::kernel_readable_copy(qk, dpad);
-    if (kr.size(-1) != dpad) kr = glue::kernel_readable_copy(k, dpad);
-    if (vr.size(-1) != dpad) vr = glue::kernel_readable_copy(v, dpad);
-  }
-  at::Tensor out_k = padded ? at::empty(qr.sizes(), q.options()) : out;
-  if (!glue::kernel_readable(out_k)) out_k = at::empty(qr.sizes(), q.options());
+  kp.scale = in.scale;
+  at::Tensor out_k = in.padded ? at::empty(in.q.sizes(), q.options()) : out;
+  if (!glue::kernel_readable(out_k)) out_k = at::empty(in.q.sizes(), q.options());
 
   FwdParams params;
-  glue::fill_fwd_params(params, kp, qr, kr, vr, out_k, lse, cu_seqlens_q, cu_seqlens_k);
+  glue::fill_fwd_params(params, kp, in.q, in.k, in.v, out_k, lse, cu_seqlens_q, cu_seqlens_k);
   glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "fwd");
 
   if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
@@ -128,35 +105,21 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  at::Tensor qk = q;
+  glue::KernelInputs in = glue::kernel_inputs(q, k_cache, v_cache, scale, dpad);
   AttnProblem kp = prob;
-  if (scale < 0) {
-    qk = q.neg();
-    kp.scale = -scale;
-  } else if (scale == 0) {
-    qk = at::zeros_like(q);
-    kp.scale = 1.0;
-  }
-  at::Tensor qr = glue::kernel_readable(qk) ? qk : glue::kernel_readable_copy(qk, dpad);
-  at::Tensor kr = glue::kernel_readable(k_cache) ? k_cache : glue::kernel_readable_copy(k_cache, dpad);
-  at::Tensor vr = glue::kernel_readable(v_cache) ? v_cache : glue::kernel_readable_copy(v_cache, dpad);
-  const bool padded = qr.size(-1) != d || kr.size(-1) != d || vr.size(-1) != d;
-  if (padded) {
-    if (qr.size(-1) != dpad) qr = glue::kernel_readable_copy(qk, dpad);
-    if (kr.size(-1) != dpad) kr = glue::kernel_readable_copy(k_cache, dpad);
-    if (vr.size(-1) != dpad) vr = glue::kernel_readable_copy(v_cache, dpad);
-  }
+  kp.scale = in.scale;
+  at::Tensor& kr = in.k;
+  at::Tensor& vr = in.v;
   glue::paged_pools_for_kernel(kr, vr);
-  at::Tensor out_k = padded ? at::empty(qr.sizes(), q.options()) : out;
-  if (!glue::kernel_readable(out_k)) out_k = at::empty(qr.sizes(), q.options());
+  at::Tensor out_k = in.padded ? at::empty(in.q.sizes(), q.options()) : out;
+  if (!glue::kernel_readable(out_k)) out_k = at::empty(in.q.sizes(), q.options());
 
   // fill_fwd_params sets the common (varlen) fields; the K/V strides are then
   // set to the pools' page / slot / head strides.
   const at::Tensor lens = seqlens_k.contiguous();
   const at::Tensor table = block_table.contiguous();
   FwdParams params;
-  glue::fill_fwd_params(params, kp, qr, kr, vr, out_k, lse,
-                        cu_seqlens_q, cu_seqlens_q);
+  glue::fill_fwd_params(params, kp, in.q, kr, vr, out_k, lse, cu_seqlens_q, cu_seqlens_q);
   params.k_batch_stride = kr.stride(0);
   params.k_row_stride = kr.stride(1);
   params.k_head_stride = kr.stride(2);

@@ -77,30 +77,15 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
     return {out, lse};
   }
 
-  // scale >= 0 for the kernel (exp2 with the scale folded in), as in fwd:
-  // softmax(s * q.k) with s < 0 is softmax(|s| * (-q).k); s == 0 is softmax(1 * 0.k).
-  at::Tensor qk = q;
-  double kscale = scale;
-  if (scale < 0) {
-    qk = q.neg();
-    kscale = -scale;
-  } else if (scale == 0) {
-    qk = at::zeros_like(q);
-    kscale = 1.0;
-  }
-
-  // cp.async reads 16-byte chunks. q is small (a copy is cheap); an unaligned
-  // or odd-head-dim cache is copied too (correct but slow: allocate caches
-  // with head_dim % 8 == 0 and 16-byte aligned strides, as every usual layout is).
-  at::Tensor qr = glue::kernel_readable(qk) ? qk : glue::kernel_readable_copy(qk, dpad);
-  at::Tensor kr = glue::kernel_readable(k_cache) ? k_cache : glue::kernel_readable_copy(k_cache, dpad);
-  at::Tensor vr = glue::kernel_readable(v_cache) ? v_cache : glue::kernel_readable_copy(v_cache, dpad);
-  const bool padded = qr.size(-1) != d || kr.size(-1) != d || vr.size(-1) != d;
-  if (padded) {
-    if (qr.size(-1) != dpad) qr = glue::kernel_readable_copy(qk, dpad);
-    if (kr.size(-1) != dpad) kr = glue::kernel_readable_copy(k_cache, dpad);
-    if (vr.size(-1) != dpad) vr = glue::kernel_readable_copy(v_cache, dpad);
-  }
+  // An unaligned or odd-head-dim cache is copied (correct but slow: allocate
+  // caches with head_dim % 8 == 0 and 16-byte aligned strides, as every usual
+  // layout is).
+  glue::KernelInputs in = glue::kernel_inputs(q, k_cache, v_cache, scale, dpad);
+  const at::Tensor& qr = in.q;
+  at::Tensor& kr = in.k;
+  at::Tensor& vr = in.v;
+  const double kscale = in.scale;
+  const bool padded = in.padded;
   if (prob.paged) glue::paged_pools_for_kernel(kr, vr);
   at::Tensor out_k = padded ? at::empty({prob.batch, prob.seqlen_q, prob.heads_q, dpad}, q.options())
                             : out;
