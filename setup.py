@@ -76,6 +76,15 @@ def _selected(path, hdims, dtypes):
     return True
 
 
+# Some toolchains (e.g. a GCC installed under /opt) link libstdc++ statically
+# into shared objects. With Python's -Bsymbolic-functions, the extension's
+# copy of the iostream code then runs against the process's (torch's dynamic
+# libstdc++) locale data, and formatting a number into an error message
+# (c10::str -> ostringstream << int64) crashes. Hiding the static copy's
+# symbols keeps it self-consistent; without a static libstdc++ this is a no-op.
+LINK_ARGS = ["-fopenmp", "-Wl,--exclude-libs,libstdc++.a"]
+
+
 def build_extension():
     from torch.utils import cpp_extension
 
@@ -95,7 +104,7 @@ def build_extension():
             cpp_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=LINK_ARGS,
         )
 
     hdims = [int(h) for h in _env_list("FASTATTN_HDIMS", ALL_HDIMS)]
@@ -128,7 +137,7 @@ def build_extension():
         cpp_sources + cuda_glue + cu_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=LINK_ARGS,
     )
 
 

@@ -188,9 +188,7 @@ inline void fill_fwd_params(FwdParams& p, const AttnProblem& prob, const at::Ten
 // is refused.
 inline void paged_pools_for_kernel(at::Tensor& k_pool, at::Tensor& v_pool) {
   const int64_t bs = k_pool.size(1);
-  // (A RuntimeError here: the Python API raises NotImplementedError first.
-  // c10::NotImplementedError thrown from this glue crashed the process in the
-  // torch 2.11 CUDA build, so it is not used.)
+  // (The Python API raises NotImplementedError before a call gets here.)
   TORCH_CHECK((bs & (bs - 1)) == 0,
               "fastattn: the CUDA paged kernels take power-of-two block sizes "
               "(1, 2, 4, ..., 16, ..., 256, ...), got block_size = ", bs,
