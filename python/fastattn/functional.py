@@ -166,6 +166,11 @@ def _window(window_size) -> Tuple[int, int]:
     return left, right
 
 
+# Uniform paged batches with at most this many queries per sequence run on the
+# split-KV decode kernel (its GQA-packed tiles hold up to 64 rows per CTA).
+_PAGED_DECODE_MAX_Q = 16
+
+
 def _check_paged_block_size(k_cache):
     bs = k_cache.shape[1] if k_cache.dim() == 4 else 0
     if k_cache.is_cuda and bs & (bs - 1):
@@ -213,7 +218,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     PagedKVCache.append / ops.append_kv), and cu_seqlens_k gives the key
     counts; sequence b's key j is slot j % block_size of block
     block_table[b, j // block_size]. Masks align bottom-right, so a chunk's
-    last query sees the sequence's last key. No backward on this path.
+    last query sees the sequence's last key. A batch where every sequence has
+    exactly max_seqlen_q <= 16 new queries (a decode step) runs on the split-KV
+    decode kernel, anything else (prefill chunks mixed with decode rows) on the
+    paged forward kernel in one launch. No backward on this path.
     """
     _flash_unsupported(dropout_p, softcap, alibi_slopes)
     _check_flash_dtype(q)
@@ -227,8 +235,21 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if cu_seqlens_k.dtype != torch.int32:
             raise TypeError(f"fastattn: cu_seqlens_k must be int32, got {cu_seqlens_k.dtype}")
         seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
-        out, lse = ops.paged_fwd(q, k, v, cu_seqlens_q, seqlens_k, block_table, int(max_seqlen_q),
-                                 scale, bool(causal), left, right)
+        batch, sq = cu_seqlens_k.numel() - 1, int(max_seqlen_q)
+        if q.dim() == 3 and 1 <= sq <= _PAGED_DECODE_MAX_Q and q.shape[0] == batch * sq:
+            # Every sequence has exactly max_seqlen_q new queries (none has more,
+            # and they sum to batch * max_seqlen_q): a decode step (or uniform
+            # speculative chunk). The split-KV decode kernel packs a KV head's
+            # query heads into one tile and splits long contexts; the forward
+            # kernel would spend a 128-row tile per decode row (2-4x slower,
+            # benchmarks/paged.py). Same mask (bottom-right), same result.
+            out, lse = ops.decode(q.reshape(batch, sq, *q.shape[1:]), k, v, seqlens_k, None, block_table,
+                                  scale, bool(causal), left, right, 0)
+            out = out.reshape(q.shape)
+            lse = lse.permute(1, 0, 2).reshape(q.shape[1], batch * sq)
+        else:
+            out, lse = ops.paged_fwd(q, k, v, cu_seqlens_q, seqlens_k, block_table, sq, scale,
+                                     bool(causal), left, right)
         return (out, lse, None) if return_attn_probs else out
     out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                        scale, bool(causal), left, right, True, bool(deterministic))
