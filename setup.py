@@ -6,6 +6,7 @@ Environment:
   FASTATTN_CUDA_ARCHS       e.g. "8.0;9.0" (default: the local GPU's, else "8.0;9.0")
   FASTATTN_HDIMS            narrowed dev build, e.g. "128" or "64,128" (default: all)
   FASTATTN_DTYPES           narrowed dev build, e.g. "bf16" (default: "fp16,bf16")
+  FASTATTN_NVCC_EXTRA       extra nvcc flags for A/B builds, e.g. "-DFASTATTN_DECODE_WARPS=8"
   MAX_JOBS                  parallel compile jobs (honoured by torch's ninja builder)
 """
 import glob
@@ -128,6 +129,8 @@ def build_extension():
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         "-lineinfo",
     ] + _cuda_archs() + defines
+    # Dev A/B builds: extra nvcc flags, e.g. tuning macros of the kernels.
+    nvcc_flags += os.environ.get("FASTATTN_NVCC_EXTRA", "").split()
     if os.environ.get("FASTATTN_NVCC_THREADS"):
         nvcc_flags += ["--threads", os.environ["FASTATTN_NVCC_THREADS"]]
     print(f"fastattn: building the CUDA extension (hdims {hdims}, dtypes {dtypes}, "

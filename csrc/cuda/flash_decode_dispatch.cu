@@ -67,6 +67,18 @@ int ctas_per_sm(int d, ElemType t, int smem, bool paged) {
   return 0;
 }
 
+int block_n(int d) {
+  switch (d) {
+    case 32: return DecodeTraits<32>::kBlockN;
+    case 64: return DecodeTraits<64>::kBlockN;
+    case 96: return DecodeTraits<96>::kBlockN;
+    case 128: return DecodeTraits<128>::kBlockN;
+    case 192: return DecodeTraits<192>::kBlockN;
+    case 256: return DecodeTraits<256>::kBlockN;
+    default: return 64;
+  }
+}
+
 int hdim_index(int d) {
   for (int i = 0; i < 6; ++i)
     if (kKernelHeadDims[i] == d) return i;
@@ -181,7 +193,16 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
   const int64_t m_blocks = (m_total + rows_cta - 1) / rows_cta;
   plan.num_m_blocks = static_cast<int>(m_blocks > 0 ? m_blocks : 1);
 
-  const RingChoice ring = ring_choice(plan.kernel_head_dim, p.dtype, p.block_table != nullptr);
+  RingChoice ring = ring_choice(plan.kernel_head_dim, p.dtype, p.block_table != nullptr);
+  if (const char* env = std::getenv("FASTATTN_DECODE_STAGES")) {
+    // Dev A/B switch (benchmarks only): force the ring depth when it fits.
+    const int s = std::atoi(env);
+    const int ctas = s >= 2 && s <= 4 ? ctas_per_sm(plan.kernel_head_dim, p.dtype,
+                                                    s * stage_bytes(plan.kernel_head_dim),
+                                                    p.block_table != nullptr)
+                                      : 0;
+    if (ctas > 0) ring = RingChoice{s, ctas};
+  }
   plan.stages = ring.stages;
   plan.ctas_per_sm = ring.ctas;
   plan.smem_bytes = ring.stages * stage_bytes(plan.kernel_head_dim);
@@ -193,8 +214,8 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     const int64_t w = static_cast<int64_t>(p.seqlen_q) + p.mask.window_left;
     if (w < eff_len) eff_len = w;
   }
-  constexpr int kBlockN = DecodeTraits<128>::kBlockN;  // the same for every head dim
-  const int64_t n_blocks = eff_len > 0 ? (eff_len + kBlockN - 1) / kBlockN : 1;
+  const int64_t kv_block = block_n(plan.kernel_head_dim);
+  const int64_t n_blocks = eff_len > 0 ? (eff_len + kv_block - 1) / kv_block : 1;
 
   int splits = 1;
   if (requested_splits > 0) {
@@ -202,7 +223,7 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     if (splits > n_blocks) splits = static_cast<int>(n_blocks);
     if (splits > 1024) splits = 1024;
   } else {
-    // Enough CTAs to use >= 85% of one CTA per SM, each split keeping >= 2 key
+    // Enough CTAs to use >= 95% of one CTA per SM, each split keeping >= 2 key
     // blocks; no split once the batch alone fills the GPU. One CTA per SM, not
     // every resident slot: a CTA's cp.async ring already keeps enough bytes in
     // flight to saturate HBM, and each extra split costs combine traffic. On an
@@ -221,16 +242,18 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     // Hkv=8, D=128, page size 16: B=8 x 8k 79 -> 76 us (4 splits instead of
     // 2), B=16 x 32k 717 -> 521 us (2 instead of 1); B=1 x 64k 94 -> 86 us and
     // B=1 x 128k 162 -> 156 us with one CTA per SM (16 splits, not 33).
+    // (Measured with 64-key blocks: the limit is kept in keys.)
     if (p.block_table != nullptr && base < slots && 4 * base >= slots && max_s > 1 &&
-        n_blocks * base / (2 * slots) >= 24) {
+        n_blocks * kv_block * base / (2 * slots) >= 24 * 64) {
       slots *= 2;
     }
     if (base < slots && max_s > 1) {
       double best_eff = wave_efficiency(base, slots);
       int best_s = 1;
-      // Paged: fill >= 95% of the slots (its CTAs are issue-bound, an idle SM
-      // costs more than for the contiguous cache: B=1 x 64k at 14 -> 16 splits).
-      const double target = p.block_table != nullptr ? 0.95 : 0.85;
+      // Fill >= 95% of the slots: an idle SM costs more than one more split
+      // (H200, B=1 x 16k: 16 splits 25.1 us, 15 splits 26.4 us; paged B=1 x 64k
+      // 14 -> 16 splits 94 -> 86 us).
+      const double target = 0.95;
       for (int64_t s = 1; s <= max_s; ++s) {
         const double e = wave_efficiency(base * s, slots);
         if (e >= target) {

@@ -8,8 +8,8 @@
 //     over K/V serves every query head of the group (DecodeParams).
 //   - The 4 warps form a warps_m x warps_n grid (runtime; warps_m = 1 for the
 //     common <= 16 rows): each warp owns one m16 row tile and, of every
-//     kBlockN-key stage, the 16-key chunks c = wn, wn + warps_n, ... It keeps
-//     its own online-softmax state (common/softmax.h) over its keys.
+//     kBlockN-key stage, the kWarpKeys-key groups c = wn, wn + warps_n, ...
+//     It keeps its own online-softmax state (common/softmax.h) over its keys.
 //   - K/V stream through a ring of `stages` (runtime, 2..4) shared-memory
 //     stages with cp.async, stages - 1 in flight while one is computed. Q is
 //     staged once in the last ring slot (free until the first refill) and then
@@ -37,20 +37,37 @@
 namespace fastattn {
 namespace gpu {
 
+// Tuning hooks for dev A/B builds (not set by setup.py):
+// -DFASTATTN_DECODE_WARPS=W -DFASTATTN_DECODE_BLOCK_N=N (head dims <= 128).
+#ifndef FASTATTN_DECODE_WARPS
+#define FASTATTN_DECODE_WARPS 4
+#endif
+#ifndef FASTATTN_DECODE_BLOCK_N
+#define FASTATTN_DECODE_BLOCK_N 128
+#endif
+
 template <int kHeadDim_>
 struct DecodeTraits {
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kNWarps = 4;
+  static constexpr int kNWarps = FASTATTN_DECODE_WARPS;
   static constexpr int kThreads = kNWarps * 32;
-  static constexpr int kBlockN = 64;                // keys per pipeline stage
-  static constexpr int kChunks = kBlockN / 16;      // 16-key chunks per stage
+  // Keys per pipeline stage: 128 up to head dim 128 (a warp's share of a
+  // stage is then 32 keys, NT = 4 independent mma chains for Q K^T: with one
+  // warp per scheduler the chains hide each other's latency; 16-key shares
+  // measured 5-10% slower on H200), 64 above (a 128-key stage of hdim 192/256
+  // would leave no room for a ring).
+  static constexpr int kBlockN = kHeadDim <= 128 ? FASTATTN_DECODE_BLOCK_N : 64;
+  // Keys one warp takes of a stage at a time (NT = kWarpKeys / 8 n8 tiles of S).
+  static constexpr int kWarpKeys = kBlockN / kNWarps;
+  static constexpr int kGroups = kBlockN / kWarpKeys;  // warp-key groups per stage
   static constexpr int kMaxRows = 16 * kNWarps;     // rows per CTA when warps_m = 4
   static constexpr int kDT = kHeadDim / 8;          // n8 tiles of O
   static constexpr int kKS = kHeadDim / 16;         // k16 steps of Q K^T
   static constexpr int kMinStages = 2;
   static constexpr int kMaxStages = 4;
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of 16");
-  static_assert(kChunks == kNWarps, "one chunk per warp when every warp splits the keys");
+  static_assert(kWarpKeys % 16 == 0 && kBlockN % kWarpKeys == 0, "whole k16 steps of PV per group");
+  static_assert(kGroups % kNWarps == 0, "whole groups per warp when every warp splits the keys");
 
   using QTile = SmemTile<kMaxRows, kHeadDim>;
   using KTile = SmemTile<kBlockN, kHeadDim>;
@@ -200,9 +217,11 @@ __device__ __forceinline__ KeyBlockRange decode_key_blocks(const MaskPolicy& mas
   const int seq_b0 = mask.kv_block_begin(0, sq, block_n);
   const int seq_b1 = mask.kv_block_end(0, sq, block_n);
   if (seq_b1 <= seq_b0) return r;
-  const int per = (seq_b1 - seq_b0 + num_splits - 1) / num_splits;
-  int b0 = seq_b0 + split * per;
-  int b1 = b0 + per < seq_b1 ? b0 + per : seq_b1;
+  // Balanced: split j gets blocks [j*n/S, (j+1)*n/S), sizes differ by <= 1
+  // (a ceil-sized share would leave the last splits short or empty).
+  const int nb = seq_b1 - seq_b0;
+  const int b0 = seq_b0 + static_cast<int>(static_cast<int64_t>(split) * nb / num_splits);
+  const int b1 = seq_b0 + static_cast<int>(static_cast<int64_t>(split + 1) * nb / num_splits);
   const int own0 = mask.kv_block_begin(i_lo, i_hi + 1, block_n);
   const int own1 = mask.kv_block_end(i_lo, i_hi + 1, block_n);
   r.begin = b0 > own0 ? b0 : own0;
@@ -219,6 +238,8 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   constexpr int kNWarps = Traits::kNWarps;
   constexpr int DT = Traits::kDT;
   constexpr int KS = Traits::kKS;
+  constexpr int kWarpKeys = Traits::kWarpKeys;
+  constexpr int NT = kWarpKeys / 8;
   constexpr int kOStride = Traits::kOStride;
   using QTile = typename Traits::QTile;
   using KTile = typename Traits::KTile;
@@ -321,27 +342,32 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       const uint32_t v_addr = k_addr + KTile::kBytes;
       const int key0 = (blocks.begin + it) * kBlockN;
 
-      for (int c = wn; c < Traits::kChunks; c += warps_n) {
-        // S = Q K^T for keys key0 + c*16 .. +15 (two n8 tiles).
-        float s[1][2][4];
+      for (int c = wn; c < Traits::kGroups; c += warps_n) {
+        // S = Q K^T for keys key0 + c*kWarpKeys .. (NT n8 tiles): NT independent
+        // mma chains over the head dim, so one warp per scheduler still has
+        // work to issue while each mma's latency runs.
+        float s[1][NT][4];
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
-        const uint32_t kc = k_addr + c * 16 * KTile::kStrideBytes;
+        const uint32_t kc = k_addr + c * kWarpKeys * KTile::kStrideBytes;
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
-          uint32_t bk[4];
-          load_b_pair<KTile>(bk, kc, b_off, 0, kk * 16);
-          ptx::mma_m16n8k16<Elem>(s[0][0], q_frag[kk], bk[0], bk[1]);
-          ptx::mma_m16n8k16<Elem>(s[0][1], q_frag[kk], bk[2], bk[3]);
+#pragma unroll
+          for (int np = 0; np < NT / 2; ++np) {
+            uint32_t bk[4];
+            load_b_pair<KTile>(bk, kc, b_off, np * 16, kk * 16);
+            ptx::mma_m16n8k16<Elem>(s[0][2 * np], q_frag[kk], bk[0], bk[1]);
+            ptx::mma_m16n8k16<Elem>(s[0][2 * np + 1], q_frag[kk], bk[2], bk[3]);
+          }
         }
-        const int c0 = key0 + c * 16;
-        if (c0 < full_lo || c0 + 16 > full_hi) {  // warp-uniform
+        const int c0 = key0 + c * kWarpKeys;
+        if (c0 < full_lo || c0 + kWarpKeys > full_hi) {  // warp-uniform
 #pragma unroll
           for (int h = 0; h < 2; ++h)
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
                 const int key = c0 + nt * 8 + col_lane + e;
@@ -350,15 +376,18 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
         }
         softmax.update(s, acc_o, p.scale_log2);
 
-        uint32_t pa[4];
-        c_pair_to_a<Elem>(pa, s[0][0], s[0][1]);
-        const uint32_t vc = v_addr + c * 16 * VTile::kStrideBytes;
+        const uint32_t vc = v_addr + c * kWarpKeys * VTile::kStrideBytes;
 #pragma unroll
-        for (int dp = 0; dp < DT / 2; ++dp) {
-          uint32_t bv[4];
-          load_b_trans_pair<VTile>(bv, vc, v_off, 0, dp * 16);
-          ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp], pa, bv[0], bv[1]);
-          ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp + 1], pa, bv[2], bv[3]);
+        for (int ks = 0; ks < NT / 2; ++ks) {
+          uint32_t pa[4];
+          c_pair_to_a<Elem>(pa, s[0][2 * ks], s[0][2 * ks + 1]);
+#pragma unroll
+          for (int dp = 0; dp < DT / 2; ++dp) {
+            uint32_t bv[4];
+            load_b_trans_pair<VTile>(bv, vc, v_off, ks * 16, dp * 16);
+            ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp], pa, bv[0], bv[1]);
+            ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp + 1], pa, bv[2], bv[3]);
+          }
         }
       }
       slot = slot + 1 == stages ? 0 : slot + 1;

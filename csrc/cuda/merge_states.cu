@@ -1,9 +1,9 @@
 // LSE-weighted merge of partial attention results (MergeParams): serves the
 // merge_states / merge_states_n ops and the split-KV decode combine (fp32
 // partials in, fp16/bf16 out). Memory-bound: each thread owns 8 columns of one
-// row, reads every part's 8 values with 16-byte loads (two for fp32), four
-// parts in flight at a time, and never reads a part whose weight is 0 (-inf
-// lse: empty key set or an empty decode split).
+// row and reads every part's 8 values with 16-byte loads (two for fp32),
+// kBatch parts in flight at a time; a part with lse = -inf (empty key set, or
+// an empty decode split that wrote nothing) never contributes.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -17,6 +17,7 @@ namespace gpu {
 namespace {
 
 constexpr int kMergeThreads = 128;
+constexpr int kBatch = 8;  // parts whose loads are in flight together
 
 // Threads per row: a power of two covering ceil(head_dim / 8) chunks, at most
 // the block (wider rows loop over their chunks).
@@ -82,7 +83,7 @@ template <>
 struct Io8<__nv_bfloat16> : Io8Half<__nv_bfloat16> {};
 
 template <typename In, typename Out, bool kVec>
-__global__ void __launch_bounds__(kMergeThreads, 6)
+__global__ void __launch_bounds__(kMergeThreads, 4)
     merge_states_kernel(const __grid_constant__ MergeParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent of the decode kernel (run_decode):
@@ -122,40 +123,61 @@ __global__ void __launch_bounds__(kMergeThreads, 6)
       return p.two_views ? (part == 0 ? in0 : in1) : in0 + part * p.in_part_stride;
     };
 
-    LseMerge merge;
-    for (int q = 0; q < n; ++q) merge.add(lse_of(q));
-    const float lse = merge.result();
-
+    // One pass over the parts in batches of kBatch, rescaling online like the
+    // attention softmax (running max m, running sum of exp(lse_i - m), O
+    // accumulated at the running max): every load of a batch (its LSEs and its
+    // 8 values of each part) is issued before any is used, so a merge of n
+    // parts costs about n / kBatch memory round trips, not n (the split-KV
+    // combine of a long single sequence merges 16-64 parts per row).
+    float lse = neg_inf();
     for (int c = t * 8; c < p.head_dim; c += tpr * 8) {
+      constexpr float kLog2e = 1.4426950408889634f;
+      float m = neg_inf(), sum = 0.f;
       float acc[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-      if (lse != neg_inf()) {
-        for (int q0 = 0; q0 < n; q0 += 4) {
-          float w[4];
-          float x[4][8];
+      for (int q0 = 0; q0 < n; q0 += kBatch) {
+        float l[kBatch];
+        float x[kBatch][8];
 #pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            w[u] = q0 + u < n ? lse_weight(lse_of(q0 + u), lse) : 0.f;
-            if (w[u] != 0.f) {
-              const In* src = in_of(q0 + u) + c;
-              if constexpr (kVec) {
-                Io8<In>::load(src, x[u]);
-              } else {
+        for (int u = 0; u < kBatch; ++u) {
+          const bool valid = q0 + u < n;
+          l[u] = valid ? lse_of(q0 + u) : neg_inf();
+          // Read even when the part's LSE may be -inf: its memory is valid (an
+          // unwritten decode partial at worst) and the select below never lets
+          // its value reach acc, so no load waits on the LSE.
+          const In* src = in_of(valid ? q0 + u : 0) + c;
+          if constexpr (kVec) {
+            Io8<In>::load(src, x[u]);
+          } else {
 #pragma unroll
-                for (int e = 0; e < 8; ++e) x[u][e] = c + e < p.head_dim ? Io8<In>::get(src + e) : 0.f;
-              }
-            }
-          }
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            if (w[u] != 0.f) {
-#pragma unroll
-              for (int e = 0; e < 8; ++e) acc[e] = fmaf(w[u], x[u][e], acc[e]);
-            }
+            for (int e = 0; e < 8; ++e) x[u][e] = c + e < p.head_dim ? Io8<In>::get(src + e) : 0.f;
           }
         }
+        float bm = l[0];
+#pragma unroll
+        for (int u = 1; u < kBatch; ++u) bm = fmaxf(bm, l[u]);
+        if (bm == neg_inf()) continue;  // only empty parts in this batch
+        const float m_new = fmaxf(m, bm);
+        const float r = m == neg_inf() ? 0.f : ptx::ex2_approx((m - m_new) * kLog2e);
+        sum *= r;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] *= r;
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const bool live = l[u] != neg_inf();
+          const float w = live ? ptx::ex2_approx((l[u] - m_new) * kLog2e) : 0.f;
+          sum += w;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[e] = live ? fmaf(w, x[u][e], acc[e]) : acc[e];
+        }
+        m = m_new;
       }
+      // No live part: lse = -inf and out = 0 (the merge of empty key sets).
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] *= inv;
+      lse = sum > 0.f ? m + __logf(sum) : neg_inf();
       Out* dst = static_cast<Out*>(p.out) + row * p.head_dim + c;
       if constexpr (kVec) {
         Io8<Out>::store(dst, acc);
@@ -164,6 +186,11 @@ __global__ void __launch_bounds__(kMergeThreads, 6)
         for (int e = 0; e < 8; ++e)
           if (c + e < p.head_dim) Io8<Out>::put(dst + e, acc[e]);
       }
+    }
+    if (t == 0 && p.head_dim == 0) {  // no columns: the LSE alone
+      LseMerge merge;
+      for (int q = 0; q < n; ++q) merge.add(lse_of(q));
+      lse = merge.result();
     }
     if (t == 0) p.lse_out[(o * p.heads + h) * p.seqlen + s] = lse;
   }
