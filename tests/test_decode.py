@@ -40,6 +40,8 @@ DECODE_CASES = [
     (2, 16, 16, 2, 96, [513, 16], 1, True, (-1, -1), True),
     (3, 4, 8, 8, 80, [200, 257, 64], 7, False, (50, 0), False),
     (1, 3, 6, 2, 256, [190], 2, True, (20, -1), False),
+    # more splits than the combine merges per batch, most of them empty for the short sequence
+    (2, 1, 16, 4, 128, [5000, 37], 40, False, (-1, -1), False),
 ]
 
 
@@ -74,7 +76,7 @@ def test_decode_num_splits_agree(device):
     q = torch.randn(2, 3, 8, 64, dtype=dtype, device=device)
     lens = torch.tensor([1999, 1234], dtype=torch.int32, device=device)
     results = [ops.decode(q, k_cache, v_cache, lens, None, None, 0.125, True, -1, -1, s)
-               for s in (1, 2, 7, 0)]
+               for s in (1, 2, 7, 19, 0)]
     for out, lse in results[1:]:
         torch.testing.assert_close(out, results[0][0], atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
         torch.testing.assert_close(lse, results[0][1], atol=1e-4, rtol=1e-4)
@@ -177,6 +179,34 @@ def test_merge_equals_attention_over_union(device):
         assert o.dtype == dtype and l.dtype == torch.float32 and o.is_contiguous()
         torch.testing.assert_close(o, full, **tol)
         torch.testing.assert_close(l, full_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", [64, 20])  # 20: the merge kernel's unvectorized columns
+def test_merge_n_many_parts_vs_float64(device, D):
+    """N-way merge of 19 parts (more than one load batch of the CUDA kernel) with
+    empty parts whose outputs hold NaN: they must not contribute, a row whose
+    parts are all empty gives out 0 / lse -inf."""
+    g = torch.Generator().manual_seed(3)
+    N, B, S, H = 19, 2, 3, 4
+    for dtype in [torch.float32] + DTYPES[device][-1:]:
+        outs = torch.randn(N, B, S, H, D, generator=g).to(dtype)
+        lses = torch.randn(N, B, H, S, generator=g) * 4
+        empty = torch.zeros(N, B, H, S, dtype=torch.bool)
+        empty[8:16] = True                # a whole load batch empty
+        empty[[0, 3, 17], 1, 2, 0] = True
+        empty[:, 0, 1, 2] = True          # one row with no keys at all
+        lses[empty] = -math.inf
+        outs.permute(0, 1, 3, 2, 4)[empty] = float("nan")
+        out, lse = fastattn.merge_attention_states_n(outs.to(device), lses.to(device))
+        w = torch.softmax(lses.double(), dim=0).nan_to_num(0.0)  # (N, B, H, S)
+        ref = torch.einsum("nbhs,nbshd->bshd", w, outs.double().nan_to_num(0.0))
+        ref_lse = torch.logsumexp(lses.double(), dim=0)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.cpu().double(), ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-5, rtol=1e-5)
+        assert torch.all(out[0, 2, 1].cpu() == 0) and lse[0, 1, 2].item() == -math.inf
 
 
 @pytest.mark.parametrize("device", DEVICES)
