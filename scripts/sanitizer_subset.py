@@ -1,6 +1,7 @@
 """A representative subset for compute-sanitizer (memcheck / racecheck):
 forward and backward, causal and not, GQA, varlen, odd sizes; paged decode and
-chunked prefill (including page ids outside the pool).
+chunked prefill (including page ids outside the pool); many-split decode and
+the N-way merge.
 
     compute-sanitizer --tool memcheck  python scripts/sanitizer_subset.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_subset.py
@@ -57,6 +58,15 @@ def main():
             bad = table.clone()
             bad[1, 0] = 10 ** 6
             fastattn.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, block_table=bad)
+        # Contiguous decode with more splits than one combine load batch,
+        # several of them empty (short sequence), and a 19-part merge.
+        kc = torch.randn(2, 3000, 2, 128, device="cuda", dtype=dt)
+        vc = torch.randn_like(kc)
+        q = torch.randn(2, 1, 8, 128, device="cuda", dtype=dt)
+        lens = torch.tensor([2999, 40], dtype=torch.int32, device="cuda")
+        fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=20)
+        fastattn.merge_attention_states_n(torch.randn(19, 2, 3, 4, 64, device="cuda", dtype=dt),
+                                          torch.randn(19, 2, 4, 3, device="cuda"))
     torch.cuda.synchronize()
     print("sanitizer subset: done")
 
