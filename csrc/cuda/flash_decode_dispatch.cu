@@ -17,17 +17,30 @@ namespace {
 
 constexpr int kMaxSplits = 128;
 
-int stage_bytes(int d) {
+// Tile facts of the kernel instantiated for head dim d (0 / 64 for others).
+struct DecodeTile {
+  int stage_bytes;  // one ring stage: a K and a V tile
+  int block_n;      // keys per stage
+};
+
+template <int kD>
+constexpr DecodeTile tile_of() {
+  return {DecodeTraits<kD>::kStageBytes, DecodeTraits<kD>::kBlockN};
+}
+
+DecodeTile decode_tile(int d) {
   switch (d) {
-    case 32: return DecodeTraits<32>::kStageBytes;
-    case 64: return DecodeTraits<64>::kStageBytes;
-    case 96: return DecodeTraits<96>::kStageBytes;
-    case 128: return DecodeTraits<128>::kStageBytes;
-    case 192: return DecodeTraits<192>::kStageBytes;
-    case 256: return DecodeTraits<256>::kStageBytes;
-    default: return 0;
+    case 32: return tile_of<32>();
+    case 64: return tile_of<64>();
+    case 96: return tile_of<96>();
+    case 128: return tile_of<128>();
+    case 192: return tile_of<192>();
+    case 256: return tile_of<256>();
+    default: return {0, 64};
   }
 }
+
+int stage_bytes(int d) { return decode_tile(d).stage_bytes; }
 
 template <ElemType kDtype>
 int ctas_per_sm_dtype(int d, int smem, bool paged) {
@@ -65,18 +78,6 @@ int ctas_per_sm(int d, ElemType t, int smem, bool paged) {
   (void)smem;
   (void)paged;
   return 0;
-}
-
-int block_n(int d) {
-  switch (d) {
-    case 32: return DecodeTraits<32>::kBlockN;
-    case 64: return DecodeTraits<64>::kBlockN;
-    case 96: return DecodeTraits<96>::kBlockN;
-    case 128: return DecodeTraits<128>::kBlockN;
-    case 192: return DecodeTraits<192>::kBlockN;
-    case 256: return DecodeTraits<256>::kBlockN;
-    default: return 64;
-  }
 }
 
 int hdim_index(int d) {
@@ -214,7 +215,7 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     const int64_t w = static_cast<int64_t>(p.seqlen_q) + p.mask.window_left;
     if (w < eff_len) eff_len = w;
   }
-  const int64_t kv_block = block_n(plan.kernel_head_dim);
+  const int64_t kv_block = decode_tile(plan.kernel_head_dim).block_n;
   const int64_t n_blocks = eff_len > 0 ? (eff_len + kv_block - 1) / kv_block : 1;
 
   int splits = 1;
