@@ -33,6 +33,18 @@ void check_q_and_caches(const at::Tensor& q, const at::Tensor& k_cache, const at
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k_cache, "k_cache");
   check_last_dim_contiguous(v_cache, "v_cache");
+  // Heads and head dim: q's are its last two dims in both layouts.
+  const int64_t head_dim = q.size(-1), heads_q = q.size(-2), heads_kv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim,
+              "fastattn: q and k_cache must have the same head_dim, got ", head_dim, " and ",
+              k_cache.size(3));
+  TORCH_CHECK(head_dim >= 1 && head_dim <= kMaxHeadDim, "fastattn: head_dim must be in [1, ",
+              kMaxHeadDim, "], got ", head_dim);
+  TORCH_CHECK(heads_q >= 1 && heads_kv >= 1, "fastattn: heads must be >= 1, got q heads ",
+              heads_q, " and cache heads ", heads_kv);
+  TORCH_CHECK(heads_q % heads_kv == 0, "fastattn: the number of query heads (", heads_q,
+              ") must be divisible by the number of key/value heads of the cache (", heads_kv,
+              ")");
 }
 
 DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
@@ -54,16 +66,6 @@ DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
   p.cache_rows = k_cache.size(0);
   p.cache_seqlen = k_cache.size(1);
   p.heads_kv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == p.head_dim,
-              "fastattn: q and k_cache must have the same head_dim, got ", p.head_dim, " and ",
-              k_cache.size(3));
-  TORCH_CHECK(p.head_dim >= 1 && p.head_dim <= kMaxHeadDim, "fastattn: head_dim must be in [1, ",
-              kMaxHeadDim, "], got ", p.head_dim);
-  TORCH_CHECK(p.heads_q >= 1 && p.heads_kv >= 1, "fastattn: heads must be >= 1, got q heads ",
-              p.heads_q, " and cache heads ", p.heads_kv);
-  TORCH_CHECK(p.heads_q % p.heads_kv == 0, "fastattn: the number of query heads (", p.heads_q,
-              ") must be divisible by the number of key/value heads of the cache (", p.heads_kv,
-              ")");
   TORCH_CHECK(std::isfinite(scale), "fastattn: scale must be finite, got ", scale);
   TORCH_CHECK(num_splits >= 0, "fastattn: num_splits must be >= 0 (0 = heuristic), got ",
               num_splits);

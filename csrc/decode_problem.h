@@ -31,7 +31,9 @@ namespace fastattn {
 // Rank, dtype, device, shape and last-dim checks shared by the decode and
 // paged_fwd ops: q of rank q_rank (named q_name, laid out as q_layout), 4-D
 // k_cache / v_cache of one shape (laid out as cache_layout), one supported
-// dtype, one device, contiguous last dims.
+// dtype, one device, contiguous last dims, and head counts / head dims that
+// match (q's heads and head dim are its last two dims; query heads a
+// multiple of the cache's, head dim in [1, kMaxHeadDim]).
 void check_q_and_caches(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         int64_t q_rank, const char* q_name, const char* q_layout,
                         const char* cache_layout);

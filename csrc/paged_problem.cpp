@@ -27,15 +27,6 @@ PagedFwdProblem check_paged_fwd_args(const at::Tensor& q, const at::Tensor& k_ca
   p.num_blocks = k_cache.size(0);
   p.block_size = k_cache.size(1);
   a.heads_kv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == a.head_dim,
-              "fastattn: q and k_cache must have the same head_dim, got ", a.head_dim, " and ",
-              k_cache.size(3));
-  TORCH_CHECK(a.head_dim >= 1 && a.head_dim <= kMaxHeadDim, "fastattn: head_dim must be in [1, ",
-              kMaxHeadDim, "], got ", a.head_dim);
-  TORCH_CHECK(a.heads_q >= 1 && a.heads_kv >= 1, "fastattn: heads must be >= 1");
-  TORCH_CHECK(a.heads_q % a.heads_kv == 0, "fastattn: the number of query heads (", a.heads_q,
-              ") must be divisible by the number of key/value heads of the cache (", a.heads_kv,
-              ")");
   TORCH_CHECK(p.block_size >= 1, "fastattn: the paged cache's block_size must be >= 1");
   TORCH_CHECK(std::isfinite(scale), "fastattn: scale must be finite, got ", scale);
 

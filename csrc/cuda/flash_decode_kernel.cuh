@@ -343,9 +343,8 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       const int key0 = (blocks.begin + it) * kBlockN;
 
       for (int c = wn; c < Traits::kGroups; c += warps_n) {
-        // S = Q K^T for keys key0 + c*kWarpKeys .. (NT n8 tiles): NT independent
-        // mma chains over the head dim, so one warp per scheduler still has
-        // work to issue while each mma's latency runs.
+        // S = Q K^T for keys key0 + c*kWarpKeys .. (NT n8 tiles, 2 with the
+        // default 64-key stages).
         float s[1][NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
