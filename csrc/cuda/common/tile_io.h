@@ -205,7 +205,11 @@ struct PagedKvTileLoader {
   int num_pages;
   int r0;             // this thread's first row within the tile
   int smem_off;       // of its first chunk in row r0
-  bool chunk_ok[kCPT];
+  bool chunk_ok[kCPT];    // chunk exists and is < col_limit (else zero-filled)
+  bool chunk_live[kCPT];  // chunk exists: with a chunk count that is not a power of two
+                          // (head dims 96, 192) the last thread slots map past the
+                          // row, and a (zero-filling) copy there would land in the
+                          // next row's first chunks
   // Tiles start at multiples of Tile::kRows, so pages of >= Tile::kRows rows
   // hold whole tiles: one table read per tile and contiguous-style addressing.
   // Smaller pages divide the tile, so the page index and slot of this thread's
@@ -228,7 +232,8 @@ struct PagedKvTileLoader {
 #pragma unroll
     for (int j = 0; j < kCPT; ++j) {
       const int c = slot + j * kTPR;
-      chunk_ok[j] = c < kChunks && c * 8 < col_limit;
+      chunk_live[j] = c < kChunks;
+      chunk_ok[j] = chunk_live[j] && c * 8 < col_limit;
     }
     k_col = k_head + slot * 8;
     v_col = v_head + slot * 8;
@@ -280,6 +285,7 @@ struct PagedKvTileLoader {
       const int64_t o = ok ? off : 0;
 #pragma unroll
       for (int j = 0; j < kCPT; ++j) {
+        if (kCPT * kTPR > kChunks && !chunk_live[j]) continue;
         const bool go = ok && chunk_ok[j];
         const int s = smem_off + r * Tile::kStrideBytes + j * kTPR * 16;
         if (kK) ptx::cp_async_16(k_addr + s, k_col + o + j * kTPR * 8, go);
