@@ -2,7 +2,8 @@
 
 bf16, hidden 2048 (hdim 64 x 32 heads, hdim 128 x 16 heads), S in {1k, 4k, 16k},
 batch = 16k / S, causal and not; forward and backward TFLOP/s, ratios vs the
-best torch backend. All implementations get the same (B, H, S, D) tensors.
+best torch backend. All implementations get the same (B, H, S, D) tensors and
+are measured in interleaved rounds (--rounds, default 3; best per-round median).
 
     python -m benchmarks.prefill            # full matrix
     python -m benchmarks.prefill --quick    # a few minutes on an H100
@@ -69,30 +70,56 @@ def make_impls(flex_ok):
     return impls
 
 
-def bench_one(cfg, name, impl, modes, dtype=torch.bfloat16):
+def _time_fwd(impl, sets, causal, n):
+    with torch.no_grad():
+        return median(time_cuda(lambda i: impl(*sets[i], causal), n))
+
+
+def _time_bwd(impl, sets, douts, causal, n):
+    outs = [impl(*sets[i], causal) for i in range(n)]
+    try:
+        return median(time_cuda(
+            lambda i: torch.autograd.grad(outs[i], sets[i], douts[i], retain_graph=True), n))
+    finally:
+        del outs
+
+
+def bench_config(cfg, impls, modes, rounds, dtype=torch.bfloat16):
+    """Every implementation on the same input tensors, measured in `rounds`
+    interleaved rounds (impl A, B, ..., then A, B, ... again): each reported
+    time is the best of its per-round medians, so a slow phase of the GPU
+    (clocks, power, another process) that hits one implementation's turn does
+    not decide a ratio. extra["round_spread"] = slowest / fastest round - 1."""
     B, H, S, D, causal = cfg["B"], cfg["H"], cfg["S"], cfg["D"], cfg["causal"]
     set_bytes = 4 * B * H * S * D * 2
     n = copies_to_exceed_l2(set_bytes, cap=4)
     sets = [[torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
             for _ in range(n)]
     douts = [torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(n)]
-    results = []
-    try:
-        if "fwd" in modes:
-            with torch.no_grad():
-                ms = median(time_cuda(lambda i: impl(*sets[i], causal), n))
-            results.append(Result(cfg, name, "fwd", ms, attention_flops(B, H, S, S, D, causal) / ms / 1e9))
-        if "bwd" in modes:
-            outs = [impl(*sets[i], causal) for i in range(n)]
-            ms = median(time_cuda(
-                lambda i: torch.autograd.grad(outs[i], sets[i], douts[i], retain_graph=True), n))
-            results.append(Result(cfg, name, "bwd", ms,
-                                  attention_flops(B, H, S, S, D, causal, "bwd") / ms / 1e9))
-    except Exception as e:  # a backend that does not run a config is reported, not fatal
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    times = {(name, mode): [] for name in impls for mode in modes}
+    errors = {}
+    for _ in range(rounds):
         for mode in modes:
-            if not any(r.mode == mode for r in results):
-                results.append(Result(cfg, name, mode, None, error=msg))
+            for name, impl in impls.items():
+                if (name, mode) in errors:
+                    continue
+                try:
+                    ms = (_time_fwd(impl, sets, causal, n) if mode == "fwd"
+                          else _time_bwd(impl, sets, douts, causal, n))
+                    times[(name, mode)].append(ms)
+                except Exception as e:  # a backend that does not run a config is reported, not fatal
+                    errors[(name, mode)] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    results = []
+    for name in impls:
+        for mode in modes:
+            ts = times[(name, mode)]
+            if (name, mode) in errors or not ts:
+                results.append(Result(cfg, name, mode, None, error=errors.get((name, mode), "no time")))
+                continue
+            ms = min(ts)
+            flops = attention_flops(B, H, S, S, D, causal, mode)
+            results.append(Result(cfg, name, mode, ms, flops / ms / 1e9,
+                                  extra={"round_ms": ts, "round_spread": max(ts) / ms - 1}))
     del sets, douts
     torch.cuda.empty_cache()
     return results
@@ -132,6 +159,7 @@ def main():
     ap.add_argument("--modes", default="fwd,bwd")
     ap.add_argument("--impls", default="", help="comma list to restrict (fastattn,sdpa-flash,...)")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per config")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -142,15 +170,23 @@ def main():
         impls = {k: v for k, v in impls.items() if k in args.impls.split(",")}
     results = []
     for cfg in configs(args.quick):
-        for name, impl in impls.items():
-            results += bench_one(cfg, name, impl, modes)
+        results += bench_config(cfg, impls, modes, max(1, args.rounds))
         print(".", end="", flush=True)
     print()
-    meta = {"device": device_name(), "torch": torch.__version__, "dtype": "bf16"}
+    meta = {"device": device_name(), "torch": torch.__version__, "dtype": "bf16",
+            "rounds": max(1, args.rounds)}
     save_json(os.path.join(args.out, "prefill.json"), results, meta)
     plot(results, os.path.join(args.out, "prefill.png"))
     print(f"device: {meta['device']}, torch {meta['torch']}, bf16")
     print(summary_table(results, list(impls)))
+    spreads = [(r.extra["round_spread"], r.impl, r.mode, r.config) for r in results
+               if r.extra.get("round_spread") is not None]
+    if spreads:
+        w = max(spreads, key=lambda x: x[0])
+        c = w[3]
+        print(f"largest spread between rounds: {100 * w[0]:.1f}% ({w[1]} {w[2]} "
+              f"{c['B']}x{c['H']}x{c['S']}x{c['D']} causal={c['causal']}); "
+              f"median {100 * median([x[0] for x in spreads]):.1f}%")
 
 
 def summary_table(results, impl_names):

@@ -31,12 +31,13 @@ def main():
     # Paged KV: decode and chunked prefill over scattered pages (block sizes 16
     # and 128, a table padded with -1 past each sequence's length, a length
     # ending mid-page) and a decode whose table holds page ids outside the pool
-    # (they must read as zeros, not out of bounds).
+    # (they must read as zeros, not out of bounds). Head dim 96: 12 chunks per
+    # row, so the paged loader has spare thread slots that must copy nothing.
     with torch.no_grad():
-        for bs in (16, 128):
+        for bs, D in ((16, 128), (128, 128), (16, 96)):
             lens = [1, 300, 129]
             pages = sum((n + bs - 1) // bs for n in lens) + 2
-            kp = torch.randn(pages, bs, 2, 128, device="cuda", dtype=dt)
+            kp = torch.randn(pages, bs, 2, D, device="cuda", dtype=dt)
             vp = torch.randn_like(kp)
             width = max((n + bs - 1) // bs for n in lens)
             table = torch.full((3, width), -1, dtype=torch.int32)
@@ -47,13 +48,13 @@ def main():
                 at += m
             table = table.cuda()
             seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-            q = torch.randn(3, 1, 8, 128, device="cuda", dtype=dt)
+            q = torch.randn(3, 1, 8, D, device="cuda", dtype=dt)
             for splits in (1, 3):
                 fastattn.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, block_table=table,
                                                  num_splits=splits)
             cu_q = torch.tensor([0, 1, 41, 42], dtype=torch.int32, device="cuda")
             cu_k = torch.nn.functional.pad(seqlens.cumsum(0), (1, 0)).to(torch.int32)
-            fastattn.flash_attn_varlen_func(torch.randn(42, 8, 128, device="cuda", dtype=dt), kp, vp, cu_q,
+            fastattn.flash_attn_varlen_func(torch.randn(42, 8, D, device="cuda", dtype=dt), kp, vp, cu_q,
                                             cu_k, 40, 300, causal=True, block_table=table)
             bad = table.clone()
             bad[1, 0] = 10 ** 6
