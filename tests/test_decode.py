@@ -304,6 +304,55 @@ def test_decode_cuda_graph_replay_with_new_lengths():
             assert torch.equal(out, ref)
 
 
+TMA_CASES = [
+    # B, Sq, Hq, Hkv, D, lens, num_splits, causal, window, use cache_batch_idx
+    (3, 1, 32, 8, 128, [4097, 1, 130], 0, False, (-1, -1), False),
+    (2, 1, 16, 2, 64, [1000, 65], 3, False, (-1, -1), False),
+    (2, 2, 16, 2, 120, [700, 64], 0, True, (-1, -1), True),   # padded head dim (120 -> 128 kernel)
+    (5, 2, 8, 8, 64, [17, 513, 64, 1, 300], 1, True, (40, 0), False),
+    (2, 16, 16, 2, 128, [1000, 129], 2, True, (-1, -1), False),  # 128 rows: several row tiles
+    (1, 1, 8, 1, 128, [8191], 40, False, (-1, -1), False),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: f"B{c[0]}q{c[1]}d{c[4]}s{c[6]}")
+def test_decode_tma_and_cp_async_paths_agree(case, monkeypatch):
+    """On sm90 contiguous caches at head dims 64 / 128 stream through the copy
+    engine (TMA boxes, swizzled tiles); FASTATTN_DECODE_TMA=0 selects the
+    cp.async path. Only the loads and the fragment addressing differ, so the
+    results must be bitwise equal; keys past each sequence and past S_max (NaN
+    here, or outside the tensor) must never reach the math."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the TMA path needs sm90")
+    B, Sq, Hq, Hkv, D, lens, splits, causal, window, use_idx = case
+    dtype = torch.bfloat16
+    S_max = max(lens) + 37  # not a multiple of the 64-key block
+    B_cache = B + 2 if use_idx else B
+    k_cache, v_cache = _cache(B_cache, S_max, Hkv, D, dtype, "cuda")
+    idx = torch.randperm(B_cache)[:B].to(torch.int32).cuda() if use_idx else None
+    rows = idx.tolist() if use_idx else list(range(B))
+    for b, n in enumerate(lens):  # poison everything past each sequence
+        k_cache[rows[b], n:] = float("nan")
+        v_cache[rows[b], n:] = float("nan")
+    q = torch.randn(B, Sq, Hq, D, dtype=dtype, device="cuda")
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    kw = dict(cache_seqlens=seqlens, cache_batch_idx=idx, causal=causal, window_size=window,
+              num_splits=splits, return_softmax_lse=True)
+    results = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("FASTATTN_DECODE_TMA", path)
+        results[path] = fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
+    (o1, l1), (o0, l0) = results["1"], results["0"]
+    assert not o1.isnan().any() and not l1.isnan().any()
+    assert torch.equal(o1, o0) and torch.equal(l1, l0)
+    scale = D ** -0.5
+    ref_o, ref_l = _decode_reference(q, k_cache, v_cache, lens, idx, scale, causal, window, torch.float64)
+    base_o, base_l = _decode_reference(q, k_cache, v_cache, lens, idx, scale, causal, window, dtype)
+    assert_close_rule("out", o1, base_o, ref_o)
+    assert_close_rule("lse", l1, base_l, ref_l)
+
+
 @pytest.mark.cuda
 @pytest.mark.slow
 def test_decode_long_cache_128k():

@@ -25,6 +25,7 @@ struct DecodePlan {
   int num_m_blocks = 1;
   int warps_m = 1;
   int stages = 0;           // 0: the device's shared memory is too small for this head dim
+  bool use_tma = false;     // K/V through the sm90 copy engine (DecodeParams::use_tma)
   int smem_bytes = 0;
   int ctas_per_sm = 0;
   int64_t o_partial_elems = 0;    // floats of DecodeParams::o_partial (0 when num_splits == 1)
@@ -38,7 +39,8 @@ struct DecodePlan {
 // length: enough CTAs to fill every SM's resident slots, >= 2 key blocks per split.
 DecodePlan plan_decode(const DecodeParams& p, int requested_splits);
 
-// Copies a plan's launch fields into p (num_splits, num_m_blocks, warps_m, stages).
+// Copies a plan's launch fields into p (num_splits, num_m_blocks, warps_m,
+// stages, use_tma).
 void apply_decode_plan(DecodeParams& p, const DecodePlan& plan);
 
 // Runs the decode kernel and, when p.num_splits > 1, the combine (run_merge
@@ -51,11 +53,15 @@ cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream);
 // One instantiation per (head dim, dtype), in flash_decode_hdim<D>_<fp16|bf16>.cu.
 template <int kHeadDim, ElemType kDtype>
 cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream);
-// Resident CTAs per SM of that kernel (its contiguous or paged-KV variant)
-// with smem_bytes of dynamic shared memory (also raises both variants'
-// dynamic shared memory limit, once per device).
+// Resident CTAs per SM of that kernel (its contiguous or paged-KV, cp.async or
+// TMA variant) with a ring of `stages` stages (also raises every variant's
+// dynamic shared memory limit, once per device); 0 when there is no such variant.
 template <int kHeadDim, ElemType kDtype>
-int decode_ctas_per_sm(int smem_bytes, bool paged);
+int decode_ctas_per_sm(int stages, bool paged, bool tma);
+// Whether the current device runs the TMA variant's machine code (a variant
+// exists for this head dim, the build has sm90 code and the device is sm90+).
+template <int kHeadDim, ElemType kDtype>
+bool decode_tma_runnable();
 
 // ------------------------------------------------------------------ merge
 // Runs the merge kernel (MergeParams documents it). Any strides; 16-byte

@@ -78,6 +78,13 @@ struct DecodeParams {
   int num_m_blocks = 1;
   int warps_m = 1;  // warps along M (rows per CTA = 16 * warps_m); the rest split the keys
   int stages = 2;   // K/V pipeline stages in shared memory
+  // sm90 copy-engine path (contiguous caches, kernel head dims 64 / 128; the
+  // plan decides): K and V reach shared memory as TMA boxes. The launcher
+  // fills k_tma / v_tma (CUtensorMap blobs over the caches viewed as
+  // (head_dim, heads_kv, seqlen_k_max, cache_batch)).
+  bool use_tma = false;
+  alignas(64) unsigned char k_tma[128] = {};
+  alignas(64) unsigned char v_tma[128] = {};
 };
 
 // Element types the merge kernel reads / writes.

@@ -19,13 +19,20 @@ constexpr int kMaxSplits = 128;
 
 // Tile facts of the kernel instantiated for head dim d (0 / 64 for others).
 struct DecodeTile {
-  int stage_bytes;  // one ring stage: a K and a V tile
-  int block_n;      // keys per stage
+  int stage_bytes;      // one ring stage: a K and a V tile
+  int block_n;          // keys per stage
+  int tma_stage_bytes;  // the same for the TMA variant (0: none for this head dim)
+  int tma_fixed_bytes;  // its shared memory beside the stages (alignment, barriers)
 };
 
 template <int kD>
 constexpr DecodeTile tile_of() {
-  return {DecodeTraits<kD>::kStageBytes, DecodeTraits<kD>::kBlockN};
+  DecodeTile t{DecodeTraits<kD>::kStageBytes, DecodeTraits<kD>::kBlockN, 0, 0};
+  if constexpr (decode_has_tma(kD)) {
+    t.tma_stage_bytes = DecodeTmaTraits<kD>::kStageBytes;
+    t.tma_fixed_bytes = DecodeTmaTraits<kD>::smem_bytes(0);
+  }
+  return t;
 }
 
 DecodeTile decode_tile(int d) {
@@ -36,54 +43,96 @@ DecodeTile decode_tile(int d) {
     case 128: return tile_of<128>();
     case 192: return tile_of<192>();
     case 256: return tile_of<256>();
-    default: return {0, 64};
+    default: return {0, 64, 0, 0};
   }
 }
 
-int stage_bytes(int d) { return decode_tile(d).stage_bytes; }
+// Dynamic shared memory of a ring of `stages` stages of either variant.
+int ring_smem(int d, int stages, bool tma) {
+  const DecodeTile t = decode_tile(d);
+  return tma ? stages * t.tma_stage_bytes + t.tma_fixed_bytes : stages * t.stage_bytes;
+}
 
 template <ElemType kDtype>
-int ctas_per_sm_dtype(int d, int smem, bool paged) {
+int ctas_per_sm_dtype(int d, int stages, bool paged, bool tma) {
   switch (d) {
 #ifdef FASTATTN_ENABLE_HDIM32
-    case 32: return decode_ctas_per_sm<32, kDtype>(smem, paged);
+    case 32: return decode_ctas_per_sm<32, kDtype>(stages, paged, tma);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM64
-    case 64: return decode_ctas_per_sm<64, kDtype>(smem, paged);
+    case 64: return decode_ctas_per_sm<64, kDtype>(stages, paged, tma);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM96
-    case 96: return decode_ctas_per_sm<96, kDtype>(smem, paged);
+    case 96: return decode_ctas_per_sm<96, kDtype>(stages, paged, tma);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM128
-    case 128: return decode_ctas_per_sm<128, kDtype>(smem, paged);
+    case 128: return decode_ctas_per_sm<128, kDtype>(stages, paged, tma);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM192
-    case 192: return decode_ctas_per_sm<192, kDtype>(smem, paged);
+    case 192: return decode_ctas_per_sm<192, kDtype>(stages, paged, tma);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM256
-    case 256: return decode_ctas_per_sm<256, kDtype>(smem, paged);
+    case 256: return decode_ctas_per_sm<256, kDtype>(stages, paged, tma);
 #endif
     default: return 0;
   }
 }
 
-int ctas_per_sm(int d, ElemType t, int smem, bool paged) {
+int ctas_per_sm(int d, ElemType t, int stages, bool paged, bool tma) {
 #ifdef FASTATTN_ENABLE_FP16
-  if (t == ElemType::kFloat16) return ctas_per_sm_dtype<ElemType::kFloat16>(d, smem, paged);
+  if (t == ElemType::kFloat16) return ctas_per_sm_dtype<ElemType::kFloat16>(d, stages, paged, tma);
 #endif
 #ifdef FASTATTN_ENABLE_BF16
-  if (t == ElemType::kBFloat16) return ctas_per_sm_dtype<ElemType::kBFloat16>(d, smem, paged);
+  if (t == ElemType::kBFloat16) return ctas_per_sm_dtype<ElemType::kBFloat16>(d, stages, paged, tma);
 #endif
   (void)d;
-  (void)smem;
+  (void)stages;
   (void)paged;
+  (void)tma;
   return 0;
+}
+
+template <ElemType kDtype>
+bool tma_runnable_dtype(int d) {
+  switch (d) {
+#ifdef FASTATTN_ENABLE_HDIM64
+    case 64: return decode_tma_runnable<64, kDtype>();
+#endif
+#ifdef FASTATTN_ENABLE_HDIM128
+    case 128: return decode_tma_runnable<128, kDtype>();
+#endif
+    default: return false;
+  }
 }
 
 int hdim_index(int d) {
   for (int i = 0; i < 6; ++i)
     if (kKernelHeadDims[i] == d) return i;
   return -1;
+}
+
+// Whether decode reads K/V through the sm90 copy engine: contiguous caches,
+// a head dim with a TMA variant, a device that runs its sm90 code; not when
+// FASTATTN_DECODE_TMA=0 (read per call: a dev A/B switch and an escape hatch).
+bool use_tma(int d, ElemType t, bool paged) {
+  if (paged || !decode_has_tma(d)) return false;
+  const char* env = std::getenv("FASTATTN_DECODE_TMA");
+  if (env != nullptr && env[0] == '0') return false;
+  static signed char cache[64][2][2];  // [device][head dim 64 / 128][dtype]: 0 unknown, 1 yes, -1 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  const int di = d == 64 ? 0 : 1;
+  const int ti = t == ElemType::kFloat16 ? 0 : 1;
+  if (device < 64 && cache[device][di][ti] != 0) return cache[device][di][ti] > 0;
+  bool ok = false;
+#ifdef FASTATTN_ENABLE_FP16
+  if (t == ElemType::kFloat16) ok = tma_runnable_dtype<ElemType::kFloat16>(d);
+#endif
+#ifdef FASTATTN_ENABLE_BF16
+  if (t == ElemType::kBFloat16) ok = tma_runnable_dtype<ElemType::kBFloat16>(d);
+#endif
+  if (device < 64) cache[device][di][ti] = ok ? 1 : -1;
+  return ok;
 }
 
 // Ring depth and resident CTAs per SM for (device, head dim, dtype), cached:
@@ -94,26 +143,26 @@ struct RingChoice {
   int ctas = 0;
 };
 
-RingChoice ring_choice(int d, ElemType t, bool paged) {
-  static RingChoice cache[64][6][2][2];
+RingChoice ring_choice(int d, ElemType t, bool paged, bool tma) {
+  static RingChoice cache[64][6][2][2][2];
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return {};
   const int hi = hdim_index(d);
   const int ti = t == ElemType::kFloat16 ? 0 : 1;
   const int pi = paged ? 1 : 0;
-  if (device < 64 && hi >= 0 && cache[device][hi][ti][pi].stages > 0)
-    return cache[device][hi][ti][pi];
+  const int mi = tma ? 1 : 0;
+  if (device < 64 && hi >= 0 && cache[device][hi][ti][pi][mi].stages > 0)
+    return cache[device][hi][ti][pi][mi];
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
       cudaSuccess)
     return {};
-  const int sb = stage_bytes(d);
+  const int sb = tma ? decode_tile(d).tma_stage_bytes : decode_tile(d).stage_bytes;
   RingChoice best;
   int64_t best_score = -1;
   for (int s = 2; s <= 4; ++s) {
-    const int smem = s * sb;
-    if (smem > optin) break;
-    const int ctas = ctas_per_sm(d, t, smem, paged);
+    if (ring_smem(d, s, tma) > optin) break;
+    const int ctas = ctas_per_sm(d, t, s, paged, tma);
     if (ctas <= 0) continue;
     const int64_t score = static_cast<int64_t>(ctas) * (s - 1) * sb;
     if (score > best_score || (score == best_score && ctas > best.ctas)) {
@@ -122,7 +171,7 @@ RingChoice ring_choice(int d, ElemType t, bool paged) {
       best.ctas = ctas;
     }
   }
-  if (device < 64 && hi >= 0 && best.stages > 0) cache[device][hi][ti][pi] = best;
+  if (device < 64 && hi >= 0 && best.stages > 0) cache[device][hi][ti][pi][mi] = best;
   return best;
 }
 
@@ -194,19 +243,19 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
   const int64_t m_blocks = (m_total + rows_cta - 1) / rows_cta;
   plan.num_m_blocks = static_cast<int>(m_blocks > 0 ? m_blocks : 1);
 
-  RingChoice ring = ring_choice(plan.kernel_head_dim, p.dtype, p.block_table != nullptr);
+  const bool paged = p.block_table != nullptr;
+  plan.use_tma = use_tma(plan.kernel_head_dim, p.dtype, paged);
+  RingChoice ring = ring_choice(plan.kernel_head_dim, p.dtype, paged, plan.use_tma);
   if (const char* env = std::getenv("FASTATTN_DECODE_STAGES")) {
     // Dev A/B switch (benchmarks only): force the ring depth when it fits.
     const int s = std::atoi(env);
-    const int ctas = s >= 2 && s <= 4 ? ctas_per_sm(plan.kernel_head_dim, p.dtype,
-                                                    s * stage_bytes(plan.kernel_head_dim),
-                                                    p.block_table != nullptr)
-                                      : 0;
+    const int ctas =
+        s >= 2 && s <= 4 ? ctas_per_sm(plan.kernel_head_dim, p.dtype, s, paged, plan.use_tma) : 0;
     if (ctas > 0) ring = RingChoice{s, ctas};
   }
   plan.stages = ring.stages;
   plan.ctas_per_sm = ring.ctas;
-  plan.smem_bytes = ring.stages * stage_bytes(plan.kernel_head_dim);
+  plan.smem_bytes = ring.stages > 0 ? ring_smem(plan.kernel_head_dim, ring.stages, plan.use_tma) : 0;
   if (ring.stages == 0) return plan;  // the glue reports the shared-memory shortfall
 
   // Keys any query may see: all of S_max, or Sq + window_left with a left window.
@@ -284,6 +333,7 @@ void apply_decode_plan(DecodeParams& p, const DecodePlan& plan) {
   p.num_m_blocks = plan.num_m_blocks;
   p.warps_m = plan.warps_m;
   p.stages = plan.stages;
+  p.use_tma = plan.use_tma;
 }
 
 cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {

@@ -14,6 +14,12 @@
 //     stages with cp.async, stages - 1 in flight while one is computed. Q is
 //     staged once in the last ring slot (free until the first refill) and then
 //     lives in registers as mma A fragments.
+//   - DecodeTmaTraits (sm90, contiguous caches, head dims 64 / 128): the same
+//     ring filled by the copy engine instead (one TMA box per 64 columns of
+//     K and V per stage, issued by thread 0, an mbarrier per stage, 128-byte
+//     swizzled tiles). The math is the same; only the loads and the fragment
+//     addressing differ. (The copy engine streams this access pattern ~3.5%
+//     faster than cp.async on the H100: scripts/dev_stream_ceiling.cu.)
 //   - Epilogue: the warps of one row tile merge their (O, LSE) partials with
 //     LseMerge through shared memory (the same merge as merge_states and the
 //     split combine), then write out/lse directly (num_splits == 1) or fp32
@@ -31,6 +37,7 @@
 #include "cuda/common/ptx.h"
 #include "cuda/common/softmax.h"
 #include "cuda/common/tile_io.h"
+#include "cuda/common/tma.h"
 #include "cuda/common/types.h"
 #include "cuda/decode_params.h"
 
@@ -87,7 +94,32 @@ struct DecodeTraits {
   static_assert(kEpilogueBytes <= kMinStages * kStageBytes, "epilogue reuses the ring");
   static_assert(kThreads % kTpr == 0, "output threads per row");
 
+  static constexpr bool kTma = false;
   static constexpr int smem_bytes(int stages) { return stages * kStageBytes; }
+};
+
+// Head dims with a copy-engine (TMA) variant: whole 64-column swizzled boxes.
+constexpr bool decode_has_tma(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+// The copy-engine (TMA) variant's tiles: K / V as 128-byte swizzled boxes of
+// 64 columns (the engine's SWIZZLE_128B layout); Q, the epilogue and the math
+// as in DecodeTraits. Shared memory: 1024 bytes of slack to align the ring
+// (swizzled boxes start 1024-aligned), the stages, one mbarrier per stage.
+template <int kHeadDim_>
+struct DecodeTmaTraits : DecodeTraits<kHeadDim_> {
+  using Base = DecodeTraits<kHeadDim_>;
+  static constexpr bool kTma = true;
+  using KTile = SwizzledTile128<Base::kBlockN, kHeadDim_>;
+  using VTile = SwizzledTile128<Base::kBlockN, kHeadDim_>;
+  static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;
+  static constexpr int kAlignSlack = 1024;
+  static constexpr int kBarrierBytes = 8 * Base::kMaxStages;
+  static_assert(Base::QTile::kBytes <= kStageBytes, "Q is staged in one ring slot");
+  static_assert(Base::kEpilogueBytes <= Base::kMinStages * kStageBytes, "epilogue reuses the ring");
+  static_assert(kStageBytes % 1024 == 0 && KTile::kBoxBytes % 1024 == 0, "1024-aligned boxes");
+  static constexpr int smem_bytes(int stages) {
+    return kAlignSlack + stages * kStageBytes + kBarrierBytes;
+  }
 };
 
 // Waits until at most n of this thread's cp.async groups are pending
@@ -230,9 +262,47 @@ __device__ __forceinline__ KeyBlockRange decode_key_blocks(const MaskPolicy& mas
   return r;
 }
 
+// Start of the K/V ring in shared memory: the dynamic allocation itself, or
+// for the TMA variant its first 1024-aligned byte (smem_bytes holds the slack).
+template <typename Traits>
+__device__ __forceinline__ char* decode_ring(char* smem) {
+  if constexpr (Traits::kTma) {
+    const uint32_t a = ptx::smem_u32(smem);
+    return smem + (((a + 1023u) & ~1023u) - a);
+  } else {
+    return smem;
+  }
+}
+
+// Thread 0 of the TMA variant: key block `block` of (cache row cb, KV head hk)
+// into ring slot `slot`, arming the slot's barrier with the stage's bytes
+// (boxes are always whole: rows past seqlen_k_max arrive zero-filled).
+template <typename Traits>
+__device__ __forceinline__ void decode_tma_issue(const DecodeParams& p, uint32_t ring, int slot,
+                                                 int block, int hk, int cb) {
+  using KTile = typename Traits::KTile;
+  const uint32_t bar = ring + p.stages * Traits::kStageBytes + 8 * slot;
+  const uint32_t k_addr = ring + slot * Traits::kStageBytes;
+  const uint32_t v_addr = k_addr + KTile::kBytes;
+  ptx::mbar_arrive_expect_tx(bar, Traits::kStageBytes);
+#pragma unroll
+  for (int box = 0; box < KTile::kBoxes; ++box) {
+    const int c0 = box * KTile::kBoxCols;
+    ptx::tma_load_4d(k_addr + box * KTile::kBoxBytes, p.k_tma, c0, hk, block * Traits::kBlockN, cb,
+                     bar);
+    ptx::tma_load_4d(v_addr + box * KTile::kBoxBytes, p.v_tma, c0, hk, block * Traits::kBlockN, cb,
+                     bar);
+  }
+}
+
+// `phases` (TMA variant): bit s = the parity ring slot s's barrier completes
+// next; carried across the sequences one CTA handles.
 template <typename Traits, typename Elem, bool kPaged>
 __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* smem, int b,
-                                                   int hk, int m_block, int split) {
+                                                   int hk, int m_block, int split,
+                                                   uint32_t& phases) {
+  constexpr bool kTma = Traits::kTma;
+  static_assert(!(kTma && kPaged), "the TMA variant reads contiguous caches");
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kThreads = Traits::kThreads;
   constexpr int kNWarps = Traits::kNWarps;
@@ -286,6 +356,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   const int full_lo = mask.key_begin(i_hi);
   const int full_hi = mask.key_end(i_lo);
 
+  smem = decode_ring<Traits>(smem);
   const uint32_t smem_base = ptx::smem_u32(smem);
   const int stages = p.stages;
 
@@ -300,21 +371,36 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   if (n_iters > 0) {
     const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride +
                          static_cast<int64_t>(hk) * group * p.q_head_stride;
-    DecodeKvLoader<Traits, Elem, kPaged> kv;
-    kv.init(p, seq, hk, tid);
-
-    // Prologue: Q (into the last slot) with stage 0 in group 0, stages 1..S-2
-    // in their own groups (empty groups past the range keep the count uniform).
+    // (The TMA variant never uses it: the cp.async loader of the same head dim.)
+    DecodeKvLoader<DecodeTraits<Traits::kHeadDim>, Elem, kPaged> kv;
     const uint32_t q_addr = smem_base + (stages - 1) * Traits::kStageBytes;
-    load_tile_async<kThreads, QTile>(
-        q_addr, GqaQueryRows<Elem>{q_base, group, p.q_row_stride, p.q_head_stride}, m0, m_end,
-        p.head_dim, tid);
-    for (int st = 0; st < stages - 1; ++st) {
-      if (st < n_iters) kv.load(smem_base + st * Traits::kStageBytes, blocks.begin + st);
+    if constexpr (kTma) {
+      if (tid == 0) {
+        for (int st = 0; st < stages - 1 && st < n_iters; ++st)
+          decode_tma_issue<Traits>(p, smem_base, st, blocks.begin + st, hk, seq.cb);
+      }
+      // Q into the last slot, which the copy engine refills later: fenced.
+      load_tile_async<kThreads, QTile>(
+          q_addr, GqaQueryRows<Elem>{q_base, group, p.q_row_stride, p.q_head_stride}, m0, m_end,
+          p.head_dim, tid);
       ptx::cp_async_commit();
+      ptx::cp_async_wait<0>();
+      ptx::fence_proxy_async();
+      __syncthreads();  // Q visible
+    } else {
+      kv.init(p, seq, hk, tid);
+      // Prologue: Q (into the last slot) with stage 0 in group 0, stages 1..S-2
+      // in their own groups (empty groups past the range keep the count uniform).
+      load_tile_async<kThreads, QTile>(
+          q_addr, GqaQueryRows<Elem>{q_base, group, p.q_row_stride, p.q_head_stride}, m0, m_end,
+          p.head_dim, tid);
+      for (int st = 0; st < stages - 1; ++st) {
+        if (st < n_iters) kv.load(smem_base + st * Traits::kStageBytes, blocks.begin + st);
+        ptx::cp_async_commit();
+      }
+      cp_async_wait_dyn(stages - 2);
+      __syncthreads();  // Q and stage 0 visible
     }
-    cp_async_wait_dyn(stages - 2);
-    __syncthreads();  // Q and stage 0 visible
 
     uint32_t q_frag[KS][4];
     {
@@ -323,19 +409,50 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       for (int kk = 0; kk < KS; ++kk) load_a<QTile>(q_frag[kk], q_addr, a_off, 0, kk * 16);
     }
 
-    const int b_off = b_lane_offset<KTile>(lane);
-    const int v_off = b_trans_lane_offset<VTile>(lane);
+    int b_off = 0, v_off = 0;
+    SwizzledLane k_sw{0, 0}, v_sw{0, 0};
+    if constexpr (kTma) {
+      k_sw = sw128_b_lane(lane);
+      v_sw = sw128_b_trans_lane(lane);
+    } else {
+      b_off = b_lane_offset<KTile>(lane);
+      v_off = b_trans_lane_offset<VTile>(lane);
+    }
     const int col_lane = 2 * (lane & 3);
     int slot = 0;
     for (int it = 0; it < n_iters; ++it) {
-      cp_async_wait_dyn(stages - 2);
-      __syncthreads();  // stage `it` visible to all; every warp is done with slot it - 1 (and Q)
-      {
-        const int nxt = it + stages - 1;
-        if (nxt < n_iters) {
-          const int ns = slot == 0 ? stages - 1 : slot - 1;  // the slot of iteration it - 1
-          kv.load(smem_base + ns * Traits::kStageBytes, blocks.begin + nxt);
+      const int nxt = it + stages - 1;
+      const int ns = slot == 0 ? stages - 1 : slot - 1;  // the slot of iteration it - 1
+      if constexpr (kTma) {
+        __syncthreads();  // every warp is done with slot it - 1 (and Q)
+        if (tid == 0 && nxt < n_iters)
+          decode_tma_issue<Traits>(p, smem_base, ns, blocks.begin + nxt, hk, seq.cb);
+        const uint32_t bar = smem_base + stages * Traits::kStageBytes + 8 * slot;
+        ptx::mbar_wait(bar, (phases >> slot) & 1u);  // stage `it` landed
+        phases ^= 1u << slot;
+        const int rows = seq.sk - (blocks.begin + it) * kBlockN;
+        if (rows < kBlockN) {  // CTA-uniform: the sequence ends in this block
+          // Rows past the sequence arrived as whatever the cache holds there;
+          // zero them (a masked key's V row still meets P = 0, and 0 * NaN
+          // would poison P V). Rows are 128 contiguous bytes per box.
+          const uint32_t st_addr = smem_base + slot * Traits::kStageBytes;
+          constexpr int kChunksPerRow = 8;
+          const int n_zero = (kBlockN - rows) * kChunksPerRow * 2 * KTile::kBoxes;
+          for (int i = tid; i < n_zero; i += kThreads) {
+            const int chunk = i % kChunksPerRow;
+            const int rest = i / kChunksPerRow;
+            const int row = rows + rest % (kBlockN - rows);
+            const int box = rest / (kBlockN - rows);  // over K's boxes, then V's
+            const uint32_t a = st_addr + box * KTile::kBoxBytes + row * 128 + chunk * 16;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0u) : "memory");
+          }
+          ptx::fence_proxy_async();  // before the copy engine refills this slot
+          __syncthreads();
         }
+      } else {
+        cp_async_wait_dyn(stages - 2);
+        __syncthreads();  // stage `it` visible to all; every warp is done with slot it - 1 (and Q)
+        if (nxt < n_iters) kv.load(smem_base + ns * Traits::kStageBytes, blocks.begin + nxt);
         ptx::cp_async_commit();
       }
       const uint32_t k_addr = smem_base + slot * Traits::kStageBytes;
@@ -356,7 +473,11 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
 #pragma unroll
           for (int np = 0; np < NT / 2; ++np) {
             uint32_t bk[4];
-            load_b_pair<KTile>(bk, kc, b_off, np * 16, kk * 16);
+            if constexpr (kTma) {
+              load_b_pair_sw128<KTile>(bk, kc, k_sw, np * 16, kk * 16);
+            } else {
+              load_b_pair<KTile>(bk, kc, b_off, np * 16, kk * 16);
+            }
             ptx::mma_m16n8k16<Elem>(s[0][2 * np], q_frag[kk], bk[0], bk[1]);
             ptx::mma_m16n8k16<Elem>(s[0][2 * np + 1], q_frag[kk], bk[2], bk[3]);
           }
@@ -383,7 +504,11 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
 #pragma unroll
           for (int dp = 0; dp < DT / 2; ++dp) {
             uint32_t bv[4];
-            load_b_trans_pair<VTile>(bv, vc, v_off, ks * 16, dp * 16);
+            if constexpr (kTma) {
+              load_b_trans_pair_sw128<VTile>(bv, vc, v_sw, ks * 16, dp * 16);
+            } else {
+              load_b_trans_pair<VTile>(bv, vc, v_off, ks * 16, dp * 16);
+            }
             ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp], pa, bv[0], bv[1]);
             ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp + 1], pa, bv[2], bv[3]);
           }
@@ -391,7 +516,9 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       }
       slot = slot + 1 == stages ? 0 : slot + 1;
     }
-    ptx::cp_async_wait<0>();  // only empty groups can be pending; keep the ring quiet
+    // cp.async: only empty groups can be pending; keep the ring quiet. TMA:
+    // every issued stage was waited on.
+    if constexpr (!kTma) ptx::cp_async_wait<0>();
   }
 
   // ---- epilogue: per-warp normalize + LSE, merge the warps of each row tile.
@@ -485,12 +612,31 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // this grid's completion before reading the partials.
   if (p.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  if constexpr (Traits::kTma) {  // never launched below sm90 (the host checks binaryVersion)
+    __trap();
+  }
+#endif
+  uint32_t phases = 0;
+  if constexpr (Traits::kTma) {
+    if (threadIdx.x == 0) {
+      const uint32_t bar = ptx::smem_u32(decode_ring<Traits>(smem)) + p.stages * Traits::kStageBytes;
+      for (int s = 0; s < p.stages; ++s) ptx::mbar_init(bar + 8 * s, 1);
+      ptx::mbar_init_fence();
+    }
+    __syncthreads();
+  }
   const int m_block = blockIdx.x % p.num_m_blocks;
   const int split = blockIdx.x / p.num_m_blocks;
   const int hk = blockIdx.y;
   for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
-    flash_decode_block<Traits, Elem, kPaged>(p, smem, b, hk, m_block, split);
-    if (b + gridDim.z < p.batch) __syncthreads();  // smem is reused by the next sequence
+    flash_decode_block<Traits, Elem, kPaged>(p, smem, b, hk, m_block, split, phases);
+    if (b + gridDim.z < p.batch) {
+      // smem is reused by the next sequence (TMA: the epilogue's ordinary
+      // stores precede the next copies into the ring)
+      if constexpr (Traits::kTma) ptx::fence_proxy_async();
+      __syncthreads();
+    }
   }
 }
 

@@ -1,7 +1,10 @@
 // Launch template of the split-KV decode kernel; included only by the
 // per-(hdim, dtype) instantiation files flash_decode_hdim<D>_<fp16|bf16>.cu.
 #pragma once
+#include <cuda.h>
 #include <cuda_runtime.h>
+
+#include <cstring>
 
 #include "cuda/common/types.h"
 #include "cuda/decode_launch.h"
@@ -10,10 +13,32 @@
 namespace fastattn {
 namespace gpu {
 
+// The kernel of one variant: contiguous / paged cache, cp.async / TMA loads
+// (TMA: contiguous caches and decode_has_tma head dims only; nullptr otherwise).
 template <int kHeadDim, ElemType kDtype>
-cudaError_t decode_raise_smem_limit() {
+void* decode_kernel_of(bool paged, bool tma) {
   using Elem = typename ElemOf<kDtype>::type;
   using Traits = DecodeTraits<kHeadDim>;
+  if (tma) {
+    if constexpr (decode_has_tma(kHeadDim)) {
+      if (!paged) return reinterpret_cast<void*>(flash_decode_kernel<DecodeTmaTraits<kHeadDim>, Elem, false>);
+    }
+    return nullptr;
+  }
+  return paged ? reinterpret_cast<void*>(flash_decode_kernel<Traits, Elem, true>)
+               : reinterpret_cast<void*>(flash_decode_kernel<Traits, Elem, false>);
+}
+
+template <int kHeadDim>
+int decode_smem_bytes(int stages, bool tma) {
+  if constexpr (decode_has_tma(kHeadDim)) {
+    if (tma) return DecodeTmaTraits<kHeadDim>::smem_bytes(stages);
+  }
+  return DecodeTraits<kHeadDim>::smem_bytes(stages);
+}
+
+template <int kHeadDim, ElemType kDtype>
+cudaError_t decode_raise_smem_limit() {
   // Once per device, to the largest ring this launcher may use (kept out of
   // CUDA-graph capture, which follows eager warm-up runs).
   static bool done[64] = {};
@@ -24,27 +49,28 @@ cudaError_t decode_raise_smem_limit() {
   int optin = 0;
   err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
-  int want = Traits::smem_bytes(Traits::kMaxStages);
-  if (want > optin) want = optin;
-  err = cudaFuncSetAttribute(flash_decode_kernel<Traits, Elem, false>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, want);
-  if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(flash_decode_kernel<Traits, Elem, true>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, want);
-  if (err != cudaSuccess) return err;
+  for (int v = 0; v < 3; ++v) {
+    const bool paged = v == 1, tma = v == 2;
+    void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, tma);
+    if (kernel == nullptr) continue;
+    int want = decode_smem_bytes<kHeadDim>(DecodeTraits<kHeadDim>::kMaxStages, tma);
+    if (want > optin) want = optin;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want);
+    if (err != cudaSuccess) return err;
+  }
   if (device < 64) done[device] = true;
   return cudaSuccess;
 }
 
 template <int kHeadDim, ElemType kDtype>
-int decode_ctas_per_sm(int smem_bytes, bool paged) {
-  using Elem = typename ElemOf<kDtype>::type;
+int decode_ctas_per_sm(int stages, bool paged, bool tma) {
   using Traits = DecodeTraits<kHeadDim>;
   if (decode_raise_smem_limit<kHeadDim, kDtype>() != cudaSuccess) return 0;
+  void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, tma);
+  if (kernel == nullptr) return 0;
   int n = 0;
-  const auto kernel =
-      paged ? flash_decode_kernel<Traits, Elem, true> : flash_decode_kernel<Traits, Elem, false>;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Traits::kThreads, smem_bytes) !=
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Traits::kThreads,
+                                                    decode_smem_bytes<kHeadDim>(stages, tma)) !=
       cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
@@ -53,8 +79,73 @@ int decode_ctas_per_sm(int smem_bytes, bool paged) {
 }
 
 template <int kHeadDim, ElemType kDtype>
+bool decode_tma_runnable() {
+  // The TMA variant exists only in sm90+ machine code: the binary this device
+  // runs must have been built for it (an older image traps).
+  void* kernel = decode_kernel_of<kHeadDim, kDtype>(false, true);
+  if (kernel == nullptr) return false;
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.binaryVersion >= 90;
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link
+// dependency on libcuda).
+using TensorMapEncodeFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                       const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                       const cuuint32_t*, CUtensorMapInterleave,
+                                       CUtensorMapSwizzle, CUtensorMapL2promotion,
+                                       CUtensorMapFloatOOBfill);
+
+inline TensorMapEncodeFn tensor_map_encoder() {
+  static TensorMapEncodeFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<TensorMapEncodeFn>(nullptr);
+    }
+    return reinterpret_cast<TensorMapEncodeFn>(f);
+  }();
+  return fn;
+}
+
+// K or V cache (element strides of DecodeParams) as a 4-D tensor
+// (head_dim, heads_kv, seqlen_k_max, cache_batch) of 2-byte elements, boxes of
+// 64 columns x block_n rows of one head, 128-byte swizzle; out-of-range box
+// parts read as zeros.
+inline bool encode_kv_map(unsigned char (&blob)[128], const void* base, const DecodeParams& p,
+                          int64_t batch_stride, int64_t row_stride, int64_t head_stride,
+                          int block_n) {
+  static_assert(sizeof(CUtensorMap) == 128, "tensor map blob size");
+  const TensorMapEncodeFn enc = tensor_map_encoder();
+  if (enc == nullptr) return false;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim),
+                              static_cast<cuuint64_t>(p.heads_kv),
+                              static_cast<cuuint64_t>(p.seqlen_k_max),
+                              static_cast<cuuint64_t>(p.cache_batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(head_stride) * 2,
+                                 static_cast<cuuint64_t>(row_stride) * 2,
+                                 static_cast<cuuint64_t>(batch_stride) * 2};
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(block_n), 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  CUtensorMap map;
+  const CUresult r = enc(&map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(base), dims,
+                         strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) return false;
+  std::memcpy(blob, &map, sizeof(map));
+  return true;
+}
+
+template <int kHeadDim, ElemType kDtype>
 cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
-  using Elem = typename ElemOf<kDtype>::type;
   using Traits = DecodeTraits<kHeadDim>;
   if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads_q <= 0) return cudaSuccess;
   if (p.head_dim > kHeadDim || p.head_dim % 8 != 0 || p.heads_kv <= 0 ||
@@ -70,9 +161,22 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
   cudaError_t err = decode_raise_smem_limit<kHeadDim, kDtype>();
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(gx), p.heads_kv, p.batch < 65535 ? p.batch : 65535);
-  const auto kernel = p.block_table != nullptr ? flash_decode_kernel<Traits, Elem, true>
-                                               : flash_decode_kernel<Traits, Elem, false>;
-  kernel<<<grid, Traits::kThreads, Traits::smem_bytes(p.stages), stream>>>(p);
+  const bool paged = p.block_table != nullptr;
+  void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, p.use_tma);
+  if (kernel == nullptr) return cudaErrorInvalidValue;
+  DecodeParams q = p;
+  if (p.use_tma &&
+      !(encode_kv_map(q.k_tma, p.k, p, p.k_batch_stride, p.k_row_stride, p.k_head_stride,
+                      Traits::kBlockN) &&
+        encode_kv_map(q.v_tma, p.v, p, p.v_batch_stride, p.v_row_stride, p.v_head_stride,
+                      Traits::kBlockN))) {
+    return cudaErrorInvalidValue;
+  }
+  void* args[] = {&q};
+  err = cudaLaunchKernel(kernel, grid, dim3(Traits::kThreads),
+                         args, static_cast<size_t>(decode_smem_bytes<kHeadDim>(p.stages, p.use_tma)),
+                         stream);
+  if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
@@ -82,4 +186,6 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
 #define FASTATTN_INSTANTIATE_DECODE(HDIM, DTYPE)                                             \
   template cudaError_t fastattn::gpu::run_decode_hdim<HDIM, fastattn::ElemType::DTYPE>(      \
       const fastattn::DecodeParams&, cudaStream_t);                                          \
-  template int fastattn::gpu::decode_ctas_per_sm<HDIM, fastattn::ElemType::DTYPE>(int, bool);
+  template int fastattn::gpu::decode_ctas_per_sm<HDIM, fastattn::ElemType::DTYPE>(int, bool, \
+                                                                                bool);       \
+  template bool fastattn::gpu::decode_tma_runnable<HDIM, fastattn::ElemType::DTYPE>();

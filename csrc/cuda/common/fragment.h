@@ -14,6 +14,8 @@
 // Each returns uint32_t[4]; for the B pairs, {b[0], b[1]} is n-tile n0 and
 // {b[2], b[3]} is n-tile n0 + 8: mma_m16n8k16<Elem>(c, a, b[0], b[1]) / (c, a, b[2], b[3]).
 //   c_pair_to_a<Elem>(a, c0, c1)       two fp32 C tiles (16 cols) -> A fragment (P for PV)
+// SwizzledTile128 (tiles the sm90 copy engine writes) has its own B-pair loads:
+//   load_b_pair_sw128 / load_b_trans_pair_sw128 with sw128_b_lane / sw128_b_trans_lane.
 #pragma once
 #include <cstdint>
 
@@ -80,6 +82,59 @@ template <typename Tile>
 __device__ __forceinline__ void load_b_trans_pair(uint32_t (&b)[4], uint32_t tile_addr,
                                                   int lane_off, int k0, int n0) {
   ptx::ldsm_x4_trans(b, tile_addr + lane_off + Tile::offset(k0, n0));
+}
+
+// ---------------------------------------------------------------------------
+// Tiles written by the sm90 copy engine (TMA) with 128-byte swizzling: the
+// columns are split into 64-element (128-byte) boxes stored one after the
+// other, each kRows rows of 128 bytes, and 16-byte chunk j of row r lives at
+// chunk j ^ (r & 7) (the copy engine's SWIZZLE_128B; each box must start at a
+// 1024-byte aligned address). ldmatrix then reads 8 rows x 16 bytes from 8
+// different bank groups, as with the padded SmemTile, without the pad.
+template <int kRows_, int kCols_>
+struct SwizzledTile128 {
+  static constexpr int kRows = kRows_;
+  static constexpr int kCols = kCols_;
+  static constexpr int kStrideBytes = 128;  // between rows of one box
+  static constexpr int kBoxCols = 64;
+  static constexpr int kBoxes = kCols / kBoxCols;
+  static constexpr int kBoxBytes = kRows * kStrideBytes;
+  static constexpr int kBytes = kBoxes * kBoxBytes;
+  static_assert(kCols % kBoxCols == 0 && kRows % 8 == 0, "whole boxes of whole swizzle periods");
+};
+
+// Per-lane address parts of a B-operand pair load from a swizzled tile: the
+// lane's row offset and the value its chunk index is XORed with. For row
+// offsets that are multiples of 8 and column offsets that are multiples of 16
+// (every fragment load), row & 7 is fixed per lane and the chunk's low bit is
+// fixed per lane, so chunk ^ (row & 7) = (col / 8 within the box) ^ lane_xor.
+struct SwizzledLane {
+  int row_bytes;
+  int lane_xor;
+};
+
+// B for two n8 tiles from a [n][k] swizzled tile (K for Q K^T), as load_b_pair.
+__device__ __forceinline__ SwizzledLane sw128_b_lane(int lane) {
+  return {((lane & 7) + (lane >> 4) * 8) * 128, ((lane >> 3) & 1) ^ (lane & 7)};
+}
+template <typename Tile>
+__device__ __forceinline__ void load_b_pair_sw128(uint32_t (&b)[4], uint32_t tile_addr,
+                                                  SwizzledLane l, int n0, int k0) {
+  const uint32_t box = (k0 / Tile::kBoxCols) * Tile::kBoxBytes;
+  const uint32_t chunk = static_cast<uint32_t>(((k0 % Tile::kBoxCols) / 8) ^ l.lane_xor);
+  ptx::ldsm_x4(b, tile_addr + box + n0 * Tile::kStrideBytes + l.row_bytes + (chunk << 4));
+}
+
+// B for two n8 tiles from a [k][n] swizzled tile (V for P V), as load_b_trans_pair.
+__device__ __forceinline__ SwizzledLane sw128_b_trans_lane(int lane) {
+  return {(lane & 15) * 128, (lane >> 4) ^ (lane & 7)};
+}
+template <typename Tile>
+__device__ __forceinline__ void load_b_trans_pair_sw128(uint32_t (&b)[4], uint32_t tile_addr,
+                                                        SwizzledLane l, int k0, int n0) {
+  const uint32_t box = (n0 / Tile::kBoxCols) * Tile::kBoxBytes;
+  const uint32_t chunk = static_cast<uint32_t>(((n0 % Tile::kBoxCols) / 8) ^ l.lane_xor);
+  ptx::ldsm_x4_trans(b, tile_addr + box + k0 * Tile::kStrideBytes + l.row_bytes + (chunk << 4));
 }
 
 // Converts fp32 C fragments of two adjacent n8 tiles (16 columns) into the A
