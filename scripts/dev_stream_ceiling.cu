@@ -14,11 +14,12 @@
 //   cp.async, 4 stages / 2 or 3 splits                711-722 us
 //   TMA, 3-stage ring, 1 CTA / (seq, head)           688 us  3120 GB/s
 //   TMA, 2 or 3 splits                               693-697 us
-//   (same session: our decode kernel 717-720 us, cuDNN's 686 us)
-// So our decode kernel already runs at the cp.async streaming floor (its math
+//   (same session: our cp.async decode kernel 717-720 us, cuDNN's 686 us)
+// So the cp.async decode kernel ran at the cp.async streaming floor (its math
 // is hidden: cutting the MMAs to 1/8 moved it by < 1%), and cuDNN runs at the
-// TMA floor. One 256-byte bulk copy per row (cp.async.bulk, non-tensor) was
-// 3x slower than cp.async: the copy engine wants large boxes.
+// TMA floor; this is why decode on sm90 now loads through TMA boxes
+// (DecodeTmaTraits, 693 us). One 256-byte bulk copy per row (cp.async.bulk,
+// non-tensor) was 3x slower than cp.async: the copy engine wants large boxes.
 //
 // Build and run on the GPU machine (sm90):
 //   nvcc -gencode arch=compute_90,code=sm_90 -std=c++17 -O3 scripts/dev_stream_ceiling.cu \
