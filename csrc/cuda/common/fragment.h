@@ -113,6 +113,16 @@ struct SwizzledLane {
   int lane_xor;
 };
 
+// Address of the 16-byte row piece this lane hands ldmatrix for the 8x8
+// matrices at (row0, col0) (row0 % 8 == 0, col0 % 16 == 0).
+template <typename Tile>
+__device__ __forceinline__ uint32_t sw128_addr(uint32_t tile_addr, SwizzledLane l, int row0,
+                                               int col0) {
+  const uint32_t box = (col0 / Tile::kBoxCols) * Tile::kBoxBytes;
+  const uint32_t chunk = static_cast<uint32_t>(((col0 % Tile::kBoxCols) / 8) ^ l.lane_xor);
+  return tile_addr + box + row0 * Tile::kStrideBytes + l.row_bytes + (chunk << 4);
+}
+
 // B for two n8 tiles from a [n][k] swizzled tile (K for Q K^T), as load_b_pair.
 __device__ __forceinline__ SwizzledLane sw128_b_lane(int lane) {
   return {((lane & 7) + (lane >> 4) * 8) * 128, ((lane >> 3) & 1) ^ (lane & 7)};
@@ -120,9 +130,7 @@ __device__ __forceinline__ SwizzledLane sw128_b_lane(int lane) {
 template <typename Tile>
 __device__ __forceinline__ void load_b_pair_sw128(uint32_t (&b)[4], uint32_t tile_addr,
                                                   SwizzledLane l, int n0, int k0) {
-  const uint32_t box = (k0 / Tile::kBoxCols) * Tile::kBoxBytes;
-  const uint32_t chunk = static_cast<uint32_t>(((k0 % Tile::kBoxCols) / 8) ^ l.lane_xor);
-  ptx::ldsm_x4(b, tile_addr + box + n0 * Tile::kStrideBytes + l.row_bytes + (chunk << 4));
+  ptx::ldsm_x4(b, sw128_addr<Tile>(tile_addr, l, n0, k0));
 }
 
 // B for two n8 tiles from a [k][n] swizzled tile (V for P V), as load_b_trans_pair.
@@ -132,9 +140,7 @@ __device__ __forceinline__ SwizzledLane sw128_b_trans_lane(int lane) {
 template <typename Tile>
 __device__ __forceinline__ void load_b_trans_pair_sw128(uint32_t (&b)[4], uint32_t tile_addr,
                                                         SwizzledLane l, int k0, int n0) {
-  const uint32_t box = (n0 / Tile::kBoxCols) * Tile::kBoxBytes;
-  const uint32_t chunk = static_cast<uint32_t>(((n0 % Tile::kBoxCols) / 8) ^ l.lane_xor);
-  ptx::ldsm_x4_trans(b, tile_addr + box + k0 * Tile::kStrideBytes + l.row_bytes + (chunk << 4));
+  ptx::ldsm_x4_trans(b, sw128_addr<Tile>(tile_addr, l, k0, n0));
 }
 
 // Converts fp32 C fragments of two adjacent n8 tiles (16 columns) into the A
