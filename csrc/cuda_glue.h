@@ -8,6 +8,8 @@
 //   at::Tensor kernel_readable_copy(t, padded_dim)     zero-padded contiguous copy (rare path)
 //   KernelInputs kernel_inputs(q, k, v, scale, padded_dim)  scale >= 0 and readable q/k/v
 //   int64_t padded_head_dim(d)                          d rounded up to a multiple of 8
+//   int64_t checked_padded_head_dim(q, d, dtype, op)    the same, after checking that this
+//                                                       build compiled a kernel serving it
 //   void fill_fwd_params(p, prob, q, k, v, out, lse, cu_q, cu_k)
 //                                                       pointers, strides, sizes, scale, mask
 //   void check_launch(cudaError_t, what)                raises a c10::Error naming the launch
@@ -23,6 +25,7 @@
 #include <utility>
 
 #include "attention_problem.h"
+#include "cuda/compiled_variants.h"
 #include "cuda/launch.h"
 #include "cuda/params.h"
 
@@ -49,6 +52,18 @@ inline void check_cuda_devices(
 }
 
 inline int64_t padded_head_dim(int64_t d) { return (d + 7) / 8 * 8; }
+
+// padded_head_dim(d), or a clear error when a (narrowed) build compiled no
+// kernel serving it for q's dtype; `op` names the kernel family in the message
+// ("forward", "backward", "decode": all dispatch over the same compiled set).
+inline int64_t checked_padded_head_dim(const at::Tensor& q, int64_t d, ElemType dtype,
+                                       const char* op) {
+  const int64_t dpad = padded_head_dim(d);
+  TORCH_CHECK(gpu::compiled_kernel_head_dim(static_cast<int>(dpad), dtype) > 0,
+              "fastattn: this build has no CUDA ", op, " kernel for head_dim ", d, " and dtype ",
+              q.scalar_type(), " (narrowed build? see FASTATTN_HDIMS / FASTATTN_DTYPES)");
+  return dpad;
+}
 
 // The kernels copy 16-byte chunks: the data pointer and every stride of a dim
 // with more than one element (but the last, contiguous) must be multiples of

@@ -41,11 +41,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   c10::cuda::CUDAGuard guard(q.device());
 
   const int64_t d = prob.head_dim;
-  const int64_t dpad = glue::padded_head_dim(d);
-  const int kernel_d = gpu::fwd_kernel_head_dim(static_cast<int>(dpad), dtype);
-  TORCH_CHECK(kernel_d > 0, "fastattn: this build has no CUDA forward kernel for head_dim ", d,
-              " and dtype ", q.scalar_type(), " (narrowed build? see FASTATTN_HDIMS / "
-              "FASTATTN_DTYPES)");
+  const int64_t dpad = glue::checked_padded_head_dim(q, d, dtype, "forward");
 
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, q's shape (the fake's contract)
   at::Tensor lse = empty_lse(prob, q);
@@ -93,11 +89,7 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
   TORCH_CHECK(pp.num_blocks <= INT32_MAX, "fastattn: at most 2^31 - 1 cache blocks");
 
   const int64_t d = prob.head_dim;
-  const int64_t dpad = glue::padded_head_dim(d);
-  const int kernel_d = gpu::fwd_kernel_head_dim(static_cast<int>(dpad), dtype);
-  TORCH_CHECK(kernel_d > 0, "fastattn: this build has no CUDA forward kernel for head_dim ", d,
-              " and dtype ", q.scalar_type(), " (narrowed build? see FASTATTN_HDIMS / "
-              "FASTATTN_DTYPES)");
+  const int64_t dpad = glue::checked_padded_head_dim(q, d, dtype, "forward");
 
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = empty_lse(prob, q);

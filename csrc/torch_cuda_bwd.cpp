@@ -51,11 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   c10::cuda::CUDAGuard guard(q.device());
 
   const int64_t d = prob.head_dim;
-  const int64_t dpad = glue::padded_head_dim(d);
-  const int kernel_d = gpu::bwd_kernel_head_dim(static_cast<int>(dpad), dtype);
-  TORCH_CHECK(kernel_d > 0, "fastattn: this build has no CUDA backward kernel for head_dim ", d,
-              " and dtype ", q.scalar_type(), " (narrowed build? see FASTATTN_HDIMS / "
-              "FASTATTN_DTYPES)");
+  const int64_t dpad = glue::checked_padded_head_dim(q, d, dtype, "backward");
 
   // Fresh contiguous outputs with the shapes of q, k, v (the fake kernels'
   // contract). Varlen: k/v rows outside every sequence get zero gradients.

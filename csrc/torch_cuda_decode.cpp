@@ -65,11 +65,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   TORCH_CHECK(num_splits <= 1024, "fastattn: num_splits must be <= 1024, got ", num_splits);
 
   const int64_t d = prob.head_dim;
-  const int64_t dpad = glue::padded_head_dim(d);
-  const int kernel_d = gpu::decode_kernel_head_dim(static_cast<int>(dpad), dtype);
-  TORCH_CHECK(kernel_d > 0, "fastattn: this build has no CUDA decode kernel for head_dim ", d,
-              " and dtype ", q.scalar_type(), " (narrowed build? see FASTATTN_HDIMS / "
-              "FASTATTN_DTYPES)");
+  const int64_t dpad = glue::checked_padded_head_dim(q, d, dtype, "decode");
 
   auto [out, lse] = empty_decode_outputs(prob, q);
   if (out.numel() == 0) {
