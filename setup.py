@@ -59,6 +59,11 @@ def _cuda_archs():
     flags = []
     for arch in archs:
         num = arch.replace(".", "").replace("+PTX", "")
+        # Hopper builds as sm_90a: the wgmma forward exists only in that
+        # machine code (every other image gets the sm80 kernels), and sm_90a
+        # runs on every sm90 GPU.
+        if num == "90":
+            num = "90a"
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
         if arch.endswith("+PTX"):
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")

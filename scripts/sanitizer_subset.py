@@ -1,5 +1,6 @@
 """A representative subset for compute-sanitizer (memcheck / racecheck):
-forward and backward, causal and not, GQA, varlen, odd sizes; paged decode and
+forward and backward, causal and not, GQA, varlen, odd sizes (on sm90 the
+head-dim 64/128 forwards run the wgmma kernel); paged decode and
 chunked prefill (including page ids outside the pool); many-split decode and
 the N-way merge.
 

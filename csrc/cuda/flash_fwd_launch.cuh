@@ -4,8 +4,12 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <type_traits>
+
 #include "cuda/common/types.h"
 #include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/flash_fwd_sm90_kernel.cuh"
 #include "cuda/launch.h"
 
 namespace fastattn {
@@ -54,37 +58,103 @@ FASTATTN_FWD_CONFIG(192, FASTATTN_FWD_TILES_192)
 FASTATTN_FWD_CONFIG(256, FASTATTN_FWD_TILES_256)
 #undef FASTATTN_FWD_CONFIG
 
+// The sm90 (wgmma) variant per head dim: FwdSm90Traits<D, kBlockN, warpgroups>
+// (64 query rows per warpgroup), or void where only the sm80 kernel exists.
+// Tuning hook as above: -DFASTATTN_FWD_SM90_TILES_<D>="BN, WARPGROUPS, CTAS_PER_SM".
+template <int kHeadDim>
+struct FwdSm90Config {
+  using Traits = void;
+};
+#ifndef FASTATTN_FWD_SM90_TILES_64
+#define FASTATTN_FWD_SM90_TILES_64 64, 2, 2
+#endif
+#ifndef FASTATTN_FWD_SM90_TILES_128
+#define FASTATTN_FWD_SM90_TILES_128 128, 2, 1
+#endif
+template <>
+struct FwdSm90Config<64> {
+  using Traits = FwdSm90Traits<64, FASTATTN_FWD_SM90_TILES_64>;
+};
+template <>
+struct FwdSm90Config<128> {
+  using Traits = FwdSm90Traits<128, FASTATTN_FWD_SM90_TILES_128>;
+};
+
+// Sets the kernel's dynamic shared memory cap once per device and kernel
+// (the template arguments name the kernel: one static flag set each). Kept
+// out of CUDA-graph capture, which follows eager warm-up runs; racing threads
+// would only set the same value twice.
+template <typename Traits, typename Elem, int kVariant>
+cudaError_t ensure_smem_cap(const void* kernel, int smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  static bool attr_set[64] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 64 && attr_set[device]) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  if (device < 64) attr_set[device] = true;
+  return cudaSuccess;
+}
+
+// Whether the device runs the wgmma body of the sm90 kernel: only sm_90a
+// machine code has it, tagged by its launch bounds (flash_fwd_sm90_kernel.cuh).
+// FASTATTN_FWD_SM90=0 forces the sm80 kernel (read per call: a dev A/B switch
+// and an escape hatch).
+template <typename Sm90Traits, typename Elem>
+bool fwd_sm90_runnable() {
+  const char* env = std::getenv("FASTATTN_FWD_SM90");
+  if (env != nullptr && env[0] == '0') return false;
+  static signed char cache[64] = {};  // 0 unknown, 1 yes, -1 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device < 64 && cache[device] != 0) return cache[device] > 0;
+  cudaFuncAttributes attr;
+  bool ok = false;
+  if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<Sm90Traits, Elem>) == cudaSuccess) {
+    ok = attr.binaryVersion == 90 && attr.maxThreadsPerBlock >= Sm90Traits::kThreads;
+  } else {
+    (void)cudaGetLastError();
+  }
+  if (device < 64) cache[device] = ok ? 1 : -1;
+  return ok;
+}
+
 template <int kHeadDim, ElemType kDtype>
 cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
   using Elem = typename ElemOf<kDtype>::type;
   using Traits = typename FwdConfig<kHeadDim>::Traits;
+  using Sm90Traits = typename FwdSm90Config<kHeadDim>::Traits;
   if (params.batch <= 0 || params.seqlen_q <= 0 || params.heads_q <= 0) return cudaSuccess;
   if (params.head_dim > kHeadDim || params.heads_q > 65535) return cudaErrorInvalidValue;
-  const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  // Query blocks on x (fastest): consecutive CTAs share one head's K/V in L2;
-  // then heads (GQA groups adjacent), then batch (kernel loops past 65535).
-  const dim3 grid(num_m_blocks, params.heads_q, params.batch < 65535 ? params.batch : 65535);
   const bool paged = params.block_table != nullptr;
   if (paged && (params.page_size < 1 || params.cu_seqlens_q == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  auto kernel = paged ? flash_fwd_kernel<Traits, Elem, true> : flash_fwd_kernel<Traits, Elem, false>;
-  constexpr int kSmem = Traits::kSmemBytes;
-  if (kSmem > 48 * 1024) {
-    // Once per device and variant (kept out of CUDA-graph capture, which
-    // follows eager warm-up runs); racing threads would only set the same
-    // value twice.
-    static bool attr_set[64][2] = {};
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    if (device >= 64 || !attr_set[device][paged]) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  // Query blocks on x (fastest): consecutive CTAs share one head's K/V in L2;
+  // then heads (GQA groups adjacent), then batch (kernel loops past 65535).
+  const int batch_ctas = params.batch < 65535 ? params.batch : 65535;
+  if constexpr (!std::is_void<Sm90Traits>::value) {
+    if (!paged && fwd_sm90_runnable<Sm90Traits, Elem>()) {
+      auto kernel = flash_fwd_sm90_kernel<Sm90Traits, Elem>;
+      constexpr int kSmem = Sm90Traits::kSmemBytes;
+      cudaError_t err = ensure_smem_cap<Sm90Traits, Elem, 0>(reinterpret_cast<const void*>(kernel), kSmem);
       if (err != cudaSuccess) return err;
-      if (device < 64) attr_set[device][paged] = true;
+      const int num_m_blocks = (params.seqlen_q + Sm90Traits::kBlockM - 1) / Sm90Traits::kBlockM;
+      kernel<<<dim3(num_m_blocks, params.heads_q, batch_ctas), Sm90Traits::kThreads, kSmem,
+               stream>>>(params);
+      return cudaGetLastError();
     }
   }
-  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(params);
+  const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  auto kernel = paged ? flash_fwd_kernel<Traits, Elem, true> : flash_fwd_kernel<Traits, Elem, false>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  cudaError_t err = paged ? ensure_smem_cap<Traits, Elem, 1>(reinterpret_cast<const void*>(kernel), kSmem)
+                          : ensure_smem_cap<Traits, Elem, 0>(reinterpret_cast<const void*>(kernel), kSmem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(num_m_blocks, params.heads_q, batch_ctas), Traits::kThreads, kSmem, stream>>>(
+      params);
   return cudaGetLastError();
 }
 

@@ -22,6 +22,8 @@
 //   OnlineSoftmax<MT> sm; sm.init();
 //   sm.update(s, o, c);              s[MT][NT][4] raw scores -> p (in place); rescales o[MT][NO][4]
 //                                    only when a row max of the warp moved; accumulates row sums.
+//   if (sm.update_scores(s, c, f))   the same in two steps, for an o that an asynchronous MMA
+//     sm.rescale(o, f);              is still accumulating into while the scores are processed
 //   sm.finalize(o, scale, lse);      o /= rowsum (0 for empty rows); lse[2*MT] natural-log LSE.
 #pragma once
 #include <cstdint>
@@ -121,6 +123,18 @@ struct OnlineSoftmax {
   template <int NT, int NO>
   __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&o)[MT][NO][4],
                                          float scale_log2) {
+    float factor[kRows];
+    if (update_scores(s, scale_log2, factor)) rescale(o, factor);
+  }
+
+  // update() in two halves, for kernels whose MMA of the previous tile is
+  // still accumulating into o while this tile's softmax runs: update_scores
+  // turns s into p and advances the row statistics; it returns (warp-uniform)
+  // whether o must be multiplied by factor[] (set only then), which the
+  // caller does with rescale() once o is final for the previous tile.
+  template <int NT>
+  __device__ __forceinline__ bool update_scores(float (&s)[MT][NT][4], float scale_log2,
+                                                float (&factor)[kRows]) {
     float new_max[kRows];
     bool moved = false;
 #pragma unroll
@@ -137,22 +151,14 @@ struct OnlineSoftmax {
         moved |= new_max[r] != row_max[r];
       }
     }
-    if (__any_sync(0xffffffffu, moved)) {
+    const bool any_moved = __any_sync(0xffffffffu, moved);
+    if (any_moved) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = mt * 2 + h;
-          const float factor = ptx::ex2_approx(scaled_max(row_max[r], scale_log2) -
-                                               scaled_max(new_max[r], scale_log2));
-          row_sum[r] *= factor;
-#pragma unroll
-          for (int no = 0; no < NO; ++no) {
-            o[mt][no][2 * h] *= factor;
-            o[mt][no][2 * h + 1] *= factor;
-          }
-          row_max[r] = new_max[r];
-        }
+      for (int r = 0; r < kRows; ++r) {
+        factor[r] = ptx::ex2_approx(scaled_max(row_max[r], scale_log2) -
+                                    scaled_max(new_max[r], scale_log2));
+        row_sum[r] *= factor[r];
+        row_max[r] = new_max[r];
       }
     }
 #pragma unroll
@@ -172,6 +178,22 @@ struct OnlineSoftmax {
           }
         }
         row_sum[r] += sum;
+      }
+    }
+    return any_moved;
+  }
+
+  template <int NO>
+  __device__ __forceinline__ void rescale(float (&o)[MT][NO][4], const float (&factor)[kRows]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int no = 0; no < NO; ++no) {
+          o[mt][no][2 * h] *= factor[mt * 2 + h];
+          o[mt][no][2 * h + 1] *= factor[mt * 2 + h];
+        }
       }
     }
   }
