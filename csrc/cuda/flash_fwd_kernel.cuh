@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "cuda/common/fragment.h"
+#include "cuda/common/fwd_block.h"
 #include "cuda/common/mask.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/softmax.h"
@@ -60,15 +61,10 @@ template <typename Traits, typename Elem>
 struct FwdKvLoader<Traits, Elem, false> {
   ContiguousTileLoader<Traits::kThreads, typename Traits::KTile, Elem> k;
   ContiguousTileLoader<Traits::kThreads, typename Traits::VTile, Elem> v;
-  __device__ __forceinline__ void init(const FwdParams& p, int b, int64_t k_start, int hk,
+  __device__ __forceinline__ void init(const FwdParams& p, const FwdBlock<Elem, false>& blk, int b,
                                        int tid) {
-    const bool varlen = p.cu_seqlens_q != nullptr;
-    const Elem* k_base = static_cast<const Elem*>(p.k) + (varlen ? 0 : b * p.k_batch_stride) +
-                         k_start * p.k_row_stride + hk * p.k_head_stride;
-    const Elem* v_base = static_cast<const Elem*>(p.v) + (varlen ? 0 : b * p.v_batch_stride) +
-                         k_start * p.v_row_stride + hk * p.v_head_stride;
-    k.init(k_base, p.k_row_stride, p.head_dim, tid);
-    v.init(v_base, p.v_row_stride, p.head_dim, tid);
+    k.init(blk.k_rows(p, b), p.k_row_stride, p.head_dim, tid);
+    v.init(blk.v_rows(p, b), p.v_row_stride, p.head_dim, tid);
   }
   __device__ __forceinline__ void load_k(uint32_t addr, int row0, int sk) const {
     k.load(addr, row0, sk);
@@ -81,8 +77,9 @@ struct FwdKvLoader<Traits, Elem, false> {
 template <typename Traits, typename Elem>
 struct FwdKvLoader<Traits, Elem, true> {
   PagedKvTileLoader<Traits::kThreads, typename Traits::KTile, Elem> kv;
-  __device__ __forceinline__ void init(const FwdParams& p, int b, int64_t /*k_start*/, int hk,
+  __device__ __forceinline__ void init(const FwdParams& p, const FwdBlock<Elem, true>& blk, int b,
                                        int tid) {
+    const int hk = blk.hk;
     kv.init(static_cast<const Elem*>(p.k) + hk * p.k_head_stride,
             static_cast<const Elem*>(p.v) + hk * p.v_head_stride,
             static_cast<int>(p.k_batch_stride), static_cast<int>(p.k_row_stride),
@@ -99,21 +96,6 @@ struct FwdKvLoader<Traits, Elem, true> {
     if (row0 >= Traits::kBlockN) kv.prefetch(row0 - Traits::kBlockN, sk);
   }
 };
-
-// Keys of sequence b: contiguous rows [start, start + len) of k/v (dense or
-// varlen), or the paged sequence's seqlens_k[b] keys from key row 0.
-template <bool kPaged>
-__device__ __forceinline__ SeqBounds fwd_key_bounds(const FwdParams& p, int b) {
-  if constexpr (kPaged) {
-    SeqBounds r;
-    r.start = 0;
-    const int v = p.seqlens_k != nullptr ? p.seqlens_k[b] : p.seqlen_k;
-    r.len = v < 0 ? 0 : (v > p.seqlen_k ? p.seqlen_k : v);
-    return r;
-  } else {
-    return seq_bounds(p.cu_seqlens_k, b, p.seqlen_k, p.seqlen_k, p.total_k);
-  }
-}
 
 template <typename Traits, typename Elem, bool kPaged>
 __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, int b, int h,
@@ -134,29 +116,11 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
   const int lane = tid & 31;
   const int warp = tid >> 5;
 
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const SeqBounds qs = seq_bounds(p.cu_seqlens_q, b, p.seqlen_q, p.seqlen_q, p.total_q);
-  const int sq = qs.len;
-  const int m0 = m_block * kBlockM;
-  if (m0 >= sq) return;  // uniform over the CTA
-  const SeqBounds ks = fwd_key_bounds<kPaged>(p, b);
-  const int sk = ks.len;
-  const int hk = h / (p.heads_q / p.heads_kv);
-
-  const Elem* q_base = static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
-                       (qs.start + m0) * p.q_row_stride + h * p.q_head_stride;
-  Elem* o_base = static_cast<Elem*>(p.out) + (varlen ? 0 : b * p.o_batch_stride) +
-                 (qs.start + m0) * p.o_row_stride + h * p.o_head_stride;
-  float* lse_base = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
-                    (varlen ? qs.start : 0) + m0;
-
-  const MaskPolicy mask = MaskPolicy::make(p.mask, sq, sk);
-  const int m1 = (m0 + kBlockM < sq) ? m0 + kBlockM : sq;
-  int n_begin = 0, n_end = 0;
-  if (sk > 0) {
-    n_begin = mask.kv_block_begin(m0, m1, kBlockN);
-    n_end = mask.kv_block_end(m0, m1, kBlockN);
-  }
+  FwdBlock<Elem, kPaged> blk;
+  if (!blk.init(p, b, h, m_block, kBlockM, kBlockN)) return;  // uniform over the CTA
+  const int sq = blk.sq, sk = blk.sk, m0 = blk.m0, m1 = blk.m1;
+  const int n_begin = blk.n_begin, n_end = blk.n_end;
+  const MaskPolicy& mask = blk.mask;
 
   const uint32_t q_addr = ptx::smem_u32(smem);
   const uint32_t k_addr = q_addr + QTile::kBytes;
@@ -175,10 +139,10 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
 
   if (n_begin < n_end) {
     FwdKvLoader<Traits, Elem, kPaged> kv;
-    kv.init(p, b, ks.start, hk, tid);
+    kv.init(p, blk, b, tid);
     {
       ContiguousTileLoader<kThreads, QTile, Elem> q_loader;
-      q_loader.init(q_base, p.q_row_stride, p.head_dim, tid);
+      q_loader.init(blk.q, p.q_row_stride, p.head_dim, tid);
       q_loader.load(q_addr, 0, sq - m0);
     }
     int n = n_end - 1;
@@ -287,7 +251,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int r = warp_row + mt * 16 + hh * 8 + (lane >> 2);
-        if (m0 + r < sq) lse_base[r] = lse[mt * 2 + hh];
+        if (m0 + r < sq) blk.lse[r] = lse[mt * 2 + hh];
       }
   }
 
@@ -304,7 +268,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
     }
   }
   __syncthreads();
-  store_tile<kThreads, QTile>(o_base, p.o_row_stride, smem, sq - m0, p.head_dim, tid);
+  store_tile<kThreads, QTile>(blk.o, p.o_row_stride, smem, sq - m0, p.head_dim, tid);
 }
 
 template <typename Traits, typename Elem, bool kPaged>

@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "cuda/common/fragment.h"
+#include "cuda/common/fwd_block.h"
 #include "cuda/common/mask.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/softmax.h"
@@ -102,29 +103,11 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
   const int wg = tid >> 7;
   const int warp_row = wg * 64 + ((tid >> 5) & 3) * 16;  // first row of this warp in the block
 
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const SeqBounds qs = seq_bounds(p.cu_seqlens_q, b, p.seqlen_q, p.seqlen_q, p.total_q);
-  const int sq = qs.len;
-  const int m0 = m_block * kBlockM;
-  if (m0 >= sq) return;  // uniform over the CTA
-  const SeqBounds ks = seq_bounds(p.cu_seqlens_k, b, p.seqlen_k, p.seqlen_k, p.total_k);
-  const int sk = ks.len;
-  const int hk = h / (p.heads_q / p.heads_kv);
-
-  const Elem* q_base = static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
-                       (qs.start + m0) * p.q_row_stride + h * p.q_head_stride;
-  Elem* o_base = static_cast<Elem*>(p.out) + (varlen ? 0 : b * p.o_batch_stride) +
-                 (qs.start + m0) * p.o_row_stride + h * p.o_head_stride;
-  float* lse_base = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
-                    (varlen ? qs.start : 0) + m0;
-
-  const MaskPolicy mask = MaskPolicy::make(p.mask, sq, sk);
-  const int m1 = (m0 + kBlockM < sq) ? m0 + kBlockM : sq;
-  int n_begin = 0, n_end = 0;
-  if (sk > 0) {
-    n_begin = mask.kv_block_begin(m0, m1, kBlockN);
-    n_end = mask.kv_block_end(m0, m1, kBlockN);
-  }
+  FwdBlock<Elem, false> blk;
+  if (!blk.init(p, b, h, m_block, kBlockM, kBlockN)) return;  // uniform over the CTA
+  const int sq = blk.sq, sk = blk.sk, m0 = blk.m0, m1 = blk.m1;
+  const int n_begin = blk.n_begin, n_end = blk.n_end;
+  const MaskPolicy& mask = blk.mask;
 
   const uint32_t q_addr = smem_addr;
   // Two K stages, then two V stages.
@@ -140,17 +123,13 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
   softmax.init();
 
   if (n_begin < n_end) {
-    const Elem* k_base = static_cast<const Elem*>(p.k) + (varlen ? 0 : b * p.k_batch_stride) +
-                         ks.start * p.k_row_stride + hk * p.k_head_stride;
-    const Elem* v_base = static_cast<const Elem*>(p.v) + (varlen ? 0 : b * p.v_batch_stride) +
-                         ks.start * p.v_row_stride + hk * p.v_head_stride;
     SwizzledTileLoader<kThreads, KTile, Elem> k_loader;
     SwizzledTileLoader<kThreads, VTile, Elem> v_loader;
-    k_loader.init(k_base, p.k_row_stride, p.head_dim, tid);
-    v_loader.init(v_base, p.v_row_stride, p.head_dim, tid);
+    k_loader.init(blk.k_rows(p, b), p.k_row_stride, p.head_dim, tid);
+    v_loader.init(blk.v_rows(p, b), p.v_row_stride, p.head_dim, tid);
     {
       SwizzledTileLoader<kThreads, QTile, Elem> q_loader;
-      q_loader.init(q_base, p.q_row_stride, p.head_dim, tid);
+      q_loader.init(blk.q, p.q_row_stride, p.head_dim, tid);
       q_loader.load(q_addr, 0, sq - m0);
     }
     k_loader.load(k_ring, (n_end - 1) * kBlockN, sk);
@@ -241,7 +220,7 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int r = warp_row + hh * 8 + (lane >> 2);
-      if (m0 + r < sq) lse_base[r] = lse[hh];
+      if (m0 + r < sq) blk.lse[r] = lse[hh];
     }
   }
 
@@ -255,7 +234,7 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
         pack2<Elem>(acc_o[0][dt][2], acc_o[0][dt][3]);
   }
   __syncthreads();
-  store_swizzled_tile<kThreads, QTile>(o_base, p.o_row_stride, smem, sq - m0, p.head_dim, tid);
+  store_swizzled_tile<kThreads, QTile>(blk.o, p.o_row_stride, smem, sq - m0, p.head_dim, tid);
 }
 
 // Launch bounds double as a capability tag: only sm_90a machine code has the

@@ -1,0 +1,84 @@
+// Where one forward CTA's query block lives and which KV blocks it visits:
+// the setup shared by the sm80 (mma.sync) and sm90 (wgmma) forward kernels.
+//
+//   FwdBlock<Elem, kPaged> blk;
+//   if (!blk.init(p, b, h, m_block, kBlockM, kBlockN)) return;   // no query rows (CTA-uniform)
+//   blk.q / blk.o / blk.lse          row m0 of this (sequence, head) in q, out, lse
+//   blk.sq, blk.sk, blk.m0, blk.m1   lengths; the block's rows [m0, m1) (m1 clamped to sq)
+//   blk.mask                         the mask policy of this sequence
+//   for n in [blk.n_begin, blk.n_end)  the KV blocks some row of the block sees
+//   blk.k_rows(p, b), blk.v_rows(p, b) key row 0 of this KV head (contiguous k/v only)
+#pragma once
+#include <cstdint>
+
+#include "cuda/common/mask.h"
+#include "cuda/common/tile_io.h"
+#include "cuda/params.h"
+
+namespace fastattn {
+namespace gpu {
+
+// Keys of sequence b: contiguous rows [start, start + len) of k/v (dense or
+// varlen), or the paged sequence's seqlens_k[b] keys from key row 0.
+template <bool kPaged>
+__device__ __forceinline__ SeqBounds fwd_key_bounds(const FwdParams& p, int b) {
+  if constexpr (kPaged) {
+    SeqBounds r;
+    r.start = 0;
+    const int v = p.seqlens_k != nullptr ? p.seqlens_k[b] : p.seqlen_k;
+    r.len = v < 0 ? 0 : (v > p.seqlen_k ? p.seqlen_k : v);
+    return r;
+  } else {
+    return seq_bounds(p.cu_seqlens_k, b, p.seqlen_k, p.seqlen_k, p.total_k);
+  }
+}
+
+template <typename Elem, bool kPaged>
+struct FwdBlock {
+  bool varlen;
+  SeqBounds qs, ks;
+  int sq, sk, m0, m1, hk;
+  const Elem* q;
+  Elem* o;
+  float* lse;
+  MaskPolicy mask;
+  int n_begin, n_end;
+
+  __device__ __forceinline__ bool init(const FwdParams& p, int b, int h, int m_block, int block_m,
+                                       int block_n) {
+    varlen = p.cu_seqlens_q != nullptr;
+    qs = seq_bounds(p.cu_seqlens_q, b, p.seqlen_q, p.seqlen_q, p.total_q);
+    sq = qs.len;
+    m0 = m_block * block_m;
+    if (m0 >= sq) return false;
+    ks = fwd_key_bounds<kPaged>(p, b);
+    sk = ks.len;
+    hk = h / (p.heads_q / p.heads_kv);
+    q = static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
+        (qs.start + m0) * p.q_row_stride + h * p.q_head_stride;
+    o = static_cast<Elem*>(p.out) + (varlen ? 0 : b * p.o_batch_stride) +
+        (qs.start + m0) * p.o_row_stride + h * p.o_head_stride;
+    lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + (varlen ? qs.start : 0) + m0;
+    mask = MaskPolicy::make(p.mask, sq, sk);
+    m1 = (m0 + block_m < sq) ? m0 + block_m : sq;
+    n_begin = 0;
+    n_end = 0;
+    if (sk > 0) {
+      n_begin = mask.kv_block_begin(m0, m1, block_n);
+      n_end = mask.kv_block_end(m0, m1, block_n);
+    }
+    return true;
+  }
+
+  __device__ __forceinline__ const Elem* k_rows(const FwdParams& p, int b) const {
+    return static_cast<const Elem*>(p.k) + (varlen ? 0 : b * p.k_batch_stride) +
+           ks.start * p.k_row_stride + hk * p.k_head_stride;
+  }
+  __device__ __forceinline__ const Elem* v_rows(const FwdParams& p, int b) const {
+    return static_cast<const Elem*>(p.v) + (varlen ? 0 : b * p.v_batch_stride) +
+           ks.start * p.v_row_stride + hk * p.v_head_stride;
+  }
+};
+
+}  // namespace gpu
+}  // namespace fastattn
