@@ -7,7 +7,7 @@
 // kWarpGroups warpgroups of 64 query rows each (kBlockM = 64 * kWarpGroups):
 //   grid = (query blocks, heads_q, batch) as in the sm80 kernel.
 // Tiles live in shared memory as SwizzledTile128 (the layout wgmma reads
-// through descriptors): Q once, K and V in a two-stage ring filled by
+// through descriptors): Q once, K and V in two stages each, filled by
 // cp.async (any stride, per-row zero-fill: varlen tails and padded head dims
 // need no special path). Per KV block n, from the last visible one down:
 //   wait K[n], V[n+1] -> barrier -> issue K[n-1], V[n] into free stages
