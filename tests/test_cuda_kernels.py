@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import fastattn
-from reference import assert_close_rule, attention_math, attention_math_varlen, random_qkv
+from reference import (GRAD_FACTOR, assert_close_rule, attention_math, attention_math_varlen, grads_in,
+                       random_qkv)
 
 pytestmark = pytest.mark.cuda
 ops = fastattn.ops
@@ -187,3 +188,85 @@ def test_forward_sm90_varlen(monkeypatch):
                                                **mask)
         assert_close_rule("out", out, base_o, ref_o)
         assert_close_rule("lse", lse, base_l, ref_l)
+
+
+SM90_BWD_CASES = [
+    # B, Sq, Sk, Hq, Hkv, D, causal, window, bottom_right, layout, deterministic
+    (2, 1000, 4097, 8, 2, 128, True, (-1, -1), True, "bshd", False),
+    (1, 4097, 1000, 4, 4, 128, True, (-1, -1), False, "bhsd", False),   # rows past every key
+    (3, 113, 257, 6, 1, 128, False, (-1, -1), False, "strided", False),  # MQA: dk/dv accumulated in fp32
+    (2, 300, 300, 4, 2, 120, False, (37, 5), False, "bshd", False),     # padded head dim 120 -> 128
+    (1, 17, 1, 2, 2, 128, False, (-1, -1), False, "bshd", False),       # one key
+    (2, 640, 640, 2, 1, 128, False, (128, 0), True, "bhsd", False),     # window: skipped query blocks
+    (2, 777, 1029, 8, 2, 128, True, (-1, -1), True, "bshd", True),      # deterministic slices
+    (1, 200, 333, 8, 1, 128, False, (-1, -1), False, "bshd", True),     # deterministic fp32 dk/dv copies
+]
+
+
+def _grads(q, k, v, dout, causal, window, br, deterministic):
+    out, _ = _fwd(q, k, v, causal=causal, br=br, window=window, deterministic=deterministic)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+@pytest.mark.parametrize("case", SM90_BWD_CASES,
+                         ids=lambda c: f"B{c[0]}q{c[1]}k{c[2]}h{c[3]}-{c[4]}d{c[5]}{c[9]}{'det' if c[10] else ''}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backward_sm90_and_sm80_kernels_agree(case, dtype, monkeypatch):
+    """On sm90 head dim 128 the backward runs the wgmma kernel; FASTATTN_BWD_SM90=0
+    selects the mma.sync kernels. Both must meet the float64 3x rule for dq, dk,
+    dv on masks, GQA/MQA (dk/dv in registers and in fp32 accumulators), strided
+    layouts, padded head dims, ragged tails and the deterministic mode, write
+    every gradient element (poisoned memory), and agree closely."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the wgmma kernel needs sm90")
+    B, Sq, Sk, Hq, Hkv, D, causal, window, br, layout, det = case
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = random_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, "cuda", layout=layout, generator=g,
+                         requires_grad=True)
+    dout = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype, generator=g)
+    math_fn = lambda dt: (lambda *t: attention_math(*t, D ** -0.5, causal, window, br, dtype=dt)[0])
+    ref = grads_in(torch.float64, math_fn(torch.float64), (q, k, v), dout)
+    base = grads_in(dtype, math_fn(dtype), (q, k, v), dout)
+    results = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("FASTATTN_BWD_SM90", path)
+        junk = torch.full((64 * 2**20,), float("nan"), device="cuda")
+        del junk
+        results[path] = _grads(q, k, v, dout, causal, window, br, det)
+    for path, grads in results.items():
+        for name, gr, b, r in zip(("dq", "dk", "dv"), grads, base, ref):
+            assert not gr.isnan().any(), f"{name} sm90={path}"
+            assert_close_rule(f"{name} sm90={path}", gr, b, r, factor=GRAD_FACTOR)
+    for name, a, b in zip(("dq", "dk", "dv"), results["1"], results["0"]):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+    if det:
+        monkeypatch.setenv("FASTATTN_BWD_SM90", "1")
+        again = _grads(q, k, v, dout, causal, window, br, det)
+        assert all(torch.equal(a, b) for a, b in zip(again, results["1"]))
+
+
+def test_backward_sm90_varlen(monkeypatch):
+    """Ragged batch (lengths 0, 1, uneven, several 64-row query blocks) through the
+    wgmma backward, with GQA."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the wgmma kernel needs sm90")
+    monkeypatch.setenv("FASTATTN_BWD_SM90", "1")
+    lens_q = [5, 0, 1, 300, 129, 17]
+    lens_k = [9, 3, 1, 300, 700, 0]
+    Hq, Hkv, D = 4, 2, 128
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    for causal in (False, True):
+        q = torch.randn(int(cu_q[-1]), Hq, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        k = torch.randn(int(cu_k[-1]), Hkv, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        v = torch.randn(int(cu_k[-1]), Hkv, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        out = fastattn.flash_attn_varlen_func(q, k, v, cu_q.cuda(), cu_k.cuda(), max(lens_q),
+                                              max(lens_k), causal=causal)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        mask = dict(causal=causal, bottom_right=True)
+        fn = lambda dt: (lambda *t: attention_math_varlen(*t, cu_q, cu_k, D ** -0.5, dtype=dt, **mask)[0])
+        ref = grads_in(torch.float64, fn(torch.float64), (q, k, v), dout)
+        base = grads_in(torch.bfloat16, fn(torch.bfloat16), (q, k, v), dout)
+        for name, gr, b, r in zip(("dq", "dk", "dv"), grads, base, ref):
+            assert_close_rule(f"{name} causal={causal}", gr, b, r, factor=GRAD_FACTOR)

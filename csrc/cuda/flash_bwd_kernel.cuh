@@ -67,6 +67,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/common/bwd_cta_order.h"
 #include "cuda/common/bwd_dq_layout.h"
 #include "cuda/common/bwd_mask.h"
 #include "cuda/common/bwd_ptx.h"
@@ -757,38 +758,18 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   }
 }
 
-// grid = (KV blocks [deterministic: dq_splits, each CTA strides over KV blocks],
-//         heads_q / heads_per_cta, batch [looped past 65535])
-// cta_group > 1 reorders the CTAs (a bijection of the grid): call a (head slot,
-// batch) pair a unit; the launch order (x fastest, then y, then z) is cut into
-// groups of cta_group units, and inside a group the KV block is the slow index.
-// Under a causal mask the first KV blocks of a sequence see the most queries, so
-// the longest CTAs of every unit start first instead of the last units' longest
-// CTAs starting at the end of the grid (tail imbalance); a group is kept small
-// enough for its Q / dO / dq_accum to stay in L2 (launcher).
+// Grid and CTA order: common/bwd_cta_order.h.
 template <typename Traits, typename Elem>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     flash_bwd_kernel(const __grid_constant__ BwdParams p, const int cta_group) {
   extern __shared__ __align__(128) char smem[];
-  int n_first = blockIdx.x, slot = blockIdx.y, b_first = blockIdx.z;
-  if (cta_group > 1) {
-    const int nb = gridDim.x;
-    const int units = gridDim.y * gridDim.z;
-    const int lin = blockIdx.x + nb * (blockIdx.y + gridDim.y * blockIdx.z);
-    const int g0 = lin / (cta_group * nb) * cta_group;  // first unit of this group
-    const int gs = min(cta_group, units - g0);          // units in this group
-    const int r = lin - g0 * nb;
-    const int u = g0 + r % gs;
-    n_first = r / gs;
-    slot = u % gridDim.y;
-    b_first = u / gridDim.y;
-  }
-  const int dq_slice = p.deterministic ? n_first : 0;
-  for (int b = b_first; b < p.batch; b += gridDim.z) {
+  const BwdCtaStart c = bwd_cta_start(cta_group);
+  const int dq_slice = p.deterministic ? c.n_first : 0;
+  for (int b = c.b_first; b < p.batch; b += gridDim.z) {
     const SeqBounds qs = seq_bounds(p.cu_seqlens_q, b, p.seqlen_q, p.seqlen_q, p.total_q);
     const SeqBounds ks = seq_bounds(p.cu_seqlens_k, b, p.seqlen_k, p.seqlen_k, p.total_k);
-    for (int n_block = n_first; n_block * Traits::kBlockN < ks.len; n_block += gridDim.x) {
-      flash_bwd_kv_block<Traits, Elem>(p, smem, b, slot, n_block, dq_slice, qs, ks);
+    for (int n_block = c.n_first; n_block * Traits::kBlockN < ks.len; n_block += gridDim.x) {
+      flash_bwd_kv_block<Traits, Elem>(p, smem, b, c.slot, n_block, dq_slice, qs, ks);
     }
   }
 }

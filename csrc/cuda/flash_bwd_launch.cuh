@@ -9,9 +9,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda/common/types.h"
 #include "cuda/flash_bwd_kernel.cuh"
+#include "cuda/flash_bwd_sm90_kernel.cuh"
+#include "cuda/kernel_select.h"
 #include "cuda/launch.h"
 
 namespace fastattn {
@@ -73,6 +76,19 @@ template <> struct BwdConfig<256> {
   using PairedSkew = Paired;
 };
 constexpr int kSkewMinQueryBlocks = 32;
+
+// The sm90 (wgmma) kernel per head dim (flash_bwd_sm90_kernel.cuh), or void
+// where only the mma.sync kernels exist. It takes the place of the mma.sync
+// kernels wherever the device runs its sm_90a body (same work plan: kBlockN
+// matches); FASTATTN_BWD_SM90=0 forces the mma.sync kernels.
+template <int kHeadDim>
+struct BwdSm90Config {
+  using Traits = void;
+};
+template <>
+struct BwdSm90Config<128> {
+  using Traits = BwdSm90Traits<128, 64>;
+};
 
 // Developer switches for A/B timings, from the environment variable
 // FASTATTN_BWD_DEV (read once; a comma list): "classic" never takes the paired
@@ -148,6 +164,20 @@ cudaError_t run_bwd_hdim(const BwdParams& p, cudaStream_t stream) {
   // then head slots, then sequences (the kernel loops past 65535).
   const dim3 grid(grid_x, p.heads_q / p.heads_per_cta, p.batch < 65535 ? p.batch : 65535);
   const int cta_group = bwd_cta_group(p, grid.x, grid.y * grid.z);
+  using Sm90Traits = typename BwdSm90Config<kHeadDim>::Traits;
+  if constexpr (!std::is_void<Sm90Traits>::value) {
+    static_assert(Sm90Traits::kBlockN == Traits::kBlockN, "the work plan assumes one kBlockN");
+    auto kernel = flash_bwd_sm90_kernel<Sm90Traits, Elem>;
+    if (p.smem_optin >= Sm90Traits::kSmemBytes &&
+        sm90_body_runnable<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel),
+                                             Sm90Traits::kThreads, "FASTATTN_BWD_SM90")) {
+      cudaError_t err =
+          ensure_smem_cap<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel), Sm90Traits::kSmemBytes);
+      if (err != cudaSuccess) return err;
+      kernel<<<grid, Sm90Traits::kThreads, Sm90Traits::kSmemBytes, stream>>>(p, cta_group);
+      return cudaGetLastError();
+    }
+  }
   if constexpr (Paired::kPaired) {
     if (p.smem_optin >= Paired::kSmemBytes && !(bwd_dev_flags() & kBwdDevClassic)) {
       if constexpr (PairedSkew::kSkewDQ) {

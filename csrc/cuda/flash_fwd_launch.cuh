@@ -10,6 +10,7 @@
 #include "cuda/common/types.h"
 #include "cuda/flash_fwd_kernel.cuh"
 #include "cuda/flash_fwd_sm90_kernel.cuh"
+#include "cuda/kernel_select.h"
 #include "cuda/launch.h"
 
 namespace fastattn {
@@ -80,47 +81,6 @@ struct FwdSm90Config<128> {
   using Traits = FwdSm90Traits<128, FASTATTN_FWD_SM90_TILES_128>;
 };
 
-// Sets the kernel's dynamic shared memory cap once per device and kernel
-// (the template arguments name the kernel: one static flag set each). Kept
-// out of CUDA-graph capture, which follows eager warm-up runs; racing threads
-// would only set the same value twice.
-template <typename Traits, typename Elem, int kVariant>
-cudaError_t ensure_smem_cap(const void* kernel, int smem) {
-  if (smem <= 48 * 1024) return cudaSuccess;
-  static bool attr_set[64] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < 64 && attr_set[device]) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  if (device < 64) attr_set[device] = true;
-  return cudaSuccess;
-}
-
-// Whether the device runs the wgmma body of the sm90 kernel: only sm_90a
-// machine code has it, tagged by its launch bounds (flash_fwd_sm90_kernel.cuh).
-// FASTATTN_FWD_SM90=0 forces the sm80 kernel (read per call: a dev A/B switch
-// and an escape hatch).
-template <typename Sm90Traits, typename Elem>
-bool fwd_sm90_runnable() {
-  const char* env = std::getenv("FASTATTN_FWD_SM90");
-  if (env != nullptr && env[0] == '0') return false;
-  static signed char cache[64] = {};  // 0 unknown, 1 yes, -1 no
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (device < 64 && cache[device] != 0) return cache[device] > 0;
-  cudaFuncAttributes attr;
-  bool ok = false;
-  if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<Sm90Traits, Elem>) == cudaSuccess) {
-    ok = attr.binaryVersion == 90 && attr.maxThreadsPerBlock >= Sm90Traits::kThreads;
-  } else {
-    (void)cudaGetLastError();
-  }
-  if (device < 64) cache[device] = ok ? 1 : -1;
-  return ok;
-}
-
 template <int kHeadDim, ElemType kDtype>
 cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
   using Elem = typename ElemOf<kDtype>::type;
@@ -136,10 +96,11 @@ cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
   // then heads (GQA groups adjacent), then batch (kernel loops past 65535).
   const int batch_ctas = params.batch < 65535 ? params.batch : 65535;
   if constexpr (!std::is_void<Sm90Traits>::value) {
-    if (!paged && fwd_sm90_runnable<Sm90Traits, Elem>()) {
-      auto kernel = flash_fwd_sm90_kernel<Sm90Traits, Elem>;
+    auto kernel = flash_fwd_sm90_kernel<Sm90Traits, Elem>;
+    if (!paged && sm90_body_runnable<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel),
+                                                       Sm90Traits::kThreads, "FASTATTN_FWD_SM90")) {
       constexpr int kSmem = Sm90Traits::kSmemBytes;
-      cudaError_t err = ensure_smem_cap<Sm90Traits, Elem, 0>(reinterpret_cast<const void*>(kernel), kSmem);
+      cudaError_t err = ensure_smem_cap<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel), kSmem);
       if (err != cudaSuccess) return err;
       const int num_m_blocks = (params.seqlen_q + Sm90Traits::kBlockM - 1) / Sm90Traits::kBlockM;
       kernel<<<dim3(num_m_blocks, params.heads_q, batch_ctas), Sm90Traits::kThreads, kSmem,
@@ -150,8 +111,9 @@ cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
   const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   auto kernel = paged ? flash_fwd_kernel<Traits, Elem, true> : flash_fwd_kernel<Traits, Elem, false>;
   constexpr int kSmem = Traits::kSmemBytes;
-  cudaError_t err = paged ? ensure_smem_cap<Traits, Elem, 1>(reinterpret_cast<const void*>(kernel), kSmem)
-                          : ensure_smem_cap<Traits, Elem, 0>(reinterpret_cast<const void*>(kernel), kSmem);
+  cudaError_t err =
+      paged ? ensure_smem_cap<Traits, Elem, std::true_type>(reinterpret_cast<const void*>(kernel), kSmem)
+            : ensure_smem_cap<Traits, Elem, std::false_type>(reinterpret_cast<const void*>(kernel), kSmem);
   if (err != cudaSuccess) return err;
   kernel<<<dim3(num_m_blocks, params.heads_q, batch_ctas), Traits::kThreads, kSmem, stream>>>(
       params);

@@ -1,4 +1,4 @@
-// sm90 warpgroup MMA (wgmma) wrappers for the Hopper forward kernel.
+// sm90 warpgroup MMA (wgmma) wrappers for the Hopper forward and backward kernels.
 //
 // A warpgroup (4 consecutive warps, 128 threads) computes D[64 x N] (+)= A[64 x 16] B[16 x N]
 // with one asynchronous instruction. The fp32 accumulator layout is the
@@ -122,12 +122,13 @@ __device__ __forceinline__ void hold(uint32_t (&a)[NT][4]) {
       "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), \
       "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
 
-// D[64 x N] (+)= A[64 x 16] B[16 x N], A and B K-major in shared memory.
-// `accumulate` = 0 ignores D's old value (first k step).
-#define FASTATTN_WGMMA_SS(N, TYPES, A, B, SC)                                          \
+// D[64 x N] (+)= A[64 x 16] B[16 x N], A and B in shared memory; TR = "0, 0":
+// both K-major, "1, 1": both MN-major (transposed). `accumulate` = 0 ignores
+// D's old value (first k step).
+#define FASTATTN_WGMMA_SS(N, TYPES, A, B, SC, TR)                                      \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #SC ", 0;\n"                     \
                "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPES " {"            \
-               FASTATTN_WGMMA_REGS_##N "}, %" #A ", %" #B ", p, 1, 1, 0, 0;\n}\n"      \
+               FASTATTN_WGMMA_REGS_##N "}, %" #A ", %" #B ", p, 1, 1, " TR ";\n}\n"    \
                : FASTATTN_WGMMA_ACC_##N(d)                                              \
                : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 
@@ -141,18 +142,26 @@ __device__ __forceinline__ void hold(uint32_t (&a)[NT][4]) {
                : FASTATTN_WGMMA_ACC_##N(d)                                               \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
 
-template <int N, typename Elem>
+// kMnMajor = false: A and B K-major (Q K^T); true: both MN-major (the
+// backward's dQ = dS K from dS^T and K as stored).
+template <int N, typename Elem, bool kMnMajor = false>
 __device__ __forceinline__ void mma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b,
                                        int accumulate) {
   static_assert(N == 64 || N == 128, "compiled wgmma widths");
 #if FASTATTN_WGMMA_AVAILABLE
   constexpr bool kBf16 = std::is_same<Elem, __nv_bfloat16>::value;
-  if constexpr (N == 64) {
-    if constexpr (kBf16) FASTATTN_WGMMA_SS(64, "bf16.bf16", 32, 33, 34);
-    else FASTATTN_WGMMA_SS(64, "f16.f16", 32, 33, 34);
+  if constexpr (N == 64 && !kMnMajor) {
+    if constexpr (kBf16) FASTATTN_WGMMA_SS(64, "bf16.bf16", 32, 33, 34, "0, 0");
+    else FASTATTN_WGMMA_SS(64, "f16.f16", 32, 33, 34, "0, 0");
+  } else if constexpr (N == 64) {
+    if constexpr (kBf16) FASTATTN_WGMMA_SS(64, "bf16.bf16", 32, 33, 34, "1, 1");
+    else FASTATTN_WGMMA_SS(64, "f16.f16", 32, 33, 34, "1, 1");
+  } else if constexpr (!kMnMajor) {
+    if constexpr (kBf16) FASTATTN_WGMMA_SS(128, "bf16.bf16", 64, 65, 66, "0, 0");
+    else FASTATTN_WGMMA_SS(128, "f16.f16", 64, 65, 66, "0, 0");
   } else {
-    if constexpr (kBf16) FASTATTN_WGMMA_SS(128, "bf16.bf16", 64, 65, 66);
-    else FASTATTN_WGMMA_SS(128, "f16.f16", 64, 65, 66);
+    if constexpr (kBf16) FASTATTN_WGMMA_SS(128, "bf16.bf16", 64, 65, 66, "1, 1");
+    else FASTATTN_WGMMA_SS(128, "f16.f16", 64, 65, 66, "1, 1");
   }
 #endif
 }
