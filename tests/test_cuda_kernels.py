@@ -200,6 +200,10 @@ SM90_BWD_CASES = [
     (2, 640, 640, 2, 1, 128, False, (128, 0), True, "bhsd", False),     # window: skipped query blocks
     (2, 777, 1029, 8, 2, 128, True, (-1, -1), True, "bshd", True),      # deterministic slices
     (1, 200, 333, 8, 1, 128, False, (-1, -1), False, "bshd", True),     # deterministic fp32 dk/dv copies
+    (2, 1000, 4097, 8, 2, 64, True, (-1, -1), True, "bshd", False),     # head dim 64: 128-row query blocks
+    (1, 4097, 1000, 4, 4, 64, True, (-1, -1), False, "bhsd", False),
+    (3, 113, 257, 6, 1, 40, False, (-1, -1), False, "strided", False),  # padded 40 -> 64, MQA
+    (2, 640, 640, 2, 1, 64, False, (128, 0), True, "bhsd", True),       # window, deterministic
 ]
 
 
@@ -212,7 +216,7 @@ def _grads(q, k, v, dout, causal, window, br, deterministic):
                          ids=lambda c: f"B{c[0]}q{c[1]}k{c[2]}h{c[3]}-{c[4]}d{c[5]}{c[9]}{'det' if c[10] else ''}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_backward_sm90_and_sm80_kernels_agree(case, dtype, monkeypatch):
-    """On sm90 head dim 128 the backward runs the wgmma kernel; FASTATTN_BWD_SM90=0
+    """On sm90 head dims 64 / 128 the backward runs the wgmma kernel; FASTATTN_BWD_SM90=0
     selects the mma.sync kernels. Both must meet the float64 3x rule for dq, dk,
     dv on masks, GQA/MQA (dk/dv in registers and in fp32 accumulators), strided
     layouts, padded head dims, ragged tails and the deterministic mode, write

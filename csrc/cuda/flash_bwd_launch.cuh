@@ -86,6 +86,10 @@ struct BwdSm90Config {
   using Traits = void;
 };
 template <>
+struct BwdSm90Config<64> {
+  using Traits = BwdSm90Traits<64, 128>;
+};
+template <>
 struct BwdSm90Config<128> {
   using Traits = BwdSm90Traits<128, 64>;
 };
