@@ -1,6 +1,7 @@
 """A representative subset for compute-sanitizer (memcheck / racecheck):
-forward and backward, causal and not, GQA, varlen, odd sizes (on sm90 the
-head-dim 64/128 forwards run the wgmma kernel); paged decode and
+forward and backward, causal and not, GQA, varlen, odd sizes, the
+deterministic backward with fp32 dK/dV partial sums (on sm90 the head-dim
+64/128 forwards and backwards run the wgmma kernels); paged decode and
 chunked prefill (including page ids outside the pool); many-split decode and
 the N-way merge.
 
@@ -22,6 +23,11 @@ def main():
         v = torch.randn(B, Sk, Hkv, D, device="cuda", dtype=dt, requires_grad=True)
         out = fastattn.flash_attn_func(q, k, v, causal=causal)
         torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    q = torch.randn(1, 200, 8, 128, device="cuda", dtype=dt, requires_grad=True)
+    k = torch.randn(1, 333, 1, 128, device="cuda", dtype=dt, requires_grad=True)
+    v = torch.randn(1, 333, 1, 128, device="cuda", dtype=dt, requires_grad=True)
+    out = fastattn.flash_attn_func(q, k, v, causal=True, deterministic=True)
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     cu_q = torch.tensor([0, 1, 18, 18, 131], dtype=torch.int32, device="cuda")
     cu_k = torch.tensor([0, 40, 57, 60, 173], dtype=torch.int32, device="cuda")
     q = torch.randn(131, 4, 64, device="cuda", dtype=dt, requires_grad=True)
