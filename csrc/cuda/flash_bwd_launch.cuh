@@ -1,5 +1,6 @@
-// Launch template of the FlashAttention-2 backward main kernel: tile
-// configuration per head dim and the host-side launcher. Included by the
+// Launch template of the FlashAttention-2 backward main kernels (mma.sync,
+// and wgmma on sm90 at head dims 64 / 128): tile configuration per head dim
+// and the host-side launcher. Included by the
 // per-(hdim, dtype) instantiation files flash_bwd_hdim<D>_<fp16|bf16>.cu and
 // (for the block sizes only) by flash_bwd_dispatch.cu.
 #pragma once

@@ -18,8 +18,8 @@
 //   dS^T -> shared memory, and one iteration later, once both warpgroups'
 //   halves are there (the barrier at the top of i + 1):
 //   dQ_i += dS_i K                              (SS; dS^T and K read MN-major)
-// dQ of block i - 1 is issued first at the top of iteration i; its fp32 adds
-// into dq_accum then run while S^T / dP^T of block i are on the tensor cores.
+// dQ of block i - 1 is issued and added into dq_accum at the top of
+// iteration i, before S^T / dP^T of block i.
 // kBlockM = 64 (hdim 128): the two warpgroups split dQ's head dim;
 // kBlockM = 128 (hdim 64): they split its query rows.
 // One barrier per iteration: at barrier i, Q / dO / LSE / D of i landed,
@@ -43,6 +43,11 @@
 #include "cuda/common/wgmma.h"
 #include "cuda/params.h"
 
+// Dev variant (-DFASTATTN_BWD_SM90_DQ_OVERLAP=1): issue the previous block's
+// dQ GEMM together with S^T / dP^T and run its fp32 adds while those are on
+// the tensor cores. With dK, dV, S^T, dP^T and dQ live at once ptxas spills
+// (208 bytes per thread at head dim 128) and serializes the MMAs, so the
+// default issues and drains dQ first.
 #ifndef FASTATTN_BWD_SM90_DQ_OVERLAP
 #define FASTATTN_BWD_SM90_DQ_OVERLAP 0
 #endif
@@ -472,7 +477,7 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
 
 // Launch bounds double as a capability tag, as for the sm90 forward: only
 // sm_90a machine code has the real kernel; the host launches it only where
-// the image the device runs reports kThreads (flash_bwd_launch.cuh).
+// the image the device runs reports kThreads (kernel_select.h, sm90_body_runnable).
 template <typename Traits, typename Elem>
 __global__ void __launch_bounds__(FASTATTN_WGMMA_AVAILABLE ? Traits::kThreads : 32, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdParams p, const int cta_group) {

@@ -240,7 +240,7 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
 // Launch bounds double as a capability tag: only sm_90a machine code has the
 // real kernel (kThreads per CTA); every other image gets an empty body capped
 // at 32 threads, and the host launches this kernel only where the image the
-// device runs reports kThreads (flash_fwd_launch.cuh, fwd_sm90_runnable).
+// device runs reports kThreads (kernel_select.h, sm90_body_runnable).
 template <typename Traits, typename Elem>
 __global__ void __launch_bounds__(FASTATTN_WGMMA_AVAILABLE ? Traits::kThreads : 32,
                                   FASTATTN_WGMMA_AVAILABLE ? Traits::kCtasPerSm : 1)

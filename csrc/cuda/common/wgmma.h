@@ -30,7 +30,7 @@
 //     "redefines" it), keeping its later reads below the wait.
 // Only sm_90a machine code has these instructions (FASTATTN_WGMMA_AVAILABLE);
 // elsewhere the wrappers compile to nothing and the host never launches the
-// kernels that use them (see flash_fwd_sm90_launch.cuh).
+// kernels that use them (see kernel_select.h, sm90_body_runnable).
 #pragma once
 #include <cstdint>
 #include <type_traits>
