@@ -67,6 +67,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/common/bwd_block.h"
 #include "cuda/common/bwd_cta_order.h"
 #include "cuda/common/bwd_dq_layout.h"
 #include "cuda/common/bwd_mask.h"
@@ -188,14 +189,14 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   const int g = lane >> 2;
   const int t4 = lane & 3;
 
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int sq = qs.len;
-  const int sk = ks.len;
-  const int n0 = n_block * kBlockN;
-  const int group = p.heads_q / p.heads_kv;
-  const int hpc = p.heads_per_cta;
-  const int hq0 = slot * hpc;
-  const int hk = hq0 / group;
+  BwdBlock blk;
+  blk.init(p, b, slot, n_block * kBlockN, kBlockN, kBlockM, qs, ks);
+  const bool varlen = blk.varlen;
+  const int sq = blk.sq;
+  const int sk = blk.sk;
+  const int n0 = blk.n0;
+  const int hpc = blk.hpc;
+  const int hq0 = blk.hq0;
   const int head_dim = p.head_dim;
 
   const uint32_t s_base = ptx::smem_u32(smem);
@@ -209,29 +210,16 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   const float* lse_smem = reinterpret_cast<const float*>(smem + Traits::kOffLse);
   const float* dsum_smem = reinterpret_cast<const float*>(smem + Traits::kOffDsum);
 
-  const Elem* k_base = static_cast<const Elem*>(p.k) + (varlen ? 0 : b * p.k_batch_stride) +
-                       ks.start * p.k_row_stride + hk * p.k_head_stride;
-  const Elem* v_base = static_cast<const Elem*>(p.v) + (varlen ? 0 : b * p.v_batch_stride) +
-                       ks.start * p.v_row_stride + hk * p.v_head_stride;
-
   // The previous KV block of this CTA may still read the dK/dV staging (sK, sV).
   __syncthreads();
-  load_tile_async<kThreads, KTile>(sK, ContiguousRows<Elem>{k_base, p.k_row_stride}, n0, sk,
-                                   head_dim, tid);
-  load_tile_async<kThreads, KTile>(sV, ContiguousRows<Elem>{v_base, p.v_row_stride}, n0, sk,
-                                   head_dim, tid);
+  load_tile_async<kThreads, KTile>(sK, ContiguousRows<Elem>{blk.k_rows<Elem>(p), p.k_row_stride},
+                                   n0, sk, head_dim, tid);
+  load_tile_async<kThreads, KTile>(sV, ContiguousRows<Elem>{blk.v_rows<Elem>(p), p.v_row_stride},
+                                   n0, sk, head_dim, tid);
   ptx::cp_async_commit();
 
-  const MaskPolicy mask = MaskPolicy::make(p.mask, sq, sk);
-  int mb_begin = 0, mb_end = 0;
-  if (sq > 0) {
-    const int r_lo = mask.q_row_begin(n0, n0 + kBlockN);
-    const int r_hi = mask.q_row_end(n0, n0 + kBlockN);
-    if (r_hi > r_lo) {
-      mb_begin = r_lo / kBlockM;
-      mb_end = (r_hi + kBlockM - 1) / kBlockM;
-    }
-  }
+  const MaskPolicy& mask = blk.mask;
+  const int mb_begin = blk.mb_begin, mb_end = blk.mb_end;
   const int n_iter = (mb_end - mb_begin) * hpc;
 
   // Sources of the per-iteration tiles of one q head, set up once per head:
@@ -242,28 +230,19 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   const float* lse_src = p.lse_log2;
   const float* dsum_src = p.dsoftmax_sum;
   auto set_head = [&](int hq) {
-    const Elem* q_base = static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
-                         qs.start * p.q_row_stride + hq * p.q_head_stride;
-    const Elem* do_base = static_cast<const Elem*>(p.dout) +
-                          (varlen ? 0 : b * p.do_batch_stride) + qs.start * p.do_row_stride +
-                          hq * p.do_head_stride;
-    q_ld.init(q_base, p.q_row_stride, head_dim, tid);
-    do_ld.init(do_base, p.do_row_stride, head_dim, tid);
-    const int64_t off = b * p.lse_batch_stride + hq * p.lse_head_stride + qs.start + tid;
-    lse_src = p.lse_log2 + off;
-    dsum_src = p.dsoftmax_sum + off;
+    const BwdHeadSources<Elem> src = blk.head_sources<Elem>(p, hq, tid);
+    q_ld.init(src.q, p.q_row_stride, head_dim, tid);
+    do_ld.init(src.dout, p.do_row_stride, head_dim, tid);
+    lse_src = src.lse;
+    dsum_src = src.dsum;
   };
   // Issues the cp.async loads of query block m0 of the current loader head:
   // Q, LSE and D into buffer `buf`, and dO when `with_do`.
   auto issue_q = [&](int m0, int buf, bool with_q, bool with_do) {
     if (with_q) {
       q_ld.load(sQ0 + buf * QTile::kBytes, m0, sq);
-      if (tid < kBlockM) {
-        const bool ok = m0 + tid < sq;
-        ptx::cp_async_4(sLse0 + (buf * kBlockM + tid) * 4, ok ? lse_src + m0 : p.lse_log2, ok);
-        ptx::cp_async_4(sDsum0 + (buf * kBlockM + tid) * 4, ok ? dsum_src + m0 : p.dsoftmax_sum,
-                        ok);
-      }
+      issue_lse_dsum<kBlockM>(p, lse_src, dsum_src, sLse0 + buf * kBlockM * 4,
+                              sDsum0 + buf * kBlockM * 4, m0, sq, tid);
     }
     if (with_do) {
       do_ld.load(sDO0 + (Traits::kDoubleDO ? buf : 0) * QTile::kBytes, m0, sq);
@@ -327,7 +306,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   // floats, the tile (mt, nt) of the warp tile 16 * mt rows and nt * 128 floats.
   float* const dq_thread =
       p.dq_accum + dq_slice * dq_slice_stride +
-      (dq_pad_start(varlen, b, p.seqlen_q, qs.start) + wqm * Traits::kQTileM) * dq_rstride +
+      (dq_pad_start(varlen, b, p.seqlen_q, blk.qs.start) + wqm * Traits::kQTileM) * dq_rstride +
       (wqn * Traits::kQTileN / 8) * 128 + lane * 4;
   const bool full_d = head_dim == Traits::kHeadDim;
 
@@ -360,37 +339,9 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
         }
       }
     }
-    float* const dq_it = dq_thread + int64_t(m0) * dq_rstride + int64_t(hq) * 16 * head_dim;
-    // Interior blocks (all rows < sq, full head dim) store without checks; else a
-    // 16-row tile is stored when it starts inside the sequence (its rows past the
-    // end add exact zeros: Q and dO rows there are zero-filled, so dS is 0) and
-    // its columns are inside the head dim. The deterministic branch is
-    // warp-uniform and hoisted out of the stores.
-    auto store_dq = [&](auto det, auto checked) {
-#pragma unroll
-      for (int mt = 0; mt < QMT; ++mt) {
-        if (decltype(checked)::value && m0 + wqm * Traits::kQTileM + mt * 16 >= sq) continue;
-        float* tile_ptr = dq_it + int64_t(mt * 16) * dq_rstride;
-#pragma unroll
-        for (int nt = 0; nt < QNT; ++nt) {
-          if (decltype(checked)::value && wqn * Traits::kQTileN + nt * 8 >= head_dim) continue;
-          const float(&c)[4] = acc_dq[mt][nt];
-          if constexpr (decltype(det)::value) {
-            ptx::rmw_add_f32x4(tile_ptr + nt * 128, c[0], c[1], c[2], c[3]);
-          } else {
-            ptx::red_add_f32x4(tile_ptr + nt * 128, c[0], c[1], c[2], c[3]);
-          }
-        }
-      }
-    };
-    const bool interior = full_d && m0 + kBlockM <= sq;
-    if (p.deterministic) {
-      if (interior) store_dq(std::true_type{}, std::false_type{});
-      else store_dq(std::true_type{}, std::true_type{});
-    } else {
-      if (interior) store_dq(std::false_type{}, std::false_type{});
-      else store_dq(std::false_type{}, std::true_type{});
-    }
+    add_dq_tiles(dq_thread + int64_t(m0) * dq_rstride + int64_t(hq) * 16 * head_dim, acc_dq,
+                 dq_rstride, p.deterministic, full_d && m0 + kBlockM <= sq,
+                 sq - m0 - wqm * Traits::kQTileM, head_dim - wqn * Traits::kQTileN);
   };
 
   // Pipelined (dq_pipelined, needs the second dS^T buffer): the dQ of iteration
@@ -717,44 +668,12 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
             pack2<Elem>(dv[2], dv[3]);
       }
     __syncthreads();
-    Elem* dk_base = static_cast<Elem*>(p.dk) + (varlen ? 0 : b * p.dk_batch_stride) +
-                    (ks.start + n0) * p.dk_row_stride + hk * p.dk_head_stride;
-    Elem* dv_base = static_cast<Elem*>(p.dv) + (varlen ? 0 : b * p.dv_batch_stride) +
-                    (ks.start + n0) * p.dv_row_stride + hk * p.dv_head_stride;
-    store_tile<kThreads, KTile>(dk_base, p.dk_row_stride, smem + Traits::kOffK, sk - n0,
-                                head_dim, tid);
-    store_tile<kThreads, KTile>(dv_base, p.dv_row_stride, smem + Traits::kOffV, sk - n0,
-                                head_dim, tid);
+    store_tile<kThreads, KTile>(blk.dk_block<Elem>(p), p.dk_row_stride, smem + Traits::kOffK,
+                                sk - n0, head_dim, tid);
+    store_tile<kThreads, KTile>(blk.dv_block<Elem>(p), p.dv_row_stride, smem + Traits::kOffV,
+                                sk - n0, head_dim, tid);
   } else {
-    // fp32 partial sums over this CTA's q heads (unscaled; the convert kernel scales dK).
-    const int64_t rows_k = varlen ? p.total_k : int64_t(p.batch) * p.seqlen_k;
-    const int64_t k_row0 = varlen ? ks.start : int64_t(b) * p.seqlen_k;
-    const int64_t rstride = int64_t(p.heads_kv) * head_dim;
-    const int copy = p.deterministic ? slot % (group / hpc) : 0;
-    const int64_t base = (int64_t(copy) * rows_k + k_row0 + n0) * rstride + int64_t(hk) * head_dim;
-#pragma unroll
-    for (int mt = 0; mt < kAccM; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = acc_r0 + mt * 16 + g + h * 8;
-        if (n0 + r >= sk) continue;
-#pragma unroll
-        for (int nt = 0; nt < kAccN; ++nt) {
-          const int c = acc_c0 + nt * 8 + 2 * t4;
-          if (c >= head_dim) continue;
-          const float(&dk)[4] = acc_dk[mt][nt];
-          const float(&dv)[4] = acc_dv[mt][nt];
-          float* pk = p.dk_accum + base + int64_t(r) * rstride + c;
-          float* pv = p.dv_accum + base + int64_t(r) * rstride + c;
-          if (p.deterministic) {
-            *reinterpret_cast<float2*>(pk) = make_float2(dk[2 * h], dk[2 * h + 1]);
-            *reinterpret_cast<float2*>(pv) = make_float2(dv[2 * h], dv[2 * h + 1]);
-          } else {
-            ptx::red_add_f32x2(pk, dk[2 * h], dk[2 * h + 1]);
-            ptx::red_add_f32x2(pv, dv[2 * h], dv[2 * h + 1]);
-          }
-        }
-      }
+    add_dkv_partials(p, blk, acc_dk, acc_dv, acc_r0 + g, acc_c0 + 2 * t4);
   }
 }
 

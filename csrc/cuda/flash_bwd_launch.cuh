@@ -176,8 +176,8 @@ cudaError_t run_bwd_hdim(const BwdParams& p, cudaStream_t stream) {
     if (p.smem_optin >= Sm90Traits::kSmemBytes &&
         sm90_body_runnable<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel),
                                              Sm90Traits::kThreads, "FASTATTN_BWD_SM90")) {
-      cudaError_t err =
-          ensure_smem_cap<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel), Sm90Traits::kSmemBytes);
+      cudaError_t err = ensure_smem_cap<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel),
+                                                          Sm90Traits::kSmemBytes);
       if (err != cudaSuccess) return err;
       kernel<<<grid, Sm90Traits::kThreads, Sm90Traits::kSmemBytes, stream>>>(p, cta_group);
       return cudaGetLastError();

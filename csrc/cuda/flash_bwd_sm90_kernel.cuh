@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/common/bwd_block.h"
 #include "cuda/common/bwd_cta_order.h"
 #include "cuda/common/bwd_dq_layout.h"
 #include "cuda/common/bwd_mask.h"
@@ -130,14 +131,12 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
   const int g = lane >> 2;
   const int t4 = lane & 3;
 
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int sq = qs.len;
-  const int sk = ks.len;
-  const int n0 = n_block * kBlockN;
-  const int group = p.heads_q / p.heads_kv;
-  const int hpc = p.heads_per_cta;
-  const int hq0 = slot * hpc;
-  const int hk = hq0 / group;
+  BwdBlock blk;
+  blk.init(p, b, slot, n_block * kBlockN, kBlockN, kBlockM, qs, ks);
+  const int sq = blk.sq;
+  const int sk = blk.sk;
+  const int n0 = blk.n0;
+  const int hq0 = blk.hq0;
   const int head_dim = p.head_dim;
 
   const uint32_t sK = s_base + Traits::kOffK;
@@ -153,66 +152,46 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
   // The previous KV block of this CTA may still read the dK/dV staging (sK, sV).
   __syncthreads();
   {
-    const Elem* k_base = static_cast<const Elem*>(p.k) + (varlen ? 0 : b * p.k_batch_stride) +
-                         ks.start * p.k_row_stride + hk * p.k_head_stride;
-    const Elem* v_base = static_cast<const Elem*>(p.v) + (varlen ? 0 : b * p.v_batch_stride) +
-                         ks.start * p.v_row_stride + hk * p.v_head_stride;
     SwizzledTileLoader<kThreads, KTile, Elem> ld;
-    ld.init(k_base, p.k_row_stride, head_dim, tid);
+    ld.init(blk.k_rows<Elem>(p), p.k_row_stride, head_dim, tid);
     ld.load(sK, n0, sk);
-    ld.init(v_base, p.v_row_stride, head_dim, tid);
+    ld.init(blk.v_rows<Elem>(p), p.v_row_stride, head_dim, tid);
     ld.load(sV, n0, sk);
   }
   ptx::cp_async_commit();
 
-  const MaskPolicy mask = MaskPolicy::make(p.mask, sq, sk);
-  int mb_begin = 0, mb_end = 0;
-  if (sq > 0) {
-    const int r_lo = mask.q_row_begin(n0, n0 + kBlockN);
-    const int r_hi = mask.q_row_end(n0, n0 + kBlockN);
-    if (r_hi > r_lo) {
-      mb_begin = r_lo / kBlockM;
-      mb_end = (r_hi + kBlockM - 1) / kBlockM;
-    }
-  }
-  const int n_iter = (mb_end - mb_begin) * hpc;
+  const int mb_begin = blk.mb_begin, mb_end = blk.mb_end;
+  const int n_iter = (mb_end - mb_begin) * blk.hpc;
 
-  // Q / dO loaders and this thread's LSE / D source of one q head (threads
-  // tid < kBlockM copy row m0 + tid), set up once per head.
+  // Q / dO loaders and this thread's LSE / D sources of one q head, set up once per head.
   SwizzledTileLoader<kThreads, QTile, Elem> q_ld, do_ld;
   const float* lse_src = p.lse_log2;
   const float* dsum_src = p.dsoftmax_sum;
   auto set_head = [&](int hq) {
-    q_ld.init(static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
-                  qs.start * p.q_row_stride + hq * p.q_head_stride,
-              p.q_row_stride, head_dim, tid);
-    do_ld.init(static_cast<const Elem*>(p.dout) + (varlen ? 0 : b * p.do_batch_stride) +
-                   qs.start * p.do_row_stride + hq * p.do_head_stride,
-               p.do_row_stride, head_dim, tid);
-    const int64_t off = b * p.lse_batch_stride + hq * p.lse_head_stride + qs.start + tid;
-    lse_src = p.lse_log2 + off;
-    dsum_src = p.dsoftmax_sum + off;
+    const BwdHeadSources<Elem> src = blk.head_sources<Elem>(p, hq, tid);
+    q_ld.init(src.q, p.q_row_stride, head_dim, tid);
+    do_ld.init(src.dout, p.do_row_stride, head_dim, tid);
+    lse_src = src.lse;
+    dsum_src = src.dsum;
   };
   // Rows past the sequence arrive as zeros (Q, dO, LSE, D), which makes their
   // dV / dK / dQ contributions exact zeros.
   auto issue_q = [&](int m0, int buf) {
     q_ld.load(sQ0 + buf * QTile::kBytes, m0, sq);
     do_ld.load(sDO0 + buf * QTile::kBytes, m0, sq);
-    if (tid < kBlockM) {
-      const bool ok = m0 + tid < sq;
-      ptx::cp_async_4(sLse0 + (buf * kBlockM + tid) * 4, ok ? lse_src + m0 : p.lse_log2, ok);
-      ptx::cp_async_4(sDsum0 + (buf * kBlockM + tid) * 4, ok ? dsum_src + m0 : p.dsoftmax_sum, ok);
-    }
+    issue_lse_dsum<kBlockM>(p, lse_src, dsum_src, sLse0 + buf * kBlockM * 4,
+                            sDsum0 + buf * kBlockM * 4, m0, sq, tid);
   };
 
-  float acc_dk[NTD][4];
-  float acc_dv[NTD][4];
+  // dK / dV of this warpgroup's 64 keys (one m64 accumulator each).
+  float acc_dk[1][NTD][4];
+  float acc_dv[1][NTD][4];
 #pragma unroll
   for (int i = 0; i < NTD; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      acc_dk[i][e] = 0.f;
-      acc_dv[i][e] = 0.f;
+      acc_dk[0][i][e] = 0.f;
+      acc_dv[0][i][e] = 0.f;
     }
 
   // dQ of this thread: query rows dq_r0 + g (+ 8), head-dim columns dq_c0 +
@@ -220,44 +199,25 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
   const int dq_r0 = (Traits::kDqSplitsD ? 0 : wg * 64) + wq * 16;
   const int dq_c0 = Traits::kDqSplitsD ? wg * Traits::kDqN : 0;
   const int64_t dq_rstride = int64_t(p.heads_q) * head_dim;  // floats per padded row
-  const int64_t dq_slice_stride = dq_pad_rows(varlen, p.batch, p.seqlen_q, p.total_q) * dq_rstride;
-  float* const dq_thread = p.dq_accum + dq_slice * dq_slice_stride +
-                           (dq_pad_start(varlen, b, p.seqlen_q, qs.start) + dq_r0) * dq_rstride +
-                           (dq_c0 / 8) * 128 + lane * 4;
+  const int64_t dq_slice_stride =
+      dq_pad_rows(blk.varlen, p.batch, p.seqlen_q, p.total_q) * dq_rstride;
+  float* const dq_thread =
+      p.dq_accum + dq_slice * dq_slice_stride +
+      (dq_pad_start(blk.varlen, b, p.seqlen_q, blk.qs.start) + dq_r0) * dq_rstride +
+      (dq_c0 / 8) * 128 + lane * 4;
   const bool full_d = head_dim == Traits::kHeadDim;
-  // Adds the dQ tile of query block m0, q head hq into dq_accum. Interior
-  // blocks store without checks; otherwise a 16-row tile is stored when it
-  // starts inside the sequence (rows past the end add exact zeros) and its
-  // columns are inside the head dim.
-  auto store_dq = [&](const float(&acc)[NTQ][4], int m0, int hq) {
-    float* const dst = dq_thread + int64_t(m0) * dq_rstride + int64_t(hq) * 16 * head_dim;
-    auto adds = [&](auto det, auto checked) {
-      if (decltype(checked)::value && m0 + dq_r0 >= sq) return;
-#pragma unroll
-      for (int nt = 0; nt < NTQ; ++nt) {
-        if (decltype(checked)::value && dq_c0 + nt * 8 >= head_dim) continue;
-        if constexpr (decltype(det)::value) {
-          ptx::rmw_add_f32x4(dst + nt * 128, acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
-        } else {
-          ptx::red_add_f32x4(dst + nt * 128, acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
-        }
-      }
-    };
-    const bool interior = full_d && m0 + kBlockM <= sq;
-    if (p.deterministic) {
-      if (interior) adds(std::true_type{}, std::false_type{});
-      else adds(std::true_type{}, std::true_type{});
-    } else {
-      if (interior) adds(std::false_type{}, std::false_type{});
-      else adds(std::false_type{}, std::true_type{});
-    }
+  // Adds the dQ tile of query block m0, q head hq into dq_accum.
+  auto store_dq = [&](const float(&acc)[1][NTQ][4], int m0, int hq) {
+    add_dq_tiles(dq_thread + int64_t(m0) * dq_rstride + int64_t(hq) * 16 * head_dim, acc,
+                 dq_rstride, p.deterministic, full_d && m0 + kBlockM <= sq, sq - m0 - dq_r0,
+                 head_dim - dq_c0);
   };
   // dQ = dS K of the dS^T buffer at ds: query rows / head-dim columns of this warpgroup.
-  auto issue_dq = [&](float(&acc)[NTQ][4], uint32_t ds) {
+  auto issue_dq = [&](float(&acc)[1][NTQ][4], uint32_t ds) {
 #pragma unroll
     for (int kk = 0; kk < Traits::kKSN; ++kk) {
       wgmma::mma_ss<Traits::kDqN, Elem, true>(
-          acc, Ops::mn_major<DSTile>(ds, Traits::kDqSplitsD ? 0 : wg, kk),
+          acc[0], Ops::mn_major<DSTile>(ds, Traits::kDqSplitsD ? 0 : wg, kk),
           Ops::mn_major<KTile>(sK, Traits::kDqSplitsD ? wg : 0, kk), kk > 0);
     }
   };
@@ -295,18 +255,18 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     const uint32_t do_addr = sDO0 + buf * QTile::kBytes;
 
 #if FASTATTN_BWD_SM90_DQ_OVERLAP
-    float acc_dq[NTQ][4];
+    float acc_dq[1][NTQ][4];
 #endif
     float s[NTS][4];
     float dp[NTS][4];
 #if !FASTATTN_BWD_SM90_DQ_OVERLAP
     if (it > 0) {
-      float acc_dq[NTQ][4];
+      float acc_dq[1][NTQ][4];
       wgmma::fence();
       issue_dq(acc_dq, sDS0 + (buf ^ 1) * DSTile::kBytes);
       wgmma::commit();
       wgmma::wait<0>();
-      wgmma::hold(acc_dq);
+      wgmma::hold(acc_dq[0]);
       store_dq(acc_dq, prev_m0, prev_hq);
     }
 #endif
@@ -331,7 +291,7 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
 #if FASTATTN_BWD_SM90_DQ_OVERLAP
     if (it > 0) {
       wgmma::wait<1>();  // dQ of the previous block done; S^T / dP^T may still run
-      wgmma::hold(acc_dq);
+      wgmma::hold(acc_dq[0]);
       store_dq(acc_dq, prev_m0, prev_hq);
     }
 #endif
@@ -352,8 +312,8 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
         s[nt][2 * h + 1] = ptx::ex2_approx(fmaf(s[nt][2 * h + 1], scale_log2, -l2.y));
       }
     }
-    if (mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-      zero_invisible_c_transposed<NTS>(s, mask, n0 + key_row, m0 + 2 * t4);
+    if (blk.mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+      zero_invisible_c_transposed<NTS>(s, blk.mask, n0 + key_row, m0 + 2 * t4);
     }
 #pragma unroll
     for (int nt = 0; nt < NTS; ++nt) {
@@ -376,11 +336,13 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < Traits::kKSQ; ++kk) {
-      wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_dv, pa[kk], Ops::mn_major<QTile>(do_addr, 0, kk), 1);
+      wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_dv[0], pa[kk],
+                                               Ops::mn_major<QTile>(do_addr, 0, kk), 1);
     }
 #pragma unroll
     for (int kk = 0; kk < Traits::kKSQ; ++kk) {
-      wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_dk, dsa[kk], Ops::mn_major<QTile>(q_addr, 0, kk), 1);
+      wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_dk[0], dsa[kk],
+                                               Ops::mn_major<QTile>(q_addr, 0, kk), 1);
     }
     wgmma::commit();
 
@@ -396,8 +358,8 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     }
     ptx::fence_proxy_async();  // dS^T stores -> visible to the dQ wgmma after the barrier
     wgmma::wait<0>();          // Q / dO of this buffer are free for the loads of it + 2
-    wgmma::hold(acc_dv);
-    wgmma::hold(acc_dk);
+    wgmma::hold(acc_dv[0]);
+    wgmma::hold(acc_dk[0]);
     wgmma::hold(pa);
     wgmma::hold(dsa);
 
@@ -411,12 +373,12 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
 
   if (n_iter > 0) {
     __syncthreads();  // the last dS^T is complete
-    float acc_dq[NTQ][4];
+    float acc_dq[1][NTQ][4];
     wgmma::fence();
     issue_dq(acc_dq, sDS0 + ((n_iter - 1) & 1) * DSTile::kBytes);
     wgmma::commit();
     wgmma::wait<0>();
-    wgmma::hold(acc_dq);
+    wgmma::hold(acc_dq[0]);
     store_dq(acc_dq, prev_m0, prev_hq);
   }
 
@@ -428,50 +390,24 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
 #pragma unroll
     for (int nt = 0; nt < NTD; ++nt) {
       const int c = nt * 8 + 2 * t4;
+      const float(&dk)[4] = acc_dk[0][nt];
+      const float(&dv)[4] = acc_dv[0][nt];
       *reinterpret_cast<uint32_t*>(smem + Traits::kOffK + swizzled_offset<KTile>(key_row, c)) =
-          pack2<Elem>(acc_dk[nt][0] * scale, acc_dk[nt][1] * scale);
+          pack2<Elem>(dk[0] * scale, dk[1] * scale);
       *reinterpret_cast<uint32_t*>(smem + Traits::kOffK + swizzled_offset<KTile>(key_row + 8, c)) =
-          pack2<Elem>(acc_dk[nt][2] * scale, acc_dk[nt][3] * scale);
+          pack2<Elem>(dk[2] * scale, dk[3] * scale);
       *reinterpret_cast<uint32_t*>(smem + Traits::kOffV + swizzled_offset<KTile>(key_row, c)) =
-          pack2<Elem>(acc_dv[nt][0], acc_dv[nt][1]);
+          pack2<Elem>(dv[0], dv[1]);
       *reinterpret_cast<uint32_t*>(smem + Traits::kOffV + swizzled_offset<KTile>(key_row + 8, c)) =
-          pack2<Elem>(acc_dv[nt][2], acc_dv[nt][3]);
+          pack2<Elem>(dv[2], dv[3]);
     }
     __syncthreads();
-    Elem* dk_base = static_cast<Elem*>(p.dk) + (varlen ? 0 : b * p.dk_batch_stride) +
-                    (ks.start + n0) * p.dk_row_stride + hk * p.dk_head_stride;
-    Elem* dv_base = static_cast<Elem*>(p.dv) + (varlen ? 0 : b * p.dv_batch_stride) +
-                    (ks.start + n0) * p.dv_row_stride + hk * p.dv_head_stride;
-    store_swizzled_tile<kThreads, KTile>(dk_base, p.dk_row_stride, smem + Traits::kOffK, sk - n0,
-                                         head_dim, tid);
-    store_swizzled_tile<kThreads, KTile>(dv_base, p.dv_row_stride, smem + Traits::kOffV, sk - n0,
-                                         head_dim, tid);
+    store_swizzled_tile<kThreads, KTile>(blk.dk_block<Elem>(p), p.dk_row_stride,
+                                         smem + Traits::kOffK, sk - n0, head_dim, tid);
+    store_swizzled_tile<kThreads, KTile>(blk.dv_block<Elem>(p), p.dv_row_stride,
+                                         smem + Traits::kOffV, sk - n0, head_dim, tid);
   } else {
-    // fp32 partial sums over this CTA's q heads (unscaled; the convert kernel scales dK).
-    const int64_t rows_k = varlen ? p.total_k : int64_t(p.batch) * p.seqlen_k;
-    const int64_t k_row0 = varlen ? ks.start : int64_t(b) * p.seqlen_k;
-    const int64_t rstride = int64_t(p.heads_kv) * head_dim;
-    const int copy = p.deterministic ? slot % (group / hpc) : 0;
-    const int64_t base = (int64_t(copy) * rows_k + k_row0 + n0) * rstride + int64_t(hk) * head_dim;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = key_row + h * 8;
-      if (n0 + r >= sk) continue;
-#pragma unroll
-      for (int nt = 0; nt < NTD; ++nt) {
-        const int c = nt * 8 + 2 * t4;
-        if (c >= head_dim) continue;
-        float* pk = p.dk_accum + base + int64_t(r) * rstride + c;
-        float* pv = p.dv_accum + base + int64_t(r) * rstride + c;
-        if (p.deterministic) {
-          *reinterpret_cast<float2*>(pk) = make_float2(acc_dk[nt][2 * h], acc_dk[nt][2 * h + 1]);
-          *reinterpret_cast<float2*>(pv) = make_float2(acc_dv[nt][2 * h], acc_dv[nt][2 * h + 1]);
-        } else {
-          ptx::red_add_f32x2(pk, acc_dk[nt][2 * h], acc_dk[nt][2 * h + 1]);
-          ptx::red_add_f32x2(pv, acc_dv[nt][2 * h], acc_dv[nt][2 * h + 1]);
-        }
-      }
-    }
+    add_dkv_partials(p, blk, acc_dk, acc_dv, key_row, 2 * t4);
   }
 }
 

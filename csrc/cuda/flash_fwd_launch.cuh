@@ -100,7 +100,8 @@ cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
     if (!paged && sm90_body_runnable<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel),
                                                        Sm90Traits::kThreads, "FASTATTN_FWD_SM90")) {
       constexpr int kSmem = Sm90Traits::kSmemBytes;
-      cudaError_t err = ensure_smem_cap<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel), kSmem);
+      cudaError_t err =
+          ensure_smem_cap<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel), kSmem);
       if (err != cudaSuccess) return err;
       const int num_m_blocks = (params.seqlen_q + Sm90Traits::kBlockM - 1) / Sm90Traits::kBlockM;
       kernel<<<dim3(num_m_blocks, params.heads_q, batch_ctas), Sm90Traits::kThreads, kSmem,
@@ -111,9 +112,9 @@ cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
   const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   auto kernel = paged ? flash_fwd_kernel<Traits, Elem, true> : flash_fwd_kernel<Traits, Elem, false>;
   constexpr int kSmem = Traits::kSmemBytes;
-  cudaError_t err =
-      paged ? ensure_smem_cap<Traits, Elem, std::true_type>(reinterpret_cast<const void*>(kernel), kSmem)
-            : ensure_smem_cap<Traits, Elem, std::false_type>(reinterpret_cast<const void*>(kernel), kSmem);
+  const void* kfn = reinterpret_cast<const void*>(kernel);
+  cudaError_t err = paged ? ensure_smem_cap<Traits, Elem, std::true_type>(kfn, kSmem)
+                          : ensure_smem_cap<Traits, Elem, std::false_type>(kfn, kSmem);
   if (err != cudaSuccess) return err;
   kernel<<<dim3(num_m_blocks, params.heads_q, batch_ctas), Traits::kThreads, kSmem, stream>>>(
       params);
