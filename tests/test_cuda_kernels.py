@@ -165,16 +165,23 @@ def test_forward_sm90_and_sm80_kernels_agree(case, dtype, monkeypatch):
     torch.testing.assert_close(l1, l0, atol=1e-3, rtol=0)
 
 
+def _ragged_lengths():
+    """Query / key lengths of a ragged batch (0, 1, uneven, longer than one
+    128-row block, keys without queries and queries without keys) and their
+    cu_seqlens (int32, CPU)."""
+    lens_q = [5, 0, 1, 300, 129, 17]
+    lens_k = [9, 3, 1, 300, 700, 0]
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    return lens_q, lens_k, cu(lens_q), cu(lens_k)
+
+
 def test_forward_sm90_varlen(monkeypatch):
     """Ragged batch (lengths 0, 1, uneven, > one 128-row block) through the wgmma kernel."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the wgmma kernel needs sm90")
     monkeypatch.setenv("FASTATTN_FWD_SM90", "1")
-    lens_q = [5, 0, 1, 300, 129, 17]
-    lens_k = [9, 3, 1, 300, 700, 0]
+    lens_q, lens_k, cu_q, cu_k = _ragged_lengths()
     Hq, Hkv, D = 4, 2, 128
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
     for causal in (False, True):
         q = torch.randn(int(cu_q[-1]), Hq, D, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(int(cu_k[-1]), Hkv, D, dtype=torch.bfloat16, device="cuda")
@@ -255,11 +262,8 @@ def test_backward_sm90_varlen(monkeypatch):
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the wgmma kernel needs sm90")
     monkeypatch.setenv("FASTATTN_BWD_SM90", "1")
-    lens_q = [5, 0, 1, 300, 129, 17]
-    lens_k = [9, 3, 1, 300, 700, 0]
+    lens_q, lens_k, cu_q, cu_k = _ragged_lengths()
     Hq, Hkv, D = 4, 2, 128
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
     for causal in (False, True):
         q = torch.randn(int(cu_q[-1]), Hq, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
         k = torch.randn(int(cu_k[-1]), Hkv, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
