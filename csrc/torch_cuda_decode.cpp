@@ -142,14 +142,16 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   if (decode_log_enabled()) {
     std::fprintf(stderr,
                  "fastattn decode: B=%d Sq=%d Hq=%d Hkv=%d D=%d S_max=%d -> kernel_d=%d "
-                 "splits=%d m_blocks=%d warps_m=%d stages=%d ctas/SM=%d SMs=%d\n",
+                 "splits=%d m_blocks=%d warps_m=%d stages=%d ctas/SM=%d SMs=%d tma=%d "
+                 "cluster_combine=%d\n",
                  p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.head_dim, p.seqlen_k_max,
                  plan.kernel_head_dim, plan.num_splits, plan.num_m_blocks, plan.warps_m,
-                 plan.stages, plan.ctas_per_sm, p.num_sms);
+                 plan.stages, plan.ctas_per_sm, p.num_sms, plan.use_tma ? 1 : 0,
+                 plan.combine_in_cluster ? 1 : 0);
   }
 
   at::Tensor workspace;
-  if (plan.num_splits > 1) {
+  if (plan.o_partial_elems > 0) {
     workspace = at::empty({plan.o_partial_elems + plan.lse_partial_elems},
                           q.options().dtype(at::kFloat));
     p.o_partial = workspace.data_ptr<float>();

@@ -183,12 +183,13 @@ def test_merge_equals_attention_over_union(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("D", [64, 20])  # 20: the merge kernel's unvectorized columns
-def test_merge_n_many_parts_vs_float64(device, D):
-    """N-way merge of 19 parts (more than one load batch of the CUDA kernel) with
-    empty parts whose outputs hold NaN: they must not contribute, a row whose
-    parts are all empty gives out 0 / lse -inf."""
+@pytest.mark.parametrize("N", [19, 70])  # CUDA: 4 part lanes of 1 batch; 8 lanes, 2 batches
+def test_merge_n_many_parts_vs_float64(device, D, N):
+    """N-way merge of many parts (more than one load batch of the CUDA kernel,
+    split among part lanes) with empty parts whose outputs hold NaN: they must
+    not contribute, a row whose parts are all empty gives out 0 / lse -inf."""
     g = torch.Generator().manual_seed(3)
-    N, B, S, H = 19, 2, 3, 4
+    B, S, H = 2, 3, 4
     for dtype in [torch.float32] + DTYPES[device][-1:]:
         outs = torch.randn(N, B, S, H, D, generator=g).to(dtype)
         lses = torch.randn(N, B, H, S, generator=g) * 4
@@ -349,6 +350,77 @@ def test_decode_tma_and_cp_async_paths_agree(case, monkeypatch):
     scale = D ** -0.5
     ref_o, ref_l = _decode_reference(q, k_cache, v_cache, lens, idx, scale, causal, window, torch.float64)
     base_o, base_l = _decode_reference(q, k_cache, v_cache, lens, idx, scale, causal, window, dtype)
+    assert_close_rule("out", o1, base_o, ref_o)
+    assert_close_rule("lse", l1, base_l, ref_l)
+
+
+def _paged_decode(q, k_cache, v_cache, seqlens, page, kw):
+    """flash_attn_with_kvcache over the same caches cut into pages of `page`
+    slots, scattered through a pool in random order."""
+    B, S_max, Hkv, D = k_cache.shape
+    n = -(-S_max // page)
+    pad = n * page - S_max
+    perm = torch.randperm(B * n + 3, device=k_cache.device)[:B * n]
+    pools = []
+    for cache in (k_cache, v_cache):
+        pool = torch.randn(B * n + 3, page, Hkv, D, dtype=cache.dtype, device=cache.device)
+        pool[perm] = torch.nn.functional.pad(cache, (0, 0, 0, 0, 0, pad)).reshape(B * n, page, Hkv, D)
+        pools.append(pool)
+    table = perm.reshape(B, n).to(torch.int32)
+    return fastattn.flash_attn_with_kvcache(q, pools[0], pools[1], block_table=table, **kw)
+
+
+CLUSTER_CASES = [
+    # B, Sq, Hq, Hkv, D, lens, num_splits, causal, window, paged (page size or 0)
+    (8, 1, 32, 8, 128, [8192] * 8, 0, False, (-1, -1), 0),     # the B=8 heuristic: 2 splits
+    (3, 1, 32, 8, 128, [4097, 1, 130], 4, False, (-1, -1), 0),  # most of one row's splits empty
+    (2, 7, 16, 2, 64, [1000, 333], 3, True, (-1, -1), 0),       # 3-CTA clusters, causal tails
+    (2, 16, 16, 2, 128, [1000, 129], 3, True, (64, 0), 0),      # several row tiles, window
+    (2, 1, 8, 8, 96, [700, 65], 2, False, (-1, -1), 0),         # cp.async variant, hdim 96
+    (3, 2, 8, 2, 128, [300, 1, 777], 4, True, (-1, -1), 16),    # paged cache
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=lambda c: f"B{c[0]}q{c[1]}d{c[4]}s{c[6]}p{c[9]}")
+def test_decode_cluster_combine_matches_combine_kernel(case, monkeypatch, capfd):
+    """On sm90 up to 4 splits merge inside a thread-block cluster (through
+    distributed shared memory, no workspace); FASTATTN_DECODE_CLUSTER=0 selects
+    the combine kernel over fp32 partials. Both must match the float64
+    reference and each other bit for bit (keys past each sequence are NaN:
+    they must never reach the math), and the decode log must show which path
+    ran."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("clusters need sm90")
+    B, Sq, Hq, Hkv, D, lens, splits, causal, window, page = case
+    dtype = torch.bfloat16
+    q = torch.randn(B, Sq, Hq, D, dtype=dtype, device="cuda")
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    S_max = max(lens) + 37
+    k_cache, v_cache = _cache(B, S_max, Hkv, D, dtype, "cuda")
+    for b, n in enumerate(lens):  # keys past each sequence must never reach the math
+        k_cache[b, n:] = float("nan")
+        v_cache[b, n:] = float("nan")
+    kw = dict(cache_seqlens=seqlens, causal=causal, window_size=window, num_splits=splits,
+              return_softmax_lse=True)
+    results = {}
+    monkeypatch.setenv("FASTATTN_DECODE_LOG", "1")
+    for path in ("1", "0"):
+        monkeypatch.setenv("FASTATTN_DECODE_CLUSTER", path)
+        if page:
+            results[path] = _paged_decode(q, k_cache, v_cache, seqlens, page, kw)
+        else:
+            results[path] = fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
+        torch.cuda.synchronize()
+        log = capfd.readouterr().err
+        assert f"cluster_combine={path}" in log, log
+    (o1, l1), (o0, l0) = results["1"], results["0"]
+    assert not o1.isnan().any() and not l1.isnan().any()
+    # the cluster combine repeats the merge kernel's arithmetic: bitwise equal
+    assert torch.equal(o1, o0) and torch.equal(l1, l0)
+    scale = D ** -0.5
+    ref_o, ref_l = _decode_reference(q, k_cache, v_cache, lens, None, scale, causal, window, torch.float64)
+    base_o, base_l = _decode_reference(q, k_cache, v_cache, lens, None, scale, causal, window, dtype)
     assert_close_rule("out", o1, base_o, ref_o)
     assert_close_rule("lse", l1, base_l, ref_l)
 

@@ -26,9 +26,11 @@ struct DecodePlan {
   int warps_m = 1;
   int stages = 0;           // 0: the device's shared memory is too small for this head dim
   bool use_tma = false;     // K/V through the sm90 copy engine (DecodeParams::use_tma)
+  bool combine_in_cluster = false;  // splits merged in a cluster (DecodeParams)
   int smem_bytes = 0;
   int ctas_per_sm = 0;
-  int64_t o_partial_elems = 0;    // floats of DecodeParams::o_partial (0 when num_splits == 1)
+  // floats of DecodeParams::o_partial (0 when num_splits == 1 or combine_in_cluster)
+  int64_t o_partial_elems = 0;
   int64_t lse_partial_elems = 0;  // floats of DecodeParams::lse_partial
 };
 
@@ -40,12 +42,13 @@ struct DecodePlan {
 DecodePlan plan_decode(const DecodeParams& p, int requested_splits);
 
 // Copies a plan's launch fields into p (num_splits, num_m_blocks, warps_m,
-// stages, use_tma).
+// stages, use_tma, combine_in_cluster).
 void apply_decode_plan(DecodeParams& p, const DecodePlan& plan);
 
-// Runs the decode kernel and, when p.num_splits > 1, the combine (run_merge
-// over the fp32 partials). p must carry a plan (apply_decode_plan) and, when
-// split, the workspaces. Same alignment rules as run_fwd; scale >= 0.
+// Runs the decode kernel and, when p.num_splits > 1 without
+// p.combine_in_cluster, the combine (run_merge over the fp32 partials). p must
+// carry a plan (apply_decode_plan) and, when the plan has partials, the
+// workspaces. Same alignment rules as run_fwd; scale >= 0.
 // On sm90+ the combine is a programmatic dependent launch (its launch overlaps
 // the decode grid's last wave); FASTATTN_DECODE_PDL=0 turns that off.
 cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream);
@@ -58,6 +61,11 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream);
 // dynamic shared memory limit, once per device); 0 when there is no such variant.
 template <int kHeadDim, ElemType kDtype>
 int decode_ctas_per_sm(int stages, bool paged, bool tma);
+// Clusters of `cluster` (2..kMaxClusterSplits) CTAs of that variant with a ring
+// of `stages` stages that the device can hold at once; 0 when the device or
+// the machine code it runs has no clusters (below sm90).
+template <int kHeadDim, ElemType kDtype>
+int decode_max_clusters(int stages, bool paged, bool tma, int cluster);
 // Whether the current device runs the TMA variant's machine code (a variant
 // exists for this head dim, the build has sm90 code and the device is sm90+).
 template <int kHeadDim, ElemType kDtype>

@@ -27,11 +27,18 @@ namespace fastattn {
 // (of kBlockN) that the sequence's queries can see are divided evenly among
 // num_splits splits PER SEQUENCE, on the device (sk is device data); a split
 // with no blocks writes an empty partial (lse = -inf, o_partial untouched).
-// num_splits == 1: out / lse are written directly. Else each split writes
+// num_splits == 1: out / lse are written directly. combine_in_cluster (sm90,
+// num_splits <= kMaxClusterSplits): the splits of one (m-block, KV head,
+// sequence) are one thread-block cluster and merge through distributed shared
+// memory into out / lse (any out strides, no workspace). Else each split writes
 // fp32 partials to the workspace
 //   o_partial   (num_splits, batch, seqlen_q, heads_q, head_dim)  contiguous
 //   lse_partial (num_splits, batch, heads_q, seqlen_q)            contiguous
 // and the merge kernel (run_merge) combines them into out / lse.
+// Most splits the cluster combine merges: one batch of the merge kernel, whose
+// arithmetic it repeats (a portable cluster size).
+constexpr int kMaxClusterSplits = 8;
+
 struct DecodeParams {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -83,6 +90,9 @@ struct DecodeParams {
   // fills k_tma / v_tma (CUtensorMap blobs over the caches viewed as
   // (head_dim, heads_kv, seqlen_k_max, cache_batch)).
   bool use_tma = false;
+  // Splits merged inside a cluster of num_splits CTAs (launched as one).
+  bool combine_in_cluster = false;
+
   alignas(64) unsigned char k_tma[128] = {};
   alignas(64) unsigned char v_tma[128] = {};
 };

@@ -93,6 +93,31 @@ int ctas_per_sm(int d, ElemType t, int stages, bool paged, bool tma) {
 }
 
 template <ElemType kDtype>
+int max_clusters_dtype(int d, int stages, bool paged, bool tma, int cluster) {
+  switch (d) {
+#ifdef FASTATTN_ENABLE_HDIM32
+    case 32: return decode_max_clusters<32, kDtype>(stages, paged, tma, cluster);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM64
+    case 64: return decode_max_clusters<64, kDtype>(stages, paged, tma, cluster);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM96
+    case 96: return decode_max_clusters<96, kDtype>(stages, paged, tma, cluster);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM128
+    case 128: return decode_max_clusters<128, kDtype>(stages, paged, tma, cluster);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM192
+    case 192: return decode_max_clusters<192, kDtype>(stages, paged, tma, cluster);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM256
+    case 256: return decode_max_clusters<256, kDtype>(stages, paged, tma, cluster);
+#endif
+    default: return 0;
+  }
+}
+
+template <ElemType kDtype>
 bool tma_runnable_dtype(int d) {
   switch (d) {
 #ifdef FASTATTN_ENABLE_HDIM64
@@ -175,6 +200,57 @@ RingChoice ring_choice(int d, ElemType t, bool paged, bool tma) {
   return best;
 }
 
+// Resident clusters of `cluster` CTAs (see decode_max_clusters), cached per
+// (device, head dim, dtype, variant, ring depth, cluster size).
+int max_clusters(int d, ElemType t, int stages, bool paged, bool tma, int cluster) {
+  static signed char cache[16][6][2][2][2][3][kMaxClusterSplits + 1];  // n + 1; 0 unknown
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  const int hi = hdim_index(d);
+  if (cluster < 2 || cluster > kMaxClusterSplits || stages < 2 || stages > 4 || hi < 0) return 0;
+  signed char* slot = device < 16 ? &cache[device][hi][t == ElemType::kFloat16 ? 0 : 1]
+                                          [paged ? 1 : 0][tma ? 1 : 0][stages - 2][cluster]
+                                  : nullptr;
+  if (slot != nullptr && *slot != 0) return *slot - 1;
+  int n = 0;
+#ifdef FASTATTN_ENABLE_FP16
+  if (t == ElemType::kFloat16) n = max_clusters_dtype<ElemType::kFloat16>(d, stages, paged, tma, cluster);
+#endif
+#ifdef FASTATTN_ENABLE_BF16
+  if (t == ElemType::kBFloat16) n = max_clusters_dtype<ElemType::kBFloat16>(d, stages, paged, tma, cluster);
+#endif
+  if (n > 126) n = 126;
+  if (slot != nullptr) *slot = static_cast<signed char>(n + 1);
+  return n;
+}
+
+// Whether the splits merge inside a cluster instead of through the combine
+// kernel: sm90 machine code, 2..kClusterCombineMaxSplits splits, and the
+// device holds clusters of that size for at least as many CTAs as would run
+// at once without clusters (clusters must not cost occupancy). Measured on the
+// H100 (Hkv=8, D=128, bf16): B=8 x 8k, 2 splits, 94.0 -> 92.7 us (no merge
+// launch, no fp32 partials in global memory); but 16 splits at B=1 x 64k,
+// 94 -> 98-115 us, and 8 splits are too few CTAs there: large clusters
+// crowd a GPC's SMs (the CTAs of one cluster share a GPC, two per SM where
+// shared memory allows). FASTATTN_DECODE_CLUSTER=0 turns it off (read per
+// call: a dev A/B switch and an escape hatch).
+constexpr int kClusterCombineMaxSplits = 4;
+bool use_cluster_combine(const DecodeParams& p, const DecodePlan& plan) {
+  if (plan.num_splits < 2 || plan.num_splits > kMaxClusterSplits) return false;
+  const char* env = std::getenv("FASTATTN_DECODE_CLUSTER");
+  if (env != nullptr && env[0] == '0') return false;
+  if (plan.num_splits > kClusterCombineMaxSplits) return false;
+  const bool paged = p.block_table != nullptr;
+  const int n = max_clusters(plan.kernel_head_dim, p.dtype, plan.stages, paged, plan.use_tma,
+                             plan.num_splits);
+  if (n <= 0) return false;
+  const int64_t grid_ctas = static_cast<int64_t>(plan.num_m_blocks) * plan.num_splits *
+                            p.heads_kv * p.batch;
+  int64_t resident = static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 1) * plan.ctas_per_sm;
+  if (grid_ctas < resident) resident = grid_ctas;
+  return static_cast<int64_t>(n) * plan.num_splits >= resident;
+}
+
 // Programmatic dependent launch of the combine: sm90+ and not disabled by
 // FASTATTN_DECODE_PDL=0 (read per call: a dev A/B switch).
 bool combine_pdl() {
@@ -246,7 +322,8 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
   const bool paged = p.block_table != nullptr;
   plan.use_tma = use_tma(plan.kernel_head_dim, p.dtype, paged);
   RingChoice ring = ring_choice(plan.kernel_head_dim, p.dtype, paged, plan.use_tma);
-  if (const char* env = std::getenv("FASTATTN_DECODE_STAGES")) {
+  const char* stages_env = std::getenv("FASTATTN_DECODE_STAGES");
+  if (const char* env = stages_env) {
     // Dev A/B switch (benchmarks only): force the ring depth when it fits.
     const int s = std::atoi(env);
     const int ctas =
@@ -319,7 +396,24 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     }
   }
   plan.num_splits = splits < 1 ? 1 : splits;
-  if (plan.num_splits > 1) {
+  if (plan.use_tma && stages_env == nullptr) {
+    // The copy engine needs one stage in flight per CTA, not the most bytes:
+    // when the grid is at most two CTAs per SM, a 2-stage ring beats the
+    // deeper one (H100, Hkv=8, D=128, bf16: B=16 x 32k 695 -> 683 us,
+    // B=1 x 64k 95.7 -> 94.2 us, B=1 x 128k 183.5 -> 179.6 us). Larger grids
+    // keep the deeper ring: it fills the SMs in fewer waves (B=64 x 2k, 512
+    // CTAs: 180.5 us with 3 stages, 185 with 2).
+    const int64_t grid = static_cast<int64_t>(p.batch) * p.heads_kv * plan.num_m_blocks *
+                         plan.num_splits;
+    const int ctas2 = ctas_per_sm(plan.kernel_head_dim, p.dtype, 2, paged, true);
+    if (grid <= 2 * static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 1) && ctas2 > 0) {
+      plan.stages = 2;
+      plan.ctas_per_sm = ctas2;
+      plan.smem_bytes = ring_smem(plan.kernel_head_dim, 2, true);
+    }
+  }
+  plan.combine_in_cluster = use_cluster_combine(p, plan);
+  if (plan.num_splits > 1 && !plan.combine_in_cluster) {
     plan.o_partial_elems = static_cast<int64_t>(plan.num_splits) * p.batch * p.seqlen_q *
                            p.heads_q * p.head_dim;
     plan.lse_partial_elems =
@@ -334,13 +428,15 @@ void apply_decode_plan(DecodeParams& p, const DecodePlan& plan) {
   p.warps_m = plan.warps_m;
   p.stages = plan.stages;
   p.use_tma = plan.use_tma;
+  p.combine_in_cluster = plan.combine_in_cluster;
 }
 
 cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
   const int d = decode_kernel_head_dim(p.head_dim, p.dtype);
   if (d == 0) return cudaErrorNotSupported;
   if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads_q <= 0) return cudaSuccess;
-  if (p.num_splits > 1) {
+  const bool combine_kernel = p.num_splits > 1 && !p.combine_in_cluster;
+  if (combine_kernel) {
     // The combine writes out (B, Sq, Hq, D) / lse (B, Hq, Sq) contiguous.
     const int64_t hd = p.head_dim;
     if (p.o_head_stride != hd || p.o_row_stride != hd * p.heads_q ||
@@ -356,7 +452,7 @@ cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
 #ifdef FASTATTN_ENABLE_BF16
   if (p.dtype == ElemType::kBFloat16) err = run_decode_dtype<ElemType::kBFloat16>(d, p, stream);
 #endif
-  if (err != cudaSuccess || p.num_splits <= 1) return err;
+  if (err != cudaSuccess || !combine_kernel) return err;
 
   // Combine: merge the num_splits fp32 partials (o_partial / lse_partial layouts
   // of DecodeParams) into out / lse with the one merge kernel.

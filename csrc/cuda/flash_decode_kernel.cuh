@@ -22,8 +22,10 @@
 //     faster than cp.async on the H100: scripts/dev_stream_ceiling.cu.)
 //   - Epilogue: the warps of one row tile merge their (O, LSE) partials with
 //     LseMerge through shared memory (the same merge as merge_states and the
-//     split combine), then write out/lse directly (num_splits == 1) or fp32
-//     partials for the combine.
+//     split combine), then write out/lse directly (num_splits == 1), or
+//     merge the splits inside a thread-block cluster (sm90, <= 16 splits:
+//     decode_cluster_combine, through distributed shared memory), or write
+//     fp32 partials for the combine kernel.
 // The key range of a sequence (from its device-side length and the mask) is
 // divided evenly among the splits on the device, so the launch shape depends
 // only on host-known maxima (CUDA-graph safe). The only place that knows how
@@ -32,6 +34,7 @@
 #pragma once
 #include <cstdint>
 
+#include "cuda/common/cluster.h"
 #include "cuda/common/fragment.h"
 #include "cuda/common/mask.h"
 #include "cuda/common/ptx.h"
@@ -251,9 +254,13 @@ __device__ __forceinline__ KeyBlockRange decode_key_blocks(const MaskPolicy& mas
   if (seq_b1 <= seq_b0) return r;
   // Balanced: split j gets blocks [j*n/S, (j+1)*n/S), sizes differ by <= 1
   // (a ceil-sized share would leave the last splits short or empty).
+  // (32-bit division when the products fit: it is on the path to the first load.)
   const int nb = seq_b1 - seq_b0;
-  const int b0 = seq_b0 + static_cast<int>(static_cast<int64_t>(split) * nb / num_splits);
-  const int b1 = seq_b0 + static_cast<int>(static_cast<int64_t>(split + 1) * nb / num_splits);
+  const bool narrow = nb <= 0x7fffffff / num_splits;
+  const int b0 = seq_b0 + (narrow ? split * nb / num_splits
+                                  : static_cast<int>(static_cast<int64_t>(split) * nb / num_splits));
+  const int b1 = seq_b0 + (narrow ? (split + 1) * nb / num_splits
+                                  : static_cast<int>(static_cast<int64_t>(split + 1) * nb / num_splits));
   const int own0 = mask.kv_block_begin(i_lo, i_hi + 1, block_n);
   const int own1 = mask.kv_block_end(i_lo, i_hi + 1, block_n);
   r.begin = b0 > own0 ? b0 : own0;
@@ -293,6 +300,90 @@ __device__ __forceinline__ void decode_tma_issue(const DecodeParams& p, uint32_t
     ptx::tma_load_4d(v_addr + box * KTile::kBoxBytes, p.v_tma, c0, hk, block * Traits::kBlockN, cb,
                      bar);
   }
+}
+
+// Split combine inside a thread-block cluster (DecodeParams::combine_in_cluster):
+// the num_splits CTAs of one (m-block, KV head, sequence) form the cluster
+// (cluster rank = split). Each left its merged O rows (fp32, normalized) in its
+// own o_slab, in the first warp's slot of each row tile, and their LSEs in
+// lse_fin. Output chunk u = (row, 8 columns) is merged by one thread of the
+// CTA of rank u % num_splits, which reads every split's LSE and chunk from
+// that split's shared memory (all loads issued before any is used) and
+// merges them exactly as the merge kernel merges one batch of <= 8 parts
+// (merge_states.cu: same operations in the same order), so a decode gives
+// bitwise the same result whichever combine runs. An empty split
+// (lse = -inf) weighs 0; all empty gives out = 0 and lse = -inf.
+template <typename Traits, typename Elem>
+__device__ __forceinline__ void decode_cluster_combine(const DecodeParams& p, const float* o_slab,
+                                                       const float* lse_fin, int b, int hk, int m0,
+                                                       int m_end, int warps_n, int rank) {
+  constexpr int kOStride = Traits::kOStride;
+  constexpr int kMaxParts = kMaxClusterSplits;
+  constexpr float kLog2e = 1.4426950408889634f;
+  ptx::cluster_sync();  // every split's rows and LSEs are written
+  const int num_splits = p.num_splits;  // <= kMaxClusterSplits (host)
+  const int group = p.heads_q / p.heads_kv;
+  const int chunks = p.head_dim / 8;
+  const int units = (m_end - m0) * chunks;
+  const uint32_t slab = ptx::smem_u32(o_slab);
+  const uint32_t lses = ptx::smem_u32(lse_fin);
+  for (int u = rank + static_cast<int>(threadIdx.x) * num_splits; u < units;
+       u += Traits::kThreads * num_splits) {
+    const int rr = u / chunks;
+    const int col = (u % chunks) * 8;
+    const int row = (rr >> 4) * warps_n * 16 + (rr & 15);
+    const uint32_t o_addr = slab + 4 * (row * kOStride + col);
+    float l[kMaxParts];
+    float4 x[kMaxParts][2];
+#pragma unroll
+    for (int s = 0; s < kMaxParts; ++s) {
+      l[s] = neg_inf();
+      x[s][0] = x[s][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (s < num_splits) {
+        l[s] = ptx::ld_cluster_f32(ptx::cluster_map(lses + 4 * rr, s));
+        const uint32_t a = ptx::cluster_map(o_addr, s);
+        x[s][0] = ptx::ld_cluster_f32x4(a);
+        x[s][1] = ptx::ld_cluster_f32x4(a + 16);
+      }
+    }
+    float m = l[0];
+#pragma unroll
+    for (int s = 1; s < kMaxParts; ++s) m = fmaxf(m, l[s]);
+    float sum = 0.f;
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+    if (m != neg_inf()) {
+#pragma unroll
+      for (int s = 0; s < kMaxParts; ++s) {
+        const bool live = l[s] != neg_inf();
+        const float w = live ? ptx::ex2_approx((l[s] - m) * kLog2e) : 0.f;
+        sum += w;
+        const float xs[8] = {x[s][0].x, x[s][0].y, x[s][0].z, x[s][0].w,
+                             x[s][1].x, x[s][1].y, x[s][1].z, x[s][1].w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = live ? fmaf(w, xs[e], acc[e]) : acc[e];
+      }
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] *= inv;
+    const int r = m0 + rr;
+    const int i = r / group;
+    const int h = hk * group + r % group;
+    if (col == 0)
+      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] =
+          sum > 0.f ? m + __logf(sum) : neg_inf();
+    Elem* dst = static_cast<Elem*>(p.out) + b * p.o_batch_stride + i * p.o_row_stride +
+                h * p.o_head_stride + col;
+    uint4 pk;
+    pk.x = pack2<Elem>(acc[0], acc[1]);
+    pk.y = pack2<Elem>(acc[2], acc[3]);
+    pk.z = pack2<Elem>(acc[4], acc[5]);
+    pk.w = pack2<Elem>(acc[6], acc[7]);
+    *reinterpret_cast<uint4*>(dst) = pk;
+  }
+  ptx::cluster_sync();  // no CTA leaves, or reuses its shared memory, while a peer reads it
 }
 
 // `phases` (TMA variant): bit s = the parity ring slot s's barrier completes
@@ -554,6 +645,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
 
   // ---- output: rows of the CTA, 8 columns per thread.
   const bool direct = p.num_splits == 1;
+  const bool in_cluster = !direct && p.combine_in_cluster;
   const int col = (tid % Traits::kTpr) * 8;
   for (int rr = tid / Traits::kTpr; rr < rows_cta; rr += Traits::kRowsPerPass) {
     const int r = m0 + rr;
@@ -564,7 +656,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     if (col == 0) {
       if (direct) {
         p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
-      } else {
+      } else if (!in_cluster) {
         p.lse_partial[((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q +
                       i] = lse;
       }
@@ -591,6 +683,12 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       u.z = pack2<Elem>(v[4], v[5]);
       u.w = pack2<Elem>(v[6], v[7]);
       *reinterpret_cast<uint4*>(dst) = u;
+    } else if (in_cluster) {
+      // In place over the first warp's slot of the row tile (only this thread
+      // reads or writes these 8 floats), where the cluster combine reads it.
+      float* dst = o_slab + (wrow * 16 + (rr & 15)) * kOStride + col;
+      *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(v[4], v[5], v[6], v[7]);
     } else {
       float* dst = p.o_partial +
                    (((static_cast<int64_t>(split) * p.batch + b) * p.seqlen_q + i) * p.heads_q + h) *
@@ -600,6 +698,8 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       *reinterpret_cast<float4*>(dst + 4) = make_float4(v[4], v[5], v[6], v[7]);
     }
   }
+  if (in_cluster)
+    decode_cluster_combine<Traits, Elem>(p, o_slab, lse_fin, b, hk, m0, m_end, warps_n, split);
 }
 
 template <typename Traits, typename Elem, bool kPaged>
@@ -610,7 +710,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Lets the combine (a programmatic dependent launch, see run_decode) be
   // scheduled once every CTA of this grid has started; it still waits for
   // this grid's completion before reading the partials.
-  if (p.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  if (p.num_splits > 1 && !p.combine_in_cluster)
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 #if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
   if constexpr (Traits::kTma) {  // never launched below sm90 (the host checks binaryVersion)
@@ -620,14 +721,18 @@ __global__ void __launch_bounds__(Traits::kThreads)
   uint32_t phases = 0;
   if constexpr (Traits::kTma) {
     if (threadIdx.x == 0) {
+      ptx::tma_prefetch_descriptor(p.k_tma);
+      ptx::tma_prefetch_descriptor(p.v_tma);
       const uint32_t bar = ptx::smem_u32(decode_ring<Traits>(smem)) + p.stages * Traits::kStageBytes;
       for (int s = 0; s < p.stages; ++s) ptx::mbar_init(bar + 8 * s, 1);
       ptx::mbar_init_fence();
     }
     __syncthreads();
   }
-  const int m_block = blockIdx.x % p.num_m_blocks;
-  const int split = blockIdx.x / p.num_m_blocks;
+  // Splits vary fastest: the num_splits CTAs of one m-block are one cluster
+  // when the combine runs in a cluster.
+  const int split = blockIdx.x % p.num_splits;
+  const int m_block = blockIdx.x / p.num_splits;
   const int hk = blockIdx.y;
   for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
     flash_decode_block<Traits, Elem, kPaged>(p, smem, b, hk, m_block, split, phases);

@@ -57,6 +57,11 @@ cudaError_t decode_raise_smem_limit() {
     if (want > optin) want = optin;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want);
     if (err != cudaSuccess) return err;
+    // Clusters of up to kMaxClusterSplits CTAs (the cluster combine); refused
+    // by devices without clusters, which never launch them.
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+        cudaSuccess)
+      (void)cudaGetLastError();
   }
   if (device < 64) done[device] = true;
   return cudaSuccess;
@@ -90,6 +95,39 @@ bool decode_tma_runnable() {
     return false;
   }
   return attr.binaryVersion >= 90;
+}
+
+template <int kHeadDim, ElemType kDtype>
+int decode_max_clusters(int stages, bool paged, bool tma, int cluster) {
+  using Traits = DecodeTraits<kHeadDim>;
+  if (cluster < 2 || cluster > kMaxClusterSplits) return 0;
+  if (decode_raise_smem_limit<kHeadDim, kDtype>() != cudaSuccess) return 0;
+  void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, tma);
+  if (kernel == nullptr) return 0;
+  // Clusters exist in sm90+ machine code only.
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (attr.binaryVersion < 90) return 0;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(cluster));
+  cfg.blockDim = dim3(Traits::kThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(decode_smem_bytes<kHeadDim>(stages, tma));
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  at[0].val.clusterDim.y = 1;
+  at[0].val.clusterDim.z = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
 }
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point (no link
@@ -152,7 +190,9 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
       p.heads_q % p.heads_kv != 0 || p.heads_kv > 65535 || p.num_splits < 1 ||
       p.stages < Traits::kMinStages || p.stages > Traits::kMaxStages ||
       (p.warps_m != 1 && p.warps_m != 2 && p.warps_m != 4) || p.num_m_blocks < 1 ||
-      (p.num_splits > 1 && (p.o_partial == nullptr || p.lse_partial == nullptr)) ||
+      (p.num_splits > 1 && !p.combine_in_cluster &&
+       (p.o_partial == nullptr || p.lse_partial == nullptr)) ||
+      (p.combine_in_cluster && p.num_splits > kMaxClusterSplits) ||
       (p.block_table != nullptr && p.page_size < 1)) {
     return cudaErrorInvalidValue;
   }
@@ -173,9 +213,25 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   void* args[] = {&q};
-  err = cudaLaunchKernel(kernel, grid, dim3(Traits::kThreads),
-                         args, static_cast<size_t>(decode_smem_bytes<kHeadDim>(p.stages, p.use_tma)),
-                         stream);
+  const size_t smem = static_cast<size_t>(decode_smem_bytes<kHeadDim>(p.stages, p.use_tma));
+  if (p.combine_in_cluster && p.num_splits > 1) {
+    // The splits of one m-block (adjacent in x) form one cluster.
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(Traits::kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = static_cast<unsigned>(p.num_splits);
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    err = cudaLaunchKernelExC(&cfg, kernel, args);
+  } else {
+    err = cudaLaunchKernel(kernel, grid, dim3(Traits::kThreads), args, smem, stream);
+  }
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
@@ -188,4 +244,6 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
       const fastattn::DecodeParams&, cudaStream_t);                                          \
   template int fastattn::gpu::decode_ctas_per_sm<HDIM, fastattn::ElemType::DTYPE>(int, bool, \
                                                                                 bool);       \
-  template bool fastattn::gpu::decode_tma_runnable<HDIM, fastattn::ElemType::DTYPE>();
+  template bool fastattn::gpu::decode_tma_runnable<HDIM, fastattn::ElemType::DTYPE>();   \
+  template int fastattn::gpu::decode_max_clusters<HDIM, fastattn::ElemType::DTYPE>(int, bool, \
+                                                                                 bool, int);

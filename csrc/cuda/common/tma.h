@@ -74,6 +74,14 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tensor_map
 #endif
 }
 
+// Starts fetching a tensor map into the copy engine's descriptor cache, so
+// that the first tma_load with it does not wait for that fetch as well.
+__device__ __forceinline__ void tma_prefetch_descriptor(const void* tensor_map) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(tensor_map) : "memory");
+#endif
+}
+
 // Orders this thread's earlier generic-proxy shared-memory writes before
 // later async-proxy (tensor copy) accesses of the same memory.
 __device__ __forceinline__ void fence_proxy_async() {
