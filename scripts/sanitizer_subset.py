@@ -2,8 +2,8 @@
 forward and backward, causal and not, GQA, varlen, odd sizes, the
 deterministic backward with fp32 dK/dV partial sums (on sm90 the head-dim
 64/128 forwards and backwards run the wgmma kernels); paged decode and
-chunked prefill (including page ids outside the pool); many-split decode and
-the N-way merge.
+chunked prefill (including page ids outside the pool); many-split decode,
+the cluster-combine decode and the N-way merge.
 
     compute-sanitizer --tool memcheck  python scripts/sanitizer_subset.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_subset.py
@@ -73,6 +73,9 @@ def main():
         q = torch.randn(2, 1, 8, 128, device="cuda", dtype=dt)
         lens = torch.tensor([2999, 40], dtype=torch.int32, device="cuda")
         fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=20)
+        # Splits merged inside a thread-block cluster (sm90): 3 CTAs read each
+        # other's shared memory, one split of the short sequence empty.
+        fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=3)
         fastattn.merge_attention_states_n(torch.randn(19, 2, 3, 4, 64, device="cuda", dtype=dt),
                                           torch.randn(19, 2, 4, 3, device="cuda"))
     torch.cuda.synchronize()
