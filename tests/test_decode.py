@@ -305,6 +305,19 @@ def test_decode_cuda_graph_replay_with_new_lengths():
             assert torch.equal(out, ref)
 
 
+def _assert_paths_equal_and_right(results, q, k_cache, v_cache, lens, idx, causal, window):
+    """results {"1": (out, lse), "0": (out, lse)} of two kernel paths: no NaN,
+    bitwise equal, and within the precision rule of the float64 reference."""
+    (o1, l1), (o0, l0) = results["1"], results["0"]
+    assert not o1.isnan().any() and not l1.isnan().any()
+    assert torch.equal(o1, o0) and torch.equal(l1, l0)
+    scale = q.shape[-1] ** -0.5
+    ref_o, ref_l = _decode_reference(q, k_cache, v_cache, lens, idx, scale, causal, window, torch.float64)
+    base_o, base_l = _decode_reference(q, k_cache, v_cache, lens, idx, scale, causal, window, q.dtype)
+    assert_close_rule("out", o1, base_o, ref_o)
+    assert_close_rule("lse", l1, base_l, ref_l)
+
+
 TMA_CASES = [
     # B, Sq, Hq, Hkv, D, lens, num_splits, causal, window, use cache_batch_idx
     (3, 1, 32, 8, 128, [4097, 1, 130], 0, False, (-1, -1), False),
@@ -344,14 +357,7 @@ def test_decode_tma_and_cp_async_paths_agree(case, monkeypatch):
     for path in ("1", "0"):
         monkeypatch.setenv("FASTATTN_DECODE_TMA", path)
         results[path] = fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
-    (o1, l1), (o0, l0) = results["1"], results["0"]
-    assert not o1.isnan().any() and not l1.isnan().any()
-    assert torch.equal(o1, o0) and torch.equal(l1, l0)
-    scale = D ** -0.5
-    ref_o, ref_l = _decode_reference(q, k_cache, v_cache, lens, idx, scale, causal, window, torch.float64)
-    base_o, base_l = _decode_reference(q, k_cache, v_cache, lens, idx, scale, causal, window, dtype)
-    assert_close_rule("out", o1, base_o, ref_o)
-    assert_close_rule("lse", l1, base_l, ref_l)
+    _assert_paths_equal_and_right(results, q, k_cache, v_cache, lens, idx, causal, window)
 
 
 def _paged_decode(q, k_cache, v_cache, seqlens, page, kw):
@@ -414,15 +420,8 @@ def test_decode_cluster_combine_matches_combine_kernel(case, monkeypatch, capfd)
         torch.cuda.synchronize()
         log = capfd.readouterr().err
         assert f"cluster_combine={path}" in log, log
-    (o1, l1), (o0, l0) = results["1"], results["0"]
-    assert not o1.isnan().any() and not l1.isnan().any()
     # the cluster combine repeats the merge kernel's arithmetic: bitwise equal
-    assert torch.equal(o1, o0) and torch.equal(l1, l0)
-    scale = D ** -0.5
-    ref_o, ref_l = _decode_reference(q, k_cache, v_cache, lens, None, scale, causal, window, torch.float64)
-    base_o, base_l = _decode_reference(q, k_cache, v_cache, lens, None, scale, causal, window, dtype)
-    assert_close_rule("out", o1, base_o, ref_o)
-    assert_close_rule("lse", l1, base_l, ref_l)
+    _assert_paths_equal_and_right(results, q, k_cache, v_cache, lens, None, causal, window)
 
 
 @pytest.mark.cuda

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "cuda/compiled_variants.h"
 #include "cuda/decode_launch.h"
@@ -53,81 +54,50 @@ int ring_smem(int d, int stages, bool tma) {
   return tma ? stages * t.tma_stage_bytes + t.tma_fixed_bytes : stages * t.stage_bytes;
 }
 
-template <ElemType kDtype>
-int ctas_per_sm_dtype(int d, int stages, bool paged, bool tma) {
-  switch (d) {
+// Calls f(std::integral_constant<int, D>{}, std::integral_constant<ElemType, T>{})
+// with the compiled decode instantiation (D, T) = (d, t) and returns its
+// result; `none` when this build has no such instantiation (narrowed builds).
+template <typename R, typename F>
+R visit_decode_variant(int d, ElemType t, R none, F&& f) {
+  auto with_dtype = [&](auto dt) -> R {
+    switch (d) {
 #ifdef FASTATTN_ENABLE_HDIM32
-    case 32: return decode_ctas_per_sm<32, kDtype>(stages, paged, tma);
+      case 32: return f(std::integral_constant<int, 32>{}, dt);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM64
-    case 64: return decode_ctas_per_sm<64, kDtype>(stages, paged, tma);
+      case 64: return f(std::integral_constant<int, 64>{}, dt);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM96
-    case 96: return decode_ctas_per_sm<96, kDtype>(stages, paged, tma);
+      case 96: return f(std::integral_constant<int, 96>{}, dt);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM128
-    case 128: return decode_ctas_per_sm<128, kDtype>(stages, paged, tma);
+      case 128: return f(std::integral_constant<int, 128>{}, dt);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM192
-    case 192: return decode_ctas_per_sm<192, kDtype>(stages, paged, tma);
+      case 192: return f(std::integral_constant<int, 192>{}, dt);
 #endif
 #ifdef FASTATTN_ENABLE_HDIM256
-    case 256: return decode_ctas_per_sm<256, kDtype>(stages, paged, tma);
+      case 256: return f(std::integral_constant<int, 256>{}, dt);
 #endif
-    default: return 0;
-  }
+      default: return none;
+    }
+  };
+#ifdef FASTATTN_ENABLE_FP16
+  if (t == ElemType::kFloat16)
+    return with_dtype(std::integral_constant<ElemType, ElemType::kFloat16>{});
+#endif
+#ifdef FASTATTN_ENABLE_BF16
+  if (t == ElemType::kBFloat16)
+    return with_dtype(std::integral_constant<ElemType, ElemType::kBFloat16>{});
+#endif
+  (void)with_dtype;
+  return none;
 }
 
 int ctas_per_sm(int d, ElemType t, int stages, bool paged, bool tma) {
-#ifdef FASTATTN_ENABLE_FP16
-  if (t == ElemType::kFloat16) return ctas_per_sm_dtype<ElemType::kFloat16>(d, stages, paged, tma);
-#endif
-#ifdef FASTATTN_ENABLE_BF16
-  if (t == ElemType::kBFloat16) return ctas_per_sm_dtype<ElemType::kBFloat16>(d, stages, paged, tma);
-#endif
-  (void)d;
-  (void)stages;
-  (void)paged;
-  (void)tma;
-  return 0;
-}
-
-template <ElemType kDtype>
-int max_clusters_dtype(int d, int stages, bool paged, bool tma, int cluster) {
-  switch (d) {
-#ifdef FASTATTN_ENABLE_HDIM32
-    case 32: return decode_max_clusters<32, kDtype>(stages, paged, tma, cluster);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM64
-    case 64: return decode_max_clusters<64, kDtype>(stages, paged, tma, cluster);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM96
-    case 96: return decode_max_clusters<96, kDtype>(stages, paged, tma, cluster);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM128
-    case 128: return decode_max_clusters<128, kDtype>(stages, paged, tma, cluster);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM192
-    case 192: return decode_max_clusters<192, kDtype>(stages, paged, tma, cluster);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM256
-    case 256: return decode_max_clusters<256, kDtype>(stages, paged, tma, cluster);
-#endif
-    default: return 0;
-  }
-}
-
-template <ElemType kDtype>
-bool tma_runnable_dtype(int d) {
-  switch (d) {
-#ifdef FASTATTN_ENABLE_HDIM64
-    case 64: return decode_tma_runnable<64, kDtype>();
-#endif
-#ifdef FASTATTN_ENABLE_HDIM128
-    case 128: return decode_tma_runnable<128, kDtype>();
-#endif
-    default: return false;
-  }
+  return visit_decode_variant(d, t, 0, [&](auto hd, auto dt) {
+    return decode_ctas_per_sm<decltype(hd)::value, decltype(dt)::value>(stages, paged, tma);
+  });
 }
 
 int hdim_index(int d) {
@@ -149,13 +119,9 @@ bool use_tma(int d, ElemType t, bool paged) {
   const int di = d == 64 ? 0 : 1;
   const int ti = t == ElemType::kFloat16 ? 0 : 1;
   if (device < 64 && cache[device][di][ti] != 0) return cache[device][di][ti] > 0;
-  bool ok = false;
-#ifdef FASTATTN_ENABLE_FP16
-  if (t == ElemType::kFloat16) ok = tma_runnable_dtype<ElemType::kFloat16>(d);
-#endif
-#ifdef FASTATTN_ENABLE_BF16
-  if (t == ElemType::kBFloat16) ok = tma_runnable_dtype<ElemType::kBFloat16>(d);
-#endif
+  const bool ok = visit_decode_variant(d, t, false, [](auto hd, auto dt) {
+    return decode_tma_runnable<decltype(hd)::value, decltype(dt)::value>();
+  });
   if (device < 64) cache[device][di][ti] = ok ? 1 : -1;
   return ok;
 }
@@ -212,13 +178,10 @@ int max_clusters(int d, ElemType t, int stages, bool paged, bool tma, int cluste
                                           [paged ? 1 : 0][tma ? 1 : 0][stages - 2][cluster]
                                   : nullptr;
   if (slot != nullptr && *slot != 0) return *slot - 1;
-  int n = 0;
-#ifdef FASTATTN_ENABLE_FP16
-  if (t == ElemType::kFloat16) n = max_clusters_dtype<ElemType::kFloat16>(d, stages, paged, tma, cluster);
-#endif
-#ifdef FASTATTN_ENABLE_BF16
-  if (t == ElemType::kBFloat16) n = max_clusters_dtype<ElemType::kBFloat16>(d, stages, paged, tma, cluster);
-#endif
+  int n = visit_decode_variant(d, t, 0, [&](auto hd, auto dt) {
+    return decode_max_clusters<decltype(hd)::value, decltype(dt)::value>(stages, paged, tma,
+                                                                         cluster);
+  });
   if (n > 126) n = 126;
   if (slot != nullptr) *slot = static_cast<signed char>(n + 1);
   return n;
@@ -272,31 +235,6 @@ bool combine_pdl() {
 double wave_efficiency(int64_t ctas, int64_t slots) {
   const int64_t waves = (ctas + slots - 1) / slots;
   return static_cast<double>(ctas) / static_cast<double>(waves * slots);
-}
-
-template <ElemType kDtype>
-cudaError_t run_decode_dtype(int d, const DecodeParams& p, cudaStream_t stream) {
-  switch (d) {
-#ifdef FASTATTN_ENABLE_HDIM32
-    case 32: return run_decode_hdim<32, kDtype>(p, stream);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM64
-    case 64: return run_decode_hdim<64, kDtype>(p, stream);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM96
-    case 96: return run_decode_hdim<96, kDtype>(p, stream);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM128
-    case 128: return run_decode_hdim<128, kDtype>(p, stream);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM192
-    case 192: return run_decode_hdim<192, kDtype>(p, stream);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM256
-    case 256: return run_decode_hdim<256, kDtype>(p, stream);
-#endif
-    default: return cudaErrorNotSupported;
-  }
 }
 
 }  // namespace
@@ -445,13 +383,9 @@ cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
       return cudaErrorInvalidValue;
     }
   }
-  cudaError_t err = cudaErrorNotSupported;
-#ifdef FASTATTN_ENABLE_FP16
-  if (p.dtype == ElemType::kFloat16) err = run_decode_dtype<ElemType::kFloat16>(d, p, stream);
-#endif
-#ifdef FASTATTN_ENABLE_BF16
-  if (p.dtype == ElemType::kBFloat16) err = run_decode_dtype<ElemType::kBFloat16>(d, p, stream);
-#endif
+  cudaError_t err = visit_decode_variant(d, p.dtype, cudaErrorNotSupported, [&](auto hd, auto dt) {
+    return run_decode_hdim<decltype(hd)::value, decltype(dt)::value>(p, stream);
+  });
   if (err != cudaSuccess || !combine_kernel) return err;
 
   // Combine: merge the num_splits fp32 partials (o_partial / lse_partial layouts

@@ -302,6 +302,20 @@ __device__ __forceinline__ void decode_tma_issue(const DecodeParams& p, uint32_t
   }
 }
 
+// out[b, i, h, col .. col + 7] = v (one 16-byte store; col % 8 == 0).
+template <typename Elem>
+__device__ __forceinline__ void store_out8(const DecodeParams& p, int b, int i, int h, int col,
+                                           const float (&v)[8]) {
+  Elem* dst = static_cast<Elem*>(p.out) + b * p.o_batch_stride + i * p.o_row_stride +
+              h * p.o_head_stride + col;
+  uint4 u;
+  u.x = pack2<Elem>(v[0], v[1]);
+  u.y = pack2<Elem>(v[2], v[3]);
+  u.z = pack2<Elem>(v[4], v[5]);
+  u.w = pack2<Elem>(v[6], v[7]);
+  *reinterpret_cast<uint4*>(dst) = u;
+}
+
 // Split combine inside a thread-block cluster (DecodeParams::combine_in_cluster):
 // the num_splits CTAs of one (m-block, KV head, sequence) form the cluster
 // (cluster rank = split). Each left its merged O rows (fp32, normalized) in its
@@ -374,14 +388,7 @@ __device__ __forceinline__ void decode_cluster_combine(const DecodeParams& p, co
     if (col == 0)
       p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] =
           sum > 0.f ? m + __logf(sum) : neg_inf();
-    Elem* dst = static_cast<Elem*>(p.out) + b * p.o_batch_stride + i * p.o_row_stride +
-                h * p.o_head_stride + col;
-    uint4 pk;
-    pk.x = pack2<Elem>(acc[0], acc[1]);
-    pk.y = pack2<Elem>(acc[2], acc[3]);
-    pk.z = pack2<Elem>(acc[4], acc[5]);
-    pk.w = pack2<Elem>(acc[6], acc[7]);
-    *reinterpret_cast<uint4*>(dst) = pk;
+    store_out8<Elem>(p, b, i, h, col, acc);
   }
   ptx::cluster_sync();  // no CTA leaves, or reuses its shared memory, while a peer reads it
 }
@@ -675,14 +682,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       v[4] += x1.x; v[5] += x1.y; v[6] += x1.z; v[7] += x1.w;
     }
     if (direct) {
-      Elem* dst = static_cast<Elem*>(p.out) + b * p.o_batch_stride + i * p.o_row_stride +
-                  h * p.o_head_stride + col;
-      uint4 u;
-      u.x = pack2<Elem>(v[0], v[1]);
-      u.y = pack2<Elem>(v[2], v[3]);
-      u.z = pack2<Elem>(v[4], v[5]);
-      u.w = pack2<Elem>(v[6], v[7]);
-      *reinterpret_cast<uint4*>(dst) = u;
+      store_out8<Elem>(p, b, i, h, col, v);
     } else if (in_cluster) {
       // In place over the first warp's slot of the row tile (only this thread
       // reads or writes these 8 floats), where the cluster combine reads it.
