@@ -4,9 +4,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
+
+#include "cuda/fast_div.h"
 
 namespace {
 
@@ -32,6 +36,39 @@ std::tuple<at::Tensor, at::Tensor> naive(const at::Tensor& q, const at::Tensor& 
   auto lse = at::logsumexp(s, -1);
   auto out = at::matmul(at::exp(s - lse.unsqueeze(-1)), vd).transpose(1, 2);
   return {out, lse};
+}
+
+// The decode kernels' multiply-high division (cuda/fast_div.h), with the
+// device formula replayed on the host: exact for divisors and numerators
+// below 2^31 (all divisors up to 4096 at their edge numerators, then random
+// ones from a fixed LCG).
+bool check_fast_div() {
+  uint64_t state = 12345;
+  auto next = [&]() {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<uint32_t>(state >> 33);  // < 2^31
+  };
+  int64_t tried = 0, wrong = 0;
+  auto one = [&](uint32_t d, uint32_t n) {
+    const fastattn::FastDiv f = fastattn::make_fast_div(static_cast<int>(d));
+    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(n) * f.mul) >> 32);
+    const uint32_t q = (hi + n) >> f.shift;
+    ++tried;
+    if (q != n / d) ++wrong;
+  };
+  for (uint32_t d = 1; d <= 4096; ++d) {
+    for (uint32_t n : {0u, 1u, d - 1, d, d + 1, 2 * d - 1, 0x7ffffffeu, 0x7fffffffu}) one(d, n);
+    for (int i = 0; i < 16; ++i) one(d, next());
+  }
+  for (int i = 0; i < 20000; ++i) {
+    const uint32_t d = next() | 1u;
+    one(d, next());
+    one(d, 0x7fffffffu);
+    one(d, d - 1);
+  }
+  std::printf("fast_div exact               %lld of %lld %s\n", static_cast<long long>(tried - wrong),
+              static_cast<long long>(tried), wrong == 0 ? "ok" : "FAIL");
+  return wrong == 0;
 }
 
 bool check(const char* what, const at::Tensor& got, const at::Tensor& want, double tol) {
@@ -86,6 +123,8 @@ int main() {
   auto [merged, merged_lse] = merge.call(oa, la, ob, lb);
   ok &= check("merge_states out (fp32)", merged, full_out.to(at::kDouble), 1e-5);
   ok &= check("merge_states lse (fp32)", merged_lse, full_lse.to(at::kDouble), 1e-5);
+
+  ok &= check_fast_div();
 
   // Bad input is an error, not a crash.
   try {

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 
+#include "cuda/fast_div.h"
 #include "cuda/params.h"
 
 namespace fastattn {
@@ -92,6 +93,10 @@ struct DecodeParams {
   bool use_tma = false;
   // Splits merged inside a cluster of num_splits CTAs (launched as one).
   bool combine_in_cluster = false;
+  // heads_q / heads_kv (the GQA group) and num_splits as multiply-high
+  // divisors; the launcher (run_decode_hdim) fills them.
+  FastDiv group_div;
+  FastDiv split_div;
 
   alignas(64) unsigned char k_tma[128] = {};
   alignas(64) unsigned char v_tma[128] = {};

@@ -20,12 +20,19 @@
 //     swizzled tiles). The math is the same; only the loads and the fragment
 //     addressing differ. (The copy engine streams this access pattern ~3.5%
 //     faster than cp.async on the H100: scripts/dev_stream_ceiling.cu.)
-//   - Epilogue: the warps of one row tile merge their (O, LSE) partials with
-//     LseMerge through shared memory (the same merge as merge_states and the
-//     split combine), then write out/lse directly (num_splits == 1), or
-//     merge the splits inside a thread-block cluster (sm90, <= 16 splits:
-//     decode_cluster_combine, through distributed shared memory), or write
-//     fp32 partials for the combine kernel.
+//   - Epilogue: the warps of one row tile merge their (O, LSE) partials
+//     through shared memory (the LSE-weighted merge of merge_states), then
+//     write out/lse directly (num_splits == 1), or merge the splits inside a
+//     thread-block cluster (sm90, a few splits: decode_cluster_combine,
+//     through distributed shared memory), or write fp32 partials for the
+//     combine kernel.
+//   - Latency: with one CTA of 4 warps per SM (the usual decode grid), each
+//     scheduler runs a single warp, so every dependent instruction of the
+//     prologue and epilogue is on the critical path (H100 timeline probe,
+//     B=1 x 16k: 1.6 us from CTA start to the first TMA issue, 2 us of
+//     epilogue, before this was trimmed): the prologue issues the first K/V
+//     stages before anything else, divisions are multiply-highs (FastDiv),
+//     and the epilogue merge is branch-free and skips padding rows.
 // The key range of a sequence (from its device-side length and the mask) is
 // divided evenly among the splits on the device, so the launch shape depends
 // only on host-known maxima (CUDA-graph safe). The only place that knows how
@@ -140,12 +147,13 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
 template <typename Elem>
 struct GqaQueryRows {
   const Elem* base;
-  int group;
+  FastDiv group;
   int64_t row_stride;
   int64_t head_stride;
   __device__ __forceinline__ const Elem* row(int r) const {
-    return base + static_cast<int64_t>(r / group) * row_stride +
-           static_cast<int64_t>(r % group) * head_stride;
+    const int i = fast_div(group, r);
+    return base + static_cast<int64_t>(i) * row_stride +
+           static_cast<int64_t>(fast_mod(group, r, i)) * head_stride;
   }
   __device__ __forceinline__ const Elem* safe_ptr() const { return base; }
 };
@@ -245,8 +253,8 @@ struct KeyBlockRange {
 };
 
 __device__ __forceinline__ KeyBlockRange decode_key_blocks(const MaskPolicy& mask, int sq,
-                                                           int num_splits, int split, int i_lo,
-                                                           int i_hi, int block_n) {
+                                                           const FastDiv& splits, int split,
+                                                           int i_lo, int i_hi, int block_n) {
   KeyBlockRange r{0, 0};
   if (mask.sk <= 0) return r;
   const int seq_b0 = mask.kv_block_begin(0, sq, block_n);
@@ -254,12 +262,14 @@ __device__ __forceinline__ KeyBlockRange decode_key_blocks(const MaskPolicy& mas
   if (seq_b1 <= seq_b0) return r;
   // Balanced: split j gets blocks [j*n/S, (j+1)*n/S), sizes differ by <= 1
   // (a ceil-sized share would leave the last splits short or empty).
-  // (32-bit division when the products fit: it is on the path to the first load.)
+  // (Multiply-high divisions when the products fit: this is on the path to
+  // the first load.)
   const int nb = seq_b1 - seq_b0;
-  const bool narrow = nb <= 0x7fffffff / num_splits;
-  const int b0 = seq_b0 + (narrow ? split * nb / num_splits
+  const int num_splits = static_cast<int>(splits.d);
+  const bool narrow = nb <= fast_div(splits, 0x7fffffff);
+  const int b0 = seq_b0 + (narrow ? fast_div(splits, split * nb)
                                   : static_cast<int>(static_cast<int64_t>(split) * nb / num_splits));
-  const int b1 = seq_b0 + (narrow ? (split + 1) * nb / num_splits
+  const int b1 = seq_b0 + (narrow ? fast_div(splits, (split + 1) * nb)
                                   : static_cast<int>(static_cast<int64_t>(split + 1) * nb / num_splits));
   const int own0 = mask.kv_block_begin(i_lo, i_hi + 1, block_n);
   const int own1 = mask.kv_block_end(i_lo, i_hi + 1, block_n);
@@ -336,7 +346,6 @@ __device__ __forceinline__ void decode_cluster_combine(const DecodeParams& p, co
   constexpr float kLog2e = 1.4426950408889634f;
   ptx::cluster_sync();  // every split's rows and LSEs are written
   const int num_splits = p.num_splits;  // <= kMaxClusterSplits (host)
-  const int group = p.heads_q / p.heads_kv;
   const int chunks = p.head_dim / 8;
   const int units = (m_end - m0) * chunks;
   const uint32_t slab = ptx::smem_u32(o_slab);
@@ -383,8 +392,8 @@ __device__ __forceinline__ void decode_cluster_combine(const DecodeParams& p, co
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] *= inv;
     const int r = m0 + rr;
-    const int i = r / group;
-    const int h = hk * group + r % group;
+    const int i = fast_div(p.group_div, r);
+    const int h = hk * static_cast<int>(p.group_div.d) + fast_mod(p.group_div, r, i);
     if (col == 0)
       p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] =
           sum > 0.f ? m + __logf(sum) : neg_inf();
@@ -416,25 +425,51 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int warps_n = kNWarps / p.warps_m;
-  const int wm = warp / warps_n;
-  const int wn = warp % warps_n;
+  // warps_m and kNWarps are powers of two: shifts, not divisions.
+  const int wn_bits = (31 - __clz(kNWarps)) - (31 - __clz(p.warps_m));
+  const int warps_n = 1 << wn_bits;
+  const int wm = warp >> wn_bits;
+  const int wn = warp & (warps_n - 1);
 
-  const int group = p.heads_q / p.heads_kv;
-  const int m_total = group * p.seqlen_q;
+  // The prologue runs one warp per scheduler, so its latency is exposed: it
+  // issues the loads first (the sequence length, the first K/V stages, Q)
+  // and keeps divisions off the way to them (FastDiv).
+  const FastDiv& group = p.group_div;
+  const int m_total = static_cast<int>(group.d) * p.seqlen_q;
   const int rows_cta = 16 * p.warps_m;
   const int m0 = m_block * rows_cta;
   const int m_end = m0 + rows_cta < m_total ? m0 + rows_cta : m_total;  // > m0 (host grid)
-  const int i_lo = m0 / group;
-  const int i_hi = (m_end - 1) / group;
-
   const DecodeSeq seq = decode_seq(p, b);
+
+  smem = decode_ring<Traits>(smem);
+  const uint32_t smem_base = ptx::smem_u32(smem);
+  const int stages = p.stages;
+  const int i_lo = fast_div(group, m0);
+  const int i_hi = fast_div(group, m_end - 1);
   MaskParams mp = p.mask;
   mp.bottom_right = true;
   const MaskPolicy mask = MaskPolicy::make(mp, p.seqlen_q, seq.sk);
   const KeyBlockRange blocks =
-      decode_key_blocks(mask, p.seqlen_q, p.num_splits, split, i_lo, i_hi, kBlockN);
+      decode_key_blocks(mask, p.seqlen_q, p.split_div, split, i_lo, i_hi, kBlockN);
   const int n_iters = blocks.end - blocks.begin;
+  if constexpr (kTma) {
+    if (tid == 0) {
+      for (int st = 0; st < stages - 1 && st < n_iters; ++st)
+        decode_tma_issue<Traits>(p, smem_base, st, blocks.begin + st, hk, seq.cb);
+    }
+  }
+  // Q into the last ring slot (free until the first refill; the TMA variant
+  // fences it before the copy engine refills it). It lands long before the
+  // first K/V stage; an empty split waits for it before the epilogue reuses
+  // the ring.
+  const uint32_t q_addr = smem_base + (stages - 1) * Traits::kStageBytes;
+  {
+    const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride +
+                         static_cast<int64_t>(hk) * static_cast<int>(group.d) * p.q_head_stride;
+    load_tile_async<kThreads, QTile>(
+        q_addr, GqaQueryRows<Elem>{q_base, group, p.q_row_stride, p.q_head_stride}, m0, m_end,
+        p.head_dim, tid);
+  }
 
   // This thread's C-fragment rows (g and g + 8 of the warp's m16 tile) and
   // their visible key ranges; padding rows (>= m_end) see nothing.
@@ -443,8 +478,9 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   for (int h = 0; h < 2; ++h) {
     const int r = m0 + wm * 16 + (lane >> 2) + 8 * h;
     if (r < m_end) {
-      key_lo[h] = mask.key_begin(r / group);
-      key_hi[h] = mask.key_end(r / group);
+      const int i = fast_div(group, r);
+      key_lo[h] = mask.key_begin(i);
+      key_hi[h] = mask.key_end(i);
     } else {
       key_lo[h] = 0;
       key_hi[h] = 0;
@@ -453,10 +489,6 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   // Keys that every row of the CTA sees: chunks inside need no element mask.
   const int full_lo = mask.key_begin(i_hi);
   const int full_hi = mask.key_end(i_lo);
-
-  smem = decode_ring<Traits>(smem);
-  const uint32_t smem_base = ptx::smem_u32(smem);
-  const int stages = p.stages;
 
   float acc_o[1][DT][4];
 #pragma unroll
@@ -467,31 +499,17 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   softmax.init();
 
   if (n_iters > 0) {
-    const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride +
-                         static_cast<int64_t>(hk) * group * p.q_head_stride;
     // (The TMA variant never uses it: the cp.async loader of the same head dim.)
     DecodeKvLoader<DecodeTraits<Traits::kHeadDim>, Elem, kPaged> kv;
-    const uint32_t q_addr = smem_base + (stages - 1) * Traits::kStageBytes;
     if constexpr (kTma) {
-      if (tid == 0) {
-        for (int st = 0; st < stages - 1 && st < n_iters; ++st)
-          decode_tma_issue<Traits>(p, smem_base, st, blocks.begin + st, hk, seq.cb);
-      }
-      // Q into the last slot, which the copy engine refills later: fenced.
-      load_tile_async<kThreads, QTile>(
-          q_addr, GqaQueryRows<Elem>{q_base, group, p.q_row_stride, p.q_head_stride}, m0, m_end,
-          p.head_dim, tid);
       ptx::cp_async_commit();
       ptx::cp_async_wait<0>();
       ptx::fence_proxy_async();
-      __syncthreads();  // Q visible
+      __syncthreads();  // Q visible (and the ring barriers initialized, see the kernel)
     } else {
       kv.init(p, seq, hk, tid);
-      // Prologue: Q (into the last slot) with stage 0 in group 0, stages 1..S-2
-      // in their own groups (empty groups past the range keep the count uniform).
-      load_tile_async<kThreads, QTile>(
-          q_addr, GqaQueryRows<Elem>{q_base, group, p.q_row_stride, p.q_head_stride}, m0, m_end,
-          p.head_dim, tid);
+      // Prologue: Q with stage 0 in group 0, stages 1..S-2 in their own
+      // groups (empty groups past the range keep the count uniform).
       for (int st = 0; st < stages - 1; ++st) {
         if (st < n_iters) kv.load(smem_base + st * Traits::kStageBytes, blocks.begin + st);
         ptx::cp_async_commit();
@@ -617,6 +635,11 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     // cp.async: only empty groups can be pending; keep the ring quiet. TMA:
     // every issued stage was waited on.
     if constexpr (!kTma) ptx::cp_async_wait<0>();
+  } else {
+    // No keys for this split: Q may still be landing in the ring that the
+    // epilogue reuses.
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
   }
 
   // ---- epilogue: per-warp normalize + LSE, merge the warps of each row tile.
@@ -633,13 +656,30 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     lse_slab[warp * 16 + g + 8] = lse_w[1];
   }
   __syncthreads();
+  // Merge the warps_n warps of this row tile: lse = m + log(sum exp(lse_w - m))
+  // in one pass (no data-dependent branches: this runs on the tail of every
+  // CTA), each warp's O scaled by its weight exp(lse_w - lse) into o_slab.
+  // Rows past m_end are padding: nothing reads them.
+  const int live_rows = m_end - m0 - wm * 16;  // rows of this warp's tile that exist
+  constexpr float kLog2e = 1.4426950408889634f;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
+    if (8 * h >= live_rows) break;  // warp-uniform
     const int row = g + 8 * h;
-    LseMerge merge;
-    for (int w = 0; w < warps_n; ++w) merge.add(lse_slab[(wm * warps_n + w) * 16 + row]);
-    const float lse_all = merge.result();
+    float l[kNWarps];
+    float l_max = neg_inf();
+#pragma unroll
+    for (int w = 0; w < kNWarps; ++w) {
+      l[w] = w < warps_n ? lse_slab[((wm << wn_bits) + w) * 16 + row] : neg_inf();
+      l_max = fmaxf(l_max, l[w]);
+    }
+    const float base = l_max == neg_inf() ? 0.f : l_max;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNWarps; ++w) sum += ptx::ex2_approx((l[w] - base) * kLog2e);  // ex2(-inf) = 0
+    const float lse_all = sum > 0.f ? base + __logf(sum) : neg_inf();
     const float wt = lse_weight(lse_w[h], lse_all);
+    if (row >= live_rows) continue;
     if (wn == 0 && (lane & 3) == 0) lse_fin[wm * 16 + row] = lse_all;
     float* orow = o_slab + (warp * 16 + row) * kOStride + 2 * (lane & 3);
 #pragma unroll
@@ -657,8 +697,8 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   for (int rr = tid / Traits::kTpr; rr < rows_cta; rr += Traits::kRowsPerPass) {
     const int r = m0 + rr;
     if (r >= m_end) break;
-    const int i = r / group;
-    const int h = hk * group + r % group;
+    const int i = fast_div(group, r);
+    const int h = hk * static_cast<int>(group.d) + fast_mod(group, r, i);
     const float lse = lse_fin[rr];
     if (col == 0) {
       if (direct) {
@@ -673,7 +713,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     float v[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = 0.f;
-    const int wrow = (rr >> 4) * warps_n;  // first warp of this row's tile
+    const int wrow = (rr >> 4) << wn_bits;  // first warp of this row's tile
     for (int w = 0; w < warps_n; ++w) {
       const float* src = o_slab + ((wrow + w) * 16 + (rr & 15)) * kOStride + col;
       const float4 x0 = *reinterpret_cast<const float4*>(src);
@@ -725,14 +765,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
       ptx::tma_prefetch_descriptor(p.v_tma);
       const uint32_t bar = ptx::smem_u32(decode_ring<Traits>(smem)) + p.stages * Traits::kStageBytes;
       for (int s = 0; s < p.stages; ++s) ptx::mbar_init(bar + 8 * s, 1);
+      // Visible to the copy engine (thread 0 issues the first stages without
+      // a block barrier); the other threads first wait on a barrier after
+      // the block barrier that publishes Q (flash_decode_block).
       ptx::mbar_init_fence();
     }
-    __syncthreads();
   }
   // Splits vary fastest: the num_splits CTAs of one m-block are one cluster
   // when the combine runs in a cluster.
-  const int split = blockIdx.x % p.num_splits;
-  const int m_block = blockIdx.x / p.num_splits;
+  const int m_block = fast_div(p.split_div, blockIdx.x);
+  const int split = fast_mod(p.split_div, blockIdx.x, m_block);
   const int hk = blockIdx.y;
   for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
     flash_decode_block<Traits, Elem, kPaged>(p, smem, b, hk, m_block, split, phases);

@@ -205,6 +205,8 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
   void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, p.use_tma);
   if (kernel == nullptr) return cudaErrorInvalidValue;
   DecodeParams q = p;
+  q.group_div = make_fast_div(p.heads_q / p.heads_kv);
+  q.split_div = make_fast_div(p.num_splits);
   if (p.use_tma &&
       !(encode_kv_map(q.k_tma, p.k, p, p.k_batch_stride, p.k_row_stride, p.k_head_stride,
                       Traits::kBlockN) &&

@@ -99,15 +99,53 @@ struct Io8<__half> : Io8Half<__half> {};
 template <>
 struct Io8<__nv_bfloat16> : Io8Half<__nv_bfloat16> {};
 
+// Where one row (o, s, h) of a merge lives: its out and LSE in view 0 (part 0
+// of a stacked tensor, or out_a) and view 1 (out_b), and its LSE output slot.
+template <typename In>
+struct MergeRow {
+  const In* in0;
+  const In* in1;
+  const float* lse0;
+  const float* lse1;
+  int64_t lse_out;  // index into p.lse_out
+};
+
+template <typename In>
+__device__ __forceinline__ MergeRow<In> merge_row(const MergeParams& p, int64_t row, bool narrow) {
+  int h, s;
+  int64_t o;
+  if (narrow) {  // rows < 2^31: 32-bit divisions (a 64-bit one is a long subroutine)
+    const int r = static_cast<int>(row);
+    h = r % p.heads;
+    const int os = r / p.heads;
+    s = os % p.seqlen;
+    o = os / p.seqlen;
+  } else {
+    h = static_cast<int>(row % p.heads);
+    const int64_t os = row / p.heads;
+    s = static_cast<int>(os % p.seqlen);
+    o = os / p.seqlen;
+  }
+  MergeRow<In> w;
+  w.in0 = static_cast<const In*>(p.in[0]) + o * p.in_outer_stride[0] + s * p.in_seq_stride[0] +
+          h * p.in_head_stride[0];
+  w.lse0 = p.lse_in[0] + o * p.lse_outer_stride[0] + h * p.lse_head_stride[0] +
+           s * p.lse_seq_stride[0];
+  w.in1 = w.in0;
+  w.lse1 = w.lse0;
+  if (p.two_views) {
+    w.in1 = static_cast<const In*>(p.in[1]) + o * p.in_outer_stride[1] + s * p.in_seq_stride[1] +
+            h * p.in_head_stride[1];
+    w.lse1 = p.lse_in[1] + o * p.lse_outer_stride[1] + h * p.lse_head_stride[1] +
+             s * p.lse_seq_stride[1];
+  }
+  w.lse_out = (o * p.heads + h) * p.seqlen + s;
+  return w;
+}
+
 template <typename In, typename Out, bool kVec>
 __global__ void __launch_bounds__(kMergeThreads, 4)
     merge_states_kernel(const __grid_constant__ MergeParams p, int part_lanes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Launched as a programmatic dependent of the decode kernel (run_decode):
-  // wait until that grid has completed and its partials are visible. A no-op
-  // for an ordinary launch.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
   const int tpr = merge_threads_per_row(p.head_dim);
   const int lanes = part_lanes;  // power of 2, tpr * lanes <= kMergeThreads
   const int per_row = tpr * lanes;
@@ -120,26 +158,23 @@ __global__ void __launch_bounds__(kMergeThreads, 4)
       lanes >= 32 ? 0xffffffffu : ((1u << lanes) - 1u) << (warp_lane & ~(lanes - 1));
   const int64_t rows = p.outer * p.seqlen * p.heads;
   const int n = p.num_parts;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / per_row;
-       row < rows; row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
-    const int h = static_cast<int>(row % p.heads);
-    const int64_t os = row / p.heads;
-    const int s = static_cast<int>(os % p.seqlen);
-    const int64_t o = os / p.seqlen;
-
-    // This row in view 0 (part 0 of a stacked tensor, or out_a) and view 1 (out_b).
-    const In* in0 = static_cast<const In*>(p.in[0]) + o * p.in_outer_stride[0] +
-                    s * p.in_seq_stride[0] + h * p.in_head_stride[0];
-    const float* lse0 = p.lse_in[0] + o * p.lse_outer_stride[0] + h * p.lse_head_stride[0] +
-                        s * p.lse_seq_stride[0];
-    const In* in1 = in0;
-    const float* lse1 = lse0;
-    if (p.two_views) {
-      in1 = static_cast<const In*>(p.in[1]) + o * p.in_outer_stride[1] + s * p.in_seq_stride[1] +
-            h * p.in_head_stride[1];
-      lse1 = p.lse_in[1] + o * p.lse_outer_stride[1] + h * p.lse_head_stride[1] +
-             s * p.lse_seq_stride[1];
-    }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * rows_per_block;
+  const bool narrow = rows <= 0x7fffffff;
+  int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / per_row;
+  // The first row's addresses (index math only) before the wait below.
+  MergeRow<In> w = merge_row<In>(p, row < rows ? row : 0, narrow);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the decode kernel (run_decode):
+  // wait until that grid has completed and its partials are visible. A no-op
+  // for an ordinary launch. Everything above runs while the decode finishes.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+  for (bool first = true; row < rows; row += stride, first = false) {
+    if (!first) w = merge_row<In>(p, row, narrow);
+    const In* in0 = w.in0;
+    const In* in1 = w.in1;
+    const float* lse0 = w.lse0;
+    const float* lse1 = w.lse1;
     auto lse_of = [&](int part) -> float {
       return p.two_views ? (part == 0 ? *lse0 : *lse1) : lse0[part * p.lse_part_stride];
     };
@@ -235,7 +270,7 @@ __global__ void __launch_bounds__(kMergeThreads, 4)
       for (int q = 0; q < n; ++q) merge.add(lse_of(q));
       lse = merge.result();
     }
-    if (t == 0 && j == 0) p.lse_out[(o * p.heads + h) * p.seqlen + s] = lse;
+    if (t == 0 && j == 0) p.lse_out[w.lse_out] = lse;
   }
 }
 
