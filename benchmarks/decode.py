@@ -3,11 +3,13 @@
 bf16, Hq=32, Hkv=8, D=128, one query token, (B, L) in {(1,16k), (1,64k),
 (1,128k), (8,8k), (32,4k), (64,2k), (16,32k)}; every sequence has L cached
 tokens. Each step is timed under CUDA graphs (as a serving loop replays a
-captured decode step), inputs rotated past L2. Reports microseconds and the
-achieved bandwidth of the K and V bytes read, against the measured
-device-to-device copy bandwidth (read + write).
+captured decode step), inputs rotated past L2, every implementation in
+interleaved rounds (--rounds, default 3; best per-round median, as in the
+prefill benchmark). Reports microseconds and the achieved bandwidth of the K
+and V bytes read, against the measured device-to-device copy bandwidth
+(read + write).
 
-    python -m benchmarks.decode [--out DIR]
+    python -m benchmarks.decode [--out DIR] [--rounds N]
 Writes DIR/decode.json.
 """
 import argparse
@@ -59,10 +61,64 @@ def impls(flex_ok=True):
     return out
 
 
+def bench_config(B, L, fns, rounds):
+    """Every implementation on the same inputs in `rounds` interleaved rounds
+    (A, B, ..., then A, B, ... again); each reported time is the best of its
+    per-round medians, so a slow phase of the GPU (clocks, power) that hits
+    one implementation's turn does not decide a ratio. The outputs are
+    compared with fastattn's (extra["max_diff_vs_fastattn"])."""
+    cfg = dict(B=B, L=L, Hq=HQ, Hkv=HKV, D=D)
+    kv_bytes = 2 * B * L * HKV * D * 2
+    n = copies_to_exceed_l2(kv_bytes, cap=4)
+    sets = make_inputs(B, L, n)
+    times = {name: [] for name in fns}
+    extra, errors = {}, {}
+    ref = None
+    with torch.no_grad():
+        for name, fn in fns.items():  # outputs first (and every backend warmed up)
+            try:
+                out = fn(*sets[0]).reshape(B, HQ, D) if name == "fastattn" else \
+                    fn(*sets[0]).transpose(1, 2).reshape(B, HQ, D)
+                ref = out if ref is None else ref
+                extra[name] = {"max_diff_vs_fastattn": (out.float() - ref.float()).abs().max().item()}
+            except Exception as e:  # a backend that does not run a config is reported, not fatal
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                if name in errors:
+                    continue
+                try:
+                    ms, mode = time_cuda_graph(lambda i: fn(*sets[i]), n)
+                    times[name].append(ms)
+                    extra[name]["timing"] = mode
+                except Exception as e:
+                    errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    results = []
+    for name in fns:
+        ts = times[name]
+        if name in errors or not ts:
+            results.append(Result(cfg, name, "decode", None, error=errors.get(name, "no time")))
+            continue
+        ms = min(ts)
+        results.append(Result(cfg, name, "decode", ms, gbps=kv_bytes / ms / 1e6,
+                              extra={**extra[name], "round_ms": ts, "round_spread": max(ts) / ms - 1}))
+    return results
+
+
+def per_round_speedup(ours, others):
+    """Best other's time / ours within each round, e.g. "1.02 / 1.03 / 1.02"."""
+    rounds = ours.extra.get("round_ms") if ours.ms else None
+    other_rounds = [r.extra["round_ms"] for r in others if r.ms and len(r.extra.get("round_ms", [])) == len(rounds or [])]
+    if not rounds or not other_rounds:
+        return "n/a"
+    return " / ".join(f"{min(o[i] for o in other_rounds) / t:.2f}" for i, t in enumerate(rounds))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per config")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks need a CUDA GPU")
@@ -70,30 +126,12 @@ def main():
     fns = impls(flex_ok=not args.no_flex)
     results = []
     for B, L in CONFIGS:
-        kv_bytes = 2 * B * L * HKV * D * 2
-        n = copies_to_exceed_l2(kv_bytes, cap=4)
-        sets = make_inputs(B, L, n)
-        ref = None
-        for name, fn in fns.items():
-            cfg = dict(B=B, L=L, Hq=HQ, Hkv=HKV, D=D)
-            try:
-                with torch.no_grad():
-                    out = fn(*sets[0]).reshape(B, HQ, D) if name == "fastattn" else \
-                        fn(*sets[0]).transpose(1, 2).reshape(B, HQ, D)
-                    ref = out if ref is None else ref
-                    err = (out.float() - ref.float()).abs().max().item()
-                    ms, mode = time_cuda_graph(lambda i: fn(*sets[i]), n)
-                results.append(Result(cfg, name, "decode", ms, gbps=kv_bytes / ms / 1e6,
-                                      extra={"timing": mode, "max_diff_vs_fastattn": err}))
-            except Exception as e:  # a backend that does not run a config is reported, not fatal
-                results.append(Result(cfg, name, "decode", None,
-                                      error=f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
-        del sets
-        torch.cuda.empty_cache()
+        results += bench_config(B, L, fns, max(1, args.rounds))
+        torch.cuda.empty_cache()  # this config's inputs are gone
         print(".", end="", flush=True)
     print()
     meta = {"device": device_name(), "torch": torch.__version__, "dtype": "bf16",
-            "copy_bandwidth_gbs": copy_bw}
+            "copy_bandwidth_gbs": copy_bw, "rounds": max(1, args.rounds)}
     save_json(os.path.join(args.out, "decode.json"), results, meta)
     print(f"device: {meta['device']}, torch {meta['torch']}, bf16; d2d copy {copy_bw:.0f} GB/s (read+write)")
     names = list(fns)
@@ -106,9 +144,11 @@ def main():
         row += ["n/a" if by[n].ms is None else f"{by[n].ms * 1e3:.1f}" for n in names]
         row += [f"{ours.gbps:.0f}" if ours.gbps else "n/a",
                 f"{100 * ours.gbps / copy_bw:.0f}%" if ours.gbps else "n/a",
-                f"{best / ours.ms:.2f}" if best and ours.ms else "n/a"]
+                f"{best / ours.ms:.2f}" if best and ours.ms else "n/a",
+                per_round_speedup(ours, [r for n, r in by.items() if n != "fastattn"])]
         rows.append(row)
-    headers = ["B", "L", "tokens"] + [f"{n} us" for n in names] + ["ours GB/s", "of copy BW", "speedup vs best other"]
+    headers = ["B", "L", "tokens"] + [f"{n} us" for n in names] + ["ours GB/s", "of copy BW", "speedup vs best other",
+                                                                   "per round"]
     print(format_table(headers, rows))
 
 
