@@ -2,9 +2,10 @@
 // shift (Granlund & Montgomery's round-up method): for 1 <= d < 2^31 and
 // 0 <= n < 2^31, with s = ceil(log2 d) and mul = floor(2^32 (2^s - d) / d) + 1,
 //     n / d == (umulhi(n, mul) + n) >> s
-// (umulhi(n, mul) <= n, so the sum fits in 32 bits). A hardware-free integer
-// division by a runtime value is a ~20-instruction dependent chain; kernels
-// whose prologue runs one warp per scheduler pay its whole latency.
+// (umulhi(n, mul) < n, so the sum fits in 32 bits). GPUs have no integer
+// divide instruction: a division by a runtime value is a ~20-instruction
+// dependent chain, whose whole latency a kernel pays where it runs one warp
+// per scheduler (the decode prologue and epilogue).
 // Torch-free; the struct is plain data for the params structs.
 #pragma once
 #include <cstdint>
