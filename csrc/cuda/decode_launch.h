@@ -49,13 +49,19 @@ void apply_decode_plan(DecodeParams& p, const DecodePlan& plan);
 // p.combine_in_cluster, the combine (run_merge over the fp32 partials). p must
 // carry a plan (apply_decode_plan) and, when the plan has partials, the
 // workspaces. Same alignment rules as run_fwd; scale >= 0.
-// On sm90+ the combine is a programmatic dependent launch (its launch overlaps
-// the decode grid's last wave); FASTATTN_DECODE_PDL=0 turns that off.
+// On sm90+ both kernels are programmatic dependent launches: the decode grid
+// may be scheduled while the previous kernel of the stream finishes, the
+// combine while the decode grid's last CTAs run; each waits for its
+// predecessor's completion (griddepcontrol.wait) before touching global
+// memory, so only launch latency and index math overlap.
+// FASTATTN_DECODE_PDL=0 turns both off.
 cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream);
 
 // One instantiation per (head dim, dtype), in flash_decode_hdim<D>_<fp16|bf16>.cu.
+// programmatic: launch as a programmatic dependent of the previous kernel in
+// the stream (sm90+; the kernel waits for it before any global access).
 template <int kHeadDim, ElemType kDtype>
-cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream);
+cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream, bool programmatic);
 // Resident CTAs per SM of that kernel (its contiguous or paged-KV, cp.async or
 // TMA variant) with a ring of `stages` stages (also raises every variant's
 // dynamic shared memory limit, once per device); 0 when there is no such variant.

@@ -214,9 +214,11 @@ bool use_cluster_combine(const DecodeParams& p, const DecodePlan& plan) {
   return static_cast<int64_t>(n) * plan.num_splits >= resident;
 }
 
-// Programmatic dependent launch of the combine: sm90+ and not disabled by
-// FASTATTN_DECODE_PDL=0 (read per call: a dev A/B switch).
-bool combine_pdl() {
+// Programmatic dependent launches (the decode kernel after whatever precedes
+// it in the stream, the combine after the decode kernel): sm90+ and not
+// disabled by FASTATTN_DECODE_PDL=0 (read per call: a dev A/B switch and an
+// escape hatch).
+bool decode_pdl() {
   const char* env = std::getenv("FASTATTN_DECODE_PDL");
   if (env != nullptr && env[0] == '0') return false;
   static int major[64] = {};
@@ -383,8 +385,9 @@ cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
       return cudaErrorInvalidValue;
     }
   }
+  const bool pdl = decode_pdl();
   cudaError_t err = visit_decode_variant(d, p.dtype, cudaErrorNotSupported, [&](auto hd, auto dt) {
-    return run_decode_hdim<decltype(hd)::value, decltype(dt)::value>(p, stream);
+    return run_decode_hdim<decltype(hd)::value, decltype(dt)::value>(p, stream, pdl);
   });
   if (err != cudaSuccess || !combine_kernel) return err;
 
@@ -413,7 +416,7 @@ cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
   m.head_dim = p.head_dim;
   m.in_type = MergeType::kFloat32;
   m.out_type = p.dtype == ElemType::kFloat16 ? MergeType::kFloat16 : MergeType::kBFloat16;
-  return run_merge(m, stream, combine_pdl());
+  return run_merge(m, stream, pdl);
 }
 
 }  // namespace gpu

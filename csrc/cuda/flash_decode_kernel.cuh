@@ -12,8 +12,8 @@
 //     It keeps its own online-softmax state (common/softmax.h) over its keys.
 //   - K/V stream through a ring of `stages` (runtime, 2..4) shared-memory
 //     stages with cp.async, stages - 1 in flight while one is computed. Q is
-//     staged once in the last ring slot (free until the first refill) and then
-//     lives in registers as mma A fragments.
+//     loaded from global memory straight into registers as mma A fragments
+//     (no ring slot waits for it).
 //   - DecodeTmaTraits (sm90, contiguous caches, head dims 64 / 128): the same
 //     ring filled by the copy engine instead (one TMA box per 64 columns of
 //     K and V per stage, issued by thread 0, an mbarrier per stage, 128-byte
@@ -86,7 +86,6 @@ struct DecodeTraits {
   static_assert(kWarpKeys % 16 == 0 && kBlockN % kWarpKeys == 0, "whole k16 steps of PV per group");
   static_assert(kGroups % kNWarps == 0, "whole groups per warp when every warp splits the keys");
 
-  using QTile = SmemTile<kMaxRows, kHeadDim>;
   using KTile = SmemTile<kBlockN, kHeadDim>;
   using VTile = SmemTile<kBlockN, kHeadDim>;
   static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;
@@ -100,7 +99,6 @@ struct DecodeTraits {
   static constexpr int kTpr = next_pow2(kHeadDim / 8);
   static constexpr int kRowsPerPass = kThreads / kTpr;
 
-  static_assert(QTile::kBytes <= kStageBytes, "Q is staged in one ring slot");
   static_assert(kEpilogueBytes <= kMinStages * kStageBytes, "epilogue reuses the ring");
   static_assert(kThreads % kTpr == 0, "output threads per row");
 
@@ -124,7 +122,6 @@ struct DecodeTmaTraits : DecodeTraits<kHeadDim_> {
   static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;
   static constexpr int kAlignSlack = 1024;
   static constexpr int kBarrierBytes = 8 * Base::kMaxStages;
-  static_assert(Base::QTile::kBytes <= kStageBytes, "Q is staged in one ring slot");
   static_assert(Base::kEpilogueBytes <= Base::kMinStages * kStageBytes, "epilogue reuses the ring");
   static_assert(kStageBytes % 1024 == 0 && KTile::kBoxBytes % 1024 == 0, "1024-aligned boxes");
   static constexpr int smem_bytes(int stages) {
@@ -157,6 +154,29 @@ struct GqaQueryRows {
   }
   __device__ __forceinline__ const Elem* safe_ptr() const { return base; }
 };
+
+// Q rows r0 .. r0 + 15 (one warp's m16 tile) as the A fragments of
+// mma.m16n8k16, loaded from global memory in the register layout of
+// common/ptx.h (32-bit pairs of consecutive columns); rows >= m_end and
+// columns >= head_dim (a multiple of 8) are zero.
+template <typename Elem, int KS>
+__device__ __forceinline__ void load_q_frags(uint32_t (&q)[KS][4], const GqaQueryRows<Elem>& rows,
+                                             int r0, int m_end, int head_dim, int lane) {
+  const int g = lane >> 2;
+  const int c0 = 2 * (lane & 3);
+  const bool lo = r0 + g < m_end, hi = r0 + g + 8 < m_end;
+  const Elem* row_lo = rows.row(lo ? r0 + g : r0);
+  const Elem* row_hi = rows.row(hi ? r0 + g + 8 : r0);
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    const int c = kk * 16 + c0;
+    const bool in0 = c < head_dim, in1 = c + 8 < head_dim;
+    q[kk][0] = lo && in0 ? *reinterpret_cast<const uint32_t*>(row_lo + c) : 0u;
+    q[kk][1] = hi && in0 ? *reinterpret_cast<const uint32_t*>(row_hi + c) : 0u;
+    q[kk][2] = lo && in1 ? *reinterpret_cast<const uint32_t*>(row_lo + c + 8) : 0u;
+    q[kk][3] = hi && in1 ? *reinterpret_cast<const uint32_t*>(row_hi + c + 8) : 0u;
+  }
+}
 
 // The sequence-level facts one CTA needs.
 struct DecodeSeq {
@@ -418,7 +438,6 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   constexpr int kWarpKeys = Traits::kWarpKeys;
   constexpr int NT = kWarpKeys / 8;
   constexpr int kOStride = Traits::kOStride;
-  using QTile = typename Traits::QTile;
   using KTile = typename Traits::KTile;
   using VTile = typename Traits::VTile;
 
@@ -458,18 +477,13 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
         decode_tma_issue<Traits>(p, smem_base, st, blocks.begin + st, hk, seq.cb);
     }
   }
-  // Q into the last ring slot (free until the first refill; the TMA variant
-  // fences it before the copy engine refills it). It lands long before the
-  // first K/V stage; an empty split waits for it before the epilogue reuses
-  // the ring.
-  const uint32_t q_addr = smem_base + (stages - 1) * Traits::kStageBytes;
-  {
-    const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride +
-                         static_cast<int64_t>(hk) * static_cast<int>(group.d) * p.q_head_stride;
-    load_tile_async<kThreads, QTile>(
-        q_addr, GqaQueryRows<Elem>{q_base, group, p.q_row_stride, p.q_head_stride}, m0, m_end,
-        p.head_dim, tid);
-  }
+  // Q goes straight into registers (loads issued now, first used by the
+  // first MMA): no ring slot holds it, so every slot streams K/V from the
+  // start and the first refill does not wait for Q to land.
+  const GqaQueryRows<Elem> q_rows{static_cast<const Elem*>(p.q) + b * p.q_batch_stride +
+                                      static_cast<int64_t>(hk) * static_cast<int>(group.d) *
+                                          p.q_head_stride,
+                                  group, p.q_row_stride, p.q_head_stride};
 
   // This thread's C-fragment rows (g and g + 8 of the warp's m16 tile) and
   // their visible key ranges; padding rows (>= m_end) see nothing.
@@ -501,29 +515,19 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   if (n_iters > 0) {
     // (The TMA variant never uses it: the cp.async loader of the same head dim.)
     DecodeKvLoader<DecodeTraits<Traits::kHeadDim>, Elem, kPaged> kv;
-    if constexpr (kTma) {
-      ptx::cp_async_commit();
-      ptx::cp_async_wait<0>();
-      ptx::fence_proxy_async();
-      __syncthreads();  // Q visible (and the ring barriers initialized, see the kernel)
-    } else {
+    if constexpr (!kTma) {
       kv.init(p, seq, hk, tid);
-      // Prologue: Q with stage 0 in group 0, stages 1..S-2 in their own
-      // groups (empty groups past the range keep the count uniform).
+      // Prologue: stages 0..S-2, one cp.async group each (empty groups past
+      // the range keep the count uniform); the loop waits for stage 0.
       for (int st = 0; st < stages - 1; ++st) {
         if (st < n_iters) kv.load(smem_base + st * Traits::kStageBytes, blocks.begin + st);
         ptx::cp_async_commit();
       }
-      cp_async_wait_dyn(stages - 2);
-      __syncthreads();  // Q and stage 0 visible
     }
-
+    // (TMA: the loop's first block barrier also publishes the ring barriers'
+    // initialization, see the kernel.)
     uint32_t q_frag[KS][4];
-    {
-      const int a_off = a_lane_offset<QTile>(lane) + QTile::offset(wm * 16, 0);
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) load_a<QTile>(q_frag[kk], q_addr, a_off, 0, kk * 16);
-    }
+    load_q_frags<Elem>(q_frag, q_rows, m0 + wm * 16, m_end, p.head_dim, lane);
 
     int b_off = 0, v_off = 0;
     SwizzledLane k_sw{0, 0}, v_sw{0, 0};
@@ -635,14 +639,24 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     // cp.async: only empty groups can be pending; keep the ring quiet. TMA:
     // every issued stage was waited on.
     if constexpr (!kTma) ptx::cp_async_wait<0>();
-  } else {
-    // No keys for this split: Q may still be landing in the ring that the
-    // epilogue reuses.
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<0>();
   }
 
-  // ---- epilogue: per-warp normalize + LSE, merge the warps of each row tile.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The combine kernel (a programmatic dependent launch, run_decode) may be
+  // scheduled once every CTA is past its key loop: its launch then overlaps
+  // the epilogues (it waits for this grid's completion before reading the
+  // partials). Any other next kernel launches when this grid's CTAs exit
+  // (H100: B=1 x 16k 31.4 us with the trigger at the kernel's start, 28.0
+  // here; a next decode step parked early made B=32 x 4k 176 -> 190 us).
+  if (p.num_splits > 1 && !p.combine_in_cluster)
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  // ---- epilogue: per-warp normalize + LSE into shared memory, then each
+  // output thread merges the warps_n partials of its (row, 8 columns):
+  // lse = m + log(sum_w exp(lse_w - m)), out = sum_w exp(lse_w - lse) * O_w.
+  // Two block barriers in all (this is on the tail of every CTA, one warp
+  // per scheduler: each dependent step is exposed); no data-dependent
+  // branches. Rows past m_end are padding: nothing writes or reads them.
   float lse_w[2];
   softmax.finalize(acc_o, p.scale, lse_w);
   __syncthreads();  // every warp is done reading the ring
@@ -650,60 +664,57 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   float* o_slab = reinterpret_cast<float*>(smem);               // [kNWarps][16][kOStride]
   float* lse_slab = o_slab + kNWarps * 16 * kOStride;           // [kNWarps][16]
   float* lse_fin = lse_slab + kNWarps * 16;                     // [kMaxRows]
-  const int g = lane >> 2;
-  if ((lane & 3) == 0) {
-    lse_slab[warp * 16 + g] = lse_w[0];
-    lse_slab[warp * 16 + g + 8] = lse_w[1];
-  }
-  __syncthreads();
-  // Merge the warps_n warps of this row tile: lse = m + log(sum exp(lse_w - m))
-  // in one pass (no data-dependent branches: this runs on the tail of every
-  // CTA), each warp's O scaled by its weight exp(lse_w - lse) into o_slab.
-  // Rows past m_end are padding: nothing reads them.
-  const int live_rows = m_end - m0 - wm * 16;  // rows of this warp's tile that exist
-  constexpr float kLog2e = 1.4426950408889634f;
+  {
+    const int g = lane >> 2;
+    const int live_rows = m_end - m0 - wm * 16;  // rows of this warp's tile that exist
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if (8 * h >= live_rows) break;  // warp-uniform
-    const int row = g + 8 * h;
-    float l[kNWarps];
-    float l_max = neg_inf();
+    for (int h = 0; h < 2; ++h) {
+      const int row = g + 8 * h;
+      if (row >= live_rows) continue;
+      if ((lane & 3) == 0) lse_slab[warp * 16 + row] = lse_w[h];
+      float* orow = o_slab + (warp * 16 + row) * kOStride + 2 * (lane & 3);
 #pragma unroll
-    for (int w = 0; w < kNWarps; ++w) {
-      l[w] = w < warps_n ? lse_slab[((wm << wn_bits) + w) * 16 + row] : neg_inf();
-      l_max = fmaxf(l_max, l[w]);
-    }
-    const float base = l_max == neg_inf() ? 0.f : l_max;
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kNWarps; ++w) sum += ptx::ex2_approx((l[w] - base) * kLog2e);  // ex2(-inf) = 0
-    const float lse_all = sum > 0.f ? base + __logf(sum) : neg_inf();
-    const float wt = lse_weight(lse_w[h], lse_all);
-    if (row >= live_rows) continue;
-    if (wn == 0 && (lane & 3) == 0) lse_fin[wm * 16 + row] = lse_all;
-    float* orow = o_slab + (warp * 16 + row) * kOStride + 2 * (lane & 3);
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      *reinterpret_cast<float2*>(orow + dt * 8) =
-          make_float2(acc_o[0][dt][2 * h] * wt, acc_o[0][dt][2 * h + 1] * wt);
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<float2*>(orow + dt * 8) =
+            make_float2(acc_o[0][dt][2 * h], acc_o[0][dt][2 * h + 1]);
     }
   }
   __syncthreads();
 
   // ---- output: rows of the CTA, 8 columns per thread.
+  constexpr float kLog2e = 1.4426950408889634f;
   const bool direct = p.num_splits == 1;
   const bool in_cluster = !direct && p.combine_in_cluster;
   const int col = (tid % Traits::kTpr) * 8;
   for (int rr = tid / Traits::kTpr; rr < rows_cta; rr += Traits::kRowsPerPass) {
     const int r = m0 + rr;
     if (r >= m_end) break;
+    const int wrow = (rr >> 4) << wn_bits;  // first warp of this row's tile
+    float l[kNWarps];
+    float l_max = neg_inf();
+#pragma unroll
+    for (int w = 0; w < kNWarps; ++w) {
+      l[w] = w < warps_n ? lse_slab[(wrow + w) * 16 + (rr & 15)] : neg_inf();
+      l_max = fmaxf(l_max, l[w]);
+    }
+    const float base = l_max == neg_inf() ? 0.f : l_max;
+    float wt[kNWarps];
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNWarps; ++w) {
+      wt[w] = ptx::ex2_approx((l[w] - base) * kLog2e);  // ex2(-inf) = 0
+      sum += wt[w];
+    }
+    const float lse = sum > 0.f ? base + __logf(sum) : neg_inf();
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int i = fast_div(group, r);
     const int h = hk * static_cast<int>(group.d) + fast_mod(group, r, i);
-    const float lse = lse_fin[rr];
     if (col == 0) {
       if (direct) {
         p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
-      } else if (!in_cluster) {
+      } else if (in_cluster) {
+        lse_fin[rr] = lse;
+      } else {
         p.lse_partial[((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q +
                       i] = lse;
       }
@@ -713,13 +724,17 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     float v[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = 0.f;
-    const int wrow = (rr >> 4) << wn_bits;  // first warp of this row's tile
-    for (int w = 0; w < warps_n; ++w) {
+#pragma unroll
+    for (int w = 0; w < kNWarps; ++w) {
+      if (w >= warps_n) break;
       const float* src = o_slab + ((wrow + w) * 16 + (rr & 15)) * kOStride + col;
       const float4 x0 = *reinterpret_cast<const float4*>(src);
       const float4 x1 = *reinterpret_cast<const float4*>(src + 4);
-      v[0] += x0.x; v[1] += x0.y; v[2] += x0.z; v[3] += x0.w;
-      v[4] += x1.x; v[5] += x1.y; v[6] += x1.z; v[7] += x1.w;
+      const float c = wt[w] * inv;
+      v[0] = fmaf(c, x0.x, v[0]); v[1] = fmaf(c, x0.y, v[1]);
+      v[2] = fmaf(c, x0.z, v[2]); v[3] = fmaf(c, x0.w, v[3]);
+      v[4] = fmaf(c, x1.x, v[4]); v[5] = fmaf(c, x1.y, v[5]);
+      v[6] = fmaf(c, x1.z, v[6]); v[7] = fmaf(c, x1.w, v[7]);
     }
     if (direct) {
       store_out8<Elem>(p, b, i, h, col, v);
@@ -746,13 +761,6 @@ template <typename Traits, typename Elem, bool kPaged>
 __global__ void __launch_bounds__(Traits::kThreads)
     flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(128) char smem[];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Lets the combine (a programmatic dependent launch, see run_decode) be
-  // scheduled once every CTA of this grid has started; it still waits for
-  // this grid's completion before reading the partials.
-  if (p.num_splits > 1 && !p.combine_in_cluster)
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
 #if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
   if constexpr (Traits::kTma) {  // never launched below sm90 (the host checks binaryVersion)
     __trap();
@@ -775,6 +783,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // when the combine runs in a cluster.
   const int m_block = fast_div(p.split_div, blockIdx.x);
   const int split = fast_mod(p.split_div, blockIdx.x, m_block);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // A programmatic dependent launch (run_decode) may start while the previous
+  // kernel of the stream still runs: everything above touches only this
+  // CTA's shared memory and the kernel parameters. Every global read (the
+  // lengths, Q, the caches: that kernel may have written them) and write (it
+  // may still read our outputs or workspace) comes after its completion.
+  // A no-op for an ordinary launch.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   const int hk = blockIdx.y;
   for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
     flash_decode_block<Traits, Elem, kPaged>(p, smem, b, hk, m_block, split, phases);

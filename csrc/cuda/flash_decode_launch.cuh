@@ -53,8 +53,8 @@ cudaError_t decode_raise_smem_limit() {
     const bool paged = v == 1, tma = v == 2;
     void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, tma);
     if (kernel == nullptr) continue;
-    int want = decode_smem_bytes<kHeadDim>(DecodeTraits<kHeadDim>::kMaxStages, tma);
-    if (want > optin) want = optin;
+    // The whole opt-in limit: a launch may pad its ring (decode_launch_smem).
+    const int want = optin;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want);
     if (err != cudaSuccess) return err;
     // Clusters of up to kMaxClusterSplits CTAs (the cluster combine); refused
@@ -65,6 +65,39 @@ cudaError_t decode_raise_smem_limit() {
   }
   if (device < 64) done[device] = true;
   return cudaSuccess;
+}
+
+// Dynamic shared memory of a launch of grid_ctas CTAs with rings of `ring`
+// bytes: the ring, padded when needed so that an SM holds at most
+// ceil(grid_ctas / SMs) of these CTAs. A programmatic dependent launch is
+// placed while the previous grid's last CTAs still run, on whichever SMs
+// have room; an SM with spare shared memory would take several CTAs and
+// others none (H100, B=32 x 4k: 256 CTAs that fit 3 per SM, launched while
+// the previous step's last CTAs stream: 176 -> 190 us).
+inline int decode_launch_smem(int ring, int64_t grid_ctas) {
+  static int per_sm[64] = {}, reserved[64] = {}, sms[64] = {}, optin[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return ring;
+  if (per_sm[device] == 0) {
+    if (cudaDeviceGetAttribute(&reserved[device], cudaDevAttrReservedSharedMemoryPerBlock, device) !=
+            cudaSuccess ||
+        cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin[device], cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+            cudaSuccess ||
+        cudaDeviceGetAttribute(&per_sm[device], cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                               device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      per_sm[device] = 0;
+      return ring;
+    }
+  }
+  if (sms[device] <= 0) return ring;
+  const int64_t per = (grid_ctas + sms[device] - 1) / sms[device];
+  if (per < 1 || per >= 32) return ring;
+  // (per + 1) CTAs of (smem + reserved) bytes must not fit in one SM.
+  const int64_t pad = per_sm[device] / (per + 1) - reserved[device] + 1;
+  if (pad <= ring) return ring;
+  return pad <= optin[device] ? static_cast<int>(pad) : ring;
 }
 
 template <int kHeadDim, ElemType kDtype>
@@ -183,7 +216,7 @@ inline bool encode_kv_map(unsigned char (&blob)[128], const void* base, const De
 }
 
 template <int kHeadDim, ElemType kDtype>
-cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream, bool programmatic) {
   using Traits = DecodeTraits<kHeadDim>;
   if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads_q <= 0) return cudaSuccess;
   if (p.head_dim > kHeadDim || p.head_dim % 8 != 0 || p.heads_kv <= 0 ||
@@ -215,25 +248,31 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   void* args[] = {&q};
-  const size_t smem = static_cast<size_t>(decode_smem_bytes<kHeadDim>(p.stages, p.use_tma));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(Traits::kThreads);
+  const int ring = decode_smem_bytes<kHeadDim>(p.stages, p.use_tma);
+  const int64_t grid_ctas = gx * p.heads_kv * static_cast<int64_t>(grid.z);
+  cfg.dynamicSmemBytes = static_cast<size_t>(programmatic ? decode_launch_smem(ring, grid_ctas) : ring);
+  cfg.stream = stream;
+  cudaLaunchAttribute at[2];
+  unsigned n_at = 0;
   if (p.combine_in_cluster && p.num_splits > 1) {
     // The splits of one m-block (adjacent in x) form one cluster.
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(Traits::kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = static_cast<unsigned>(p.num_splits);
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    err = cudaLaunchKernelExC(&cfg, kernel, args);
-  } else {
-    err = cudaLaunchKernel(kernel, grid, dim3(Traits::kThreads), args, smem, stream);
+    at[n_at].id = cudaLaunchAttributeClusterDimension;
+    at[n_at].val.clusterDim.x = static_cast<unsigned>(p.num_splits);
+    at[n_at].val.clusterDim.y = 1;
+    at[n_at].val.clusterDim.z = 1;
+    ++n_at;
   }
+  if (programmatic) {
+    at[n_at].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[n_at].val.programmaticStreamSerializationAllowed = 1;
+    ++n_at;
+  }
+  cfg.attrs = at;
+  cfg.numAttrs = n_at;
+  err = cudaLaunchKernelExC(&cfg, kernel, args);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
@@ -243,7 +282,7 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream) {
 
 #define FASTATTN_INSTANTIATE_DECODE(HDIM, DTYPE)                                             \
   template cudaError_t fastattn::gpu::run_decode_hdim<HDIM, fastattn::ElemType::DTYPE>(      \
-      const fastattn::DecodeParams&, cudaStream_t);                                          \
+      const fastattn::DecodeParams&, cudaStream_t, bool);                                    \
   template int fastattn::gpu::decode_ctas_per_sm<HDIM, fastattn::ElemType::DTYPE>(int, bool, \
                                                                                 bool);       \
   template bool fastattn::gpu::decode_tma_runnable<HDIM, fastattn::ElemType::DTYPE>();   \

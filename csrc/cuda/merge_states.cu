@@ -164,6 +164,9 @@ __global__ void __launch_bounds__(kMergeThreads, 4)
   // The first row's addresses (index math only) before the wait below.
   MergeRow<In> w = merge_row<In>(p, row < rows ? row : 0, narrow);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The next decode step may be a programmatic dependent of this kernel
+  // (run_decode): let it be scheduled now (it waits for our completion).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   // Launched as a programmatic dependent of the decode kernel (run_decode):
   // wait until that grid has completed and its partials are visible. A no-op
   // for an ordinary launch. Everything above runs while the decode finishes.
