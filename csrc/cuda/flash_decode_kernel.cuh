@@ -178,6 +178,23 @@ __device__ __forceinline__ void load_q_frags(uint32_t (&q)[KS][4], const GqaQuer
   }
 }
 
+// Lets the next kernel of the stream (a programmatic dependent launch:
+// run_decode) be scheduled once every CTA of this grid has called this or
+// exited. Called when a CTA has issued its last K/V load: the dependents'
+// launch and prologue then overlap this grid's last stages and epilogues
+// (they wait for its completion before touching global memory), and they
+// cannot take SM slots from this grid, whose CTAs have all started. H100,
+// Hkv=8, D=128, bf16, vs the trigger at exit / after the key loop: B=64 x 2k
+// and B=1 x 16k 0.3-0.5% faster, the rest within noise; a trigger at the
+// kernel start instead parked the next step's CTAs on the first SMs to free
+// up (B=32 x 4k 176 -> 190 us before launches were padded,
+// decode_launch_smem).
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // The sequence-level facts one CTA needs.
 struct DecodeSeq {
   int b;         // sequence (batch index)
@@ -539,6 +556,10 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       v_off = b_trans_lane_offset<VTile>(lane);
     }
     const int col_lane = 2 * (lane & 3);
+    // The iteration that issues this CTA's last K/V stage (the prologue
+    // issues the first stages - 1): from there on the CTA only computes,
+    // so it lets the next kernel of the stream be scheduled.
+    const int last_issue_it = n_iters > stages - 1 ? n_iters - stages : 0;
     int slot = 0;
     for (int it = 0; it < n_iters; ++it) {
       const int nxt = it + stages - 1;
@@ -547,6 +568,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
         __syncthreads();  // every warp is done with slot it - 1 (and Q)
         if (tid == 0 && nxt < n_iters)
           decode_tma_issue<Traits>(p, smem_base, ns, blocks.begin + nxt, hk, seq.cb);
+        if (it == last_issue_it) allow_dependents();
         const uint32_t bar = smem_base + stages * Traits::kStageBytes + 8 * slot;
         ptx::mbar_wait(bar, (phases >> slot) & 1u);  // stage `it` landed
         phases ^= 1u << slot;
@@ -574,6 +596,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
         __syncthreads();  // stage `it` visible to all; every warp is done with slot it - 1 (and Q)
         if (nxt < n_iters) kv.load(smem_base + ns * Traits::kStageBytes, blocks.begin + nxt);
         ptx::cp_async_commit();
+        if (it == last_issue_it) allow_dependents();
       }
       const uint32_t k_addr = smem_base + slot * Traits::kStageBytes;
       const uint32_t v_addr = k_addr + KTile::kBytes;
@@ -641,16 +664,6 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     if constexpr (!kTma) ptx::cp_async_wait<0>();
   }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The combine kernel (a programmatic dependent launch, run_decode) may be
-  // scheduled once every CTA is past its key loop: its launch then overlaps
-  // the epilogues (it waits for this grid's completion before reading the
-  // partials). Any other next kernel launches when this grid's CTAs exit
-  // (H100: B=1 x 16k 31.4 us with the trigger at the kernel's start, 28.0
-  // here; a next decode step parked early made B=32 x 4k 176 -> 190 us).
-  if (p.num_splits > 1 && !p.combine_in_cluster)
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
   // ---- epilogue: per-warp normalize + LSE into shared memory, then each
   // output thread merges the warps_n partials of its (row, 8 columns):
   // lse = m + log(sum_w exp(lse_w - m)), out = sum_w exp(lse_w - lse) * O_w.
