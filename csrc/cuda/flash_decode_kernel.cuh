@@ -12,14 +12,16 @@
 //     It keeps its own online-softmax state (common/softmax.h) over its keys.
 //   - K/V stream through a ring of `stages` (runtime, 2..4) shared-memory
 //     stages with cp.async, stages - 1 in flight while one is computed. Q is
-//     loaded from global memory straight into registers as mma A fragments
-//     (no ring slot waits for it).
+//     staged with the first stage in the last ring slot, then held in
+//     registers as mma A fragments.
 //   - DecodeTmaTraits (sm90, contiguous caches, head dims 64 / 128): the same
 //     ring filled by the copy engine instead (one TMA box per 64 columns of
 //     K and V per stage, issued by thread 0, an mbarrier per stage, 128-byte
 //     swizzled tiles). The math is the same; only the loads and the fragment
 //     addressing differ. (The copy engine streams this access pattern ~3.5%
-//     faster than cp.async on the H100: scripts/dev_stream_ceiling.cu.)
+//     faster than cp.async on the H100: scripts/dev_stream_ceiling.cu.) Q
+//     goes from global memory straight into mma A fragments (no ring slot
+//     waits for it).
 //   - Epilogue: the warps of one row tile merge their (O, LSE) partials
 //     through shared memory (the LSE-weighted merge of merge_states), then
 //     write out/lse directly (num_splits == 1), or merge the splits inside a
@@ -89,6 +91,9 @@ struct DecodeTraits {
   using KTile = SmemTile<kBlockN, kHeadDim>;
   using VTile = SmemTile<kBlockN, kHeadDim>;
   static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;
+  // The cp.async variant stages Q in the last ring slot (flash_decode_block).
+  using QTile = SmemTile<kMaxRows, kHeadDim>;
+  static_assert(QTile::kBytes <= kStageBytes, "Q is staged in one ring slot");
 
   // Epilogue (reuses the ring): per-warp fp32 O [kNWarps][16][kOStride],
   // per-warp LSE [kNWarps][16], merged LSE [kMaxRows].
@@ -494,9 +499,9 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
         decode_tma_issue<Traits>(p, smem_base, st, blocks.begin + st, hk, seq.cb);
     }
   }
-  // Q goes straight into registers (loads issued now, first used by the
-  // first MMA): no ring slot holds it, so every slot streams K/V from the
-  // start and the first refill does not wait for Q to land.
+  // Q rows of this CTA. The TMA variant loads them straight into registers
+  // (issued after the first stages, first used by the first MMA): no ring
+  // slot holds Q, so every slot streams K/V from the start.
   const GqaQueryRows<Elem> q_rows{static_cast<const Elem*>(p.q) + b * p.q_batch_stride +
                                       static_cast<int64_t>(hk) * static_cast<int>(group.d) *
                                           p.q_head_stride,
@@ -532,19 +537,34 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   if (n_iters > 0) {
     // (The TMA variant never uses it: the cp.async loader of the same head dim.)
     DecodeKvLoader<DecodeTraits<Traits::kHeadDim>, Elem, kPaged> kv;
+    uint32_t q_frag[KS][4];
     if constexpr (!kTma) {
       kv.init(p, seq, hk, tid);
-      // Prologue: stages 0..S-2, one cp.async group each (empty groups past
-      // the range keep the count uniform); the loop waits for stage 0.
+      // Prologue: Q into the last ring slot (free until the loop's first
+      // refill, which follows a block barrier) with stage 0 in group 0,
+      // stages 1..S-2 in their own groups (empty groups past the range keep
+      // the count uniform). Not the TMA variant's direct register loads of
+      // Q: with them this kernel ran 22% slower on the H100 (ncu, paged,
+      // page size 16, B=1 x 64k: 102 -> 124 us, same grid, shared memory
+      // and bytes, 1% more instructions, DRAM 78% -> 64% busy; cause not
+      // found in the SASS, whose key loop differs only in scheduling).
+      using QTile = typename Traits::QTile;
+      const uint32_t q_addr = smem_base + (stages - 1) * Traits::kStageBytes;
+      load_tile_async<kThreads, QTile>(q_addr, q_rows, m0, m_end, p.head_dim, tid);
       for (int st = 0; st < stages - 1; ++st) {
         if (st < n_iters) kv.load(smem_base + st * Traits::kStageBytes, blocks.begin + st);
         ptx::cp_async_commit();
       }
+      cp_async_wait_dyn(stages - 2);
+      __syncthreads();  // Q and stage 0 visible
+      const int a_off = a_lane_offset<QTile>(lane) + QTile::offset(wm * 16, 0);
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) load_a<QTile>(q_frag[kk], q_addr, a_off, 0, kk * 16);
+    } else {
+      // (The loop's first block barrier also publishes the ring barriers'
+      // initialization, see the kernel.)
+      load_q_frags<Elem>(q_frag, q_rows, m0 + wm * 16, m_end, p.head_dim, lane);
     }
-    // (TMA: the loop's first block barrier also publishes the ring barriers'
-    // initialization, see the kernel.)
-    uint32_t q_frag[KS][4];
-    load_q_frags<Elem>(q_frag, q_rows, m0 + wm * 16, m_end, p.head_dim, lane);
 
     int b_off = 0, v_off = 0;
     SwizzledLane k_sw{0, 0}, v_sw{0, 0};
