@@ -189,11 +189,11 @@ __device__ __forceinline__ void load_q_frags(uint32_t (&q)[KS][4], const GqaQuer
 // launch and prologue then overlap this grid's last stages and epilogues
 // (they wait for its completion before touching global memory), and they
 // cannot take SM slots from this grid, whose CTAs have all started. H100,
-// Hkv=8, D=128, bf16, vs the trigger at exit / after the key loop: B=64 x 2k
-// and B=1 x 16k 0.3-0.5% faster, the rest within noise; a trigger at the
-// kernel start instead parked the next step's CTAs on the first SMs to free
-// up (B=32 x 4k 176 -> 190 us before launches were padded,
-// decode_launch_smem).
+// Hkv=8, D=128, bf16, interleaved against cuDNN, vs the trigger at exit /
+// after the key loop: B=64 x 2k +0.2-0.5%, B=1 x 16k +0.7%, B=16 x 32k
+// -0.5% in one probe, the rest within +-0.3%. A trigger at the kernel start
+// instead parked the next step's CTAs on the first SMs to free up (B=32 x 4k
+// 176 -> 190 us before launches were padded, decode_launch_smem).
 __device__ __forceinline__ void allow_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
