@@ -22,6 +22,11 @@ ALL_HDIMS = (32, 64, 96, 128, 192, 256)
 ALL_DTYPES = ("fp16", "bf16")
 
 
+def _test_requirements():
+    with open(os.path.join(ROOT, "tests", "requirements.txt")) as f:
+        return [l.strip() for l in f if l.strip() and not l.startswith("#")]
+
+
 def _env_list(name, default):
     raw = os.environ.get(name, "").replace(";", ",").strip()
     if not raw:
@@ -91,13 +96,31 @@ def _selected(path, hdims, dtypes):
 LINK_ARGS = ["-fopenmp", "-Wl,--exclude-libs,libstdc++.a"]
 
 
+def _host_cxx_std():
+    """C++ standard of the host (torch-facing) code: what torch's headers demand.
+
+    torch >= 2.12's ATen needs C++20; older releases build as C++17. The CUDA
+    kernels include no torch header and always build as C++17, so the machine
+    code does not depend on the torch release.
+    """
+    from torch.utils import cpp_extension
+
+    aten = os.path.join(cpp_extension.include_paths()[0], "ATen", "ATen.h")
+    try:
+        with open(aten) as f:
+            needs_20 = "C++20" in f.read()
+    except OSError:
+        needs_20 = False
+    return "c++20" if needs_20 else "c++17"
+
+
 def build_extension():
     from torch.utils import cpp_extension
 
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_glue = sorted(glob.glob("csrc/torch_cuda*.cpp"))
     cpp_sources = [s for s in cpp_sources if s not in cuda_glue]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", f"-std={_host_cxx_std()}", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     use_cuda, reason = _cuda_available_for_build()
@@ -162,6 +185,7 @@ def main():
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
         python_requires=">=3.9",
         install_requires=["torch>=2.4"],
+        extras_require={"test": _test_requirements()},
         zip_safe=False,
     )
 

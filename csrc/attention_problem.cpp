@@ -121,4 +121,21 @@ at::Tensor empty_lse(const AttnProblem& p, const at::Tensor& q) {
   return at::empty({p.batch, p.heads_q, p.seqlen_q}, opts);
 }
 
+void check_grad_outputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  const std::pair<const at::Tensor*, const at::Tensor*> pairs[] = {{&q, &dq}, {&k, &dk}, {&v, &dv}};
+  const char* names[] = {"dq", "dk", "dv"};
+  for (int i = 0; i < 3; ++i) {
+    const at::Tensor& x = *pairs[i].first;
+    const at::Tensor& g = *pairs[i].second;
+    TORCH_CHECK(g.sizes() == x.sizes(), "fastattn: bwd_into: ", names[i], " must have shape ",
+                x.sizes(), ", got ", g.sizes());
+    TORCH_CHECK(g.scalar_type() == x.scalar_type(), "fastattn: bwd_into: ", names[i],
+                " must have dtype ", x.scalar_type(), ", got ", g.scalar_type());
+    TORCH_CHECK(g.device() == x.device(), "fastattn: bwd_into: ", names[i], " must be on ",
+                x.device(), ", got ", g.device());
+    check_last_dim_contiguous(g, names[i]);
+  }
+}
+
 }  // namespace fastattn

@@ -58,6 +58,11 @@ AttnProblem check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at
                            bool causal, int64_t window_left, int64_t window_right,
                            bool bottom_right);
 
+// Caller-provided gradients (bwd_into): dq/dk/dv have q's/k's/v's shapes,
+// dtype and device, a contiguous last dim, and do not overlap the inputs.
+void check_grad_outputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+
 // dtype of the logsumexp output: float32, except float64 inputs keep float64
 // so that gradcheck-grade CPU runs are exact.
 at::ScalarType lse_dtype(at::ScalarType input_dtype);

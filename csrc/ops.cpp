@@ -23,6 +23,15 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "float scale, bool causal, int window_left, int window_right, bool bottom_right, "
       "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // The same gradients written into caller-provided dq, dk, dv (q's, k's and
+  // v's shapes and dtype, any strides with a contiguous last dim), e.g. the
+  // three slices of one packed dqkv, so packed inputs get their gradient
+  // without a copy. Varlen: rows outside every sequence are zeroed.
+  m.def(
+      "bwd_into(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "float scale, bool causal, int window_left, int window_right, bool bottom_right, "
+      "bool deterministic, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
 
   // Recursive attention: attention over the union of disjoint key sets is the
   // LSE-weighted merge of the parts. out_* are (..., S, H, D), lse_* are

@@ -31,15 +31,20 @@ void layout_strides(const at::Tensor& t, bool varlen, int64_t& bs, int64_t& rs, 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic) {
+// Writes the gradients into dq, dk, dv (q's, k's, v's shapes and dtype, any
+// strides with a contiguous last dim: e.g. slices of one packed dqkv buffer,
+// which is how flash_attn_qkvpacked_func avoids a copy of the gradients).
+void bwd_into_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                   const std::optional<at::Tensor>& cu_seqlens_q,
+                   const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                   int64_t max_seqlen_k, double scale, bool causal, int64_t window_left,
+                   int64_t window_right, bool bottom_right, bool deterministic,
+                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
   const AttnProblem prob =
       check_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                      max_seqlen_k, scale, causal, window_left, window_right, bottom_right);
+  check_grad_outputs(q, k, v, dq, dk, dv);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k, "k"},
                                {&v, "v"},
@@ -47,22 +52,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
                                {&out, "out"},
                                {&lse, "lse"},
                                {cu_seqlens_q ? &*cu_seqlens_q : nullptr, "cu_seqlens_q"},
-                               {cu_seqlens_k ? &*cu_seqlens_k : nullptr, "cu_seqlens_k"}});
+                               {cu_seqlens_k ? &*cu_seqlens_k : nullptr, "cu_seqlens_k"},
+                               {&dq, "dq"},
+                               {&dk, "dk"},
+                               {&dv, "dv"}});
   c10::cuda::CUDAGuard guard(q.device());
 
   const int64_t d = prob.head_dim;
   const int64_t dpad = glue::checked_padded_head_dim(q, d, dtype, "backward");
 
-  // Fresh contiguous outputs with the shapes of q, k, v (the fake kernels'
-  // contract). Varlen: k/v rows outside every sequence get zero gradients.
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = prob.varlen ? at::zeros(k.sizes(), k.options()) : at::empty(k.sizes(), k.options());
-  at::Tensor dv = prob.varlen ? at::zeros(v.sizes(), v.options()) : at::empty(v.sizes(), v.options());
+  // Varlen: k/v rows outside every sequence get zero gradients.
+  if (prob.varlen) {
+    dk.zero_();
+    dv.zero_();
+  }
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    return;
   }
 
   // cp.async reads 16-byte chunks: unaligned views and head dims that are not
@@ -80,9 +88,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     }
   }
   const at::Tensor &qr = in[0], &kr = in[1], &vr = in[2], &outr = in[3], &doutr = in[4];
-  at::Tensor dq_k = padded ? at::empty(qr.sizes(), q.options()) : dq;
-  at::Tensor dk_k = padded ? at::zeros(kr.sizes(), k.options()) : dk;
-  at::Tensor dv_k = padded ? at::zeros(vr.sizes(), v.options()) : dv;
+  // Gradients the kernels cannot store to directly (padded head dim, or
+  // strides that are not 16-byte multiples) go through temporaries.
+  const bool staged = padded || !glue::kernel_readable(dq) || !glue::kernel_readable(dk) ||
+                      !glue::kernel_readable(dv);
+  at::Tensor dq_k = staged ? at::empty(qr.sizes(), q.options()) : dq;
+  at::Tensor dk_k = staged ? at::zeros(kr.sizes(), k.options()) : dk;
+  at::Tensor dv_k = staged ? at::zeros(vr.sizes(), v.options()) : dv;
 
   BwdParams p;
   glue::fill_fwd_params(p, prob, qr, kr, vr, outr, lse, cu_seqlens_q, cu_seqlens_k);
@@ -125,15 +137,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
 
   glue::check_launch(gpu::run_bwd(p, at::cuda::getCurrentCUDAStream()), "bwd");
 
-  if (padded) {
+  if (staged) {
     dq.copy_(dq_k.narrow(-1, 0, d));
     dk.copy_(dk_k.narrow(-1, 0, d));
     dv.copy_(dv_k.narrow(-1, 0, d));
   }
+}
+
+// Fresh contiguous gradients with the shapes of q, k, v (the fake kernels' contract).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
+    bool deterministic) {
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  bwd_into_cuda(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv);
   return {dq, dk, dv};
 }
 
 }  // namespace
 }  // namespace fastattn
 
-TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("bwd", &fastattn::bwd_cuda); }
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("bwd", &fastattn::bwd_cuda);
+  m.impl("bwd_into", &fastattn::bwd_into_cuda);
+}

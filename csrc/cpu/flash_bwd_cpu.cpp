@@ -130,27 +130,47 @@ void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic) {
+void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& cu_seqlens_q,
+                  const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                  int64_t max_seqlen_k, double scale, bool causal, int64_t window_left,
+                  int64_t window_right, bool bottom_right, bool deterministic,
+                  const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
   // The CPU backward is deterministic whatever the flag: each dQ row is owned
   // by one task and summed in a fixed order.
   (void)deterministic;
   const AttnProblem p = check_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                        max_seqlen_q, max_seqlen_k, scale, causal, window_left,
                                        window_right, bottom_right);
-  TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
+  check_grad_outputs(q, k, v, dq, dk, dv);
+  TORCH_CHECK(q.device().is_cpu() && dq.device().is_cpu() && dk.device().is_cpu() &&
+                  dv.device().is_cpu(),
+              "fastattn: the CPU kernel got tensors on ", q.device());
+  // Varlen: k/v rows outside every sequence get zero gradients.
+  if (p.varlen) {
+    dk.zero_();
+    dv.zero_();
+  }
+  const int32_t* cu_q = p.varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
+  const int32_t* cu_k = p.varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
+  at::Tensor dq_w = dq, dk_w = dk, dv_w = dv;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_bwd_cpu", [&] {
+    bwd_impl<scalar_t>(p, dout, q, k, v, out, lse, cu_q, cu_k, dq_w, dk_w, dv_w);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
+    bool deterministic) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  const int32_t* cu_q = p.varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
-  const int32_t* cu_k = p.varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_bwd_cpu", [&] {
-    bwd_impl<scalar_t>(p, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv);
-  });
+  bwd_into_cpu(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+               scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv);
   return {dq, dk, dv};
 }
 

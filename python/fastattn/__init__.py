@@ -5,6 +5,8 @@
     fastattn.flash_attn_func(...)                flash-attn 2.x compatible API
     fastattn.flash_attn_varlen_func(...)         ragged batches (cu_seqlens)
     fastattn.flash_attn_with_kvcache(...)        decoding over a KV cache (split-KV)
+    fastattn.flash_attn_(varlen_)(qkv|kv)packed_func(...)  packed q/k/v, gradients in place
+    fastattn.unpad_input(...) / pad_input(...)   padded batch <-> varlen rows
     fastattn.merge_attention_states(...)         merge partial (out, lse) over disjoint key sets
     fastattn.PagedKVCache(...)                   paged KV cache: block pool, tables, fork/COW
     fastattn.explain(...)                        which path an SDPA call takes
@@ -19,6 +21,13 @@ from .functional import (
     flash_attn_varlen_func,
     scaled_dot_product_attention,
 )
+from .packed import (
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
+from .padding import pad_input, unpad_input
 from .paged import OutOfBlocks, PagedKVCache
 from .patch import is_sdpa_patched, patch_sdpa, unpatch_sdpa
 
@@ -28,16 +37,22 @@ __all__ = [
     "Route",
     "explain",
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "has_cuda_kernels",
     "is_sdpa_patched",
     "merge_attention_states",
     "merge_attention_states_n",
     "OutOfBlocks",
+    "pad_input",
     "PagedKVCache",
     "ops",
     "patch_sdpa",
     "scaled_dot_product_attention",
+    "unpad_input",
     "unpatch_sdpa",
 ]

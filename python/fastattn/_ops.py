@@ -52,6 +52,13 @@ def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.register_fake("fastattn::bwd_into")
+def _bwd_into_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv):
+    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv)
+    return None
+
+
 _FWD_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "causal",
              "window_left", "window_right", "bottom_right", "deterministic")
 
@@ -68,7 +75,17 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    a = ctx.args
+    dq, dk, dv = attention_backward(ctx.args, q, k, v, out, lse, cu_q, cu_k, dout, dlse)
+    return (dq, dk, dv) + (None,) * len(_FWD_ARGS)
+
+
+def attention_backward(args, q, k, v, out, lse, cu_q, cu_k, dout, dlse, grads=None):
+    """Gradients of fwd's (out, lse) w.r.t. q, k, v; `args` are fwd's keyword arguments.
+
+    grads: optional (dq, dk, dv) buffers (e.g. slices of one packed dqkv) that
+    receive the gradients in place instead of fresh tensors.
+    """
+    a = args
     deterministic = a["deterministic"] or torch.are_deterministic_algorithms_enabled()
     common = (cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"], a["scale"], a["causal"],
               a["window_left"], a["window_right"], a["bottom_right"])
@@ -78,7 +95,11 @@ def _fwd_backward(ctx, dout, dlse):
         # e.g. the expanded (all-stride-0) gradient of out.sum(); the kernels
         # need a contiguous last dim.
         dout = dout.contiguous()
-    dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *common, deterministic)
+    if grads is None:
+        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *common, deterministic)
+    else:
+        dq, dk, dv = grads
+        ops.bwd_into(dout, q, k, v, out, lse, *common, deterministic, dq, dk, dv)
     if dlse is not None:
         # d lse_i / d s_ij = P_ij, so an lse gradient adds dS_ij = P_ij * dlse_i:
         #   dq_i += scale * dlse_i * sum_j P_ij k_j   (attention with K as values)
@@ -86,9 +107,14 @@ def _fwd_backward(ctx, dout, dlse):
         g = _lse_grad_rows(dlse, q, cu_q)
         pk, _ = ops.fwd(q, k, k, *common, deterministic)
         _, _, dk_extra = ops.bwd(g * q, q, k, k, out, lse, *common, deterministic)
-        dq = dq + (a["scale"] * g * pk).to(dq.dtype)
-        dk = dk + (a["scale"] * dk_extra).to(dk.dtype)
-    return (dq, dk, dv) + (None,) * len(_FWD_ARGS)
+        extra_q = (a["scale"] * g * pk).to(dq.dtype)
+        extra_k = (a["scale"] * dk_extra).to(dk.dtype)
+        if grads is None:
+            dq, dk = dq + extra_q, dk + extra_k
+        else:
+            dq.add_(extra_q)
+            dk.add_(extra_k)
+    return dq, dk, dv
 
 
 def _lse_grad_rows(dlse, q, cu_seqlens_q):

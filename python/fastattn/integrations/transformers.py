@@ -1,0 +1,128 @@
+"""fastattn as a Hugging Face transformers attention backend.
+
+    import fastattn.integrations.transformers  # registers "fastattn"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="fastattn")
+
+Importing this module registers an attention function through
+`transformers.AttentionInterface` and, for its masks, transformers' own 2-D
+padding-mask builder (the one its flash-attention path uses), so a model
+hands us the (batch, keys) padding mask or None instead of a dense 4-D mask.
+Every attention call then runs on fastattn's kernels:
+
+- no padding: `flash_attn_func` over (batch, seq, heads, dim) views, causal
+  aligned bottom-right (decode steps and chunks over a KV cache), GQA as is;
+- a padded batch: the rows are unpadded to a ragged batch
+  (`flash_attn_varlen_func`) and padded back, padding rows get 0;
+- packed sequences (one row holding several sequences, `position_ids`
+  restarting at 0, or flash-attn style `cu_seq_lens_q/k` keyword arguments
+  from `DataCollatorWithFlattening`): varlen over the packed sequences;
+- `sliding_window` (Mistral, Qwen2, ...): window_size=(sliding_window - 1, 0).
+
+Arguments the kernels do not support yet (attention dropout > 0, softcap,
+attention sinks, output_attentions) raise NotImplementedError naming them.
+"""
+import torch
+import transformers
+from transformers import AttentionInterface
+
+from ..functional import flash_attn_func, flash_attn_varlen_func
+from ..padding import pad_input, unpad_input
+
+NAME = "fastattn"
+
+def _unsupported(dropout, softcap, s_aux, kwargs):
+    if dropout:
+        raise NotImplementedError(f"fastattn: attention dropout={dropout} is not supported yet "
+                                  "(set the config's attention_dropout to 0.0, or use model.eval())")
+    if softcap:
+        raise NotImplementedError(f"fastattn: attention softcap={softcap} (attn_logit_softcapping) "
+                                  "is not supported yet")
+    if s_aux is not None or kwargs.get("sinks") is not None:
+        raise NotImplementedError("fastattn: attention sinks (s_aux) are not supported yet")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("fastattn: output_attentions=True needs the attention "
+                                  "probabilities, which fastattn never materializes; use "
+                                  "attn_implementation='eager' for that")
+
+
+def _compute_dtype(query):
+    """fp32 activations under autocast run in the autocast dtype (as transformers' flash path)."""
+    if query.dtype == torch.float32 and query.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return query.dtype
+
+
+def _packed_cu_seqlens(position_ids, total):
+    """cu_seqlens of the sequences packed in position_ids (B, S): one starts at every row
+    start and wherever the position does not advance by 1. None if each row is one sequence."""
+    pos = position_ids.reshape(-1, position_ids.shape[-1])
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+    starts = starts.flatten()
+    if int(starts.sum()) == pos.shape[0]:
+        return None, 0
+    begin = starts.nonzero().flatten().to(torch.int32)
+    cu = torch.cat([begin, begin.new_tensor([total])])
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def fastattn_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                               sliding_window=None, softcap=None, is_causal=None, s_aux=None,
+                               **kwargs):
+    """transformers attention function: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D),
+    attention_mask the (B, Sk) bool padding mask or None. Returns ((B, Sq, Hq, D), None)."""
+    _unsupported(dropout, softcap, s_aux, kwargs)
+    if value.shape[-1] != query.shape[-1]:
+        raise NotImplementedError(f"fastattn: value head dim {value.shape[-1]} != query head dim "
+                                  f"{query.shape[-1]}")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if sliding_window is not None and sliding_window > 0:
+        window = (sliding_window - 1, 0 if causal else sliding_window - 1)
+    else:
+        window = (-1, -1)
+    dtype = _compute_dtype(query)
+    # (B, H, S, D) -> (B, S, H, D): strided views, the kernels read them in place.
+    q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))
+    B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+    common = dict(softmax_scale=scaling, causal=bool(causal), window_size=window)
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and attention_mask is None and kwargs.get("position_ids") is not None and Sq == Sk:
+        cu_q, max_q = _packed_cu_seqlens(kwargs["position_ids"], B * Sq)
+        cu_k, max_k = cu_q, max_q
+    elif cu_q is not None:
+        max_q, max_k = int(kwargs["max_length_q"]), int(kwargs["max_length_k"])
+
+    if cu_q is not None:  # packed sequences: rows of one flattened batch
+        out = flash_attn_varlen_func(q.reshape(B * Sq, *q.shape[2:]), k.reshape(B * Sk, *k.shape[2:]),
+                                     v.reshape(B * Sk, *v.shape[2:]), cu_q.to(torch.int32),
+                                     cu_k.to(torch.int32), max_q, max_k, **common)
+        out = out.reshape(B, Sq, *out.shape[1:])
+    elif attention_mask is not None:  # padded batch: unpad to varlen, pad back
+        if attention_mask.dim() != 2:
+            raise NotImplementedError(f"fastattn: expected the (batch, keys) padding mask, got a "
+                                      f"{attention_mask.dim()}-D attention mask (custom masks are "
+                                      "not supported)")
+        key_mask = attention_mask[:, -Sk:]
+        k_rows, k_index, cu_k, max_k, _ = unpad_input(k, key_mask)
+        v_rows = v.reshape(B * Sk, *v.shape[2:])[k_index]
+        q_rows, q_index, cu_q, max_q, _ = unpad_input(q, key_mask[:, -Sq:])
+        out = flash_attn_varlen_func(q_rows, k_rows, v_rows, cu_q, cu_k, max_q, max_k, **common)
+        out = pad_input(out, q_index, B, Sq)
+    else:
+        out = flash_attn_func(q, k, v, **common)
+    return out.to(query.dtype), None
+
+
+def register(name=NAME):
+    """Register the attention function and its mask builder under `name` (done on import)."""
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError as e:  # transformers < 4.53 builds its masks without this interface
+        raise ImportError(f"fastattn.integrations.transformers needs transformers >= 4.53, found "
+                          f"{transformers.__version__}") from e
+    AttentionInterface.register(name, fastattn_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+
+
+register()
