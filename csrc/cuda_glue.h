@@ -13,9 +13,12 @@
 //   void fill_fwd_params(p, prob, q, k, v, out, lse, cu_q, cu_k)
 //                                                       pointers, strides, sizes, scale, mask
 //   void check_launch(cudaError_t, what)                raises a c10::Error naming the launch
+//   void check_lengths_fit(seqlens, capacity, ...)      max(seqlens) <= capacity (one host
+//                                                       read; skipped under graph capture)
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
@@ -221,6 +224,22 @@ inline void paged_pools_for_kernel(at::Tensor& k_pool, at::Tensor& v_pool) {
 inline void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fastattn: ", what, " kernel launch failed: ",
               cudaGetErrorString(err));
+}
+
+// Keys per sequence must fit in what the cache can address (S_max, or
+// block_table's max_blocks * block_size): past it the kernels would clamp the
+// length and silently attend to fewer keys. Checking reads max(seqlens) on
+// the host (one sync, as flash-attn 2.8 does); under CUDA-graph capture a
+// read is impossible, the check is skipped and the kernels' clamping stays
+// (documented on the ops).
+inline void check_lengths_fit(const at::Tensor& seqlens, int64_t capacity, const char* capacity_name,
+                              const char* capacity_what) {
+  if (seqlens.numel() == 0) return;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+  const int64_t longest = seqlens.max().item<int64_t>();
+  TORCH_CHECK(longest <= capacity, "fastattn: a sequence holds ", longest, " keys but ",
+              capacity_name, " addresses only ", capacity, " (", capacity_what, "); give ",
+              capacity_name, " room for every key, new ones included");
 }
 
 }  // namespace glue

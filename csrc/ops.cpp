@@ -48,6 +48,10 @@ TORCH_LIBRARY(fastattn, m) {
   // which cache row sequence b reads (None: b). Causal/window align bottom-right
   // (query Sq-1 sits at key seqlens_k-1). num_splits: KV splits (0 = heuristic).
   // Returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32.
+  // A seqlens_k entry past what the cache addresses (S_max, or max_blocks *
+  // block_size) raises, naming k_cache / block_table; on CUDA that check reads
+  // max(seqlens_k) on the host, so under CUDA-graph capture it is skipped and
+  // the kernels clamp the lengths instead (paged_fwd alike).
   m.def(
       "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqlens_k, Tensor? cache_batch_idx, "
       "Tensor? block_table, float scale, bool causal, int window_left, int window_right, "

@@ -87,6 +87,8 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
                                {&block_table, "block_table"}});
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(pp.num_blocks <= INT32_MAX, "fastattn: at most 2^31 - 1 cache blocks");
+  glue::check_lengths_fit(seqlens_k, pp.max_blocks * pp.block_size, "block_table",
+                          "max_blocks * block_size");
 
   const int64_t d = prob.head_dim;
   const int64_t dpad = glue::checked_padded_head_dim(q, d, dtype, "forward");

@@ -7,7 +7,9 @@
 //
 // Device index tensors cannot be validated on the host (that would sync), so
 // the kernels make bad values harmless instead of raising:
-//   seqlens_k[b] outside [0, S_max]      clamped into it
+//   seqlens_k[b] outside [0, S_max]      clamped into it (only under CUDA-graph
+//                                        capture: otherwise max(seqlens_k) > S_max
+//                                        raises, one host read, check_lengths_fit)
 //   cache_batch_idx[b] outside [0, B_cache)  sequence b is empty: out 0, lse -inf
 //   slot_mapping[n] < 0 or >= rows * S    token n is skipped (nothing written)
 //   block_table page id outside [0, num_blocks)  that page's rows read as zeros
@@ -63,6 +65,15 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
                   prob.cache_rows <= INT32_MAX,
               "fastattn: decode sizes must fit in int32");
   TORCH_CHECK(num_splits <= 1024, "fastattn: num_splits must be <= 1024, got ", num_splits);
+
+  if (seqlens_k.has_value()) {
+    if (prob.paged) {
+      glue::check_lengths_fit(*seqlens_k, prob.max_seqlen_k, "block_table",
+                              "max_blocks * block_size");
+    } else {
+      glue::check_lengths_fit(*seqlens_k, prob.max_seqlen_k, "k_cache", "its seqlen dim");
+    }
+  }
 
   const int64_t d = prob.head_dim;
   const int64_t dpad = glue::checked_padded_head_dim(q, d, dtype, "decode");

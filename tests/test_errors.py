@@ -110,3 +110,60 @@ def test_device_mix_cpu_meta():
     q, k, v = qkv()
     with pytest.raises(RuntimeError, match="one device"):
         fwd(q, k.to("meta"), v)
+
+
+# ------------------------------------------------------------------ cache bounds on CUDA
+def _paged_cache(num_blocks=8, block_size=16, hkv=2, d=64):
+    kc = torch.randn(num_blocks, block_size, hkv, d, device="cuda", dtype=torch.bfloat16)
+    return kc, torch.randn_like(kc)
+
+
+@pytest.mark.cuda
+def test_cuda_paged_lengths_past_block_table_raise():
+    kc, vc = _paged_cache()
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device="cuda")  # 32 keys each
+    q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([32, 33], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="block_table addresses only 32"):
+        fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table)
+    # new keys count too: 31 cached + 2 new > 32
+    knew = torch.randn(2, 2, 2, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="block_table"):
+        fastattn.flash_attn_with_kvcache(q, kc, vc, knew, knew.clone(), block_table=table,
+                                         cache_seqlens=torch.tensor([31, 3], dtype=torch.int32,
+                                                                    device="cuda"))
+    # chunked prefill (paged_fwd)
+    qv = torch.randn(5, 4, 64, device="cuda", dtype=torch.bfloat16)
+    cu_q = torch.tensor([0, 4, 5], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="block_table addresses only 32"):
+        fastattn.ops.paged_fwd(qv, kc, vc, cu_q, lens, table, 4, 0.125, True, -1, -1)
+    # at the limit: fine
+    out = fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens.clamp(max=32),
+                                           block_table=table)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.cuda
+def test_cuda_contiguous_lengths_past_cache_raise():
+    kc = torch.randn(2, 40, 2, 64, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([40, 41], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="k_cache addresses only 40"):
+        fastattn.flash_attn_with_kvcache(q, kc, kc.clone(), cache_seqlens=lens)
+
+
+@pytest.mark.cuda
+def test_cuda_paged_lengths_clamped_under_graph_capture():
+    """Capture cannot read lengths on the host: the check is skipped, the kernel clamps."""
+    kc, vc = _paged_cache()
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device="cuda")
+    q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([32, 32], dtype=torch.int32, device="cuda")
+    fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table)
+    expected = out.clone()
+    lens.copy_(torch.tensor([32, 40], dtype=torch.int32))  # past the table: clamped to 32
+    graph.replay()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

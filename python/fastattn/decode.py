@@ -56,9 +56,10 @@ def _append_slots(positions, capacity, row_len, block_table, cache_batch_idx):
     Contiguous cache: row = cache_batch_idx[b] (or b), offset = position. Paged:
     row = block_table[b, position // block_size], offset = position % block_size.
     Positions outside [0, capacity) (capacity = S_max, or max_blocks *
-    block_size) have no slot: a CPU call raises; on the GPU (where checking would cost a host
-    sync) they get slot -1, which append_kv skips, and the decode kernel never
-    reads past the capacity either.
+    block_size) have no slot: a CPU call raises; on the GPU they get slot -1,
+    which append_kv skips, and the decode op that follows raises naming
+    k_cache / block_table (one host read; under CUDA-graph capture it cannot
+    read, and the kernel clamps the length to the capacity instead).
     """
     B = positions.shape[0]
     over = (positions >= capacity) | (positions < 0)

@@ -1,0 +1,173 @@
+"""fastattn as a transformers attention backend (attn_implementation="fastattn").
+
+Tiny random-weight Llama (GQA) and Mistral (sliding window) models run
+against the same weights under "sdpa": logits of a padded batch, one training
+step's gradients, and greedy generation of a left-padded batch. Every
+attention call is counted: each must reach fastattn's function, and torch's
+SDPA must never run.
+"""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import fastattn.integrations.transformers as fx  # noqa: E402
+from conftest import DEVICES  # noqa: E402
+
+LAYERS = 2
+
+
+def _config(kind):
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  initializer_range=0.2, attention_dropout=0.0)
+    if kind == "llama":
+        return transformers.LlamaConfig(**common)
+    # a window shorter than the sequences, so the window really masks
+    return transformers.MistralConfig(sliding_window=6, **common)
+
+
+class Counter:
+    def __init__(self):
+        self.fastattn = 0
+        self.sdpa = 0
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts calls of fastattn's attention function and of torch's SDPA."""
+    c = Counter()
+    inner = fx.fastattn_attention_forward
+
+    def counting(*args, **kwargs):
+        c.fastattn += 1
+        return inner(*args, **kwargs)
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        c.sdpa += 1
+        return sdpa(*args, **kwargs)
+
+    transformers.AttentionInterface.register(fx.NAME, counting)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    yield c
+    transformers.AttentionInterface.register(fx.NAME, inner)
+
+
+def _models(kind, device, dtype):
+    torch.manual_seed(0)
+    cfg = _config(kind)
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
+    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa")
+    ref.load_state_dict(ours.state_dict())
+    ours.to(device=device, dtype=dtype)
+    ref.to(device=device, dtype=dtype)
+    assert ours.config._attn_implementation == "fastattn"
+    return ours, ref
+
+
+def _dtype(device):
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def _tol(dtype):
+    return dict(rtol=0, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.1)
+
+
+def _batch(device, lengths, S, left=False):
+    ids = torch.randint(0, 101, (len(lengths), S), device=device)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, S - n:] = 1
+        else:
+            mask[b, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_logits_and_training_step_match_sdpa(device, kind, counted):
+    dtype = _dtype(device)
+    ours, ref = _models(kind, device, dtype)
+    ids, mask = _batch(device, [19, 11, 1], 19)
+    real = mask.bool()
+
+    out_ours = ours(ids, attention_mask=mask, labels=ids.masked_fill(~real, -100))
+    counted_forward = counted.fastattn
+    out_ref = ref(ids, attention_mask=mask, labels=ids.masked_fill(~real, -100))
+    assert counted_forward == LAYERS
+    torch.testing.assert_close(out_ours.logits[real], out_ref.logits[real], **_tol(dtype))
+
+    out_ours.loss.backward()
+    out_ref.loss.backward()
+    assert counted.fastattn == LAYERS  # the backward reuses the forward's graph
+    for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters()):
+        assert p.grad is not None, name
+        scale = p_ref.grad.abs().max().item() + 1e-6
+        err = (p.grad.float() - p_ref.grad.float()).abs().max().item()
+        assert err <= (1e-4 if dtype == torch.float32 else 0.08) * scale, (name, err, scale)
+    sdpa_calls = counted.sdpa
+    # the reference model is the only SDPA user
+    assert sdpa_calls == LAYERS
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_greedy_generate_left_padded_batch_matches_sdpa(device, kind, counted):
+    dtype = _dtype(device)
+    ours, ref = _models(kind, device, dtype)
+    ids, mask = _batch(device, [13, 7, 2], 13, left=True)
+    new = 8
+    gen = ours.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                        pad_token_id=0)
+    assert counted.sdpa == 0
+    assert counted.fastattn == LAYERS * new  # a prefill and new - 1 decode steps, every layer
+    gen_ref = ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                           pad_token_id=0)
+    assert torch.equal(gen, gen_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_sequences_by_position_ids(device, counted):
+    """One row holding three sequences (position_ids restart at 0) equals the three run alone."""
+    dtype = _dtype(device)
+    ours, _ = _models("llama", device, dtype)
+    lens = [5, 9, 3]
+    seqs = [torch.randint(0, 101, (1, n), device=device) for n in lens]
+    packed = torch.cat(seqs, 1)
+    pos = torch.cat([torch.arange(n, device=device) for n in lens])[None]
+    logits = ours(packed, position_ids=pos).logits[0]
+    alone = torch.cat([ours(s).logits[0] for s in seqs])
+    torch.testing.assert_close(logits, alone, **_tol(dtype))
+    assert counted.sdpa == 0 and counted.fastattn == 4 * LAYERS
+
+
+def test_unsupported_arguments_raise():
+    q = torch.randn(1, 4, 5, 32)
+    k = torch.randn(1, 2, 5, 32)
+
+    class M(torch.nn.Module):
+        is_causal = True
+
+    for kwargs, what in [({"dropout": 0.1}, "dropout"), ({"softcap": 30.0}, "softcap"),
+                         ({"s_aux": torch.zeros(4)}, "sinks"),
+                         ({"output_attentions": True}, "output_attentions")]:
+        with pytest.raises(NotImplementedError, match=what):
+            fx.fastattn_attention_forward(M(), q, k, k, None, **kwargs)
+    with pytest.raises(NotImplementedError, match="4-D attention mask"):
+        fx.fastattn_attention_forward(M(), q, k, k, torch.ones(1, 1, 5, 5, dtype=torch.bool))
+
+
+def test_model_with_dropout_raises_while_training():
+    cfg = _config("llama")
+    cfg.attention_dropout = 0.1
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fastattn")
+    ids = torch.randint(0, 101, (1, 6))
+    model.eval()
+    model(ids)  # dropout is off in eval mode
+    model.train()
+    with pytest.raises(NotImplementedError, match="dropout"):
+        model(ids)
