@@ -10,16 +10,29 @@ Environment:
   MAX_JOBS                  parallel compile jobs (honoured by torch's ninja builder)
 """
 import glob
+import importlib.util
 import os
-import re
 import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ALL_HDIMS = (32, 64, 96, 128, 192, 256)
-ALL_DTYPES = ("fp16", "bf16")
+
+
+def _load_instantiations():
+    """csrc/cuda/instantiations.py: the one list of compiled (family, head dim, dtype) units."""
+    spec = importlib.util.spec_from_file_location(
+        "fastattn_instantiations", os.path.join(ROOT, "csrc", "cuda", "instantiations.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+INSTANTIATIONS = _load_instantiations()
+ALL_HDIMS = INSTANTIATIONS.HEAD_DIMS
+ALL_DTYPES = tuple(INSTANTIATIONS.DTYPES)
+GENERATED_DIR = os.path.join("build", "generated", "cuda")
 
 
 def _test_requirements():
@@ -75,18 +88,6 @@ def _cuda_archs():
     return flags
 
 
-def _selected(path, hdims, dtypes):
-    """Narrowed builds drop instantiation files named *hdim<D>* / *<dtype>* not selected."""
-    name = os.path.basename(path)
-    m = re.search(r"hdim(\d+)", name)
-    if m and int(m.group(1)) not in hdims:
-        return False
-    m = re.search(r"(fp16|bf16)", name)
-    if m and m.group(1) not in dtypes:
-        return False
-    return True
-
-
 # Some toolchains (e.g. a GCC installed under /opt) link libstdc++ statically
 # into shared objects. With Python's -Bsymbolic-functions, the extension's
 # copy of the iostream code then runs against the process's (torch's dynamic
@@ -117,8 +118,11 @@ def _host_cxx_std():
 def build_extension():
     from torch.utils import cpp_extension
 
-    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cuda_glue = sorted(glob.glob("csrc/torch_cuda*.cpp"))
+    # csrc/: the op schemas and the module stub; torch/: argument checks and the
+    # CUDA glue (*_cuda.cpp, CUDA builds only); cpu/: the CPU kernels.
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/torch/*.cpp") +
+                         glob.glob("csrc/cpu/*.cpp"))
+    cuda_glue = sorted(glob.glob("csrc/torch/*_cuda.cpp"))
     cpp_sources = [s for s in cpp_sources if s not in cuda_glue]
     cxx_flags = ["-O3", f"-std={_host_cxx_std()}", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -141,8 +145,10 @@ def build_extension():
     bad = [h for h in hdims if h not in ALL_HDIMS] + [d for d in dtypes if d not in ALL_DTYPES]
     if bad:
         sys.exit(f"fastattn: unknown FASTATTN_HDIMS/FASTATTN_DTYPES entries {bad}")
+    # Hand-written units (dispatchers, merge, append) plus the generated
+    # per-(head dim, dtype) instantiations this build selects.
     cu_sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
-    cu_sources = [s for s in cu_sources if _selected(s, hdims, dtypes)]
+    cu_sources += INSTANTIATIONS.write_units(GENERATED_DIR, hdims, dtypes)
     defines = [f"-DFASTATTN_ENABLE_HDIM{h}" for h in hdims]
     defines += [f"-DFASTATTN_ENABLE_{d.upper()}" for d in dtypes]
     defines += ["-DFASTATTN_WITH_CUDA"]

@@ -10,7 +10,7 @@
 #include <optional>
 #include <tuple>
 
-#include "cuda/fast_div.h"
+#include "cuda/common/fast_div.h"
 
 namespace {
 
@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> naive(const at::Tensor& q, const at::Tensor& 
   return {out, lse};
 }
 
-// The decode kernels' multiply-high division (cuda/fast_div.h), with the
+// The decode kernels' multiply-high division (cuda/common/fast_div.h), with the
 // device formula replayed on the host: exact for divisors and numerators
 // below 2^31 (all divisors up to 4096 at their edge numerators, then random
 // ones from a fixed LCG).

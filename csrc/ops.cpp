@@ -1,5 +1,5 @@
 // Every op schema of the fastattn library, in one place. Implementations
-// register per dispatch key next to their kernels (cpu/, torch_cuda.cpp);
+// register per dispatch key next to their kernels (cpu/register_cpu.cpp, torch/*_cuda.cpp);
 // fake kernels and autograd are added from Python (python/fastattn/_ops.py).
 #include <torch/library.h>
 

@@ -16,7 +16,7 @@ ATOL = 1e-5
 
 
 def visible_mask(sq, sk, causal=False, window=(-1, -1), bottom_right=False, device="cpu"):
-    """(sq, sk) bool: key j visible to query i (see csrc/cuda/params.h MaskParams)."""
+    """(sq, sk) bool: key j visible to query i (see csrc/cuda/common/params.h MaskParams)."""
     left, right = window
     if causal:
         right = 0

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "attention_problem.h"
+#include "torch/attention_problem.h"
 
 namespace fastattn::cpu {
 

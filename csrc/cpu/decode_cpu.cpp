@@ -13,7 +13,7 @@
 #include "cpu/decode_cpu.h"
 #include "cpu/kv_rows_cpu.h"
 #include "cpu/online_softmax_cpu.h"
-#include "decode_problem.h"
+#include "torch/decode_problem.h"
 
 namespace fastattn::cpu {
 namespace {

@@ -13,7 +13,7 @@
 #include "cpu/flash_cpu.h"
 #include "cpu/kv_rows_cpu.h"
 #include "cpu/online_softmax_cpu.h"
-#include "paged_problem.h"
+#include "torch/paged_problem.h"
 
 namespace fastattn::cpu {
 namespace {

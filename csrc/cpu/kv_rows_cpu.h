@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "attention_problem.h"
+#include "torch/attention_problem.h"
 #include "cpu/cpu_common.h"
 
 namespace fastattn::cpu {

@@ -24,7 +24,7 @@
 #include "cuda/common/mask.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/tile_io.h"
-#include "cuda/params.h"
+#include "cuda/common/params.h"
 
 namespace fastattn {
 namespace gpu {

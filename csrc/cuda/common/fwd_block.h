@@ -13,7 +13,7 @@
 
 #include "cuda/common/mask.h"
 #include "cuda/common/tile_io.h"
-#include "cuda/params.h"
+#include "cuda/common/params.h"
 
 namespace fastattn {
 namespace gpu {

@@ -23,7 +23,7 @@
 #include <cstdint>
 
 #include "cuda/common/types.h"
-#include "cuda/params.h"
+#include "cuda/common/params.h"
 
 namespace fastattn {
 

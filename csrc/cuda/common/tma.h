@@ -4,7 +4,7 @@
 // instruction, issued by one thread; completion is counted in bytes on an
 // mbarrier ("complete_tx"), so the threads that consume a ring stage wait on
 // that stage's barrier instead of every copying thread waiting on its own
-// cp.async groups. Measured on the H100 (scripts/dev_stream_ceiling.cu) the
+// cp.async groups. Measured on the H100 (scripts/dev/stream_ceiling.cu) the
 // copy engine streams a decode KV cache about 3.5% faster than cp.async.
 //
 // Ordering rules the users of these wrappers follow:

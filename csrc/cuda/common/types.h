@@ -11,7 +11,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "cuda/params.h"
+#include "cuda/common/params.h"
 
 namespace fastattn {
 

@@ -1,0 +1,265 @@
+// FlashAttention forward for sm90 (Hopper): the sm80 kernel's algorithm with
+// the two GEMMs on warpgroup MMAs (wgmma, common/wgmma.h) instead of
+// mma.sync. Same masks, varlen, GQA, strides, LSE and skipped tiles; the
+// tile shape is the only template parameter besides the element type.
+//
+// One CTA computes a kBlockM x kHeadDim block of O for one (batch, head) with
+// kWarpGroups warpgroups of 64 query rows each (kBlockM = 64 * kWarpGroups):
+//   grid = (query blocks, heads_q, batch) as in the sm80 kernel.
+// Tiles live in shared memory as SwizzledTile128 (the layout wgmma reads
+// through descriptors): Q once, K and V in two stages each, filled by
+// cp.async (any stride, per-row zero-fill: varlen tails and padded head dims
+// need no special path). Per KV block n, from the last visible one down:
+//   wait K[n], V[n+1] -> barrier -> issue K[n-1], V[n] into free stages
+//   -> issue S = Q K[n]^T (wgmma, A and B from shared memory)
+//      and O += P[n+1] V[n+1] (wgmma, P from registers, V read transposed)
+//   -> wait for S only; mask (boundary tiles); online softmax of S in
+//      registers while P V still runs (the accumulator layout is mma.sync's,
+//      so OnlineSoftmax<1> and apply_mask_c run unchanged)
+//   -> wait for P V; rescale O if a row max moved; P[n] -> A fragments.
+// One barrier per block; the warpgroups are otherwise free to drift, so one
+// group's softmax also overlaps another group's MMAs.
+#pragma once
+#include <cstdint>
+
+#include "cuda/common/fragment.h"
+#include "cuda/common/fwd_block.h"
+#include "cuda/common/mask.h"
+#include "cuda/common/ptx.h"
+#include "cuda/common/softmax.h"
+#include "cuda/common/swizzled_tile_io.h"
+#include "cuda/common/tile_io.h"
+#include "cuda/common/tma.h"
+#include "cuda/common/types.h"
+#include "cuda/common/wgmma.h"
+#include "cuda/common/params.h"
+
+namespace fastattn {
+namespace gpu {
+
+template <int kHeadDim_, int kBlockN_, int kWarpGroups_, int kCtasPerSm_ = 1>
+struct FwdSm90Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kWarpGroups = kWarpGroups_;
+  static constexpr int kCtasPerSm = kCtasPerSm_;  // register budget: __launch_bounds__ minimum
+  static constexpr int kBlockM = 64 * kWarpGroups;
+  static constexpr int kThreads = 128 * kWarpGroups;
+  static constexpr int kNT = kBlockN / 8;    // n8 tiles of S per warp
+  static constexpr int kDT = kHeadDim / 8;   // n8 tiles of O per warp
+  static constexpr int kKS = kHeadDim / 16;  // k16 steps of Q K^T
+  static constexpr int kKV = kBlockN / 16;   // k16 steps of P V
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma widths compiled in wgmma.h");
+  static_assert(kBlockN == 64 || kBlockN == 128, "wgmma widths compiled in wgmma.h");
+
+  using QTile = SwizzledTile128<kBlockM, kHeadDim>;  // also stages O in the epilogue
+  using KTile = SwizzledTile128<kBlockN, kHeadDim>;
+  using VTile = SwizzledTile128<kBlockN, kHeadDim>;
+  // Q, two K stages, two V stages; + 1024: the dynamic shared memory base is
+  // only 16-byte aligned and the swizzle needs every box at a 1024-byte boundary.
+  static constexpr int kSmemBytes = QTile::kBytes + 2 * (KTile::kBytes + VTile::kBytes) + 1024;
+};
+
+// Shared-memory descriptors of the three operands (see wgmma.h for the layout).
+template <typename Traits>
+struct FwdSm90Operands {
+  using QTile = typename Traits::QTile;
+  using KTile = typename Traits::KTile;
+  static constexpr uint32_t kRowGroupBytes = 8 * 128;  // 8 swizzled rows
+
+  // Q rows of warpgroup wg, head-dim columns 16 kk .. 16 kk + 15.
+  static __device__ __forceinline__ uint64_t q(uint32_t q_addr, int wg, int kk) {
+    return wgmma::smem_desc_sw128(q_addr + (kk / 4) * QTile::kBoxBytes + wg * 64 * 128 + (kk % 4) * 32,
+                                  16, kRowGroupBytes);
+  }
+  // All kBlockN keys, head-dim columns 16 kk .. 16 kk + 15.
+  static __device__ __forceinline__ uint64_t k(uint32_t k_addr, int kk) {
+    return wgmma::smem_desc_sw128(k_addr + (kk / 4) * KTile::kBoxBytes + (kk % 4) * 32, 16,
+                                  kRowGroupBytes);
+  }
+  // Keys 16 kk .. 16 kk + 15, all head-dim columns (64-column boxes one box apart).
+  static __device__ __forceinline__ uint64_t v(uint32_t v_addr, int kk) {
+    return wgmma::smem_desc_sw128(v_addr + kk * 16 * 128, Traits::VTile::kBoxBytes, kRowGroupBytes);
+  }
+};
+
+template <typename Traits, typename Elem>
+__device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_t smem_addr,
+                                                     char* smem, int b, int h, int m_block) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int NT = Traits::kNT;
+  constexpr int DT = Traits::kDT;
+  constexpr int KS = Traits::kKS;
+  constexpr int KV = Traits::kKV;
+  using QTile = typename Traits::QTile;
+  using KTile = typename Traits::KTile;
+  using VTile = typename Traits::VTile;
+  using Ops = FwdSm90Operands<Traits>;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int wg = tid >> 7;
+  const int warp_row = wg * 64 + ((tid >> 5) & 3) * 16;  // first row of this warp in the block
+
+  FwdBlock<Elem, false> blk;
+  if (!blk.init(p, b, h, m_block, kBlockM, kBlockN)) return;  // uniform over the CTA
+  const int sq = blk.sq, sk = blk.sk, m0 = blk.m0, m1 = blk.m1;
+  const int n_begin = blk.n_begin, n_end = blk.n_end;
+  const MaskPolicy& mask = blk.mask;
+
+  const uint32_t q_addr = smem_addr;
+  // Two K stages, then two V stages.
+  const uint32_t k_ring = q_addr + QTile::kBytes;
+  const uint32_t v_ring = k_ring + 2 * KTile::kBytes;
+
+  float acc_o[1][DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
+  OnlineSoftmax<1> softmax;
+  softmax.init();
+
+  if (n_begin < n_end) {
+    SwizzledTileLoader<kThreads, KTile, Elem> k_loader;
+    SwizzledTileLoader<kThreads, VTile, Elem> v_loader;
+    k_loader.init(blk.k_rows(p, b), p.k_row_stride, p.head_dim, tid);
+    v_loader.init(blk.v_rows(p, b), p.v_row_stride, p.head_dim, tid);
+    {
+      SwizzledTileLoader<kThreads, QTile, Elem> q_loader;
+      q_loader.init(blk.q, p.q_row_stride, p.head_dim, tid);
+      q_loader.load(q_addr, 0, sq - m0);
+    }
+    k_loader.load(k_ring, (n_end - 1) * kBlockN, sk);
+    ptx::cp_async_commit();
+
+    // Scores of this thread: rows warp_row + lane/4 (+8), cols 2*(lane%4) (+1) + nt*8.
+    const int row0 = m0 + warp_row + (lane >> 2);
+    const int col_lane = 2 * (lane & 3);
+
+    // Step i works on block n = n_end - 1 - i: S = Q K[n]^T runs on the tensor
+    // cores together with O += P[n+1] V[n+1] of the previous step, and the
+    // softmax of S overlaps the latter. Step i needs K[n] (stage i & 1) and
+    // V[n+1] (stage (i - 1) & 1), both issued at the top of step i - 1; its
+    // own top issues K[n-1] and V[n] into the stages steps i - 1 and i - 2
+    // used, which every warpgroup has finished once past the barrier.
+    uint32_t pa[KV][4];  // P of the previous block as A fragments
+    int i = 0;
+    for (int n = n_end - 1; n >= n_begin; --n, ++i) {
+      ptx::cp_async_wait<0>();
+      ptx::fence_proxy_async();  // own cp.async writes -> visible to wgmma's (async proxy) reads
+      __syncthreads();
+      const uint32_t k_addr = k_ring + (i & 1) * KTile::kBytes;
+      if (n > n_begin) k_loader.load(k_ring + ((i + 1) & 1) * KTile::kBytes, (n - 1) * kBlockN, sk);
+      v_loader.load(v_ring + (i & 1) * VTile::kBytes, n * kBlockN, sk);
+      ptx::cp_async_commit();
+
+      float s[1][NT][4];
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        wgmma::mma_ss<kBlockN, Elem>(s[0], Ops::q(q_addr, wg, kk), Ops::k(k_addr, kk), kk > 0);
+      }
+      wgmma::commit();
+      if (i > 0) {
+        const uint32_t v_addr = v_ring + ((i - 1) & 1) * VTile::kBytes;
+        wgmma::fence();  // ptxas wants one on this side of the branch too
+#pragma unroll
+        for (int kk = 0; kk < KV; ++kk) {
+          wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_o[0], pa[kk], Ops::v(v_addr, kk), 1);
+        }
+        wgmma::commit();
+        wgmma::wait<1>();  // S done; P V may still run
+      } else {
+        wgmma::wait<0>();
+      }
+      wgmma::hold(s[0]);
+
+      const int c0 = n * kBlockN;
+      if (mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {
+        apply_mask_c<1, NT>(s, mask, row0, c0 + col_lane);
+      }
+      float factor[2];
+      const bool rescale = softmax.update_scores(s, p.scale_log2, factor);
+      wgmma::wait<0>();
+      wgmma::hold(acc_o[0]);
+      if (rescale) softmax.rescale(acc_o, factor);
+#pragma unroll
+      for (int kk = 0; kk < KV; ++kk) c_pair_to_a<Elem>(pa[kk], s[0][2 * kk], s[0][2 * kk + 1]);
+      // Keep both writes above the next step's wgmma::fence() (else ptxas
+      // has to insert another fence in front of the MMAs that read them).
+      wgmma::hold(acc_o[0]);
+      wgmma::hold(pa);
+    }
+
+    // The last block's P V.
+    ptx::cp_async_wait<0>();
+    ptx::fence_proxy_async();
+    __syncthreads();
+    {
+      const uint32_t v_addr = v_ring + ((i - 1) & 1) * VTile::kBytes;
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < KV; ++kk) {
+        wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_o[0], pa[kk], Ops::v(v_addr, kk), 1);
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::hold(acc_o[0]);
+    }
+  }
+
+  // ---- epilogue: normalize, LSE, O through shared memory (this warpgroup's
+  // own Q rows: no other group reads them, and its last MMA has completed).
+  float lse[2];
+  softmax.finalize(acc_o, p.scale, lse);
+
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = warp_row + hh * 8 + (lane >> 2);
+      if (m0 + r < sq) blk.lse[r] = lse[hh];
+    }
+  }
+
+  const int r = warp_row + (lane >> 2);
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) {
+    const int c = dt * 8 + 2 * (lane & 3);
+    *reinterpret_cast<uint32_t*>(smem + swizzled_offset<QTile>(r, c)) =
+        pack2<Elem>(acc_o[0][dt][0], acc_o[0][dt][1]);
+    *reinterpret_cast<uint32_t*>(smem + swizzled_offset<QTile>(r + 8, c)) =
+        pack2<Elem>(acc_o[0][dt][2], acc_o[0][dt][3]);
+  }
+  __syncthreads();
+  store_swizzled_tile<kThreads, QTile>(blk.o, p.o_row_stride, smem, sq - m0, p.head_dim, tid);
+}
+
+// Launch bounds double as a capability tag: only sm_90a machine code has the
+// real kernel (kThreads per CTA); every other image gets an empty body capped
+// at 32 threads, and the host launches this kernel only where the image the
+// device runs reports kThreads (kernel_select.h, sm90_body_runnable).
+template <typename Traits, typename Elem>
+__global__ void __launch_bounds__(FASTATTN_WGMMA_AVAILABLE ? Traits::kThreads : 32,
+                                  FASTATTN_WGMMA_AVAILABLE ? Traits::kCtasPerSm : 1)
+    flash_fwd_sm90_kernel(const __grid_constant__ FwdParams p) {
+#if FASTATTN_WGMMA_AVAILABLE
+  extern __shared__ __align__(128) char smem_raw[];
+  const uint32_t raw = ptx::smem_u32(smem_raw);
+  const uint32_t pad = ((raw + 1023u) & ~1023u) - raw;
+  char* smem = smem_raw + pad;
+  const uint32_t smem_addr = raw + pad;
+  const int m_block =
+      p.mask.window_right >= 0 ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : blockIdx.x;
+  const int h = blockIdx.y;
+  for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    flash_fwd_sm90_block<Traits, Elem>(p, smem_addr, smem, b, h, m_block);
+    if (b + gridDim.z < p.batch) __syncthreads();  // smem is reused by the next sequence
+  }
+#endif
+}
+
+}  // namespace gpu
+}  // namespace fastattn

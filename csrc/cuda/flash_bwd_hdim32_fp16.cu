@@ -1,4 +1,0 @@
-// Backward kernel instantiation: head dim 32, fp16 (dropped by narrowed builds).
-#include "cuda/flash_bwd_launch.cuh"
-
-FASTATTN_INSTANTIATE_BWD(32, kFloat16)

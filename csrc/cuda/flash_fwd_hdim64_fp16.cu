@@ -1,4 +1,0 @@
-// Forward kernel instantiation: head dim 64, fp16 (dropped by narrowed builds).
-#include "cuda/flash_fwd_launch.cuh"
-
-FASTATTN_INSTANTIATE_FWD(64, kFloat16)

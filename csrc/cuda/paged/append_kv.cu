@@ -1,0 +1,89 @@
+// In-place KV-cache append (AppendKvParams): token n's k/v rows go to slot
+// slot_mapping[n] of the cache viewed as (rows, row_len, heads_kv, head_dim).
+// Dtype-agnostic byte copy in the widest unit (16, 8, 4 or 2 bytes) that the
+// pointers, strides and row size allow; one thread moves one unit of k and the
+// same unit of v. Slots < 0 (padding) and >= rows * row_len (out of range)
+// are skipped, so bad slot values can never write outside the cache.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/decode/decode_launch.h"
+
+namespace fastattn {
+namespace gpu {
+namespace {
+
+constexpr int kAppendThreads = 256;
+
+template <typename Unit>
+__global__ void __launch_bounds__(kAppendThreads)
+    append_kv_kernel(const __grid_constant__ AppendKvParams p) {
+  const int64_t eb = p.elem_bytes;
+  const int units_per_head = static_cast<int>(p.head_dim * eb / sizeof(Unit));
+  const int64_t units_per_token = static_cast<int64_t>(p.heads_kv) * units_per_head;
+  const int64_t total = p.num_tokens * units_per_token;
+  const int64_t num_slots = p.rows * p.row_len;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * kAppendThreads) {
+    const int64_t n = idx / units_per_token;
+    const int rem = static_cast<int>(idx - n * units_per_token);
+    const int h = rem / units_per_head;
+    const int u = rem - h * units_per_head;
+    const int64_t slot = p.slot_mapping[n];
+    if (slot < 0 || slot >= num_slots) continue;
+    const int64_t row = slot / p.row_len;
+    const int64_t pos = slot - row * p.row_len;
+    const int64_t ub = static_cast<int64_t>(u) * sizeof(Unit);
+    const char* ks = static_cast<const char*>(p.k) + (n * p.k_token_stride + h * p.k_head_stride) * eb + ub;
+    const char* vs = static_cast<const char*>(p.v) + (n * p.v_token_stride + h * p.v_head_stride) * eb + ub;
+    char* kd = static_cast<char*>(p.k_cache) +
+               (row * p.kc_row_stride + pos * p.kc_pos_stride + h * p.kc_head_stride) * eb + ub;
+    char* vd = static_cast<char*>(p.v_cache) +
+               (row * p.vc_row_stride + pos * p.vc_pos_stride + h * p.vc_head_stride) * eb + ub;
+    const Unit kx = *reinterpret_cast<const Unit*>(ks);
+    const Unit vx = *reinterpret_cast<const Unit*>(vs);
+    *reinterpret_cast<Unit*>(kd) = kx;
+    *reinterpret_cast<Unit*>(vd) = vx;
+  }
+}
+
+// Whether every address the kernel forms is a multiple of `unit` bytes.
+bool unit_ok(const AppendKvParams& p, int unit) {
+  const int64_t eb = p.elem_bytes;
+  if ((p.head_dim * eb) % unit != 0) return false;
+  for (const void* ptr : {p.k, p.v, static_cast<const void*>(p.k_cache),
+                          static_cast<const void*>(p.v_cache)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % unit != 0) return false;
+  }
+  for (int64_t s : {p.k_token_stride, p.k_head_stride, p.v_token_stride, p.v_head_stride,
+                    p.kc_row_stride, p.kc_pos_stride, p.kc_head_stride, p.vc_row_stride,
+                    p.vc_pos_stride, p.vc_head_stride}) {
+    if ((s * eb) % unit != 0) return false;
+  }
+  return true;
+}
+
+template <typename Unit>
+cudaError_t launch_append(const AppendKvParams& p, cudaStream_t stream) {
+  const int64_t units = p.num_tokens * p.heads_kv * (p.head_dim * p.elem_bytes / sizeof(Unit));
+  int64_t blocks = (units + kAppendThreads - 1) / kAppendThreads;
+  if (blocks > 65536) blocks = 65536;  // grid-stride loop covers the rest
+  append_kv_kernel<Unit><<<static_cast<unsigned>(blocks), kAppendThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t run_append_kv(const AppendKvParams& p, cudaStream_t stream) {
+  if (p.num_tokens <= 0 || p.heads_kv <= 0 || p.head_dim <= 0) return cudaSuccess;
+  if (p.elem_bytes != 2 && p.elem_bytes != 4 && p.elem_bytes != 8) return cudaErrorInvalidValue;
+  if (unit_ok(p, 16)) return launch_append<uint4>(p, stream);
+  if (unit_ok(p, 8)) return launch_append<uint2>(p, stream);
+  if (unit_ok(p, 4)) return launch_append<uint32_t>(p, stream);
+  if (unit_ok(p, 2)) return launch_append<uint16_t>(p, stream);
+  return cudaErrorInvalidValue;  // misaligned element pointers
+}
+
+}  // namespace gpu
+}  // namespace fastattn
