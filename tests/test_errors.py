@@ -163,6 +163,7 @@ def test_cuda_paged_lengths_clamped_under_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table)
+    graph.replay()  # capture records, it does not run
     expected = out.clone()
     lens.copy_(torch.tensor([32, 40], dtype=torch.int32))  # past the table: clamped to 32
     graph.replay()

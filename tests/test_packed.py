@@ -24,9 +24,11 @@ def _poisoned_grads(*tensors):
 def test_qkvpacked_matches_unpacked_and_float64(device, causal, B, S, H, D):
     for dtype in DTYPES[device]:
         qkv = torch.randn(B, S, 3, H, D, dtype=dtype, device=device, requires_grad=True)
-        out, lse, _ = fastattn.flash_attn_qkvpacked_func(qkv, causal=causal, return_attn_probs=True)
+        out, lse, _ = fastattn.flash_attn_qkvpacked_func(qkv, causal=causal, deterministic=True,
+                                                         return_attn_probs=True)
         q, k, v = (t.detach().clone().requires_grad_() for t in qkv.unbind(2))
-        out_ref, lse_ref, _ = fastattn.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+        out_ref, lse_ref, _ = fastattn.flash_attn_func(q, k, v, causal=causal, deterministic=True,
+                                                       return_attn_probs=True)
         torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
         torch.testing.assert_close(lse, lse_ref, rtol=0, atol=0)
         dout = torch.randn_like(out)
@@ -48,11 +50,12 @@ def test_kvpacked_gqa_with_lse_gradient(device):
     for dtype in DTYPES[device]:
         q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=device, requires_grad=True)
         kv = torch.randn(B, Sk, 2, Hkv, D, dtype=dtype, device=device, requires_grad=True)
+        # deterministic: the bitwise comparison needs the dQ sums in a fixed order
         out, lse, _ = fastattn.flash_attn_kvpacked_func(q, kv, causal=True, window_size=(20, 3),
-                                                         return_attn_probs=True)
+                                                         deterministic=True, return_attn_probs=True)
         q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, *kv.unbind(2)))
         out2, lse2, _ = fastattn.flash_attn_func(q2, k2, v2, causal=True, window_size=(20, 3),
-                                                 return_attn_probs=True)
+                                                 deterministic=True, return_attn_probs=True)
         dout, dlse = torch.randn_like(out), torch.randn_like(lse)
         ((out * dout).sum() + (lse * dlse).sum()).backward()
         ((out2 * dout).sum() + (lse2 * dlse).sum()).backward()
@@ -70,10 +73,11 @@ def test_varlen_packed_match_unpacked_and_float64(device):
     for dtype in DTYPES[device]:
         cu_q, cu_k = _cu(lens_q, device), _cu(lens_k, device)
         qkv = torch.randn(sum(lens_k), 3, H, D, dtype=dtype, device=device, requires_grad=True)
-        out = fastattn.flash_attn_varlen_qkvpacked_func(qkv, cu_k, max(lens_k), causal=True)
+        out = fastattn.flash_attn_varlen_qkvpacked_func(qkv, cu_k, max(lens_k), causal=True,
+                                                        deterministic=True)
         q, k, v = (t.detach().clone().requires_grad_() for t in qkv.unbind(1))
         out_ref = fastattn.flash_attn_varlen_func(q, k, v, cu_k, cu_k, max(lens_k), max(lens_k),
-                                                  causal=True)
+                                                  causal=True, deterministic=True)
         torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
         dout = torch.randn_like(out)
         (out * dout).sum().backward()
@@ -104,7 +108,7 @@ def test_bwd_into_writes_every_element_of_strided_slices(device):
     q, k, v = (torch.randn(B, S, H, D, dtype=dtype, device=device) for _ in range(3))
     out, lse = fastattn.ops.fwd(q, k, v, None, None, 0, 0, D ** -0.5, True, -1, -1, True, False)
     dout = torch.randn_like(out)
-    args = (None, None, 0, 0, D ** -0.5, True, -1, -1, True, False)
+    args = (None, None, 0, 0, D ** -0.5, True, -1, -1, True, True)  # deterministic: bitwise equal
     dq, dk, dv = fastattn.ops.bwd(dout, q, k, v, out, lse, *args)
     buf = torch.full((B, S, 3, H, D), float("nan"), dtype=dtype, device=device)
     fastattn.ops.bwd_into(dout, q, k, v, out, lse, *args, *buf.unbind(2))
