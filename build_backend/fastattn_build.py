@@ -64,16 +64,19 @@ def _extra_requires():
     return [TORCH_REQUIREMENT]
 
 
+# setuptools' own get_requires_* would execute setup.py, which needs torch
+# before torch can have been asked for; setup.py declares no setup_requires,
+# so its answer is known: wheel (for the wheel and editable hooks).
 def get_requires_for_build_wheel(config_settings=None):
-    return _setuptools.get_requires_for_build_wheel(config_settings) + _extra_requires()
+    return ["wheel"] + _extra_requires()
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return _setuptools.get_requires_for_build_editable(config_settings) + _extra_requires()
+    return ["wheel"] + _extra_requires()
 
 
 def get_requires_for_build_sdist(config_settings=None):
-    return _setuptools.get_requires_for_build_sdist(config_settings) + _extra_requires()
+    return _extra_requires()
 
 
 def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
