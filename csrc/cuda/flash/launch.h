@@ -1,5 +1,5 @@
 // Host-side launcher declarations of the CUDA kernels. Torch-free: the glue
-// (csrc/torch_cuda*.cpp) fills the params structs of cuda/params.h and calls
+// (csrc/torch/*_cuda.cpp) fills the params structs of cuda/common/params.h and calls
 // these. Launchers never synchronize, launch on the given stream, and return
 // cudaSuccess or the launch error (cudaGetLastError) for the glue to raise.
 #pragma once
