@@ -75,4 +75,37 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "append_kv(Tensor k, Tensor v, Tensor slot_mapping, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache) -> ()");
+
+  // Block-sparse attention (FlexAttention-style block masks) over q (B, Sq, Hq, D),
+  // k, v (B, Sk, Hkv, D). The mask has block_q x block_kv blocks; per (batch,
+  // head, query block) kv_num_blocks / kv_indices list its *partial* KV blocks
+  // and full_kv_num_blocks / full_kv_indices its *full* ones (every pair
+  // visible), all int32 of shapes (Bm, Hm, QB) / (Bm, Hm, QB, n) with Bm in
+  // {1, B}, Hm in {1, Hq} (broadcast), QB = ceil(Sq / block_q), KV block ids in
+  // [0, ceil(Sk / block_kv)). A partial block's pairs are visible where its bits
+  // say so: kv_bits_index (aligned with kv_indices) names its slot in
+  // partial_bits (NP, block_q, ceil(block_kv / 32)) int32, bit c % 32 of word
+  // c / 32 of row r = pair (r, c) of the block; slot -1 (or no bits at all)
+  // means every pair of the block. Pairs must also pass the causal / window
+  // mask of fwd (top-left or bottom-right). bias: optional additive float
+  // mask broadcastable as (B|1, Hq|1, Sq, Sk) added to the scaled scores.
+  // Rows with no visible key: out = 0, lse = -inf.
+  m.def(
+      "sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
+      "Tensor full_kv_num_blocks, Tensor full_kv_indices, Tensor? kv_bits_index, "
+      "Tensor? partial_bits, int block_q, int block_kv, float scale, bool causal, "
+      "int window_left, int window_right, bool bottom_right, Tensor? bias) "
+      "-> (Tensor out, Tensor lse)");
+  // Gradients of sparse_fwd. The backward walks the transposed lists: per
+  // (batch, head, KV block) q_num_blocks / q_indices (partial, with
+  // q_bits_index into the same partial_bits) and full_q_num_blocks /
+  // full_q_indices, shapes (Bm, Hm, KB) / (Bm, Hm, KB, n). With bias_grad
+  // dbias is dL/dbias expanded to (B, Hq, Sq, Sk) float32 (the caller sums
+  // broadcast dims), else an empty tensor.
+  m.def(
+      "sparse_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor q_num_blocks, Tensor q_indices, Tensor full_q_num_blocks, Tensor full_q_indices, "
+      "Tensor? q_bits_index, Tensor? partial_bits, int block_q, int block_kv, float scale, "
+      "bool causal, int window_left, int window_right, bool bottom_right, Tensor? bias, "
+      "bool bias_grad, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }

@@ -45,6 +45,14 @@ struct RowBlockState {
   // row r sees the keys of key_range(r) = [lo, hi) only.
   template <typename KRow, typename VRow, typename Range>
   void visit(int64_t j0, int64_t cols, KRow k_row, VRow v_row, Range key_range, acc_t scale) {
+    visit(j0, cols, k_row, v_row, key_range, scale, [](int64_t, int64_t, acc_t s) { return s; });
+  }
+
+  // The same with score_mod(r, j, s) applied to each scaled score s of row r and
+  // key j in its range (block-sparse bits, additive masks): -inf hides the key.
+  template <typename KRow, typename VRow, typename Range, typename ScoreMod>
+  void visit(int64_t j0, int64_t cols, KRow k_row, VRow v_row, Range key_range, acc_t scale,
+             ScoreMod score_mod) {
     // K is stored transposed so that the score loop is an axpy over keys.
     for (int64_t c = 0; c < cols; ++c) {
       const auto* krow = k_row(j0 + c);
@@ -65,9 +73,10 @@ struct RowBlockState {
       }
       acc_t tile_max = neg_inf();
       for (int64_t c = c_lo; c < c_hi; ++c) {
-        s[c] *= scale;
+        s[c] = score_mod(r, j0 + c, s[c] * scale);
         tile_max = std::max(tile_max, s[c]);
       }
+      if (tile_max == neg_inf()) continue;  // every key of the tile hidden: nothing to add
       acc_t* orow = &o[r * D];
       const acc_t m_new = std::max(m[r], tile_max);
       if (m_new > m[r] && m[r] != neg_inf()) {

@@ -2,6 +2,7 @@
 
 #include "cpu/decode_cpu.h"
 #include "cpu/flash_cpu.h"
+#include "cpu/sparse_cpu.h"
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("fwd", &fastattn::cpu::fwd_cpu);
@@ -12,4 +13,6 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("merge_states", &fastattn::cpu::merge_states_cpu);
   m.impl("merge_states_n", &fastattn::cpu::merge_states_n_cpu);
   m.impl("append_kv", &fastattn::cpu::append_kv_cpu);
+  m.impl("sparse_fwd", &fastattn::cpu::sparse_fwd_cpu);
+  m.impl("sparse_bwd", &fastattn::cpu::sparse_bwd_cpu);
 }

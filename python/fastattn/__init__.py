@@ -10,6 +10,8 @@
     fastattn.merge_attention_states(...)         merge partial (out, lse) over disjoint key sets
     fastattn.PagedKVCache(...)                   paged KV cache: block pool, tables, fork/COW
     fastattn.explain(...)                        which path an SDPA call takes
+    fastattn.flex_attention(...), BlockMask, create_block_mask   block-sparse attention
+    fastattn.sparse                              sparse patterns, top-k block selection
 Low-level ops: torch.ops.fastattn.* (schemas in csrc/ops.cpp).
 """
 from ._ops import has_cuda_kernels, ops
@@ -29,12 +31,18 @@ from .packed import (
 )
 from .padding import pad_input, unpad_input
 from .paged import OutOfBlocks, PagedKVCache
+from . import sparse
+from .sparse import BlockMask, create_block_mask, flex_attention
 from .patch import is_sdpa_patched, patch_sdpa, unpatch_sdpa
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockMask",
     "Route",
+    "create_block_mask",
+    "flex_attention",
+    "sparse",
     "explain",
     "flash_attn_func",
     "flash_attn_kvpacked_func",

@@ -35,8 +35,6 @@ def _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         return Route("torch", "query/key/value are not all tensors")
     if any(t.is_nested for t in tensors):
         return Route("torch", "nested tensors are not supported by fastattn kernels")
-    if attn_mask is not None:
-        return Route("torch", "attn_mask is not supported by fastattn kernels yet")
     if dropout_p > 0.0:
         return Route("torch", f"dropout_p={dropout_p} is not supported by fastattn kernels yet")
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
@@ -68,8 +66,87 @@ def _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         torch.broadcast_shapes(*(t.shape[:-3 if enable_gqa else -2] for t in tensors))
     except RuntimeError:
         return Route("torch", "batch/head dims that do not broadcast (torch raises)")
+    if attn_mask is not None:
+        return _mask_route(query, key, value, attn_mask, is_causal, enable_gqa, dev)
     causal = " causal (top-left)" if is_causal else ""
     return Route("fastattn", f"fastattn.fwd{causal} on {dev}")
+
+
+# Additive float masks run in the CUDA kernels too (bias read per visited tile).
+_CUDA_FLOAT_MASK = False
+
+
+def _mask_route(query, key, value, attn_mask, is_causal, enable_gqa, dev) -> Route:
+    if not isinstance(attn_mask, torch.Tensor):
+        return Route("torch", "attn_mask is not a tensor")
+    if is_causal:
+        return Route("torch", "attn_mask together with is_causal (torch raises)")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return Route("torch", "attn_mask with inputs that are not 4-D (N, H, L, E)")
+    N, Hq, L, _ = query.shape
+    if key.shape[0] != N or value.shape[0] != N or key.shape[1] != value.shape[1]:
+        return Route("torch", "attn_mask with key/value batch or heads broadcast against the query")
+    Hkv, S = key.shape[1], key.shape[2]
+    if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
+        return Route("torch", "attn_mask with head counts fastattn cannot group")
+    if attn_mask.dim() > 4 or attn_mask.device != query.device:
+        return Route("torch", "attn_mask of rank > 4 or on another device")
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    if any(m not in (1, want) for m, want in zip(shape, (N, Hq, L, S))):
+        return Route("torch", f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                              f"{(N, Hq, L, S)} (torch raises)")
+    if shape[2] != L or shape[3] != S:
+        return Route("torch", "attn_mask broadcast along the query or key dim")
+    if attn_mask.dtype == torch.bool:
+        return Route("fastattn", f"fastattn.sparse_fwd on {dev} (bool attn_mask as a block mask: "
+                                 "skipped blocks are not computed)")
+    if attn_mask.dtype not in (query.dtype, torch.float32):
+        return Route("torch", f"attn_mask of dtype {attn_mask.dtype} (fastattn takes bool, the query's "
+                              "dtype or float32)")
+    if dev == "cuda" and not _CUDA_FLOAT_MASK:
+        return Route("torch", "float attn_mask on CUDA is not in the fastattn kernels yet")
+    return Route("fastattn", f"fastattn.sparse_fwd on {dev} (float attn_mask added to the scores; "
+                             "all -inf blocks skipped)")
+
+
+class _MaskCache:
+    """The BlockMask of the last few attn_mask tensors (a model passes one mask to
+    every layer): keyed by identity, invalidated by in-place writes (version)."""
+
+    def __init__(self, size=8):
+        self.size = size
+        self.items = []  # (weakref to mask, version, BlockMask)
+
+    def get(self, mask, build):
+        import weakref
+        for ref, ver, bm in self.items:
+            if ref() is mask and ver == mask._version:
+                return bm
+        bm = build()
+        self.items = [it for it in self.items if it[0]() is not None][-(self.size - 1):]
+        self.items.append((weakref.ref(mask), mask._version, bm))
+        return bm
+
+
+_MASK_CACHE = _MaskCache()
+
+
+def _sdpa_masked(query, key, value, attn_mask, scale):
+    """SDPA with a bool or additive float attn_mask on the block-sparse kernels."""
+    from .sparse.attention import sparse_attention_bshd
+    from .sparse.block_mask import BlockMask
+
+    mask4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if attn_mask.dtype == torch.bool:
+        bm = _MASK_CACHE.get(attn_mask, lambda: BlockMask.from_dense(mask4))
+        bias = None
+    else:
+        bm = _MASK_CACHE.get(attn_mask, lambda: BlockMask.from_dense(mask4.detach() != -math.inf))
+        bias = mask4
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, _ = sparse_attention_bshd(q, k, v, bm, scale, bias=bias)
+    return out.transpose(1, 2)
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -83,7 +160,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Drop-in for torch.nn.functional.scaled_dot_product_attention.
 
     Same arguments, shapes ((N, ..., H, L, E)) and semantics, top-left causal
-    mask when L != S. Calls the kernels cannot serve (attn_mask, dropout_p > 0,
+    mask when L != S. A bool attn_mask becomes a block mask (blocks it hides
+    entirely are skipped); a float one is added to the scores (with its
+    gradient). Rows that see no key give 0 (torch gives NaN). Calls the
+    kernels cannot serve (dropout_p > 0,
     float32 on CUDA, value head dim != query head dim, ...) go to torch's own
     SDPA unchanged; `fastattn.explain(...)` says which way a call goes, and the
     "fastattn" logger reports it at DEBUG level.
@@ -96,6 +176,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                            is_causal=is_causal, scale=scale, **kwargs)
 
+    if attn_mask is not None:
+        E = query.size(-1)
+        return _sdpa_masked(query, key, value, attn_mask, 1.0 / math.sqrt(E) if scale is None else float(scale))
     squeeze = query.dim() == 2
     if squeeze:  # (L, E): a single head
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
