@@ -100,12 +100,14 @@ TORCH_LIBRARY(fastattn, m) {
   // (batch, head, KV block) q_num_blocks / q_indices (partial, with
   // q_bits_index into the same partial_bits) and full_q_num_blocks /
   // full_q_indices, shapes (Bm, Hm, KB) / (Bm, Hm, KB, n). With bias_grad
-  // dbias is dL/dbias expanded to (B, Hq, Sq, Sk) float32 (the caller sums
-  // broadcast dims), else an empty tensor.
+  // dlse: the gradient of the returned lse (None: zero), folded in exactly as
+  // dS = P * (dP - D + dlse). dbias is dL/dbias expanded to (B, Hq, Sq, Sk), float32 (float64 for float64
+  // inputs; the caller sums broadcast dims), else an empty tensor.
   m.def(
       "sparse_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor q_num_blocks, Tensor q_indices, Tensor full_q_num_blocks, Tensor full_q_indices, "
       "Tensor? q_bits_index, Tensor? partial_bits, int block_q, int block_kv, float scale, "
       "bool causal, int window_left, int window_right, bool bottom_right, Tensor? bias, "
-      "bool bias_grad, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+      "bool bias_grad, bool deterministic, Tensor? dlse=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }

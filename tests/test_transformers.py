@@ -171,3 +171,49 @@ def test_model_with_dropout_raises_while_training():
     model.train()
     with pytest.raises(NotImplementedError, match="dropout"):
         model(ids)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patched_sdpa_padded_generate_never_falls_back(device, monkeypatch):
+    """A padded-batch generate of an "sdpa" model under patch_sdpa(): every attention
+    call (bool padding masks included) runs in fastattn, none reaches torch's SDPA."""
+    import fastattn
+    import fastattn.functional as ff
+
+    dtype = _dtype(device)
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa")
+    model.to(device=device, dtype=dtype)
+    ids, mask = _batch(device, [13, 7, 2], 13, left=True)
+    new = 6
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    ref_logits = model(ids, attention_mask=mask).logits
+
+    calls = {"torch": 0, "ours": 0}
+    torch_sdpa = ff._torch_sdpa
+    ours_sdpa = ff.scaled_dot_product_attention
+
+    def counting_torch(*a, **k):
+        calls["torch"] += 1
+        return torch_sdpa(*a, **k)
+
+    def counting_ours(*a, **k):
+        calls["ours"] += 1
+        return ours_sdpa(*a, **k)
+
+    # monkeypatch restores torch's function whatever patch / unpatch leave behind
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", torch_sdpa)
+    monkeypatch.setattr(ff, "_torch_sdpa", counting_torch)
+    monkeypatch.setattr(ff, "scaled_dot_product_attention", counting_ours)
+    fastattn.patch_sdpa()
+    try:
+        logits = model(ids, attention_mask=mask).logits
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    finally:
+        fastattn.unpatch_sdpa()
+    assert calls["ours"] >= LAYERS * (new + 1)
+    assert calls["torch"] == 0
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], **_tol(dtype))
+    assert torch.equal(gen, ref)

@@ -138,8 +138,8 @@ void sparse_fwd_impl(const SparseProblem& sp, const at::Tensor& q, const at::Ten
 template <typename scalar_t>
 void sparse_bwd_impl(const SparseProblem& sp, const at::Tensor& dout, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                     const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                     at::Tensor& dbias) {
+                     const at::Tensor& lse, const at::Tensor& dlse, at::Tensor& dq, at::Tensor& dk,
+                     at::Tensor& dv, at::Tensor& dbias) {
   using acc_t = acc_type_t<scalar_t>;
   const AttnProblem& p = sp.attn;
   const int64_t D = p.head_dim;
@@ -150,8 +150,9 @@ void sparse_bwd_impl(const SparseProblem& sp, const at::Tensor& dout, const at::
   const auto* lse_ptr = static_cast<const acc_t*>(lse.data_ptr());
   const acc_t scale = static_cast<acc_t>(p.scale);
   const BiasView<acc_t> bias(sp.bias);
-  float* dbias_ptr = dbias.defined() && dbias.numel() > 0 ? dbias.data_ptr<float>() : nullptr;
+  acc_t* dbias_ptr = dbias.defined() && dbias.numel() > 0 ? dbias.data_ptr<acc_t>() : nullptr;
   const int64_t sq = p.seqlen_q, sk = p.seqlen_k;
+  const acc_t* dlse_ptr = dlse.defined() ? dlse.data_ptr<acc_t>() : nullptr;
 
   at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> kt(D * sp.block_kv), vt(D * sp.block_kv);
@@ -169,6 +170,8 @@ void sparse_bwd_impl(const SparseProblem& sp, const at::Tensor& dout, const at::
           const scalar_t* go = dO.row(b, i, hk * group + g);
           acc_t acc = 0;
           for (int64_t x = 0; x < D; ++x) acc += static_cast<acc_t>(o[x]) * static_cast<acc_t>(go[x]);
+          // d lse_i / d s_ij = P_ij: an lse gradient enters as D - dlse.
+          if (dlse_ptr != nullptr) acc -= dlse_ptr[(b * p.heads_q + hk * group + g) * sq + i];
           delta[g * sq + i] = acc;
         }
       }
@@ -221,7 +224,7 @@ void sparse_bwd_impl(const SparseProblem& sp, const at::Tensor& dout, const at::
                 const acc_t pc = std::exp(score - row_lse);
                 const acc_t ds_raw = pc * (dp[c] - row_delta);
                 if (dbias_ptr != nullptr) {
-                  dbias_ptr[((b * p.heads_q + h) * sq + i) * sk + c0 + c] = static_cast<float>(ds_raw);
+                  dbias_ptr[((b * p.heads_q + h) * sq + i) * sk + c0 + c] = ds_raw;
                 }
                 const acc_t ds = ds_raw * scale;
                 acc_t* dv_c = &dv_acc[c * D];
@@ -295,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
     const at::Tensor& full_q_indices, const std::optional<at::Tensor>& q_bits_index,
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    const std::optional<at::Tensor>& bias, bool bias_grad, bool /*deterministic: always*/) {
+    const std::optional<at::Tensor>& bias, bool bias_grad, bool /*deterministic: always*/,
+    const std::optional<at::Tensor>& dlse) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, q_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
@@ -306,14 +310,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
   check_sparse_list_values(sp, true);
   TORCH_CHECK(!bias_grad || sp.bias.defined(), "fastattn: bias_grad needs a bias");
   const AttnProblem& p = sp.attn;
+  const at::Tensor dl = checked_dlse(dlse, lse);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  at::Tensor dbias = bias_grad ? at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k},
-                                           q.options().dtype(at::kFloat))
-                               : at::empty({0}, q.options().dtype(at::kFloat));
+  const auto dbias_opts = q.options().dtype(lse_dtype(q.scalar_type()));
+  at::Tensor dbias = bias_grad ? at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, dbias_opts)
+                               : at::empty({0}, dbias_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_sparse_bwd_cpu", [&] {
-    sparse_bwd_impl<scalar_t>(sp, dout, q, k, v, out, lse, dq, dk, dv, dbias);
+    sparse_bwd_impl<scalar_t>(sp, dout, q, k, v, out, lse, dl, dq, dk, dv, dbias);
   });
   return {dq, dk, dv, dbias};
 }

@@ -22,6 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
     const at::Tensor& full_q_indices, const std::optional<at::Tensor>& q_bits_index,
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    const std::optional<at::Tensor>& bias, bool bias_grad, bool deterministic);
+    const std::optional<at::Tensor>& bias, bool bias_grad, bool deterministic,
+    const std::optional<at::Tensor>& dlse);
 
 }  // namespace fastattn::cpu

@@ -13,6 +13,7 @@
 #include "cuda/flash/launch.h"
 #include "cuda/common/params.h"
 #include "torch/cuda_glue.h"
+#include "torch/bwd_glue.h"
 
 namespace fastattn {
 namespace {
@@ -45,6 +46,20 @@ void bwd_into_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       check_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                      max_seqlen_k, scale, causal, window_left, window_right, bottom_right);
   check_grad_outputs(q, k, v, dq, dk, dv);
+  glue::run_bwd_into(prob, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, deterministic, dq,
+                     dk, dv, nullptr, "bwd");
+}
+
+}  // namespace
+
+namespace glue {
+
+void run_bwd_into(const AttnProblem& prob, const at::Tensor& dout, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                  const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+                  const std::optional<at::Tensor>& cu_seqlens_k, bool deterministic,
+                  const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                  const BlockSparseParams* sparse, const char* what, const float* dlse) {
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k, "k"},
                                {&v, "v"},
@@ -107,6 +122,8 @@ void bwd_into_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   layout_strides(dk_k, prob.varlen, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
   layout_strides(dv_k, prob.varlen, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
   p.deterministic = deterministic;
+  if (sparse != nullptr) p.sparse = *sparse;
+  p.dlse = dlse;
 
   const gpu::BwdPlan plan = gpu::plan_bwd(p);
   TORCH_CHECK(plan.kernel_head_dim > 0, "fastattn: no CUDA backward kernel for head_dim ", d);
@@ -135,7 +152,7 @@ void bwd_into_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   p.lse_log2 = p.dsoftmax_sum + lse.numel();
   p.dq_accum = dq_accum.data_ptr<float>();
 
-  glue::check_launch(gpu::run_bwd(p, at::cuda::getCurrentCUDAStream()), "bwd");
+  glue::check_launch(gpu::run_bwd(p, at::cuda::getCurrentCUDAStream()), what);
 
   if (staged) {
     dq.copy_(dq_k.narrow(-1, 0, d));
@@ -143,6 +160,10 @@ void bwd_into_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
     dv.copy_(dv_k.narrow(-1, 0, d));
   }
 }
+
+}  // namespace glue
+
+namespace {
 
 // Fresh contiguous gradients with the shapes of q, k, v (the fake kernels' contract).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(

@@ -246,10 +246,11 @@ def _sparse_fwd_fake(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, ful
 @torch.library.register_fake("fastattn::sparse_bwd")
 def _sparse_bwd_fake(dout, q, k, v, out, lse, q_num_blocks, q_indices, full_q_num_blocks,
                      full_q_indices, q_bits_index, partial_bits, block_q, block_kv, scale, causal,
-                     window_left, window_right, bottom_right, bias, bias_grad, deterministic):
+                     window_left, window_right, bottom_right, bias, bias_grad, deterministic,
+                     dlse=None):
     _check_one_device(dout, q, k, v, out, lse, q_num_blocks, q_indices, full_q_num_blocks,
-                      full_q_indices, q_bits_index, partial_bits, bias)
+                      full_q_indices, q_bits_index, partial_bits, bias, dlse)
     B, L, H, _ = q.shape
     dbias_shape = (B, H, L, k.shape[1]) if bias_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(dbias_shape, dtype=torch.float32))
+            q.new_empty(dbias_shape, dtype=_lse_dtype(q.dtype)))

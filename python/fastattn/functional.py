@@ -95,8 +95,6 @@ def _mask_route(query, key, value, attn_mask, is_causal, enable_gqa, dev) -> Rou
     if any(m not in (1, want) for m, want in zip(shape, (N, Hq, L, S))):
         return Route("torch", f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                               f"{(N, Hq, L, S)} (torch raises)")
-    if shape[2] != L or shape[3] != S:
-        return Route("torch", "attn_mask broadcast along the query or key dim")
     if attn_mask.dtype == torch.bool:
         return Route("fastattn", f"fastattn.sparse_fwd on {dev} (bool attn_mask as a block mask: "
                                  "skipped blocks are not computed)")
@@ -115,16 +113,16 @@ class _MaskCache:
 
     def __init__(self, size=8):
         self.size = size
-        self.items = []  # (weakref to mask, version, BlockMask)
+        self.items = []  # (weakref to mask, version, (L, S), BlockMask)
 
-    def get(self, mask, build):
+    def get(self, mask, lengths, build):
         import weakref
-        for ref, ver, bm in self.items:
-            if ref() is mask and ver == mask._version:
+        for ref, ver, lens, bm in self.items:
+            if ref() is mask and ver == mask._version and lens == lengths:
                 return bm
         bm = build()
         self.items = [it for it in self.items if it[0]() is not None][-(self.size - 1):]
-        self.items.append((weakref.ref(mask), mask._version, bm))
+        self.items.append((weakref.ref(mask), mask._version, lengths, bm))
         return bm
 
 
@@ -137,11 +135,15 @@ def _sdpa_masked(query, key, value, attn_mask, scale):
     from .sparse.block_mask import BlockMask
 
     mask4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    # Broadcast query / key dims (e.g. transformers' grouped decode queries share
+    # one mask row) become stride-0 views.
+    mask4 = mask4.expand(mask4.shape[0], mask4.shape[1], query.shape[-2], key.shape[-2])
+    lengths = (query.shape[-2], key.shape[-2])
     if attn_mask.dtype == torch.bool:
-        bm = _MASK_CACHE.get(attn_mask, lambda: BlockMask.from_dense(mask4))
+        bm = _MASK_CACHE.get(attn_mask, lengths, lambda: BlockMask.from_dense(mask4))
         bias = None
     else:
-        bm = _MASK_CACHE.get(attn_mask, lambda: BlockMask.from_dense(mask4.detach() != -math.inf))
+        bm = _MASK_CACHE.get(attn_mask, lengths, lambda: BlockMask.from_dense(mask4.detach() != -math.inf))
         bias = mask4
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -4,7 +4,9 @@
 //
 //   BwdBlock::init(p, b, slot, n0, block_n, block_m, qs, ks)
 //       sequence sizes, q heads of the slot, its kv head, the mask and the
-//       query blocks [mb_begin, mb_end) that see any key of [n0, n0 + block_n)
+//       query blocks [mb_begin, mb_end) that see any key of [n0, n0 + block_n), and
+//       `sched`: the query blocks to visit (those, ascending; or the block mask's
+//       transposed lists, p.sparse)
 //   blk.k_rows<Elem>(p) / blk.v_rows<Elem>(p)         K / V row 0 of the sequence and kv head
 //   blk.dk_block<Elem>(p) / blk.dv_block<Elem>(p)     dK / dV row n0 (the block's first key)
 //   blk.head_sources<Elem>(p, hq, tid)                Q / dO row 0 of q head hq and the
@@ -20,6 +22,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/common/block_schedule.h"
 #include "cuda/common/bwd_ptx.h"
 #include "cuda/common/mask.h"
 #include "cuda/common/ptx.h"
@@ -44,6 +47,7 @@ struct BwdBlock {
   SeqBounds qs, ks;
   MaskPolicy mask;
   int mb_begin, mb_end;  // query blocks (of block_m rows) that see the KV block
+  BlockSchedule sched;   // the query blocks this CTA visits per q head
 
   __device__ __forceinline__ void init(const BwdParams& p, int b_, int slot, int n0_, int block_n,
                                        int block_m, const SeqBounds& qs_, const SeqBounds& ks_) {
@@ -68,6 +72,16 @@ struct BwdBlock {
         mb_begin = r_lo / block_m;
         mb_end = (r_hi + block_m - 1) / block_m;
       }
+    }
+    // Sparse lists are per q head: a CTA spanning several heads (hpc > 1) needs
+    // a head-broadcast mask (the plan guarantees it).
+    if (p.sparse.num == nullptr) {
+      sched = BlockSchedule::dense(mb_begin, mb_end - mb_begin, false);
+    } else if (sq <= 0 || n0 >= sk) {
+      sched = BlockSchedule::dense(0, 0, false);
+    } else {
+      sched = BlockSchedule::sparse(p.sparse, b, hq0, n0 / p.sparse.block_kv,
+                                    p.sparse.block_q / block_m, (sq + block_m - 1) / block_m);
     }
   }
 

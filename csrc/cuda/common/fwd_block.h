@@ -7,10 +7,13 @@
 //   blk.sq, blk.sk, blk.m0, blk.m1   lengths; the block's rows [m0, m1) (m1 clamped to sq)
 //   blk.mask                         the mask policy of this sequence
 //   for n in [blk.n_begin, blk.n_end)  the KV blocks some row of the block sees
+//   blk.schedule<kBlockN>(p, b, h)   the KV tiles to visit: those, last first (dense), or the
+//                                    block mask's lists (p.sparse)
 //   blk.k_rows(p, b), blk.v_rows(p, b) key row 0 of this KV head (contiguous k/v only)
 #pragma once
 #include <cstdint>
 
+#include "cuda/common/block_schedule.h"
 #include "cuda/common/mask.h"
 #include "cuda/common/tile_io.h"
 #include "cuda/common/params.h"
@@ -68,6 +71,14 @@ struct FwdBlock {
       n_end = mask.kv_block_end(m0, m1, block_n);
     }
     return true;
+  }
+
+  template <int kBlockN>
+  __device__ __forceinline__ BlockSchedule schedule(const FwdParams& p, int b, int h) const {
+    if (p.sparse.num == nullptr) return BlockSchedule::dense(n_begin, n_end - n_begin, true);
+    if (sk <= 0) return BlockSchedule::dense(0, 0, true);
+    return BlockSchedule::sparse(p.sparse, b, h, m0 / p.sparse.block_q, p.sparse.block_kv / kBlockN,
+                                 (sk + kBlockN - 1) / kBlockN);
   }
 
   __device__ __forceinline__ const Elem* k_rows(const FwdParams& p, int b) const {

@@ -21,6 +21,30 @@ struct MaskParams {
   bool bottom_right = false;
 };
 
+// Block-sparse schedule of the sparse_fwd / sparse_bwd ops (lists of a
+// FlexAttention-style block mask, see csrc/ops.cpp). One direction: per
+// (batch, head, row block) the partial and full column blocks to visit; the
+// forward's rows are query blocks (columns KV blocks), the backward's the
+// transpose. Mask blocks are block_q x block_kv, multiples of the kernels'
+// tiles (the Python layer re-blocks other sizes). num == nullptr: dense.
+// A partial block's pair (r, c) (block-relative) is visible iff bit c % 32 of
+// word bits[(slot * block_q + r) * words + c / 32] is set, slot =
+// bits_index[same position as the block id] (< 0 or bits == nullptr: every
+// pair). Ids outside [0, cols) and counts outside [0, width] (bad device
+// data) are skipped / clamped by the kernels.
+struct BlockSparseParams {
+  const int* num = nullptr;        // (bm, hm, rows) partial blocks per row
+  const int* idx = nullptr;        // (bm, hm, rows, width)
+  const int* full_num = nullptr;   // (bm, hm, rows) full blocks per row
+  const int* full_idx = nullptr;   // (bm, hm, rows, full_width)
+  const int* bits_index = nullptr; // (bm, hm, rows, width), aligned with idx
+  const uint32_t* bits = nullptr;  // (slots, block_q, words)
+  int slots = 0;                   // partial blocks with bits (bits_index values < slots)
+  int bm = 1, hm = 1;              // list batch / head dims (1 = broadcast)
+  int rows = 0, cols = 0, width = 0, full_width = 0;
+  int block_q = 0, block_kv = 0, words = 0;
+};
+
 // Forward: out = softmax(scale * q k^T + mask) v and lse = logsumexp(scale * q k^T + mask)
 // (natural log, fp32).
 //
@@ -82,6 +106,10 @@ struct FwdParams {
   int page_size = 0;
   int num_pages = 0;
   const int* seqlens_k = nullptr;
+
+  // Block-sparse schedule (sparse_fwd: the forward lists; sparse_bwd: the
+  // transposed ones). Dense kernels leave it empty. Not with varlen / paged.
+  BlockSparseParams sparse;
 };
 
 // Backward. Inputs as in FwdParams plus dout (same layout as out) and the
@@ -113,6 +141,9 @@ struct BwdParams : FwdParams {
   // lse * log2(e), +inf where lse = -inf (rows that saw no key), laid out like
   // lse; written by the preprocess kernel, read by the main kernel.
   float* lse_log2 = nullptr;
+  // Optional gradient of lse (laid out like lse; nullptr: zero): the preprocess
+  // writes D - dlse, since d lse_i / d s_ij = P_ij gives dS = P (dP - D + dlse).
+  const float* dlse = nullptr;
   // Work decomposition (from gpu::plan_bwd): each CTA handles heads_per_cta
   // q heads of one GQA group; deterministic runs use dq_splits grid columns
   // (one dq_accum slice each) and dkv_copies = group / heads_per_cta copies.

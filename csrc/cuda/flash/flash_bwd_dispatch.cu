@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(256)
     if (valid) {
       if (lane8 == 0) {
         const int64_t off = b * p.lse_batch_stride + h * p.lse_head_stride + i;
-        p.dsoftmax_sum[off] = acc;
+        p.dsoftmax_sum[off] = p.dlse != nullptr ? acc - p.dlse[off] : acc;
         const float l = p.lse[off];
         p.lse_log2[off] = l == neg_inf() ? -neg_inf() : l * 1.4426950408889634f;
       }
@@ -339,7 +339,10 @@ BwdPlan plan_bwd(const BwdParams& p) {
   // atomics); splitting the group only pays when the grid would be too small
   // (MQA / GQA with few kv heads, short sequences, small batch).
   plan.heads_per_cta = 1;
-  for (int d = group; d >= 1; --d) {
+  // A CTA's q heads share one schedule: block masks with per-head lists take
+  // one head per CTA.
+  const int max_hpc = (p.sparse.num != nullptr && p.sparse.hm > 1) ? 1 : group;
+  for (int d = max_hpc; d >= 1; --d) {
     if (group % d != 0) continue;
     if (d == 1 || n_blocks * p.batch * (p.heads_q / d) >= target) {
       plan.heads_per_cta = d;

@@ -139,8 +139,9 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   ptx::cp_async_commit();
 
   const MaskPolicy& mask = blk.mask;
-  const int mb_begin = blk.mb_begin, mb_end = blk.mb_end;
-  const int n_iter = (mb_end - mb_begin) * hpc;
+  const BlockSchedule& sched = blk.sched;
+  const int per_head = sched.count();  // query blocks per q head
+  const int n_iter = per_head * hpc;
 
   // Sources of the per-iteration tiles of one q head, set up once per head:
   // tile loaders with per-thread pointers, and this thread's LSE / D entry
@@ -188,12 +189,13 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       }
 
   // Iteration order: q heads hq0 .. hq0 + hpc - 1, query blocks ascending within each.
-  // (cur_t, cur_mb): the iteration being computed; (nxt_t, nxt_mb): the last one issued.
-  int cur_t = 0, cur_mb = mb_begin;
-  int nxt_t = 0, nxt_mb = mb_begin;
+  // (cur_t, cur_i): the iteration being computed; (nxt_t, nxt_i): the last one issued
+  // (i: the step of the query-block schedule).
+  int cur_t = 0, cur_i = 0;
+  int nxt_t = 0, nxt_i = 0;
   if (n_iter > 0) {
     set_head(hq0);
-    issue_q(mb_begin * kBlockM, 0, true, true);
+    issue_q(sched.tile(0) * kBlockM, 0, true, true);
     ptx::cp_async_commit();
   }
 
@@ -277,12 +279,12 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
     ptx::cp_async_wait<0>();
     __syncthreads();
     if (k + 1 < n_iter) {
-      if (++nxt_mb == mb_end) {
-        nxt_mb = mb_begin;
+      if (++nxt_i == per_head) {
+        nxt_i = 0;
         ++nxt_t;
         set_head(hq0 + nxt_t);
       }
-      issue_q(nxt_mb * kBlockM, (k & 1) ^ 1, true, Traits::kDoubleDO);
+      issue_q(sched.tile(nxt_i) * kBlockM, (k & 1) ^ 1, true, Traits::kDoubleDO);
       ptx::cp_async_commit();
     }
   };
@@ -300,7 +302,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   int prev_m0 = 0, prev_hq = 0;
   for (int it = 0; it < n_iter; ++it) {
     const int buf = it & 1;
-    const int m0 = cur_mb * kBlockM;
+    const int m0 = sched.tile(cur_i) * kBlockM;
     const int hq = hq0 + cur_t;
     const uint32_t sQ = sQ0 + buf * QTile::kBytes;
     const uint32_t sDO = sDO0 + (Traits::kDoubleDO ? buf : 0) * QTile::kBytes;
@@ -367,6 +369,15 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
         for (int mt = 0; mt < 2; ++mt) {
           zero_invisible_c_transposed<PNT>(s[mt], mask, n0 + acc_r0 + mt * 16 + g,
                                            m0 + q_c0 + 2 * t4);
+        }
+      }
+      if (const uint32_t* bits = sched.partial_bits(p.sparse, cur_i)) {
+        const int q_rel = m0 - sched.block(cur_i) * p.sparse.block_q;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          zero_unset_bits_c_transposed<PNT>(s[mt], bits, p.sparse.words,
+                                            n0 % p.sparse.block_kv + acc_r0 + mt * 16 + g,
+                                            q_rel + q_c0 + 2 * t4);
         }
       }
       char* const p_store = smem + Traits::kOffP;
@@ -490,6 +501,10 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       if (mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
         zero_invisible_c_transposed<NTS>(s, mask, key0, m0 + 2 * t4);
       }
+      if (const uint32_t* bits = sched.partial_bits(p.sparse, cur_i)) {
+        zero_unset_bits_c_transposed<NTS>(s, bits, p.sparse.words, key0 - n0 + n0 % p.sparse.block_kv,
+                                          m0 - sched.block(cur_i) * p.sparse.block_q + 2 * t4);
+      }
 #pragma unroll
       for (int nt = 0; nt < NTS; ++nt) {
         const float2 d2 = *reinterpret_cast<const float2*>(dsum_b + nt * 8 + 2 * t4);
@@ -539,7 +554,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
     if (!pipe) {
       __syncthreads();  // dS^T complete; every warp is done with dO (single-buffer case)
       if (!Traits::kDoubleDO && it + 1 < n_iter) {
-        issue_q(nxt_mb * kBlockM, 0, false, true);
+        issue_q(sched.tile(nxt_i) * kBlockM, 0, false, true);
         ptx::cp_async_commit();
       }
     }
@@ -554,8 +569,8 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
     }
     prev_m0 = m0;
     prev_hq = hq;
-    if (++cur_mb == mb_end) {
-      cur_mb = mb_begin;
+    if (++cur_i == per_head) {
+      cur_i = 0;
       ++cur_t;
     }
   }

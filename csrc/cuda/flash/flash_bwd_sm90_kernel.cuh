@@ -160,8 +160,9 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
   }
   ptx::cp_async_commit();
 
-  const int mb_begin = blk.mb_begin, mb_end = blk.mb_end;
-  const int n_iter = (mb_end - mb_begin) * blk.hpc;
+  const BlockSchedule& sched = blk.sched;
+  const int per_head = sched.count();  // query blocks per q head
+  const int n_iter = per_head * blk.hpc;
 
   // Q / dO loaders and this thread's LSE / D sources of one q head, set up once per head.
   SwizzledTileLoader<kThreads, QTile, Elem> q_ld, do_ld;
@@ -226,29 +227,29 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
   const float scale_log2 = p.scale * kLog2e;
   const int key_row = wg * 64 + wq * 16 + g;  // this thread's keys: n0 + key_row (+ 8)
 
-  int cur_t = 0, cur_mb = mb_begin;
-  int nxt_t = 0, nxt_mb = mb_begin;
+  int cur_t = 0, cur_i = 0;
+  int nxt_t = 0, nxt_i = 0;
   int prev_m0 = 0, prev_hq = hq0;
   if (n_iter > 0) {
     set_head(hq0);
-    issue_q(mb_begin * kBlockM, 0);
+    issue_q(sched.tile(0) * kBlockM, 0);
     ptx::cp_async_commit();
   }
 
   for (int it = 0; it < n_iter; ++it) {
     const int buf = it & 1;
     const int hq = hq0 + cur_t;
-    const int m0 = cur_mb * kBlockM;
+    const int m0 = sched.tile(cur_i) * kBlockM;
     ptx::cp_async_wait<0>();
     ptx::fence_proxy_async();  // own cp.async writes -> visible to wgmma (async proxy) reads
     __syncthreads();
     if (it + 1 < n_iter) {
-      if (++nxt_mb == mb_end) {
-        nxt_mb = mb_begin;
+      if (++nxt_i == per_head) {
+        nxt_i = 0;
         ++nxt_t;
         set_head(hq0 + nxt_t);
       }
-      issue_q(nxt_mb * kBlockM, buf ^ 1);
+      issue_q(sched.tile(nxt_i) * kBlockM, buf ^ 1);
       ptx::cp_async_commit();
     }
     const uint32_t q_addr = sQ0 + buf * QTile::kBytes;
@@ -315,6 +316,10 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     if (blk.mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
       zero_invisible_c_transposed<NTS>(s, blk.mask, n0 + key_row, m0 + 2 * t4);
     }
+    if (const uint32_t* bits = blk.sched.partial_bits(p.sparse, cur_i)) {
+      zero_unset_bits_c_transposed<NTS>(s, bits, p.sparse.words, n0 % p.sparse.block_kv + key_row,
+                                        m0 - blk.sched.block(cur_i) * p.sparse.block_q + 2 * t4);
+    }
 #pragma unroll
     for (int nt = 0; nt < NTS; ++nt) {
       const float2 d2 = *reinterpret_cast<const float2*>(dsum_b + nt * 8 + 2 * t4);
@@ -365,8 +370,8 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
 
     prev_m0 = m0;
     prev_hq = hq;
-    if (++cur_mb == mb_end) {
-      cur_mb = mb_begin;
+    if (++cur_i == per_head) {
+      cur_i = 0;
       ++cur_t;
     }
   }

@@ -9,8 +9,9 @@
 // memory with cp.async, staggered so that one is always in flight:
 //   wait K[n] -> issue V[n] -> S = Q K[n]^T -> mask (boundary tiles only)
 //   -> wait V[n] -> issue K[n-1] -> online softmax (exp2) -> O += P V[n]
-// KV blocks run from the last visible one down to the first visible one;
-// blocks no query of the CTA can see are skipped entirely. K/V rows come from
+// KV blocks come from the CTA's BlockSchedule: dense, from the last visible
+// one down to the first (blocks no query of the CTA can see are skipped), or
+// a block mask's lists (sparse_fwd: partial blocks also apply their bits). K/V rows come from
 // FwdKvLoader: contiguous tensors, or a paged cache through a block table
 // (kPaged; the chunked-prefill path of the paged_fwd op).
 #pragma once
@@ -119,8 +120,9 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
   FwdBlock<Elem, kPaged> blk;
   if (!blk.init(p, b, h, m_block, kBlockM, kBlockN)) return;  // uniform over the CTA
   const int sq = blk.sq, sk = blk.sk, m0 = blk.m0, m1 = blk.m1;
-  const int n_begin = blk.n_begin, n_end = blk.n_end;
   const MaskPolicy& mask = blk.mask;
+  const BlockSchedule sched = blk.template schedule<kBlockN>(p, b, h);
+  const int steps = sched.count();
 
   const uint32_t q_addr = ptx::smem_u32(smem);
   const uint32_t k_addr = q_addr + QTile::kBytes;
@@ -137,7 +139,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
   OnlineSoftmax<MT> softmax;
   softmax.init();
 
-  if (n_begin < n_end) {
+  if (steps > 0) {
     FwdKvLoader<Traits, Elem, kPaged> kv;
     kv.init(p, blk, b, tid);
     {
@@ -145,8 +147,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       q_loader.init(blk.q, p.q_row_stride, p.head_dim, tid);
       q_loader.load(q_addr, 0, sq - m0);
     }
-    int n = n_end - 1;
-    kv.load_k(k_addr, n * kBlockN, sk);
+    kv.load_k(k_addr, sched.tile(0) * kBlockN, sk);
     ptx::cp_async_commit();
 
     const int a_off = a_lane_offset<QTile>(lane) + QTile::offset(warp_row, 0);
@@ -169,7 +170,8 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
     const int row0 = m0 + warp_row + (lane >> 2);
     const int col_lane = 2 * (lane & 3);
 
-    for (; n >= n_begin; --n) {
+    for (int i = 0; i < steps; ++i) {
+      const int n = sched.tile(i);
       ptx::cp_async_wait<0>();
       __syncthreads();  // K[n] (and Q) landed; every warp is done with V[n+1]
       kv.load_v(v_addr, n * kBlockN, sk);
@@ -211,11 +213,15 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       if (mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {
         apply_mask_c<MT, NT>(s, mask, row0, c0 + col_lane);
       }
+      if (const uint32_t* bits = sched.partial_bits(p.sparse, i)) {
+        apply_bits_c<MT, NT>(s, bits, p.sparse.words, row0 - m0 + m0 % p.sparse.block_q,
+                           c0 - sched.block(i) * p.sparse.block_kv + col_lane);
+      }
 
       ptx::cp_async_wait<0>();
       __syncthreads();  // V[n] landed; every warp is done with K[n]
-      if (n > n_begin) {
-        kv.load_k(k_addr, (n - 1) * kBlockN, sk);
+      if (i + 1 < steps) {
+        kv.load_k(k_addr, sched.tile(i + 1) * kBlockN, sk);
         ptx::cp_async_commit();
       }
 

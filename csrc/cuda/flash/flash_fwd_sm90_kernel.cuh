@@ -106,8 +106,9 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
   FwdBlock<Elem, false> blk;
   if (!blk.init(p, b, h, m_block, kBlockM, kBlockN)) return;  // uniform over the CTA
   const int sq = blk.sq, sk = blk.sk, m0 = blk.m0, m1 = blk.m1;
-  const int n_begin = blk.n_begin, n_end = blk.n_end;
   const MaskPolicy& mask = blk.mask;
+  const BlockSchedule sched = blk.template schedule<kBlockN>(p, b, h);
+  const int steps = sched.count();
 
   const uint32_t q_addr = smem_addr;
   // Two K stages, then two V stages.
@@ -122,7 +123,7 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
   OnlineSoftmax<1> softmax;
   softmax.init();
 
-  if (n_begin < n_end) {
+  if (steps > 0) {
     SwizzledTileLoader<kThreads, KTile, Elem> k_loader;
     SwizzledTileLoader<kThreads, VTile, Elem> v_loader;
     k_loader.init(blk.k_rows(p, b), p.k_row_stride, p.head_dim, tid);
@@ -132,14 +133,15 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
       q_loader.init(blk.q, p.q_row_stride, p.head_dim, tid);
       q_loader.load(q_addr, 0, sq - m0);
     }
-    k_loader.load(k_ring, (n_end - 1) * kBlockN, sk);
+    k_loader.load(k_ring, sched.tile(0) * kBlockN, sk);
     ptx::cp_async_commit();
 
     // Scores of this thread: rows warp_row + lane/4 (+8), cols 2*(lane%4) (+1) + nt*8.
     const int row0 = m0 + warp_row + (lane >> 2);
     const int col_lane = 2 * (lane & 3);
 
-    // Step i works on block n = n_end - 1 - i: S = Q K[n]^T runs on the tensor
+    // Step i works on block n = sched.tile(i) ("n+1" below: the previous step's
+    // block, "n-1": the next one): S = Q K[n]^T runs on the tensor
     // cores together with O += P[n+1] V[n+1] of the previous step, and the
     // softmax of S overlaps the latter. Step i needs K[n] (stage i & 1) and
     // V[n+1] (stage (i - 1) & 1), both issued at the top of step i - 1; its
@@ -147,12 +149,15 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
     // used, which every warpgroup has finished once past the barrier.
     uint32_t pa[KV][4];  // P of the previous block as A fragments
     int i = 0;
-    for (int n = n_end - 1; n >= n_begin; --n, ++i) {
+    for (; i < steps; ++i) {
+      const int n = sched.tile(i);
       ptx::cp_async_wait<0>();
       ptx::fence_proxy_async();  // own cp.async writes -> visible to wgmma's (async proxy) reads
       __syncthreads();
       const uint32_t k_addr = k_ring + (i & 1) * KTile::kBytes;
-      if (n > n_begin) k_loader.load(k_ring + ((i + 1) & 1) * KTile::kBytes, (n - 1) * kBlockN, sk);
+      if (i + 1 < steps) {
+        k_loader.load(k_ring + ((i + 1) & 1) * KTile::kBytes, sched.tile(i + 1) * kBlockN, sk);
+      }
       v_loader.load(v_ring + (i & 1) * VTile::kBytes, n * kBlockN, sk);
       ptx::cp_async_commit();
 
@@ -180,6 +185,10 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
       const int c0 = n * kBlockN;
       if (mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {
         apply_mask_c<1, NT>(s, mask, row0, c0 + col_lane);
+      }
+      if (const uint32_t* bits = sched.partial_bits(p.sparse, i)) {
+        apply_bits_c<1, NT>(s, bits, p.sparse.words, row0 - m0 + m0 % p.sparse.block_q,
+                           c0 - sched.block(i) * p.sparse.block_kv + col_lane);
       }
       float factor[2];
       const bool rescale = softmax.update_scores(s, p.scale_log2, factor);

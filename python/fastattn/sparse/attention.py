@@ -56,9 +56,6 @@ class _SparseAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, bias, *q_lists, bits = ctx.saved_tensors
         scale, deterministic, block_q, block_kv, rule = ctx.args
-        if dlse is not None:
-            raise NotImplementedError("fastattn: flex_attention cannot differentiate the returned lse yet "
-                                      "(detach it, or use it for inspection only)")
         if dout is None:
             dout = torch.zeros_like(out)
         elif dout.stride(-1) != 1:
@@ -66,7 +63,7 @@ class _SparseAttention(torch.autograd.Function):
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         det = deterministic or torch.are_deterministic_algorithms_enabled()
         dq, dk, dv, dbias = ops.sparse_bwd(dout, q, k, v, out, lse, *q_lists, bits, block_q, block_kv,
-                                           scale, False, *rule, bias, bias_grad, det)
+                                           scale, False, *rule, bias, bias_grad, det, dlse)
         g_bias = None
         if bias_grad:
             dims = [i for i in range(4) if bias.shape[i] == 1 and dbias.shape[i] != 1]

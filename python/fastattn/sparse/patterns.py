@@ -72,7 +72,8 @@ def dilated_sliding_window(L: int, S: Optional[int] = None, window: int = 256, d
 def global_tokens_mod(global_idx: Sequence[int] | torch.Tensor, S: int, device):
     """mask_mod: global tokens attend to every key and every query attends to them."""
     flag = torch.zeros(S, dtype=torch.bool, device=device)
-    flag[torch.as_tensor(global_idx, dtype=torch.long, device=device)] = True
+    g = torch.as_tensor(global_idx, dtype=torch.long, device=device)
+    flag[g[(g >= 0) & (g < S)]] = True  # positions past the sequence do not exist
 
     def mod(b, h, q, kv):
         return flag[kv] | flag[q.clamp(max=S - 1)] & (q < S)

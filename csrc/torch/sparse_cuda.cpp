@@ -1,0 +1,145 @@
+// CUDA glue of the sparse_fwd / sparse_bwd ops: the dense forward and backward
+// kernels with a block-sparse schedule (params.sparse). No host sync and no
+// reads of device data (CUDA-graph capturable): list values are not checked
+// here; the kernels clamp counts and skip out-of-range ids.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "cuda/common/params.h"
+#include "cuda/flash/launch.h"
+#include "torch/bwd_glue.h"
+#include "torch/cuda_glue.h"
+#include "torch/sparse_problem.h"
+
+namespace fastattn {
+namespace {
+
+// Mask blocks must be whole numbers of every kernel's tiles (all divide 128).
+constexpr int64_t kKernelBlock = 128;
+
+void check_cuda_sparse(const SparseProblem& sp, const at::Tensor& q) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!sp.bias.defined(),
+                              "fastattn: a float attn_mask (bias) is not in the CUDA sparse kernels "
+                              "yet (bool masks and block masks are)");
+  TORCH_CHECK(sp.block_q % kKernelBlock == 0 && sp.block_kv % kKernelBlock == 0,
+              "fastattn: the CUDA sparse kernels take BLOCK_SIZE multiples of ", kKernelBlock,
+              ", got (", sp.block_q, ", ", sp.block_kv,
+              "); fastattn.flex_attention re-blocks other sizes (BlockMask.for_kernels())");
+  const SparseLists& l = sp.lists;
+  TORCH_CHECK(l.bm * l.hm * l.rows * std::max<int64_t>(l.width, l.full_width) < (int64_t(1) << 31),
+              "fastattn: block mask lists too large (>= 2^31 entries)");
+  glue::check_cuda_devices(q, {{&l.num, "block mask"},
+                               {&l.idx, "block mask"},
+                               {&l.full_num, "block mask"},
+                               {&l.full_idx, "block mask"},
+                               {l.bits_index.defined() ? &l.bits_index : nullptr, "bits_index"},
+                               {sp.bits.defined() ? &sp.bits : nullptr, "partial_bits"}});
+}
+
+BlockSparseParams sparse_params(const SparseProblem& sp) {
+  const SparseLists& l = sp.lists;
+  BlockSparseParams s;
+  s.num = l.num.data_ptr<int>();
+  s.idx = l.idx.data_ptr<int>();
+  s.full_num = l.full_num.data_ptr<int>();
+  s.full_idx = l.full_idx.data_ptr<int>();
+  if (sp.bits.defined() && sp.bits.numel() > 0) {
+    s.bits_index = l.bits_index.data_ptr<int>();
+    s.bits = reinterpret_cast<const uint32_t*>(sp.bits.data_ptr<int>());
+    s.slots = static_cast<int>(sp.bits.size(0));
+  }
+  s.bm = static_cast<int>(l.bm);
+  s.hm = static_cast<int>(l.hm);
+  s.rows = static_cast<int>(l.rows);
+  s.cols = static_cast<int>(l.cols);
+  s.width = static_cast<int>(l.width);
+  s.full_width = static_cast<int>(l.full_width);
+  s.block_q = static_cast<int>(sp.block_q);
+  s.block_kv = static_cast<int>(sp.block_kv);
+  s.words = static_cast<int>(sp.words);
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_num_blocks,
+    const at::Tensor& kv_indices, const at::Tensor& full_kv_num_blocks,
+    const at::Tensor& full_kv_indices, const std::optional<at::Tensor>& kv_bits_index,
+    const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
+    bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
+    const std::optional<at::Tensor>& bias) {
+  const SparseProblem sp = check_sparse_args(
+      q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, kv_bits_index,
+      partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
+      /*transposed=*/false);
+  const ElemType dtype = glue::cuda_elem_type(q);
+  glue::check_cuda_devices(q, {{&k, "k"}, {&v, "v"}});
+  check_cuda_sparse(sp, q);
+  c10::cuda::CUDAGuard guard(q.device());
+  const AttnProblem& prob = sp.attn;
+  const int64_t d = prob.head_dim;
+  const int64_t dpad = glue::checked_padded_head_dim(q, d, dtype, "forward");
+
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = empty_lse(prob, q);
+  if (out.numel() == 0 || k.size(1) == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const glue::KernelInputs in = glue::kernel_inputs(q, k, v, scale, dpad);
+  AttnProblem kp = prob;
+  kp.scale = in.scale;
+  at::Tensor out_k = in.padded ? at::empty(in.q.sizes(), q.options()) : out;
+  if (!glue::kernel_readable(out_k)) out_k = at::empty(in.q.sizes(), q.options());
+
+  FwdParams params;
+  glue::fill_fwd_params(params, kp, in.q, in.k, in.v, out_k, lse, std::nullopt, std::nullopt);
+  params.sparse = sparse_params(sp);
+  glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "sparse_fwd");
+  if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& q_num_blocks,
+    const at::Tensor& q_indices, const at::Tensor& full_q_num_blocks,
+    const at::Tensor& full_q_indices, const std::optional<at::Tensor>& q_bits_index,
+    const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
+    bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
+    const std::optional<at::Tensor>& bias, bool bias_grad, bool deterministic,
+    const std::optional<at::Tensor>& dlse) {
+  const SparseProblem sp = check_sparse_args(
+      q, k, v, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, q_bits_index,
+      partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
+      /*transposed=*/true);
+  const AttnProblem prob = check_bwd_args(dout, q, k, v, out, lse, std::nullopt, std::nullopt, 0, 0,
+                                          scale, causal, window_left, window_right, bottom_right);
+  TORCH_CHECK(!bias_grad || sp.bias.defined(), "fastattn: bias_grad needs a bias");
+  glue::cuda_elem_type(q);
+  glue::check_cuda_devices(q, {{&k, "k"}, {&v, "v"}});
+  check_cuda_sparse(sp, q);
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  const BlockSparseParams s = sparse_params(sp);
+  const at::Tensor dl = checked_dlse(dlse, lse);
+  glue::run_bwd_into(prob, dout, q, k, v, out, lse, std::nullopt, std::nullopt, deterministic, dq,
+                     dk, dv, &s, "sparse_bwd", dl.defined() ? dl.data_ptr<float>() : nullptr);
+  return {dq, dk, dv, at::empty({0}, q.options().dtype(at::kFloat))};
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("sparse_fwd", &fastattn::sparse_fwd_cuda);
+  m.impl("sparse_bwd", &fastattn::sparse_bwd_cuda);
+}
