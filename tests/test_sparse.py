@@ -247,6 +247,32 @@ def test_sdpa_float_mask_with_grad():
         assert torch.allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias_dtype", ["same", torch.float32])
+def test_cuda_float_mask_with_grad(dtype, bias_dtype):
+    B, H, L, S, D = 2, 4, 300, 257, 128
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dtype, generator=gen) for n in (L, S, S))
+    bias = torch.randn(B, 1, L, S, device="cuda", generator=gen).to(dtype if bias_dtype == "same" else bias_dtype)
+    bias[:, :, :, 200:] = -math.inf  # whole blocks of -inf are skipped
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    out = fastattn.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3])
+    mask = torch.ones(1, 1, L, S, dtype=torch.bool, device="cuda")
+    r64 = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref = masked_math(*r64[:3], mask, D ** -0.5, bias=r64[3])
+    lp = [t.detach().clone().requires_grad_() for t in (q, k, v)] + [bias.detach().to(dtype).requires_grad_()]
+    base = masked_math(*lp[:3], mask, D ** -0.5, bias=lp[3], dtype=dtype)
+    assert_close_rule("out", out, base, ref)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref.backward(dout.double())
+    base.backward(dout)
+    for name, a, b_, r in zip(["dq", "dk", "dv", "dbias"], leaves, lp, r64):
+        assert a.grad.dtype == a.dtype
+        assert_close_rule(name, a.grad, b_.grad, r.grad, factor=GRAD_FACTOR)
+
+
 def test_gradcheck_float64():
     bm = sparse.longformer(40, window=5, global_idx=[0], BLOCK_SIZE=16, device="cpu")
     q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))

@@ -59,7 +59,8 @@ void run_bwd_into(const AttnProblem& prob, const at::Tensor& dout, const at::Ten
                   const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
                   const std::optional<at::Tensor>& cu_seqlens_k, bool deterministic,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                  const BlockSparseParams* sparse, const char* what, const float* dlse) {
+                  const BlockSparseParams* sparse, const char* what, const float* dlse,
+                  const BiasParams* bias) {
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k, "k"},
                                {&v, "v"},
@@ -124,6 +125,7 @@ void run_bwd_into(const AttnProblem& prob, const at::Tensor& dout, const at::Ten
   p.deterministic = deterministic;
   if (sparse != nullptr) p.sparse = *sparse;
   p.dlse = dlse;
+  if (bias != nullptr) p.bias = *bias;
 
   const gpu::BwdPlan plan = gpu::plan_bwd(p);
   TORCH_CHECK(plan.kernel_head_dim > 0, "fastattn: no CUDA backward kernel for head_dim ", d);

@@ -13,14 +13,15 @@ namespace glue {
 
 // Gradients of the (checked) problem into dq, dk, dv; `sparse` (nullptr: dense)
 // is the backward's block schedule; `what` names the op in launch errors;
-// dlse (nullptr: zero) the lse gradient, laid out like lse (BwdParams::dlse).
+// dlse (nullptr: zero) the lse gradient, laid out like lse (BwdParams::dlse);
+// bias the additive score bias (and where its gradient goes).
 void run_bwd_into(const AttnProblem& prob, const at::Tensor& dout, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
                   const std::optional<at::Tensor>& cu_seqlens_k, bool deterministic,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                   const BlockSparseParams* sparse, const char* what,
-                  const float* dlse = nullptr);
+                  const float* dlse = nullptr, const BiasParams* bias = nullptr);
 
 }  // namespace glue
 }  // namespace fastattn

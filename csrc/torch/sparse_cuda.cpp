@@ -24,9 +24,10 @@ namespace {
 constexpr int64_t kKernelBlock = 128;
 
 void check_cuda_sparse(const SparseProblem& sp, const at::Tensor& q) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!sp.bias.defined(),
-                              "fastattn: a float attn_mask (bias) is not in the CUDA sparse kernels "
-                              "yet (bool masks and block masks are)");
+  TORCH_CHECK_NOT_IMPLEMENTED(!sp.bias.defined() || sp.attn.scale != 0.0,
+                              "fastattn: a float attn_mask with scale=0 is not supported by the CUDA "
+                              "kernels (they add attn_mask / scale to the raw scores)");
+  if (sp.bias.defined()) glue::check_cuda_devices(q, {{&sp.bias, "attn_mask"}});
   TORCH_CHECK(sp.block_q % kKernelBlock == 0 && sp.block_kv % kKernelBlock == 0,
               "fastattn: the CUDA sparse kernels take BLOCK_SIZE multiples of ", kKernelBlock,
               ", got (", sp.block_q, ", ", sp.block_kv,
@@ -40,6 +41,18 @@ void check_cuda_sparse(const SparseProblem& sp, const at::Tensor& q) {
                                {&l.full_idx, "block mask"},
                                {l.bits_index.defined() ? &l.bits_index : nullptr, "bits_index"},
                                {sp.bits.defined() ? &sp.bits : nullptr, "partial_bits"}});
+}
+
+BiasParams bias_params(const SparseProblem& sp) {
+  BiasParams b;
+  if (!sp.bias.defined()) return b;
+  b.ptr = sp.bias.data_ptr();
+  b.sb = sp.bias.stride(0);
+  b.sh = sp.bias.stride(1);
+  b.si = sp.bias.stride(2);
+  b.sj = sp.bias.stride(3);
+  b.f32 = sp.bias.scalar_type() == at::kFloat;
+  return b;
 }
 
 BlockSparseParams sparse_params(const SparseProblem& sp) {
@@ -101,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cuda(
   FwdParams params;
   glue::fill_fwd_params(params, kp, in.q, in.k, in.v, out_k, lse, std::nullopt, std::nullopt);
   params.sparse = sparse_params(sp);
+  params.bias = bias_params(sp);
   glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "sparse_fwd");
   if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
   return {out, lse};
@@ -131,9 +145,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cuda(
   at::Tensor dv = at::empty(v.sizes(), v.options());
   const BlockSparseParams s = sparse_params(sp);
   const at::Tensor dl = checked_dlse(dlse, lse);
+  BiasParams bp = bias_params(sp);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dbias = bias_grad ? at::zeros({prob.batch, prob.heads_q, prob.seqlen_q, prob.seqlen_k}, f32)
+                               : at::empty({0}, f32);
+  if (bias_grad) bp.grad = dbias.data_ptr<float>();
   glue::run_bwd_into(prob, dout, q, k, v, out, lse, std::nullopt, std::nullopt, deterministic, dq,
-                     dk, dv, &s, "sparse_bwd", dl.defined() ? dl.data_ptr<float>() : nullptr);
-  return {dq, dk, dv, at::empty({0}, q.options().dtype(at::kFloat))};
+                     dk, dv, &s, "sparse_bwd", dl.defined() ? dl.data_ptr<float>() : nullptr, &bp);
+  return {dq, dk, dv, dbias};
 }
 
 }  // namespace

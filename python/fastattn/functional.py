@@ -72,10 +72,6 @@ def _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
     return Route("fastattn", f"fastattn.fwd{causal} on {dev}")
 
 
-# Additive float masks run in the CUDA kernels too (bias read per visited tile).
-_CUDA_FLOAT_MASK = False
-
-
 def _mask_route(query, key, value, attn_mask, is_causal, enable_gqa, dev) -> Route:
     if not isinstance(attn_mask, torch.Tensor):
         return Route("torch", "attn_mask is not a tensor")
@@ -101,8 +97,6 @@ def _mask_route(query, key, value, attn_mask, is_causal, enable_gqa, dev) -> Rou
     if attn_mask.dtype not in (query.dtype, torch.float32):
         return Route("torch", f"attn_mask of dtype {attn_mask.dtype} (fastattn takes bool, the query's "
                               "dtype or float32)")
-    if dev == "cuda" and not _CUDA_FLOAT_MASK:
-        return Route("torch", "float attn_mask on CUDA is not in the fastattn kernels yet")
     return Route("fastattn", f"fastattn.sparse_fwd on {dev} (float attn_mask added to the scores; "
                              "all -inf blocks skipped)")
 

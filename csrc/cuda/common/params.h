@@ -45,6 +45,18 @@ struct BlockSparseParams {
   int block_q = 0, block_kv = 0, words = 0;
 };
 
+// Additive score bias of the sparse ops (a float attn_mask): element (b, h, i, j)
+// at ptr[b * sb + h * sh + i * si + j * sj] (stride 0 broadcasts), float32 or
+// the inputs' element type, added to the scaled score of query i, key j. The
+// backward writes dL/dbias = dS of every visited in-range pair to grad
+// ((B, Hq, Sq, Sk) fp32, contiguous, zero-filled by the glue).
+struct BiasParams {
+  const void* ptr = nullptr;  // nullptr: no bias
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+  bool f32 = false;
+  float* grad = nullptr;
+};
+
 // Forward: out = softmax(scale * q k^T + mask) v and lse = logsumexp(scale * q k^T + mask)
 // (natural log, fp32).
 //
@@ -110,6 +122,7 @@ struct FwdParams {
   // Block-sparse schedule (sparse_fwd: the forward lists; sparse_bwd: the
   // transposed ones). Dense kernels leave it empty. Not with varlen / paged.
   BlockSparseParams sparse;
+  BiasParams bias;  // sparse ops only (dense batches, scale > 0)
 };
 
 // Backward. Inputs as in FwdParams plus dout (same layout as out) and the

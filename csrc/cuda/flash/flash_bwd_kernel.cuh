@@ -74,6 +74,7 @@
 #include "cuda/common/bwd_ptx.h"
 #include "cuda/common/fragment.h"
 #include "cuda/common/mask.h"
+#include "cuda/common/score_bias.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/tile_io.h"
 #include "cuda/common/types.h"
@@ -353,6 +354,13 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       // ---- P^T and dS^T (in place), then both to shared memory
       const float* lse_b = lse_smem + buf * kBlockM;
       const float* dsum_b = dsum_smem + buf * kBlockM;
+      if (p.bias.ptr != nullptr) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          add_bias_c_transposed<Elem, PNT>(s[mt], p.bias, b, hq, n0 + acc_r0 + mt * 16 + g,
+                                           m0 + q_c0 + 2 * t4, sq, sk, 1.f / p.scale);
+        }
+      }
 #pragma unroll
       for (int nt = 0; nt < PNT; ++nt) {
         const float2 l2 = *reinterpret_cast<const float2*>(lse_b + q_c0 + nt * 8 + 2 * t4);
@@ -394,6 +402,10 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
           dc[2] = pc[2] * (dc[2] - d2.x);
           dc[3] = pc[3] * (dc[3] - d2.y);
           const int r = acc_r0 + mt * 16 + g;
+          if (p.bias.grad != nullptr) {
+            const float(&dsc)[1][4] = reinterpret_cast<const float(&)[1][4]>(dc);
+            store_bias_grad_c_transposed<1>(dsc, p.bias, b, hq, p.heads_q, n0 + r, m0 + c, sq, sk);
+          }
           *reinterpret_cast<uint32_t*>(p_store + DSTile::offset(r, c)) = pack2<Elem>(pc[0], pc[1]);
           *reinterpret_cast<uint32_t*>(p_store + DSTile::offset(r + 8, c)) =
               pack2<Elem>(pc[2], pc[3]);
@@ -485,6 +497,9 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       // ---- P^T and dS^T (in place: s -> p, dp -> ds)
       const float* lse_b = lse_smem + buf * kBlockM;
       const float* dsum_b = dsum_smem + buf * kBlockM;
+      if (p.bias.ptr != nullptr) {
+        add_bias_c_transposed<Elem, NTS>(s, p.bias, b, hq, key0, m0 + 2 * t4, sq, sk, 1.f / p.scale);
+      }
 #pragma unroll
       for (int nt = 0; nt < NTS; ++nt) {
         const int c = nt * 8 + 2 * t4;
@@ -513,6 +528,9 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
           dp[nt][2 * h] = s[nt][2 * h] * (dp[nt][2 * h] - d2.x);
           dp[nt][2 * h + 1] = s[nt][2 * h + 1] * (dp[nt][2 * h + 1] - d2.y);
         }
+      }
+      if (p.bias.grad != nullptr && dh == 0) {
+        store_bias_grad_c_transposed<NTS>(dp, p.bias, b, hq, p.heads_q, key0, m0 + 2 * t4, sq, sk);
       }
 
       uint32_t pa[KSQ][4];

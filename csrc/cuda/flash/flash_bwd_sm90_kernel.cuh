@@ -36,6 +36,7 @@
 #include "cuda/common/bwd_ptx.h"
 #include "cuda/common/fragment.h"
 #include "cuda/common/mask.h"
+#include "cuda/common/score_bias.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/swizzled_tile_io.h"
 #include "cuda/common/tile_io.h"
@@ -303,6 +304,10 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     // ---- P^T and dS^T in place (s -> P^T, dp -> dS^T); columns are queries.
     const float* lse_b = lse_smem + buf * kBlockM;
     const float* dsum_b = dsum_smem + buf * kBlockM;
+    if (p.bias.ptr != nullptr) {
+      add_bias_c_transposed<Elem, NTS>(s, p.bias, blk.b, hq, n0 + key_row, m0 + 2 * t4, sq, sk,
+                                       1.f / p.scale);
+    }
 #pragma unroll
     for (int nt = 0; nt < NTS; ++nt) {
       // lse * log2(e), +inf for rows that saw no key (P exactly 0): from the preprocess.
@@ -328,6 +333,10 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
         dp[nt][2 * h] = s[nt][2 * h] * (dp[nt][2 * h] - d2.x);
         dp[nt][2 * h + 1] = s[nt][2 * h + 1] * (dp[nt][2 * h + 1] - d2.y);
       }
+    }
+    if (p.bias.grad != nullptr) {
+      store_bias_grad_c_transposed<NTS>(dp, p.bias, blk.b, hq, p.heads_q, n0 + key_row, m0 + 2 * t4,
+                                        sq, sk);
     }
     uint32_t pa[Traits::kKSQ][4];
     uint32_t dsa[Traits::kKSQ][4];

@@ -20,6 +20,7 @@
 #include "cuda/common/fragment.h"
 #include "cuda/common/fwd_block.h"
 #include "cuda/common/mask.h"
+#include "cuda/common/score_bias.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/softmax.h"
 #include "cuda/common/tile_io.h"
@@ -210,6 +211,9 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       }
 
       const int c0 = n * kBlockN;
+      if (p.bias.ptr != nullptr) {
+        add_bias_c<Elem, MT, NT>(s, p.bias, b, h, row0, c0 + col_lane, sq, sk, 1.f / p.scale);
+      }
       if (mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {
         apply_mask_c<MT, NT>(s, mask, row0, c0 + col_lane);
       }

@@ -25,6 +25,7 @@
 #include "cuda/common/fragment.h"
 #include "cuda/common/fwd_block.h"
 #include "cuda/common/mask.h"
+#include "cuda/common/score_bias.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/softmax.h"
 #include "cuda/common/swizzled_tile_io.h"
@@ -183,6 +184,9 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
       wgmma::hold(s[0]);
 
       const int c0 = n * kBlockN;
+      if (p.bias.ptr != nullptr) {
+        add_bias_c<Elem, 1, NT>(s, p.bias, b, h, row0, c0 + col_lane, sq, sk, 1.f / p.scale);
+      }
       if (mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {
         apply_mask_c<1, NT>(s, mask, row0, c0 + col_lane);
       }

@@ -1,0 +1,87 @@
+// Additive score bias (BiasParams, params.h) on mma C fragments. Kernels keep
+// raw scores s (softmax of scale * s), so a bias b enters as s + b / scale
+// (the glue requires scale > 0 with a bias).
+//   add_bias_c<Elem, MT, NT>(s, bp, b, h, row0, col0, sq, sk, inv_scale)
+//       forward layout (rows = queries: row0 + 16 mt + 8 hh, cols col0 + 8 nt + e)
+//   add_bias_c_transposed<Elem, NT>(s, bp, b, h, key0, q0, sq, sk, inv_scale)
+//       backward layout (rows = keys key0, key0 + 8; cols = queries q0 + 8 nt + e)
+//   store_bias_grad_c_transposed<NT>(ds, bp, b, h, key0, q0, sq, sk)
+//       dS (= dL/dbias) of in-range pairs into bp.grad
+// Pairs outside [0, sq) x [0, sk) are left alone (they are masked anyway).
+#pragma once
+#include <cstdint>
+
+#include "cuda/common/types.h"
+#include "cuda/common/params.h"
+
+namespace fastattn {
+
+template <typename Elem>
+__device__ __forceinline__ float bias_at(const BiasParams& bp, int64_t off) {
+  return bp.f32 ? __ldg(static_cast<const float*>(bp.ptr) + off)
+                : to_float(static_cast<const Elem*>(bp.ptr)[off]);
+}
+
+template <typename Elem, int MT, int NT, int kRowStep = 16>
+__device__ __forceinline__ void add_bias_c(float (&s)[MT][NT][4], const BiasParams& bp, int b, int h,
+                                           int row0, int col0, int sq, int sk, float inv_scale) {
+  const int64_t base = int64_t(b) * bp.sb + int64_t(h) * bp.sh;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = row0 + mt * kRowStep + hh * 8;
+      if (row >= sq) continue;
+      const int64_t rbase = base + int64_t(row) * bp.si;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + nt * 8 + e;
+          if (col < sk) s[mt][nt][hh * 2 + e] += bias_at<Elem>(bp, rbase + int64_t(col) * bp.sj) * inv_scale;
+        }
+    }
+}
+
+template <typename Elem, int NT>
+__device__ __forceinline__ void add_bias_c_transposed(float (&s)[NT][4], const BiasParams& bp, int b,
+                                                      int h, int key0, int q0, int sq, int sk,
+                                                      float inv_scale) {
+  const int64_t base = int64_t(b) * bp.sb + int64_t(h) * bp.sh;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int key = key0 + hh * 8;
+    if (key >= sk) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int q = q0 + nt * 8 + e;
+        if (q < sq) {
+          s[nt][hh * 2 + e] += bias_at<Elem>(bp, base + int64_t(q) * bp.si + int64_t(key) * bp.sj) * inv_scale;
+        }
+      }
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void store_bias_grad_c_transposed(const float (&ds)[NT][4],
+                                                             const BiasParams& bp, int b, int h,
+                                                             int heads, int key0, int q0, int sq,
+                                                             int sk) {
+  float* g = bp.grad + (int64_t(b) * heads + h) * sq * int64_t(sk);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int key = key0 + hh * 8;
+    if (key >= sk) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int q = q0 + nt * 8 + e;
+        if (q < sq) g[int64_t(q) * sk + key] = ds[nt][hh * 2 + e];
+      }
+  }
+}
+
+}  // namespace fastattn
