@@ -99,6 +99,24 @@ struct BlockSchedule {
   }
 };
 
+// Tile ids of steps i, i + 1, i + 2 in registers. A sparse schedule reads its
+// lists from global memory; loading each id two steps before its use keeps
+// that latency under a step's MMAs instead of in front of the next tile's
+// copy. advance(s, i, steps) at the end of step i.
+struct TileLookahead {
+  int t0 = 0, t1 = 0, t2 = 0;
+  __device__ __forceinline__ void init(const BlockSchedule& s, int steps) {
+    t0 = steps > 0 ? s.tile(0) : 0;
+    t1 = steps > 1 ? s.tile(1) : 0;
+    t2 = steps > 2 ? s.tile(2) : 0;
+  }
+  __device__ __forceinline__ void advance(const BlockSchedule& s, int i, int steps) {
+    t0 = t1;
+    t1 = t2;
+    t2 = i + 3 < steps ? s.tile(i + 3) : 0;
+  }
+};
+
 template <int MT, int NT, int kRowStep = 16>
 __device__ __forceinline__ void apply_bits_c(float (&s)[MT][NT][4], const uint32_t* words,
                                              int per_row, int r_rel, int c_rel) {

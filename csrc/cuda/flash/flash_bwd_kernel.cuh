@@ -194,9 +194,15 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   // (i: the step of the query-block schedule).
   int cur_t = 0, cur_i = 0;
   int nxt_t = 0, nxt_i = 0;
+  // Query tiles in Q buffers 0 / 1, and the tile of the step after the last
+  // one issued, read a step early (a sparse schedule's ids come from global
+  // memory: TileLookahead's reason).
+  int q_tile0 = 0, q_tile1 = 0, tile_ahead = 0;
   if (n_iter > 0) {
     set_head(hq0);
-    issue_q(sched.tile(0) * kBlockM, 0, true, true);
+    q_tile0 = sched.tile(0);
+    tile_ahead = sched.tile(per_head > 1 ? 1 : 0);
+    issue_q(q_tile0 * kBlockM, 0, true, true);
     ptx::cp_async_commit();
   }
 
@@ -285,7 +291,11 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
         ++nxt_t;
         set_head(hq0 + nxt_t);
       }
-      issue_q(sched.tile(nxt_i) * kBlockM, (k & 1) ^ 1, true, Traits::kDoubleDO);
+      const int t = tile_ahead;
+      if (k & 1) q_tile0 = t;
+      else q_tile1 = t;
+      tile_ahead = sched.tile(nxt_i + 1 < per_head ? nxt_i + 1 : 0);
+      issue_q(t * kBlockM, (k & 1) ^ 1, true, Traits::kDoubleDO);
       ptx::cp_async_commit();
     }
   };
@@ -303,7 +313,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
   int prev_m0 = 0, prev_hq = 0;
   for (int it = 0; it < n_iter; ++it) {
     const int buf = it & 1;
-    const int m0 = sched.tile(cur_i) * kBlockM;
+    const int m0 = (buf ? q_tile1 : q_tile0) * kBlockM;
     const int hq = hq0 + cur_t;
     const uint32_t sQ = sQ0 + buf * QTile::kBytes;
     const uint32_t sDO = sDO0 + (Traits::kDoubleDO ? buf : 0) * QTile::kBytes;
@@ -572,7 +582,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
     if (!pipe) {
       __syncthreads();  // dS^T complete; every warp is done with dO (single-buffer case)
       if (!Traits::kDoubleDO && it + 1 < n_iter) {
-        issue_q(sched.tile(nxt_i) * kBlockM, 0, false, true);
+        issue_q((buf ? q_tile0 : q_tile1) * kBlockM, 0, false, true);  // step it + 1's tile
         ptx::cp_async_commit();
       }
     }

@@ -231,16 +231,21 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
   int cur_t = 0, cur_i = 0;
   int nxt_t = 0, nxt_i = 0;
   int prev_m0 = 0, prev_hq = hq0;
+  // Query tiles in Q buffers 0 / 1 and the tile after the last one issued,
+  // read a step early (TileLookahead's reason, block_schedule.h).
+  int q_tile0 = 0, q_tile1 = 0, tile_ahead = 0;
   if (n_iter > 0) {
     set_head(hq0);
-    issue_q(sched.tile(0) * kBlockM, 0);
+    q_tile0 = sched.tile(0);
+    tile_ahead = sched.tile(per_head > 1 ? 1 : 0);
+    issue_q(q_tile0 * kBlockM, 0);
     ptx::cp_async_commit();
   }
 
   for (int it = 0; it < n_iter; ++it) {
     const int buf = it & 1;
     const int hq = hq0 + cur_t;
-    const int m0 = sched.tile(cur_i) * kBlockM;
+    const int m0 = (buf ? q_tile1 : q_tile0) * kBlockM;
     ptx::cp_async_wait<0>();
     ptx::fence_proxy_async();  // own cp.async writes -> visible to wgmma (async proxy) reads
     __syncthreads();
@@ -250,7 +255,11 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
         ++nxt_t;
         set_head(hq0 + nxt_t);
       }
-      issue_q(sched.tile(nxt_i) * kBlockM, buf ^ 1);
+      const int t = tile_ahead;
+      if (buf) q_tile0 = t;
+      else q_tile1 = t;
+      tile_ahead = sched.tile(nxt_i + 1 < per_head ? nxt_i + 1 : 0);
+      issue_q(t * kBlockM, buf ^ 1);
       ptx::cp_async_commit();
     }
     const uint32_t q_addr = sQ0 + buf * QTile::kBytes;

@@ -148,7 +148,9 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       q_loader.init(blk.q, p.q_row_stride, p.head_dim, tid);
       q_loader.load(q_addr, 0, sq - m0);
     }
-    kv.load_k(k_addr, sched.tile(0) * kBlockN, sk);
+    TileLookahead next;
+    next.init(sched, steps);
+    kv.load_k(k_addr, next.t0 * kBlockN, sk);
     ptx::cp_async_commit();
 
     const int a_off = a_lane_offset<QTile>(lane) + QTile::offset(warp_row, 0);
@@ -172,7 +174,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
     const int col_lane = 2 * (lane & 3);
 
     for (int i = 0; i < steps; ++i) {
-      const int n = sched.tile(i);
+      const int n = next.t0;
       ptx::cp_async_wait<0>();
       __syncthreads();  // K[n] (and Q) landed; every warp is done with V[n+1]
       kv.load_v(v_addr, n * kBlockN, sk);
@@ -225,7 +227,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       ptx::cp_async_wait<0>();
       __syncthreads();  // V[n] landed; every warp is done with K[n]
       if (i + 1 < steps) {
-        kv.load_k(k_addr, sched.tile(i + 1) * kBlockN, sk);
+        kv.load_k(k_addr, next.t1 * kBlockN, sk);
         ptx::cp_async_commit();
       }
 
@@ -247,6 +249,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
           }
         }
       }
+      next.advance(sched, i, steps);
     }
   }
 

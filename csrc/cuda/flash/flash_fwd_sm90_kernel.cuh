@@ -134,7 +134,9 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
       q_loader.init(blk.q, p.q_row_stride, p.head_dim, tid);
       q_loader.load(q_addr, 0, sq - m0);
     }
-    k_loader.load(k_ring, sched.tile(0) * kBlockN, sk);
+    TileLookahead next;
+    next.init(sched, steps);
+    k_loader.load(k_ring, next.t0 * kBlockN, sk);
     ptx::cp_async_commit();
 
     // Scores of this thread: rows warp_row + lane/4 (+8), cols 2*(lane%4) (+1) + nt*8.
@@ -151,13 +153,13 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
     uint32_t pa[KV][4];  // P of the previous block as A fragments
     int i = 0;
     for (; i < steps; ++i) {
-      const int n = sched.tile(i);
+      const int n = next.t0;
       ptx::cp_async_wait<0>();
       ptx::fence_proxy_async();  // own cp.async writes -> visible to wgmma's (async proxy) reads
       __syncthreads();
       const uint32_t k_addr = k_ring + (i & 1) * KTile::kBytes;
       if (i + 1 < steps) {
-        k_loader.load(k_ring + ((i + 1) & 1) * KTile::kBytes, sched.tile(i + 1) * kBlockN, sk);
+        k_loader.load(k_ring + ((i + 1) & 1) * KTile::kBytes, next.t1 * kBlockN, sk);
       }
       v_loader.load(v_ring + (i & 1) * VTile::kBytes, n * kBlockN, sk);
       ptx::cp_async_commit();
@@ -205,6 +207,7 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
       // has to insert another fence in front of the MMAs that read them).
       wgmma::hold(acc_o[0]);
       wgmma::hold(pa);
+      next.advance(sched, i, steps);
     }
 
     // The last block's P V.
