@@ -37,34 +37,36 @@ def document_ids(S, seed):
     return torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)).cuda()
 
 
-def make_masks(quick):
+def make_masks(quick, kinds):
     """(name, cfg, fastattn BlockMask, torch BlockMask, visible pairs per (b, h))."""
     from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
     out = []
     S = 8192
-    for d in (DENSITIES if not quick else [1.0, 0.25, 0.0625, 0.03]):
+    for d in (DENSITIES if not quick else [1.0, 0.25, 0.0625, 0.03]) if "random" in kinds else ():
         bm = sparse.random_blocks(S, density=d, B=4, H=16, seed=0, device="cuda")
         z = torch.zeros_like(bm.kv_num_blocks)
         tbm = TorchBlockMask.from_kv_blocks(z, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
                                             BLOCK_SIZE=128, seq_lengths=(S, S))
         pairs = float(bm.full_kv_num_blocks.sum()) * 128 * 128 / (4 * 16)
         out.append((f"random {100 * d:g}%", dict(B=4, H=16, S=S, D=128), bm, tbm, pairs))
-    for S in ((8192, 16384, 32768) if not quick else (8192, 32768)):
+    for S in ((8192, 16384, 32768) if not quick else (8192, 32768)) if kinds & {"window", "document"} else ():
         B = max(1, 32768 // S)
         win = lambda b, h, q, kv: (kv <= q) & (q - kv < 1024)
         tbm = t_cbm(win, None, None, S, S, device="cuda", _compile=True)
         bm = sparse.sliding_window(S, window=1023, device="cuda")  # structured: no bits
         i = torch.arange(S, device="cuda")
         pairs = float(torch.clamp(i + 1, max=1024).sum())
-        out.append((f"window 1024 S{S // 1024}k", dict(B=B, H=16, S=S, D=128), bm, tbm, pairs))
+        if "window" in kinds:
+            out.append((f"window 1024 S{S // 1024}k", dict(B=B, H=16, S=S, D=128), bm, tbm, pairs))
         doc = document_ids(S, seed=S)
         docm = lambda b, h, q, kv, doc=doc: (doc[q] == doc[kv]) & (kv <= q)
         tbm = t_cbm(docm, None, None, S, S, device="cuda", _compile=True)
         bm = sparse.BlockMask.from_torch(tbm)
         counts = torch.bincount(doc).double()
         pairs = float((counts * (counts + 1) / 2).sum())
-        out.append((f"document S{S // 1024}k", dict(B=B, H=16, S=S, D=128), bm, tbm, pairs))
+        if "document" in kinds:
+            out.append((f"document S{S // 1024}k", dict(B=B, H=16, S=S, D=128), bm, tbm, pairs))
     return out
 
 
@@ -170,6 +172,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="fwd,bwd")
+    ap.add_argument("--masks", default="random,window,document", help="which mask families to run")
+    ap.add_argument("--no-build-times", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -180,14 +184,15 @@ def main():
     flex = torch.compile(flex_attention, dynamic=False)
     modes = args.modes.split(",")
     results = []
-    for name, cfg, bm, tbm, pairs in make_masks(args.quick):
+    for name, cfg, bm, tbm, pairs in make_masks(args.quick, set(args.masks.split(","))):
         results += bench(name, cfg, bm, tbm, pairs, flex, args.rounds, modes)
         print(".", end="", flush=True)
     print()
-    builds = build_times()
+    builds = {} if args.no_build_times else build_times()
     meta = {"device": device_name(), "torch": torch.__version__, "dtype": "bf16", "build_ms": builds}
-    save_json(os.path.join(args.out, "sparse.json"), results, meta)
-    plot(results, os.path.join(args.out, "sparse.png"))
+    tag = "" if args.masks == "random,window,document" else "_" + args.masks.replace(",", "_")
+    save_json(os.path.join(args.out, f"sparse{tag}.json"), results, meta)
+    plot(results, os.path.join(args.out, f"sparse{tag}.png"))
     rows = []
     keyed = {}
     for r in results:

@@ -3,7 +3,8 @@ forward and backward, causal and not, GQA, varlen, odd sizes, the
 deterministic backward with fp32 dK/dV partial sums (on sm90 the head-dim
 64/128 forwards and backwards run the wgmma kernels); paged decode and
 chunked prefill (including page ids outside the pool); many-split decode,
-the cluster-combine decode and the N-way merge.
+the cluster-combine decode and the N-way merge; block-sparse forward and
+backward (bits, GQA, float bias, a corrupted list).
 
     compute-sanitizer --tool memcheck  python scripts/sanitizer_subset.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_subset.py
@@ -78,6 +79,32 @@ def main():
         fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=3)
         fastattn.merge_attention_states_n(torch.randn(19, 2, 3, 4, 64, device="cuda", dtype=dt),
                                           torch.randn(19, 2, 4, 3, device="cuda"))
+    # Block-sparse: partial blocks with bits (re-blocked from 64), per-head lists
+    # with GQA (one head per backward CTA), a float bias with its gradient, a
+    # corrupted list (ids past the sequence must be skipped, not read), lengths
+    # off the block grid.
+    from fastattn import sparse
+    L = 333
+    bm = sparse.longformer(L, window=40, global_idx=[0, 100], BLOCK_SIZE=64, device="cuda")
+    rnd = sparse.random_blocks(L, density=0.5, B=2, H=4, BLOCK_SIZE=128, device="cuda")
+    bias = torch.randn(2, 1, L, L, device="cuda", dtype=dt, requires_grad=True)
+    for D in (64, 128, 256):
+        q = torch.randn(2, 4, L, D, device="cuda", dtype=dt, requires_grad=True)
+        k = torch.randn(2, 2, L, D, device="cuda", dtype=dt, requires_grad=True)
+        v = torch.randn(2, 2, L, D, device="cuda", dtype=dt, requires_grad=True)
+        for m in (bm, rnd):
+            out = fastattn.flex_attention(q, k, v, block_mask=m, enable_gqa=True)
+            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        out = fastattn.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                    attn_mask=bias)
+        torch.autograd.grad(out, (q, bias), torch.randn_like(out))
+    kf = rnd.for_kernels()
+    idx = kf.kv_indices.clone()
+    idx[..., 0] = 1000
+    with torch.no_grad():
+        torch.ops.fastattn.sparse_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kf.kv_num_blocks,
+                                      idx, kf.full_kv_num_blocks, kf.full_kv_indices, None, None, 128, 128,
+                                      0.1, False, -1, -1, False, None)
     torch.cuda.synchronize()
     print("sanitizer subset: done")
 
