@@ -381,3 +381,62 @@ def test_bad_input_errors():
         flex_attention(q, k, v, block_mask=t)
     with pytest.raises(TypeError, match="bool"):
         BlockMask.from_dense(torch.ones(100, 100))
+
+
+def _bucketed_reference_counts(qb, kb, chunk, causal):
+    """count[b, h, i, j]: rounds in which query i sees key j (the bucketed rule, module
+    docstring of fastattn.sparse.bucketed), from per-round buckets (R, B, Hq, L) / (R, B, Hkv, S)."""
+    R, B, Hq, L = qb.shape
+    Hkv, S = kb.shape[2], kb.shape[3]
+    g = Hq // Hkv
+    count = torch.zeros(B, Hq, L, S, dtype=torch.float64, device=qb.device)
+    pos_q, pos_k = torch.arange(L, device=qb.device), torch.arange(S, device=qb.device)
+    for r in range(R):
+        rank_q = torch.argsort(torch.argsort(qb[r] * L + pos_q, -1), -1)  # position -> rank
+        rank_k = torch.argsort(torch.argsort(kb[r] * S + pos_k, -1), -1).repeat_interleave(g, 1)
+        cq = (rank_q // chunk).unsqueeze(-1)
+        ck = (rank_k // chunk).unsqueeze(-2)
+        ok = ((ck == cq) | (ck == cq - 1)) & (qb[r].unsqueeze(-1) == kb[r].repeat_interleave(g, 1).unsqueeze(-2))
+        if causal:
+            ok = ok & (pos_k.view(1, 1, 1, S) <= pos_q.view(1, 1, L, 1))
+        count += ok
+    return count
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["lsh", "routing"])
+def test_bucketed_attention(device, kind):
+    dt = _dev_dtype(device)
+    B, Hq, Hkv, L, E = 2, 4, 2, 300, 64
+    chunk = 32 if device == "cpu" else 128
+    gen = torch.Generator(device=device).manual_seed(9)
+    q, k, v = (torch.randn(B, h, L, E, device=device, dtype=dt, generator=gen) for h in (Hq, Hkv, Hkv))
+    if kind == "lsh":
+        n_hashes, n_buckets = 3, 8
+        call = lambda *t: sparse.lsh_attention(*t, n_buckets=n_buckets, n_hashes=n_hashes, chunk_size=chunk)
+        g2 = torch.Generator(device=device).manual_seed(0)
+        rot = torch.randn(n_hashes, E, n_buckets // 2, generator=g2, device=device)
+        qb = torch.stack([sparse.lsh_buckets(q, rot[r]) for r in range(n_hashes)])
+        kb = torch.stack([sparse.lsh_buckets(k, rot[r]) for r in range(n_hashes)])
+    else:
+        cents = torch.nn.functional.normalize(torch.randn(2, 6, E, device=device, generator=gen), dim=-1)
+        call = lambda *t: sparse.routing_attention(*t, cents, chunk_size=chunk)
+        qb = torch.stack([torch.argmax(q.float() @ c.t(), -1) for c in cents])
+        kb = torch.stack([torch.argmax(k.float() @ c.t(), -1) for c in cents])
+    count = _bucketed_reference_counts(qb, kb, chunk, causal=True)
+    assert 0 < (count > 0).double().mean() < 0.5  # really sparse, not empty
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = call(*leaves)
+    mask = count > 0
+    bias = torch.log(count.clamp(min=1))
+    r64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = masked_math(*r64, mask, E ** -0.5, bias=bias)
+    base = masked_math(q, k, v, mask, E ** -0.5, bias=bias, dtype=dt)
+    assert_close_rule("out", out, base, ref)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref.backward(dout.double())
+    lp = [t.clone().requires_grad_() for t in (q, k, v)]
+    masked_math(*lp, mask, E ** -0.5, bias=bias, dtype=dt).backward(dout)
+    for name, a, b_, r in zip("qkv", leaves, lp, r64):
+        assert_close_rule(f"d{name}", a.grad, b_.grad, r.grad, factor=GRAD_FACTOR)

@@ -4,11 +4,12 @@ visit only their blocks, a pattern library and content-based selection.
     fastattn.sparse.BlockMask, create_block_mask, flex_attention
     patterns: causal, sliding_window, dilated_sliding_window, global_tokens, block_local,
               longformer, bigbird, star, random_blocks, document, prefix_lm; and_masks, or_masks
-    content-based: topk_block_mask, topk_attention
+    content-based: topk_block_mask, topk_attention, lsh_attention, routing_attention
 """
 from .attention import flex_attention
 from .block_mask import BlockMask, MaskParams, pack_bits, unpack_bits
-from .build import create_block_mask
+from .bucketed import lsh_attention, lsh_buckets, routing_attention
+from .build import create_block_mask, from_block_states
 from .patterns import (
     and_masks,
     bigbird,
@@ -28,7 +29,7 @@ from .topk import topk_attention, topk_block_mask
 
 __all__ = [
     "BlockMask", "MaskParams", "and_masks", "bigbird", "block_local", "causal", "create_block_mask",
-    "dilated_sliding_window", "document", "flex_attention", "global_tokens", "longformer", "or_masks",
-    "pack_bits", "prefix_lm", "random_blocks", "sliding_window", "star", "topk_attention",
+    "dilated_sliding_window", "document", "flex_attention", "from_block_states", "global_tokens",
+    "longformer", "lsh_attention", "lsh_buckets", "or_masks", "pack_bits", "prefix_lm", "routing_attention", "random_blocks", "sliding_window", "star", "topk_attention",
     "topk_block_mask", "unpack_bits",
 ]

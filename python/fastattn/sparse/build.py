@@ -153,6 +153,51 @@ def _validate_lists(num, idx, cols, nn, ni):
         raise ValueError(f"fastattn: {ni} holds block ids outside [0, {cols}) in its first {nn} entries")
 
 
+def _partial_bits_from_mod(st, mask_mod, bq, bkv, L, S):
+    """Bit slots (st's shape, -1 off partial blocks) and packed element masks of the
+    partial blocks of states st (Bm, Hm, QB, KB), evaluating mask_mod on those
+    blocks only (index tensors (n, 1, 1) / (n, bq, 1) / (n, 1, bkv))."""
+    device = st.device
+    part = (st == 1).nonzero()  # (N, 4): b, h, qb, kb
+    slot_dense = torch.full(st.shape, -1, dtype=torch.int32, device=device)
+    slot_dense[part.unbind(1)] = torch.arange(part.shape[0], dtype=torch.int32, device=device)
+    chunks = []
+    step = max(1, _BUDGET // (bq * bkv))
+    ar_q = torch.arange(bq, device=device).view(1, bq, 1)
+    ar_k = torch.arange(bkv, device=device).view(1, 1, bkv)
+    for s0 in range(0, part.shape[0], step):
+        p = part[s0:s0 + step]
+        n = p.shape[0]
+        b = p[:, 0].view(n, 1, 1)
+        h = p[:, 1].view(n, 1, 1)
+        q = p[:, 2].view(n, 1, 1) * bq + ar_q
+        kv = p[:, 3].view(n, 1, 1) * bkv + ar_k
+        inside = (q < L) & (kv < S)
+        m = torch.as_tensor(mask_mod(b, h, q.clamp(max=L - 1), kv.clamp(max=S - 1)), device=device)
+        chunks.append(pack_bits((m & inside).expand(n, bq, bkv)))
+    words = (bkv + 31) // 32
+    bits = torch.cat(chunks) if chunks else torch.zeros(0, bq, words, dtype=torch.int32, device=device)
+    return slot_dense, bits
+
+
+def from_block_states(states: torch.Tensor, mask_mod: Optional[Callable], BLOCK_SIZE, seq_lengths,
+                      mask_params: MaskParams = MaskParams()) -> BlockMask:
+    """BlockMask from known block states (Bm, Hm, QB, KB) uint8 (0 skip, 1 partial,
+    2 full): mask_mod (None: every pair of a partial block) is evaluated on the
+    partial blocks only, O(partial blocks x block area) instead of L x S."""
+    bq, bkv = _as_pair(BLOCK_SIZE)
+    L, S = (int(x) for x in seq_lengths)
+    st = states.to(torch.uint8).contiguous()
+    if tuple(st.shape[2:]) != ((L + bq - 1) // bq, (S + bkv - 1) // bkv):
+        raise ValueError(f"fastattn: block states {tuple(st.shape)} do not match seq_lengths {(L, S)} "
+                         f"and BLOCK_SIZE {(bq, bkv)}")
+    if mask_mod is None:
+        return BlockMask._assemble(st, None, None, (bq, bkv), (L, S), mask_params=mask_params)
+    slot_dense, bits = _partial_bits_from_mod(st, mask_mod, bq, bkv, L, S)
+    return BlockMask._assemble(st, slot_dense, bits, (bq, bkv), (L, S), mask_mod=mask_mod,
+                               mask_params=mask_params)
+
+
 def from_torch_block_mask(tbm) -> BlockMask:
     """fastattn BlockMask from torch's (see BlockMask.from_torch)."""
     bq, bkv = _as_pair(tuple(tbm.BLOCK_SIZE))
@@ -184,25 +229,7 @@ def from_torch_block_mask(tbm) -> BlockMask:
     noop = mask_mod is None or getattr(mask_mod, "__name__", "") == "noop_mask"
     bits = kv_bits = q_bits = None
     if not noop:
-        part = (st == 1).nonzero()  # (N, 4): b, h, qb, kb
-        slot_dense = torch.full(st.shape, -1, dtype=torch.int32, device=device)
-        slot_dense[part.unbind(1)] = torch.arange(part.shape[0], dtype=torch.int32, device=device)
-        chunks = []
-        step = max(1, _BUDGET // (bq * bkv))
-        ar_q = torch.arange(bq, device=device).view(1, bq, 1)
-        ar_k = torch.arange(bkv, device=device).view(1, 1, bkv)
-        for s0 in range(0, part.shape[0], step):
-            p = part[s0:s0 + step]
-            n = p.shape[0]
-            b = p[:, 0].view(n, 1, 1)
-            h = p[:, 1].view(n, 1, 1)
-            q = p[:, 2].view(n, 1, 1) * bq + ar_q
-            kv = p[:, 3].view(n, 1, 1) * bkv + ar_k
-            inside = (q < L) & (kv < S)
-            m = torch.as_tensor(mask_mod(b, h, q.clamp(max=L - 1), kv.clamp(max=S - 1)), device=device)
-            chunks.append(pack_bits((m & inside).expand(n, bq, bkv)))
-        words = (bkv + 31) // 32
-        bits = torch.cat(chunks) if chunks else torch.zeros(0, bq, words, dtype=torch.int32, device=device)
+        slot_dense, bits = _partial_bits_from_mod(st, mask_mod, bq, bkv, L, S)
         kv_bits = _aligned_slots(slot_dense, kv_num, kv_idx)
         q_bits = _aligned_slots(slot_dense.transpose(-1, -2).contiguous(), q_num, q_idx)
     return BlockMask(kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx,
