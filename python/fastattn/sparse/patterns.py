@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .block_mask import BlockMask, MaskParams, _as_pair
-from .build import _default_device, _structured_mask, create_block_mask
+from .build import _default_device, _structured_mask, create_block_mask, from_block_states
 
 
 def and_masks(*mods):
@@ -163,14 +163,34 @@ def bigbird(L: int, S: Optional[int] = None, num_window_blocks: int = 3, num_glo
 
 
 def document(doc_ids: torch.Tensor, causal: bool = True, BLOCK_SIZE=128) -> BlockMask:
-    """Packed sequences: doc_ids (L,) int, i and j in the same document (and j <= i when causal)."""
+    """Packed sequences: doc_ids (L,) int, i and j in the same document (and j <= i when causal).
+
+    Non-decreasing ids (documents packed one after another) get their block
+    states from the document bounds and evaluate pairs of the partial blocks
+    only; other ids evaluate the rule everywhere (create_block_mask)."""
     doc_ids = doc_ids.to(torch.long)
     L = doc_ids.shape[0]
 
     def mod(b, h, q, kv):
         same = doc_ids[q] == doc_ids[kv]
         return same & (kv <= q) if causal else same
-    return create_block_mask(mod, None, None, L, L, device=doc_ids.device, BLOCK_SIZE=BLOCK_SIZE)
+    if L == 0 or bool((doc_ids[1:] < doc_ids[:-1]).any()):
+        return create_block_mask(mod, None, None, L, L, device=doc_ids.device, BLOCK_SIZE=BLOCK_SIZE)
+    bq, bkv = _as_pair(BLOCK_SIZE)
+    r0 = torch.arange(0, L, bq, device=doc_ids.device)
+    r1 = torch.clamp(r0 + bq, max=L) - 1
+    c0 = torch.arange(0, L, bkv, device=doc_ids.device)
+    c1 = torch.clamp(c0 + bkv, max=L) - 1
+    dq0, dq1 = doc_ids[r0].view(-1, 1), doc_ids[r1].view(-1, 1)
+    dk0, dk1 = doc_ids[c0].view(1, -1), doc_ids[c1].view(1, -1)
+    # Sorted ids: the block's rows cover documents [dq0, dq1], its keys [dk0, dk1].
+    any_ = (dq0 <= dk1) & (dk0 <= dq1)
+    full = (dq0 == dq1) & (dk0 == dk1) & (dq0 == dk0)
+    if causal:
+        any_ = any_ & (c0.view(1, -1) <= r1.view(-1, 1))
+        full = full & (c1.view(1, -1) <= r0.view(-1, 1))
+    st = torch.where(full, 2, torch.where(any_, 1, 0)).to(torch.uint8).view(1, 1, *full.shape)
+    return from_block_states(st, mod, (bq, bkv), (L, L))
 
 
 def prefix_lm(L: int, prefix: int, BLOCK_SIZE=128, device=None) -> BlockMask:
