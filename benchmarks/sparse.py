@@ -180,6 +180,9 @@ def main():
         sys.exit("benchmarks need a CUDA GPU")
     from torch.nn.attention.flex_attention import flex_attention
     torch._dynamo.config.cache_size_limit = 256
+    # The timing loop re-runs one backward graph (retain_graph=True), which
+    # compiled backwards with donated buffers refuse.
+    torch._functorch.config.donated_buffer = False
     torch._dynamo.config.recompile_limit = 256
     flex = torch.compile(flex_attention, dynamic=False)
     modes = args.modes.split(",")

@@ -79,7 +79,7 @@ def test_sdpa_matches_torch(device, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sdpa_routes_unsupported_to_torch(device):
-    q, k, v = (torch.randn(2, 2, 8, 16, device=device) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, 8, 16, device=device, dtype=DTYPES[device][-1]) for _ in range(3))
     mask = torch.rand(8, 8, device=device) > 0.3
     cases = [
         ({"attn_mask": mask, "is_causal": True}, "is_causal"),
@@ -97,7 +97,7 @@ def test_sdpa_routes_unsupported_to_torch(device):
     assert not ran
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q3, k3, v3, attn_mask=mask))
     # value head dim differing from the query's goes to torch, same math.
-    v2 = torch.randn(2, 2, 8, 24, device=device)
+    v2 = torch.randn(2, 2, 8, 24, device=device, dtype=q.dtype)
     assert fastattn.explain(q, k, v2).backend == "torch"
     torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, v2),
                                F.scaled_dot_product_attention(q, k, v2))
