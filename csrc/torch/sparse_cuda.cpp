@@ -43,15 +43,19 @@ void check_cuda_sparse(const SparseProblem& sp, const at::Tensor& q) {
                                {sp.bits.defined() ? &sp.bits : nullptr, "partial_bits"}});
 }
 
-BiasParams bias_params(const SparseProblem& sp) {
+// The kernels read float32 bias: other dtypes are converted before the
+// broadcast (a (B|1, H|1, L, S) copy, not the expanded one); `keep` holds it.
+BiasParams bias_params(const SparseProblem& sp, at::Tensor& keep) {
   BiasParams b;
   if (!sp.bias.defined()) return b;
-  b.ptr = sp.bias.data_ptr();
-  b.sb = sp.bias.stride(0);
-  b.sh = sp.bias.stride(1);
-  b.si = sp.bias.stride(2);
-  b.sj = sp.bias.stride(3);
-  b.f32 = sp.bias.scalar_type() == at::kFloat;
+  keep = sp.bias.scalar_type() == at::kFloat
+             ? sp.bias
+             : sp.bias_raw.to(at::kFloat).expand(sp.bias.sizes());
+  b.ptr = keep.data_ptr<float>();
+  b.sb = keep.stride(0);
+  b.sh = keep.stride(1);
+  b.si = keep.stride(2);
+  b.sj = keep.stride(3);
   return b;
 }
 
@@ -114,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cuda(
   FwdParams params;
   glue::fill_fwd_params(params, kp, in.q, in.k, in.v, out_k, lse, std::nullopt, std::nullopt);
   params.sparse = sparse_params(sp);
-  params.bias = bias_params(sp);
+  at::Tensor bias_f32;
+  params.bias = bias_params(sp, bias_f32);
   glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "sparse_fwd");
   if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
   return {out, lse};
@@ -145,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cuda(
   at::Tensor dv = at::empty(v.sizes(), v.options());
   const BlockSparseParams s = sparse_params(sp);
   const at::Tensor dl = checked_dlse(dlse, lse);
-  BiasParams bp = bias_params(sp);
+  at::Tensor bias_f32;
+  BiasParams bp = bias_params(sp, bias_f32);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dbias = bias_grad ? at::zeros({prob.batch, prob.heads_q, prob.seqlen_q, prob.seqlen_k}, f32)
                                : at::empty({0}, f32);

@@ -112,6 +112,7 @@ SparseProblem check_sparse_args(const at::Tensor& q, const at::Tensor& k, const 
                   b.sizes(), " does not broadcast to (", p.batch, ", ", p.heads_q, ", ",
                   p.seqlen_q, ", ", p.seqlen_k, ")");
     }
+    sp.bias_raw = b;
     sp.bias = b.expand({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k});
   }
   return sp;

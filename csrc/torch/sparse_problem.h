@@ -30,6 +30,7 @@ struct SparseProblem {
   at::Tensor bits;      // (NP, block_q, words) int32, or undefined
   int64_t words = 0;    // ceil(block_kv / 32)
   at::Tensor bias;      // expanded (B, Hq, Sq, Sk) view, or undefined
+  at::Tensor bias_raw;  // the caller's (B|1, Hq|1, Sq, Sk) tensor
 };
 
 // transposed: the lists are the backward's (per KV block its query blocks),

@@ -46,14 +46,13 @@ struct BlockSparseParams {
 };
 
 // Additive score bias of the sparse ops (a float attn_mask): element (b, h, i, j)
-// at ptr[b * sb + h * sh + i * si + j * sj] (stride 0 broadcasts), float32 or
-// the inputs' element type, added to the scaled score of query i, key j. The
+// at ptr[b * sb + h * sh + i * si + j * sj] (stride 0 broadcasts), float32
+// (the glue converts other dtypes), added to the scaled score of query i, key j. The
 // backward writes dL/dbias = dS of every visited in-range pair to grad
 // ((B, Hq, Sq, Sk) fp32, contiguous, zero-filled by the glue).
 struct BiasParams {
-  const void* ptr = nullptr;  // nullptr: no bias
+  const float* ptr = nullptr;  // nullptr: no bias
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
-  bool f32 = false;
   float* grad = nullptr;
 };
 

@@ -1,9 +1,9 @@
 // Additive score bias (BiasParams, params.h) on mma C fragments. Kernels keep
 // raw scores s (softmax of scale * s), so a bias b enters as s + b / scale
 // (the glue requires scale > 0 with a bias).
-//   add_bias_c<Elem, MT, NT>(s, bp, b, h, row0, col0, sq, sk, inv_scale)
+//   add_bias_c<MT, NT>(s, bp, b, h, row0, col0, sq, sk, inv_scale)
 //       forward layout (rows = queries: row0 + 16 mt + 8 hh, cols col0 + 8 nt + e)
-//   add_bias_c_transposed<Elem, NT>(s, bp, b, h, key0, q0, sq, sk, inv_scale)
+//   add_bias_c_transposed<NT>(s, bp, b, h, key0, q0, sq, sk, inv_scale)
 //       backward layout (rows = keys key0, key0 + 8; cols = queries q0 + 8 nt + e)
 //   store_bias_grad_c_transposed<NT>(ds, bp, b, h, key0, q0, sq, sk)
 //       dS (= dL/dbias) of in-range pairs into bp.grad
@@ -16,13 +16,11 @@
 
 namespace fastattn {
 
-template <typename Elem>
 __device__ __forceinline__ float bias_at(const BiasParams& bp, int64_t off) {
-  return bp.f32 ? __ldg(static_cast<const float*>(bp.ptr) + off)
-                : to_float(static_cast<const Elem*>(bp.ptr)[off]);
+  return __ldg(bp.ptr + off);
 }
 
-template <typename Elem, int MT, int NT, int kRowStep = 16>
+template <int MT, int NT, int kRowStep = 16>
 __device__ __forceinline__ void add_bias_c(float (&s)[MT][NT][4], const BiasParams& bp, int b, int h,
                                            int row0, int col0, int sq, int sk, float inv_scale) {
   const int64_t base = int64_t(b) * bp.sb + int64_t(h) * bp.sh;
@@ -38,12 +36,12 @@ __device__ __forceinline__ void add_bias_c(float (&s)[MT][NT][4], const BiasPara
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = col0 + nt * 8 + e;
-          if (col < sk) s[mt][nt][hh * 2 + e] += bias_at<Elem>(bp, rbase + int64_t(col) * bp.sj) * inv_scale;
+          if (col < sk) s[mt][nt][hh * 2 + e] += bias_at(bp, rbase + int64_t(col) * bp.sj) * inv_scale;
         }
     }
 }
 
-template <typename Elem, int NT>
+template <int NT>
 __device__ __forceinline__ void add_bias_c_transposed(float (&s)[NT][4], const BiasParams& bp, int b,
                                                       int h, int key0, int q0, int sq, int sk,
                                                       float inv_scale) {
@@ -58,7 +56,7 @@ __device__ __forceinline__ void add_bias_c_transposed(float (&s)[NT][4], const B
       for (int e = 0; e < 2; ++e) {
         const int q = q0 + nt * 8 + e;
         if (q < sq) {
-          s[nt][hh * 2 + e] += bias_at<Elem>(bp, base + int64_t(q) * bp.si + int64_t(key) * bp.sj) * inv_scale;
+          s[nt][hh * 2 + e] += bias_at(bp, base + int64_t(q) * bp.si + int64_t(key) * bp.sj) * inv_scale;
         }
       }
   }

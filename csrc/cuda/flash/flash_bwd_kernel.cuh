@@ -367,7 +367,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       if (p.bias.ptr != nullptr) {
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          add_bias_c_transposed<Elem, PNT>(s[mt], p.bias, b, hq, n0 + acc_r0 + mt * 16 + g,
+          add_bias_c_transposed<PNT>(s[mt], p.bias, b, hq, n0 + acc_r0 + mt * 16 + g,
                                            m0 + q_c0 + 2 * t4, sq, sk, 1.f / p.scale);
         }
       }
@@ -508,7 +508,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       const float* lse_b = lse_smem + buf * kBlockM;
       const float* dsum_b = dsum_smem + buf * kBlockM;
       if (p.bias.ptr != nullptr) {
-        add_bias_c_transposed<Elem, NTS>(s, p.bias, b, hq, key0, m0 + 2 * t4, sq, sk, 1.f / p.scale);
+        add_bias_c_transposed<NTS>(s, p.bias, b, hq, key0, m0 + 2 * t4, sq, sk, 1.f / p.scale);
       }
 #pragma unroll
       for (int nt = 0; nt < NTS; ++nt) {

@@ -314,7 +314,7 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     const float* lse_b = lse_smem + buf * kBlockM;
     const float* dsum_b = dsum_smem + buf * kBlockM;
     if (p.bias.ptr != nullptr) {
-      add_bias_c_transposed<Elem, NTS>(s, p.bias, blk.b, hq, n0 + key_row, m0 + 2 * t4, sq, sk,
+      add_bias_c_transposed<NTS>(s, p.bias, blk.b, hq, n0 + key_row, m0 + 2 * t4, sq, sk,
                                        1.f / p.scale);
     }
 #pragma unroll

@@ -187,7 +187,7 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
 
       const int c0 = n * kBlockN;
       if (p.bias.ptr != nullptr) {
-        add_bias_c<Elem, 1, NT>(s, p.bias, b, h, row0, c0 + col_lane, sq, sk, 1.f / p.scale);
+        add_bias_c<1, NT>(s, p.bias, b, h, row0, c0 + col_lane, sq, sk, 1.f / p.scale);
       }
       if (mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {
         apply_mask_c<1, NT>(s, mask, row0, c0 + col_lane);
