@@ -440,3 +440,44 @@ def test_bucketed_attention(device, kind):
     masked_math(*lp, mask, E ** -0.5, bias=bias, dtype=dt).backward(dout)
     for name, a, b_, r in zip("qkv", leaves, lp, r64):
         assert_close_rule(f"d{name}", a.grad, b_.grad, r.grad, factor=GRAD_FACTOR)
+
+
+def test_bad_input_errors_bias_bits_and_builders():
+    good = sparse.longformer(100, window=10, global_idx=[0], BLOCK_SIZE=64, device="cpu")
+    q = torch.randn(1, 100, 2, 32)
+    ops = torch.ops.fastattn
+    lists = (good.kv_num_blocks, good.kv_indices, good.full_kv_num_blocks, good.full_kv_indices)
+    rule = (64, 64, 0.1, False, -1, -1, False)
+    with pytest.raises(RuntimeError, match="does not broadcast"):
+        ops.sparse_fwd(q, q, q, *lists, good.kv_bits_index, good.partial_bits, *rule, torch.randn(1, 2, 99, 100))
+    with pytest.raises(RuntimeError, match="attn_mask must have q's dtype"):
+        ops.sparse_fwd(q, q, q, *lists, good.kv_bits_index, good.partial_bits, *rule,
+                       torch.randn(1, 2, 100, 100, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="partial_bits must be"):
+        ops.sparse_fwd(q, q, q, *lists, good.kv_bits_index, good.partial_bits[:, :32], *rule, None)
+    with pytest.raises(RuntimeError, match="pass both"):
+        ops.sparse_fwd(q, q, q, *lists, good.kv_bits_index, None, *rule, None)
+    bad_slots = good.kv_bits_index.clone()
+    bad_slots[good.kv_bits_index >= 0] = 10 ** 6
+    with pytest.raises(RuntimeError, match="kv_bits_index"):
+        ops.sparse_fwd(q, q, q, *lists, bad_slots, good.partial_bits, *rule, None)
+    out, lse = ops.sparse_fwd(q, q, q, *lists, good.kv_bits_index, good.partial_bits, *rule, None)
+    qa = (good.q_num_blocks, good.q_indices, good.full_q_num_blocks, good.full_q_indices, good.q_bits_index,
+          good.partial_bits) + rule + (None, False, False)
+    with pytest.raises(RuntimeError, match="dlse must have lse's shape"):
+        ops.sparse_bwd(torch.randn_like(out), q, q, q, out, lse, *qa, lse[:, :1])
+    with pytest.raises(RuntimeError, match="bias_grad needs a bias"):
+        ops.sparse_bwd(torch.randn_like(out), q, q, q, out, lse, *qa[:-3], None, True, False)
+    x = torch.randn(1, 2, 100, 32)
+    with pytest.raises(ValueError, match="chunk_size"):
+        sparse.lsh_attention(x, x, x, chunk_size=100)
+    with pytest.raises(ValueError, match="n_buckets"):
+        sparse.lsh_attention(x, x, x, n_buckets=7)
+    with pytest.raises(ValueError, match="centroids"):
+        sparse.routing_attention(x, x, x, torch.randn(4, 16))
+    with pytest.raises(ValueError, match="multiple"):
+        sparse.topk_block_mask(torch.randn(1, 3, 100, 32), x, top_k=2)
+    with pytest.raises(ValueError, match="BLOCK_SIZE"):
+        create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 10, 10, device="cpu", BLOCK_SIZE=0)
+    with pytest.raises(TypeError, match="bool"):
+        create_block_mask(lambda b, h, q, kv: q - kv, None, None, 10, 10, device="cpu")
