@@ -88,26 +88,29 @@ TORCH_LIBRARY(fastattn, m) {
   // c / 32 of row r = pair (r, c) of the block; slot -1 (or no bits at all)
   // means every pair of the block. Pairs must also pass the causal / window
   // mask of fwd (top-left or bottom-right). bias: optional additive float
-  // mask broadcastable as (B|1, Hq|1, Sq, Sk) added to the scaled scores.
+  // mask broadcastable as (B|1, Hq|1, Sq, Sk) added to the scaled scores; with
+  // bias_relative a relative-position table (Hq|1, Sq + Sk - 1) instead:
+  // query i, key j get bias[h, j - i + Sq - 1] (ALiBi, T5-style buckets).
   // Rows with no visible key: out = 0, lse = -inf.
   m.def(
       "sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
       "Tensor full_kv_num_blocks, Tensor full_kv_indices, Tensor? kv_bits_index, "
       "Tensor? partial_bits, int block_q, int block_kv, float scale, bool causal, "
-      "int window_left, int window_right, bool bottom_right, Tensor? bias) "
-      "-> (Tensor out, Tensor lse)");
+      "int window_left, int window_right, bool bottom_right, Tensor? bias, "
+      "bool bias_relative=False) -> (Tensor out, Tensor lse)");
   // Gradients of sparse_fwd. The backward walks the transposed lists: per
   // (batch, head, KV block) q_num_blocks / q_indices (partial, with
   // q_bits_index into the same partial_bits) and full_q_num_blocks /
   // full_q_indices, shapes (Bm, Hm, KB) / (Bm, Hm, KB, n). With bias_grad
   // dlse: the gradient of the returned lse (None: zero), folded in exactly as
-  // dS = P * (dP - D + dlse). dbias is dL/dbias expanded to (B, Hq, Sq, Sk), float32 (float64 for float64
+  // dS = P * (dP - D + dlse). dbias is dL/dbias expanded to (B, Hq, Sq, Sk)
+  // (bias_relative: to (Hq, Sq + Sk - 1)), float32 (float64 for float64
   // inputs; the caller sums broadcast dims), else an empty tensor.
   m.def(
       "sparse_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor q_num_blocks, Tensor q_indices, Tensor full_q_num_blocks, Tensor full_q_indices, "
       "Tensor? q_bits_index, Tensor? partial_bits, int block_q, int block_kv, float scale, "
       "bool causal, int window_left, int window_right, bool bottom_right, Tensor? bias, "
-      "bool bias_grad, bool deterministic, Tensor? dlse=None) "
+      "bool bias_grad, bool deterministic, Tensor? dlse=None, bool bias_relative=False) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }

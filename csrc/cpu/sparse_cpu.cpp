@@ -58,26 +58,34 @@ BlockBits block_bits(const SparseProblem& sp, const int32_t* slots, int64_t j) {
   return bb;
 }
 
-// Element (b, h, i, j) of the expanded additive mask, in the accumulation type.
+// Element (b, h, i, j) of the additive bias, in the accumulation type: the
+// expanded attn_mask, or a relative table read at [h, j - i + Sq - 1] (the
+// same strided read with a row stride of -1 from element Sq - 1).
 template <typename acc_t>
 struct BiasView {
-  const void* data = nullptr;
+  const char* data = nullptr;
   at::ScalarType type = at::kFloat;
   int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  explicit BiasView(const at::Tensor& t) {
+  explicit BiasView(const SparseProblem& sp) {
+    const at::Tensor& t = sp.bias;
     if (!t.defined()) return;
-    data = t.data_ptr();
+    data = static_cast<const char*>(t.data_ptr());
     type = t.scalar_type();
-    s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2), s3 = t.stride(3);
+    if (sp.bias_relative) {
+      s1 = t.stride(0), s2 = -t.stride(1), s3 = t.stride(1);
+      data += (sp.attn.seqlen_q - 1) * t.stride(1) * t.element_size();
+    } else {
+      s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2), s3 = t.stride(3);
+    }
   }
   bool on() const { return data != nullptr; }
   acc_t at(int64_t b, int64_t h, int64_t i, int64_t j) const {
     const int64_t o = b * s0 + h * s1 + i * s2 + j * s3;
     switch (type) {
-      case at::kHalf: return static_cast<acc_t>(static_cast<const at::Half*>(data)[o]);
-      case at::kBFloat16: return static_cast<acc_t>(static_cast<const at::BFloat16*>(data)[o]);
-      case at::kDouble: return static_cast<acc_t>(static_cast<const double*>(data)[o]);
-      default: return static_cast<acc_t>(static_cast<const float*>(data)[o]);
+      case at::kHalf: return static_cast<acc_t>(reinterpret_cast<const at::Half*>(data)[o]);
+      case at::kBFloat16: return static_cast<acc_t>(reinterpret_cast<const at::BFloat16*>(data)[o]);
+      case at::kDouble: return static_cast<acc_t>(reinterpret_cast<const double*>(data)[o]);
+      default: return static_cast<acc_t>(reinterpret_cast<const float*>(data)[o]);
     }
   }
 };
@@ -94,7 +102,7 @@ void sparse_fwd_impl(const SparseProblem& sp, const at::Tensor& q, const at::Ten
   const RowView<scalar_t> O(out, false);
   auto* lse_ptr = static_cast<acc_t*>(lse.data_ptr());
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const BiasView<acc_t> bias(sp.bias);
+  const BiasView<acc_t> bias(sp);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, p.batch * p.heads_q * qb_count * sub_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -149,7 +157,7 @@ void sparse_bwd_impl(const SparseProblem& sp, const at::Tensor& dout, const at::
   const RowView<scalar_t> dQ(dq, false), dK(dk, false), dV(dv, false);
   const auto* lse_ptr = static_cast<const acc_t*>(lse.data_ptr());
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const BiasView<acc_t> bias(sp.bias);
+  const BiasView<acc_t> bias(sp);
   acc_t* dbias_ptr = dbias.defined() && dbias.numel() > 0 ? dbias.data_ptr<acc_t>() : nullptr;
   const int64_t sq = p.seqlen_q, sk = p.seqlen_k;
   const acc_t* dlse_ptr = dlse.defined() ? dlse.data_ptr<acc_t>() : nullptr;
@@ -276,11 +284,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cpu(
     const at::Tensor& full_kv_indices, const std::optional<at::Tensor>& kv_bits_index,
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    const std::optional<at::Tensor>& bias) {
+    const std::optional<at::Tensor>& bias, bool bias_relative) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, kv_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
-      /*transposed=*/false);
+      bias_relative, /*transposed=*/false);
   check_on_cpu(q);
   check_sparse_list_values(sp, false);
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -299,11 +307,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_grad, bool /*deterministic: always*/,
-    const std::optional<at::Tensor>& dlse) {
+    const std::optional<at::Tensor>& dlse, bool bias_relative) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, q_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
-      /*transposed=*/true);
+      bias_relative, /*transposed=*/true);
   check_bwd_args(dout, q, k, v, out, lse, std::nullopt, std::nullopt, 0, 0, scale, causal,
                  window_left, window_right, bottom_right);
   check_on_cpu(q);
@@ -320,6 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_sparse_bwd_cpu", [&] {
     sparse_bwd_impl<scalar_t>(sp, dout, q, k, v, out, lse, dl, dq, dk, dv, dbias);
   });
+  if (bias_grad && sp.bias_relative) dbias = relative_bias_grad(dbias);
   return {dq, dk, dv, dbias};
 }
 

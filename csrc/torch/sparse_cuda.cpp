@@ -44,7 +44,9 @@ void check_cuda_sparse(const SparseProblem& sp, const at::Tensor& q) {
 }
 
 // The kernels read float32 bias: other dtypes are converted before the
-// broadcast (a (B|1, H|1, L, S) copy, not the expanded one); `keep` holds it.
+// broadcast (a copy of the caller's tensor, not of the expanded one); `keep`
+// holds it. A relative table is read from element Sq - 1 with row stride -1
+// (params.h).
 BiasParams bias_params(const SparseProblem& sp, at::Tensor& keep) {
   BiasParams b;
   if (!sp.bias.defined()) return b;
@@ -52,11 +54,42 @@ BiasParams bias_params(const SparseProblem& sp, at::Tensor& keep) {
              ? sp.bias
              : sp.bias_raw.to(at::kFloat).expand(sp.bias.sizes());
   b.ptr = keep.data_ptr<float>();
-  b.sb = keep.stride(0);
-  b.sh = keep.stride(1);
-  b.si = keep.stride(2);
-  b.sj = keep.stride(3);
+  if (sp.bias_relative) {
+    b.ptr += (sp.attn.seqlen_q - 1) * keep.stride(1);
+    b.sh = keep.stride(0);
+    b.si = -keep.stride(1);
+    b.sj = keep.stride(1);
+  } else {
+    b.sb = keep.stride(0);
+    b.sh = keep.stride(1);
+    b.si = keep.stride(2);
+    b.sj = keep.stride(3);
+  }
   return b;
+}
+
+// Where the backward writes dL/dbias: a dense (B, Hq, Sq, Sk) tensor, or the
+// relative table's (Hq, Sq + Sk - 1) gradient, accumulated in the kernel with
+// atomics, or (deterministic) reduced from a dense one afterwards.
+at::Tensor bias_grad_target(const SparseProblem& sp, bool deterministic, BiasParams& bp) {
+  const AttnProblem& p = sp.attn;
+  const auto f32 = sp.bias.options().dtype(at::kFloat);
+  if (sp.bias_relative && !deterministic) {
+    at::Tensor g = at::zeros({p.heads_q, p.seqlen_q + p.seqlen_k - 1}, f32);
+    bp.grad = g.data_ptr<float>() + (p.seqlen_q - 1);
+    bp.gh = g.stride(0);
+    bp.gi = -1;
+    bp.gj = 1;
+    bp.grad_accumulate = true;
+    return g;
+  }
+  at::Tensor g = at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, f32);
+  bp.grad = g.data_ptr<float>();
+  bp.gb = g.stride(0);
+  bp.gh = g.stride(1);
+  bp.gi = g.stride(2);
+  bp.gj = 1;
+  return g;
 }
 
 BlockSparseParams sparse_params(const SparseProblem& sp) {
@@ -89,11 +122,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cuda(
     const at::Tensor& full_kv_indices, const std::optional<at::Tensor>& kv_bits_index,
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    const std::optional<at::Tensor>& bias) {
+    const std::optional<at::Tensor>& bias, bool bias_relative) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, kv_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
-      /*transposed=*/false);
+      bias_relative, /*transposed=*/false);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k, "k"}, {&v, "v"}});
   check_cuda_sparse(sp, q);
@@ -133,11 +166,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cuda(
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_grad, bool deterministic,
-    const std::optional<at::Tensor>& dlse) {
+    const std::optional<at::Tensor>& dlse, bool bias_relative) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, q_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
-      /*transposed=*/true);
+      bias_relative, /*transposed=*/true);
   const AttnProblem prob = check_bwd_args(dout, q, k, v, out, lse, std::nullopt, std::nullopt, 0, 0,
                                           scale, causal, window_left, window_right, bottom_right);
   TORCH_CHECK(!bias_grad || sp.bias.defined(), "fastattn: bias_grad needs a bias");
@@ -152,12 +185,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cuda(
   const at::Tensor dl = checked_dlse(dlse, lse);
   at::Tensor bias_f32;
   BiasParams bp = bias_params(sp, bias_f32);
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dbias = bias_grad ? at::zeros({prob.batch, prob.heads_q, prob.seqlen_q, prob.seqlen_k}, f32)
-                               : at::empty({0}, f32);
-  if (bias_grad) bp.grad = dbias.data_ptr<float>();
+  at::Tensor dbias = bias_grad ? bias_grad_target(sp, deterministic, bp)
+                               : at::empty({0}, q.options().dtype(at::kFloat));
   glue::run_bwd_into(prob, dout, q, k, v, out, lse, std::nullopt, std::nullopt, deterministic, dq,
                      dk, dv, &s, "sparse_bwd", dl.defined() ? dl.data_ptr<float>() : nullptr, &bp);
+  if (bias_grad && sp.bias_relative && !bp.grad_accumulate) dbias = relative_bias_grad(dbias);
   return {dq, dk, dv, dbias};
 }
 

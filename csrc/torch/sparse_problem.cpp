@@ -52,7 +52,8 @@ SparseProblem check_sparse_args(const at::Tensor& q, const at::Tensor& k, const 
                                 const std::optional<at::Tensor>& bits, int64_t block_q,
                                 int64_t block_kv, double scale, bool causal, int64_t window_left,
                                 int64_t window_right, bool bottom_right,
-                                const std::optional<at::Tensor>& bias, bool transposed) {
+                                const std::optional<at::Tensor>& bias, bool bias_relative,
+                                bool transposed) {
   SparseProblem sp;
   sp.attn = check_fwd_args(q, k, v, std::nullopt, std::nullopt, 0, 0, scale, causal, window_left,
                            window_right, bottom_right);
@@ -97,6 +98,7 @@ SparseProblem check_sparse_args(const at::Tensor& q, const at::Tensor& k, const 
     sp.bits = bits->contiguous();
   }
 
+  TORCH_CHECK(!bias_relative || bias.has_value(), "fastattn: bias_relative needs a bias table");
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     TORCH_CHECK(b.scalar_type() == q.scalar_type() || b.scalar_type() == at::kFloat,
@@ -104,6 +106,17 @@ SparseProblem check_sparse_args(const at::Tensor& q, const at::Tensor& k, const 
                 ") or float32, got ", b.scalar_type());
     TORCH_CHECK(b.device() == q.device(), "fastattn: attn_mask must be on q's device ",
                 q.device(), ", got ", b.device());
+    if (bias_relative) {
+      // A relative-position table: bias(b, h, i, j) = t[h, j - i + Sq - 1].
+      const int64_t span = p.seqlen_q + p.seqlen_k - 1;
+      TORCH_CHECK(b.dim() == 2 && (b.size(0) == p.heads_q || b.size(0) == 1) && b.size(1) == span,
+                  "fastattn: a relative bias table must be (", p.heads_q, "|1, Sq + Sk - 1 = ", span,
+                  "), got ", b.sizes());
+      sp.bias_relative = true;
+      sp.bias_raw = b;
+      sp.bias = b.expand({p.heads_q, span});
+      return sp;
+    }
     TORCH_CHECK(b.dim() == 4, "fastattn: attn_mask must be 4-D (B|1, H|1, Sq, Sk) here, got ",
                 b.sizes());
     const int64_t want[4] = {p.batch, p.heads_q, p.seqlen_q, p.seqlen_k};
@@ -116,6 +129,19 @@ SparseProblem check_sparse_args(const at::Tensor& q, const at::Tensor& k, const 
     sp.bias = b.expand({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k});
   }
   return sp;
+}
+
+at::Tensor relative_bias_grad(const at::Tensor& dense) {
+  // g[h, d] = sum over b, i of dense[b, h, i, j] with j - i + Sq - 1 = d. With
+  // the rows flipped (i' = Sq - 1 - i) that is d = i' + j: pad each row with Sq
+  // zeros and re-read the flat buffer with rows one shorter, which shifts row
+  // i' right by i' (a shear), then sum the rows. Deterministic, no atomics.
+  const int64_t H = dense.size(1), L = dense.size(2), S = dense.size(3);
+  const at::Tensor flipped = dense.sum(0).flip({1});
+  const at::Tensor padded = at::constant_pad_nd(flipped, {0, L});  // (H, L, S + L)
+  const at::Tensor sheared =
+      padded.reshape({H, L * (S + L)}).narrow(1, 0, L * (S + L - 1)).view({H, L, S + L - 1});
+  return sheared.sum(1);
 }
 
 at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor& lse) {

@@ -29,8 +29,13 @@ struct SparseProblem {
   SparseLists lists;
   at::Tensor bits;      // (NP, block_q, words) int32, or undefined
   int64_t words = 0;    // ceil(block_kv / 32)
-  at::Tensor bias;      // expanded (B, Hq, Sq, Sk) view, or undefined
-  at::Tensor bias_raw;  // the caller's (B|1, Hq|1, Sq, Sk) tensor
+  // The additive bias: an attn_mask, expanded (B, Hq, Sq, Sk) view of the
+  // caller's (B|1, Hq|1, Sq, Sk) bias_raw; or (bias_relative) a relative-
+  // position table, bias(b, h, i, j) = t[h, j - i + Sq - 1], expanded
+  // (Hq, Sq + Sk - 1) view of the caller's (Hq|1, Sq + Sk - 1) one. Undefined: none.
+  at::Tensor bias;
+  at::Tensor bias_raw;
+  bool bias_relative = false;
 };
 
 // transposed: the lists are the backward's (per KV block its query blocks),
@@ -42,7 +47,12 @@ SparseProblem check_sparse_args(const at::Tensor& q, const at::Tensor& k, const 
                                 const std::optional<at::Tensor>& bits, int64_t block_q,
                                 int64_t block_kv, double scale, bool causal, int64_t window_left,
                                 int64_t window_right, bool bottom_right,
-                                const std::optional<at::Tensor>& bias, bool transposed);
+                                const std::optional<at::Tensor>& bias, bool bias_relative,
+                                bool transposed);
+
+// The relative table's gradient (Hq, Sq + Sk - 1) from the dense dL/dbias
+// (B, Hq, Sq, Sk): every diagonal j - i summed, deterministically.
+at::Tensor relative_bias_grad(const at::Tensor& dense);
 
 // The lse gradient of sparse_bwd: lse's shape, device and dtype, contiguous
 // (undefined when absent).

@@ -45,15 +45,20 @@ struct BlockSparseParams {
   int block_q = 0, block_kv = 0, words = 0;
 };
 
-// Additive score bias of the sparse ops (a float attn_mask): element (b, h, i, j)
-// at ptr[b * sb + h * sh + i * si + j * sj] (stride 0 broadcasts), float32
-// (the glue converts other dtypes), added to the scaled score of query i, key j. The
-// backward writes dL/dbias = dS of every visited in-range pair to grad
-// ((B, Hq, Sq, Sk) fp32, contiguous, zero-filled by the glue).
+// Additive score bias of the sparse ops (a float attn_mask, or a relative-
+// position table): element (b, h, i, j) at ptr[b * sb + h * sh + i * si + j * sj]
+// (stride 0 broadcasts; a table t[h, j - i + Sq - 1] is ptr = t + Sq - 1,
+// si = -1, sj = 1), float32 (the glue converts other dtypes), added to the
+// scaled score of query i, key j. The backward writes dL/dbias = dS of every
+// visited in-range pair to grad[b * gb + h * gh + i * gi + j * gj] (fp32,
+// zero-filled by the glue), with atomic adds when grad_accumulate (aliased
+// elements: the relative table's gradient).
 struct BiasParams {
   const float* ptr = nullptr;  // nullptr: no bias
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
   float* grad = nullptr;
+  int64_t gb = 0, gh = 0, gi = 0, gj = 0;
+  bool grad_accumulate = false;
 };
 
 // Forward: out = softmax(scale * q k^T + mask) v and lse = logsumexp(scale * q k^T + mask)

@@ -6,7 +6,8 @@
 //   add_bias_c_transposed<NT>(s, bp, b, h, key0, q0, sq, sk, inv_scale)
 //       backward layout (rows = keys key0, key0 + 8; cols = queries q0 + 8 nt + e)
 //   store_bias_grad_c_transposed<NT>(ds, bp, b, h, key0, q0, sq, sk)
-//       dS (= dL/dbias) of in-range pairs into bp.grad
+//       dS (= dL/dbias) of in-range pairs into bp.grad (its own strides;
+//       accumulated with atomics when elements alias)
 // Pairs outside [0, sq) x [0, sk) are left alone (they are masked anyway).
 #pragma once
 #include <cstdint>
@@ -65,9 +66,8 @@ __device__ __forceinline__ void add_bias_c_transposed(float (&s)[NT][4], const B
 template <int NT>
 __device__ __forceinline__ void store_bias_grad_c_transposed(const float (&ds)[NT][4],
                                                              const BiasParams& bp, int b, int h,
-                                                             int heads, int key0, int q0, int sq,
-                                                             int sk) {
-  float* g = bp.grad + (int64_t(b) * heads + h) * sq * int64_t(sk);
+                                                             int key0, int q0, int sq, int sk) {
+  float* g = bp.grad + int64_t(b) * bp.gb + int64_t(h) * bp.gh;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int key = key0 + hh * 8;
@@ -77,7 +77,12 @@ __device__ __forceinline__ void store_bias_grad_c_transposed(const float (&ds)[N
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int q = q0 + nt * 8 + e;
-        if (q < sq) g[int64_t(q) * sk + key] = ds[nt][hh * 2 + e];
+        if (q >= sq) continue;
+        float* dst = g + int64_t(q) * bp.gi + int64_t(key) * bp.gj;
+        // Aliased gradients (a relative-position table: many pairs, one
+        // element) accumulate; a dense gradient has one writer per element.
+        if (bp.grad_accumulate) atomicAdd(dst, ds[nt][hh * 2 + e]);
+        else *dst = ds[nt][hh * 2 + e];
       }
   }
 }

@@ -414,7 +414,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
           const int r = acc_r0 + mt * 16 + g;
           if (p.bias.grad != nullptr) {
             const float(&dsc)[1][4] = reinterpret_cast<const float(&)[1][4]>(dc);
-            store_bias_grad_c_transposed<1>(dsc, p.bias, b, hq, p.heads_q, n0 + r, m0 + c, sq, sk);
+            store_bias_grad_c_transposed<1>(dsc, p.bias, b, hq, n0 + r, m0 + c, sq, sk);
           }
           *reinterpret_cast<uint32_t*>(p_store + DSTile::offset(r, c)) = pack2<Elem>(pc[0], pc[1]);
           *reinterpret_cast<uint32_t*>(p_store + DSTile::offset(r + 8, c)) =
@@ -540,7 +540,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
         }
       }
       if (p.bias.grad != nullptr && dh == 0) {
-        store_bias_grad_c_transposed<NTS>(dp, p.bias, b, hq, p.heads_q, key0, m0 + 2 * t4, sq, sk);
+        store_bias_grad_c_transposed<NTS>(dp, p.bias, b, hq, key0, m0 + 2 * t4, sq, sk);
       }
 
       uint32_t pa[KSQ][4];

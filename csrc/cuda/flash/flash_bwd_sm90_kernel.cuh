@@ -344,7 +344,7 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
       }
     }
     if (p.bias.grad != nullptr) {
-      store_bias_grad_c_transposed<NTS>(dp, p.bias, blk.b, hq, p.heads_q, n0 + key_row, m0 + 2 * t4,
+      store_bias_grad_c_transposed<NTS>(dp, p.bias, blk.b, hq, n0 + key_row, m0 + 2 * t4,
                                         sq, sk);
     }
     uint32_t pa[Traits::kKSQ][4];

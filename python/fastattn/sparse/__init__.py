@@ -5,6 +5,7 @@ visit only their blocks, a pattern library and content-based selection.
     patterns: causal, sliding_window, dilated_sliding_window, global_tokens, block_local,
               longformer, bigbird, star, random_blocks, document, prefix_lm; and_masks, or_masks
     content-based: topk_block_mask, topk_attention, lsh_attention, routing_attention
+    score_mods (in-kernel): alibi, relative_position_bias, t5_relative_position_bias, additive_bias
 """
 from .attention import flex_attention
 from .block_mask import BlockMask, MaskParams, pack_bits, unpack_bits
@@ -25,11 +26,21 @@ from .patterns import (
     sliding_window,
     star,
 )
+from .score_mods import (
+    ScoreMod,
+    additive_bias,
+    alibi,
+    alibi_slopes,
+    relative_position_bias,
+    t5_bucket,
+    t5_relative_position_bias,
+)
 from .topk import topk_attention, topk_block_mask
 
 __all__ = [
-    "BlockMask", "MaskParams", "and_masks", "bigbird", "block_local", "causal", "create_block_mask",
+    "BlockMask", "MaskParams", "ScoreMod", "additive_bias", "alibi", "alibi_slopes", "and_masks", "bigbird", "block_local", "causal", "create_block_mask",
     "dilated_sliding_window", "document", "flex_attention", "from_block_states", "global_tokens",
-    "longformer", "lsh_attention", "lsh_buckets", "or_masks", "pack_bits", "prefix_lm", "routing_attention", "random_blocks", "sliding_window", "star", "topk_attention",
+    "longformer", "lsh_attention", "lsh_buckets", "or_masks", "pack_bits", "prefix_lm", "routing_attention", "random_blocks",
+    "relative_position_bias", "sliding_window", "star", "t5_bucket", "t5_relative_position_bias", "topk_attention",
     "topk_block_mask", "unpack_bits",
 ]

@@ -14,6 +14,7 @@ import torch
 
 from .._ops import ops
 from .block_mask import BlockMask, MaskParams
+from .score_mods import resolve_score_mod
 
 
 def _resolve_mask(block_mask, device) -> Optional[BlockMask]:
@@ -40,22 +41,24 @@ _MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_in
 
 
 class _SparseAttention(torch.autograd.Function):
-    """q, k, v in the kernels' (B, S, H, D) layout; bias: (B|1, H|1, L, S) or None. The block
-    mask travels as its tensors (plain autograd.Function arguments: torch.compile traces it)."""
+    """q, k, v in the kernels' (B, S, H, D) layout; bias: (B|1, H|1, L, S), or with relative a
+    (H|1, L + S - 1) table, or None. The block mask travels as its tensors (plain
+    autograd.Function arguments: torch.compile traces it)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale, deterministic, block_q, block_kv, rule, *mask):
+    def forward(ctx, q, k, v, bias, relative, scale, deterministic, block_q, block_kv, rule, *mask):
         kv_lists, bits = mask[:5], mask[10]
-        out, lse = ops.sparse_fwd(q, k, v, *kv_lists, bits, block_q, block_kv, scale, False, *rule, bias)
+        out, lse = ops.sparse_fwd(q, k, v, *kv_lists, bits, block_q, block_kv, scale, False, *rule, bias,
+                                  relative)
         ctx.save_for_backward(q, k, v, out, lse, bias, *mask[5:])
-        ctx.args = (scale, deterministic, block_q, block_kv, rule)
+        ctx.args = (scale, deterministic, block_q, block_kv, rule, relative)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, bias, *q_lists, bits = ctx.saved_tensors
-        scale, deterministic, block_q, block_kv, rule = ctx.args
+        scale, deterministic, block_q, block_kv, rule, relative = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         elif dout.stride(-1) != 1:
@@ -63,17 +66,18 @@ class _SparseAttention(torch.autograd.Function):
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         det = deterministic or torch.are_deterministic_algorithms_enabled()
         dq, dk, dv, dbias = ops.sparse_bwd(dout, q, k, v, out, lse, *q_lists, bits, block_q, block_kv,
-                                           scale, False, *rule, bias, bias_grad, det, dlse)
+                                           scale, False, *rule, bias, bias_grad, det, dlse, relative)
         g_bias = None
         if bias_grad:
-            dims = [i for i in range(4) if bias.shape[i] == 1 and dbias.shape[i] != 1]
+            dims = [i for i in range(bias.dim()) if bias.shape[i] == 1 and dbias.shape[i] != 1]
             g_bias = (dbias.sum(dims, keepdim=True) if dims else dbias).to(bias.dtype)
-        return (dq, dk, dv, g_bias) + (None,) * (5 + len(_MASK_FIELDS))
+        return (dq, dk, dv, g_bias) + (None,) * (6 + len(_MASK_FIELDS))
 
 
 def sparse_attention_bshd(q, k, v, block_mask: Optional[BlockMask], scale: float, bias=None,
-                          deterministic=False):
-    """Kernel-layout entry: q (B, L, H, D), k/v (B, S, Hkv, D); returns out (B, L, H, D), lse (B, H, L)."""
+                          deterministic=False, relative=False):
+    """Kernel-layout entry: q (B, L, H, D), k/v (B, S, Hkv, D); returns out (B, L, H, D), lse (B, H, L).
+    bias: (B|1, H|1, L, S), or with relative a (H|1, L + S - 1) table read at [h, j - i + L - 1]."""
     bm = _resolve_mask(block_mask, q.device)
     if bm is None:
         bm = _full_mask(q.shape[1], k.shape[1], q.device)
@@ -83,7 +87,7 @@ def sparse_attention_bshd(q, k, v, block_mask: Optional[BlockMask], scale: float
     mp = bm.mask_params
     rule = (mp.window_left, mp.window_right, mp.bottom_right)
     mask = tuple(getattr(bm, f) for f in _MASK_FIELDS)
-    return _SparseAttention.apply(q, k, v, bias, scale, deterministic, bm.BLOCK_SIZE[0], bm.BLOCK_SIZE[1],
+    return _SparseAttention.apply(q, k, v, bias, relative, scale, deterministic, bm.BLOCK_SIZE[0], bm.BLOCK_SIZE[1],
                                   rule, *mask)
 
 
@@ -110,12 +114,11 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     query (B, Hq, L, E), key/value (B, Hkv, S, E); block_mask: a fastattn or
     torch BlockMask (None: dense). enable_gqa lets Hq be a multiple of Hkv.
     Returns out (B, Hq, L, E), and lse (B, Hq, L) (natural log) with
-    return_lse. score_mod: only None (an arbitrary callable needs code
-    generation; use an additive attn_mask through scaled_dot_product_attention).
+    return_lse. score_mod: None or a built-in of fastattn.sparse (alibi,
+    relative_position_bias, t5_relative_position_bias, additive_bias; see
+    score_mods.py); an arbitrary callable raises NotImplementedError (it needs
+    code generation).
     """
-    if score_mod is not None:
-        raise NotImplementedError("fastattn: flex_attention's score_mod (an arbitrary callable) is not "
-                                  "supported; pass score_mod=None (masks go in block_mask)")
     if kernel_options:
         raise NotImplementedError(f"fastattn: flex_attention's kernel_options {sorted(kernel_options)} "
                                   "are not supported")
@@ -135,6 +138,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         raise ValueError(f"fastattn: query has {Hq} heads and key/value {Hkv}: pass enable_gqa=True "
                          "(Hq must be a multiple of Hkv)")
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    bias, relative = resolve_score_mod(score_mod, B, Hq, L, S, query.device)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -142,6 +146,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    out, lse = sparse_attention_bshd(q, k, v, block_mask, scale, deterministic=deterministic)
+    out, lse = sparse_attention_bshd(q, k, v, block_mask, scale, bias=bias, deterministic=deterministic,
+                                     relative=relative)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
