@@ -8,7 +8,7 @@ TFLOP/s count visited pairs only: 4·D·(visible (q, k) pairs)·B·H, backward 2
 Also times building the masks: fastattn.create_block_mask vs torch's
 create_block_mask (eager and compiled). Interleaved rounds, best per-round median.
 
-    python -m benchmarks.sparse [--quick] [--rounds 3]
+    python -m benchmarks.sparse [--quick] [--rounds 3] [--masks random] [--score-mod alibi]
 Writes benchmarks/results/sparse.json and sparse.png.
 """
 import argparse
@@ -70,15 +70,20 @@ def make_masks(quick, kinds):
     return out
 
 
-def bench(name, cfg, bm, tbm, pairs, flex, rounds, modes):
+def bench(name, cfg, bm, tbm, pairs, flex, rounds, modes, score_mod=None):
     B, H, S, D = cfg["B"], cfg["H"], cfg["S"], cfg["D"]
+    ours_mod = flex_mod = None
+    if score_mod == "alibi":  # the same ALiBi for both: ours as a built-in, FlexAttention as a callable
+        slopes = sparse.alibi_slopes(H).cuda()
+        ours_mod = sparse.alibi(slopes)
+        flex_mod = lambda score, b, h, q_idx, kv_idx: score + slopes[h] * (kv_idx - q_idx)
     n = copies_to_exceed_l2(4 * B * H * S * D * 2, cap=3)
     sets = [[torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
              for _ in range(3)] for _ in range(n)]
     dout = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
     impls = {
-        "fastattn": lambda q, k, v: fastattn.flex_attention(q, k, v, block_mask=bm),
-        "flex": lambda q, k, v: flex(q, k, v, block_mask=tbm),
+        "fastattn": lambda q, k, v: fastattn.flex_attention(q, k, v, score_mod=ours_mod, block_mask=bm),
+        "flex": lambda q, k, v: flex(q, k, v, score_mod=flex_mod, block_mask=tbm),
         "fastattn-dense": lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v),
     }
     times = {(i, m): [] for i in impls for m in modes}
@@ -102,7 +107,7 @@ def bench(name, cfg, bm, tbm, pairs, flex, rounds, modes):
                     errors[(iname, mode)] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
     res = []
     for (iname, mode), ts in times.items():
-        c = dict(cfg, mask=name, density=bm.density())
+        c = dict(cfg, mask=name + (f" +{score_mod}" if score_mod else ""), density=bm.density())
         if not ts:
             res.append(Result(c, iname, mode, None, error=errors.get((iname, mode))))
             continue
@@ -174,6 +179,8 @@ def main():
     ap.add_argument("--modes", default="fwd,bwd")
     ap.add_argument("--masks", default="random,window,document", help="which mask families to run")
     ap.add_argument("--no-build-times", action="store_true")
+    ap.add_argument("--score-mod", choices=["alibi"], default=None,
+                    help="apply a score_mod in ours and FlexAttention (the dense anchor runs without)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -188,12 +195,13 @@ def main():
     modes = args.modes.split(",")
     results = []
     for name, cfg, bm, tbm, pairs in make_masks(args.quick, set(args.masks.split(","))):
-        results += bench(name, cfg, bm, tbm, pairs, flex, args.rounds, modes)
+        results += bench(name, cfg, bm, tbm, pairs, flex, args.rounds, modes, args.score_mod)
         print(".", end="", flush=True)
     print()
     builds = {} if args.no_build_times else build_times()
     meta = {"device": device_name(), "torch": torch.__version__, "dtype": "bf16", "build_ms": builds}
     tag = "" if args.masks == "random,window,document" else "_" + args.masks.replace(",", "_")
+    tag += f"_{args.score_mod}" if args.score_mod else ""
     save_json(os.path.join(args.out, f"sparse{tag}.json"), results, meta)
     plot(results, os.path.join(args.out, f"sparse{tag}.png"))
     rows = []

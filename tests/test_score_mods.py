@@ -255,3 +255,21 @@ def test_bad_input_errors():
         torch.ops.fastattn.sparse_fwd(qk, qk, qk, *lists, torch.ones(2, 38), True)
     with pytest.raises(RuntimeError, match="bias_relative needs a bias table"):
         torch.ops.fastattn.sparse_fwd(qk, qk, qk, *lists, None, True)
+
+
+def test_traced_full_mask_matches_cached_one():
+    """Under torch.compile flex_attention(block_mask=None) builds the all-full lists from tensor ops;
+    they must be the cached BlockMask's."""
+    from fastattn.sparse.attention import _MASK_FIELDS, _full_mask, _full_mask_tensors
+    for L, S in ((1, 1), (130, 300), (1000, 129)):
+        bm = _full_mask(L, S, "cpu")
+        for name, t in zip(_MASK_FIELDS, _full_mask_tensors(L, S, "cpu")):
+            ref = getattr(bm, name)
+            if ref is None or t is None:
+                assert ref is None and t is None, name
+            elif name.endswith("num_blocks"):
+                assert torch.equal(t, ref), name
+            else:  # only the first num entries of each list are read
+                n = getattr(bm, name.replace("indices", "num_blocks"))
+                w = int(n.max()) if n.numel() else 0
+                assert torch.equal(t[..., :w], ref[..., :w]), name

@@ -78,17 +78,35 @@ def sparse_attention_bshd(q, k, v, block_mask: Optional[BlockMask], scale: float
                           deterministic=False, relative=False):
     """Kernel-layout entry: q (B, L, H, D), k/v (B, S, Hkv, D); returns out (B, L, H, D), lse (B, H, L).
     bias: (B|1, H|1, L, S), or with relative a (H|1, L + S - 1) table read at [h, j - i + L - 1]."""
+    L, S = q.shape[1], k.shape[1]
     bm = _resolve_mask(block_mask, q.device)
+    if bm is None and torch.compiler.is_compiling():
+        # Traced: plain tensor ops (building the BlockMask object would break the graph).
+        return _SparseAttention.apply(q, k, v, bias, relative, scale, deterministic, 128, 128, (-1, -1, False),
+                                      *_full_mask_tensors(L, S, q.device))
     if bm is None:
-        bm = _full_mask(q.shape[1], k.shape[1], q.device)
-    if bm.seq_lengths != (q.shape[1], k.shape[1]):
+        bm = _full_mask(L, S, q.device)
+    if bm.seq_lengths != (L, S):
         raise ValueError(f"fastattn: block_mask was built for (Q_LEN, KV_LEN) = {bm.seq_lengths}, "
-                         f"the inputs have ({q.shape[1]}, {k.shape[1]})")
+                         f"the inputs have ({L}, {S})")
     mp = bm.mask_params
     rule = (mp.window_left, mp.window_right, mp.bottom_right)
     mask = tuple(getattr(bm, f) for f in _MASK_FIELDS)
-    return _SparseAttention.apply(q, k, v, bias, relative, scale, deterministic, bm.BLOCK_SIZE[0], bm.BLOCK_SIZE[1],
-                                  rule, *mask)
+    return _SparseAttention.apply(q, k, v, bias, relative, scale, deterministic, bm.BLOCK_SIZE[0],
+                                  bm.BLOCK_SIZE[1], rule, *mask)
+
+
+def _full_mask_tensors(L, S, device):
+    """The _MASK_FIELDS of the all-full 128 x 128 mask (as _full_mask's), from tensor ops only."""
+    qb, kb = (L + 127) // 128, (S + 127) // 128
+    i32 = dict(dtype=torch.int32, device=device)
+
+    def side(rows, cols):
+        none = torch.zeros(1, 1, rows, **i32)
+        return (none, torch.zeros(1, 1, rows, 1, **i32), torch.full((1, 1, rows), cols, **i32),
+                torch.arange(cols, **i32).expand(1, 1, rows, cols).contiguous(), None)
+
+    return side(qb, kb) + side(kb, qb) + (None,)
 
 
 _FULL_CACHE = {}
