@@ -90,14 +90,16 @@ TORCH_LIBRARY(fastattn, m) {
   // mask of fwd (top-left or bottom-right). bias: optional additive float
   // mask broadcastable as (B|1, Hq|1, Sq, Sk) added to the scaled scores; with
   // bias_relative a relative-position table (Hq|1, Sq + Sk - 1) instead:
-  // query i, key j get bias[h, j - i + Sq - 1] (ALiBi, T5-style buckets).
+  // query i, key j get bias[h, j - i + Sq - 1] (T5-style buckets). alibi_slopes
+  // (Hq|1) float32 adds slopes[h] * (j - i), computed in the kernel (no
+  // gradient: sparse_bwd returns none for it).
   // Rows with no visible key: out = 0, lse = -inf.
   m.def(
       "sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
       "Tensor full_kv_num_blocks, Tensor full_kv_indices, Tensor? kv_bits_index, "
       "Tensor? partial_bits, int block_q, int block_kv, float scale, bool causal, "
       "int window_left, int window_right, bool bottom_right, Tensor? bias, "
-      "bool bias_relative=False) -> (Tensor out, Tensor lse)");
+      "bool bias_relative=False, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   // Gradients of sparse_fwd. The backward walks the transposed lists: per
   // (batch, head, KV block) q_num_blocks / q_indices (partial, with
   // q_bits_index into the same partial_bits) and full_q_num_blocks /
@@ -111,6 +113,7 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor q_num_blocks, Tensor q_indices, Tensor full_q_num_blocks, Tensor full_q_indices, "
       "Tensor? q_bits_index, Tensor? partial_bits, int block_q, int block_kv, float scale, "
       "bool causal, int window_left, int window_right, bool bottom_right, Tensor? bias, "
-      "bool bias_grad, bool deterministic, Tensor? dlse=None, bool bias_relative=False) "
+      "bool bias_grad, bool deterministic, Tensor? dlse=None, bool bias_relative=False, "
+      "Tensor? alibi_slopes=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }

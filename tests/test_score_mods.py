@@ -3,6 +3,7 @@ tables, T5 buckets, additive bias) against a float64 reference that adds the
 same bias as a dense (B, H, L, S) tensor (2x / 3x rule), gradients of the
 tables included."""
 import math
+import re
 
 import pytest
 import torch
@@ -61,12 +62,13 @@ class FullTable(sparse.ScoreMod):
         return self.table, True
 
 
-def _run(device, dtype, name, B, Hq, Hkv, L, S, D, bm=None, seed=0):
+def _run(device, dtype, name, B, Hq, Hkv, L, S, D, bm=None, seed=0, fixed=False):
     """The built-in's table is checked against the dense rule in float64; the kernels' output and
     gradients (the table's included) against the dense-bias reference. The gradient of the
-    built-in's own parameter is torch autograd through the table (test_gradcheck_*)."""
+    built-in's own parameter is torch autograd through the table (test_gradcheck_*). fixed: the
+    built-in itself with a parameter that needs no grad (ALiBi: slopes in registers, no table)."""
     param, make_mod, make_dense = _mods(Hq, device)[name]
-    table = make_mod(param.double()).resolve(B, Hq, L, S, device)[0]
+    table = make_mod(param.double().requires_grad_()).resolve(B, Hq, L, S, device)[0].detach()
     assert torch.allclose(dense_relative(table, L, S), make_dense(param.double(), L, S), atol=1e-12)
     gen = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(B, Hq, L, D, device=device, dtype=dtype, generator=gen)
@@ -77,7 +79,8 @@ def _run(device, dtype, name, B, Hq, Hkv, L, S, D, bm=None, seed=0):
     scale = D ** -0.5
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     t_ours = table.float().clone().requires_grad_()
-    out = flex_attention(*leaves, score_mod=FullTable(t_ours), block_mask=bm, enable_gqa=Hq != Hkv)
+    mod = make_mod(param) if fixed else FullTable(t_ours)
+    out = flex_attention(*leaves, score_mod=mod, block_mask=bm, enable_gqa=Hq != Hkv)
     r64 = [t.double().requires_grad_() for t in (q, k, v)]
     t64 = table.clone().requires_grad_()
     ref = masked_math(*r64, mask, scale, bias=dense_relative(t64, L, S))
@@ -90,7 +93,8 @@ def _run(device, dtype, name, B, Hq, Hkv, L, S, D, bm=None, seed=0):
     out.backward(dout)
     ref.backward(dout.double())
     base.backward(dout.to(low))
-    for n, a, b_, r in zip(["dq", "dk", "dv", "dtable"], leaves + [t_ours], lp + [t_low], r64 + [t64]):
+    names = ["dq", "dk", "dv"] + ([] if fixed else ["dtable"])
+    for n, a, b_, r in zip(names, leaves + [t_ours], lp + [t_low], r64 + [t64]):
         assert a.grad is not None, n
         assert_close_rule(n, a.grad, b_.grad, r.grad, factor=GRAD_FACTOR)
 
@@ -117,6 +121,16 @@ def test_builtin_score_mods_reach_their_parameters():
 @pytest.mark.parametrize("L,S", [(1, 17), (70, 90), (300, 300)])
 def test_score_mods_dense(device, name, L, S):
     _run(device, _dev_dtype(device), name, 2, 4, 2, L, S, 64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["alibi", "alibi+table"])
+@pytest.mark.parametrize("L,S", [(1, 17), (300, 257)])
+def test_fixed_alibi_in_registers(device, name, L, S):
+    _run(device, _dev_dtype(device), name, 2, 4, 1, L, S, 128, fixed=True)
+    if name == "alibi":
+        kb = sparse.alibi(sparse.alibi_slopes(4)).resolve(1, 4, L, S, "cpu")
+        assert kb.bias is None and kb.slopes is not None  # no table: the kernel computes it
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -203,6 +217,18 @@ def test_additive_bias_score_mod_matches_attn_mask():
     assert torch.allclose(out, ref, atol=1e-12)
 
 
+def test_fixed_alibi_plus_additive_bias():
+    """Fixed ALiBi (in registers) composes with a dense additive bias."""
+    q, k, v = (torch.randn(1, 2, n, 16, dtype=torch.float64) for n in (30, 40, 40))
+    bias = torch.randn(1, 2, 30, 40, dtype=torch.float64)
+    slopes = torch.tensor([0.3, 0.7])
+    rel = (torch.arange(40).view(1, -1) - torch.arange(30).view(-1, 1)).double()
+    out = flex_attention(q, k, v, score_mod=sparse.alibi(slopes) + sparse.additive_bias(bias))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias + slopes.double().view(1, 2, 1, 1) * rel)
+    assert torch.allclose(out, ref, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_alibi(device):
     dt = _dev_dtype(device)
@@ -246,7 +272,8 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="does not broadcast"):
         flex_attention(q, k, v, score_mod=sparse.additive_bias(torch.ones(1, 3, 20, 20)))
     with pytest.raises(NotImplementedError, match="relative mod \\+ additive_bias"):
-        flex_attention(q, k, v, score_mod=sparse.alibi(torch.ones(2)) + sparse.additive_bias(torch.ones(1, 1, 20, 20)))
+        flex_attention(q, k, v, score_mod=sparse.relative_position_bias(torch.ones(2, 5))
+                       + sparse.additive_bias(torch.ones(1, 1, 20, 20)))
     bm = sparse.causal(20, 20, device="cpu").for_kernels()
     qk = q.transpose(1, 2).contiguous()
     lists = (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, None, None,
@@ -255,6 +282,10 @@ def test_bad_input_errors():
         torch.ops.fastattn.sparse_fwd(qk, qk, qk, *lists, torch.ones(2, 38), True)
     with pytest.raises(RuntimeError, match="bias_relative needs a bias table"):
         torch.ops.fastattn.sparse_fwd(qk, qk, qk, *lists, None, True)
+    with pytest.raises(RuntimeError, match=re.escape("alibi_slopes must be (2) or (1)")):
+        torch.ops.fastattn.sparse_fwd(qk, qk, qk, *lists, None, False, torch.ones(3))
+    with pytest.raises(RuntimeError, match="alibi_slopes must be float32"):
+        torch.ops.fastattn.sparse_fwd(qk, qk, qk, *lists, None, False, torch.ones(2, dtype=torch.float64))
 
 
 def test_traced_full_mask_matches_cached_one():

@@ -67,6 +67,10 @@ struct BiasView {
   at::ScalarType type = at::kFloat;
   int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   explicit BiasView(const SparseProblem& sp) {
+    if (sp.alibi.defined()) {
+      slopes = sp.alibi.data_ptr<float>();
+      slope_stride = sp.alibi.size(0) > 1 ? 1 : 0;
+    }
     const at::Tensor& t = sp.bias;
     if (!t.defined()) return;
     data = static_cast<const char*>(t.data_ptr());
@@ -78,16 +82,20 @@ struct BiasView {
       s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2), s3 = t.stride(3);
     }
   }
-  bool on() const { return data != nullptr; }
+  bool on() const { return data != nullptr || slopes != nullptr; }
   acc_t at(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    acc_t add = slopes != nullptr ? static_cast<acc_t>(slopes[h * slope_stride]) * acc_t(j - i) : acc_t(0);
+    if (data == nullptr) return add;
     const int64_t o = b * s0 + h * s1 + i * s2 + j * s3;
     switch (type) {
-      case at::kHalf: return static_cast<acc_t>(reinterpret_cast<const at::Half*>(data)[o]);
-      case at::kBFloat16: return static_cast<acc_t>(reinterpret_cast<const at::BFloat16*>(data)[o]);
-      case at::kDouble: return static_cast<acc_t>(reinterpret_cast<const double*>(data)[o]);
-      default: return static_cast<acc_t>(reinterpret_cast<const float*>(data)[o]);
+      case at::kHalf: return add + static_cast<acc_t>(reinterpret_cast<const at::Half*>(data)[o]);
+      case at::kBFloat16: return add + static_cast<acc_t>(reinterpret_cast<const at::BFloat16*>(data)[o]);
+      case at::kDouble: return add + static_cast<acc_t>(reinterpret_cast<const double*>(data)[o]);
+      default: return add + static_cast<acc_t>(reinterpret_cast<const float*>(data)[o]);
     }
   }
+  const float* slopes = nullptr;  // ALiBi: + slopes[h] * (j - i)
+  int64_t slope_stride = 0;
 };
 
 template <typename scalar_t>
@@ -284,11 +292,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cpu(
     const at::Tensor& full_kv_indices, const std::optional<at::Tensor>& kv_bits_index,
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    const std::optional<at::Tensor>& bias, bool bias_relative) {
+    const std::optional<at::Tensor>& bias, bool bias_relative,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, kv_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
-      bias_relative, /*transposed=*/false);
+      bias_relative, alibi_slopes, /*transposed=*/false);
   check_on_cpu(q);
   check_sparse_list_values(sp, false);
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -307,11 +316,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_grad, bool /*deterministic: always*/,
-    const std::optional<at::Tensor>& dlse, bool bias_relative) {
+    const std::optional<at::Tensor>& dlse, bool bias_relative,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, q_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
-      bias_relative, /*transposed=*/true);
+      bias_relative, alibi_slopes, /*transposed=*/true);
   check_bwd_args(dout, q, k, v, out, lse, std::nullopt, std::nullopt, 0, 0, scale, causal,
                  window_left, window_right, bottom_right);
   check_on_cpu(q);

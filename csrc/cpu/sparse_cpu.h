@@ -13,7 +13,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cpu(
     const at::Tensor& full_kv_indices, const std::optional<at::Tensor>& kv_bits_index,
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    const std::optional<at::Tensor>& bias, bool bias_relative);
+    const std::optional<at::Tensor>& bias, bool bias_relative,
+    const std::optional<at::Tensor>& alibi_slopes);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -23,6 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_grad, bool deterministic,
-    const std::optional<at::Tensor>& dlse, bool bias_relative);
+    const std::optional<at::Tensor>& dlse, bool bias_relative,
+    const std::optional<at::Tensor>& alibi_slopes);
 
 }  // namespace fastattn::cpu

@@ -24,9 +24,9 @@ namespace {
 constexpr int64_t kKernelBlock = 128;
 
 void check_cuda_sparse(const SparseProblem& sp, const at::Tensor& q) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!sp.bias.defined() || sp.attn.scale != 0.0,
-                              "fastattn: a float attn_mask with scale=0 is not supported by the CUDA "
-                              "kernels (they add attn_mask / scale to the raw scores)");
+  TORCH_CHECK_NOT_IMPLEMENTED((!sp.bias.defined() && !sp.alibi.defined()) || sp.attn.scale != 0.0,
+                              "fastattn: a float attn_mask or alibi_slopes with scale=0 is not "
+                              "supported by the CUDA kernels (they add bias / scale to the raw scores)");
   if (sp.bias.defined()) glue::check_cuda_devices(q, {{&sp.bias, "attn_mask"}});
   TORCH_CHECK(sp.block_q % kKernelBlock == 0 && sp.block_kv % kKernelBlock == 0,
               "fastattn: the CUDA sparse kernels take BLOCK_SIZE multiples of ", kKernelBlock,
@@ -49,6 +49,10 @@ void check_cuda_sparse(const SparseProblem& sp, const at::Tensor& q) {
 // (params.h).
 BiasParams bias_params(const SparseProblem& sp, at::Tensor& keep) {
   BiasParams b;
+  if (sp.alibi.defined()) {
+    b.slopes = sp.alibi.data_ptr<float>();
+    b.slope_stride = sp.alibi.size(0) > 1 ? 1 : 0;
+  }
   if (!sp.bias.defined()) return b;
   keep = sp.bias.scalar_type() == at::kFloat
              ? sp.bias
@@ -122,11 +126,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cuda(
     const at::Tensor& full_kv_indices, const std::optional<at::Tensor>& kv_bits_index,
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    const std::optional<at::Tensor>& bias, bool bias_relative) {
+    const std::optional<at::Tensor>& bias, bool bias_relative,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, kv_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
-      bias_relative, /*transposed=*/false);
+      bias_relative, alibi_slopes, /*transposed=*/false);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k, "k"}, {&v, "v"}});
   check_cuda_sparse(sp, q);
@@ -166,11 +171,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cuda(
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_grad, bool deterministic,
-    const std::optional<at::Tensor>& dlse, bool bias_relative) {
+    const std::optional<at::Tensor>& dlse, bool bias_relative,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, q_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
-      bias_relative, /*transposed=*/true);
+      bias_relative, alibi_slopes, /*transposed=*/true);
   const AttnProblem prob = check_bwd_args(dout, q, k, v, out, lse, std::nullopt, std::nullopt, 0, 0,
                                           scale, causal, window_left, window_right, bottom_right);
   TORCH_CHECK(!bias_grad || sp.bias.defined(), "fastattn: bias_grad needs a bias");

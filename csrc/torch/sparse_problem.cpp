@@ -53,7 +53,7 @@ SparseProblem check_sparse_args(const at::Tensor& q, const at::Tensor& k, const 
                                 int64_t block_kv, double scale, bool causal, int64_t window_left,
                                 int64_t window_right, bool bottom_right,
                                 const std::optional<at::Tensor>& bias, bool bias_relative,
-                                bool transposed) {
+                                const std::optional<at::Tensor>& alibi_slopes, bool transposed) {
   SparseProblem sp;
   sp.attn = check_fwd_args(q, k, v, std::nullopt, std::nullopt, 0, 0, scale, causal, window_left,
                            window_right, bottom_right);
@@ -98,6 +98,16 @@ SparseProblem check_sparse_args(const at::Tensor& q, const at::Tensor& k, const 
     sp.bits = bits->contiguous();
   }
 
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "fastattn: alibi_slopes must be float32, got ",
+                a.scalar_type());
+    TORCH_CHECK(a.device() == q.device(), "fastattn: alibi_slopes must be on q's device ",
+                q.device(), ", got ", a.device());
+    TORCH_CHECK(a.dim() == 1 && (a.size(0) == p.heads_q || a.size(0) == 1),
+                "fastattn: alibi_slopes must be (", p.heads_q, ") or (1), got ", a.sizes());
+    sp.alibi = a.contiguous();
+  }
   TORCH_CHECK(!bias_relative || bias.has_value(), "fastattn: bias_relative needs a bias table");
   if (bias.has_value()) {
     const at::Tensor& b = *bias;

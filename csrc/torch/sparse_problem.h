@@ -36,6 +36,7 @@ struct SparseProblem {
   at::Tensor bias;
   at::Tensor bias_raw;
   bool bias_relative = false;
+  at::Tensor alibi;  // (Hq|1) float32 contiguous ALiBi slopes, or undefined
 };
 
 // transposed: the lists are the backward's (per KV block its query blocks),
@@ -48,7 +49,7 @@ SparseProblem check_sparse_args(const at::Tensor& q, const at::Tensor& k, const 
                                 int64_t block_kv, double scale, bool causal, int64_t window_left,
                                 int64_t window_right, bool bottom_right,
                                 const std::optional<at::Tensor>& bias, bool bias_relative,
-                                bool transposed);
+                                const std::optional<at::Tensor>& alibi_slopes, bool transposed);
 
 // The relative table's gradient (Hq, Sq + Sk - 1) from the dense dL/dbias
 // (B, Hq, Sq, Sk): every diagonal j - i summed, deterministically.

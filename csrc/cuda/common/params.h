@@ -53,12 +53,20 @@ struct BlockSparseParams {
 // visited in-range pair to grad[b * gb + h * gh + i * gi + j * gj] (fp32,
 // zero-filled by the glue), with atomic adds when grad_accumulate (aliased
 // elements: the relative table's gradient).
+// ALiBi adds slopes[h * slope_stride] * (j - i) on top, computed in registers
+// (fixed slopes: no gradient).
 struct BiasParams {
-  const float* ptr = nullptr;  // nullptr: no bias
+  const float* ptr = nullptr;  // nullptr: no bias tensor
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
   float* grad = nullptr;
   int64_t gb = 0, gh = 0, gi = 0, gj = 0;
   bool grad_accumulate = false;
+  const float* slopes = nullptr;  // nullptr: no ALiBi
+  int64_t slope_stride = 1;
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  bool on() const { return ptr != nullptr || slopes != nullptr; }
 };
 
 // Forward: out = softmax(scale * q k^T + mask) v and lse = logsumexp(scale * q k^T + mask)

@@ -1,4 +1,4 @@
-// Additive score bias (BiasParams, params.h) on mma C fragments. Kernels keep
+// Additive score bias (BiasParams, params.h: a tensor and/or ALiBi) on mma C fragments. Kernels keep
 // raw scores s (softmax of scale * s), so a bias b enters as s + b / scale
 // (the glue requires scale > 0 with a bias).
 //   add_bias_c<MT, NT>(s, bp, b, h, row0, col0, sq, sk, inv_scale)
@@ -21,10 +21,17 @@ __device__ __forceinline__ float bias_at(const BiasParams& bp, int64_t off) {
   return __ldg(bp.ptr + off);
 }
 
+// The ALiBi slope of head h in raw-score units (0 without ALiBi).
+__device__ __forceinline__ float alibi_slope(const BiasParams& bp, int h, float inv_scale) {
+  return bp.slopes != nullptr ? __ldg(bp.slopes + h * bp.slope_stride) * inv_scale : 0.f;
+}
+
 template <int MT, int NT, int kRowStep = 16>
 __device__ __forceinline__ void add_bias_c(float (&s)[MT][NT][4], const BiasParams& bp, int b, int h,
                                            int row0, int col0, int sq, int sk, float inv_scale) {
   const int64_t base = int64_t(b) * bp.sb + int64_t(h) * bp.sh;
+  const float slope = alibi_slope(bp, h, inv_scale);
+  const bool table = bp.ptr != nullptr;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -37,7 +44,10 @@ __device__ __forceinline__ void add_bias_c(float (&s)[MT][NT][4], const BiasPara
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = col0 + nt * 8 + e;
-          if (col < sk) s[mt][nt][hh * 2 + e] += bias_at(bp, rbase + int64_t(col) * bp.sj) * inv_scale;
+          if (col >= sk) continue;
+          float add = slope * float(col - row);
+          if (table) add += bias_at(bp, rbase + int64_t(col) * bp.sj) * inv_scale;
+          s[mt][nt][hh * 2 + e] += add;
         }
     }
 }
@@ -47,6 +57,8 @@ __device__ __forceinline__ void add_bias_c_transposed(float (&s)[NT][4], const B
                                                       int h, int key0, int q0, int sq, int sk,
                                                       float inv_scale) {
   const int64_t base = int64_t(b) * bp.sb + int64_t(h) * bp.sh;
+  const float slope = alibi_slope(bp, h, inv_scale);
+  const bool table = bp.ptr != nullptr;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int key = key0 + hh * 8;
@@ -56,9 +68,10 @@ __device__ __forceinline__ void add_bias_c_transposed(float (&s)[NT][4], const B
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int q = q0 + nt * 8 + e;
-        if (q < sq) {
-          s[nt][hh * 2 + e] += bias_at(bp, base + int64_t(q) * bp.si + int64_t(key) * bp.sj) * inv_scale;
-        }
+        if (q >= sq) continue;
+        float add = slope * float(key - q);
+        if (table) add += bias_at(bp, base + int64_t(q) * bp.si + int64_t(key) * bp.sj) * inv_scale;
+        s[nt][hh * 2 + e] += add;
       }
   }
 }

@@ -364,7 +364,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       // ---- P^T and dS^T (in place), then both to shared memory
       const float* lse_b = lse_smem + buf * kBlockM;
       const float* dsum_b = dsum_smem + buf * kBlockM;
-      if (p.bias.ptr != nullptr) {
+      if (p.bias.on()) {
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           add_bias_c_transposed<PNT>(s[mt], p.bias, b, hq, n0 + acc_r0 + mt * 16 + g,
@@ -507,7 +507,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       // ---- P^T and dS^T (in place: s -> p, dp -> ds)
       const float* lse_b = lse_smem + buf * kBlockM;
       const float* dsum_b = dsum_smem + buf * kBlockM;
-      if (p.bias.ptr != nullptr) {
+      if (p.bias.on()) {
         add_bias_c_transposed<NTS>(s, p.bias, b, hq, key0, m0 + 2 * t4, sq, sk, 1.f / p.scale);
       }
 #pragma unroll

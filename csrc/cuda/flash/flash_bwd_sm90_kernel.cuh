@@ -313,7 +313,7 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     // ---- P^T and dS^T in place (s -> P^T, dp -> dS^T); columns are queries.
     const float* lse_b = lse_smem + buf * kBlockM;
     const float* dsum_b = dsum_smem + buf * kBlockM;
-    if (p.bias.ptr != nullptr) {
+    if (p.bias.on()) {
       add_bias_c_transposed<NTS>(s, p.bias, blk.b, hq, n0 + key_row, m0 + 2 * t4, sq, sk,
                                        1.f / p.scale);
     }

@@ -213,7 +213,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       }
 
       const int c0 = n * kBlockN;
-      if (p.bias.ptr != nullptr) {
+      if (p.bias.on()) {
         add_bias_c<MT, NT>(s, p.bias, b, h, row0, c0 + col_lane, sq, sk, 1.f / p.scale);
       }
       if (mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {

@@ -186,7 +186,7 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
       wgmma::hold(s[0]);
 
       const int c0 = n * kBlockN;
-      if (p.bias.ptr != nullptr) {
+      if (p.bias.on()) {
         add_bias_c<1, NT>(s, p.bias, b, h, row0, c0 + col_lane, sq, sk, 1.f / p.scale);
       }
       if (mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {

@@ -46,18 +46,18 @@ class _SparseAttention(torch.autograd.Function):
     autograd.Function arguments: torch.compile traces it)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, relative, scale, deterministic, block_q, block_kv, rule, *mask):
+    def forward(ctx, q, k, v, bias, relative, slopes, scale, deterministic, block_q, block_kv, rule, *mask):
         kv_lists, bits = mask[:5], mask[10]
         out, lse = ops.sparse_fwd(q, k, v, *kv_lists, bits, block_q, block_kv, scale, False, *rule, bias,
-                                  relative)
-        ctx.save_for_backward(q, k, v, out, lse, bias, *mask[5:])
+                                  relative, slopes)
+        ctx.save_for_backward(q, k, v, out, lse, bias, slopes, *mask[5:])
         ctx.args = (scale, deterministic, block_q, block_kv, rule, relative)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, bias, *q_lists, bits = ctx.saved_tensors
+        q, k, v, out, lse, bias, slopes, *q_lists, bits = ctx.saved_tensors
         scale, deterministic, block_q, block_kv, rule, relative = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
@@ -66,23 +66,26 @@ class _SparseAttention(torch.autograd.Function):
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         det = deterministic or torch.are_deterministic_algorithms_enabled()
         dq, dk, dv, dbias = ops.sparse_bwd(dout, q, k, v, out, lse, *q_lists, bits, block_q, block_kv,
-                                           scale, False, *rule, bias, bias_grad, det, dlse, relative)
+                                           scale, False, *rule, bias, bias_grad, det, dlse, relative,
+                                           slopes)
         g_bias = None
         if bias_grad:
             dims = [i for i in range(bias.dim()) if bias.shape[i] == 1 and dbias.shape[i] != 1]
             g_bias = (dbias.sum(dims, keepdim=True) if dims else dbias).to(bias.dtype)
-        return (dq, dk, dv, g_bias) + (None,) * (6 + len(_MASK_FIELDS))
+        return (dq, dk, dv, g_bias) + (None,) * (7 + len(_MASK_FIELDS))
 
 
 def sparse_attention_bshd(q, k, v, block_mask: Optional[BlockMask], scale: float, bias=None,
-                          deterministic=False, relative=False):
+                          deterministic=False, relative=False, slopes=None):
     """Kernel-layout entry: q (B, L, H, D), k/v (B, S, Hkv, D); returns out (B, L, H, D), lse (B, H, L).
-    bias: (B|1, H|1, L, S), or with relative a (H|1, L + S - 1) table read at [h, j - i + L - 1]."""
+    bias: (B|1, H|1, L, S), or with relative a (H|1, L + S - 1) table read at [h, j - i + L - 1];
+    slopes: fixed ALiBi slopes (H|1) float32, adding slopes[h] * (j - i) in the kernel."""
     L, S = q.shape[1], k.shape[1]
     bm = _resolve_mask(block_mask, q.device)
     if bm is None and torch.compiler.is_compiling():
         # Traced: plain tensor ops (building the BlockMask object would break the graph).
-        return _SparseAttention.apply(q, k, v, bias, relative, scale, deterministic, 128, 128, (-1, -1, False),
+        return _SparseAttention.apply(q, k, v, bias, relative, slopes, scale, deterministic, 128, 128,
+                                      (-1, -1, False),
                                       *_full_mask_tensors(L, S, q.device))
     if bm is None:
         bm = _full_mask(L, S, q.device)
@@ -92,7 +95,7 @@ def sparse_attention_bshd(q, k, v, block_mask: Optional[BlockMask], scale: float
     mp = bm.mask_params
     rule = (mp.window_left, mp.window_right, mp.bottom_right)
     mask = tuple(getattr(bm, f) for f in _MASK_FIELDS)
-    return _SparseAttention.apply(q, k, v, bias, relative, scale, deterministic, bm.BLOCK_SIZE[0],
+    return _SparseAttention.apply(q, k, v, bias, relative, slopes, scale, deterministic, bm.BLOCK_SIZE[0],
                                   bm.BLOCK_SIZE[1], rule, *mask)
 
 
@@ -156,7 +159,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         raise ValueError(f"fastattn: query has {Hq} heads and key/value {Hkv}: pass enable_gqa=True "
                          "(Hq must be a multiple of Hkv)")
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
-    bias, relative = resolve_score_mod(score_mod, B, Hq, L, S, query.device)
+    kb = resolve_score_mod(score_mod, B, Hq, L, S, query.device)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -164,7 +167,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    out, lse = sparse_attention_bshd(q, k, v, block_mask, scale, bias=bias, deterministic=deterministic,
-                                     relative=relative)
+    out, lse = sparse_attention_bshd(q, k, v, block_mask, scale, bias=kb.bias, deterministic=deterministic,
+                                     relative=kb.relative, slopes=kb.slopes)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -9,32 +9,47 @@ actually use as named objects whose data the kernels read:
     t5_relative_position_bias(emb)     score + emb[t5_bucket(kv_idx - q_idx), h]
     additive_bias(bias)                score + bias[b, h, q_idx, kv_idx]   (broadcast dims of size 1)
 
-Relative ones become one (H|1, L + S - 1) table the kernel indexes by
-kv_idx - q_idx (never an L x S tensor); its gradient is accumulated per
-diagonal in the backward, so slopes, tables and embeddings that require grad
-are trained through ordinary autograd. Relative mods add: `alibi(s) +
+ALiBi with fixed slopes is computed in the kernel's registers. Relative
+tables (and ALiBi whose slopes require grad) become one (H|1, L + S - 1)
+table the kernel indexes by kv_idx - q_idx (never an L x S tensor); its
+gradient is accumulated per diagonal in the backward, so slopes, tables and
+embeddings that require grad are trained through ordinary autograd. Relative mods add: `alibi(s) +
 relative_position_bias(t)` is one table. Softcapping belongs to the dense
 kernels' training arguments (softcap=...), not to this list.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
+
+
+class KernelBias(NamedTuple):
+    """What the kernels add to the scores: `bias`, a (H|1, L + S - 1) table if
+    `relative` else (B|1, H|1, L, S) (or None), plus ALiBi `slopes` (H|1) float32
+    computed in registers (or None)."""
+    bias: Optional[torch.Tensor]
+    relative: bool = False
+    slopes: Optional[torch.Tensor] = None
 
 
 class ScoreMod:
     """A score modification the kernels evaluate; see the module docstring."""
 
-    def resolve(self, B: int, H: int, L: int, S: int, device) -> Tuple[torch.Tensor, bool]:
-        """(bias tensor, relative): a (H|1, L + S - 1) table if relative, else (B|1, H|1, L, S)."""
+    def resolve(self, B: int, H: int, L: int, S: int, device):
+        """A KernelBias, or (bias, relative) for subclasses that only give a tensor."""
         raise NotImplementedError
 
     def __add__(self, other):
         if not isinstance(other, ScoreMod):
             return NotImplemented
         return _Sum(self, other)
+
+
+def _kernel_bias(mod: ScoreMod, B, H, L, S, device) -> KernelBias:
+    r = mod.resolve(B, H, L, S, device)
+    return r if isinstance(r, KernelBias) else KernelBias(*r)
 
 
 def _relative_positions(L: int, S: int, device) -> torch.Tensor:
@@ -80,15 +95,37 @@ class _Sum(ScoreMod):
         self.a, self.b = a, b
 
     def resolve(self, B, H, L, S, device):
-        ta, ra = self.a.resolve(B, H, L, S, device)
-        tb, rb = self.b.resolve(B, H, L, S, device)
-        if ra != rb:
+        ra = _kernel_bias(self.a, B, H, L, S, device)
+        rb = _kernel_bias(self.b, B, H, L, S, device)
+        if ra.bias is not None and rb.bias is not None and ra.relative != rb.relative:
             raise NotImplementedError("fastattn: score_mod = a relative mod + additive_bias is not "
                                       "supported (fold the relative part into the additive bias)")
-        return ta + tb, ra
+        add = lambda x, y: x if y is None else (y if x is None else x + y)
+        relative = ra.relative if ra.bias is not None else rb.relative
+        return KernelBias(add(ra.bias, rb.bias), relative, add(ra.slopes, rb.slopes))
 
     def __repr__(self):
         return f"{self.a!r} + {self.b!r}"
+
+
+class _Alibi(ScoreMod):
+    def __init__(self, slopes: torch.Tensor):
+        self.slopes = slopes
+
+    def resolve(self, B, H, L, S, device):
+        s = self.slopes
+        if s.shape[0] not in (1, H):
+            raise ValueError(f"fastattn: alibi has {s.shape[0]} heads, the query {H}")
+        s = s.to(device)
+        if s.requires_grad and torch.is_grad_enabled():
+            # Trainable slopes: as a relative table, whose gradient the backward accumulates.
+            return KernelBias(_float_table(s)[:, None] * _relative_positions(L, S, device).to(
+                _float_table(s).dtype)[None, :], True)
+        # Fixed slopes: computed in the kernel's registers, no table read.
+        return KernelBias(None, False, s.detach().float().contiguous())
+
+    def __repr__(self):
+        return f"alibi(heads={self.slopes.shape[0]})"
 
 
 def _float_table(x: torch.Tensor) -> torch.Tensor:
@@ -103,12 +140,7 @@ def alibi(slopes: torch.Tensor) -> ScoreMod:
         slopes = torch.tensor([float(slopes)])
     if slopes.dim() != 1:
         raise ValueError(f"fastattn: alibi slopes must be (H,), got {tuple(slopes.shape)}")
-
-    def make(L, S, device):
-        s = _float_table(slopes.to(device))
-        return s[:, None] * _relative_positions(L, S, device).to(s.dtype)[None, :]
-
-    return _Relative(make, slopes.shape[0], "alibi")
+    return _Alibi(slopes)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -185,13 +217,13 @@ def additive_bias(bias: torch.Tensor) -> ScoreMod:
     return _Dense(bias)
 
 
-def resolve_score_mod(score_mod: Optional[object], B, H, L, S, device):
-    """(bias, relative) for the kernels, or (None, False)."""
+def resolve_score_mod(score_mod: Optional[object], B, H, L, S, device) -> KernelBias:
+    """What the kernels add for score_mod (KernelBias(None) for None)."""
     if score_mod is None:
-        return None, False
+        return KernelBias(None)
     if not isinstance(score_mod, ScoreMod):
         raise NotImplementedError(
             "fastattn: flex_attention's score_mod must be None or a built-in from fastattn.sparse "
             "(alibi, relative_position_bias, t5_relative_position_bias, additive_bias); an arbitrary "
             f"callable ({type(score_mod).__name__}) needs code generation, which fastattn does not do")
-    return score_mod.resolve(B, H, L, S, device)
+    return _kernel_bias(score_mod, B, H, L, S, device)
