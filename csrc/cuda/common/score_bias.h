@@ -29,9 +29,24 @@ __device__ __forceinline__ float alibi_slope(const BiasParams& bp, int h, float 
 template <int MT, int NT, int kRowStep = 16>
 __device__ __forceinline__ void add_bias_c(float (&s)[MT][NT][4], const BiasParams& bp, int b, int h,
                                            int row0, int col0, int sq, int sk, float inv_scale) {
-  const int64_t base = int64_t(b) * bp.sb + int64_t(h) * bp.sh;
   const float slope = alibi_slope(bp, h, inv_scale);
-  const bool table = bp.ptr != nullptr;
+  if (bp.ptr == nullptr) {
+    // ALiBi alone: one FMA per score with a constant column offset (no int to
+    // float conversion per element, no bounds tests: pairs outside the
+    // sequences are masked afterwards anyway).
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const float at_col0 = slope * float(col0 - (row0 + mt * kRowStep + hh * 8));
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) s[mt][nt][hh * 2 + e] += fmaf(slope, float(nt * 8 + e), at_col0);
+      }
+    return;
+  }
+  const int64_t base = int64_t(b) * bp.sb + int64_t(h) * bp.sh;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -45,9 +60,8 @@ __device__ __forceinline__ void add_bias_c(float (&s)[MT][NT][4], const BiasPara
         for (int e = 0; e < 2; ++e) {
           const int col = col0 + nt * 8 + e;
           if (col >= sk) continue;
-          float add = slope * float(col - row);
-          if (table) add += bias_at(bp, rbase + int64_t(col) * bp.sj) * inv_scale;
-          s[mt][nt][hh * 2 + e] += add;
+          s[mt][nt][hh * 2 + e] += slope * float(col - row) +
+                                   bias_at(bp, rbase + int64_t(col) * bp.sj) * inv_scale;
         }
     }
 }
@@ -56,9 +70,19 @@ template <int NT>
 __device__ __forceinline__ void add_bias_c_transposed(float (&s)[NT][4], const BiasParams& bp, int b,
                                                       int h, int key0, int q0, int sq, int sk,
                                                       float inv_scale) {
-  const int64_t base = int64_t(b) * bp.sb + int64_t(h) * bp.sh;
   const float slope = alibi_slope(bp, h, inv_scale);
-  const bool table = bp.ptr != nullptr;
+  if (bp.ptr == nullptr) {  // ALiBi alone, as in add_bias_c
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const float at_q0 = slope * float(key0 + hh * 8 - q0);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) s[nt][hh * 2 + e] += fmaf(-slope, float(nt * 8 + e), at_q0);
+    }
+    return;
+  }
+  const int64_t base = int64_t(b) * bp.sb + int64_t(h) * bp.sh;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int key = key0 + hh * 8;
@@ -69,9 +93,8 @@ __device__ __forceinline__ void add_bias_c_transposed(float (&s)[NT][4], const B
       for (int e = 0; e < 2; ++e) {
         const int q = q0 + nt * 8 + e;
         if (q >= sq) continue;
-        float add = slope * float(key - q);
-        if (table) add += bias_at(bp, base + int64_t(q) * bp.si + int64_t(key) * bp.sj) * inv_scale;
-        s[nt][hh * 2 + e] += add;
+        s[nt][hh * 2 + e] += slope * float(key - q) +
+                             bias_at(bp, base + int64_t(q) * bp.si + int64_t(key) * bp.sj) * inv_scale;
       }
   }
 }
