@@ -70,6 +70,30 @@ def make_impls(flex_ok):
     return impls
 
 
+def add_variants(impls, specs):
+    """--variant NAME:VAR=VALUE[,VAR=VALUE]: fastattn run with those environment
+    switches (read by the launchers per call), e.g. "sm90:FASTATTN_FWD_WS=0",
+    measured in the same interleaved rounds as everything else."""
+    base = impls["fastattn"]
+    for spec in specs:
+        name, _, assigns = spec.partition(":")
+        env = dict(a.split("=", 1) for a in assigns.split(",") if a)
+
+        def run(q, k, v, c, env=env):
+            saved = {key: os.environ.get(key) for key in env}
+            os.environ.update(env)
+            try:
+                return base(q, k, v, c)
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+        impls[f"fastattn-{name}"] = run
+    return impls
+
+
 def _time_fwd(impl, sets, causal, n):
     with torch.no_grad():
         return median(time_cuda(lambda i: impl(*sets[i], causal), n))
@@ -160,16 +184,24 @@ def main():
     ap.add_argument("--impls", default="", help="comma list to restrict (fastattn,sdpa-flash,...)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per config")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:VAR=VALUE,...: also time fastattn under these environment switches")
+    ap.add_argument("--configs", default="", help="comma list of DxS[c] to restrict, e.g. 128x16384c")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks need a CUDA GPU")
     modes = args.modes.split(",")
-    impls = make_impls(flex_ok=not (args.no_flex or args.quick))
+    impls = add_variants(make_impls(flex_ok=not (args.no_flex or args.quick)), args.variant)
     if args.impls:
-        impls = {k: v for k, v in impls.items() if k in args.impls.split(",")}
+        keep = args.impls.split(",") + [f"fastattn-{v.partition(':')[0]}" for v in args.variant]
+        impls = {k: v for k, v in impls.items() if k in keep}
+    cfgs = configs(args.quick)
+    if args.configs:
+        want = set(args.configs.split(","))
+        cfgs = [c for c in cfgs if f"{c['D']}x{c['S']}{'c' if c['causal'] else ''}" in want]
     results = []
-    for cfg in configs(args.quick):
+    for cfg in cfgs:
         results += bench_config(cfg, impls, modes, max(1, args.rounds))
         print(".", end="", flush=True)
     print()

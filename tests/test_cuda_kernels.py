@@ -133,16 +133,31 @@ SM90_CASES = [
     (2, 300, 300, 4, 2, 120, False, (37, 5), False, "bshd"),    # padded head dim (120 -> 128)
     (1, 17, 1, 2, 2, 40, False, (-1, -1), False, "bshd"),      # one key; padded 40 -> 64
     (2, 640, 640, 2, 1, 128, False, (128, 0), True, "bhsd"),    # window: skipped key blocks
+    # More tiles than SMs: the persistent grid's later tiles, causal longest-first order.
+    (5, 1111, 1111, 16, 4, 128, True, (-1, -1), False, "bshd"),
+    (9, 777, 1500, 12, 3, 64, False, (-1, -1), True, "bhsd"),
 ]
+
+# Forward kernel paths on sm90: the warp-specialized kernel (default), the
+# non-specialized wgmma kernel, the sm80 mma.sync kernel.
+FWD_PATHS = {"ws": {}, "sm90": {"FASTATTN_FWD_WS": "0"}, "sm80": {"FASTATTN_FWD_SM90": "0"}}
+
+
+def _with_path(monkeypatch, path):
+    for var in ("FASTATTN_FWD_WS", "FASTATTN_FWD_SM90"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in FWD_PATHS[path].items():
+        monkeypatch.setenv(var, value)
 
 
 @pytest.mark.parametrize("case", SM90_CASES, ids=lambda c: f"B{c[0]}q{c[1]}k{c[2]}d{c[5]}{c[9]}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_forward_sm90_and_sm80_kernels_agree(case, dtype, monkeypatch):
-    """On sm90 head dims 64 / 128 run the wgmma kernel; FASTATTN_FWD_SM90=0
-    selects the sm80 (mma.sync) kernel. Both must meet the float64 rule on
-    masks, GQA, strided layouts, padded head dims and ragged tails, write every
-    output element (poisoned memory) and agree closely with each other."""
+    """On sm90 head dims 64 / 128 run the warp-specialized wgmma kernel;
+    FASTATTN_FWD_WS=0 selects the plain wgmma kernel and FASTATTN_FWD_SM90=0
+    the sm80 (mma.sync) one. Each must meet the float64 rule on masks, GQA,
+    strided layouts, padded head dims and ragged tails, write every output
+    element (poisoned memory) and agree closely with the others."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the wgmma kernel needs sm90")
     B, Sq, Sk, Hq, Hkv, D, causal, window, br, layout = case
@@ -151,18 +166,20 @@ def test_forward_sm90_and_sm80_kernels_agree(case, dtype, monkeypatch):
     ref_o, ref_l = attention_math(q, k, v, D ** -0.5, causal, window, br)
     base_o, base_l = attention_math(q, k, v, D ** -0.5, causal, window, br, dtype=dtype)
     results = {}
-    for path in ("1", "0"):
-        monkeypatch.setenv("FASTATTN_FWD_SM90", path)
+    for path in FWD_PATHS:
+        _with_path(monkeypatch, path)
         junk = torch.full((64 * 2**20,), float("nan"), device="cuda")
         del junk
         results[path] = _fwd(q, k, v, causal=causal, br=br, window=window)
     for path, (out, lse) in results.items():
         assert not out.isnan().any() and not lse.isnan().any(), path
-        assert_close_rule(f"out sm90={path}", out, base_o, ref_o)
-        assert_close_rule(f"lse sm90={path}", lse, base_l, ref_l)
-    (o1, l1), (o0, l0) = results["1"], results["0"]
-    torch.testing.assert_close(o1, o0, atol=2e-2, rtol=0)
-    torch.testing.assert_close(l1, l0, atol=1e-3, rtol=0)
+        assert_close_rule(f"out {path}", out, base_o, ref_o)
+        assert_close_rule(f"lse {path}", lse, base_l, ref_l)
+    o0, l0 = results["sm80"]
+    for path in ("ws", "sm90"):
+        o1, l1 = results[path]
+        torch.testing.assert_close(o1, o0, atol=2e-2, rtol=0, msg=lambda m: f"{path}: {m}")
+        torch.testing.assert_close(l1, l0, atol=1e-3, rtol=0, msg=lambda m: f"{path}: {m}")
 
 
 def _ragged_lengths():
@@ -175,11 +192,14 @@ def _ragged_lengths():
     return lens_q, lens_k, cu(lens_q), cu(lens_k)
 
 
-def test_forward_sm90_varlen(monkeypatch):
-    """Ragged batch (lengths 0, 1, uneven, > one 128-row block) through the wgmma kernel."""
+@pytest.mark.parametrize("path", ["ws", "sm90"])
+def test_forward_sm90_varlen(path, monkeypatch):
+    """Ragged batch (lengths 0, 1, uneven, > one 128-row block) through the wgmma
+    kernels (the warp-specialized one reads past a sequence's end into the next
+    one's rows, which must stay masked)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the wgmma kernel needs sm90")
-    monkeypatch.setenv("FASTATTN_FWD_SM90", "1")
+    _with_path(monkeypatch, path)
     lens_q, lens_k, cu_q, cu_k = _ragged_lengths()
     Hq, Hkv, D = 4, 2, 128
     for causal in (False, True):

@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "cuda/common/tma_map.h"
 #include "cuda/common/types.h"
 #include "cuda/decode/decode_launch.h"
 #include "cuda/decode/flash_decode_kernel.cuh"
@@ -163,29 +164,6 @@ int decode_max_clusters(int stages, bool paged, bool tma, int cluster) {
   return n;
 }
 
-// cuTensorMapEncodeTiled through the runtime's driver entry point (no link
-// dependency on libcuda).
-using TensorMapEncodeFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                       const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                       const cuuint32_t*, CUtensorMapInterleave,
-                                       CUtensorMapSwizzle, CUtensorMapL2promotion,
-                                       CUtensorMapFloatOOBfill);
-
-inline TensorMapEncodeFn tensor_map_encoder() {
-  static TensorMapEncodeFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                         &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      return static_cast<TensorMapEncodeFn>(nullptr);
-    }
-    return reinterpret_cast<TensorMapEncodeFn>(f);
-  }();
-  return fn;
-}
-
 // K or V cache (element strides of DecodeParams) as a 4-D tensor
 // (head_dim, heads_kv, seqlen_k_max, cache_batch) of 2-byte elements, boxes of
 // 64 columns x block_n rows of one head, 128-byte swizzle; out-of-range box
@@ -193,26 +171,14 @@ inline TensorMapEncodeFn tensor_map_encoder() {
 inline bool encode_kv_map(unsigned char (&blob)[128], const void* base, const DecodeParams& p,
                           int64_t batch_stride, int64_t row_stride, int64_t head_stride,
                           int block_n) {
-  static_assert(sizeof(CUtensorMap) == 128, "tensor map blob size");
-  const TensorMapEncodeFn enc = tensor_map_encoder();
-  if (enc == nullptr) return false;
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim),
-                              static_cast<cuuint64_t>(p.heads_kv),
-                              static_cast<cuuint64_t>(p.seqlen_k_max),
-                              static_cast<cuuint64_t>(p.cache_batch)};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(head_stride) * 2,
-                                 static_cast<cuuint64_t>(row_stride) * 2,
-                                 static_cast<cuuint64_t>(batch_stride) * 2};
-  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(block_n), 1};
-  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  CUtensorMap map;
-  const CUresult r = enc(&map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(base), dims,
-                         strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) return false;
-  std::memcpy(blob, &map, sizeof(map));
-  return true;
+  const uint64_t dims[4] = {static_cast<uint64_t>(p.head_dim), static_cast<uint64_t>(p.heads_kv),
+                            static_cast<uint64_t>(p.seqlen_k_max),
+                            static_cast<uint64_t>(p.cache_batch)};
+  const uint64_t strides[3] = {static_cast<uint64_t>(head_stride) * 2,
+                               static_cast<uint64_t>(row_stride) * 2,
+                               static_cast<uint64_t>(batch_stride) * 2};
+  const uint32_t box[4] = {64, 1, static_cast<uint32_t>(block_n), 1};
+  return encode_tma_map_2byte(blob, base, dims, strides, box);
 }
 
 template <int kHeadDim, ElemType kDtype>

@@ -9,7 +9,9 @@
 
 #include "cuda/common/types.h"
 #include "cuda/flash/flash_fwd_kernel.cuh"
+#include "cuda/common/tma_map.h"
 #include "cuda/flash/flash_fwd_sm90_kernel.cuh"
+#include "cuda/flash/flash_fwd_ws_kernel.cuh"
 #include "cuda/flash/kernel_select.h"
 #include "cuda/flash/launch.h"
 
@@ -81,6 +83,104 @@ struct FwdSm90Config<128> {
   using Traits = FwdSm90Traits<128, FASTATTN_FWD_SM90_TILES_128>;
 };
 
+// The warp-specialized sm90 variant (flash_fwd_ws_kernel.cuh) per head dim:
+// FwdWsTraits<D, K/V ring stages, ping-pong>, or void. Tuning hook:
+// -DFASTATTN_FWD_WS_TILES_<D>="STAGES, PINGPONG".
+template <int kHeadDim>
+struct FwdWsConfig {
+  using Traits = void;
+};
+#ifndef FASTATTN_FWD_WS_TILES_64
+#define FASTATTN_FWD_WS_TILES_64 4, false
+#endif
+#ifndef FASTATTN_FWD_WS_TILES_128
+#define FASTATTN_FWD_WS_TILES_128 2, false
+#endif
+template <>
+struct FwdWsConfig<64> {
+  using Traits = FwdWsTraits<64, FASTATTN_FWD_WS_TILES_64>;
+};
+template <>
+struct FwdWsConfig<128> {
+  using Traits = FwdWsTraits<128, FASTATTN_FWD_WS_TILES_128>;
+};
+
+// An attribute of the current device (0 when unknown), read once per device.
+template <cudaDeviceAttr kAttr>
+int current_device_attr() {
+  static int cache[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return 0;
+  if (cache[device] == 0 && cudaDeviceGetAttribute(&cache[device], kAttr, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    cache[device] = -1;
+  }
+  return cache[device] > 0 ? cache[device] : 0;
+}
+
+// q, k or v (element strides of FwdParams) as the 4-D tensor (head_dim,
+// heads, rows, batch) of a varlen batch's packed rows (batch 1) or a dense
+// batch; boxes of 64 columns x box_rows rows of one head.
+inline bool encode_fwd_map(unsigned char (&blob)[128], const void* base, int heads, int64_t rows,
+                           int batch, int64_t batch_stride, int64_t row_stride,
+                           int64_t head_stride, int head_dim, int box_rows) {
+  const uint64_t dims[4] = {static_cast<uint64_t>(head_dim), static_cast<uint64_t>(heads),
+                            static_cast<uint64_t>(rows), static_cast<uint64_t>(batch)};
+  const uint64_t strides[3] = {static_cast<uint64_t>(head_stride) * 2,
+                               static_cast<uint64_t>(row_stride) * 2,
+                               static_cast<uint64_t>(batch_stride) * 2};
+  const uint32_t box[4] = {64, 1, static_cast<uint32_t>(box_rows), 1};
+  return encode_tma_map_2byte(blob, base, dims, strides, box);
+}
+
+// Launches the warp-specialized forward when this device runs it and the
+// copy engine can address the tensors; false (nothing launched) otherwise.
+template <typename Traits, typename Elem>
+bool launch_fwd_ws(const FwdParams& p, cudaStream_t stream, cudaError_t* err) {
+  auto kernel = flash_fwd_ws_kernel<Traits, Elem>;
+  const void* kfn = reinterpret_cast<const void*>(kernel);
+  // FASTATTN_FWD_SM90=0 selects the sm80 kernels, FASTATTN_FWD_WS=0 the
+  // non-specialized sm90 one (A/B switches and escape hatches).
+  const char* sm90_env = std::getenv("FASTATTN_FWD_SM90");
+  if ((sm90_env != nullptr && sm90_env[0] == '0') || p.block_table != nullptr ||
+      !sm90_body_runnable<Traits, Elem>(kfn, Traits::kThreads, "FASTATTN_FWD_WS")) {
+    return false;
+  }
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t rows_q = varlen ? p.total_q : p.seqlen_q;
+  const int64_t rows_k = varlen ? p.total_k : p.seqlen_k;
+  // Tile row coordinates are int32.
+  constexpr int64_t kMaxRows = (int64_t{1} << 31) - 2 * 256;
+  if (rows_q <= 0 || rows_k <= 0 || rows_q > kMaxRows || rows_k > kMaxRows) return false;
+  const int cb = varlen ? 1 : p.batch;
+  FwdWsArgs a;
+  if (!encode_fwd_map(a.q_tma, p.q, p.heads_q, rows_q, cb, p.q_batch_stride, p.q_row_stride,
+                      p.q_head_stride, p.head_dim, Traits::kBlockM) ||
+      !encode_fwd_map(a.k_tma, p.k, p.heads_kv, rows_k, cb, p.k_batch_stride, p.k_row_stride,
+                      p.k_head_stride, p.head_dim, Traits::kBlockN) ||
+      !encode_fwd_map(a.v_tma, p.v, p.heads_kv, rows_k, cb, p.v_batch_stride, p.v_row_stride,
+                      p.v_head_stride, p.head_dim, Traits::kBlockN)) {
+    return false;
+  }
+  const int num_m = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const bool longest_first = p.mask.window_right >= 0;
+  const int group = p.heads_q / p.heads_kv;
+  const int64_t kv_bytes = int64_t(4) * p.seqlen_k * p.head_dim / (group > 0 ? group : 1);
+  if (!FwdTileOrder::make(a.order, num_m, p.heads_q, p.batch, longest_first, kv_bytes,
+                          current_device_attr<cudaDevAttrL2CacheSize>())) {
+    return false;
+  }
+  constexpr int kSmem = Traits::kSmemBytes;
+  *err = ensure_smem_cap<Traits, Elem>(kfn, kSmem);
+  if (*err != cudaSuccess) return true;
+  const int sms_attr = current_device_attr<cudaDevAttrMultiProcessorCount>();
+  const int sms = p.num_sms > 0 ? p.num_sms : (sms_attr > 0 ? sms_attr : 132);
+  const int grid = a.order.tiles < sms ? a.order.tiles : sms;
+  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p, a);
+  *err = cudaGetLastError();
+  return true;
+}
+
 template <int kHeadDim, ElemType kDtype>
 cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
   using Elem = typename ElemOf<kDtype>::type;
@@ -95,6 +195,11 @@ cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
   // Query blocks on x (fastest): consecutive CTAs share one head's K/V in L2;
   // then heads (GQA groups adjacent), then batch (kernel loops past 65535).
   const int batch_ctas = params.batch < 65535 ? params.batch : 65535;
+  using WsTraits = typename FwdWsConfig<kHeadDim>::Traits;
+  if constexpr (!std::is_void<WsTraits>::value) {
+    cudaError_t err = cudaSuccess;
+    if (launch_fwd_ws<WsTraits, Elem>(params, stream, &err)) return err;
+  }
   if constexpr (!std::is_void<Sm90Traits>::value) {
     auto kernel = flash_fwd_sm90_kernel<Sm90Traits, Elem>;
     if (!paged && sm90_body_runnable<Sm90Traits, Elem>(reinterpret_cast<const void*>(kernel),

@@ -1,0 +1,371 @@
+// FlashAttention forward for sm90, warp-specialized: one producer warpgroup
+// feeds two consumer warpgroups through mbarrier rings, and a persistent grid
+// walks the tiles (fwd_tile_order.h).
+//
+// Roles (384 threads; registers moved with setmaxnreg, warp_roles.h):
+//   - producer, one thread of warpgroup 0: the copy engine (TMA) brings Q
+//     once per tile and K/V one block per step into kStages-deep rings; each
+//     stage has a "full" barrier (the copy's bytes landed) and an "empty"
+//     one (every consumer warp is done reading it). It runs ahead of the
+//     consumers by up to the ring depth, also across tiles.
+//   - consumers, warpgroups 1 and 2, 64 query rows each: per KV block the
+//     step of the sm90 kernel (flash_fwd_sm90_kernel.cuh): S = Q K^T on the
+//     tensor cores while the previous block's O += P V runs, the online
+//     softmax of S overlapping P V. Masks, windows, GQA, varlen, block-sparse
+//     schedules with bits, and score bias are the shared pieces
+//     (FwdBlock, BlockSchedule, MaskPolicy, score_bias.h). With kPingPong the
+//     two warpgroups take turns issuing their MMAs (named barriers), so one
+//     group's softmax runs under the other's MMAs.
+//   - epilogue per consumer warpgroup: O through its own shared-memory tile
+//     (not Q's: the producer may already be loading the next tile's Q) to
+//     global with 16-byte stores, LSE from registers.
+//
+// What the copy engine reads past a sequence: dense batches are 4-D tensor
+// maps, so rows past seqlen read as zeros; varlen batches are one packed
+// tensor, so a tile reaching past its sequence reads the next sequence's
+// rows. Those keys are masked (P = 0) and those query rows are never stored.
+#pragma once
+#include <cstdint>
+
+#include "cuda/common/fwd_block.h"
+#include "cuda/common/mask.h"
+#include "cuda/common/score_bias.h"
+#include "cuda/common/softmax.h"
+#include "cuda/common/swizzled_tile_io.h"
+#include "cuda/common/tma.h"
+#include "cuda/common/warp_roles.h"
+#include "cuda/common/wgmma.h"
+#include "cuda/flash/flash_fwd_sm90_kernel.cuh"
+#include "cuda/flash/fwd_tile_order.h"
+
+namespace fastattn {
+namespace gpu {
+
+template <int kHeadDim_, int kStages_, bool kPingPong_>
+struct FwdWsTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kStages = kStages_;
+  static constexpr bool kPingPong = kPingPong_;
+  static constexpr int kConsumerGroups = 2;
+  static constexpr int kBlockM = 64 * kConsumerGroups;
+  static constexpr int kBlockN = 128;
+  static constexpr int kThreads = 128 * (1 + kConsumerGroups);
+  static constexpr int kConsumerWarps = 4 * kConsumerGroups;
+  // 65536 registers: 128 x 24 + 256 x 240 = 64512.
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static constexpr int kNT = kBlockN / 8;
+  static constexpr int kDT = kHeadDim / 8;
+  static constexpr int kKS = kHeadDim / 16;
+  static constexpr int kKV = kBlockN / 16;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma widths compiled in wgmma.h");
+
+  using QTile = SwizzledTile128<kBlockM, kHeadDim>;
+  using KTile = SwizzledTile128<kBlockN, kHeadDim>;
+  using VTile = SwizzledTile128<kBlockN, kHeadDim>;
+  using OTile = SwizzledTile128<64, kHeadDim>;  // one per consumer warpgroup
+
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kQOff + QTile::kBytes;
+  static constexpr int kVOff = kKOff + kStages * KTile::kBytes;
+  static constexpr int kOOff = kVOff + kStages * VTile::kBytes;
+  static constexpr int kBarOff = kOOff + kConsumerGroups * OTile::kBytes;
+  static constexpr int kBars = 2 + 4 * kStages;
+  // + 1024: the dynamic shared memory base is only 16-byte aligned and the
+  // swizzle needs every box at a 1024-byte boundary.
+  static constexpr int kSmemBytes = kBarOff + 8 * kBars + 1024;
+};
+
+// Tensor maps of q, k, v (4-D: head_dim, heads, rows, batch; boxes of 64
+// columns x kBlockM or kBlockN rows of one head) and the tile order.
+struct FwdWsArgs {
+  alignas(64) unsigned char q_tma[128];
+  alignas(64) unsigned char k_tma[128];
+  alignas(64) unsigned char v_tma[128];
+  FwdTileOrder order;
+};
+
+// Shared-memory addresses of the rings and barriers.
+template <typename Traits>
+struct FwdWsSmem {
+  uint32_t base;
+  __device__ __forceinline__ uint32_t q() const { return base + Traits::kQOff; }
+  __device__ __forceinline__ uint32_t k(int s) const {
+    return base + Traits::kKOff + s * Traits::KTile::kBytes;
+  }
+  __device__ __forceinline__ uint32_t v(int s) const {
+    return base + Traits::kVOff + s * Traits::VTile::kBytes;
+  }
+  __device__ __forceinline__ uint32_t o(int wg) const {
+    return base + Traits::kOOff + wg * Traits::OTile::kBytes;
+  }
+  __device__ __forceinline__ uint32_t bar(int i) const { return base + Traits::kBarOff + 8 * i; }
+  __device__ __forceinline__ uint32_t q_full() const { return bar(0); }
+  __device__ __forceinline__ uint32_t q_empty() const { return bar(1); }
+  __device__ __forceinline__ uint32_t k_full(int s) const { return bar(2 + s); }
+  __device__ __forceinline__ uint32_t k_empty(int s) const { return bar(2 + Traits::kStages + s); }
+  __device__ __forceinline__ uint32_t v_full(int s) const { return bar(2 + 2 * Traits::kStages + s); }
+  __device__ __forceinline__ uint32_t v_empty(int s) const {
+    return bar(2 + 3 * Traits::kStages + s);
+  }
+};
+
+// Ring position of the it-th KV block a CTA visits (counted across tiles):
+// its stage and the parity of that stage's use.
+template <int kStages>
+struct RingSlot {
+  int stage;
+  uint32_t phase;
+  __device__ __forceinline__ explicit RingSlot(uint32_t it)
+      : stage(static_cast<int>(it % kStages)), phase((it / kStages) & 1u) {}
+};
+
+template <typename Traits, typename Elem>
+__device__ __forceinline__ void fwd_ws_produce(const FwdParams& p, const FwdWsArgs& a,
+                                               const FwdWsSmem<Traits>& sm) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  using QTile = typename Traits::QTile;
+  using KTile = typename Traits::KTile;
+  ptx::tma_prefetch_descriptor(a.q_tma);
+  ptx::tma_prefetch_descriptor(a.k_tma);
+  ptx::tma_prefetch_descriptor(a.v_tma);
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  uint32_t kv_it = 0, q_it = 0;
+  for (int t = blockIdx.x; t < a.order.tiles; t += gridDim.x) {
+    int b, h, m_block;
+    a.order.coords(t, b, h, m_block);
+    FwdBlock<Elem, false> blk;
+    if (!blk.init(p, b, h, m_block, kBlockM, kBlockN)) continue;
+    const BlockSchedule sched = blk.template schedule<kBlockN>(p, b, h);
+    const int steps = sched.count();
+    if (steps == 0) continue;  // the consumers skip this tile's Q as well
+    const int cb = varlen ? 0 : b;
+
+    // The empty barriers start in phase 0, so waiting for parity 1 passes at once.
+    ptx::mbar_wait(sm.q_empty(), (q_it & 1u) ^ 1u);
+    ptx::mbar_arrive_expect_tx(sm.q_full(), QTile::kBytes);
+    const int q_row = static_cast<int>(blk.qs.start) + blk.m0;
+#pragma unroll
+    for (int box = 0; box < QTile::kBoxes; ++box) {
+      ptx::tma_load_4d(sm.q() + box * QTile::kBoxBytes, a.q_tma, box * 64, h, q_row, cb,
+                       sm.q_full());
+    }
+    ++q_it;
+
+    const int k_row0 = static_cast<int>(blk.ks.start);
+    for (int i = 0; i < steps; ++i, ++kv_it) {
+      const int row = k_row0 + sched.tile(i) * kBlockN;
+      const RingSlot<Traits::kStages> slot(kv_it);
+      ptx::mbar_wait(sm.k_empty(slot.stage), slot.phase ^ 1u);
+      ptx::mbar_arrive_expect_tx(sm.k_full(slot.stage), KTile::kBytes);
+#pragma unroll
+      for (int box = 0; box < KTile::kBoxes; ++box) {
+        ptx::tma_load_4d(sm.k(slot.stage) + box * KTile::kBoxBytes, a.k_tma, box * 64, blk.hk, row,
+                         cb, sm.k_full(slot.stage));
+      }
+      ptx::mbar_wait(sm.v_empty(slot.stage), slot.phase ^ 1u);
+      ptx::mbar_arrive_expect_tx(sm.v_full(slot.stage), KTile::kBytes);
+#pragma unroll
+      for (int box = 0; box < KTile::kBoxes; ++box) {
+        ptx::tma_load_4d(sm.v(slot.stage) + box * KTile::kBoxBytes, a.v_tma, box * 64, blk.hk, row,
+                         cb, sm.v_full(slot.stage));
+      }
+    }
+  }
+}
+
+// Named barriers 1 + wg: one consumer warpgroup's epilogue; 3 + wg: its turn
+// to issue MMAs (kPingPong).
+constexpr int kEpilogueBarrier = 1;
+constexpr int kMmaTurnBarrier = 3;
+
+template <typename Traits, typename Elem>
+__device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTileOrder& order,
+                                               const FwdWsSmem<Traits>& sm, char* smem, int wg) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int NT = Traits::kNT;
+  constexpr int DT = Traits::kDT;
+  constexpr int KS = Traits::kKS;
+  constexpr int KV = Traits::kKV;
+  constexpr int kStages = Traits::kStages;
+  using OTile = typename Traits::OTile;
+  using Ops = FwdSm90Operands<Traits>;
+
+  const int tid = threadIdx.x - 128 * (wg + 1);  // within this warpgroup
+  const int lane = tid & 31;
+  const int warp_row = wg * 64 + (tid >> 5) * 16;  // first row of this warp in the block
+  const int col_lane = 2 * (lane & 3);
+  const int other_turn = kMmaTurnBarrier + (wg ^ 1);
+  if constexpr (Traits::kPingPong) {
+    if (wg == 1) ptx::named_barrier_arrive(kMmaTurnBarrier, 256);  // group 0 goes first
+  }
+
+  uint32_t kv_it = 0, q_it = 0;
+  for (int t = blockIdx.x; t < order.tiles; t += gridDim.x) {
+    int b, h, m_block;
+    order.coords(t, b, h, m_block);
+    FwdBlock<Elem, false> blk;
+    if (!blk.init(p, b, h, m_block, kBlockM, kBlockN)) continue;
+    const int sq = blk.sq, sk = blk.sk, m0 = blk.m0, m1 = blk.m1;
+    const BlockSchedule sched = blk.template schedule<kBlockN>(p, b, h);
+    const int steps = sched.count();
+
+    float acc_o[1][DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
+    OnlineSoftmax<1> softmax;
+    softmax.init();
+
+    if (steps > 0) {
+      const int row0 = m0 + warp_row + (lane >> 2);
+      TileLookahead next;
+      next.init(sched, steps);
+      ptx::mbar_wait(sm.q_full(), q_it & 1u);
+      uint32_t pa[KV][4];  // P of the previous block as A fragments
+      for (int i = 0; i < steps; ++i) {
+        const int n = next.t0;
+        const RingSlot<kStages> cur(kv_it + i);
+        const RingSlot<kStages> prev(kv_it + i - 1);  // meaningful for i > 0
+        ptx::mbar_wait(sm.k_full(cur.stage), cur.phase);
+        if (i > 0) ptx::mbar_wait(sm.v_full(prev.stage), prev.phase);
+        if constexpr (Traits::kPingPong) ptx::named_barrier_sync(kMmaTurnBarrier + wg, 256);
+        float s[1][NT][4];
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          wgmma::mma_ss<kBlockN, Elem>(s[0], Ops::q(sm.q(), wg, kk), Ops::k(sm.k(cur.stage), kk),
+                                       kk > 0);
+        }
+        wgmma::commit();
+        if (i > 0) {
+          wgmma::fence();  // ptxas wants one on this side of the branch too
+#pragma unroll
+          for (int kk = 0; kk < KV; ++kk) {
+            wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_o[0], pa[kk], Ops::v(sm.v(prev.stage), kk),
+                                                     1);
+          }
+          wgmma::commit();
+          if constexpr (Traits::kPingPong) ptx::named_barrier_arrive(other_turn, 256);
+          wgmma::wait<1>();  // S done; P V may still run
+        } else {
+          if constexpr (Traits::kPingPong) ptx::named_barrier_arrive(other_turn, 256);
+          wgmma::wait<0>();
+        }
+        wgmma::hold(s[0]);
+        // This warp is done with K (and, after the tile's last S, with Q).
+        if (lane == 0) {
+          ptx::mbar_arrive(sm.k_empty(cur.stage));
+          if (i == steps - 1) ptx::mbar_arrive(sm.q_empty());
+        }
+
+        const int c0 = n * kBlockN;
+        if (p.bias.on()) {
+          add_bias_c<1, NT>(s, p.bias, b, h, row0, c0 + col_lane, sq, sk, 1.f / p.scale);
+        }
+        if (blk.mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {
+          apply_mask_c<1, NT>(s, blk.mask, row0, c0 + col_lane);
+        }
+        if (const uint32_t* bits = sched.partial_bits(p.sparse, i)) {
+          apply_bits_c<1, NT>(s, bits, p.sparse.words, row0 - m0 + m0 % p.sparse.block_q,
+                              c0 - sched.block(i) * p.sparse.block_kv + col_lane);
+        }
+        float factor[2];
+        const bool rescale = softmax.update_scores(s, p.scale_log2, factor);
+        // Unconditional (a no-op at i = 0): behind a branch ptxas would assume
+        // P V may still be running below and serialize every MMA.
+        wgmma::wait<0>();
+        wgmma::hold(acc_o[0]);
+        if (i > 0 && lane == 0) ptx::mbar_arrive(sm.v_empty(prev.stage));
+        if (rescale) softmax.rescale(acc_o, factor);
+#pragma unroll
+        for (int kk = 0; kk < KV; ++kk) c_pair_to_a<Elem>(pa[kk], s[0][2 * kk], s[0][2 * kk + 1]);
+        // Keep both writes above the next step's wgmma::fence().
+        wgmma::hold(acc_o[0]);
+        wgmma::hold(pa);
+        next.advance(sched, i, steps);
+      }
+
+      // The last block's P V.
+      const RingSlot<kStages> last(kv_it + steps - 1);
+      ptx::mbar_wait(sm.v_full(last.stage), last.phase);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < KV; ++kk) {
+        wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_o[0], pa[kk], Ops::v(sm.v(last.stage), kk), 1);
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::hold(acc_o[0]);
+      if (lane == 0) ptx::mbar_arrive(sm.v_empty(last.stage));
+      kv_it += steps;
+      ++q_it;
+    }
+
+    // ---- epilogue: normalize, LSE, O through this warpgroup's own tile.
+    float lse[2];
+    softmax.finalize(acc_o, p.scale, lse);
+    if ((lane & 3) == 0) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = warp_row + hh * 8 + (lane >> 2);
+        if (m0 + r < sq) blk.lse[r] = lse[hh];
+      }
+    }
+    char* o_smem = smem + (sm.o(wg) - sm.base);
+    ptx::named_barrier_sync(kEpilogueBarrier + wg, 128);  // the previous tile's stores read it
+    const int r = (tid >> 5) * 16 + (lane >> 2);           // row within this group's 64
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      const int c = dt * 8 + col_lane;
+      *reinterpret_cast<uint32_t*>(o_smem + swizzled_offset<OTile>(r, c)) =
+          pack2<Elem>(acc_o[0][dt][0], acc_o[0][dt][1]);
+      *reinterpret_cast<uint32_t*>(o_smem + swizzled_offset<OTile>(r + 8, c)) =
+          pack2<Elem>(acc_o[0][dt][2], acc_o[0][dt][3]);
+    }
+    ptx::named_barrier_sync(kEpilogueBarrier + wg, 128);
+    store_swizzled_tile<128, OTile>(blk.o + int64_t(wg) * 64 * p.o_row_stride, p.o_row_stride,
+                                    o_smem, sq - m0 - wg * 64, p.head_dim, tid);
+  }
+}
+
+// Launch bounds as in flash_fwd_sm90_kernel: only sm_90a machine code has the
+// body (kThreads, one CTA per SM: the register cap setmaxnreg needs); the host
+// checks the image (kernel_select.h, sm90_body_runnable).
+template <typename Traits, typename Elem>
+__global__ void __launch_bounds__(FASTATTN_WGMMA_AVAILABLE ? Traits::kThreads : 32, 1)
+    flash_fwd_ws_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ FwdWsArgs a) {
+#if FASTATTN_WGMMA_AVAILABLE
+  extern __shared__ __align__(128) char smem_raw[];
+  const uint32_t raw = ptx::smem_u32(smem_raw);
+  const uint32_t pad = ((raw + 1023u) & ~1023u) - raw;
+  char* smem = smem_raw + pad;
+  const FwdWsSmem<Traits> sm{raw + pad};
+  if (threadIdx.x == 0) {
+    ptx::mbar_init(sm.q_full(), 1);
+    ptx::mbar_init(sm.q_empty(), Traits::kConsumerWarps);
+    for (int s = 0; s < Traits::kStages; ++s) {
+      ptx::mbar_init(sm.k_full(s), 1);
+      ptx::mbar_init(sm.v_full(s), 1);
+      ptx::mbar_init(sm.k_empty(s), Traits::kConsumerWarps);
+      ptx::mbar_init(sm.v_empty(s), Traits::kConsumerWarps);
+    }
+    ptx::mbar_init_fence();
+  }
+  __syncthreads();
+  const int warp_group = threadIdx.x / 128;
+  if (warp_group == 0) {
+    ptx::set_max_registers_dec<Traits::kProducerRegs>();
+    if (threadIdx.x == 0) fwd_ws_produce<Traits, Elem>(p, a, sm);
+  } else {
+    ptx::set_max_registers_inc<Traits::kConsumerRegs>();
+    fwd_ws_consume<Traits, Elem>(p, a.order, sm, smem, warp_group - 1);
+  }
+#endif
+}
+
+}  // namespace gpu
+}  // namespace fastattn
