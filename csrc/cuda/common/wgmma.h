@@ -102,25 +102,25 @@ __device__ __forceinline__ void hold(uint32_t (&a)[NT][4]) {
   FASTATTN_WGMMA_REGS_64 ","                                                             \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"      \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define FASTATTN_WGMMA_ACC_64(d) \
-      "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), \
-      "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-      "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-      "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-      "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), \
-      "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-      "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
-      "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-#define FASTATTN_WGMMA_ACC_128(d) \
-      FASTATTN_WGMMA_ACC_64(d), \
-      "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), \
-      "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
-      "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), \
-      "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
-      "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), \
-      "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
-      "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), \
-      "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define FASTATTN_WGMMA_ACC_64(d, C) \
+      C(d[0][0]), C(d[0][1]), C(d[0][2]), C(d[0][3]), \
+      C(d[1][0]), C(d[1][1]), C(d[1][2]), C(d[1][3]), \
+      C(d[2][0]), C(d[2][1]), C(d[2][2]), C(d[2][3]), \
+      C(d[3][0]), C(d[3][1]), C(d[3][2]), C(d[3][3]), \
+      C(d[4][0]), C(d[4][1]), C(d[4][2]), C(d[4][3]), \
+      C(d[5][0]), C(d[5][1]), C(d[5][2]), C(d[5][3]), \
+      C(d[6][0]), C(d[6][1]), C(d[6][2]), C(d[6][3]), \
+      C(d[7][0]), C(d[7][1]), C(d[7][2]), C(d[7][3])
+#define FASTATTN_WGMMA_ACC_128(d, C) \
+      FASTATTN_WGMMA_ACC_64(d, C), \
+      C(d[8][0]), C(d[8][1]), C(d[8][2]), C(d[8][3]), \
+      C(d[9][0]), C(d[9][1]), C(d[9][2]), C(d[9][3]), \
+      C(d[10][0]), C(d[10][1]), C(d[10][2]), C(d[10][3]), \
+      C(d[11][0]), C(d[11][1]), C(d[11][2]), C(d[11][3]), \
+      C(d[12][0]), C(d[12][1]), C(d[12][2]), C(d[12][3]), \
+      C(d[13][0]), C(d[13][1]), C(d[13][2]), C(d[13][3]), \
+      C(d[14][0]), C(d[14][1]), C(d[14][2]), C(d[14][3]), \
+      C(d[15][0]), C(d[15][1]), C(d[15][2]), C(d[15][3])
 
 // D[64 x N] (+)= A[64 x 16] B[16 x N], A and B in shared memory; TR = "0, 0":
 // both K-major, "1, 1": both MN-major (transposed). `accumulate` = 0 ignores
@@ -129,8 +129,18 @@ __device__ __forceinline__ void hold(uint32_t (&a)[NT][4]) {
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #SC ", 0;\n"                     \
                "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPES " {"            \
                FASTATTN_WGMMA_REGS_##N "}, %" #A ", %" #B ", p, 1, 1, " TR ";\n}\n"    \
-               : FASTATTN_WGMMA_ACC_##N(d)                                              \
+               : FASTATTN_WGMMA_ACC_##N(d, "+f")                                        \
                : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+
+// The same with D's old value ignored and not read: D is an output only, so
+// the compiler ties no earlier value (e.g. an undefined accumulator merged
+// with a live register) to the MMA, which ptxas would then have to wait for.
+#define FASTATTN_WGMMA_SS_ZERO(N, TYPES, A, B, TR)                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                             \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPES " {"            \
+               FASTATTN_WGMMA_REGS_##N "}, %" #A ", %" #B ", p, 1, 1, " TR ";\n}\n"    \
+               : FASTATTN_WGMMA_ACC_##N(d, "=f")                                        \
+               : "l"(desc_a), "l"(desc_b))
 
 // D[64 x N] (+)= A[64 x 16] B[16 x N], A in registers (mma A fragment layout
 // per warp), B MN-major in shared memory (transposed: N contiguous).
@@ -139,7 +149,7 @@ __device__ __forceinline__ void hold(uint32_t (&a)[NT][4]) {
                "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPES " {"             \
                FASTATTN_WGMMA_REGS_##N "}, {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B \
                ", p, 1, 1, 1;\n}\n"                                                     \
-               : FASTATTN_WGMMA_ACC_##N(d)                                               \
+               : FASTATTN_WGMMA_ACC_##N(d, "+f")                                         \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
 
 // kMnMajor = false: A and B K-major (Q K^T); true: both MN-major (the
@@ -166,6 +176,23 @@ __device__ __forceinline__ void mma_ss(float (&d)[N / 8][4], uint64_t desc_a, ui
 #endif
 }
 
+// D[64 x N] = A[64 x 16] B[16 x N], both K-major: the first k step of Q K^T.
+template <int N, typename Elem>
+__device__ __forceinline__ void mma_ss_zero(float (&d)[N / 8][4], uint64_t desc_a,
+                                            uint64_t desc_b) {
+  static_assert(N == 64 || N == 128, "compiled wgmma widths");
+#if FASTATTN_WGMMA_AVAILABLE
+  constexpr bool kBf16 = std::is_same<Elem, __nv_bfloat16>::value;
+  if constexpr (N == 64) {
+    if constexpr (kBf16) FASTATTN_WGMMA_SS_ZERO(64, "bf16.bf16", 32, 33, "0, 0");
+    else FASTATTN_WGMMA_SS_ZERO(64, "f16.f16", 32, 33, "0, 0");
+  } else {
+    if constexpr (kBf16) FASTATTN_WGMMA_SS_ZERO(128, "bf16.bf16", 64, 65, "0, 0");
+    else FASTATTN_WGMMA_SS_ZERO(128, "f16.f16", 64, 65, "0, 0");
+  }
+#endif
+}
+
 template <int N, typename Elem>
 __device__ __forceinline__ void mma_rs_tb(float (&d)[N / 8][4], const uint32_t (&a)[4],
                                           uint64_t desc_b, int accumulate) {
@@ -183,6 +210,7 @@ __device__ __forceinline__ void mma_rs_tb(float (&d)[N / 8][4], const uint32_t (
 }
 
 #undef FASTATTN_WGMMA_SS
+#undef FASTATTN_WGMMA_SS_ZERO
 #undef FASTATTN_WGMMA_RS_TB
 
 }  // namespace wgmma

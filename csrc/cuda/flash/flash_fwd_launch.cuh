@@ -198,6 +198,18 @@ cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
   using WsTraits = typename FwdWsConfig<kHeadDim>::Traits;
   if constexpr (!std::is_void<WsTraits>::value) {
     cudaError_t err = cudaSuccess;
+#ifdef FASTATTN_WS_EXPERIMENT
+    const char* x = std::getenv("FASTATTN_FWD_WS_X");
+    if (x != nullptr && x[0] == '1') {
+      if (launch_fwd_ws<FwdWsTraits<kHeadDim, WsTraits::kStages, false, 4>, Elem>(params, stream, &err)) return err;
+    }
+    if (x != nullptr && x[0] == '2') {
+      if (launch_fwd_ws<FwdWsTraits<kHeadDim, WsTraits::kStages, false, 8>, Elem>(params, stream, &err)) return err;
+    }
+    if (x != nullptr && x[0] == '3') {
+      if (launch_fwd_ws<FwdWsTraits<kHeadDim, WsTraits::kStages, true, 4>, Elem>(params, stream, &err)) return err;
+    }
+#endif
     if (launch_fwd_ws<WsTraits, Elem>(params, stream, &err)) return err;
   }
   if constexpr (!std::is_void<Sm90Traits>::value) {

@@ -41,11 +41,13 @@
 namespace fastattn {
 namespace gpu {
 
-template <int kHeadDim_, int kStages_, bool kPingPong_>
+template <int kHeadDim_, int kStages_, bool kPingPong_, int kFmaExpEvery_ = 0>
 struct FwdWsTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kStages = kStages_;
   static constexpr bool kPingPong = kPingPong_;
+  // Every kFmaExpEvery-th n8 tile of scores exponentiated on the FMA pipe (0: none).
+  static constexpr int kFmaExpEvery = kFmaExpEvery_;
   static constexpr int kConsumerGroups = 2;
   static constexpr int kBlockM = 64 * kConsumerGroups;
   static constexpr int kBlockN = 128;
@@ -235,10 +237,10 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
         if constexpr (Traits::kPingPong) ptx::named_barrier_sync(kMmaTurnBarrier + wg, 256);
         float s[1][NT][4];
         wgmma::fence();
+        wgmma::mma_ss_zero<kBlockN, Elem>(s[0], Ops::q(sm.q(), wg, 0), Ops::k(sm.k(cur.stage), 0));
 #pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-          wgmma::mma_ss<kBlockN, Elem>(s[0], Ops::q(sm.q(), wg, kk), Ops::k(sm.k(cur.stage), kk),
-                                       kk > 0);
+        for (int kk = 1; kk < KS; ++kk) {
+          wgmma::mma_ss<kBlockN, Elem>(s[0], Ops::q(sm.q(), wg, kk), Ops::k(sm.k(cur.stage), kk), 1);
         }
         wgmma::commit();
         if (i > 0) {
@@ -274,12 +276,16 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
                               c0 - sched.block(i) * p.sparse.block_kv + col_lane);
         }
         float factor[2];
-        const bool rescale = softmax.update_scores(s, p.scale_log2, factor);
+        const bool rescale =
+            softmax.template update_scores<Traits::kFmaExpEvery>(s, p.scale_log2, factor);
         // Unconditional (a no-op at i = 0): behind a branch ptxas would assume
         // P V may still be running below and serialize every MMA.
         wgmma::wait<0>();
         wgmma::hold(acc_o[0]);
         if (i > 0 && lane == 0) ptx::mbar_arrive(sm.v_empty(prev.stage));
+        // (Rescaling O while this step's S = Q K^T runs, before the P V that
+        // needs it, makes ptxas serialize the MMAs: O belongs to the open
+        // MMA stage.)
         if (rescale) softmax.rescale(acc_o, factor);
 #pragma unroll
         for (int kk = 0; kk < KV; ++kk) c_pair_to_a<Elem>(pa[kk], s[0][2 * kk], s[0][2 * kk + 1]);
