@@ -132,16 +132,6 @@ __device__ __forceinline__ void hold(uint32_t (&a)[NT][4]) {
                : FASTATTN_WGMMA_ACC_##N(d, "+f")                                        \
                : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 
-// The same with D's old value ignored and not read: D is an output only, so
-// the compiler ties no earlier value (e.g. an undefined accumulator merged
-// with a live register) to the MMA, which ptxas would then have to wait for.
-#define FASTATTN_WGMMA_SS_ZERO(N, TYPES, A, B, TR)                                     \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                             \
-               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPES " {"            \
-               FASTATTN_WGMMA_REGS_##N "}, %" #A ", %" #B ", p, 1, 1, " TR ";\n}\n"    \
-               : FASTATTN_WGMMA_ACC_##N(d, "=f")                                        \
-               : "l"(desc_a), "l"(desc_b))
-
 // D[64 x N] (+)= A[64 x 16] B[16 x N], A in registers (mma A fragment layout
 // per warp), B MN-major in shared memory (transposed: N contiguous).
 #define FASTATTN_WGMMA_RS_TB(N, TYPES, A0, A1, A2, A3, B, SC)                           \
@@ -176,23 +166,6 @@ __device__ __forceinline__ void mma_ss(float (&d)[N / 8][4], uint64_t desc_a, ui
 #endif
 }
 
-// D[64 x N] = A[64 x 16] B[16 x N], both K-major: the first k step of Q K^T.
-template <int N, typename Elem>
-__device__ __forceinline__ void mma_ss_zero(float (&d)[N / 8][4], uint64_t desc_a,
-                                            uint64_t desc_b) {
-  static_assert(N == 64 || N == 128, "compiled wgmma widths");
-#if FASTATTN_WGMMA_AVAILABLE
-  constexpr bool kBf16 = std::is_same<Elem, __nv_bfloat16>::value;
-  if constexpr (N == 64) {
-    if constexpr (kBf16) FASTATTN_WGMMA_SS_ZERO(64, "bf16.bf16", 32, 33, "0, 0");
-    else FASTATTN_WGMMA_SS_ZERO(64, "f16.f16", 32, 33, "0, 0");
-  } else {
-    if constexpr (kBf16) FASTATTN_WGMMA_SS_ZERO(128, "bf16.bf16", 64, 65, "0, 0");
-    else FASTATTN_WGMMA_SS_ZERO(128, "f16.f16", 64, 65, "0, 0");
-  }
-#endif
-}
-
 template <int N, typename Elem>
 __device__ __forceinline__ void mma_rs_tb(float (&d)[N / 8][4], const uint32_t (&a)[4],
                                           uint64_t desc_b, int accumulate) {
@@ -210,7 +183,6 @@ __device__ __forceinline__ void mma_rs_tb(float (&d)[N / 8][4], const uint32_t (
 }
 
 #undef FASTATTN_WGMMA_SS
-#undef FASTATTN_WGMMA_SS_ZERO
 #undef FASTATTN_WGMMA_RS_TB
 
 }  // namespace wgmma

@@ -84,17 +84,18 @@ struct FwdSm90Config<128> {
 };
 
 // The warp-specialized sm90 variant (flash_fwd_ws_kernel.cuh) per head dim:
-// FwdWsTraits<D, K/V ring stages, ping-pong>, or void. Tuning hook:
-// -DFASTATTN_FWD_WS_TILES_<D>="STAGES, PINGPONG".
+// FwdWsTraits<D, K/V ring stages, ping-pong, FMA-pipe exp2 share>, or void.
+// Tuning hook: -DFASTATTN_FWD_WS_TILES_<D>="STAGES, PINGPONG, FMA_EXP_EVERY"
+// (docs/performance.md has what each measured).
 template <int kHeadDim>
 struct FwdWsConfig {
   using Traits = void;
 };
 #ifndef FASTATTN_FWD_WS_TILES_64
-#define FASTATTN_FWD_WS_TILES_64 4, false
+#define FASTATTN_FWD_WS_TILES_64 4, false, 0
 #endif
 #ifndef FASTATTN_FWD_WS_TILES_128
-#define FASTATTN_FWD_WS_TILES_128 2, false
+#define FASTATTN_FWD_WS_TILES_128 2, false, 0
 #endif
 template <>
 struct FwdWsConfig<64> {
@@ -142,7 +143,10 @@ bool launch_fwd_ws(const FwdParams& p, cudaStream_t stream, cudaError_t* err) {
   // FASTATTN_FWD_SM90=0 selects the sm80 kernels, FASTATTN_FWD_WS=0 the
   // non-specialized sm90 one (A/B switches and escape hatches).
   const char* sm90_env = std::getenv("FASTATTN_FWD_SM90");
+  // Block-sparse schedules and score bias stay on the sm90 kernel until the
+  // GPU tests have run them through this one.
   if ((sm90_env != nullptr && sm90_env[0] == '0') || p.block_table != nullptr ||
+      p.sparse.num != nullptr || p.bias.on() ||
       !sm90_body_runnable<Traits, Elem>(kfn, Traits::kThreads, "FASTATTN_FWD_WS")) {
     return false;
   }
@@ -198,18 +202,6 @@ cudaError_t run_fwd_hdim(const FwdParams& params, cudaStream_t stream) {
   using WsTraits = typename FwdWsConfig<kHeadDim>::Traits;
   if constexpr (!std::is_void<WsTraits>::value) {
     cudaError_t err = cudaSuccess;
-#ifdef FASTATTN_WS_EXPERIMENT
-    const char* x = std::getenv("FASTATTN_FWD_WS_X");
-    if (x != nullptr && x[0] == '1') {
-      if (launch_fwd_ws<FwdWsTraits<kHeadDim, WsTraits::kStages, false, 4>, Elem>(params, stream, &err)) return err;
-    }
-    if (x != nullptr && x[0] == '2') {
-      if (launch_fwd_ws<FwdWsTraits<kHeadDim, WsTraits::kStages, false, 8>, Elem>(params, stream, &err)) return err;
-    }
-    if (x != nullptr && x[0] == '3') {
-      if (launch_fwd_ws<FwdWsTraits<kHeadDim, WsTraits::kStages, true, 4>, Elem>(params, stream, &err)) return err;
-    }
-#endif
     if (launch_fwd_ws<WsTraits, Elem>(params, stream, &err)) return err;
   }
   if constexpr (!std::is_void<Sm90Traits>::value) {

@@ -237,10 +237,10 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
         if constexpr (Traits::kPingPong) ptx::named_barrier_sync(kMmaTurnBarrier + wg, 256);
         float s[1][NT][4];
         wgmma::fence();
-        wgmma::mma_ss_zero<kBlockN, Elem>(s[0], Ops::q(sm.q(), wg, 0), Ops::k(sm.k(cur.stage), 0));
 #pragma unroll
-        for (int kk = 1; kk < KS; ++kk) {
-          wgmma::mma_ss<kBlockN, Elem>(s[0], Ops::q(sm.q(), wg, kk), Ops::k(sm.k(cur.stage), kk), 1);
+        for (int kk = 0; kk < KS; ++kk) {
+          wgmma::mma_ss<kBlockN, Elem>(s[0], Ops::q(sm.q(), wg, kk), Ops::k(sm.k(cur.stage), kk),
+                                       kk > 0);
         }
         wgmma::commit();
         if (i > 0) {
