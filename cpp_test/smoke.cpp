@@ -9,8 +9,10 @@
 #include <initializer_list>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cuda/common/fast_div.h"
+#include "cuda/flash/fwd_tile_order.h"
 
 namespace {
 
@@ -79,6 +81,50 @@ bool check(const char* what, const at::Tensor& got, const at::Tensor& want, doub
 
 }  // namespace
 
+// The persistent forward's tile order (cuda/flash/fwd_tile_order.h): every
+// (batch, head, query block) exactly once, and with longest_first the query
+// blocks of a section non-increasing (the longest causal tiles start first).
+bool check_tile_order() {
+  long long bad = 0, total = 0;
+  for (int num_m : {1, 3, 8, 17}) {
+    for (int heads : {1, 5, 16}) {
+      for (int batch : {1, 3}) {
+        for (int mode = 0; mode < 3; ++mode) {
+          const bool longest_first = mode > 0;
+          // mode 2: a section of 4 pairs (kv bytes 1, L2 8) that does not divide the pairs
+          fastattn::gpu::FwdTileOrder o;
+          if (!fastattn::gpu::FwdTileOrder::make(o, num_m, heads, batch, longest_first,
+                                                 mode == 2 ? 1 : 0, 8)) {
+            ++bad;
+            continue;
+          }
+          std::vector<int> seen(static_cast<size_t>(o.tiles), 0);
+          int last_m = num_m, last_sec = -1;
+          for (int t = 0; t < o.tiles; ++t) {
+            int b = -1, h = -1, m = -1;
+            o.coords(t, b, h, m);
+            ++total;
+            if (b < 0 || b >= batch || h < 0 || h >= heads || m < 0 || m >= num_m) {
+              ++bad;
+              continue;
+            }
+            ++seen[static_cast<size_t>((b * heads + h) * num_m + m)];
+            const int sec = (b * heads + h) / o.section;
+            if (longest_first) {
+              if (sec == last_sec && m > last_m) ++bad;
+              last_sec = sec;
+              last_m = m;
+            }
+          }
+          for (int c : seen) bad += c != 1;
+        }
+      }
+    }
+  }
+  std::printf("tile order bijective        %lld tiles %s\n", total, bad == 0 ? "ok" : "WRONG");
+  return bad == 0;
+}
+
 int main() {
   at::manual_seed(0);
   auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastattn::fwd", "").typed<FwdFn>();
@@ -125,6 +171,7 @@ int main() {
   ok &= check("merge_states lse (fp32)", merged_lse, full_lse.to(at::kDouble), 1e-5);
 
   ok &= check_fast_div();
+  ok &= check_tile_order();
 
   // Bad input is an error, not a crash.
   try {

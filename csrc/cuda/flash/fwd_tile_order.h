@@ -40,8 +40,12 @@ struct FwdTileOrder {
     return true;
   }
 
+  // Tile t in [0, tiles) -> (batch, head, query block); a bijection
+  // (cpp_test/smoke.cpp checks it on the host).
 #if defined(__CUDACC__)
-  __device__ __forceinline__ void coords(int t, int& b, int& h, int& m) const {
+  __host__ __device__
+#endif
+  inline void coords(int t, int& b, int& h, int& m) const {
     const int per_section = section * num_m;
     const int sec = t / per_section;
     const int within = t - sec * per_section;
@@ -53,7 +57,6 @@ struct FwdTileOrder {
     b = pair / heads;
     h = pair - b * heads;
   }
-#endif
 };
 
 }  // namespace gpu
