@@ -34,6 +34,7 @@
 #include "cuda/common/types.h"
 #include "cuda/common/wgmma.h"
 #include "cuda/common/params.h"
+#include "cuda/flash/fwd_sm90_step.h"
 
 namespace fastattn {
 namespace gpu {
@@ -61,29 +62,6 @@ struct FwdSm90Traits {
   static constexpr int kSmemBytes = QTile::kBytes + 2 * (KTile::kBytes + VTile::kBytes) + 1024;
 };
 
-// Shared-memory descriptors of the three operands (see wgmma.h for the layout).
-template <typename Traits>
-struct FwdSm90Operands {
-  using QTile = typename Traits::QTile;
-  using KTile = typename Traits::KTile;
-  static constexpr uint32_t kRowGroupBytes = 8 * 128;  // 8 swizzled rows
-
-  // Q rows of warpgroup wg, head-dim columns 16 kk .. 16 kk + 15.
-  static __device__ __forceinline__ uint64_t q(uint32_t q_addr, int wg, int kk) {
-    return wgmma::smem_desc_sw128(q_addr + (kk / 4) * QTile::kBoxBytes + wg * 64 * 128 + (kk % 4) * 32,
-                                  16, kRowGroupBytes);
-  }
-  // All kBlockN keys, head-dim columns 16 kk .. 16 kk + 15.
-  static __device__ __forceinline__ uint64_t k(uint32_t k_addr, int kk) {
-    return wgmma::smem_desc_sw128(k_addr + (kk / 4) * KTile::kBoxBytes + (kk % 4) * 32, 16,
-                                  kRowGroupBytes);
-  }
-  // Keys 16 kk .. 16 kk + 15, all head-dim columns (64-column boxes one box apart).
-  static __device__ __forceinline__ uint64_t v(uint32_t v_addr, int kk) {
-    return wgmma::smem_desc_sw128(v_addr + kk * 16 * 128, Traits::VTile::kBoxBytes, kRowGroupBytes);
-  }
-};
-
 template <typename Traits, typename Elem>
 __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_t smem_addr,
                                                      char* smem, int b, int h, int m_block) {
@@ -92,12 +70,11 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
   constexpr int kThreads = Traits::kThreads;
   constexpr int NT = Traits::kNT;
   constexpr int DT = Traits::kDT;
-  constexpr int KS = Traits::kKS;
   constexpr int KV = Traits::kKV;
   using QTile = typename Traits::QTile;
   using KTile = typename Traits::KTile;
   using VTile = typename Traits::VTile;
-  using Ops = FwdSm90Operands<Traits>;
+  using Step = FwdSm90Step<Traits, Elem>;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -106,8 +83,7 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
 
   FwdBlock<Elem, false> blk;
   if (!blk.init(p, b, h, m_block, kBlockM, kBlockN)) return;  // uniform over the CTA
-  const int sq = blk.sq, sk = blk.sk, m0 = blk.m0, m1 = blk.m1;
-  const MaskPolicy& mask = blk.mask;
+  const int sq = blk.sq, sk = blk.sk, m0 = blk.m0;
   const BlockSchedule sched = blk.template schedule<kBlockN>(p, b, h);
   const int steps = sched.count();
 
@@ -165,44 +141,22 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
       ptx::cp_async_commit();
 
       float s[1][NT][4];
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        wgmma::mma_ss<kBlockN, Elem>(s[0], Ops::q(q_addr, wg, kk), Ops::k(k_addr, kk), kk > 0);
-      }
-      wgmma::commit();
+      Step::issue_qk(s[0], q_addr, k_addr, wg);
       if (i > 0) {
-        const uint32_t v_addr = v_ring + ((i - 1) & 1) * VTile::kBytes;
-        wgmma::fence();  // ptxas wants one on this side of the branch too
-#pragma unroll
-        for (int kk = 0; kk < KV; ++kk) {
-          wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_o[0], pa[kk], Ops::v(v_addr, kk), 1);
-        }
-        wgmma::commit();
+        Step::issue_pv(acc_o[0], pa, v_ring + ((i - 1) & 1) * VTile::kBytes);
         wgmma::wait<1>();  // S done; P V may still run
       } else {
         wgmma::wait<0>();
       }
       wgmma::hold(s[0]);
 
-      const int c0 = n * kBlockN;
-      if (p.bias.on()) {
-        add_bias_c<1, NT>(s, p.bias, b, h, row0, c0 + col_lane, sq, sk, 1.f / p.scale);
-      }
-      if (mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {
-        apply_mask_c<1, NT>(s, mask, row0, c0 + col_lane);
-      }
-      if (const uint32_t* bits = sched.partial_bits(p.sparse, i)) {
-        apply_bits_c<1, NT>(s, bits, p.sparse.words, row0 - m0 + m0 % p.sparse.block_q,
-                           c0 - sched.block(i) * p.sparse.block_kv + col_lane);
-      }
+      Step::modify_scores(s, p, blk, sched, i, n, b, h, row0, col_lane);
       float factor[2];
       const bool rescale = softmax.update_scores(s, p.scale_log2, factor);
       wgmma::wait<0>();
       wgmma::hold(acc_o[0]);
       if (rescale) softmax.rescale(acc_o, factor);
-#pragma unroll
-      for (int kk = 0; kk < KV; ++kk) c_pair_to_a<Elem>(pa[kk], s[0][2 * kk], s[0][2 * kk + 1]);
+      Step::p_to_a(pa, s);
       // Keep both writes above the next step's wgmma::fence() (else ptxas
       // has to insert another fence in front of the MMAs that read them).
       wgmma::hold(acc_o[0]);
@@ -214,17 +168,9 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
     ptx::cp_async_wait<0>();
     ptx::fence_proxy_async();
     __syncthreads();
-    {
-      const uint32_t v_addr = v_ring + ((i - 1) & 1) * VTile::kBytes;
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < KV; ++kk) {
-        wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_o[0], pa[kk], Ops::v(v_addr, kk), 1);
-      }
-      wgmma::commit();
-      wgmma::wait<0>();
-      wgmma::hold(acc_o[0]);
-    }
+    Step::issue_pv(acc_o[0], pa, v_ring + ((i - 1) & 1) * VTile::kBytes);
+    wgmma::wait<0>();
+    wgmma::hold(acc_o[0]);
   }
 
   // ---- epilogue: normalize, LSE, O through shared memory (this warpgroup's
@@ -232,23 +178,8 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
   float lse[2];
   softmax.finalize(acc_o, p.scale, lse);
 
-  if ((lane & 3) == 0) {
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = warp_row + hh * 8 + (lane >> 2);
-      if (m0 + r < sq) blk.lse[r] = lse[hh];
-    }
-  }
-
-  const int r = warp_row + (lane >> 2);
-#pragma unroll
-  for (int dt = 0; dt < DT; ++dt) {
-    const int c = dt * 8 + 2 * (lane & 3);
-    *reinterpret_cast<uint32_t*>(smem + swizzled_offset<QTile>(r, c)) =
-        pack2<Elem>(acc_o[0][dt][0], acc_o[0][dt][1]);
-    *reinterpret_cast<uint32_t*>(smem + swizzled_offset<QTile>(r + 8, c)) =
-        pack2<Elem>(acc_o[0][dt][2], acc_o[0][dt][3]);
-  }
+  Step::store_lse(blk, lse, warp_row + (lane >> 2), lane);
+  Step::template write_o<QTile>(smem, acc_o, warp_row + (lane >> 2), 2 * (lane & 3));
   __syncthreads();
   store_swizzled_tile<kThreads, QTile>(blk.o, p.o_row_stride, smem, sq - m0, p.head_dim, tid);
 }

@@ -35,7 +35,7 @@
 #include "cuda/common/tma.h"
 #include "cuda/common/warp_roles.h"
 #include "cuda/common/wgmma.h"
-#include "cuda/flash/flash_fwd_sm90_kernel.cuh"
+#include "cuda/flash/fwd_sm90_step.h"
 #include "cuda/flash/fwd_tile_order.h"
 
 namespace fastattn {
@@ -189,11 +189,10 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int NT = Traits::kNT;
   constexpr int DT = Traits::kDT;
-  constexpr int KS = Traits::kKS;
   constexpr int KV = Traits::kKV;
   constexpr int kStages = Traits::kStages;
   using OTile = typename Traits::OTile;
-  using Ops = FwdSm90Operands<Traits>;
+  using Step = FwdSm90Step<Traits, Elem>;
 
   const int tid = threadIdx.x - 128 * (wg + 1);  // within this warpgroup
   const int lane = tid & 31;
@@ -210,7 +209,7 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
     order.coords(t, b, h, m_block);
     FwdBlock<Elem, false> blk;
     if (!blk.init(p, b, h, m_block, kBlockM, kBlockN)) continue;
-    const int sq = blk.sq, sk = blk.sk, m0 = blk.m0, m1 = blk.m1;
+    const int sq = blk.sq, m0 = blk.m0;
     const BlockSchedule sched = blk.template schedule<kBlockN>(p, b, h);
     const int steps = sched.count();
 
@@ -236,21 +235,9 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
         if (i > 0) ptx::mbar_wait(sm.v_full(prev.stage), prev.phase);
         if constexpr (Traits::kPingPong) ptx::named_barrier_sync(kMmaTurnBarrier + wg, 256);
         float s[1][NT][4];
-        wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-          wgmma::mma_ss<kBlockN, Elem>(s[0], Ops::q(sm.q(), wg, kk), Ops::k(sm.k(cur.stage), kk),
-                                       kk > 0);
-        }
-        wgmma::commit();
+        Step::issue_qk(s[0], sm.q(), sm.k(cur.stage), wg);
         if (i > 0) {
-          wgmma::fence();  // ptxas wants one on this side of the branch too
-#pragma unroll
-          for (int kk = 0; kk < KV; ++kk) {
-            wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_o[0], pa[kk], Ops::v(sm.v(prev.stage), kk),
-                                                     1);
-          }
-          wgmma::commit();
+          Step::issue_pv(acc_o[0], pa, sm.v(prev.stage));
           if constexpr (Traits::kPingPong) ptx::named_barrier_arrive(other_turn, 256);
           wgmma::wait<1>();  // S done; P V may still run
         } else {
@@ -264,17 +251,7 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
           if (i == steps - 1) ptx::mbar_arrive(sm.q_empty());
         }
 
-        const int c0 = n * kBlockN;
-        if (p.bias.on()) {
-          add_bias_c<1, NT>(s, p.bias, b, h, row0, c0 + col_lane, sq, sk, 1.f / p.scale);
-        }
-        if (blk.mask.tile_needs_mask(m0, m1, c0, c0 + kBlockN)) {
-          apply_mask_c<1, NT>(s, blk.mask, row0, c0 + col_lane);
-        }
-        if (const uint32_t* bits = sched.partial_bits(p.sparse, i)) {
-          apply_bits_c<1, NT>(s, bits, p.sparse.words, row0 - m0 + m0 % p.sparse.block_q,
-                              c0 - sched.block(i) * p.sparse.block_kv + col_lane);
-        }
+        Step::modify_scores(s, p, blk, sched, i, n, b, h, row0, col_lane);
         float factor[2];
         const bool rescale =
             softmax.template update_scores<Traits::kFmaExpEvery>(s, p.scale_log2, factor);
@@ -287,8 +264,7 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
         // needs it, makes ptxas serialize the MMAs: O belongs to the open
         // MMA stage.)
         if (rescale) softmax.rescale(acc_o, factor);
-#pragma unroll
-        for (int kk = 0; kk < KV; ++kk) c_pair_to_a<Elem>(pa[kk], s[0][2 * kk], s[0][2 * kk + 1]);
+        Step::p_to_a(pa, s);
         // Keep both writes above the next step's wgmma::fence().
         wgmma::hold(acc_o[0]);
         wgmma::hold(pa);
@@ -298,12 +274,7 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
       // The last block's P V.
       const RingSlot<kStages> last(kv_it + steps - 1);
       ptx::mbar_wait(sm.v_full(last.stage), last.phase);
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < KV; ++kk) {
-        wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_o[0], pa[kk], Ops::v(sm.v(last.stage), kk), 1);
-      }
-      wgmma::commit();
+      Step::issue_pv(acc_o[0], pa, sm.v(last.stage));
       wgmma::wait<0>();
       wgmma::hold(acc_o[0]);
       if (lane == 0) ptx::mbar_arrive(sm.v_empty(last.stage));
@@ -314,24 +285,11 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
     // ---- epilogue: normalize, LSE, O through this warpgroup's own tile.
     float lse[2];
     softmax.finalize(acc_o, p.scale, lse);
-    if ((lane & 3) == 0) {
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int r = warp_row + hh * 8 + (lane >> 2);
-        if (m0 + r < sq) blk.lse[r] = lse[hh];
-      }
-    }
+    Step::store_lse(blk, lse, warp_row + (lane >> 2), lane);
     char* o_smem = smem + (sm.o(wg) - sm.base);
     ptx::named_barrier_sync(kEpilogueBarrier + wg, 128);  // the previous tile's stores read it
-    const int r = (tid >> 5) * 16 + (lane >> 2);           // row within this group's 64
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      const int c = dt * 8 + col_lane;
-      *reinterpret_cast<uint32_t*>(o_smem + swizzled_offset<OTile>(r, c)) =
-          pack2<Elem>(acc_o[0][dt][0], acc_o[0][dt][1]);
-      *reinterpret_cast<uint32_t*>(o_smem + swizzled_offset<OTile>(r + 8, c)) =
-          pack2<Elem>(acc_o[0][dt][2], acc_o[0][dt][3]);
-    }
+    // Rows of this group's own 64-row tile.
+    Step::template write_o<OTile>(o_smem, acc_o, (tid >> 5) * 16 + (lane >> 2), col_lane);
     ptx::named_barrier_sync(kEpilogueBarrier + wg, 128);
     store_swizzled_tile<128, OTile>(blk.o + int64_t(wg) * 64 * p.o_row_stride, p.o_row_stride,
                                     o_smem, sq - m0 - wg * 64, p.head_dim, tid);
