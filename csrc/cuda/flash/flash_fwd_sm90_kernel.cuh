@@ -24,8 +24,6 @@
 
 #include "cuda/common/fragment.h"
 #include "cuda/common/fwd_block.h"
-#include "cuda/common/mask.h"
-#include "cuda/common/score_bias.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/softmax.h"
 #include "cuda/common/swizzled_tile_io.h"

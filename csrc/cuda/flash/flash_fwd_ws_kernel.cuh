@@ -28,8 +28,6 @@
 #include <cstdint>
 
 #include "cuda/common/fwd_block.h"
-#include "cuda/common/mask.h"
-#include "cuda/common/score_bias.h"
 #include "cuda/common/softmax.h"
 #include "cuda/common/swizzled_tile_io.h"
 #include "cuda/common/tma.h"
