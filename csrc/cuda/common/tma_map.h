@@ -73,5 +73,20 @@ inline bool encode_tma_map_2byte(unsigned char (&out)[128], const void* base, co
   return true;
 }
 
+// A (batch, rows, heads, head_dim) tensor of 2-byte elements with element
+// strides (q/k/v, K/V caches) as the 4-D map (head_dim, heads, rows, batch),
+// read in boxes of 64 columns x box_rows rows of one head.
+inline bool encode_head_rows_map(unsigned char (&blob)[128], const void* base, int head_dim,
+                                 int heads, int64_t rows, int64_t batch, int64_t batch_stride,
+                                 int64_t row_stride, int64_t head_stride, int box_rows) {
+  const uint64_t dims[4] = {static_cast<uint64_t>(head_dim), static_cast<uint64_t>(heads),
+                            static_cast<uint64_t>(rows), static_cast<uint64_t>(batch)};
+  const uint64_t strides[3] = {static_cast<uint64_t>(head_stride) * 2,
+                               static_cast<uint64_t>(row_stride) * 2,
+                               static_cast<uint64_t>(batch_stride) * 2};
+  const uint32_t box[4] = {64, 1, static_cast<uint32_t>(box_rows), 1};
+  return encode_tma_map_2byte(blob, base, dims, strides, box);
+}
+
 }  // namespace gpu
 }  // namespace fastattn

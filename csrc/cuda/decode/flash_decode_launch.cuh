@@ -171,14 +171,8 @@ int decode_max_clusters(int stages, bool paged, bool tma, int cluster) {
 inline bool encode_kv_map(unsigned char (&blob)[128], const void* base, const DecodeParams& p,
                           int64_t batch_stride, int64_t row_stride, int64_t head_stride,
                           int block_n) {
-  const uint64_t dims[4] = {static_cast<uint64_t>(p.head_dim), static_cast<uint64_t>(p.heads_kv),
-                            static_cast<uint64_t>(p.seqlen_k_max),
-                            static_cast<uint64_t>(p.cache_batch)};
-  const uint64_t strides[3] = {static_cast<uint64_t>(head_stride) * 2,
-                               static_cast<uint64_t>(row_stride) * 2,
-                               static_cast<uint64_t>(batch_stride) * 2};
-  const uint32_t box[4] = {64, 1, static_cast<uint32_t>(block_n), 1};
-  return encode_tma_map_2byte(blob, base, dims, strides, box);
+  return encode_head_rows_map(blob, base, p.head_dim, p.heads_kv, p.seqlen_k_max, p.cache_batch,
+                              batch_stride, row_stride, head_stride, block_n);
 }
 
 template <int kHeadDim, ElemType kDtype>

@@ -119,21 +119,6 @@ int current_device_attr() {
   return cache[device] > 0 ? cache[device] : 0;
 }
 
-// q, k or v (element strides of FwdParams) as the 4-D tensor (head_dim,
-// heads, rows, batch) of a varlen batch's packed rows (batch 1) or a dense
-// batch; boxes of 64 columns x box_rows rows of one head.
-inline bool encode_fwd_map(unsigned char (&blob)[128], const void* base, int heads, int64_t rows,
-                           int batch, int64_t batch_stride, int64_t row_stride,
-                           int64_t head_stride, int head_dim, int box_rows) {
-  const uint64_t dims[4] = {static_cast<uint64_t>(head_dim), static_cast<uint64_t>(heads),
-                            static_cast<uint64_t>(rows), static_cast<uint64_t>(batch)};
-  const uint64_t strides[3] = {static_cast<uint64_t>(head_stride) * 2,
-                               static_cast<uint64_t>(row_stride) * 2,
-                               static_cast<uint64_t>(batch_stride) * 2};
-  const uint32_t box[4] = {64, 1, static_cast<uint32_t>(box_rows), 1};
-  return encode_tma_map_2byte(blob, base, dims, strides, box);
-}
-
 // Launches the warp-specialized forward when this device runs it and the
 // copy engine can address the tensors; false (nothing launched) otherwise.
 template <typename Traits, typename Elem>
@@ -156,14 +141,15 @@ bool launch_fwd_ws(const FwdParams& p, cudaStream_t stream, cudaError_t* err) {
   // Tile row coordinates are int32.
   constexpr int64_t kMaxRows = (int64_t{1} << 31) - 2 * 256;
   if (rows_q <= 0 || rows_k <= 0 || rows_q > kMaxRows || rows_k > kMaxRows) return false;
+  // A varlen batch is one packed tensor of total rows (batch 1).
   const int cb = varlen ? 1 : p.batch;
   FwdWsArgs a;
-  if (!encode_fwd_map(a.q_tma, p.q, p.heads_q, rows_q, cb, p.q_batch_stride, p.q_row_stride,
-                      p.q_head_stride, p.head_dim, Traits::kBlockM) ||
-      !encode_fwd_map(a.k_tma, p.k, p.heads_kv, rows_k, cb, p.k_batch_stride, p.k_row_stride,
-                      p.k_head_stride, p.head_dim, Traits::kBlockN) ||
-      !encode_fwd_map(a.v_tma, p.v, p.heads_kv, rows_k, cb, p.v_batch_stride, p.v_row_stride,
-                      p.v_head_stride, p.head_dim, Traits::kBlockN)) {
+  if (!encode_head_rows_map(a.q_tma, p.q, p.head_dim, p.heads_q, rows_q, cb, p.q_batch_stride,
+                            p.q_row_stride, p.q_head_stride, Traits::kBlockM) ||
+      !encode_head_rows_map(a.k_tma, p.k, p.head_dim, p.heads_kv, rows_k, cb, p.k_batch_stride,
+                            p.k_row_stride, p.k_head_stride, Traits::kBlockN) ||
+      !encode_head_rows_map(a.v_tma, p.v, p.head_dim, p.heads_kv, rows_k, cb, p.v_batch_stride,
+                            p.v_row_stride, p.v_head_stride, Traits::kBlockN)) {
     return false;
   }
   const int num_m = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;

@@ -120,6 +120,18 @@ struct RingSlot {
       : stage(static_cast<int>(it % kStages)), phase((it / kStages) & 1u) {}
 };
 
+// Arms `full` for a whole tile and copies the tile's 64-column boxes of
+// (head, row .. row + Tile::kRows, batch) from a map into dst.
+template <typename Tile>
+__device__ __forceinline__ void tma_fill_tile(uint32_t dst, const void* map, int head, int row,
+                                              int batch, uint32_t full) {
+  ptx::mbar_arrive_expect_tx(full, Tile::kBytes);
+#pragma unroll
+  for (int box = 0; box < Tile::kBoxes; ++box) {
+    ptx::tma_load_4d(dst + box * Tile::kBoxBytes, map, box * 64, head, row, batch, full);
+  }
+}
+
 template <typename Traits, typename Elem>
 __device__ __forceinline__ void fwd_ws_produce(const FwdParams& p, const FwdWsArgs& a,
                                                const FwdWsSmem<Traits>& sm) {
@@ -144,13 +156,8 @@ __device__ __forceinline__ void fwd_ws_produce(const FwdParams& p, const FwdWsAr
 
     // The empty barriers start in phase 0, so waiting for parity 1 passes at once.
     ptx::mbar_wait(sm.q_empty(), (q_it & 1u) ^ 1u);
-    ptx::mbar_arrive_expect_tx(sm.q_full(), QTile::kBytes);
-    const int q_row = static_cast<int>(blk.qs.start) + blk.m0;
-#pragma unroll
-    for (int box = 0; box < QTile::kBoxes; ++box) {
-      ptx::tma_load_4d(sm.q() + box * QTile::kBoxBytes, a.q_tma, box * 64, h, q_row, cb,
-                       sm.q_full());
-    }
+    tma_fill_tile<QTile>(sm.q(), a.q_tma, h, static_cast<int>(blk.qs.start) + blk.m0, cb,
+                         sm.q_full());
     ++q_it;
 
     const int k_row0 = static_cast<int>(blk.ks.start);
@@ -158,19 +165,10 @@ __device__ __forceinline__ void fwd_ws_produce(const FwdParams& p, const FwdWsAr
       const int row = k_row0 + sched.tile(i) * kBlockN;
       const RingSlot<Traits::kStages> slot(kv_it);
       ptx::mbar_wait(sm.k_empty(slot.stage), slot.phase ^ 1u);
-      ptx::mbar_arrive_expect_tx(sm.k_full(slot.stage), KTile::kBytes);
-#pragma unroll
-      for (int box = 0; box < KTile::kBoxes; ++box) {
-        ptx::tma_load_4d(sm.k(slot.stage) + box * KTile::kBoxBytes, a.k_tma, box * 64, blk.hk, row,
-                         cb, sm.k_full(slot.stage));
-      }
+      tma_fill_tile<KTile>(sm.k(slot.stage), a.k_tma, blk.hk, row, cb, sm.k_full(slot.stage));
       ptx::mbar_wait(sm.v_empty(slot.stage), slot.phase ^ 1u);
-      ptx::mbar_arrive_expect_tx(sm.v_full(slot.stage), KTile::kBytes);
-#pragma unroll
-      for (int box = 0; box < KTile::kBoxes; ++box) {
-        ptx::tma_load_4d(sm.v(slot.stage) + box * KTile::kBoxBytes, a.v_tma, box * 64, blk.hk, row,
-                         cb, sm.v_full(slot.stage));
-      }
+      tma_fill_tile<typename Traits::VTile>(sm.v(slot.stage), a.v_tma, blk.hk, row, cb,
+                                            sm.v_full(slot.stage));
     }
   }
 }
