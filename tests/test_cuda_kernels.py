@@ -217,6 +217,17 @@ def test_forward_sm90_varlen(path, monkeypatch):
         assert_close_rule("lse", lse, base_l, ref_l)
 
 
+BWD_PATHS = {"ws": {"FASTATTN_BWD_WS": "1"}, "sm90": {"FASTATTN_BWD_WS": "0"},
+             "sm80": {"FASTATTN_BWD_SM90": "0"}}
+
+
+def _with_bwd_path(monkeypatch, path):
+    for var in ("FASTATTN_BWD_WS", "FASTATTN_BWD_SM90"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in BWD_PATHS[path].items():
+        monkeypatch.setenv(var, value)
+
+
 SM90_BWD_CASES = [
     # B, Sq, Sk, Hq, Hkv, D, causal, window, bottom_right, layout, deterministic
     (2, 1000, 4097, 8, 2, 128, True, (-1, -1), True, "bshd", False),
@@ -243,11 +254,12 @@ def _grads(q, k, v, dout, causal, window, br, deterministic):
                          ids=lambda c: f"B{c[0]}q{c[1]}k{c[2]}h{c[3]}-{c[4]}d{c[5]}{c[9]}{'det' if c[10] else ''}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_backward_sm90_and_sm80_kernels_agree(case, dtype, monkeypatch):
-    """On sm90 head dims 64 / 128 the backward runs the wgmma kernel; FASTATTN_BWD_SM90=0
-    selects the mma.sync kernels. Both must meet the float64 3x rule for dq, dk,
-    dv on masks, GQA/MQA (dk/dv in registers and in fp32 accumulators), strided
-    layouts, padded head dims, ragged tails and the deterministic mode, write
-    every gradient element (poisoned memory), and agree closely."""
+    """On sm90 head dims 64 / 128 the backward runs the warp-specialized kernel;
+    FASTATTN_BWD_WS=0 selects the plain wgmma kernel, FASTATTN_BWD_SM90=0 the
+    mma.sync kernels. All must meet the float64 3x rule for dq, dk, dv on masks,
+    GQA/MQA (dk/dv in registers and in fp32 accumulators), strided layouts,
+    padded head dims, ragged tails and the deterministic mode, write every
+    gradient element (poisoned memory), and agree closely."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the wgmma kernel needs sm90")
     B, Sq, Sk, Hq, Hkv, D, causal, window, br, layout, det = case
@@ -259,29 +271,33 @@ def test_backward_sm90_and_sm80_kernels_agree(case, dtype, monkeypatch):
     ref = grads_in(torch.float64, math_fn(torch.float64), (q, k, v), dout)
     base = grads_in(dtype, math_fn(dtype), (q, k, v), dout)
     results = {}
-    for path in ("1", "0"):
-        monkeypatch.setenv("FASTATTN_BWD_SM90", path)
+    for path in BWD_PATHS:
+        _with_bwd_path(monkeypatch, path)
         junk = torch.full((64 * 2**20,), float("nan"), device="cuda")
         del junk
         results[path] = _grads(q, k, v, dout, causal, window, br, det)
     for path, grads in results.items():
         for name, gr, b, r in zip(("dq", "dk", "dv"), grads, base, ref):
-            assert not gr.isnan().any(), f"{name} sm90={path}"
-            assert_close_rule(f"{name} sm90={path}", gr, b, r, factor=GRAD_FACTOR)
-    for name, a, b in zip(("dq", "dk", "dv"), results["1"], results["0"]):
-        torch.testing.assert_close(a, b, atol=3e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+            assert not gr.isnan().any(), f"{name} {path}"
+            assert_close_rule(f"{name} {path}", gr, b, r, factor=GRAD_FACTOR)
+    for path in ("ws", "sm90"):
+        for name, a, b in zip(("dq", "dk", "dv"), results[path], results["sm80"]):
+            torch.testing.assert_close(a, b, atol=3e-2, rtol=2e-2, msg=lambda m: f"{name} {path}: {m}")
     if det:
-        monkeypatch.setenv("FASTATTN_BWD_SM90", "1")
-        again = _grads(q, k, v, dout, causal, window, br, det)
-        assert all(torch.equal(a, b) for a, b in zip(again, results["1"]))
+        for path in ("ws", "sm90"):
+            _with_bwd_path(monkeypatch, path)
+            again = _grads(q, k, v, dout, causal, window, br, det)
+            assert all(torch.equal(a, b) for a, b in zip(again, results[path])), path
 
 
-def test_backward_sm90_varlen(monkeypatch):
+@pytest.mark.parametrize("path", ["ws", "sm90"])
+def test_backward_sm90_varlen(path, monkeypatch):
     """Ragged batch (lengths 0, 1, uneven, several 64-row query blocks) through the
-    wgmma backward, with GQA."""
+    wgmma backwards, with GQA (the warp-specialized kernel's tiles reach into the
+    next sequence, whose rows must contribute nothing)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the wgmma kernel needs sm90")
-    monkeypatch.setenv("FASTATTN_BWD_SM90", "1")
+    _with_bwd_path(monkeypatch, path)
     lens_q, lens_k, cu_q, cu_k = _ragged_lengths()
     Hq, Hkv, D = 4, 2, 128
     for causal in (False, True):

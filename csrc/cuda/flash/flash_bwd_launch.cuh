@@ -15,6 +15,8 @@
 #include "cuda/common/types.h"
 #include "cuda/flash/flash_bwd_kernel.cuh"
 #include "cuda/flash/flash_bwd_sm90_kernel.cuh"
+#include "cuda/flash/flash_bwd_ws_kernel.cuh"
+#include "cuda/common/tma_map.h"
 #include "cuda/flash/kernel_select.h"
 #include "cuda/flash/launch.h"
 
@@ -95,6 +97,64 @@ struct BwdSm90Config<128> {
   using Traits = BwdSm90Traits<128, 64>;
 };
 
+// The warp-specialized sm90 kernel per head dim (flash_bwd_ws_kernel.cuh),
+// or void: same work plan and grid as the sm90 kernel, which it replaces
+// wherever the copy engine can address the tensors; FASTATTN_BWD_WS=0 keeps
+// the sm90 kernel.
+template <int kHeadDim>
+struct BwdWsConfig {
+  using Traits = void;
+};
+template <>
+struct BwdWsConfig<64> {
+  using Traits = BwdWsTraits<64, 128, 2>;
+};
+template <>
+struct BwdWsConfig<128> {
+  using Traits = BwdWsTraits<128, 64, 2>;
+};
+
+// Launches the warp-specialized backward where the device runs it and the
+// copy engine can address q, k, v and dout; false (nothing launched) otherwise.
+template <typename Traits, typename Elem>
+bool launch_bwd_ws(const BwdParams& p, int cta_group, const dim3& grid, cudaStream_t stream,
+                   cudaError_t* err) {
+  auto kernel = flash_bwd_ws_kernel<Traits, Elem>;
+  const void* kfn = reinterpret_cast<const void*>(kernel);
+  const char* sm90_env = std::getenv("FASTATTN_BWD_SM90");
+  // Opt-in (FASTATTN_BWD_WS=1) until the GPU tests have run this kernel.
+  const char* ws_env = std::getenv("FASTATTN_BWD_WS");
+  if (ws_env == nullptr || ws_env[0] != '1') return false;
+  if ((sm90_env != nullptr && sm90_env[0] == '0') || p.smem_optin < Traits::kSmemBytes ||
+      !sm90_body_runnable<Traits, Elem>(kfn, Traits::kThreads, "FASTATTN_BWD_WS")) {
+    return false;
+  }
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t rows_q = varlen ? p.total_q : p.seqlen_q;
+  const int64_t rows_k = varlen ? p.total_k : p.seqlen_k;
+  constexpr int64_t kMaxRows = (int64_t{1} << 31) - 2 * 256;  // tile rows are int32
+  if (rows_q <= 0 || rows_k <= 0 || rows_q > kMaxRows || rows_k > kMaxRows) return false;
+  const int cb = varlen ? 1 : p.batch;
+  BwdWsArgs a;
+  a.cta_group = cta_group;
+  if (!encode_head_rows_map(a.q_tma, p.q, p.head_dim, p.heads_q, rows_q, cb, p.q_batch_stride,
+                            p.q_row_stride, p.q_head_stride, Traits::kBlockM) ||
+      !encode_head_rows_map(a.do_tma, p.dout, p.head_dim, p.heads_q, rows_q, cb,
+                            p.do_batch_stride, p.do_row_stride, p.do_head_stride,
+                            Traits::kBlockM) ||
+      !encode_head_rows_map(a.k_tma, p.k, p.head_dim, p.heads_kv, rows_k, cb, p.k_batch_stride,
+                            p.k_row_stride, p.k_head_stride, Traits::kBlockN) ||
+      !encode_head_rows_map(a.v_tma, p.v, p.head_dim, p.heads_kv, rows_k, cb, p.v_batch_stride,
+                            p.v_row_stride, p.v_head_stride, Traits::kBlockN)) {
+    return false;
+  }
+  *err = ensure_smem_cap<Traits, Elem>(kfn, Traits::kSmemBytes);
+  if (*err != cudaSuccess) return true;
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, a);
+  *err = cudaGetLastError();
+  return true;
+}
+
 // Developer switches for A/B timings, from the environment variable
 // FASTATTN_BWD_DEV (read once; a comma list): "classic" never takes the paired
 // layout, "x_order" keeps the plain launch order (cta_group 1), "no_skew"
@@ -169,6 +229,12 @@ cudaError_t run_bwd_hdim(const BwdParams& p, cudaStream_t stream) {
   // then head slots, then sequences (the kernel loops past 65535).
   const dim3 grid(grid_x, p.heads_q / p.heads_per_cta, p.batch < 65535 ? p.batch : 65535);
   const int cta_group = bwd_cta_group(p, grid.x, grid.y * grid.z);
+  using WsTraits = typename BwdWsConfig<kHeadDim>::Traits;
+  if constexpr (!std::is_void<WsTraits>::value) {
+    static_assert(WsTraits::kBlockN == Traits::kBlockN, "the work plan assumes one kBlockN");
+    cudaError_t err = cudaSuccess;
+    if (launch_bwd_ws<WsTraits, Elem>(p, cta_group, grid, stream, &err)) return err;
+  }
   using Sm90Traits = typename BwdSm90Config<kHeadDim>::Traits;
   if constexpr (!std::is_void<Sm90Traits>::value) {
     static_assert(Sm90Traits::kBlockN == Traits::kBlockN, "the work plan assumes one kBlockN");

@@ -32,18 +32,14 @@
 #include "cuda/common/bwd_block.h"
 #include "cuda/common/bwd_cta_order.h"
 #include "cuda/common/bwd_dq_layout.h"
-#include "cuda/common/bwd_mask.h"
-#include "cuda/common/bwd_ptx.h"
 #include "cuda/common/fragment.h"
-#include "cuda/common/mask.h"
-#include "cuda/common/score_bias.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/swizzled_tile_io.h"
-#include "cuda/common/tile_io.h"
 #include "cuda/common/tma.h"
 #include "cuda/common/types.h"
 #include "cuda/common/wgmma.h"
 #include "cuda/common/params.h"
+#include "cuda/flash/bwd_sm90_step.h"
 
 // Dev variant (-DFASTATTN_BWD_SM90_DQ_OVERLAP=1): issue the previous block's
 // dQ GEMM together with S^T / dP^T and run its fp32 adds while those are on
@@ -92,23 +88,6 @@ struct BwdSm90Traits {
   static constexpr int kSmemBytes = kOffDsum + 2 * kBlockM * 4 + 1024;
 };
 
-// Shared-memory descriptors (layouts: wgmma.h).
-struct BwdSm90Operands {
-  static constexpr uint32_t kRowGroupBytes = 8 * 128;  // 8 swizzled rows
-  // K-major: rows [row0, row0 + 64 or N) of a tile, head-dim columns 16 kk .. + 15.
-  template <typename Tile>
-  static __device__ __forceinline__ uint64_t k_major(uint32_t tile, int row0, int kk) {
-    return wgmma::smem_desc_sw128(tile + (kk / 4) * Tile::kBoxBytes + row0 * 128 + (kk % 4) * 32,
-                                  16, kRowGroupBytes);
-  }
-  // MN-major: rows (the contracted dim) 16 kk .. + 15, columns from box `box` on.
-  template <typename Tile>
-  static __device__ __forceinline__ uint64_t mn_major(uint32_t tile, int box, int kk) {
-    return wgmma::smem_desc_sw128(tile + box * Tile::kBoxBytes + kk * 16 * 128, Tile::kBoxBytes,
-                                  kRowGroupBytes);
-  }
-};
-
 template <typename Traits, typename Elem>
 __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char* smem,
                                                         uint32_t s_base, int b, int slot,
@@ -123,7 +102,7 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
   using KTile = typename Traits::KTile;
   using QTile = typename Traits::QTile;
   using DSTile = typename Traits::DSTile;
-  using Ops = BwdSm90Operands;
+  using Step = BwdSm90Step<Traits, Elem>;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -214,16 +193,6 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
                  dq_rstride, p.deterministic, full_d && m0 + kBlockM <= sq, sq - m0 - dq_r0,
                  head_dim - dq_c0);
   };
-  // dQ = dS K of the dS^T buffer at ds: query rows / head-dim columns of this warpgroup.
-  auto issue_dq = [&](float(&acc)[1][NTQ][4], uint32_t ds) {
-#pragma unroll
-    for (int kk = 0; kk < Traits::kKSN; ++kk) {
-      wgmma::mma_ss<Traits::kDqN, Elem, true>(
-          acc[0], Ops::mn_major<DSTile>(ds, Traits::kDqSplitsD ? 0 : wg, kk),
-          Ops::mn_major<KTile>(sK, Traits::kDqSplitsD ? wg : 0, kk), kk > 0);
-    }
-  };
-
   constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = p.scale * kLog2e;
   const int key_row = wg * 64 + wq * 16 + g;  // this thread's keys: n0 + key_row (+ 8)
@@ -274,7 +243,7 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     if (it > 0) {
       float acc_dq[1][NTQ][4];
       wgmma::fence();
-      issue_dq(acc_dq, sDS0 + (buf ^ 1) * DSTile::kBytes);
+      Step::issue_dq(acc_dq, sDS0 + (buf ^ 1) * DSTile::kBytes, sK, wg);
       wgmma::commit();
       wgmma::wait<0>();
       wgmma::hold(acc_dq[0]);
@@ -284,20 +253,11 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     wgmma::fence();
 #if FASTATTN_BWD_SM90_DQ_OVERLAP
     if (it > 0) {
-      issue_dq(acc_dq, sDS0 + (buf ^ 1) * DSTile::kBytes);
+      Step::issue_dq(acc_dq, sDS0 + (buf ^ 1) * DSTile::kBytes, sK, wg);
       wgmma::commit();
     }
 #endif
-#pragma unroll
-    for (int kk = 0; kk < Traits::kKSD; ++kk) {
-      wgmma::mma_ss<kBlockM, Elem>(s, Ops::k_major<KTile>(sK, wg * 64, kk),
-                                   Ops::k_major<QTile>(q_addr, 0, kk), kk > 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < Traits::kKSD; ++kk) {
-      wgmma::mma_ss<kBlockM, Elem>(dp, Ops::k_major<KTile>(sV, wg * 64, kk),
-                                   Ops::k_major<QTile>(do_addr, 0, kk), kk > 0);
-    }
+    Step::issue_sdp(s, dp, sK, sV, q_addr, do_addr, wg);
     wgmma::commit();
 #if FASTATTN_BWD_SM90_DQ_OVERLAP
     if (it > 0) {
@@ -313,72 +273,17 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     // ---- P^T and dS^T in place (s -> P^T, dp -> dS^T); columns are queries.
     const float* lse_b = lse_smem + buf * kBlockM;
     const float* dsum_b = dsum_smem + buf * kBlockM;
-    if (p.bias.on()) {
-      add_bias_c_transposed<NTS>(s, p.bias, blk.b, hq, n0 + key_row, m0 + 2 * t4, sq, sk,
-                                       1.f / p.scale);
-    }
-#pragma unroll
-    for (int nt = 0; nt < NTS; ++nt) {
-      // lse * log2(e), +inf for rows that saw no key (P exactly 0): from the preprocess.
-      const float2 l2 = *reinterpret_cast<const float2*>(lse_b + nt * 8 + 2 * t4);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        s[nt][2 * h] = ptx::ex2_approx(fmaf(s[nt][2 * h], scale_log2, -l2.x));
-        s[nt][2 * h + 1] = ptx::ex2_approx(fmaf(s[nt][2 * h + 1], scale_log2, -l2.y));
-      }
-    }
-    if (blk.mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-      zero_invisible_c_transposed<NTS>(s, blk.mask, n0 + key_row, m0 + 2 * t4);
-    }
-    if (const uint32_t* bits = blk.sched.partial_bits(p.sparse, cur_i)) {
-      zero_unset_bits_c_transposed<NTS>(s, bits, p.sparse.words, n0 % p.sparse.block_kv + key_row,
-                                        m0 - blk.sched.block(cur_i) * p.sparse.block_q + 2 * t4);
-    }
-#pragma unroll
-    for (int nt = 0; nt < NTS; ++nt) {
-      const float2 d2 = *reinterpret_cast<const float2*>(dsum_b + nt * 8 + 2 * t4);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        dp[nt][2 * h] = s[nt][2 * h] * (dp[nt][2 * h] - d2.x);
-        dp[nt][2 * h + 1] = s[nt][2 * h + 1] * (dp[nt][2 * h + 1] - d2.y);
-      }
-    }
-    if (p.bias.grad != nullptr) {
-      store_bias_grad_c_transposed<NTS>(dp, p.bias, blk.b, hq, n0 + key_row, m0 + 2 * t4,
-                                        sq, sk);
-    }
     uint32_t pa[Traits::kKSQ][4];
     uint32_t dsa[Traits::kKSQ][4];
-#pragma unroll
-    for (int kk = 0; kk < Traits::kKSQ; ++kk) {
-      c_pair_to_a<Elem>(pa[kk], s[2 * kk], s[2 * kk + 1]);
-      c_pair_to_a<Elem>(dsa[kk], dp[2 * kk], dp[2 * kk + 1]);
-    }
+    Step::p_and_ds(s, dp, pa, dsa, p, blk, hq, m0, cur_i, key_row, t4, lse_b, dsum_b, scale_log2);
 
     // ---- dV += P^T dO, dK += dS^T Q (this warpgroup's 64 keys, all head-dim columns)
     wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < Traits::kKSQ; ++kk) {
-      wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_dv[0], pa[kk],
-                                               Ops::mn_major<QTile>(do_addr, 0, kk), 1);
-    }
-#pragma unroll
-    for (int kk = 0; kk < Traits::kKSQ; ++kk) {
-      wgmma::mma_rs_tb<Traits::kHeadDim, Elem>(acc_dk[0], dsa[kk],
-                                               Ops::mn_major<QTile>(q_addr, 0, kk), 1);
-    }
+    Step::issue_dkv(acc_dv, acc_dk, pa, dsa, q_addr, do_addr);
     wgmma::commit();
 
     // dS^T -> shared memory for the dQ of the next iteration (both warpgroups' keys).
-    char* const ds_store = smem + Traits::kOffDS + buf * DSTile::kBytes;
-#pragma unroll
-    for (int nt = 0; nt < NTS; ++nt) {
-      const int c = nt * 8 + 2 * t4;
-      *reinterpret_cast<uint32_t*>(ds_store + swizzled_offset<DSTile>(key_row, c)) =
-          dsa[nt / 2][(nt & 1) * 2];
-      *reinterpret_cast<uint32_t*>(ds_store + swizzled_offset<DSTile>(key_row + 8, c)) =
-          dsa[nt / 2][(nt & 1) * 2 + 1];
-    }
+    Step::store_ds(smem + Traits::kOffDS + buf * DSTile::kBytes, dsa, key_row, t4);
     ptx::fence_proxy_async();  // dS^T stores -> visible to the dQ wgmma after the barrier
     wgmma::wait<0>();          // Q / dO of this buffer are free for the loads of it + 2
     wgmma::hold(acc_dv[0]);
@@ -398,7 +303,7 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     __syncthreads();  // the last dS^T is complete
     float acc_dq[1][NTQ][4];
     wgmma::fence();
-    issue_dq(acc_dq, sDS0 + ((n_iter - 1) & 1) * DSTile::kBytes);
+    Step::issue_dq(acc_dq, sDS0 + ((n_iter - 1) & 1) * DSTile::kBytes, sK, wg);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::hold(acc_dq[0]);
