@@ -20,22 +20,27 @@ struct BwdCtaStart {
   int b_first;  // first sequence
 };
 
-__device__ __forceinline__ BwdCtaStart bwd_cta_start(int cta_group) {
-  BwdCtaStart c{static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
-                static_cast<int>(blockIdx.z)};
+// CTA number lin (in launch order: x fastest) of an (nb, ny, nz) grid.
+__host__ __device__ __forceinline__ BwdCtaStart bwd_cta_coords(int lin, int nb, int ny, int nz,
+                                                               int cta_group) {
   if (cta_group > 1) {
-    const int nb = gridDim.x;
-    const int units = gridDim.y * gridDim.z;
-    const int lin = blockIdx.x + nb * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int units = ny * nz;
     const int g0 = lin / (cta_group * nb) * cta_group;  // first unit of this group
-    const int gs = min(cta_group, units - g0);          // units in this group
+    const int gs = cta_group < units - g0 ? cta_group : units - g0;  // units in this group
     const int r = lin - g0 * nb;
     const int u = g0 + r % gs;
-    c.n_first = r / gs;
-    c.slot = u % gridDim.y;
-    c.b_first = u / gridDim.y;
+    return {r / gs, u % ny, u / ny};
   }
-  return c;
+  return {lin % nb, (lin / nb) % ny, lin / (nb * ny)};
+}
+
+__device__ __forceinline__ BwdCtaStart bwd_cta_start(int cta_group) {
+  if (cta_group > 1) {
+    const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    return bwd_cta_coords(lin, gridDim.x, gridDim.y, gridDim.z, cta_group);
+  }
+  return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+          static_cast<int>(blockIdx.z)};
 }
 
 }  // namespace gpu

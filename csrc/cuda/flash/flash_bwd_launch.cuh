@@ -105,13 +105,21 @@ template <int kHeadDim>
 struct BwdWsConfig {
   using Traits = void;
 };
+// Q / dO ring depth per head dim: a tuning hook (-DFASTATTN_BWD_WS_STAGES_128=3
+// through FASTATTN_NVCC_EXTRA) for A/B builds.
+#ifndef FASTATTN_BWD_WS_STAGES_64
+#define FASTATTN_BWD_WS_STAGES_64 2
+#endif
+#ifndef FASTATTN_BWD_WS_STAGES_128
+#define FASTATTN_BWD_WS_STAGES_128 2
+#endif
 template <>
 struct BwdWsConfig<64> {
-  using Traits = BwdWsTraits<64, 128, 2>;
+  using Traits = BwdWsTraits<64, 128, FASTATTN_BWD_WS_STAGES_64>;
 };
 template <>
 struct BwdWsConfig<128> {
-  using Traits = BwdWsTraits<128, 64, 2>;
+  using Traits = BwdWsTraits<128, 64, FASTATTN_BWD_WS_STAGES_128>;
 };
 
 // Launches the warp-specialized backward where the device runs it and the
@@ -137,6 +145,16 @@ bool launch_bwd_ws(const BwdParams& p, int cta_group, const dim3& grid, cudaStre
   const int cb = varlen ? 1 : p.batch;
   BwdWsArgs a;
   a.cta_group = cta_group;
+  a.grid_x = static_cast<int>(grid.x);
+  a.grid_y = static_cast<int>(grid.y);
+  a.grid_z = p.batch;  // CTA numbers go past the launch grid's 65535 limit
+  const int64_t ctas = int64_t(a.grid_x) * a.grid_y * a.grid_z;
+  if (ctas > INT_MAX) return false;
+  // FASTATTN_BWD_WS_PERSISTENT=1: one CTA per SM walking the CTA numbers (A/B switch).
+  const char* persistent_env = std::getenv("FASTATTN_BWD_WS_PERSISTENT");
+  const int sms = p.num_sms > 0 ? p.num_sms : 132;
+  const bool persistent = persistent_env != nullptr && persistent_env[0] == '1';
+  const int launch = persistent && ctas > sms ? sms : static_cast<int>(ctas);
   if (!encode_head_rows_map(a.q_tma, p.q, p.head_dim, p.heads_q, rows_q, cb, p.q_batch_stride,
                             p.q_row_stride, p.q_head_stride, Traits::kBlockM) ||
       !encode_head_rows_map(a.do_tma, p.dout, p.head_dim, p.heads_q, rows_q, cb,
@@ -150,7 +168,7 @@ bool launch_bwd_ws(const BwdParams& p, int cta_group, const dim3& grid, cudaStre
   }
   *err = ensure_smem_cap<Traits, Elem>(kfn, Traits::kSmemBytes);
   if (*err != cudaSuccess) return true;
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, a);
+  kernel<<<launch, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, a);
   *err = cudaGetLastError();
   return true;
 }

@@ -23,9 +23,11 @@
 //     warpgroups' dQ MMAs that read it are done.
 //   - epilogue: dK (times scale) and dV through the K / V tiles (after every
 //     consumer is done with them) to global, or fp32 partial sums.
-// The grid and CTA order are the sm90 kernel's (bwd_cta_order.h); every role
-// walks the same (sequence, KV block, q head, query block) sequence, and the
-// rings' phases run on across KV blocks.
+// The CTAs are the sm90 kernel's (bwd_cta_order.h), numbered and launched on
+// a 1-D grid: one per CTA number, or (FASTATTN_BWD_WS_PERSISTENT=1) one per SM
+// taking numbers blockIdx.x, + gridDim.x, ... Every role walks the same
+// (CTA number, KV block, q head, query block) sequence, and the rings' phases
+// run on across KV blocks.
 #pragma once
 #include <cstdint>
 
@@ -76,6 +78,10 @@ struct BwdWsArgs {
   alignas(64) unsigned char do_tma[128];
   alignas(64) unsigned char k_tma[128];
   alignas(64) unsigned char v_tma[128];
+  // The sm90 kernel's grid (bwd_cta_order.h), walked as CTA numbers
+  // blockIdx.x, + gridDim.x, ...: one each, or a persistent grid of one CTA
+  // per SM whose rings run on from one KV block to the next.
+  int grid_x, grid_y, grid_z;
   int cta_group;
 };
 
@@ -124,14 +130,16 @@ struct BwdRingSlot {
 // Every role walks the CTA's KV blocks and, per block, its (q head, query
 // block) iterations in this order.
 template <typename Traits, typename Body>
-__device__ __forceinline__ void bwd_ws_for_each_kv_block(const BwdParams& p, int cta_group,
+__device__ __forceinline__ void bwd_ws_for_each_kv_block(const BwdParams& p, const BwdWsArgs& a,
                                                          Body&& body) {
-  const BwdCtaStart c = bwd_cta_start(cta_group);
-  const int dq_slice = p.deterministic ? c.n_first : 0;
-  for (int b = c.b_first; b < p.batch; b += gridDim.z) {
+  const int ctas = a.grid_x * a.grid_y * a.grid_z;
+  for (int cta = blockIdx.x; cta < ctas; cta += gridDim.x) {
+    const BwdCtaStart c = bwd_cta_coords(cta, a.grid_x, a.grid_y, a.grid_z, a.cta_group);
+    const int dq_slice = p.deterministic ? c.n_first : 0;
+    const int b = c.b_first;
     const SeqBounds qs = seq_bounds(p.cu_seqlens_q, b, p.seqlen_q, p.seqlen_q, p.total_q);
     const SeqBounds ks = seq_bounds(p.cu_seqlens_k, b, p.seqlen_k, p.seqlen_k, p.total_k);
-    for (int n_block = c.n_first; n_block * Traits::kBlockN < ks.len; n_block += gridDim.x) {
+    for (int n_block = c.n_first; n_block * Traits::kBlockN < ks.len; n_block += a.grid_x) {
       BwdBlock blk;
       blk.init(p, b, c.slot, n_block * Traits::kBlockN, Traits::kBlockN, Traits::kBlockM, qs, ks);
       body(blk, dq_slice);
@@ -150,7 +158,7 @@ __device__ __forceinline__ void bwd_ws_copy(const BwdParams& p, const BwdWsArgs&
   ptx::tma_prefetch_descriptor(a.k_tma);
   ptx::tma_prefetch_descriptor(a.v_tma);
   uint32_t q_it = 0, kv_it = 0;
-  bwd_ws_for_each_kv_block<Traits>(p, a.cta_group, [&](const BwdBlock& blk, int) {
+  bwd_ws_for_each_kv_block<Traits>(p, a, [&](const BwdBlock& blk, int) {
     const int cb = blk.varlen ? 0 : blk.b;
     // The previous KV block's epilogue read its dK / dV staging out of K / V.
     ptx::mbar_wait(sm.kv_empty(), (kv_it & 1u) ^ 1u);
@@ -191,7 +199,7 @@ __device__ __forceinline__ void bwd_ws_copy_rows(const BwdParams& p, const BwdWs
                                                  int lane) {
   constexpr int kBlockM = Traits::kBlockM;
   uint32_t q_it = 0;
-  bwd_ws_for_each_kv_block<Traits>(p, a.cta_group, [&](const BwdBlock& blk, int) {
+  bwd_ws_for_each_kv_block<Traits>(p, a, [&](const BwdBlock& blk, int) {
     const int per_head = blk.sched.count();
     for (int t = 0; t < blk.hpc; ++t) {
       const int64_t off =
@@ -239,7 +247,7 @@ __device__ __forceinline__ void bwd_ws_consume(const BwdParams& p, const BwdWsAr
   const bool full_d = head_dim == Traits::kHeadDim;
 
   uint32_t q_it = 0, kv_it = 0;
-  bwd_ws_for_each_kv_block<Traits>(p, a.cta_group, [&](const BwdBlock& blk, int dq_slice) {
+  bwd_ws_for_each_kv_block<Traits>(p, a, [&](const BwdBlock& blk, int dq_slice) {
     const int sq = blk.sq;
     const int per_head = blk.sched.count();
     const int n_iter = per_head * blk.hpc;
