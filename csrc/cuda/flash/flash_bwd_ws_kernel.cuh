@@ -21,8 +21,9 @@
 //       fp32 dQ adds of i - 1 into dq_accum (bwd_dq_layout.h)
 //     A slot is rewritten two blocks later, after ds_empty says both
 //     warpgroups' dQ MMAs that read it are done.
-//   - epilogue: dK (times scale) and dV through the K / V tiles (after every
-//     consumer is done with them) to global, or fp32 partial sums.
+//   - epilogue: dK (times scale) and dV from registers to global (or fp32
+//     partial sums), after handing K / V back: the producer loads the next
+//     KV block's meanwhile.
 // The CTAs are the sm90 kernel's (bwd_cta_order.h), numbered and launched on
 // a 1-D grid: one per CTA number, or (FASTATTN_BWD_WS_PERSISTENT=1) one per SM
 // taking numbers blockIdx.x, + gridDim.x, ... Every role walks the same
@@ -36,7 +37,6 @@
 #include "cuda/common/bwd_dq_layout.h"
 #include "cuda/common/fragment.h"
 #include "cuda/common/ptx.h"
-#include "cuda/common/swizzled_tile_io.h"
 #include "cuda/common/tma.h"
 #include "cuda/common/types.h"
 #include "cuda/common/warp_roles.h"
@@ -231,7 +231,6 @@ __device__ __forceinline__ void bwd_ws_consume(const BwdParams& p, const BwdWsAr
   constexpr int NTS = Traits::kNTS;
   constexpr int NTD = Traits::kNTD;
   constexpr int NTQ = Traits::kNTQ;
-  using KTile = typename Traits::KTile;
   using Step = BwdSm90Step<Traits, Elem>;
 
   const int tid = threadIdx.x - 128;  // among the consumers
@@ -344,39 +343,33 @@ __device__ __forceinline__ void bwd_ws_consume(const BwdParams& p, const BwdWsAr
     q_it += n_iter;
     ++kv_it;
 
-    // ---- epilogue: dK (times scale) and dV of this KV block.
+    // Every MMA that reads K / V is done: the producer may load the next
+    // block's while the epilogue stores from registers.
+    __syncwarp();
+    if (lane == 0) ptx::mbar_arrive(sm.kv_empty());
+
+    // ---- epilogue: dK (times scale) and dV of this warpgroup's keys n0 +
+    // key_row (+ 8), head-dim columns 8 nt + 2 t4 (+ 1), or fp32 partial sums.
     if (p.dk_accum == nullptr) {
-      // Both warpgroups' MMAs that read K / V (dQ reads all keys) are done.
-      ptx::named_barrier_sync(1, Traits::kConsumerThreads);
-      const float scale = p.scale;
-      char* const k_tile = smem + Traits::kOffK;
-      char* const v_tile = smem + Traits::kOffV;
+      Elem* const dk = blk.dk_block<Elem>(p);
+      Elem* const dv = blk.dv_block<Elem>(p);
 #pragma unroll
-      for (int nt = 0; nt < NTD; ++nt) {
-        const int c = nt * 8 + 2 * t4;
-        const float(&dk)[4] = acc_dk[0][nt];
-        const float(&dv)[4] = acc_dv[0][nt];
-        *reinterpret_cast<uint32_t*>(k_tile + swizzled_offset<KTile>(key_row, c)) =
-            pack2<Elem>(dk[0] * scale, dk[1] * scale);
-        *reinterpret_cast<uint32_t*>(k_tile + swizzled_offset<KTile>(key_row + 8, c)) =
-            pack2<Elem>(dk[2] * scale, dk[3] * scale);
-        *reinterpret_cast<uint32_t*>(v_tile + swizzled_offset<KTile>(key_row, c)) =
-            pack2<Elem>(dv[0], dv[1]);
-        *reinterpret_cast<uint32_t*>(v_tile + swizzled_offset<KTile>(key_row + 8, c)) =
-            pack2<Elem>(dv[2], dv[3]);
+      for (int h = 0; h < 2; ++h) {
+        const int r = key_row + 8 * h;
+        if (blk.n0 + r >= blk.sk) continue;
+#pragma unroll
+        for (int nt = 0; nt < NTD; ++nt) {
+          const int c = nt * 8 + 2 * t4;
+          if (nt * 8 >= head_dim) continue;  // head_dim is a multiple of 8
+          *reinterpret_cast<uint32_t*>(dk + int64_t(r) * p.dk_row_stride + c) =
+              pack2<Elem>(acc_dk[0][nt][2 * h] * p.scale, acc_dk[0][nt][2 * h + 1] * p.scale);
+          *reinterpret_cast<uint32_t*>(dv + int64_t(r) * p.dv_row_stride + c) =
+              pack2<Elem>(acc_dv[0][nt][2 * h], acc_dv[0][nt][2 * h + 1]);
+        }
       }
-      ptx::named_barrier_sync(1, Traits::kConsumerThreads);
-      store_swizzled_tile<Traits::kConsumerThreads, KTile>(blk.dk_block<Elem>(p), p.dk_row_stride,
-                                                           k_tile, blk.sk - blk.n0, head_dim, tid);
-      store_swizzled_tile<Traits::kConsumerThreads, KTile>(blk.dv_block<Elem>(p), p.dv_row_stride,
-                                                           v_tile, blk.sk - blk.n0, head_dim, tid);
-      // Generic reads of K / V before the next block's tensor copies overwrite them.
-      ptx::fence_proxy_async();
     } else {
       add_dkv_partials(p, blk, acc_dk, acc_dv, key_row, 2 * t4);
     }
-    __syncwarp();
-    if (lane == 0) ptx::mbar_arrive(sm.kv_empty());
   });
 }
 
