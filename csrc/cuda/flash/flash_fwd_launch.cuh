@@ -128,10 +128,7 @@ bool launch_fwd_ws(const FwdParams& p, cudaStream_t stream, cudaError_t* err) {
   // FASTATTN_FWD_SM90=0 selects the sm80 kernels, FASTATTN_FWD_WS=0 the
   // non-specialized sm90 one (A/B switches and escape hatches).
   const char* sm90_env = std::getenv("FASTATTN_FWD_SM90");
-  // Block-sparse schedules and score bias stay on the sm90 kernel until the
-  // GPU tests have run them through this one.
   if ((sm90_env != nullptr && sm90_env[0] == '0') || p.block_table != nullptr ||
-      p.sparse.num != nullptr || p.bias.on() ||
       !sm90_body_runnable<Traits, Elem>(kfn, Traits::kThreads, "FASTATTN_FWD_WS")) {
     return false;
   }
