@@ -98,9 +98,9 @@ struct BwdSm90Config<128> {
 };
 
 // The warp-specialized sm90 kernel per head dim (flash_bwd_ws_kernel.cuh),
-// or void: same work plan and grid as the sm90 kernel, which it replaces
-// wherever the copy engine can address the tensors; FASTATTN_BWD_WS=0 keeps
-// the sm90 kernel.
+// or void: same work plan and CTAs as the sm90 kernel, which it replaces
+// wherever the copy engine can address the tensors (block-sparse schedules:
+// see launch_bwd_ws); FASTATTN_BWD_WS=0 keeps the sm90 kernel.
 template <int kHeadDim>
 struct BwdWsConfig {
   using Traits = void;
@@ -130,9 +130,12 @@ bool launch_bwd_ws(const BwdParams& p, int cta_group, const dim3& grid, cudaStre
   auto kernel = flash_bwd_ws_kernel<Traits, Elem>;
   const void* kfn = reinterpret_cast<const void*>(kernel);
   const char* sm90_env = std::getenv("FASTATTN_BWD_SM90");
-  // Opt-in (FASTATTN_BWD_WS=1) until the GPU tests have run this kernel.
+  // FASTATTN_BWD_WS=0: never; =1: also block-sparse schedules, which otherwise
+  // stay on the sm90 kernel: at 6.25% and 3% density (a few query blocks per
+  // CTA) this kernel's per-CTA setup made it 5-6% slower there (H100), while
+  // dense and denser masks gain up to 9%.
   const char* ws_env = std::getenv("FASTATTN_BWD_WS");
-  if (ws_env == nullptr || ws_env[0] != '1') return false;
+  if (p.sparse.num != nullptr && (ws_env == nullptr || ws_env[0] != '1')) return false;
   if ((sm90_env != nullptr && sm90_env[0] == '0') || p.smem_optin < Traits::kSmemBytes ||
       !sm90_body_runnable<Traits, Elem>(kfn, Traits::kThreads, "FASTATTN_BWD_WS")) {
     return false;
@@ -150,7 +153,10 @@ bool launch_bwd_ws(const BwdParams& p, int cta_group, const dim3& grid, cudaStre
   a.grid_z = p.batch;  // CTA numbers go past the launch grid's 65535 limit
   const int64_t ctas = int64_t(a.grid_x) * a.grid_y * a.grid_z;
   if (ctas > INT_MAX) return false;
-  // FASTATTN_BWD_WS_PERSISTENT=1: one CTA per SM walking the CTA numbers (A/B switch).
+  // FASTATTN_BWD_WS_PERSISTENT=1: one CTA per SM walking the CTA numbers (dev
+  // A/B switch; no faster dense, and 10-15% slower on sparse masks below 10%
+  // density on the H100: the static round robin balances the CTAs' unequal
+  // query lists worse than the hardware's CTA scheduler).
   const char* persistent_env = std::getenv("FASTATTN_BWD_WS_PERSISTENT");
   const int sms = p.num_sms > 0 ? p.num_sms : 132;
   const bool persistent = persistent_env != nullptr && persistent_env[0] == '1';
