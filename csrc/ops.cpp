@@ -116,4 +116,25 @@ TORCH_LIBRARY(fastattn, m) {
       "bool bias_grad, bool deterministic, Tensor? dlse=None, bool bias_relative=False, "
       "Tensor? alibi_slopes=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+
+  // Linear attention (fastattn.linear): one recurrence per (sequence, value
+  // head hv), qk head hv / (HV / H), state S (K x V, fp32; fp64 for fp64):
+  //   S' = diag(exp(g_t)) S_{t-1}; S_t = S' + k_t v_t^T, or with delta
+  //   S_t = S' + beta_t k_t (v_t - S'^T k_t)^T; o_t = scale S_t^T q_t.
+  // q, k (B, T, H, K), v (B, T, HV, V) contiguous, one dtype; g (B, T, HV) or
+  // (B, T, HV, K) log decays, beta (B, T, HV), initial_state (N, HV, K, V):
+  // contiguous fp32 (fp64 for fp64 inputs); cu_seqlens int32 (N + 1) with B 1.
+  // checkpoints: the states at every chunk start (slots: linear_cpu.h) that
+  // linear_bwd replays from.
+  m.def(
+      "linear_fwd(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? beta, Tensor? initial_state, "
+      "Tensor? cu_seqlens, float scale, bool delta, int chunk) "
+      "-> (Tensor out, Tensor final_state, Tensor checkpoints)");
+  // Gradients of linear_fwd (dfinal: of the final state, None: zero); dg,
+  // dbeta, dinitial_state in the state dtype, empty where the input was None.
+  m.def(
+      "linear_bwd(Tensor dout, Tensor? dfinal, Tensor q, Tensor k, Tensor v, Tensor? g, "
+      "Tensor? beta, Tensor? initial_state, Tensor? cu_seqlens, Tensor checkpoints, float scale, "
+      "bool delta, int chunk) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dbeta, Tensor dinitial_state)");
 }

@@ -2,6 +2,7 @@
 
 #include "cpu/decode_cpu.h"
 #include "cpu/flash_cpu.h"
+#include "cpu/linear_cpu.h"
 #include "cpu/sparse_cpu.h"
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
@@ -15,4 +16,6 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("append_kv", &fastattn::cpu::append_kv_cpu);
   m.impl("sparse_fwd", &fastattn::cpu::sparse_fwd_cpu);
   m.impl("sparse_bwd", &fastattn::cpu::sparse_bwd_cpu);
+  m.impl("linear_fwd", &fastattn::cpu::linear_fwd_cpu);
+  m.impl("linear_bwd", &fastattn::cpu::linear_bwd_cpu);
 }

@@ -12,6 +12,7 @@
     fastattn.explain(...)                        which path an SDPA call takes
     fastattn.flex_attention(...), BlockMask, create_block_mask   block-sparse attention
     fastattn.sparse                              sparse patterns, top-k block selection
+    fastattn.linear                              linear attention (fla-compatible API)
 Low-level ops: torch.ops.fastattn.* (schemas in csrc/ops.cpp).
 """
 from ._ops import has_cuda_kernels, ops
@@ -31,7 +32,7 @@ from .packed import (
 )
 from .padding import pad_input, unpad_input
 from .paged import OutOfBlocks, PagedKVCache
-from . import sparse
+from . import linear, sparse
 from .sparse import BlockMask, create_block_mask, flex_attention
 from .patch import is_sdpa_patched, patch_sdpa, unpatch_sdpa
 
@@ -42,6 +43,7 @@ __all__ = [
     "Route",
     "create_block_mask",
     "flex_attention",
+    "linear",
     "sparse",
     "explain",
     "flash_attn_func",

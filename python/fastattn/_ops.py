@@ -258,3 +258,30 @@ def _sparse_bwd_fake(dout, q, k, v, out, lse, q_num_blocks, q_indices, full_q_nu
         dbias_shape = (H, L + S - 1) if bias_relative else (B, H, L, S)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(dbias_shape, dtype=_lse_dtype(q.dtype)))
+
+
+# ---------------------------------------------------------------- linear attention
+def _linear_slots(B, T, N, varlen, chunk):
+    per = (T + chunk - 1) // chunk  # csrc/cpu/linear_cpu.h: linear_checkpoint_slots
+    return per + N if varlen else B * per
+
+
+@torch.library.register_fake("fastattn::linear_fwd")
+def _linear_fwd_fake(q, k, v, g, beta, initial_state, cu_seqlens, scale, delta, chunk):
+    _check_one_device(q, k, v, g, beta, initial_state, cu_seqlens)
+    B, T, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    sd = _lse_dtype(q.dtype)
+    return (v.new_empty(v.shape), q.new_empty((N, HV, K, V), dtype=sd),
+            q.new_empty((_linear_slots(B, T, N, cu_seqlens is not None, chunk), HV, K, V), dtype=sd))
+
+
+@torch.library.register_fake("fastattn::linear_bwd")
+def _linear_bwd_fake(dout, dfinal, q, k, v, g, beta, initial_state, cu_seqlens, checkpoints, scale,
+                     delta, chunk):
+    _check_one_device(dout, dfinal, q, k, v, g, beta, initial_state, cu_seqlens, checkpoints)
+    sd = _lse_dtype(q.dtype)
+    like = lambda t: q.new_empty(t.shape if t is not None else (0,), dtype=sd)
+    return (q.new_empty(q.shape, dtype=sd), k.new_empty(k.shape, dtype=sd),
+            v.new_empty(v.shape, dtype=sd), like(g), like(beta), like(initial_state))

@@ -1,0 +1,46 @@
+// CPU implementations of the linear-attention recurrence ops (schemas: csrc/ops.cpp).
+//
+// One recurrence covers every variant of fastattn.linear (per sequence n and
+// value head hv, qk head h = hv / (HV / H), state S of K x V in fp32 / fp64):
+//     S' = diag(exp(g_t)) S_{t-1}                       (g: none, (.., HV) or (.., HV, K))
+//     S_t = S' + k_t v_t^T                              (plain)
+//     S_t = S' + beta_t k_t (v_t - S'^T k_t)^T           (delta rule; beta 1 when absent)
+//     o_t = scale S_t^T q_t
+// The forward keeps the state at the start of every `chunk` steps of each
+// sequence, so that the backward can replay one chunk at a time.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace fastattn::cpu {
+
+// Checkpoint slots: dense, ceil(T / chunk) per sequence; varlen (batch 1,
+// N sequences packed in T steps), chunk c of sequence n at slot
+// cu[n] / chunk + n + c, which never reaches the next sequence's first slot
+// and stays below ceil(T / chunk) + N. Known without reading cu_seqlens.
+inline int64_t linear_checkpoint_slots(int64_t B, int64_t T, int64_t N, bool varlen,
+                                       int64_t chunk) {
+  const int64_t per = (T + chunk - 1) / chunk;
+  return varlen ? per + N : B * per;
+}
+
+// -> (o (B, T, HV, V) in v's dtype, final state (N, HV, K, V), checkpoints
+//    (slots, HV, K, V); states fp32, fp64 for fp64 inputs)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& g,
+    const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& cu_seqlens, double scale, bool delta, int64_t chunk);
+
+// -> (dq, dk, dv, dg (like g, fp32; empty without g), dbeta (like beta, fp32; empty without beta),
+//     d initial state (fp32; empty without initial_state))
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dfinal, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& g,
+    const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& checkpoints, double scale,
+    bool delta, int64_t chunk);
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,295 @@
+"""fastattn.linear against the recurrences written out plainly (float64), with
+the 2x / 3x rule against the same recurrence run in the input precision."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn import linear as la
+from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_rule
+
+
+def naive(q, k, v, g=None, beta=None, scale=None, h0=None, delta=False):
+    """The definitions, one step at a time, in the inputs' dtype: q, k (B, T, H, K),
+    v (B, T, HV, V); g (B, T, HV) or (B, T, HV, K) log decays; beta (B, T, HV).
+        S' = exp(g_t) * S_{t-1} (per key row when g has a K axis)
+        S_t = S' + k_t v_t^T, or with delta S_t = S' + beta_t k_t (v_t - S'^T k_t)^T
+        o_t = scale * S_t^T q_t
+    Returns (o (B, T, HV, V), S_T (B, HV, K, V))."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    G = HV // H
+    scale = K ** -0.5 if scale is None else scale
+    qh, kh = q.repeat_interleave(G, 2), k.repeat_interleave(G, 2)
+    S = h0.to(q.dtype) if h0 is not None else q.new_zeros(B, HV, K, V)
+    outs = []
+    for t in range(T):
+        if g is not None:
+            d = g[:, t].to(q.dtype).exp()
+            S = S * (d[..., None] if d.dim() == 3 else d[..., None, None])
+        kt, vt = kh[:, t], v[:, t]
+        if delta:
+            bt = beta[:, t].to(q.dtype) if beta is not None else q.new_ones(B, HV)
+            u = vt - torch.einsum("bhkv,bhk->bhv", S, kt)
+            S = S + bt[..., None, None] * kt[..., :, None] * u[..., None, :]
+        else:
+            S = S + kt[..., :, None] * vt[..., None, :]
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, qh[:, t]))
+    o = torch.stack(outs, 1) if outs else v.new_zeros(B, 0, HV, V)
+    return o, S
+
+
+def inputs(B, T, H, HV, K, V, dtype, gate=None, beta=False, h0=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen) * K ** -0.5
+    v = torch.randn(B, T, HV, V, generator=gen)
+    t = dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype))
+    if gate == "scalar":
+        t["g"] = -torch.rand(B, T, HV, generator=gen) * 0.5
+    elif gate == "key":
+        t["g"] = -torch.rand(B, T, HV, K, generator=gen) * 0.5
+    if beta:
+        t["beta"] = torch.rand(B, T, HV, generator=gen)
+    if h0:
+        t["h0"] = torch.randn(B, HV, K, V, generator=gen) * 0.1
+    if dtype == torch.float64:  # gates, beta and states are float32 otherwise, as in fla
+        t = {n: x.double() for n, x in t.items()}
+    return t
+
+
+# family -> (fastattn op, naive kwargs builder)
+def run_ours(family, t, scale=None, output_final_state=True):
+    g, beta, h0 = t.get("g"), t.get("beta"), t.get("h0")
+    if family == "linear":
+        return la.chunk_linear_attn(t["q"], t["k"], t["v"], scale=scale, initial_state=h0,
+                                    output_final_state=output_final_state, normalize=False)
+    if family == "simple_gla":
+        return la.chunk_simple_gla(t["q"], t["k"], t["v"], g=g, scale=scale, initial_state=h0,
+                                   output_final_state=output_final_state)
+    if family == "gla":
+        return la.chunk_gla(t["q"], t["k"], t["v"], g, scale=scale, initial_state=h0,
+                            output_final_state=output_final_state)
+    if family == "delta":
+        return la.chunk_delta_rule(t["q"], t["k"], t["v"], beta, scale=scale, initial_state=h0,
+                                   output_final_state=output_final_state)
+    return la.chunk_gated_delta_rule(t["q"], t["k"], t["v"], g, beta, scale=scale, initial_state=h0,
+                                     output_final_state=output_final_state)
+
+
+FAMILIES = {  # family -> (gate kind, beta, delta)
+    "linear": (None, False, False),
+    "simple_gla": ("scalar", False, False),
+    "gla": ("key", False, False),
+    "delta": (None, True, True),
+    "gated_delta": ("scalar", True, True),
+}
+
+
+def run_naive(family, t, dtype):
+    gate, has_beta, delta = FAMILIES[family]
+    cast = {n: x.detach().to(dtype).requires_grad_(x.requires_grad) for n, x in t.items()}
+    o, S = naive(cast["q"], cast["k"], cast["v"], g=cast.get("g"), beta=cast.get("beta"),
+                 h0=cast.get("h0"), delta=delta)
+    return cast, o, S
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("T", [1, 17, 65, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_gradients(family, T, dtype):
+    gate, has_beta, _ = FAMILIES[family]
+    t = inputs(2, T, 2, 4, 16, 8, dtype, gate=gate, beta=has_beta, h0=True)
+    for x in t.values():
+        x.requires_grad_()
+    o, S = run_ours(family, t)
+    assert o.dtype == dtype and S.dtype == torch.float32 and S.shape == (2, 4, 16, 8)
+    ref_in, ref_o, ref_S = run_naive(family, t, torch.float64)
+    base_in, base_o, base_S = run_naive(family, t, dtype)
+    assert_close_rule("o", o, base_o, ref_o, OUT_FACTOR)
+    assert_close_rule("final state", S, base_S, ref_S, OUT_FACTOR)
+    do = torch.randn_like(o.float())
+    dS = torch.randn_like(S)
+    names = list(t)
+    ours = torch.autograd.grad((o.float() * do).sum() + (S * dS).sum(), [t[n] for n in names])
+    ref = torch.autograd.grad((ref_o * do.double()).sum() + (ref_S * dS.double()).sum(),
+                              [ref_in[n] for n in names])
+    base = torch.autograd.grad((base_o.float() * do).sum() + (base_S.float() * dS).sum(),
+                               [base_in[n] for n in names])
+    for n, a, r, b in zip(names, ours, ref, base):
+        assert a.shape == t[n].shape and a.dtype == t[n].dtype, n
+        assert_close_rule(f"d{n}", a, b, r, GRAD_FACTOR)
+
+
+def test_chunk_and_fused_recurrent_agree():
+    t = inputs(1, 70, 2, 2, 16, 16, torch.float32, gate="scalar", beta=True)
+    a = la.chunk_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], output_final_state=True)
+    b = la.fused_recurrent_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"],
+                                            output_final_state=True)
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_varlen_matches_separate_sequences(family):
+    gate, has_beta, _ = FAMILIES[family]
+    lens = [1, 63, 64, 65, 17, 0, 130]
+    T = sum(lens)
+    t = inputs(1, T, 2, 4, 16, 8, torch.float32, gate=gate, beta=has_beta)
+    N = len(lens)
+    h0 = torch.randn(N, 4, 16, 8) * 0.1
+    cu = torch.tensor([0] + lens).cumsum(0)
+    g, beta = t.get("g"), t.get("beta")
+    if family == "gated_delta":
+        o, S = la.chunk_gated_delta_rule(t["q"], t["k"], t["v"], g, beta, initial_state=h0,
+                                         output_final_state=True, cu_seqlens=cu)
+    else:
+        kw = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        if family == "linear":
+            o, S = la.chunk_linear_attn(t["q"], t["k"], t["v"], normalize=False, **kw)
+        elif family == "simple_gla":
+            o, S = la.chunk_simple_gla(t["q"], t["k"], t["v"], g=g, **kw)
+        elif family == "gla":
+            o, S = la.chunk_gla(t["q"], t["k"], t["v"], g, **kw)
+        else:
+            o, S = la.chunk_delta_rule(t["q"], t["k"], t["v"], beta, **kw)
+    delta = FAMILIES[family][2]
+    for n in range(N):
+        s, e = int(cu[n]), int(cu[n + 1])
+        sl = lambda x: x[:, s:e].double() if x is not None else None
+        ro, rS = naive(sl(t["q"]), sl(t["k"]), sl(t["v"]), g=sl(g), beta=sl(beta),
+                       h0=h0[n:n + 1].double(), delta=delta)
+        torch.testing.assert_close(o[:, s:e].double(), ro, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(S[n:n + 1].double(), rS, atol=1e-4, rtol=1e-4)
+
+
+def test_state_round_trip():
+    """Running [0, T) equals running [0, a) then [a, T) from the returned state."""
+    t = inputs(2, 150, 2, 4, 16, 8, torch.float32, gate="scalar", beta=True)
+    q, k, v, g, beta = t["q"], t["k"], t["v"], t["g"], t["beta"]
+    full, S = la.chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+    a = 77
+    o1, S1 = la.chunk_gated_delta_rule(q[:, :a], k[:, :a], v[:, :a], g[:, :a], beta[:, :a],
+                                       output_final_state=True)
+    o2, S2 = la.fused_recurrent_gated_delta_rule(q[:, a:], k[:, a:], v[:, a:], g[:, a:], beta[:, a:],
+                                                 initial_state=S1, output_final_state=True)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), full)
+    torch.testing.assert_close(S2, S)
+
+
+def test_gva_value_heads_and_state_v_first():
+    t = inputs(1, 40, 2, 6, 16, 8, torch.float32, gate="scalar", beta=True)  # 3 value heads per q/k head
+    o, S = la.chunk_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], output_final_state=True)
+    ro, rS = naive(t["q"].double(), t["k"].double(), t["v"].double(), g=t["g"].double(),
+                   beta=t["beta"].double(), delta=True)
+    torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=1e-5)
+    o2, S2 = la.chunk_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], output_final_state=True,
+                                       state_v_first=True, initial_state=torch.zeros(1, 6, 8, 16))
+    torch.testing.assert_close(o2, o)
+    torch.testing.assert_close(S2, S.transpose(-1, -2))
+
+
+def test_in_kernel_l2norm_beta_sigmoid_and_gate():
+    t = inputs(1, 33, 2, 4, 16, 8, torch.float32, beta=True)
+    a = torch.randn(1, 33, 4)
+    A_log, dt_bias = torch.randn(4) * 0.3, torch.randn(4) * 0.3
+    o, _ = la.chunk_gated_delta_rule(t["q"], t["k"], t["v"], a, t["beta"], use_qk_l2norm_in_kernel=True,
+                                     use_beta_sigmoid_in_kernel=True, use_gate_in_kernel=True,
+                                     A_log=A_log, dt_bias=dt_bias)
+    l2 = lambda x: x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+    g = -A_log.exp() * F.softplus(a + dt_bias)
+    ro, _ = naive(l2(t["q"]).double(), l2(t["k"]).double(), t["v"].double(), g=g.double(),
+                  beta=torch.sigmoid(t["beta"]).double(), delta=True)
+    torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=1e-5)
+
+
+def test_simple_gla_g_gamma_and_normalized_linear_attention():
+    t = inputs(2, 50, 2, 2, 16, 8, torch.float32, gate="scalar")
+    gamma = -torch.rand(2)
+    o, _ = la.chunk_simple_gla(t["q"], t["k"], t["v"], g=t["g"], g_gamma=gamma)
+    ro, _ = naive(t["q"].double(), t["k"].double(), t["v"].double(), g=(t["g"] + gamma).double())
+    torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=1e-5)
+    q, k = F.elu(t["q"]) + 1, F.elu(t["k"]) + 1
+    o, _ = la.chunk_linear_attn(t["q"], t["k"], t["v"], feature_map="elu+1")  # normalize=True
+    scale = 16 ** -0.5
+    ro, _ = naive(q.double(), k.double(), t["v"].double(), scale=scale)
+    z = (q.double() * scale * k.double().cumsum(1)).sum(-1, keepdim=True)
+    torch.testing.assert_close(o.double(), ro / (z + 1e-10), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("g_value", [-20.0, 0.0])
+def test_extreme_gates_stay_finite(g_value):
+    t = inputs(1, 2048, 2, 2, 32, 32, torch.bfloat16, beta=True)
+    g = torch.full((1, 2048, 2), g_value)
+    t = {n: x.requires_grad_() for n, x in t.items()}
+    o, S = la.chunk_gated_delta_rule(t["q"], t["k"], t["v"], g.requires_grad_(), t["beta"],
+                                     output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    grads = torch.autograd.grad(o.float().sum() + S.sum(), [t["q"], t["k"], t["v"], g, t["beta"]])
+    assert all(torch.isfinite(x).all() for x in grads)
+
+
+def test_gradcheck_float64():
+    t = inputs(1, 9, 1, 2, 4, 3, torch.float64, gate="key", beta=True, h0=True)
+    q, k, v, h0 = (t[n].requires_grad_() for n in ("q", "k", "v", "h0"))
+    g = (-torch.rand(1, 9, 2, dtype=torch.float64)).requires_grad_()
+    beta = t["beta"].requires_grad_()
+    fn = lambda q, k, v, g, beta, h0: la.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
+                                                                output_final_state=True)
+    assert torch.autograd.gradcheck(fn, (q, k, v, g, beta, h0))
+    gk = t["g"].requires_grad_()
+    fn = lambda q, k, v, gk, h0: la.chunk_gla(q, k, v, gk, initial_state=h0, output_final_state=True)
+    assert torch.autograd.gradcheck(fn, (q, k, v, gk, h0))
+
+
+def test_opcheck():
+    t = inputs(1, 70, 2, 4, 8, 8, torch.float32, gate="scalar", beta=True, h0=True)
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    h0 = torch.randn(2, 4, 8, 8)
+    args = (t["q"], t["k"], t["v"], t["g"], t["beta"], h0, cu, 0.25, True, 64)
+    torch.library.opcheck(fastattn.ops.linear_fwd, args)
+    out, final, ckpt = fastattn.ops.linear_fwd(*args)
+    torch.library.opcheck(fastattn.ops.linear_bwd, (torch.randn_like(out), torch.randn_like(final),
+                                                    *args[:7], ckpt, 0.25, True, 64))
+
+
+def test_compile_fullgraph():
+    t = inputs(2, 40, 2, 4, 16, 8, torch.float32, gate="scalar", beta=True)
+    fn = lambda q, k, v, g, b: la.chunk_gated_delta_rule(q, k, v, g, b, output_final_state=True)
+    eager = fn(t["q"], t["k"], t["v"], t["g"], t["beta"])
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(t["q"], t["k"], t["v"], t["g"],
+                                                                      t["beta"])
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
+
+
+def test_bad_input():
+    t = inputs(1, 10, 2, 4, 8, 8, torch.float32, gate="scalar", beta=True)
+    q, k, v, g, beta = t["q"], t["k"], t["v"], t["g"], t["beta"]
+    with pytest.raises(ValueError, match="multiple of q/k heads"):
+        la.chunk_gated_delta_rule(q, k, v[:, :, :3], g[:, :, :3], beta[:, :, :3])
+    with pytest.raises(ValueError, match="k .* must match q"):
+        la.chunk_gated_delta_rule(q, k[:, :5], v, g, beta)
+    with pytest.raises(ValueError, match="g must have shape"):
+        la.chunk_gated_delta_rule(q, k, v, g[:, :, :2], beta)
+    with pytest.raises(ValueError, match="batch size must be 1"):
+        la.chunk_gated_delta_rule(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1),
+                                  v.expand(2, -1, -1, -1), g.expand(2, -1, -1), beta.expand(2, -1, -1),
+                                  cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        la.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 4, 8, 7))
+    with pytest.raises(ValueError, match="one floating dtype"):
+        la.chunk_gated_delta_rule(q.half(), k, v, g, beta)
+    with pytest.raises(RuntimeError, match="cu_seqlens must be non-decreasing"):
+        la.chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 11]))
+    with pytest.raises(NotImplementedError, match="reverse"):
+        la.fused_recurrent_simple_gla(q, k, v, g=g[..., :4], reverse=True)
+    with pytest.raises(NotImplementedError, match="gv"):
+        la.fused_recurrent_gla(q, k, v, gk=None, gv=torch.zeros(1, 10, 4, 8))
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_are_refused_until_the_kernels_land():
+    t = inputs(1, 10, 2, 2, 8, 8, torch.bfloat16, gate="scalar", beta=True)
+    with pytest.raises(NotImplementedError, match="cuda"):
+        la.chunk_gated_delta_rule(*(t[n].cuda() for n in ("q", "k", "v", "g", "beta")))
