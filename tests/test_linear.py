@@ -305,3 +305,30 @@ def test_hybrid_example_trains_and_decodes():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main()
+
+
+def test_decode_over_a_state_pool_in_place():
+    """Serving: states live in a pool, each request addressed by its slot; T = 1..4 tokens
+    per step, final states written back in place, equal to running each request alone."""
+    H, HV, K, V, P = 2, 4, 16, 8, 6
+    pool = torch.randn(P, HV, K, V) * 0.1
+    slots = torch.tensor([4, 1, 3])
+    start = pool.clone()
+    for T in (1, 3, 4):
+        t = inputs(3, T, H, HV, K, V, torch.float32, gate="scalar", beta=True, seed=T)
+        before = pool.clone()
+        o, out_pool = la.fused_recurrent_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"],
+                                                          initial_state=pool, ssm_state_indices=slots,
+                                                          inplace_final_state=True)
+        assert out_pool is pool
+        for n, slot in enumerate(slots.tolist()):
+            ro, rS = naive(t["q"][n:n + 1].double(), t["k"][n:n + 1].double(), t["v"][n:n + 1].double(),
+                           g=t["g"][n:n + 1].double(), beta=t["beta"][n:n + 1].double(),
+                           h0=before[slot:slot + 1].double(), delta=True)
+            torch.testing.assert_close(o[n:n + 1].double(), ro, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(pool[slot:slot + 1].double(), rS, atol=1e-5, rtol=1e-5)
+    untouched = [i for i in range(P) if i not in slots.tolist()]
+    assert torch.equal(pool[untouched], start[untouched])
+    with pytest.raises(ValueError, match="ssm_state_indices must be"):
+        la.fused_recurrent_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=pool,
+                                            ssm_state_indices=torch.tensor([0, 1]))

@@ -95,13 +95,47 @@ def _scale(scale, q):
 
 
 def _run(name, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False,
-         cu_seqlens=None, delta=False, state_v_first=False, use_qk_l2norm_in_kernel=False):
+         cu_seqlens=None, delta=False, state_v_first=False, use_qk_l2norm_in_kernel=False,
+         ssm_state_indices=None, inplace_final_state=False):
     if use_qk_l2norm_in_kernel:
         q, k = _l2norm(q), _l2norm(k)
+    pool = None
+    if ssm_state_indices is not None or inplace_final_state:
+        pool, initial_state = _pool_states(name, initial_state, ssm_state_indices, q, cu_seqlens)
     h0 = _initial_state(name, initial_state, q, v, cu_seqlens, state_v_first)
     o, final = recurrence.run(q, k, v, g=g, beta=beta, scale=_scale(scale, q), initial_state=h0,
                               cu_seqlens=cu_seqlens, delta=delta)
-    return _finish(o, final, output_final_state, state_v_first)
+    if pool is None:
+        return _finish(o, final, output_final_state, state_v_first)
+    final = final.transpose(-1, -2) if state_v_first else final
+    if not inplace_final_state:
+        return o, (final.contiguous() if output_final_state else None)
+    with torch.no_grad():
+        if ssm_state_indices is None:
+            pool[:final.shape[0]].copy_(final)
+        else:
+            pool.index_copy_(0, ssm_state_indices.long(), final.to(pool.dtype))
+    return o, pool
+
+
+def _pool_states(name, pool, indices, q, cu_seqlens):
+    """A serving engine's state pool (P, HV, K, V): sequence n starts from
+    pool[indices[n]] (indices None: pool[n]). Returns (pool, the gathered initial states)."""
+    if pool is None:
+        raise ValueError(f"fastattn.linear.{name}: ssm_state_indices / inplace_final_state need the "
+                         "state pool as initial_state")
+    if pool.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"fastattn.linear.{name}: the state pool must be float32, got {pool.dtype}")
+    N = cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
+    if indices is None:
+        if pool.shape[0] < N:
+            raise ValueError(f"fastattn.linear.{name}: the state pool has {pool.shape[0]} states for "
+                             f"{N} sequences")
+        return pool, pool[:N]
+    if indices.dim() != 1 or indices.numel() != N or indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"fastattn.linear.{name}: ssm_state_indices must be ({N},) int32/int64, got "
+                         f"{tuple(indices.shape)} {indices.dtype}")
+    return pool, pool.index_select(0, indices.long())
 
 
 def _no_reverse(name, reverse):
@@ -310,15 +344,22 @@ def fused_recurrent_gated_delta_rule(q, k, v, g=None, beta=None, scale: Optional
                                      cu_seqlens=None, use_qk_l2norm_in_kernel: bool = False, *,
                                      use_beta_sigmoid_in_kernel: bool = False,
                                      state_v_first: bool = False, use_gate_in_kernel: bool = False,
-                                     A_log=None, dt_bias=None):
-    """chunk_gated_delta_rule's recurrence, token by token (g None: no decay; beta None: 1)."""
+                                     A_log=None, dt_bias=None, ssm_state_indices=None,
+                                     inplace_final_state: bool = False):
+    """chunk_gated_delta_rule's recurrence, token by token (g None: no decay; beta None: 1).
+
+    Decoding over a serving engine's state pool: initial_state (P, HV, K, V) holds
+    every slot, sequence n reads slot ssm_state_indices[n] (None: slot n; indices
+    must be valid slots); inplace_final_state writes each final state back into
+    its slot and returns (o, the pool)."""
     name = "fused_recurrent_gated_delta_rule"
     _check(name, q, k, v, cu_seqlens, False)
     return _run(name, q, k, v, g=_gate(name, g, q, v, use_gate_in_kernel, A_log, dt_bias),
                 beta=_beta(name, beta, q, v, use_beta_sigmoid_in_kernel), scale=scale,
                 initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens, delta=True, state_v_first=state_v_first,
-                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                ssm_state_indices=ssm_state_indices, inplace_final_state=inplace_final_state)
 
 
 __all__ = [
