@@ -11,8 +11,9 @@ float32 states and (o, final_state) returns are fla 0.6's.
     chunk_gated_delta_rule / fused_recurrent_gated_delta_rule  gated delta rule (Qwen3-Next), GVA
 
 All of them are one recurrence (recurrence.py), forward and backward, for q, k,
-v, the gates, beta and the initial state. This release runs it on the CPU;
-CUDA tensors raise NotImplementedError until the GPU kernels land.
+v, the gates, beta and the initial state: on the CPU through fastattn's
+kernels; on other devices (CUDA, until its hand-written kernels land) through
+the chunked form of the same recurrence in torch ops (chunked.py).
 """
 from .api import (chunk_delta_rule, chunk_gated_delta_rule, chunk_gla, chunk_linear_attn,
                   chunk_simple_gla, fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule,

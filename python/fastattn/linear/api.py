@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import recurrence
+from . import chunked, recurrence
 
 _FEATURE_MAPS = {
     None: lambda x: x,
@@ -51,9 +51,6 @@ def _check(name, q, k, v, cu_seqlens, head_first):
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     if len({q.device, k.device, v.device}) != 1:
         raise ValueError(f"fastattn.linear.{name}: q, k, v must be on one device")
-    if q.device.type != "cpu":
-        raise NotImplementedError(f"fastattn.linear.{name}: kernels for {q.device.type} tensors are not "
-                                  "built yet (CPU only)")
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32,
                                                                                         torch.int64):
@@ -103,8 +100,11 @@ def _run(name, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, ou
     if ssm_state_indices is not None or inplace_final_state:
         pool, initial_state = _pool_states(name, initial_state, ssm_state_indices, q, cu_seqlens)
     h0 = _initial_state(name, initial_state, q, v, cu_seqlens, state_v_first)
-    o, final = recurrence.run(q, k, v, g=g, beta=beta, scale=_scale(scale, q), initial_state=h0,
-                              cu_seqlens=cu_seqlens, delta=delta)
+    # CPU: the recurrence kernels; elsewhere (until the GPU kernels land) the
+    # chunked form in torch ops.
+    impl = recurrence.run if q.device.type == "cpu" else chunked.run
+    o, final = impl(q, k, v, g=g, beta=beta, scale=_scale(scale, q), initial_state=h0,
+                    cu_seqlens=cu_seqlens, delta=delta)
     if pool is None:
         return _finish(o, final, output_final_state, state_v_first)
     final = final.transpose(-1, -2) if state_v_first else final
