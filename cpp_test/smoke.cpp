@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda/common/bwd_cta_order.h"
 #include "cuda/common/fast_div.h"
 #include "cuda/flash/fwd_tile_order.h"
 
@@ -125,6 +126,35 @@ bool check_tile_order() {
   return bad == 0;
 }
 
+// The backward's CTA order (cuda/common/bwd_cta_order.h), which the persistent
+// warp-specialized backward walks by number: every (KV block, head slot,
+// sequence) of the grid exactly once, for plain and grouped orders.
+bool check_bwd_cta_order() {
+  long long bad = 0, total = 0;
+  for (int nb : {1, 5, 16}) {
+    for (int ny : {1, 3, 8}) {
+      for (int nz : {1, 2, 7}) {
+        for (int group : {1, 2, 3, 4, 64}) {
+          std::vector<int> seen(static_cast<size_t>(nb * ny * nz), 0);
+          for (int lin = 0; lin < nb * ny * nz; ++lin) {
+            const fastattn::gpu::BwdCtaStart c = fastattn::gpu::bwd_cta_coords(lin, nb, ny, nz, group);
+            ++total;
+            if (c.n_first < 0 || c.n_first >= nb || c.slot < 0 || c.slot >= ny || c.b_first < 0 ||
+                c.b_first >= nz) {
+              ++bad;
+              continue;
+            }
+            ++seen[static_cast<size_t>((c.b_first * ny + c.slot) * nb + c.n_first)];
+          }
+          for (int n : seen) bad += n != 1;
+        }
+      }
+    }
+  }
+  std::printf("bwd CTA order bijective     %lld CTAs %s\n", total, bad == 0 ? "ok" : "WRONG");
+  return bad == 0;
+}
+
 int main() {
   at::manual_seed(0);
   auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastattn::fwd", "").typed<FwdFn>();
@@ -172,6 +202,7 @@ int main() {
 
   ok &= check_fast_div();
   ok &= check_tile_order();
+  ok &= check_bwd_cta_order();
 
   // Bad input is an error, not a crash.
   try {

@@ -20,9 +20,12 @@ struct BwdCtaStart {
   int b_first;  // first sequence
 };
 
-// CTA number lin (in launch order: x fastest) of an (nb, ny, nz) grid.
-__host__ __device__ __forceinline__ BwdCtaStart bwd_cta_coords(int lin, int nb, int ny, int nz,
-                                                               int cta_group) {
+// CTA number lin (in launch order: x fastest) of an (nb, ny, nz) grid; a
+// bijection onto the grid (cpp_test/smoke.cpp checks it on the host).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline BwdCtaStart bwd_cta_coords(int lin, int nb, int ny, int nz, int cta_group) {
   if (cta_group > 1) {
     const int units = ny * nz;
     const int g0 = lin / (cta_group * nb) * cta_group;  // first unit of this group
@@ -34,6 +37,7 @@ __host__ __device__ __forceinline__ BwdCtaStart bwd_cta_coords(int lin, int nb, 
   return {lin % nb, (lin / nb) % ny, lin / (nb * ny)};
 }
 
+#if defined(__CUDACC__)
 __device__ __forceinline__ BwdCtaStart bwd_cta_start(int cta_group) {
   if (cta_group > 1) {
     const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
@@ -42,6 +46,7 @@ __device__ __forceinline__ BwdCtaStart bwd_cta_start(int cta_group) {
   return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
           static_cast<int>(blockIdx.z)};
 }
+#endif
 
 }  // namespace gpu
 }  // namespace fastattn
