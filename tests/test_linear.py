@@ -121,6 +121,26 @@ def test_forward_and_gradients(family, T, dtype):
         assert_close_rule(f"d{n}", a, b, r, GRAD_FACTOR)
 
 
+@pytest.mark.parametrize("T", [1000, 4097])
+def test_long_sequences_gated_delta(T):
+    """Past many checkpoints (every 64 steps): the backward's chunk replay."""
+    t = inputs(1, T, 1, 2, 16, 16, torch.bfloat16, gate="scalar", beta=True, h0=True)
+    for x in t.values():
+        x.requires_grad_()
+    o, S = run_ours("gated_delta", t)
+    ref_in, ref_o, ref_S = run_naive("gated_delta", t, torch.float64)
+    base_in, base_o, base_S = run_naive("gated_delta", t, torch.bfloat16)
+    assert_close_rule("o", o, base_o, ref_o, OUT_FACTOR)
+    do = torch.randn_like(o.float())
+    names = list(t)
+    ours = torch.autograd.grad((o.float() * do).sum() + S.sum(), [t[n] for n in names])
+    ref = torch.autograd.grad((ref_o * do.double()).sum() + ref_S.sum(), [ref_in[n] for n in names])
+    base = torch.autograd.grad((base_o.float() * do).sum() + base_S.float().sum(),
+                               [base_in[n] for n in names])
+    for n, a, r, b in zip(names, ours, ref, base):
+        assert_close_rule(f"d{n}", a, b, r, GRAD_FACTOR)
+
+
 def test_chunk_and_fused_recurrent_agree():
     t = inputs(1, 70, 2, 2, 16, 16, torch.float32, gate="scalar", beta=True)
     a = la.chunk_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], output_final_state=True)
