@@ -14,6 +14,9 @@ chunk's start:
           are one unit-lower-triangular solve (I + A) U = beta (V - e^{b} K S0) (the UT /
           WY representation); then o and S_C as above with u in place of v.
 Varlen batches run sequence by sequence (cu_seqlens is read on the host).
+Per-key decays (GLA) form the (C, C, K) factors explicitly, which autograd
+keeps per chunk: memory 4 C^2 K bytes per (batch, value head, chunk), fine
+for tests and short sequences, not for long-context training.
 """
 from __future__ import annotations
 
