@@ -308,6 +308,47 @@ def test_bad_input():
         la.fused_recurrent_gla(q, k, v, gk=None, gv=torch.zeros(1, 10, 4, 8))
 
 
+def test_bad_input_of_the_extensions():
+    """Each argument beyond q, k, v: a wrong shape, a missing partner or an
+    unsupported combination is a clear error naming it."""
+    t = inputs(1, 10, 2, 4, 8, 8, torch.float32, gate="scalar", beta=True)
+    q, k, v, g, beta = t["q"], t["k"], t["v"], t["g"], t["beta"]
+    gdr, step = la.chunk_gated_delta_rule, la.fused_recurrent_gated_delta_rule
+    with pytest.raises(NotImplementedError, match="head_first"):
+        gdr(q, k, v, g, beta, head_first=True)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        gdr(q[0], k, v, g, beta)
+    with pytest.raises(ValueError, match="beta must have shape"):
+        gdr(q, k, v, g, beta[..., :2])
+    with pytest.raises(ValueError, match="g and beta are required"):
+        gdr(q, k, v, g, None)
+    with pytest.raises(ValueError, match="beta is required"):
+        la.chunk_delta_rule(q, k, v, None)
+    with pytest.raises(ValueError, match="use_gate_in_kernel needs A_log"):
+        gdr(q, k, v, g, beta, use_gate_in_kernel=True)
+    with pytest.raises(ValueError, match="dt_bias must have shape"):
+        gdr(q, k, v, g, beta, use_gate_in_kernel=True, A_log=torch.zeros(4), dt_bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="need use_gate_in_kernel"):
+        gdr(q, k, v, g, beta, A_log=torch.zeros(4))
+    with pytest.raises(ValueError, match="g_gamma must have shape"):
+        la.chunk_simple_gla(q, k, v, g_gamma=torch.zeros(3))
+    with pytest.raises(ValueError, match="g must have shape"):
+        la.chunk_gla(q, k, v, g)  # scalar decays where per-key ones are due
+    with pytest.raises(ValueError, match="feature_map must be one of"):
+        la.chunk_linear_attn(q, k, v, feature_map="softmax")
+    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32/int64"):
+        gdr(q, k, v, g, beta, cu_seqlens=torch.tensor([0.0, 10.0]))
+    with pytest.raises(ValueError, match="need the state pool"):
+        step(q, k, v, g, beta, inplace_final_state=True)
+    with pytest.raises(ValueError, match="state pool must be float32"):
+        step(q, k, v, g, beta, initial_state=torch.zeros(2, 4, 8, 8, dtype=torch.bfloat16),
+             inplace_final_state=True)
+    with pytest.raises(ValueError, match="has 0 states for 1 sequences"):
+        step(q, k, v, g, beta, initial_state=torch.zeros(0, 4, 8, 8), inplace_final_state=True)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        gdr(q, k, v, g, beta, initial_state=torch.zeros(1, 4, 8, 7), state_v_first=True)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
 def test_chunked_torch_form_matches_the_recurrence(family, T):

@@ -125,7 +125,8 @@ def _pool_states(name, pool, indices, q, cu_seqlens):
         raise ValueError(f"fastattn.linear.{name}: ssm_state_indices / inplace_final_state need the "
                          "state pool as initial_state")
     if pool.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"fastattn.linear.{name}: the state pool must be float32, got {pool.dtype}")
+        raise ValueError(f"fastattn.linear.{name}: the state pool must be float32 (float64 for float64 "
+                         f"inputs), got {pool.dtype}")
     N = cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
     if indices is None:
         if pool.shape[0] < N:
