@@ -137,4 +137,22 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? beta, Tensor? initial_state, Tensor? cu_seqlens, Tensor checkpoints, float scale, "
       "bool delta, int chunk) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dbeta, Tensor dinitial_state)");
+  // The same recurrence for inference and decoding (no checkpoints, no
+  // autograd): initial_state (N, HV, K, V), or a pool (P, HV, K, V) read at
+  // slot state_indices[n] (int32/int64; a negative slot marks a padding
+  // sequence: zero state, nothing written back); state_v_first: states are
+  // (.., V, K). q, k, v need only a contiguous last dim; qk_l2norm normalizes
+  // q and k (x / sqrt(|x|^2 + 1e-6)) in fp32. final_state (N, HV, K, V) (or
+  // (N, HV, V, K)) when output_final_state, else empty.
+  m.def(
+      "linear_recurrent(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? beta, "
+      "Tensor? initial_state, Tensor? state_indices, Tensor? cu_seqlens, float scale, bool delta, "
+      "bool qk_l2norm, bool state_v_first, bool output_final_state) "
+      "-> (Tensor out, Tensor final_state)");
+  // linear_recurrent that updates the states in place: sequence n starts from
+  // state[state_indices[n]] (or state[n]) and writes its final state there.
+  m.def(
+      "linear_recurrent_update(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? beta, "
+      "Tensor(a!) state, Tensor? state_indices, Tensor? cu_seqlens, float scale, bool delta, "
+      "bool qk_l2norm, bool state_v_first) -> Tensor out");
 }

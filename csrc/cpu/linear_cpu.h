@@ -43,4 +43,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& checkpoints, double scale,
     bool delta, int64_t chunk);
 
+// linear_recurrent: the recurrence without checkpoints (inference and
+// decoding), initial states optionally gathered from a pool through
+// state_indices (< 0: padding, a zero state); final states (N, HV, K, V)
+// (state_v_first: (N, HV, V, K)) or an empty tensor.
+std::tuple<at::Tensor, at::Tensor> linear_recurrent_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& g,
+    const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& state_indices, const std::optional<at::Tensor>& cu_seqlens,
+    double scale, bool delta, bool qk_l2norm, bool state_v_first, bool output_final_state);
+
+// linear_recurrent_update: the same, the final states written back into
+// `state` (slot state_indices[n], or n; padding sequences write nothing).
+at::Tensor linear_recurrent_update_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const std::optional<at::Tensor>& g,
+                                       const std::optional<at::Tensor>& beta, at::Tensor& state,
+                                       const std::optional<at::Tensor>& state_indices,
+                                       const std::optional<at::Tensor>& cu_seqlens, double scale,
+                                       bool delta, bool qk_l2norm, bool state_v_first);
+
 }  // namespace fastattn::cpu

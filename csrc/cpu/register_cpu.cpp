@@ -18,4 +18,6 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("sparse_bwd", &fastattn::cpu::sparse_bwd_cpu);
   m.impl("linear_fwd", &fastattn::cpu::linear_fwd_cpu);
   m.impl("linear_bwd", &fastattn::cpu::linear_bwd_cpu);
+  m.impl("linear_recurrent", &fastattn::cpu::linear_recurrent_cpu);
+  m.impl("linear_recurrent_update", &fastattn::cpu::linear_recurrent_update_cpu);
 }

@@ -285,3 +285,21 @@ def _linear_bwd_fake(dout, dfinal, q, k, v, g, beta, initial_state, cu_seqlens, 
     like = lambda t: q.new_empty(t.shape if t is not None else (0,), dtype=sd)
     return (q.new_empty(q.shape, dtype=sd), k.new_empty(k.shape, dtype=sd),
             v.new_empty(v.shape, dtype=sd), like(g), like(beta), like(initial_state))
+
+
+@torch.library.register_fake("fastattn::linear_recurrent")
+def _linear_recurrent_fake(q, k, v, g, beta, initial_state, state_indices, cu_seqlens, scale, delta,
+                           qk_l2norm, state_v_first, output_final_state):
+    _check_one_device(q, k, v, g, beta, initial_state, state_indices, cu_seqlens)
+    K, HV, V = q.shape[3], v.shape[2], v.shape[3]
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
+    sd = _lse_dtype(q.dtype)
+    final_shape = ((N, HV, V, K) if state_v_first else (N, HV, K, V)) if output_final_state else (0,)
+    return v.new_empty(v.shape), q.new_empty(final_shape, dtype=sd)
+
+
+@torch.library.register_fake("fastattn::linear_recurrent_update")
+def _linear_recurrent_update_fake(q, k, v, g, beta, state, state_indices, cu_seqlens, scale, delta,
+                                  qk_l2norm, state_v_first):
+    _check_one_device(q, k, v, g, beta, state, state_indices, cu_seqlens)
+    return v.new_empty(v.shape)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._ops import ops
 from . import chunked, recurrence
 
 _FEATURE_MAPS = {
@@ -71,72 +72,135 @@ def _check_per_step(name, what, t, q, v, per_key=False):
 
 def _initial_state(name, h0, q, v, cu_seqlens, state_v_first):
     if h0 is None:
-        return None
+        return
     N = cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
     K, HV, V = q.shape[3], v.shape[2], v.shape[3]
     want = (N, HV, V, K) if state_v_first else (N, HV, K, V)
     if tuple(h0.shape) != want:
         raise ValueError(f"fastattn.linear.{name}: initial_state must have shape {want}, got "
                          f"{tuple(h0.shape)}")
-    return h0.transpose(-1, -2) if state_v_first else h0
-
-
-def _finish(o, final, output_final_state, state_v_first):
-    if not output_final_state:
-        return o, None
-    return o, (final.transpose(-1, -2).contiguous() if state_v_first else final)
 
 
 def _scale(scale, q):
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+# Key dims the CUDA recurrence kernel takes (csrc/cuda/linear/linear_launch.h).
+_RECURRENT_MAX_K = 256
+# chunk_* calls up to this many steps run the recurrence kernel when no gradient
+# is needed (prefill-sized calls take the chunked form).
+_RECURRENT_MAX_T = 64
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _use_recurrence_op(q, k, v, g, beta, h0, token_by_token):
+    """Whether the call runs the inference recurrence op (linear_recurrent[_update]): no
+    gradient needed, and on CUDA a dtype, key dim and length its kernel serves."""
+    if _needs_grad(q, k, v, g, beta, h0):
+        return False
+    if q.device.type == "cpu":
+        return True
+    return (q.device.type == "cuda" and q.dtype != torch.float64 and q.shape[-1] <= _RECURRENT_MAX_K
+            and (token_by_token or q.shape[1] <= _RECURRENT_MAX_T))
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _run(name, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False,
          cu_seqlens=None, delta=False, state_v_first=False, use_qk_l2norm_in_kernel=False,
          ssm_state_indices=None, inplace_final_state=False):
+    token_by_token = name.startswith("fused_recurrent_")
+    pooled = ssm_state_indices is not None or inplace_final_state
+    if pooled:
+        _check_pool(name, initial_state, ssm_state_indices, q, v, cu_seqlens, state_v_first)
+    else:
+        _initial_state(name, initial_state, q, v, cu_seqlens, state_v_first)
+    scale = _scale(scale, q)
+    if _use_recurrence_op(q, k, v, g, beta, initial_state, token_by_token):
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        g = g.contiguous() if g is not None else None
+        beta = beta.contiguous() if beta is not None else None
+        cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else None
+        if inplace_final_state:
+            pool = initial_state
+            state = pool if ssm_state_indices is not None else pool[:_num_sequences(q, cu_seqlens)]
+            o = ops.linear_recurrent_update(q, k, v, g, beta, state, ssm_state_indices, cu, scale, delta,
+                                            use_qk_l2norm_in_kernel, state_v_first)
+            return o, pool
+        o, final = ops.linear_recurrent(q, k, v, g, beta, initial_state, ssm_state_indices, cu, scale,
+                                        delta, use_qk_l2norm_in_kernel, state_v_first, output_final_state)
+        return o, (final if output_final_state else None)
+
+    # Gradients: the checkpointed recurrence op on the CPU, the chunked form in torch ops
+    # elsewhere (until the chunked GPU kernels land).
     if use_qk_l2norm_in_kernel:
         q, k = _l2norm(q), _l2norm(k)
-    pool = None
-    if ssm_state_indices is not None or inplace_final_state:
-        pool, initial_state = _pool_states(name, initial_state, ssm_state_indices, q, cu_seqlens)
-    h0 = _initial_state(name, initial_state, q, v, cu_seqlens, state_v_first)
-    # CPU: the recurrence kernels; elsewhere (until the GPU kernels land) the
-    # chunked form in torch ops.
+    pool, slots = None, None
+    if pooled:
+        pool = initial_state
+        initial_state, slots = _gather_pool(pool, ssm_state_indices, q, cu_seqlens)
+    h0 = initial_state.transpose(-1, -2) if (initial_state is not None and state_v_first) else initial_state
     impl = recurrence.run if q.device.type == "cpu" else chunked.run
-    o, final = impl(q, k, v, g=g, beta=beta, scale=_scale(scale, q), initial_state=h0,
-                    cu_seqlens=cu_seqlens, delta=delta)
-    if pool is None:
-        return _finish(o, final, output_final_state, state_v_first)
-    final = final.transpose(-1, -2) if state_v_first else final
+    o, final = impl(q, k, v, g=g, beta=beta, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens,
+                    delta=delta)
+    final = final.transpose(-1, -2).contiguous() if state_v_first else final
     if not inplace_final_state:
-        return o, (final.contiguous() if output_final_state else None)
+        return o, (final if output_final_state else None)
     with torch.no_grad():
-        if ssm_state_indices is None:
-            pool[:final.shape[0]].copy_(final)
-        else:
-            pool.index_copy_(0, ssm_state_indices.long(), final.to(pool.dtype))
+        keep = slots >= 0
+        pool.index_copy_(0, slots[keep], final[keep].to(pool.dtype))
     return o, pool
 
 
-def _pool_states(name, pool, indices, q, cu_seqlens):
-    """A serving engine's state pool (P, HV, K, V): sequence n starts from
-    pool[indices[n]] (indices None: pool[n]). Returns (pool, the gathered initial states)."""
+def _num_sequences(q, cu_seqlens):
+    return cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
+
+
+def _check_pool(name, pool, indices, q, v, cu_seqlens, state_v_first):
+    """A serving engine's state pool (P, HV, K, V) (state_v_first: (P, HV, V, K)): sequence n
+    starts from pool[indices[n]] (indices None: pool[n]); a negative index marks a padding
+    sequence (zero state, nothing written back)."""
     if pool is None:
         raise ValueError(f"fastattn.linear.{name}: ssm_state_indices / inplace_final_state need the "
                          "state pool as initial_state")
-    if pool.dtype not in (torch.float32, torch.float64):
+    want_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if pool.dtype != want_dtype:
         raise ValueError(f"fastattn.linear.{name}: the state pool must be float32 (float64 for float64 "
-                         f"inputs), got {pool.dtype}")
-    N = cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
+                         f"inputs), got {pool.dtype} for {q.dtype} inputs")
+    N = _num_sequences(q, cu_seqlens)
+    K, HV, V = q.shape[3], v.shape[2], v.shape[3]
+    want = (HV, V, K) if state_v_first else (HV, K, V)
+    if pool.dim() != 4 or tuple(pool.shape[1:]) != want:
+        raise ValueError(f"fastattn.linear.{name}: the state pool must have shape (slots, "
+                         f"{', '.join(map(str, want))}), got {tuple(pool.shape)}")
     if indices is None:
         if pool.shape[0] < N:
             raise ValueError(f"fastattn.linear.{name}: the state pool has {pool.shape[0]} states for "
                              f"{N} sequences")
-        return pool, pool[:N]
+        return
     if indices.dim() != 1 or indices.numel() != N or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fastattn.linear.{name}: ssm_state_indices must be ({N},) int32/int64, got "
                          f"{tuple(indices.shape)} {indices.dtype}")
-    return pool, pool.index_select(0, indices.long())
+    if indices.device != pool.device:
+        raise ValueError(f"fastattn.linear.{name}: ssm_state_indices must be on the pool's device "
+                         f"{pool.device}, got {indices.device}")
+
+
+def _gather_pool(pool, indices, q, cu_seqlens):
+    """(initial states gathered from the pool (padding sequences: zeros), their slots (-1: padding))."""
+    N = _num_sequences(q, cu_seqlens)
+    if indices is None:
+        return pool[:N], torch.arange(N, device=pool.device)
+    slots = indices.long()
+    pad = (slots < 0).view(-1, 1, 1, 1)
+    states = torch.where(pad, torch.zeros((), dtype=pool.dtype, device=pool.device),
+                         pool.index_select(0, slots.clamp_min(0)))
+    return states, slots
 
 
 def _no_reverse(name, reverse):
