@@ -1,5 +1,7 @@
 // CUDA glue of linear_recurrent / linear_recurrent_update: checks, params
-// from tensors, launch on the current stream. No host sync and no reads of
+// from tensors, launch on the current stream. linear_recurrent runs the
+// recurrence kernel (linear_recurrent.cu), or for long dense sequences the
+// chunked kernels (linear_chunk_*.cu). No host sync and no reads of
 // device data (CUDA-graph capturable): a state_indices slot outside the pool
 // makes its sequence padding (zero state, nothing written) instead of raising.
 #include <ATen/ATen.h>
@@ -11,6 +13,8 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda/linear/linear_chunk_launch.h"
+#include "cuda/linear/linear_chunk_params.h"
 #include "cuda/linear/linear_launch.h"
 #include "cuda/linear/linear_params.h"
 #include "torch/cuda_glue.h"
@@ -93,6 +97,98 @@ LinearRecurrentParams make_params(const LinearRecurrentProblem& s, const at::Ten
   return p;
 }
 
+// Sequences longer than one chunk go through the chunked kernels
+// (linear_chunk_params.h) when they serve the call: dense batches (no
+// cu_seqlens, no state pool), K == V in {64, 128}, fp16/bf16, a decay per
+// (token, head) or none.
+constexpr int64_t kChunkedMinT = LinearChunkParams::kChunk + 1;
+
+bool chunked_serves(const LinearRecurrentProblem& s, const at::Tensor& q,
+                    const std::optional<at::Tensor>& state_indices,
+                    const std::optional<at::Tensor>& cu_seqlens) {
+  return s.T >= kChunkedMinT && !cu_seqlens && !state_indices && !s.g_per_key &&
+         (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
+         gpu::linear_chunk_supported(static_cast<int>(s.K), static_cast<int>(s.V)) && s.B <= 65535;
+}
+
+// The cp.async tiles read 16-byte pieces: base and row strides aligned.
+at::Tensor chunk_readable(const at::Tensor& t) {
+  const int64_t e = t.element_size();
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (t.stride(d) * e) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_chunked_cuda(
+    const LinearRecurrentProblem& s, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& beta,
+    const std::optional<at::Tensor>& initial_state, double scale, bool delta, bool qk_l2norm,
+    bool state_v_first, bool output_final_state) {
+  at::Tensor q = q_in, k = k_in;
+  if (qk_l2norm) {  // x / sqrt(|x|^2 + 1e-6) in fp32, rounded to the input dtype for the tiles
+    auto l2 = [](const at::Tensor& x) {
+      const at::Tensor xf = x.to(at::kFloat);
+      return (xf * at::rsqrt(xf.pow(2).sum(-1, true) + 1e-6)).to(x.scalar_type());
+    };
+    q = l2(q);
+    k = l2(k);
+  }
+  q = chunk_readable(q);
+  k = chunk_readable(k);
+  const at::Tensor v = chunk_readable(v_in);
+  LinearChunkParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride_b = q.stride(0), p.q_stride_t = q.stride(1), p.q_stride_h = q.stride(2);
+  p.k_stride_b = k.stride(0), p.k_stride_t = k.stride(1), p.k_stride_h = k.stride(2);
+  p.v_stride_b = v.stride(0), p.v_stride_t = v.stride(1), p.v_stride_h = v.stride(2);
+  p.g = g ? g->data_ptr<float>() : nullptr;
+  p.beta = beta ? beta->data_ptr<float>() : nullptr;
+  p.B = static_cast<int>(s.B), p.T = static_cast<int>(s.T), p.H = static_cast<int>(s.H);
+  p.HV = static_cast<int>(s.HV), p.K = static_cast<int>(s.K), p.V = static_cast<int>(s.V);
+  p.chunks = static_cast<int>((s.T + LinearChunkParams::kChunk - 1) / LinearChunkParams::kChunk);
+  p.scale = static_cast<float>(scale);
+  p.delta = delta;
+  p.dtype = q.scalar_type() == at::kHalf ? ElemType::kFloat16 : ElemType::kBFloat16;
+
+  auto work = at::empty({gpu::linear_chunk_workspace_elems(p)}, q.options());
+  auto work_f = at::empty({gpu::linear_chunk_workspace_floats(p)}, q.options().dtype(at::kFloat));
+  const int64_t rows = static_cast<int64_t>(p.B) * p.HV * p.chunks * LinearChunkParams::kChunk;
+  char* base = static_cast<char*>(work.data_ptr());
+  const int64_t eb = work.element_size();
+  int64_t at_elem = 0;
+  auto take = [&](int64_t elems) {
+    void* ptr = base + at_elem * eb;
+    at_elem += elems;
+    return ptr;
+  };
+  p.qt = take(rows * p.K);
+  p.kt = take(rows * p.K);
+  p.o_intra = take(rows * p.V);
+  if (delta) {
+    p.w = take(rows * p.K);
+    p.u = take(rows * p.V);
+  }
+  p.decay_last = work_f.data_ptr<float>();
+
+  at::Tensor h0;
+  if (initial_state) {
+    h0 = (state_v_first ? initial_state->transpose(-1, -2) : *initial_state).contiguous();
+    p.initial_state = h0.data_ptr<float>();
+  }
+  auto final_state = at::empty(output_final_state ? at::IntArrayRef({s.N, s.HV, s.K, s.V})
+                                                  : at::IntArrayRef({0}),
+                               q.options().dtype(at::kFloat));
+  if (output_final_state) p.final_state = final_state.data_ptr<float>();
+  auto out = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  p.out = out.data_ptr();
+  glue::check_launch(gpu::run_linear_chunk_fwd(p, at::cuda::getCurrentCUDAStream()),
+                     "linear chunked forward");
+  if (output_final_state && state_v_first) final_state = final_state.transpose(-1, -2).contiguous();
+  return {out, final_state};
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_recurrent_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& g,
     const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& initial_state,
@@ -101,6 +197,15 @@ std::tuple<at::Tensor, at::Tensor> linear_recurrent_cuda(
   const LinearRecurrentProblem s = check_linear_recurrent_args(q, k, v, g, beta, initial_state,
                                                                state_indices, cu_seqlens, state_v_first);
   c10::cuda::CUDAGuard guard(q.device());
+  if (chunked_serves(s, q, state_indices, cu_seqlens)) {
+    glue::check_cuda_devices(q, {{&k, "k"},
+                                 {&v, "v"},
+                                 {g ? &*g : nullptr, "g"},
+                                 {beta ? &*beta : nullptr, "beta"},
+                                 {initial_state ? &*initial_state : nullptr, "initial_state"}});
+    return linear_chunked_cuda(s, q, k, v, g, beta, initial_state, scale, delta, qk_l2norm,
+                               state_v_first, output_final_state);
+  }
   auto out = at::empty(v.sizes(), v.options());
   auto final_state = output_final_state
                          ? at::empty(state_v_first ? at::IntArrayRef({s.N, s.HV, s.V, s.K})

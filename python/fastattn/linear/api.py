@@ -88,7 +88,8 @@ def _scale(scale, q):
 # Key dims the CUDA recurrence kernel takes (csrc/cuda/linear/linear_launch.h).
 _RECURRENT_MAX_K = 256
 # chunk_* calls up to this many steps run the recurrence kernel when no gradient
-# is needed (prefill-sized calls take the chunked form).
+# is needed; longer ones run the chunked CUDA kernels where they serve the call
+# (_chunk_kernels_serve), else the chunked form in torch ops.
 _RECURRENT_MAX_T = 64
 
 
@@ -96,15 +97,24 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _use_recurrence_op(q, k, v, g, beta, h0, token_by_token):
-    """Whether the call runs the inference recurrence op (linear_recurrent[_update]): no
-    gradient needed, and on CUDA a dtype, key dim and length its kernel serves."""
+def _chunk_kernels_serve(q, v, g, cu_seqlens, pooled):
+    """csrc/torch/linear_cuda.cpp's chunked_serves: dense batches, K == V in {64, 128},
+    fp16/bf16, a decay per (token, head) or none."""
+    K, V = q.shape[-1], v.shape[-1]
+    return (cu_seqlens is None and not pooled and K == V and K in (64, 128)
+            and q.dtype in (torch.float16, torch.bfloat16) and (g is None or g.dim() == 3))
+
+
+def _use_recurrence_op(q, k, v, g, beta, h0, token_by_token, cu_seqlens, pooled):
+    """Whether the call runs the inference op (linear_recurrent[_update]): no gradient
+    needed, and on CUDA a dtype, key dim and length its kernels serve."""
     if _needs_grad(q, k, v, g, beta, h0):
         return False
     if q.device.type == "cpu":
         return True
     return (q.device.type == "cuda" and q.dtype != torch.float64 and q.shape[-1] <= _RECURRENT_MAX_K
-            and (token_by_token or q.shape[1] <= _RECURRENT_MAX_T))
+            and (token_by_token or q.shape[1] <= _RECURRENT_MAX_T
+                 or _chunk_kernels_serve(q, v, g, cu_seqlens, pooled)))
 
 
 def _last_dim_contiguous(x):
@@ -121,7 +131,7 @@ def _run(name, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, ou
     else:
         _initial_state(name, initial_state, q, v, cu_seqlens, state_v_first)
     scale = _scale(scale, q)
-    if _use_recurrence_op(q, k, v, g, beta, initial_state, token_by_token):
+    if _use_recurrence_op(q, k, v, g, beta, initial_state, token_by_token, cu_seqlens, pooled):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         g = g.contiguous() if g is not None else None
         beta = beta.contiguous() if beta is not None else None

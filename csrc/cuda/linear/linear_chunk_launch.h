@@ -1,0 +1,41 @@
+// Host-side launchers of the chunked linear-attention forward (torch-free;
+// the math and the workspace: linear_chunk_params.h). Never synchronize and
+// never read device data.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/linear/linear_chunk_params.h"
+
+namespace fastattn {
+namespace gpu {
+
+// Value columns per scan CTA.
+constexpr int kLinearScanCols = 32;
+
+// Whether the chunked kernels serve these sizes: K == V in {64, 128}
+// (other head dims take the other paths of fastattn.linear).
+inline bool linear_chunk_supported(int K, int V) { return K == V && (K == 64 || K == 128); }
+
+// Workspace elements (input dtype) and floats the forward needs.
+inline int64_t linear_chunk_workspace_elems(const LinearChunkParams& p) {
+  const int64_t rows = static_cast<int64_t>(p.B) * p.HV * p.chunks * LinearChunkParams::kChunk;
+  // Qt, Kt (+ W) rows of K; O_intra (+ U) rows of V.
+  return rows * ((p.delta ? 3 : 2) * p.K + (p.delta ? 2 : 1) * p.V);
+}
+inline int64_t linear_chunk_workspace_floats(const LinearChunkParams& p) {
+  return static_cast<int64_t>(p.B) * p.HV * p.chunks;
+}
+
+// Runs the chunk-local kernel, then the scan; p carries the workspace
+// pointers. cudaErrorInvalidValue for sizes linear_chunk_supported rejects.
+cudaError_t run_linear_chunk_fwd(const LinearChunkParams& p, cudaStream_t stream);
+
+template <typename Elem, int kK, int kV, bool kDelta>
+cudaError_t launch_linear_chunk_local(const LinearChunkParams& p, cudaStream_t stream);
+template <typename Elem, int kK, int kVt, bool kDelta>
+cudaError_t launch_linear_chunk_scan(const LinearChunkParams& p, cudaStream_t stream);
+
+}  // namespace gpu
+}  // namespace fastattn

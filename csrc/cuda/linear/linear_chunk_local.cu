@@ -1,0 +1,378 @@
+// Chunk-local kernel of the chunked linear-attention forward (the math:
+// linear_chunk_params.h). One CTA of 4 warps per (chunk, value head, batch);
+// warp w owns chunk rows 16w..16w+15 of every C x . product (mma.sync
+// m16n8k16, fp32 accumulators).
+//
+// Delta rule: T = (I + A)^{-1} for the strictly lower A in fp32, blockwise
+// over 16 x 16 blocks: each warp inverts one unit-lower diagonal block by
+// forward substitution in registers (D_i), then the off-diagonal blocks by
+// block distance d = 1, 2, 3:  T_ij = -D_i sum_{m=j}^{i-1} A_im T_mj, which
+// only reads blocks of T at distance < d. T then enters the mma products
+// rounded to the input dtype, as the other operands.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/linear/linear_chunk_launch.h"
+#include "cuda/linear/linear_chunk_tiles.h"
+
+namespace fastattn {
+namespace gpu {
+namespace {
+
+using namespace linear_tiles;
+constexpr int C = LinearChunkParams::kChunk;
+constexpr int kFStride = C + 1;  // fp32 C x C scratch rows (odd: column reads spread over banks)
+
+template <int kK, int kV, bool kDelta>
+struct LocalSmem {
+  using TileK = SmemTile<C, kK>;
+  using TileV = SmemTile<C, kV>;
+  using TileC = SmemTile<C, C>;
+  static constexpr int kQ = 0;
+  static constexpr int kKey = kQ + TileK::kBytes;        // K, then beta e^b K, then W
+  static constexpr int kVal = kKey + TileK::kBytes;      // V, then beta V, then U
+  static constexpr int kM = kVal + TileV::kBytes;        // M (input dtype)
+  static constexpr int kT = kM + TileC::kBytes;          // T (input dtype)
+  static constexpr int kA = kT + (kDelta ? TileC::kBytes : 0);      // A, fp32
+  static constexpr int kTf = kA + (kDelta ? C * kFStride * 4 : 0);  // T, fp32
+  static constexpr int kB = kTf + (kDelta ? C * kFStride * 4 : 0);  // b (cumulative log decay)
+  static constexpr int kBeta = kB + C * 4;
+  static constexpr int kTotal = kBeta + C * 4 + 16;
+};
+
+// T = (I + A)^{-1} into tf (both fp32 C x C, row stride kFStride), then
+// rounded into the mma tile t_tile (zeros above the diagonal).
+template <typename Elem>
+__device__ void invert_unit_lower(const float* a, float* tf, char* t_tile, int warp, int lane) {
+  using TileC = SmemTile<C, C>;
+  {  // Diagonal block `warp`: lane owns column jj of D.
+    const int jj = lane & 15, base = 16 * warp;
+    float x[16];
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      float s = r == jj ? 1.f : 0.f;
+#pragma unroll
+      for (int m = 0; m < r; ++m) s -= a[(base + r) * kFStride + base + m] * x[m];
+      x[r] = s;
+    }
+    if (lane < 16) {
+#pragma unroll
+      for (int r = 0; r < 16; ++r) tf[(base + r) * kFStride + base + jj] = x[r];
+    }
+  }
+  __syncthreads();
+#pragma unroll 1
+  for (int d = 1; d < 4; ++d) {
+    const int entries = (4 - d) * 256;
+    // P_ij = sum_{m=j}^{i-1} A_im T_mj, stored where T_ij goes.
+    for (int e = threadIdx.x; e < entries; e += kThreads) {
+      const int i = d + e / 256, j = i - d, r = (e % 256) / 16, c = e % 16;
+      float s = 0.f;
+      for (int m = j; m < i; ++m) {
+#pragma unroll
+        for (int x = 0; x < 16; ++x) {
+          s += a[(16 * i + r) * kFStride + 16 * m + x] * tf[(16 * m + x) * kFStride + 16 * j + c];
+        }
+      }
+      tf[(16 * i + r) * kFStride + 16 * j + c] = s;
+    }
+    __syncthreads();
+    float out[6];  // (4 - d) * 256 / kThreads <= 6 entries per thread
+#pragma unroll
+    for (int s = 0; s < 6; ++s) {
+      const int e = threadIdx.x + s * kThreads;
+      out[s] = 0.f;
+      if (e < entries) {
+        const int i = d + e / 256, j = i - d, r = (e % 256) / 16, c = e % 16;
+        float acc = 0.f;
+#pragma unroll
+        for (int x = 0; x < 16; ++x) {
+          acc += tf[(16 * i + r) * kFStride + 16 * i + x] * tf[(16 * i + x) * kFStride + 16 * j + c];
+        }
+        out[s] = -acc;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < 6; ++s) {
+      const int e = threadIdx.x + s * kThreads;
+      if (e < entries) {
+        const int i = d + e / 256, j = i - d, r = (e % 256) / 16, c = e % 16;
+        tf[(16 * i + r) * kFStride + 16 * j + c] = out[s];
+      }
+    }
+    __syncthreads();
+  }
+  for (int e = threadIdx.x; e < C * C / 2; e += kThreads) {
+    const int i = e / (C / 2), j = 2 * (e % (C / 2));
+    const float lo = (j <= i) ? tf[i * kFStride + j] : 0.f;
+    const float hi = (j + 1 <= i) ? tf[i * kFStride + j + 1] : 0.f;
+    store_pair<Elem>(t_tile, TileC::offset(i, j), lo, hi);
+  }
+}
+
+// acc (16 rows of warp `warp` x kN columns) = a_tile[rows, 0:C] @ b_tile[0:C, 0:kN],
+// a_tile C x C, b_tile C x kN, both padded shared tiles.
+template <typename Elem, int kN>
+__device__ __forceinline__ void rows_times_tile(float (&acc)[kN / 8][4], uint32_t a_tile, uint32_t b_tile,
+                                                int warp, int lane) {
+  using TileC = SmemTile<C, C>;
+  using TileN = SmemTile<C, kN>;
+#pragma unroll
+  for (int n = 0; n < kN / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  const int a_off = a_lane_offset<TileC>(lane), b_off = b_trans_lane_offset<TileN>(lane);
+#pragma unroll
+  for (int k0 = 0; k0 < C; k0 += 16) {
+    uint32_t a[4];
+    load_a<TileC>(a, a_tile, a_off, 16 * warp, k0);
+#pragma unroll
+    for (int n0 = 0; n0 < kN; n0 += 16) {
+      uint32_t b[4];
+      load_b_trans_pair<TileN>(b, b_tile, b_off, k0, n0);
+      ptx::mma_m16n8k16<Elem>(acc[n0 / 8], a, b[0], b[1]);
+      ptx::mma_m16n8k16<Elem>(acc[n0 / 8 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <typename Elem, int kK, int kV, bool kDelta>
+__global__ void __launch_bounds__(kThreads)
+    linear_chunk_local_kernel(const __grid_constant__ LinearChunkParams p) {
+  using L = LocalSmem<kK, kV, kDelta>;
+  using TileK = typename L::TileK;
+  using TileV = typename L::TileV;
+  using TileC = typename L::TileC;
+  extern __shared__ __align__(128) char smem[];
+  char* s_q = smem + L::kQ;
+  char* s_k = smem + L::kKey;
+  char* s_v = smem + L::kVal;
+  char* s_m = smem + L::kM;
+  char* s_t = smem + L::kT;
+  float* s_a = reinterpret_cast<float*>(smem + L::kA);
+  float* s_tf = reinterpret_cast<float*>(smem + L::kTf);
+  float* s_b = reinterpret_cast<float*>(smem + L::kB);
+  float* s_beta = reinterpret_cast<float*>(smem + L::kBeta);
+  __shared__ float s_warp0_total;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int chunk = blockIdx.x, hv = blockIdx.y, b = blockIdx.z;
+  const int h = hv / (p.HV / p.H);
+  const int t0 = chunk * C;
+  const int len = min(C, p.T - t0);
+  const int64_t t_pad = static_cast<int64_t>(p.chunks) * C;
+
+  const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride_b + t0 * p.q_stride_t + h * p.q_stride_h;
+  const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride_b + t0 * p.k_stride_t + h * p.k_stride_h;
+  const Elem* v = static_cast<const Elem*>(p.v) + b * p.v_stride_b + t0 * p.v_stride_t + hv * p.v_stride_h;
+  load_rows_async<TileK>(ptx::smem_u32(s_q), q, p.q_stride_t, len);
+  load_rows_async<TileK>(ptx::smem_u32(s_k), k, p.k_stride_t, len);
+  load_rows_async<TileV>(ptx::smem_u32(s_v), v, p.v_stride_t, len);
+  ptx::cp_async_commit();
+
+  // b = chunk-local inclusive cumulative sum of g (padding rows add 0, so b
+  // stays at the last token's value), beta (padding rows 0).
+  if (tid < C) {
+    const int64_t gate = (static_cast<int64_t>(b) * p.T + t0 + tid) * p.HV + hv;
+    float x = (p.g != nullptr && tid < len) ? p.g[gate] : 0.f;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    if (tid == 31) s_warp0_total = x;
+    s_b[tid] = x;
+    s_beta[tid] = tid < len ? (p.beta != nullptr ? p.beta[gate] : 1.f) : 0.f;
+  }
+  ptx::cp_async_wait<0>();
+  __syncthreads();
+  if (tid >= 32 && tid < C) s_b[tid] += s_warp0_total;
+  __syncthreads();
+
+  // M = (Q K^T o Gamma) on j <= i; A = diag(beta) (K K^T o Gamma) on j < i.
+  {
+    float acc_qk[C / 8][4], acc_kk[C / 8][4];
+#pragma unroll
+    for (int n = 0; n < C / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_qk[n][e] = acc_kk[n][e] = 0.f;
+    }
+    const int a_off = a_lane_offset<TileK>(lane), b_off = b_lane_offset<TileK>(lane);
+    const uint32_t q_tile = ptx::smem_u32(s_q), k_tile = ptx::smem_u32(s_k);
+#pragma unroll
+    for (int k0 = 0; k0 < kK; k0 += 16) {
+      uint32_t aq[4], ak[4];
+      load_a<TileK>(aq, q_tile, a_off, 16 * warp, k0);
+      if (kDelta) load_a<TileK>(ak, k_tile, a_off, 16 * warp, k0);
+#pragma unroll
+      for (int n0 = 0; n0 < C; n0 += 16) {
+        uint32_t bk[4];
+        load_b_pair<TileK>(bk, k_tile, b_off, n0, k0);
+        ptx::mma_m16n8k16<Elem>(acc_qk[n0 / 8], aq, bk[0], bk[1]);
+        ptx::mma_m16n8k16<Elem>(acc_qk[n0 / 8 + 1], aq, bk[2], bk[3]);
+        if (kDelta) {
+          ptx::mma_m16n8k16<Elem>(acc_kk[n0 / 8], ak, bk[0], bk[1]);
+          ptx::mma_m16n8k16<Elem>(acc_kk[n0 / 8 + 1], ak, bk[2], bk[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < C / 8; ++n) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = acc_row(lane, 16 * warp, 2 * half);
+        const int j = acc_col(lane, 8 * n, 0);
+        const float bi = s_b[i];
+        // Gamma only where j <= i: the exponent is then <= 0 for decays <= 0.
+        const float g0 = j <= i ? __expf(bi - s_b[j]) : 0.f;
+        const float g1 = j + 1 <= i ? __expf(bi - s_b[j + 1]) : 0.f;
+        store_pair<Elem>(s_m, TileC::offset(i, j), acc_qk[n][2 * half] * g0, acc_qk[n][2 * half + 1] * g1);
+        if (kDelta) {
+          const float bt = s_beta[i];
+          s_a[i * kFStride + j] = j < i ? bt * acc_kk[n][2 * half] * g0 : 0.f;
+          s_a[i * kFStride + j + 1] = j + 1 < i ? bt * acc_kk[n][2 * half + 1] * g1 : 0.f;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (kDelta) invert_unit_lower<Elem>(s_a, s_tf, s_t, warp, lane);
+
+  // Kt = e^{b_last - b} K to the workspace; for the delta rule the B operands
+  // beta e^b K and beta V replace K and V in shared memory.
+  const float b_last = s_b[C - 1];
+  {
+    Elem* kt = static_cast<Elem*>(p.kt) + ((static_cast<int64_t>(b) * p.HV + hv) * t_pad + t0) * kK;
+    for (int e = tid; e < C * kK / 2; e += kThreads) {
+      const int r = e / (kK / 2), c = 2 * (e % (kK / 2));
+      float x0, x1;
+      load_pair<Elem>(s_k, TileK::offset(r, c), x0, x1);
+      const float to_end = __expf(b_last - s_b[r]);
+      store_pair_global<Elem>(kt + r * kK + c, x0 * to_end, x1 * to_end);
+      if (kDelta) {
+        const float f = s_beta[r] * __expf(s_b[r]);
+        store_pair<Elem>(s_k, TileK::offset(r, c), x0 * f, x1 * f);
+      }
+    }
+    if (kDelta) {
+      for (int e = tid; e < C * kV / 2; e += kThreads) {
+        const int r = e / (kV / 2), c = 2 * (e % (kV / 2));
+        float x0, x1;
+        load_pair<Elem>(s_v, TileV::offset(r, c), x0, x1);
+        store_pair<Elem>(s_v, TileV::offset(r, c), x0 * s_beta[r], x1 * s_beta[r]);
+      }
+    }
+    if (tid == 0) p.decay_last[(static_cast<int64_t>(b) * p.HV + hv) * p.chunks + chunk] = __expf(b_last);
+  }
+  __syncthreads();
+
+  const int64_t row0 = (static_cast<int64_t>(b) * p.HV + hv) * t_pad + t0;
+  if (kDelta) {
+    // W = T (beta e^b K), U = T (beta V): each replaces its operand in shared
+    // memory (after every warp has read it) and goes to the workspace.
+    {
+      float acc[kK / 8][4];
+      rows_times_tile<Elem, kK>(acc, ptx::smem_u32(s_t), ptx::smem_u32(s_k), warp, lane);
+      __syncthreads();
+      Elem* w = static_cast<Elem*>(p.w) + row0 * kK;
+#pragma unroll
+      for (int n = 0; n < kK / 8; ++n) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = acc_row(lane, 16 * warp, 2 * half), j = acc_col(lane, 8 * n, 0);
+          store_pair<Elem>(s_k, TileK::offset(i, j), acc[n][2 * half], acc[n][2 * half + 1]);
+          store_pair_global<Elem>(w + i * kK + j, acc[n][2 * half], acc[n][2 * half + 1]);
+        }
+      }
+    }
+    {
+      float acc[kV / 8][4];
+      rows_times_tile<Elem, kV>(acc, ptx::smem_u32(s_t), ptx::smem_u32(s_v), warp, lane);
+      __syncthreads();
+      Elem* u = static_cast<Elem*>(p.u) + row0 * kV;
+#pragma unroll
+      for (int n = 0; n < kV / 8; ++n) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = acc_row(lane, 16 * warp, 2 * half), j = acc_col(lane, 8 * n, 0);
+          store_pair<Elem>(s_v, TileV::offset(i, j), acc[n][2 * half], acc[n][2 * half + 1]);
+          store_pair_global<Elem>(u + i * kV + j, acc[n][2 * half], acc[n][2 * half + 1]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // Qt = scale (e^b Q - M W) (W = 0 without the delta rule).
+  {
+    Elem* qt = static_cast<Elem*>(p.qt) + row0 * kK;
+    if (kDelta) {
+      float acc[kK / 8][4];
+      rows_times_tile<Elem, kK>(acc, ptx::smem_u32(s_m), ptx::smem_u32(s_k), warp, lane);
+#pragma unroll
+      for (int n = 0; n < kK / 8; ++n) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = acc_row(lane, 16 * warp, 2 * half), j = acc_col(lane, 8 * n, 0);
+          float q0, q1;
+          load_pair<Elem>(s_q, TileK::offset(i, j), q0, q1);
+          const float eb = __expf(s_b[i]);
+          store_pair_global<Elem>(qt + i * kK + j, p.scale * (eb * q0 - acc[n][2 * half]),
+                                  p.scale * (eb * q1 - acc[n][2 * half + 1]));
+        }
+      }
+    } else {
+      for (int e = tid; e < C * kK / 2; e += kThreads) {
+        const int r = e / (kK / 2), c = 2 * (e % (kK / 2));
+        float q0, q1;
+        load_pair<Elem>(s_q, TileK::offset(r, c), q0, q1);
+        const float f = p.scale * __expf(s_b[r]);
+        store_pair_global<Elem>(qt + r * kK + c, q0 * f, q1 * f);
+      }
+    }
+  }
+  // O_intra = scale M U (U = V without the delta rule).
+  {
+    float acc[kV / 8][4];
+    rows_times_tile<Elem, kV>(acc, ptx::smem_u32(s_m), ptx::smem_u32(s_v), warp, lane);
+    Elem* oi = static_cast<Elem*>(p.o_intra) + row0 * kV;
+#pragma unroll
+    for (int n = 0; n < kV / 8; ++n) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = acc_row(lane, 16 * warp, 2 * half), j = acc_col(lane, 8 * n, 0);
+        store_pair_global<Elem>(oi + i * kV + j, p.scale * acc[n][2 * half],
+                                p.scale * acc[n][2 * half + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename Elem, int kK, int kV, bool kDelta>
+cudaError_t launch_linear_chunk_local(const LinearChunkParams& p, cudaStream_t stream) {
+  using L = LocalSmem<kK, kV, kDelta>;
+  auto kernel = linear_chunk_local_kernel<Elem, kK, kV, kDelta>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kTotal);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.HV), static_cast<unsigned>(p.B));
+  kernel<<<grid, kThreads, L::kTotal, stream>>>(p);
+  return cudaGetLastError();
+}
+
+#define FASTATTN_LINEAR_LOCAL(E, K, V)                                                           \
+  template cudaError_t launch_linear_chunk_local<E, K, V, true>(const LinearChunkParams&,         \
+                                                                cudaStream_t);                    \
+  template cudaError_t launch_linear_chunk_local<E, K, V, false>(const LinearChunkParams&,        \
+                                                                 cudaStream_t);
+FASTATTN_LINEAR_LOCAL(__half, 64, 64)
+FASTATTN_LINEAR_LOCAL(__half, 128, 128)
+FASTATTN_LINEAR_LOCAL(__nv_bfloat16, 64, 64)
+FASTATTN_LINEAR_LOCAL(__nv_bfloat16, 128, 128)
+#undef FASTATTN_LINEAR_LOCAL
+
+}  // namespace gpu
+}  // namespace fastattn

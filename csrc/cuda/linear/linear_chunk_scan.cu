@@ -1,0 +1,258 @@
+// Scan kernel of the chunked linear-attention forward (the math:
+// linear_chunk_params.h): one CTA of 4 warps per (value slice of kVt columns,
+// value head, sequence) walks the chunks in order. The state slice S
+// (K x kVt, fp32) lives in registers as mma accumulators, warp w owning key
+// rows K/4 w .. K/4 (w + 1) - 1. Per chunk:
+//     S -> shared (input dtype)                       the B operand of the products
+//     X = Qt S, Y = W S                               warp w: chunk rows 16w..16w+15
+//     O = O_intra + X (to global); u = U - Y (to shared)
+//     S = e^{b_last} S + Kt^T u                       Kt^T through ldmatrix.trans
+// The next chunk's Qt / W / Kt / U / O_intra tiles stream in (cp.async,
+// two stages) while the current chunk computes.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/linear/linear_chunk_launch.h"
+#include "cuda/linear/linear_chunk_tiles.h"
+
+namespace fastattn {
+namespace gpu {
+namespace {
+
+using namespace linear_tiles;
+constexpr int C = LinearChunkParams::kChunk;
+
+template <int kK, int kVt, bool kDelta>
+struct ScanSmem {
+  using TileK = SmemTile<C, kK>;
+  using TileVt = SmemTile<C, kVt>;
+  using TileS = SmemTile<kK, kVt>;
+  // One stage: Qt, W (delta rule), Kt, U, O_intra.
+  static constexpr int kQt = 0;
+  static constexpr int kW = kQt + TileK::kBytes;
+  static constexpr int kKt = kW + (kDelta ? TileK::kBytes : 0);
+  static constexpr int kU = kKt + TileK::kBytes;
+  static constexpr int kOi = kU + TileVt::kBytes;
+  static constexpr int kStage = kOi + TileVt::kBytes;
+  static constexpr int kS = 2 * kStage;             // S in the input dtype
+  static constexpr int kUpd = kS + TileS::kBytes;   // u = U - W S (delta rule)
+  static constexpr int kTotal = kUpd + (kDelta ? TileVt::kBytes : 0);
+};
+
+template <typename Elem, int kK, int kVt, bool kDelta>
+__global__ void __launch_bounds__(kThreads, 1)
+    linear_chunk_scan_kernel(const __grid_constant__ LinearChunkParams p) {
+  using L = ScanSmem<kK, kVt, kDelta>;
+  using TileK = typename L::TileK;
+  using TileVt = typename L::TileVt;
+  using TileS = typename L::TileS;
+  constexpr int kN = kVt / 8;   // n8 tiles of the value slice
+  constexpr int kMT = kK / 64;  // m16 tiles of key rows per warp
+  constexpr int kWarpRows = 16 * kMT;
+  extern __shared__ __align__(128) char smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int v0 = blockIdx.x * kVt, hv = blockIdx.y, b = blockIdx.z;
+  const int64_t t_pad = static_cast<int64_t>(p.chunks) * C;
+  const int64_t head_row0 = (static_cast<int64_t>(b) * p.HV + hv) * t_pad;  // workspace row of t = 0
+
+  const Elem* qt = static_cast<const Elem*>(p.qt) + head_row0 * kK;
+  const Elem* w = kDelta ? static_cast<const Elem*>(p.w) + head_row0 * kK : nullptr;
+  const Elem* kt = static_cast<const Elem*>(p.kt) + head_row0 * kK;
+  const Elem* oi = static_cast<const Elem*>(p.o_intra) + head_row0 * p.V + v0;
+  // U: the workspace (delta rule) or v itself.
+  const Elem* u_src;
+  int64_t u_row_stride;
+  if (kDelta) {
+    u_src = static_cast<const Elem*>(p.u) + head_row0 * p.V + v0;
+    u_row_stride = p.V;
+  } else {
+    u_src = static_cast<const Elem*>(p.v) + b * p.v_stride_b + hv * p.v_stride_h + v0;
+    u_row_stride = p.v_stride_t;
+  }
+  auto load_chunk = [&](int c, int stage) {
+    const uint32_t base = ptx::smem_u32(smem + stage * L::kStage);
+    const int64_t r0 = static_cast<int64_t>(c) * C;
+    const int valid = min(C, p.T - c * C);
+    load_rows_async<TileK>(base + L::kQt, qt + r0 * kK, kK, C);
+    if (kDelta) load_rows_async<TileK>(base + L::kW, w + r0 * kK, kK, C);
+    load_rows_async<TileK>(base + L::kKt, kt + r0 * kK, kK, C);
+    load_rows_async<TileVt>(base + L::kU, u_src + r0 * u_row_stride, u_row_stride, valid);
+    load_rows_async<TileVt>(base + L::kOi, oi + r0 * p.V, p.V, C);
+    ptx::cp_async_commit();
+  };
+
+  // S: m16 tiles mt of warp w's key rows x kN n8 tiles.
+  float S[kMT][kN][4];
+  {
+    const float* h0 = p.initial_state != nullptr
+                          ? p.initial_state + (static_cast<int64_t>(b) * p.HV + hv) * kK * p.V + v0
+                          : nullptr;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = acc_row(lane, kWarpRows * warp + 16 * mt, e), c = acc_col(lane, 8 * n, e);
+          S[mt][n][e] = h0 != nullptr ? h0[r * p.V + c] : 0.f;
+        }
+      }
+    }
+  }
+
+  char* s_s = smem + L::kS;
+  char* s_u = smem + L::kUpd;
+  const float* decay_last = p.decay_last + (static_cast<int64_t>(b) * p.HV + hv) * p.chunks;
+  Elem* out = static_cast<Elem*>(p.out) + b * static_cast<int64_t>(p.T) * p.HV * p.V + hv * p.V + v0;
+  const int64_t out_row_stride = static_cast<int64_t>(p.HV) * p.V;
+  const int a_off = a_lane_offset<TileK>(lane);
+  const int a_tr_off = a_trans_lane_offset<TileK>(lane);
+  const int s_off = b_trans_lane_offset<TileS>(lane);
+  const int u_off = b_trans_lane_offset<TileVt>(lane);
+
+  load_chunk(0, 0);
+#pragma unroll 1
+  for (int c = 0; c < p.chunks; ++c) {
+    const int stage = c & 1;
+    char* st = smem + stage * L::kStage;
+    if (c + 1 < p.chunks) {
+      load_chunk(c + 1, stage ^ 1);
+      ptx::cp_async_wait<1>();
+    } else {
+      ptx::cp_async_wait<0>();
+    }
+    // S (input dtype) for the products with the chunk's rows.
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = acc_row(lane, kWarpRows * warp + 16 * mt, 2 * half), col = acc_col(lane, 8 * n, 0);
+          store_pair<Elem>(s_s, TileS::offset(r, col), S[mt][n][2 * half], S[mt][n][2 * half + 1]);
+        }
+      }
+    }
+    __syncthreads();
+
+    float x[kN][4], y[kN][4];
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[n][e] = y[n][e] = 0.f;
+    }
+    const uint32_t qt_tile = ptx::smem_u32(st + L::kQt), w_tile = ptx::smem_u32(st + L::kW);
+    const uint32_t s_tile = ptx::smem_u32(s_s);
+#pragma unroll
+    for (int k0 = 0; k0 < kK; k0 += 16) {
+      uint32_t aq[4], aw[4];
+      load_a<TileK>(aq, qt_tile, a_off, 16 * warp, k0);
+      if (kDelta) load_a<TileK>(aw, w_tile, a_off, 16 * warp, k0);
+#pragma unroll
+      for (int n0 = 0; n0 < kVt; n0 += 16) {
+        uint32_t bs[4];
+        load_b_trans_pair<TileS>(bs, s_tile, s_off, k0, n0);
+        ptx::mma_m16n8k16<Elem>(x[n0 / 8], aq, bs[0], bs[1]);
+        ptx::mma_m16n8k16<Elem>(x[n0 / 8 + 1], aq, bs[2], bs[3]);
+        if (kDelta) {
+          ptx::mma_m16n8k16<Elem>(y[n0 / 8], aw, bs[0], bs[1]);
+          ptx::mma_m16n8k16<Elem>(y[n0 / 8 + 1], aw, bs[2], bs[3]);
+        }
+      }
+    }
+    const int valid = min(C, p.T - c * C);
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = acc_row(lane, 16 * warp, 2 * half), col = acc_col(lane, 8 * n, 0);
+        float o0, o1;
+        load_pair<Elem>(st + L::kOi, TileVt::offset(r, col), o0, o1);
+        if (r < valid) {
+          store_pair_global<Elem>(out + (static_cast<int64_t>(c) * C + r) * out_row_stride + col,
+                                  o0 + x[n][2 * half], o1 + x[n][2 * half + 1]);
+        }
+        if (kDelta) {
+          float u0, u1;
+          load_pair<Elem>(st + L::kU, TileVt::offset(r, col), u0, u1);
+          store_pair<Elem>(s_u, TileVt::offset(r, col), u0 - y[n][2 * half], u1 - y[n][2 * half + 1]);
+        }
+      }
+    }
+    __syncthreads();
+
+    // S = e^{b_last} S + Kt^T u.
+    const float d = decay_last[c];
+    const uint32_t kt_tile = ptx::smem_u32(st + L::kKt);
+    const uint32_t u_tile = kDelta ? ptx::smem_u32(s_u) : ptx::smem_u32(st + L::kU);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) S[mt][n][e] *= d;
+      }
+    }
+#pragma unroll
+    for (int k0 = 0; k0 < C; k0 += 16) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) load_a_trans<TileK>(a[mt], kt_tile, a_tr_off, kWarpRows * warp + 16 * mt, k0);
+#pragma unroll
+      for (int n0 = 0; n0 < kVt; n0 += 16) {
+        uint32_t bu[4];
+        load_b_trans_pair<TileVt>(bu, u_tile, u_off, k0, n0);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          ptx::mma_m16n8k16<Elem>(S[mt][n0 / 8], a[mt], bu[0], bu[1]);
+          ptx::mma_m16n8k16<Elem>(S[mt][n0 / 8 + 1], a[mt], bu[2], bu[3]);
+        }
+      }
+    }
+    __syncthreads();  // this stage and s_s / s_u are rewritten next
+  }
+
+  if (p.final_state != nullptr) {
+    float* fs = p.final_state + (static_cast<int64_t>(b) * p.HV + hv) * kK * p.V + v0;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          fs[acc_row(lane, kWarpRows * warp + 16 * mt, e) * p.V + acc_col(lane, 8 * n, e)] = S[mt][n][e];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename Elem, int kK, int kVt, bool kDelta>
+cudaError_t launch_linear_chunk_scan(const LinearChunkParams& p, cudaStream_t stream) {
+  using L = ScanSmem<kK, kVt, kDelta>;
+  auto kernel = linear_chunk_scan_kernel<Elem, kK, kVt, kDelta>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kTotal);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(p.V / kVt), static_cast<unsigned>(p.HV), static_cast<unsigned>(p.B));
+  kernel<<<grid, kThreads, L::kTotal, stream>>>(p);
+  return cudaGetLastError();
+}
+
+#define FASTATTN_LINEAR_SCAN(E, K)                                                                     \
+  template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanCols, true>(const LinearChunkParams&, \
+                                                                             cudaStream_t);            \
+  template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanCols, false>(const LinearChunkParams&,\
+                                                                              cudaStream_t);
+FASTATTN_LINEAR_SCAN(__half, 64)
+FASTATTN_LINEAR_SCAN(__half, 128)
+FASTATTN_LINEAR_SCAN(__nv_bfloat16, 64)
+FASTATTN_LINEAR_SCAN(__nv_bfloat16, 128)
+#undef FASTATTN_LINEAR_SCAN
+
+}  // namespace gpu
+}  // namespace fastattn
