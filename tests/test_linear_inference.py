@@ -128,8 +128,8 @@ def test_chunk_ops_without_gradients_take_the_recurrence(device):
     torch.testing.assert_close(S1, S2.detach(), atol=2e-5, rtol=2e-5)
 
 
-def pool_case(device, dtype, index_dtype, state_v_first, T_per_seq, seed=0):
-    H, HV, K, V, P = 2, 4, 64, 48, 9
+def pool_case(device, dtype, index_dtype, state_v_first, T_per_seq, seed=0, V=48):
+    H, HV, K, P = 2, 4, 64, 9
     gen = torch.Generator().manual_seed(seed)
     N = len(T_per_seq)
     cu = torch.tensor([0] + list(torch.tensor(T_per_seq).cumsum(0)), dtype=torch.int32)
@@ -194,6 +194,28 @@ def test_decode_over_a_pool_with_padding_slots(device, state_v_first, index_dtyp
         if slot >= 0:
             torch.testing.assert_close(c["pool"][slot].cpu().double(), ref_finals[n][0], atol=1e-5,
                                        rtol=1e-5)
+    untouched = [i for i in range(c["pool"].shape[0]) if i not in slots]
+    assert torch.equal(c["pool"][untouched], start[untouched])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("state_v_first", [False, True])
+def test_chunked_prefill_over_a_pool(state_v_first):
+    """Serving prefill: a varlen batch of long and short sequences (chunked kernels) starts
+    from pool slots (one padding slot) and writes the final states back in place."""
+    c = pool_case("cuda", torch.bfloat16, torch.int32, state_v_first, [300, 1, 129, 64, 700], V=64)
+    ref_o, ref_finals = pool_reference(c, state_v_first)
+    start = c["pool"].clone()
+    with torch.no_grad():
+        o, _ = la.fused_recurrent_gated_delta_rule(
+            c["q"], c["k"], c["v"], c["g"], c["beta"], initial_state=c["pool"], cu_seqlens=c["cu"],
+            ssm_state_indices=c["slots"], inplace_final_state=True, state_v_first=state_v_first)
+    rel = lambda a, r: ((a.cpu().double() - r).norm() / r.norm()).item()
+    assert rel(o, ref_o) < 2e-2
+    slots = c["slots"].tolist()
+    for n, slot in enumerate(slots):
+        if slot >= 0:
+            assert rel(c["pool"][slot], ref_finals[n][0]) < 2e-2, n
     untouched = [i for i in range(c["pool"].shape[0]) if i not in slots]
     assert torch.equal(c["pool"][untouched], start[untouched])
 

@@ -1,5 +1,6 @@
 // CUDA glue of linear_recurrent / linear_recurrent_update: checks, params
-// from tensors, launch on the current stream. linear_recurrent runs the
+// from tensors, launch on the current stream. cu_seqlens is not validated on
+// the host (that would sync): the kernels clamp its values into [0, T]. linear_recurrent runs the
 // recurrence kernel (linear_recurrent.cu), or for long dense sequences the
 // chunked kernels (linear_chunk_*.cu). No host sync and no reads of
 // device data (CUDA-graph capturable): a state_indices slot outside the pool
@@ -97,45 +98,42 @@ LinearRecurrentParams make_params(const LinearRecurrentProblem& s, const at::Ten
   return p;
 }
 
-// Sequences longer than one chunk go through the chunked kernels
-// (linear_chunk_params.h) when they serve the call: dense batches (no
-// cu_seqlens, no state pool), K == V in {64, 128}, fp16/bf16, a decay per
-// (token, head) or none.
-constexpr int64_t kChunkedMinT = LinearChunkParams::kChunk + 1;
-
-bool chunked_serves(const LinearRecurrentProblem& s, const at::Tensor& q,
-                    const std::optional<at::Tensor>& state_indices,
-                    const std::optional<at::Tensor>& cu_seqlens) {
-  return s.T >= kChunkedMinT && !cu_seqlens && !state_indices && !s.g_per_key &&
+// Calls with more than one chunk of tokens go through the chunked kernels
+// (linear_chunk_params.h) when they serve them: K == V in {64, 128},
+// fp16/bf16, a decay per (token, head) or none, and for varlen batches an
+// average of at least 8 tokens per sequence (decode batches, one to a few
+// tokens per sequence, stay on the recurrence kernel, which needs no workspace).
+bool chunked_serves(const LinearRecurrentProblem& s, const at::Tensor& q) {
+  constexpr int64_t kChunk = LinearChunkParams::kChunk;
+  return s.T > kChunk && (!s.varlen || s.T >= 8 * s.N) && !s.g_per_key &&
          (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
-         gpu::linear_chunk_supported(static_cast<int>(s.K), static_cast<int>(s.V)) && s.B <= 65535;
+         gpu::linear_chunk_supported(static_cast<int>(s.K), static_cast<int>(s.V)) && s.B <= 65535 &&
+         s.N <= 65535;
 }
 
 // The cp.async tiles read 16-byte pieces: base and row strides aligned.
 at::Tensor chunk_readable(const at::Tensor& t) {
   const int64_t e = t.element_size();
   bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int d = 0; d < 3; ++d) ok = ok && (t.stride(d) * e) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || (t.stride(d) * e) % 16 == 0);
   return ok ? t : t.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_chunked_cuda(
-    const LinearRecurrentProblem& s, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& beta,
-    const std::optional<at::Tensor>& initial_state, double scale, bool delta, bool qk_l2norm,
-    bool state_v_first, bool output_final_state) {
-  at::Tensor q = q_in, k = k_in;
-  if (qk_l2norm) {  // x / sqrt(|x|^2 + 1e-6) in fp32, rounded to the input dtype for the tiles
-    auto l2 = [](const at::Tensor& x) {
-      const at::Tensor xf = x.to(at::kFloat);
-      return (xf * at::rsqrt(xf.pow(2).sum(-1, true) + 1e-6)).to(x.scalar_type());
-    };
-    q = l2(q);
-    k = l2(k);
-  }
-  q = chunk_readable(q);
-  k = chunk_readable(k);
+at::Tensor l2_normalized(const at::Tensor& x) {  // x / sqrt(|x|^2 + 1e-6) in fp32
+  const at::Tensor xf = x.to(at::kFloat);
+  return (xf * at::rsqrt(xf.pow(2).sum(-1, true) + 1e-6)).to(x.scalar_type());
+}
+
+// The chunked kernels for the call described by rp (states, indices, gates,
+// sizes, out); q, k, v: the original tensors (normalized / copied here as the
+// tiles need).
+void run_chunked(const LinearRecurrentParams& rp, const LinearRecurrentProblem& s, const at::Tensor& q_in,
+                 const at::Tensor& k_in, const at::Tensor& v_in,
+                 const std::optional<at::Tensor>& cu_seqlens) {
+  const at::Tensor q = chunk_readable(rp.qk_l2norm ? l2_normalized(q_in) : q_in);
+  const at::Tensor k = chunk_readable(rp.qk_l2norm ? l2_normalized(k_in) : k_in);
   const at::Tensor v = chunk_readable(v_in);
+  constexpr int64_t kChunk = LinearChunkParams::kChunk;
   LinearChunkParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -143,50 +141,72 @@ std::tuple<at::Tensor, at::Tensor> linear_chunked_cuda(
   p.q_stride_b = q.stride(0), p.q_stride_t = q.stride(1), p.q_stride_h = q.stride(2);
   p.k_stride_b = k.stride(0), p.k_stride_t = k.stride(1), p.k_stride_h = k.stride(2);
   p.v_stride_b = v.stride(0), p.v_stride_t = v.stride(1), p.v_stride_h = v.stride(2);
-  p.g = g ? g->data_ptr<float>() : nullptr;
-  p.beta = beta ? beta->data_ptr<float>() : nullptr;
-  p.B = static_cast<int>(s.B), p.T = static_cast<int>(s.T), p.H = static_cast<int>(s.H);
-  p.HV = static_cast<int>(s.HV), p.K = static_cast<int>(s.K), p.V = static_cast<int>(s.V);
-  p.chunks = static_cast<int>((s.T + LinearChunkParams::kChunk - 1) / LinearChunkParams::kChunk);
-  p.scale = static_cast<float>(scale);
-  p.delta = delta;
+  p.g = rp.g;
+  p.beta = rp.beta;
+  p.state_in = rp.state_in;
+  p.state_out = rp.state_out;
+  p.indices = rp.indices;
+  p.indices_int64 = rp.indices_int64;
+  p.num_slots = rp.num_slots;
+  p.out = rp.out;
+  p.B = rp.B, p.T = rp.T, p.H = rp.H, p.HV = rp.HV, p.K = rp.K, p.V = rp.V, p.N = rp.N;
+  p.scale = rp.scale;
+  p.delta = rp.delta;
   p.dtype = q.scalar_type() == at::kHalf ? ElemType::kFloat16 : ElemType::kBFloat16;
-
+  at::Tensor offsets;
+  if (cu_seqlens) {
+    // Sequence n owns chunks [offsets[n], offsets[n + 1]); sum ceil(len / 64) <= T / 64 + N.
+    const at::Tensor lens = (cu_seqlens->slice(0, 1) - cu_seqlens->slice(0, 0, -1)).clamp_min(0);
+    offsets = at::zeros({s.N + 1}, cu_seqlens->options());
+    offsets.slice(0, 1).copy_(at::floor_divide(lens + (kChunk - 1), kChunk).cumsum(0));
+    p.cu_seqlens = rp.cu_seqlens;
+    p.chunk_offsets = offsets.data_ptr<int32_t>();
+    p.chunks = static_cast<int>(s.T / kChunk + s.N);
+  } else {
+    p.chunks = static_cast<int>((s.T + kChunk - 1) / kChunk);
+  }
   auto work = at::empty({gpu::linear_chunk_workspace_elems(p)}, q.options());
   auto work_f = at::empty({gpu::linear_chunk_workspace_floats(p)}, q.options().dtype(at::kFloat));
-  const int64_t rows = static_cast<int64_t>(p.B) * p.HV * p.chunks * LinearChunkParams::kChunk;
-  char* base = static_cast<char*>(work.data_ptr());
-  const int64_t eb = work.element_size();
-  int64_t at_elem = 0;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.HV * p.chunks * kChunk;
+  char* next = static_cast<char*>(work.data_ptr());
   auto take = [&](int64_t elems) {
-    void* ptr = base + at_elem * eb;
-    at_elem += elems;
+    void* ptr = next;
+    next += elems * work.element_size();
     return ptr;
   };
   p.qt = take(rows * p.K);
   p.kt = take(rows * p.K);
   p.o_intra = take(rows * p.V);
-  if (delta) {
+  if (p.delta) {
     p.w = take(rows * p.K);
     p.u = take(rows * p.V);
   }
   p.decay_last = work_f.data_ptr<float>();
-
-  at::Tensor h0;
-  if (initial_state) {
-    h0 = (state_v_first ? initial_state->transpose(-1, -2) : *initial_state).contiguous();
-    p.initial_state = h0.data_ptr<float>();
-  }
-  auto final_state = at::empty(output_final_state ? at::IntArrayRef({s.N, s.HV, s.K, s.V})
-                                                  : at::IntArrayRef({0}),
-                               q.options().dtype(at::kFloat));
-  if (output_final_state) p.final_state = final_state.data_ptr<float>();
-  auto out = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
-  p.out = out.data_ptr();
   glue::check_launch(gpu::run_linear_chunk_fwd(p, at::cuda::getCurrentCUDAStream()),
                      "linear chunked forward");
-  if (output_final_state && state_v_first) final_state = final_state.transpose(-1, -2).contiguous();
-  return {out, final_state};
+}
+
+// One call of either op: states read from state_in (indexed by state_indices
+// when given), written to state_out (indexed when out_indexed).
+at::Tensor run_linear(const LinearRecurrentProblem& s, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const std::optional<at::Tensor>& g,
+                      const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& state_in,
+                      const at::Tensor* state_out, bool out_indexed,
+                      const std::optional<at::Tensor>& state_indices,
+                      const std::optional<at::Tensor>& cu_seqlens, double scale, bool delta,
+                      bool qk_l2norm, bool state_v_first, const char* what) {
+  c10::cuda::CUDAGuard guard(q.device());
+  auto out = at::empty(v.sizes(), v.options());
+  LinearRecurrentParams p = make_params(s, q, k, v, out, g, beta, state_in, state_indices, cu_seqlens,
+                                        scale, delta, qk_l2norm);
+  if (state_in) p.state_in = state_ref(*state_in, state_v_first, state_indices.has_value());
+  if (state_out != nullptr) p.state_out = state_ref(*state_out, state_v_first, out_indexed);
+  if (chunked_serves(s, q)) {
+    run_chunked(p, s, q, k, v, cu_seqlens);
+  } else {
+    glue::check_launch(gpu::run_linear_recurrent(p, at::cuda::getCurrentCUDAStream()), what);
+  }
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_recurrent_cuda(
@@ -196,28 +216,14 @@ std::tuple<at::Tensor, at::Tensor> linear_recurrent_cuda(
     double scale, bool delta, bool qk_l2norm, bool state_v_first, bool output_final_state) {
   const LinearRecurrentProblem s = check_linear_recurrent_args(q, k, v, g, beta, initial_state,
                                                                state_indices, cu_seqlens, state_v_first);
-  c10::cuda::CUDAGuard guard(q.device());
-  if (chunked_serves(s, q, state_indices, cu_seqlens)) {
-    glue::check_cuda_devices(q, {{&k, "k"},
-                                 {&v, "v"},
-                                 {g ? &*g : nullptr, "g"},
-                                 {beta ? &*beta : nullptr, "beta"},
-                                 {initial_state ? &*initial_state : nullptr, "initial_state"}});
-    return linear_chunked_cuda(s, q, k, v, g, beta, initial_state, scale, delta, qk_l2norm,
-                               state_v_first, output_final_state);
-  }
-  auto out = at::empty(v.sizes(), v.options());
   auto final_state = output_final_state
                          ? at::empty(state_v_first ? at::IntArrayRef({s.N, s.HV, s.V, s.K})
                                                    : at::IntArrayRef({s.N, s.HV, s.K, s.V}),
                                      q.options().dtype(at::kFloat))
                          : at::empty({0}, q.options().dtype(at::kFloat));
-  LinearRecurrentParams p = make_params(s, q, k, v, out, g, beta, initial_state, state_indices,
-                                        cu_seqlens, scale, delta, qk_l2norm);
-  if (initial_state) p.state_in = state_ref(*initial_state, state_v_first, state_indices.has_value());
-  if (output_final_state) p.state_out = state_ref(final_state, state_v_first, false);
-  glue::check_launch(gpu::run_linear_recurrent(p, at::cuda::getCurrentCUDAStream()),
-                     "linear_recurrent");
+  auto out = run_linear(s, q, k, v, g, beta, initial_state, output_final_state ? &final_state : nullptr,
+                        false, state_indices, cu_seqlens, scale, delta, qk_l2norm, state_v_first,
+                        "linear_recurrent");
   return {out, final_state};
 }
 
@@ -229,16 +235,8 @@ at::Tensor linear_recurrent_update_cuda(const at::Tensor& q, const at::Tensor& k
                                         bool delta, bool qk_l2norm, bool state_v_first) {
   const LinearRecurrentProblem s = check_linear_recurrent_args(q, k, v, g, beta, state, state_indices,
                                                                cu_seqlens, state_v_first);
-  c10::cuda::CUDAGuard guard(q.device());
-  auto out = at::empty(v.sizes(), v.options());
-  LinearRecurrentParams p = make_params(s, q, k, v, out, g, beta, state, state_indices, cu_seqlens,
-                                        scale, delta, qk_l2norm);
-  const bool indexed = state_indices.has_value();
-  p.state_in = state_ref(state, state_v_first, indexed);
-  p.state_out = p.state_in;
-  glue::check_launch(gpu::run_linear_recurrent(p, at::cuda::getCurrentCUDAStream()),
-                     "linear_recurrent_update");
-  return out;
+  return run_linear(s, q, k, v, g, beta, state, &state, state_indices.has_value(), state_indices,
+                    cu_seqlens, scale, delta, qk_l2norm, state_v_first, "linear_recurrent_update");
 }
 
 }  // namespace

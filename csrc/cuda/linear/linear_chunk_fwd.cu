@@ -26,10 +26,11 @@ cudaError_t run_elem(const LinearChunkParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t run_linear_chunk_fwd(const LinearChunkParams& p, cudaStream_t stream) {
-  if (!linear_chunk_supported(p.K, p.V) || p.H < 1 || p.HV % p.H != 0 || p.HV > 65535 || p.B > 65535) {
+  if (!linear_chunk_supported(p.K, p.V) || p.H < 1 || p.HV % p.H != 0 || p.HV > 65535 || p.B > 65535 ||
+      p.N > 65535) {
     return cudaErrorInvalidValue;
   }
-  if (p.B == 0 || p.HV == 0 || p.chunks == 0) return cudaSuccess;
+  if (p.N == 0 || p.HV == 0) return cudaSuccess;
   return p.dtype == ElemType::kFloat16 ? run_elem<__half>(p, stream) : run_elem<__nv_bfloat16>(p, stream);
 }
 

@@ -158,11 +158,26 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float s_warp0_total;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int chunk = blockIdx.x, hv = blockIdx.y, b = blockIdx.z;
+  const int wc = blockIdx.x, hv = blockIdx.y, b = blockIdx.z;  // wc: workspace chunk
   const int h = hv / (p.HV / p.H);
-  const int t0 = chunk * C;
-  const int len = min(C, p.T - t0);
-  const int64_t t_pad = static_cast<int64_t>(p.chunks) * C;
+  // Tokens [t0, t0 + len) of batch row b.
+  int t0, seq_end;
+  if (p.cu_seqlens != nullptr) {
+    if (wc >= p.chunk_offsets[p.N]) return;  // past the last chunk (the grid is an upper bound)
+    int lo = 0, hi = p.N;  // the last sequence n with chunk_offsets[n] <= wc
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (p.chunk_offsets[mid] <= wc) lo = mid; else hi = mid;
+    }
+    // Clamped into [0, T]: a bad cu_seqlens reads nothing out of range.
+    seq_end = min(max(p.cu_seqlens[lo + 1], 0), p.T);
+    t0 = min(max(p.cu_seqlens[lo], 0) + (wc - p.chunk_offsets[lo]) * C, seq_end);
+  } else {
+    t0 = wc * C;
+    seq_end = p.T;
+  }
+  const int len = min(C, seq_end - t0);
+  const int64_t row0 = ((static_cast<int64_t>(b) * p.HV + hv) * p.chunks + wc) * C;  // workspace row
 
   const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride_b + t0 * p.q_stride_t + h * p.q_stride_h;
   const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride_b + t0 * p.k_stride_t + h * p.k_stride_h;
@@ -244,7 +259,7 @@ __global__ void __launch_bounds__(kThreads)
   // beta e^b K and beta V replace K and V in shared memory.
   const float b_last = s_b[C - 1];
   {
-    Elem* kt = static_cast<Elem*>(p.kt) + ((static_cast<int64_t>(b) * p.HV + hv) * t_pad + t0) * kK;
+    Elem* kt = static_cast<Elem*>(p.kt) + row0 * kK;
     for (int e = tid; e < C * kK / 2; e += kThreads) {
       const int r = e / (kK / 2), c = 2 * (e % (kK / 2));
       float x0, x1;
@@ -264,11 +279,10 @@ __global__ void __launch_bounds__(kThreads)
         store_pair<Elem>(s_v, TileV::offset(r, c), x0 * s_beta[r], x1 * s_beta[r]);
       }
     }
-    if (tid == 0) p.decay_last[(static_cast<int64_t>(b) * p.HV + hv) * p.chunks + chunk] = __expf(b_last);
+    if (tid == 0) p.decay_last[(static_cast<int64_t>(b) * p.HV + hv) * p.chunks + wc] = __expf(b_last);
   }
   __syncthreads();
 
-  const int64_t row0 = (static_cast<int64_t>(b) * p.HV + hv) * t_pad + t0;
   if (kDelta) {
     // W = T (beta e^b K), U = T (beta V): each replaces its operand in shared
     // memory (after every warp has read it) and goes to the workspace.

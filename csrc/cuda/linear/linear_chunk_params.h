@@ -22,10 +22,19 @@
 // 2. scan (one CTA per sequence, value head and slice of V, chunks in order):
 //    the state slice in registers as mma accumulators; per chunk
 //    O = O_intra + Qt S0, u = U - W S0, S <- e^{b_last} S + Kt^T u.
+//
+// Varlen (B == 1, cu_seqlens): chunks never cross a sequence's end; sequence
+// n owns workspace chunks [chunk_offsets[n], chunk_offsets[n + 1]) (offsets
+// computed on the device, so no host sync), `chunks` is an upper bound
+// (T / 64 + N) and the chunk-local CTAs past the last chunk exit. States are
+// read and written through LinearStateRef (linear_params.h): a pool addressed
+// by `indices` (negative or out-of-range slot: padding, zero state, nothing
+// written), any strides (state_v_first).
 #pragma once
 #include <cstdint>
 
 #include "cuda/common/params.h"
+#include "cuda/linear/linear_params.h"
 
 namespace fastattn {
 
@@ -40,19 +49,25 @@ struct LinearChunkParams {
   int64_t v_stride_b = 0, v_stride_t = 0, v_stride_h = 0;
   const float* g = nullptr;     // contiguous (B, T, HV) log decays; nullptr: none
   const float* beta = nullptr;  // contiguous (B, T, HV); nullptr: 1 (delta rule)
-  // Workspace (B, HV, T_pad, .) with T_pad = chunks * 64, contiguous.
+  // Varlen: cu_seqlens (N + 1) and chunk_offsets (N + 1), both int32; nullptr: dense.
+  const int32_t* cu_seqlens = nullptr;
+  const int32_t* chunk_offsets = nullptr;
+  // Workspace (B, HV, chunks * 64, .), contiguous.
   void* qt = nullptr;       // (.., K)
   void* w = nullptr;        // (.., K), delta rule only
   void* kt = nullptr;       // (.., K)
   void* u = nullptr;        // (.., V), delta rule only (else the scan reads v)
   void* o_intra = nullptr;  // (.., V)
   float* decay_last = nullptr;  // (B, HV, chunks): e^{b_last}
-  // States fp32 (B, HV, K, V) contiguous; nullptr: zeros / not written.
-  const float* initial_state = nullptr;
-  float* final_state = nullptr;
+  // States fp32 (state_in.ptr nullptr: zeros; state_out.ptr nullptr: not written).
+  LinearStateRef state_in, state_out;
+  const void* indices = nullptr;  // (N,) int32 / int64 slots of indexed state refs
+  bool indices_int64 = false;
+  int64_t num_slots = 0;
   void* out = nullptr;  // (B, T, HV, V) contiguous, the input dtype
   int B = 0, T = 0, H = 0, HV = 0, K = 0, V = 0;
-  int chunks = 0;  // ceil(T / 64)
+  int N = 0;       // sequences: B, or cu_seqlens' N
+  int chunks = 0;  // workspace chunks per (batch, head): ceil(T / 64), varlen T / 64 + N
   float scale = 1.f;
   bool delta = false;
   ElemType dtype = ElemType::kBFloat16;

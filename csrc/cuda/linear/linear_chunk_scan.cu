@@ -17,6 +17,7 @@
 
 #include "cuda/linear/linear_chunk_launch.h"
 #include "cuda/linear/linear_chunk_tiles.h"
+#include "cuda/linear/linear_state_slot.h"
 
 namespace fastattn {
 namespace gpu {
@@ -54,32 +55,36 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kWarpRows = 16 * kMT;
   extern __shared__ __align__(128) char smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int v0 = blockIdx.x * kVt, hv = blockIdx.y, b = blockIdx.z;
-  const int64_t t_pad = static_cast<int64_t>(p.chunks) * C;
-  const int64_t head_row0 = (static_cast<int64_t>(b) * p.HV + hv) * t_pad;  // workspace row of t = 0
+  const int v0 = blockIdx.x * kVt, hv = blockIdx.y, n = blockIdx.z;  // n: sequence
+  const bool varlen = p.cu_seqlens != nullptr;
+  const int b = varlen ? 0 : n;
+  // Clamped: a bad cu_seqlens reads nothing outside the tensors / workspace.
+  const int c_end = varlen ? min(max(p.chunk_offsets[n + 1], 0), p.chunks) : p.chunks;
+  const int c_begin = varlen ? min(max(p.chunk_offsets[n], 0), c_end) : 0;
+  const int t_end = varlen ? min(max(p.cu_seqlens[n + 1], 0), p.T) : p.T;
+  const int t_begin = varlen ? min(max(p.cu_seqlens[n], 0), t_end) : 0;
+  const int64_t head_row0 = (static_cast<int64_t>(b) * p.HV + hv) * p.chunks * C;  // workspace row of chunk 0
 
   const Elem* qt = static_cast<const Elem*>(p.qt) + head_row0 * kK;
   const Elem* w = kDelta ? static_cast<const Elem*>(p.w) + head_row0 * kK : nullptr;
   const Elem* kt = static_cast<const Elem*>(p.kt) + head_row0 * kK;
   const Elem* oi = static_cast<const Elem*>(p.o_intra) + head_row0 * p.V + v0;
-  // U: the workspace (delta rule) or v itself.
-  const Elem* u_src;
-  int64_t u_row_stride;
-  if (kDelta) {
-    u_src = static_cast<const Elem*>(p.u) + head_row0 * p.V + v0;
-    u_row_stride = p.V;
-  } else {
-    u_src = static_cast<const Elem*>(p.v) + b * p.v_stride_b + hv * p.v_stride_h + v0;
-    u_row_stride = p.v_stride_t;
-  }
+  const Elem* u_ws = kDelta ? static_cast<const Elem*>(p.u) + head_row0 * p.V + v0 : nullptr;
+  const Elem* v_in = static_cast<const Elem*>(p.v) + b * p.v_stride_b + hv * p.v_stride_h + v0;
+  // Chunk c (workspace index) starts at token t_begin + (c - c_begin) * C.
   auto load_chunk = [&](int c, int stage) {
     const uint32_t base = ptx::smem_u32(smem + stage * L::kStage);
     const int64_t r0 = static_cast<int64_t>(c) * C;
-    const int valid = min(C, p.T - c * C);
+    const int tok = t_begin + (c - c_begin) * C;
     load_rows_async<TileK>(base + L::kQt, qt + r0 * kK, kK, C);
     if (kDelta) load_rows_async<TileK>(base + L::kW, w + r0 * kK, kK, C);
     load_rows_async<TileK>(base + L::kKt, kt + r0 * kK, kK, C);
-    load_rows_async<TileVt>(base + L::kU, u_src + r0 * u_row_stride, u_row_stride, valid);
+    if (kDelta) {
+      load_rows_async<TileVt>(base + L::kU, u_ws + r0 * p.V, p.V, C);
+    } else {  // U = V: read v itself, rows past the sequence zero-filled
+      load_rows_async<TileVt>(base + L::kU, v_in + static_cast<int64_t>(tok) * p.v_stride_t, p.v_stride_t,
+                              min(C, t_end - tok));
+    }
     load_rows_async<TileVt>(base + L::kOi, oi + r0 * p.V, p.V, C);
     ptx::cp_async_commit();
   };
@@ -87,17 +92,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   // S: m16 tiles mt of warp w's key rows x kN n8 tiles.
   float S[kMT][kN][4];
   {
-    const float* h0 = p.initial_state != nullptr
-                          ? p.initial_state + (static_cast<int64_t>(b) * p.HV + hv) * kK * p.V + v0
-                          : nullptr;
+    const int64_t slot = linear_state_slot(p.state_in, p.indices, p.indices_int64, p.num_slots, n);
+    const LinearStateRef& in = p.state_in;
+    const float* h0 = slot >= 0 ? in.ptr + slot * in.stride_slot + hv * in.stride_head +
+                                      static_cast<int64_t>(v0) * in.stride_v
+                                : nullptr;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int n = 0; n < kN; ++n) {
+      for (int nt = 0; nt < kN; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = acc_row(lane, kWarpRows * warp + 16 * mt, e), c = acc_col(lane, 8 * n, e);
-          S[mt][n][e] = h0 != nullptr ? h0[r * p.V + c] : 0.f;
+          const int r = acc_row(lane, kWarpRows * warp + 16 * mt, e), c = acc_col(lane, 8 * nt, e);
+          S[mt][nt][e] = h0 != nullptr ? h0[r * in.stride_k + c * in.stride_v] : 0.f;
         }
       }
     }
@@ -106,19 +113,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   char* s_s = smem + L::kS;
   char* s_u = smem + L::kUpd;
   const float* decay_last = p.decay_last + (static_cast<int64_t>(b) * p.HV + hv) * p.chunks;
-  Elem* out = static_cast<Elem*>(p.out) + b * static_cast<int64_t>(p.T) * p.HV * p.V + hv * p.V + v0;
+  Elem* out = static_cast<Elem*>(p.out) + b * static_cast<int64_t>(p.T) * p.HV * p.V + hv * p.V + v0;  // token 0
   const int64_t out_row_stride = static_cast<int64_t>(p.HV) * p.V;
   const int a_off = a_lane_offset<TileK>(lane);
   const int a_tr_off = a_trans_lane_offset<TileK>(lane);
   const int s_off = b_trans_lane_offset<TileS>(lane);
   const int u_off = b_trans_lane_offset<TileVt>(lane);
 
-  load_chunk(0, 0);
+  if (c_begin < c_end) load_chunk(c_begin, 0);
 #pragma unroll 1
-  for (int c = 0; c < p.chunks; ++c) {
-    const int stage = c & 1;
+  for (int c = c_begin; c < c_end; ++c) {
+    const int stage = (c - c_begin) & 1;
+    const int tok = t_begin + (c - c_begin) * C;
     char* st = smem + stage * L::kStage;
-    if (c + 1 < p.chunks) {
+    if (c + 1 < c_end) {
       load_chunk(c + 1, stage ^ 1);
       ptx::cp_async_wait<1>();
     } else {
@@ -128,11 +136,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int n = 0; n < kN; ++n) {
+      for (int nt = 0; nt < kN; ++nt) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int r = acc_row(lane, kWarpRows * warp + 16 * mt, 2 * half), col = acc_col(lane, 8 * n, 0);
-          store_pair<Elem>(s_s, TileS::offset(r, col), S[mt][n][2 * half], S[mt][n][2 * half + 1]);
+          const int r = acc_row(lane, kWarpRows * warp + 16 * mt, 2 * half), col = acc_col(lane, 8 * nt, 0);
+          store_pair<Elem>(s_s, TileS::offset(r, col), S[mt][nt][2 * half], S[mt][nt][2 * half + 1]);
         }
       }
     }
@@ -140,9 +148,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     float x[kN][4], y[kN][4];
 #pragma unroll
-    for (int n = 0; n < kN; ++n) {
+    for (int nt = 0; nt < kN; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) x[n][e] = y[n][e] = 0.f;
+      for (int e = 0; e < 4; ++e) x[nt][e] = y[nt][e] = 0.f;
     }
     const uint32_t qt_tile = ptx::smem_u32(st + L::kQt), w_tile = ptx::smem_u32(st + L::kW);
     const uint32_t s_tile = ptx::smem_u32(s_s);
@@ -163,22 +171,22 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    const int valid = min(C, p.T - c * C);
+    const int valid = min(C, t_end - tok);
 #pragma unroll
-    for (int n = 0; n < kN; ++n) {
+    for (int nt = 0; nt < kN; ++nt) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int r = acc_row(lane, 16 * warp, 2 * half), col = acc_col(lane, 8 * n, 0);
+        const int r = acc_row(lane, 16 * warp, 2 * half), col = acc_col(lane, 8 * nt, 0);
         float o0, o1;
         load_pair<Elem>(st + L::kOi, TileVt::offset(r, col), o0, o1);
         if (r < valid) {
-          store_pair_global<Elem>(out + (static_cast<int64_t>(c) * C + r) * out_row_stride + col,
-                                  o0 + x[n][2 * half], o1 + x[n][2 * half + 1]);
+          store_pair_global<Elem>(out + (static_cast<int64_t>(tok) + r) * out_row_stride + col,
+                                  o0 + x[nt][2 * half], o1 + x[nt][2 * half + 1]);
         }
         if (kDelta) {
           float u0, u1;
           load_pair<Elem>(st + L::kU, TileVt::offset(r, col), u0, u1);
-          store_pair<Elem>(s_u, TileVt::offset(r, col), u0 - y[n][2 * half], u1 - y[n][2 * half + 1]);
+          store_pair<Elem>(s_u, TileVt::offset(r, col), u0 - y[nt][2 * half], u1 - y[nt][2 * half + 1]);
         }
       }
     }
@@ -191,9 +199,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int n = 0; n < kN; ++n) {
+      for (int nt = 0; nt < kN; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) S[mt][n][e] *= d;
+        for (int e = 0; e < 4; ++e) S[mt][nt][e] *= d;
       }
     }
 #pragma unroll
@@ -215,15 +223,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();  // this stage and s_s / s_u are rewritten next
   }
 
-  if (p.final_state != nullptr) {
-    float* fs = p.final_state + (static_cast<int64_t>(b) * p.HV + hv) * kK * p.V + v0;
+  const int64_t slot = linear_state_slot(p.state_out, p.indices, p.indices_int64, p.num_slots, n);
+  if (slot >= 0) {
+    const LinearStateRef& o = p.state_out;
+    float* fs = o.ptr + slot * o.stride_slot + hv * o.stride_head + static_cast<int64_t>(v0) * o.stride_v;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int n = 0; n < kN; ++n) {
+      for (int nt = 0; nt < kN; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          fs[acc_row(lane, kWarpRows * warp + 16 * mt, e) * p.V + acc_col(lane, 8 * n, e)] = S[mt][n][e];
+          fs[acc_row(lane, kWarpRows * warp + 16 * mt, e) * o.stride_k +
+             acc_col(lane, 8 * nt, e) * o.stride_v] = S[mt][nt][e];
         }
       }
     }
@@ -238,7 +249,7 @@ cudaError_t launch_linear_chunk_scan(const LinearChunkParams& p, cudaStream_t st
   auto kernel = linear_chunk_scan_kernel<Elem, kK, kVt, kDelta>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kTotal);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(p.V / kVt), static_cast<unsigned>(p.HV), static_cast<unsigned>(p.B));
+  const dim3 grid(static_cast<unsigned>(p.V / kVt), static_cast<unsigned>(p.HV), static_cast<unsigned>(p.N));
   kernel<<<grid, kThreads, L::kTotal, stream>>>(p);
   return cudaGetLastError();
 }

@@ -24,6 +24,7 @@
 
 #include "cuda/linear/linear_launch.h"
 #include "cuda/linear/linear_params.h"
+#include "cuda/linear/linear_state_slot.h"
 
 namespace fastattn {
 namespace gpu {
@@ -44,16 +45,6 @@ __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
-}
-
-// Slot of sequence n on one side of the state (-1: none, a padding sequence).
-__device__ __forceinline__ int64_t state_slot(const LinearRecurrentParams& p,
-                                              const LinearStateRef& s, int n) {
-  if (s.ptr == nullptr) return -1;
-  if (!s.indexed) return n;
-  const int64_t i = p.indices_int64 ? static_cast<const int64_t*>(p.indices)[n]
-                                    : static_cast<const int32_t*>(p.indices)[n];
-  return (i >= 0 && i < p.num_slots) ? i : -1;
 }
 
 // What one thread reads for one step: the q / k entries (and per-key decay
@@ -105,12 +96,13 @@ __global__ void __launch_bounds__(kThreads)
   const int h = hv / (p.HV / p.H);
   const bool col_ok = j < p.V;
   const int64_t b = p.cu_seqlens != nullptr ? 0 : n;
-  const int64_t t_begin = p.cu_seqlens != nullptr ? p.cu_seqlens[n] : 0;
-  const int64_t t_end = p.cu_seqlens != nullptr ? p.cu_seqlens[n + 1] : p.T;
+  // Clamped into [0, T]: a bad cu_seqlens reads nothing out of range.
+  const int64_t t_end = p.cu_seqlens != nullptr ? min(max(p.cu_seqlens[n + 1], 0), p.T) : p.T;
+  const int64_t t_begin = p.cu_seqlens != nullptr ? min(max(p.cu_seqlens[n], 0), static_cast<int>(t_end)) : 0;
 
   float S[kRows];
   {
-    const int64_t slot = state_slot(p, p.state_in, n);
+    const int64_t slot = linear_state_slot(p.state_in, p.indices, p.indices_int64, p.num_slots, n);
     const LinearStateRef& in = p.state_in;
     const float* base = slot >= 0 ? in.ptr + slot * in.stride_slot + hv * in.stride_head +
                                         static_cast<int64_t>(j) * in.stride_v
@@ -186,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  const int64_t slot = state_slot(p, p.state_out, n);
+  const int64_t slot = linear_state_slot(p.state_out, p.indices, p.indices_int64, p.num_slots, n);
   if (slot >= 0 && col_ok) {
     const LinearStateRef& out = p.state_out;
     float* base = out.ptr + slot * out.stride_slot + hv * out.stride_head +

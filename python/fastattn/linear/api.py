@@ -97,15 +97,16 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _chunk_kernels_serve(q, v, g, cu_seqlens, pooled):
-    """csrc/torch/linear_cuda.cpp's chunked_serves: dense batches, K == V in {64, 128},
-    fp16/bf16, a decay per (token, head) or none."""
+def _chunk_kernels_serve(q, v, g):
+    """Whether csrc/torch/linear_cuda.cpp's chunked kernels take a long call (chunked_serves):
+    K == V in {64, 128}, fp16/bf16, a decay per (token, head) or none. (Varlen batches of
+    short sequences run its recurrence kernel.)"""
     K, V = q.shape[-1], v.shape[-1]
-    return (cu_seqlens is None and not pooled and K == V and K in (64, 128)
-            and q.dtype in (torch.float16, torch.bfloat16) and (g is None or g.dim() == 3))
+    return K == V and K in (64, 128) and q.dtype in (torch.float16, torch.bfloat16) and (
+        g is None or g.dim() == 3)
 
 
-def _use_recurrence_op(q, k, v, g, beta, h0, token_by_token, cu_seqlens, pooled):
+def _use_recurrence_op(q, k, v, g, beta, h0, token_by_token):
     """Whether the call runs the inference op (linear_recurrent[_update]): no gradient
     needed, and on CUDA a dtype, key dim and length its kernels serve."""
     if _needs_grad(q, k, v, g, beta, h0):
@@ -114,7 +115,7 @@ def _use_recurrence_op(q, k, v, g, beta, h0, token_by_token, cu_seqlens, pooled)
         return True
     return (q.device.type == "cuda" and q.dtype != torch.float64 and q.shape[-1] <= _RECURRENT_MAX_K
             and (token_by_token or q.shape[1] <= _RECURRENT_MAX_T
-                 or _chunk_kernels_serve(q, v, g, cu_seqlens, pooled)))
+                 or _chunk_kernels_serve(q, v, g)))
 
 
 def _last_dim_contiguous(x):
@@ -131,7 +132,7 @@ def _run(name, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, ou
     else:
         _initial_state(name, initial_state, q, v, cu_seqlens, state_v_first)
     scale = _scale(scale, q)
-    if _use_recurrence_op(q, k, v, g, beta, initial_state, token_by_token, cu_seqlens, pooled):
+    if _use_recurrence_op(q, k, v, g, beta, initial_state, token_by_token):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         g = g.contiguous() if g is not None else None
         beta = beta.contiguous() if beta is not None else None
