@@ -4,7 +4,8 @@ deterministic backward with fp32 dK/dV partial sums (on sm90 the head-dim
 64/128 forwards and backwards run the wgmma kernels); paged decode and
 chunked prefill (including page ids outside the pool); many-split decode,
 the cluster-combine decode and the N-way merge; block-sparse forward and
-backward (bits, GQA, float bias, a corrupted list).
+backward (bits, GQA, float bias, a corrupted list); the linear-attention
+recurrence and chunked kernels (dense, varlen over a state pool).
 
     compute-sanitizer --tool memcheck  python scripts/sanitizer_subset.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_subset.py
@@ -105,6 +106,35 @@ def main():
         torch.ops.fastattn.sparse_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kf.kv_num_blocks,
                                       idx, kf.full_kv_num_blocks, kf.full_kv_indices, None, None, 128, 128,
                                       0.1, False, -1, -1, False, None)
+    # Linear attention: the chunked forward (dense with a partial last chunk,
+    # GVA; varlen over a state pool with a padding slot and an empty sequence)
+    # and the recurrence kernel (decode in place, K = 256, per-key decays).
+    from fastattn import linear as la
+    with torch.no_grad():
+        for D in (64, 128):
+            q, k = (torch.randn(2, 200, 2, D, device="cuda", dtype=dt) for _ in range(2))
+            v = torch.randn(2, 200, 4, D, device="cuda", dtype=dt)
+            g = -torch.rand(2, 200, 4, device="cuda")
+            beta = torch.rand(2, 200, 4, device="cuda")
+            la.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=torch.randn(2, 4, D, D, device="cuda"),
+                                      output_final_state=True)
+            la.chunk_simple_gla(q, k, v[:, :, :2], g=g[..., :2])
+        cu = torch.tensor([0, 150, 150, 351], dtype=torch.int32, device="cuda")
+        pool = torch.randn(5, 4, 128, 128, device="cuda")
+        slots = torch.tensor([3, -1, 0], dtype=torch.int32, device="cuda")
+        q, k = (torch.randn(1, 351, 2, 128, device="cuda", dtype=dt) for _ in range(2))
+        v = torch.randn(1, 351, 4, 128, device="cuda", dtype=dt)
+        g = -torch.rand(1, 351, 4, device="cuda")
+        beta = torch.rand(1, 351, 4, device="cuda")
+        la.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=pool, cu_seqlens=cu,
+                                            ssm_state_indices=slots, inplace_final_state=True)
+        la.fused_recurrent_gated_delta_rule(q[:, :3].transpose(0, 1), k[:, :3].transpose(0, 1),
+                                            v[:, :3].transpose(0, 1), g[:, :3].transpose(0, 1),
+                                            beta[:, :3].transpose(0, 1), initial_state=pool,
+                                            ssm_state_indices=slots, inplace_final_state=True)
+        big = torch.randn(1, 5, 2, 256, device="cuda", dtype=dt)
+        la.fused_recurrent_gla(big, big, torch.randn(1, 5, 2, 40, device="cuda", dtype=dt),
+                               gk=-torch.rand(1, 5, 2, 256, device="cuda"))
     torch.cuda.synchronize()
     print("sanitizer subset: done")
 
