@@ -1,22 +1,29 @@
-"""The chunked form of fastattn.linear's recurrence in plain torch ops.
+"""The chunked form of fastattn.linear's recurrence in plain torch ops: the
+gradient path on CUDA until the backward kernels land, batched over
+(batch, value head) and over chunks of C = 64 tokens, float32 inside (float64
+for float64 inputs). It is also the algorithm the CUDA kernels implement
+(csrc/cuda/linear/linear_chunk_params.h has the forward).
 
-It serves devices that have no fastattn.linear kernel yet (CUDA today):
-differentiable through autograd, batched over (batch, value head), one loop
-step per chunk of C = 64 tokens, float32 inside. Within a chunk, with b_i the
-running sum of the log decays up to token i (so b_i - b_j <= 0 for j <= i:
-every exponential taken is of a non-positive number) and S0 the state at the
-chunk's start:
+Scalar decays (per token and value head) or none, delta rule or not: with b
+the chunk-local cumulative log decay (e^{b_i - b_j}, j <= i, never above 1),
+Gamma_ij = e^{b_i - b_j} on j <= i, M = (Q K^T o Gamma), A = diag(beta)
+(K K^T o Gamma) strictly below the diagonal, T = (I + A)^{-1}, W = T diag(beta
+e^b) K, U = T diag(beta) V (without the delta rule W = 0, U = V), every chunk's
+part computed for all chunks at once; then one loop over chunks carries the
+state S0:
+    u = U - W S0,  O = scale (diag(e^b) Q S0 + M u),  S1 = e^{b_last} S0 + Kt^T u,
+with Kt = diag(e^{b_last - b}) K. The backward is written out (not autograd):
+a reverse loop carries dS,
+    du = scale M^T dO + Kt dS1,  dS0 = scale (diag(e^b) Q)^T dO - W^T du + e^{b_last} dS1,
+then every chunk's gradients follow at once (through T: dA = -T^T dT T^T). It
+keeps the state at every chunk start and u: 4 (K V + C V) bytes per chunk per
+(batch, value head) in float32.
 
-  plain:  o_i = scale (e^{b_i} q_i^T S0 + sum_{j<=i} (q_i . k_j e^{b_i - b_j}) v_j)
-          S_C = e^{b_C} S0 + sum_j e^{b_C - b_j} k_j v_j^T
-  (per-key decays: the factors e^{b_i - b_j} act per key channel inside q_i . k_j)
-  delta:  the chunk's updates u_i = beta_i (v_i - e^{b_i} S0^T k_i - sum_{j<i} e^{b_i - b_j} (k_i . k_j) u_j)
-          are one unit-lower-triangular solve (I + A) U = beta (V - e^{b} K S0) (the UT /
-          WY representation); then o and S_C as above with u in place of v.
-Varlen batches run sequence by sequence (cu_seqlens is read on the host).
-Per-key decays (GLA) form the (C, C, K) factors explicitly, which autograd
-keeps per chunk: memory 4 C^2 K bytes per (batch, value head, chunk), fine
-for tests and short sequences, not for long-context training.
+Per-key decays (GLA) keep the autograd path below (_per_key_sequence), which
+forms the (C, C, K) factors explicitly: memory 4 C^2 K bytes per (batch,
+value head, chunk), fine for tests and short sequences, not for long-context
+training. Varlen batches run sequence by sequence (cu_seqlens is read on the
+host).
 """
 from __future__ import annotations
 
@@ -73,7 +80,7 @@ def _chunk(q, k, v, g, beta, S, scale, delta, per_key):
     return o, S_new
 
 
-def _sequence(q, k, v, g, beta, S, scale, delta):
+def _per_key_sequence(q, k, v, g, beta, S, scale, delta):
     """q, k (B, T, H, K), v (B, T, HV, V), g, beta per step (or None), S (B, HV, K, V) float32."""
     B, T, H, K = q.shape
     HV = v.shape[2]
@@ -95,6 +102,132 @@ def _sequence(q, k, v, g, beta, S, scale, delta):
         outs.append(o)
     o = torch.cat(outs, 2) if outs else vh
     return o.transpose(1, 2), S
+
+
+# ------------------------------------------------------------------ scalar decays: explicit backward
+def _to_chunks(x, N):
+    """(B, T, HV, ...) -> (B, HV, N, C, ...), zero-padded past T."""
+    B, T = x.shape[:2]
+    if N * CHUNK > T:
+        x = torch.cat([x, x.new_zeros(B, N * CHUNK - T, *x.shape[2:])], 1)
+    return x.reshape(B, N, CHUNK, *x.shape[2:]).movedim(3, 1)
+
+
+def _from_chunks(x, T):
+    """(B, HV, N, C, ...) -> (B, T, HV, ...)."""
+    x = x.movedim(1, 3)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :T]
+
+
+def _prepare(q, k, v, g, beta, delta):
+    """Every chunk's part at once (q, k (B, HV, N, C, K), v (.., V), g, beta (B, HV, N, C))."""
+    eye = torch.eye(CHUNK, dtype=q.dtype, device=q.device)
+    lower = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()
+    strict = lower & ~eye.bool()
+    b = g.cumsum(-1)
+    diff = b[..., :, None] - b[..., None, :]
+    gam = torch.where(lower, diff.masked_fill(~lower, 0.0).exp(), 0.0)
+    P = dict(b=b, e=b.exp(), d=b[..., -1].exp(), gam=gam, qk=q @ k.transpose(-1, -2))
+    P["m"] = P["qk"] * gam
+    P["kt"] = (b[..., -1:] - b).exp()[..., None] * k
+    if delta:
+        P["kk"] = k @ k.transpose(-1, -2)
+        A = torch.where(strict, beta[..., :, None] * P["kk"] * gam, 0.0)
+        P["t"] = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
+        P["w"] = P["t"] @ ((beta * P["e"])[..., None] * k)
+        P["u"] = P["t"] @ (beta[..., None] * v)
+    return P
+
+
+class _ScalarDecayChunks(torch.autograd.Function):
+    """q, k, v already per value head and in chunks (B, HV, N, C, .), in the state dtype;
+    g, beta (B, HV, N, C) (zeros / ones where absent); h0 (B, HV, K, V).
+    Returns (o chunks, final state)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, scale, delta):
+        P = _prepare(q, k, v, g, beta, delta)
+        S, starts, updates, outs = h0, [], [], []
+        for c in range(q.shape[2]):
+            starts.append(S)
+            u = P["u"][:, :, c] - P["w"][:, :, c] @ S if delta else v[:, :, c]
+            outs.append(scale * ((P["e"][:, :, c, :, None] * q[:, :, c]) @ S + P["m"][:, :, c] @ u))
+            S = P["d"][:, :, c, None, None] * S + P["kt"][:, :, c].transpose(-1, -2) @ u
+            updates.append(u)
+        ctx.save_for_backward(q, k, v, g, beta, torch.stack(starts, 2), torch.stack(updates, 2))
+        ctx.args = (scale, delta)
+        return torch.stack(outs, 2), S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        q, k, v, g, beta, S0, u = ctx.saved_tensors
+        scale, delta = ctx.args
+        P = _prepare(q, k, v, g, beta, delta)
+        do = torch.zeros_like(u) if do is None else do
+        dS = torch.zeros_like(S0[:, :, 0]) if dS is None else dS
+        eq = P["e"][..., None] * q
+        du, dS1 = [None] * q.shape[2], [None] * q.shape[2]
+        for c in reversed(range(q.shape[2])):
+            dS1[c] = dS
+            du[c] = scale * P["m"][:, :, c].transpose(-1, -2) @ do[:, :, c] + P["kt"][:, :, c] @ dS
+            dS = scale * eq[:, :, c].transpose(-1, -2) @ do[:, :, c] + P["d"][:, :, c, None, None] * dS
+            if delta:
+                dS = dS - P["w"][:, :, c].transpose(-1, -2) @ du[c]
+        du, dS1 = torch.stack(du, 2), torch.stack(dS1, 2)
+        gam, e, b = P["gam"], P["e"], P["b"]
+        dm = torch.tril(scale * do @ u.transpose(-1, -2))
+        do_s0 = do @ S0.transpose(-1, -2)                      # dO S0^T (C x K)
+        dkt = u @ dS1.transpose(-1, -2)
+        dq = scale * e[..., None] * do_s0 + (dm * gam) @ k
+        dk = (b[..., -1:] - b).exp()[..., None] * dkt + (dm * gam).transpose(-1, -2) @ q
+        de = scale * (q * do_s0).sum(-1)
+        s_kt = (P["kt"] * dkt).sum(-1)                         # d / d(b_last - b_i)
+        db = -s_kt
+        db[..., -1] += s_kt.sum(-1) + (S0 * dS1).sum((-1, -2)) * P["d"]
+        dgam = dm * P["qk"]
+        dbeta = None
+        if delta:
+            t = P["t"]
+            dw = -du @ S0.transpose(-1, -2)
+            bv, bek = beta[..., None] * v, (beta * e)[..., None] * k
+            dt = du @ bv.transpose(-1, -2) + dw @ bek.transpose(-1, -2)
+            dbv, dbek = t.transpose(-1, -2) @ du, t.transpose(-1, -2) @ dw
+            dv = beta[..., None] * dbv
+            dk = dk + (beta * e)[..., None] * dbek
+            de = de + beta * (k * dbek).sum(-1)
+            strict = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril(-1)
+            da = torch.where(strict, -t.transpose(-1, -2) @ dt @ t.transpose(-1, -2), 0.0)
+            dbeta = (v * dbv).sum(-1) + (e[..., None] * k * dbek).sum(-1) + (da * P["kk"] * gam).sum(-1)
+            x = beta[..., :, None] * da * gam
+            dk = dk + (x + x.transpose(-1, -2)) @ k
+            dgam = dgam + beta[..., :, None] * da * P["kk"]
+        else:
+            dv = du
+        G = dgam * gam
+        db = db + G.sum(-1) - G.sum(-2) + de * e
+        dg = db.flip(-1).cumsum(-1).flip(-1)
+        return dq, dk, dv, dg, dbeta, dS, None, None
+
+
+def _scalar_decay_sequence(q, k, v, g, beta, S, scale, delta):
+    """Same contract as _per_key_sequence, for g (B, T, HV) or None."""
+    B, T, H, K = q.shape
+    HV = v.shape[2]
+    N = max(1, (T + CHUNK - 1) // CHUNK)
+    sd = S.dtype
+    per_head = lambda x: x.to(sd).repeat_interleave(HV // H, 2)
+    qc, kc = _to_chunks(per_head(q), N), _to_chunks(per_head(k), N)
+    vc = _to_chunks(v.to(sd), N)
+    gc = _to_chunks(g.to(sd), N) if g is not None else q.new_zeros(B, HV, N, CHUNK, dtype=sd)
+    bc = _to_chunks(beta.to(sd), N) if beta is not None else q.new_ones(B, HV, N, CHUNK, dtype=sd)
+    o, S = _ScalarDecayChunks.apply(qc, kc, vc, gc, bc, S, scale, delta)
+    return _from_chunks(o, T), S
+
+
+def _sequence(q, k, v, g, beta, S, scale, delta):
+    if g is not None and g.dim() == 4:
+        return _per_key_sequence(q, k, v, g, beta, S, scale, delta)
+    return _scalar_decay_sequence(q, k, v, g, beta, S, scale, delta)
 
 
 def run(q, k, v, *, g: Optional[torch.Tensor], beta: Optional[torch.Tensor], scale: float,
