@@ -13,8 +13,9 @@ against the measured copy bandwidth.
     python -m benchmarks.linear [--quick] [--rounds 3] [--ops gdn,simple_gla]
     python -m benchmarks.linear --smoke        # tiny shapes on the CPU: checks the plumbing
 Carry fla's wheel (fla-core) to the GPU machine as the device README says.
-Until fastattn.linear has CUDA kernels, its CUDA rows time the chunked form in
-torch ops (fastattn/linear/chunked.py).
+fastattn's CUDA kernels (forward without gradients, decode) are switched on
+here (FASTATTN_LINEAR_CUDA=1); forward + backward runs the chunked form in
+torch ops (fastattn/linear/chunked.py) until the backward kernels land.
 """
 import argparse
 import os
@@ -23,6 +24,7 @@ import time
 
 import torch
 
+os.environ.setdefault("FASTATTN_LINEAR_CUDA", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastattn  # noqa: E402
 from fastattn import linear as ours  # noqa: E402

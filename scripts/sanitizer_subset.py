@@ -10,6 +10,8 @@ recurrence and chunked kernels (dense, varlen over a state pool).
     compute-sanitizer --tool memcheck  python scripts/sanitizer_subset.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_subset.py
 """
+import os
+
 import torch
 
 import fastattn
@@ -110,6 +112,7 @@ def main():
     # GVA; varlen over a state pool with a padding slot and an empty sequence)
     # and the recurrence kernel (decode in place, K = 256, per-key decays).
     from fastattn import linear as la
+    os.environ["FASTATTN_LINEAR_CUDA"] = "1"
     with torch.no_grad():
         for D in (64, 128):
             q, k = (torch.randn(2, 200, 2, D, device="cuda", dtype=dt) for _ in range(2))

@@ -11,6 +11,12 @@ from fastattn._ops import ops
 from linear_reference import FAMILIES, inputs, naive, run_naive
 from reference import OUT_FACTOR, assert_close_rule
 
+@pytest.fixture(autouse=True)
+def _cuda_kernels_on(monkeypatch):
+    # The CUDA kernels are opt-in until verified on a GPU (fastattn/linear/api.py).
+    monkeypatch.setenv("FASTATTN_LINEAR_CUDA", "1")
+
+
 CPU = pytest.param("cpu", id="cpu")
 CUDA = pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)
 

@@ -9,6 +9,7 @@ the names follow fla so that swapping an import is all a model needs.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -106,6 +107,12 @@ def _chunk_kernels_serve(q, v, g):
         g is None or g.dim() == 3)
 
 
+def _cuda_kernels_enabled() -> bool:
+    # The CUDA kernels of fastattn.linear are opt-in (FASTATTN_LINEAR_CUDA=1) until
+    # their GPU test run; without it CUDA calls take the chunked form in torch ops.
+    return os.environ.get("FASTATTN_LINEAR_CUDA", "0") == "1"
+
+
 def _use_recurrence_op(q, k, v, g, beta, h0, token_by_token):
     """Whether the call runs the inference op (linear_recurrent[_update]): no gradient
     needed, and on CUDA a dtype, key dim and length its kernels serve."""
@@ -113,7 +120,8 @@ def _use_recurrence_op(q, k, v, g, beta, h0, token_by_token):
         return False
     if q.device.type == "cpu":
         return True
-    return (q.device.type == "cuda" and q.dtype != torch.float64 and q.shape[-1] <= _RECURRENT_MAX_K
+    return (q.device.type == "cuda" and _cuda_kernels_enabled() and q.dtype != torch.float64
+            and q.shape[-1] <= _RECURRENT_MAX_K
             and (token_by_token or q.shape[1] <= _RECURRENT_MAX_T
                  or _chunk_kernels_serve(q, v, g)))
 
