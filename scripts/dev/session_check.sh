@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One device command for a session's verification run (device time is scarce):
+# full build, the linear-attention GPU tests, the whole GPU suite, then quick
+# benchmarks, each under its own time limit so one slow stage cannot starve the
+# rest; a summary prints last. Carry .whl (fla-core, einops) for the linear
+# anchor. Stages: STAGES="build linear suite bench" (default all).
+#   bash scripts/dev/session_check.sh
+#   STAGES="linear bench" SKIP_BUILD=1 bash scripts/dev/session_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} FASTATTN_REQUIRE_CUDA=1
+OUT=${OUT:-/tmp/fastattn-out}; mkdir -p "$OUT"
+STAGES=${STAGES:-"build linear suite bench"}
+summary=()
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name --format=csv,noheader | head -1
+if has build && [ -z "${SKIP_BUILD:-}" ]; then
+  t0=$(date +%s)
+  if python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    summary+=("build: $(( $(date +%s) - t0 )) s")
+  else
+    tail -30 "$OUT/build.log"; exit 1
+  fi
+fi
+if has linear; then
+  timeout ${LINEAR_TIMEOUT:-240} python -m pytest -q -m cuda tests/test_linear_inference.py tests/test_linear.py \
+    -p no:cacheprovider > "$OUT/linear_tests.log" 2>&1
+  summary+=("linear GPU tests: $(tail -1 "$OUT/linear_tests.log")")
+  grep -E "^(FAILED|ERROR)" "$OUT/linear_tests.log" | head -15
+fi
+if has suite; then
+  timeout ${SUITE_TIMEOUT:-420} python -m pytest -q -m cuda tests -p no:cacheprovider \
+    --deselect tests/test_linear_inference.py --deselect tests/test_linear.py > "$OUT/suite.log" 2>&1
+  summary+=("GPU suite (pytest -m cuda tests, linear files deselected): $(tail -1 "$OUT/suite.log")")
+  grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -15
+fi
+if has bench; then
+  timeout ${BENCH_TIMEOUT:-200} python -m benchmarks.linear --quick --rounds 2 --out "$OUT" > "$OUT/linear_bench.log" 2>&1
+  tail -22 "$OUT/linear_bench.log"
+fi
+printf '%s\n' "${summary[@]}"
