@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 
 from ._ops import ops
-from .functional import _check_flash_dtype, _check_paged_block_size, _window
+from .functional import _apply_sinks, _check_flash_dtype, _check_paged_block_size, _window
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
@@ -83,7 +83,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
                             block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
                             softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-                            return_softmax_lse=False):
+                            return_softmax_lse=False, *, sinks=None):
     """flash-attn 2.x compatible decoding/chunk attention over a KV cache (inference only).
 
     q (B, Sq, Hq, D); k_cache, v_cache (B_cache, S_max, Hkv, D), or a paged
@@ -97,7 +97,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (rotary_cos/sin (S_ro, rotary_dim/2)) rotates k at its cache positions and q
     at cache_seqlens + i when causal or windowed, else at cache_seqlens.
     num_splits: KV splits (0 = heuristic). Returns out, or (out, softmax_lse
-    (B, Hq, Sq) float32) with return_softmax_lse.
+    (B, Hq, Sq) float32) with return_softmax_lse. sinks (Hq,): attention sinks
+    (gpt-oss), as in flash_attn_func.
     """
     if softcap:
         raise NotImplementedError(f"fastattn: softcap={softcap} is not supported yet (use 0.0)")
@@ -150,4 +151,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     out, lse = ops.decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale,
                           bool(causal), left, right, int(num_splits))
+    if sinks is not None:
+        out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=False)
     return (out, lse) if return_softmax_lse else out

@@ -245,6 +245,30 @@ def _window(window_size) -> Tuple[int, int]:
     return left, right
 
 
+def _apply_sinks(out, lse, sinks, heads_dim_first):
+    """Attention sinks (gpt-oss): a learnable logit per query head that joins every row's
+    softmax denominator. That is the LSE merge of the attention with an empty part of
+    logsumexp `sink`: out * sigmoid(lse - sink), lse' = logaddexp(lse, sink); rows that see
+    no key get out = 0 and lse' = sink. Differentiable in out, lse (the kernels' LSE
+    gradient) and sinks. out (..., S, H, D); lse (B, H, S), or (H, total) when
+    heads_dim_first. Returns (out, lse')."""
+    H = out.shape[-2]
+    if not isinstance(sinks, torch.Tensor) or sinks.shape != (H,) or not sinks.is_floating_point():
+        raise ValueError(f"fastattn: sinks must be a floating ({H},) tensor (one logit per query "
+                         f"head), got {tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else sinks!r}")
+    if sinks.device != out.device:
+        raise ValueError(f"fastattn: sinks must be on {out.device}, got {sinks.device}")
+    s = sinks.to(lse.dtype)
+    if heads_dim_first:                       # lse (H, total), out (total, H, D)
+        s = s[:, None]
+        weight = torch.sigmoid(lse - s).transpose(0, 1)
+    else:                                     # lse (B, H, S), out (B, S, H, D)
+        s = s[None, :, None]
+        weight = torch.sigmoid(lse - s).transpose(1, 2)
+    out = (out.to(lse.dtype) * weight[..., None]).to(out.dtype)
+    return out, torch.logaddexp(lse, s.expand_as(lse))
+
+
 # Uniform paged batches with at most this many queries per sequence run on the
 # split-KV decode kernel (its GQA-packed tiles hold up to 64 rows per CTA).
 _PAGED_DECODE_MAX_Q = 16
@@ -264,12 +288,14 @@ def _check_flash_dtype(q):
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                    sinks=None):
     """flash-attn 2.x compatible attention over (batch, seqlen, nheads, headdim) tensors.
 
     Causal and window masks are aligned bottom-right (the last query sees the
     last key). Returns out, or (out, softmax_lse, None) with return_attn_probs;
-    softmax_lse is (batch, nheads, seqlen_q) float32.
+    softmax_lse is (batch, nheads, seqlen_q) float32. sinks (nheads,): attention
+    sinks (gpt-oss), see _apply_sinks; softmax_lse then includes the sink.
     """
     _flash_unsupported(dropout_p, softcap, alibi_slopes)
     _check_flash_dtype(q)
@@ -277,18 +303,21 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
     out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, True,
                        bool(deterministic))
+    if sinks is not None:
+        out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=False)
     return (out, lse, None) if return_attn_probs else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=False,
-                           return_attn_probs=False, block_table=None):
+                           return_attn_probs=False, block_table=None, *, sinks=None):
     """flash-attn 2.x compatible attention over a ragged batch.
 
     q is (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim);
     cu_seqlens_* are int32 (batch + 1) prefix sums of the sequence lengths.
-    softmax_lse is (nheads, total_q) float32.
+    softmax_lse is (nheads, total_q) float32. sinks (nheads,): attention sinks, as
+    in flash_attn_func.
 
     Paged KV (inference: chunked prefill mixed with decode rows): with
     block_table (batch, max_blocks) int32, k and v are paged caches
@@ -329,7 +358,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         else:
             out, lse = ops.paged_fwd(q, k, v, cu_seqlens_q, seqlens_k, block_table, sq, scale,
                                      bool(causal), left, right)
-        return (out, lse, None) if return_attn_probs else out
-    out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                       scale, bool(causal), left, right, True, bool(deterministic))
+    else:
+        out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                           scale, bool(causal), left, right, True, bool(deterministic))
+    if sinks is not None:
+        out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=True)
     return (out, lse, None) if return_attn_probs else out

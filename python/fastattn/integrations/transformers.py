@@ -18,8 +18,9 @@ Every attention call then runs on fastattn's kernels:
   from `DataCollatorWithFlattening`): varlen over the packed sequences;
 - `sliding_window` (Mistral, Qwen2, ...): window_size=(sliding_window - 1, 0).
 
-Arguments the kernels do not support yet (attention dropout > 0, softcap,
-attention sinks, output_attentions) raise NotImplementedError naming them.
+Attention sinks (gpt-oss's s_aux) are applied through the LSE (flash_attn_func's
+sinks). Arguments the kernels do not support yet (attention dropout > 0,
+softcap, output_attentions) raise NotImplementedError naming them.
 """
 import torch
 import transformers
@@ -30,15 +31,13 @@ from ..padding import pad_input, unpad_input
 
 NAME = "fastattn"
 
-def _unsupported(dropout, softcap, s_aux, kwargs):
+def _unsupported(dropout, softcap, kwargs):
     if dropout:
         raise NotImplementedError(f"fastattn: attention dropout={dropout} is not supported yet "
                                   "(set the config's attention_dropout to 0.0, or use model.eval())")
     if softcap:
         raise NotImplementedError(f"fastattn: attention softcap={softcap} (attn_logit_softcapping) "
                                   "is not supported yet")
-    if s_aux is not None or kwargs.get("sinks") is not None:
-        raise NotImplementedError("fastattn: attention sinks (s_aux) are not supported yet")
     if kwargs.get("output_attentions"):
         raise NotImplementedError("fastattn: output_attentions=True needs the attention "
                                   "probabilities, which fastattn never materializes; use "
@@ -71,7 +70,8 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
                                **kwargs):
     """transformers attention function: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D),
     attention_mask the (B, Sk) bool padding mask or None. Returns ((B, Sq, Hq, D), None)."""
-    _unsupported(dropout, softcap, s_aux, kwargs)
+    _unsupported(dropout, softcap, kwargs)
+    sinks = s_aux if s_aux is not None else kwargs.get("sinks")
     if value.shape[-1] != query.shape[-1]:
         raise NotImplementedError(f"fastattn: value head dim {value.shape[-1]} != query head dim "
                                   f"{query.shape[-1]}")
@@ -84,7 +84,7 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
     # (B, H, S, D) -> (B, S, H, D): strided views, the kernels read them in place.
     q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
-    common = dict(softmax_scale=scaling, causal=bool(causal), window_size=window)
+    common = dict(softmax_scale=scaling, causal=bool(causal), window_size=window, sinks=sinks)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None and attention_mask is None and kwargs.get("position_ids") is not None and Sq == Sk:
