@@ -29,6 +29,15 @@ at::Tensor checked_slots(const at::Tensor& indices, int64_t pool_slots) {
   return slots;
 }
 
+// The initial states of the N sequences from st ((slots, HV, K, V) view):
+// st[slots[n]] (padding slots: zeros), or st itself without slots.
+at::Tensor gather_states(const at::Tensor& st, const at::Tensor& slots) {
+  if (!slots.defined()) return st.contiguous();
+  const at::Tensor pad = slots.lt(0).view({-1, 1, 1, 1});
+  return at::where(pad, at::zeros({}, st.options()), st.index_select(0, slots.clamp_min(0)))
+      .contiguous();
+}
+
 at::Tensor l2norm(const at::Tensor& x) {
   return x * at::rsqrt(x.pow(2).sum(-1, /*keepdim=*/true) + 1e-6);
 }
@@ -64,14 +73,7 @@ std::tuple<at::Tensor, at::Tensor> linear_recurrent_cpu(
   std::optional<at::Tensor> h0;
   if (initial_state) {
     const at::Tensor st = state_v_first ? initial_state->transpose(-1, -2) : *initial_state;
-    if (state_indices) {
-      const at::Tensor slots = checked_slots(*state_indices, st.size(0));
-      const at::Tensor pad = slots.lt(0).view({-1, 1, 1, 1});
-      h0 = at::where(pad, at::zeros({}, st.options()), st.index_select(0, slots.clamp_min(0)))
-               .contiguous();
-    } else {
-      h0 = st.contiguous();
-    }
+    h0 = gather_states(st, state_indices ? checked_slots(*state_indices, st.size(0)) : at::Tensor());
   }
   auto [out, final_state] =
       run_recurrence(s, q, k, v, g, beta, h0, cu_seqlens, scale, delta, qk_l2norm);
@@ -89,18 +91,9 @@ at::Tensor linear_recurrent_update_cpu(const at::Tensor& q, const at::Tensor& k,
   const LinearRecurrentProblem s = check_linear_recurrent_args(q, k, v, g, beta, state, state_indices,
                                                                cu_seqlens, state_v_first);
   at::Tensor st = state_v_first ? state.transpose(-1, -2) : state;
-  at::Tensor slots;
-  std::optional<at::Tensor> h0;
-  if (state_indices) {
-    slots = checked_slots(*state_indices, st.size(0));
-    const at::Tensor pad = slots.lt(0).view({-1, 1, 1, 1});
-    h0 = at::where(pad, at::zeros({}, st.options()), st.index_select(0, slots.clamp_min(0)))
-             .contiguous();
-  } else {
-    h0 = st.contiguous();
-  }
-  auto [out, final_state] =
-      run_recurrence(s, q, k, v, g, beta, h0, cu_seqlens, scale, delta, qk_l2norm);
+  const at::Tensor slots = state_indices ? checked_slots(*state_indices, st.size(0)) : at::Tensor();
+  auto [out, final_state] = run_recurrence(s, q, k, v, g, beta, gather_states(st, slots), cu_seqlens,
+                                           scale, delta, qk_l2norm);
   if (state_indices) {
     const at::Tensor keep = slots.ge(0).nonzero().view({-1});
     st.index_copy_(0, slots.index_select(0, keep), final_state.index_select(0, keep));

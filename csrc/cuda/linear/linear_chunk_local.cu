@@ -138,6 +138,26 @@ __device__ __forceinline__ void rows_times_tile(float (&acc)[kN / 8][4], uint32_
   }
 }
 
+// operand <- T operand (C x kN, in place in shared memory, after every warp
+// has read it) and a copy to the workspace rows at dst.
+template <typename Elem, int kN>
+__device__ __forceinline__ void t_times_operand(const char* t_tile, char* operand, Elem* dst, int warp,
+                                                int lane) {
+  using TileN = SmemTile<C, kN>;
+  float acc[kN / 8][4];
+  rows_times_tile<Elem, kN>(acc, ptx::smem_u32(t_tile), ptx::smem_u32(operand), warp, lane);
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = acc_row(lane, 16 * warp, 2 * half), j = acc_col(lane, 8 * n, 0);
+      store_pair<Elem>(operand, TileN::offset(i, j), acc[n][2 * half], acc[n][2 * half + 1]);
+      store_pair_global<Elem>(dst + i * kN + j, acc[n][2 * half], acc[n][2 * half + 1]);
+    }
+  }
+}
+
 template <typename Elem, int kK, int kV, bool kDelta>
 __global__ void __launch_bounds__(kThreads)
     linear_chunk_local_kernel(const __grid_constant__ LinearChunkParams p) {
@@ -286,36 +306,8 @@ __global__ void __launch_bounds__(kThreads)
   if (kDelta) {
     // W = T (beta e^b K), U = T (beta V): each replaces its operand in shared
     // memory (after every warp has read it) and goes to the workspace.
-    {
-      float acc[kK / 8][4];
-      rows_times_tile<Elem, kK>(acc, ptx::smem_u32(s_t), ptx::smem_u32(s_k), warp, lane);
-      __syncthreads();
-      Elem* w = static_cast<Elem*>(p.w) + row0 * kK;
-#pragma unroll
-      for (int n = 0; n < kK / 8; ++n) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int i = acc_row(lane, 16 * warp, 2 * half), j = acc_col(lane, 8 * n, 0);
-          store_pair<Elem>(s_k, TileK::offset(i, j), acc[n][2 * half], acc[n][2 * half + 1]);
-          store_pair_global<Elem>(w + i * kK + j, acc[n][2 * half], acc[n][2 * half + 1]);
-        }
-      }
-    }
-    {
-      float acc[kV / 8][4];
-      rows_times_tile<Elem, kV>(acc, ptx::smem_u32(s_t), ptx::smem_u32(s_v), warp, lane);
-      __syncthreads();
-      Elem* u = static_cast<Elem*>(p.u) + row0 * kV;
-#pragma unroll
-      for (int n = 0; n < kV / 8; ++n) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int i = acc_row(lane, 16 * warp, 2 * half), j = acc_col(lane, 8 * n, 0);
-          store_pair<Elem>(s_v, TileV::offset(i, j), acc[n][2 * half], acc[n][2 * half + 1]);
-          store_pair_global<Elem>(u + i * kV + j, acc[n][2 * half], acc[n][2 * half + 1]);
-        }
-      }
-    }
+    t_times_operand<Elem, kK>(s_t, s_k, static_cast<Elem*>(p.w) + row0 * kK, warp, lane);
+    t_times_operand<Elem, kV>(s_t, s_v, static_cast<Elem*>(p.u) + row0 * kV, warp, lane);
     __syncthreads();
   }
 
