@@ -245,6 +245,38 @@ def _window(window_size) -> Tuple[int, int]:
     return left, right
 
 
+def _alibi_attention(q, k, v, slopes, scale, causal, left, right, deterministic):
+    """flash-attn's ALiBi, -slope_h * |i + Sk - Sq - j| on the scaled scores, for masks that
+    hide every key right of the (bottom-right) diagonal: there it is slope_h * (j - i) minus a
+    per-row constant, the in-kernel ALiBi of the block-sparse kernels; the constant leaves the
+    output unchanged and shifts the lse by -slope_h * (Sk - Sq), added back here. Runs
+    through fastattn.flex_attention with a structured (no bits) bottom-right mask."""
+    from .sparse import alibi
+    from .sparse.block_mask import MaskParams
+    from .sparse.build import _structured_mask
+    from .sparse.attention import flex_attention
+
+    Hq = q.shape[2]
+    if not isinstance(slopes, torch.Tensor) or not slopes.is_floating_point():
+        raise ValueError(f"fastattn: alibi_slopes must be a float tensor of shape ({Hq},)")
+    if slopes.dim() == 2:
+        raise NotImplementedError("fastattn: alibi_slopes of shape (batch, nheads) is not supported "
+                                  "yet; pass one slope per head, (nheads,)")
+    if slopes.shape != (Hq,):
+        raise ValueError(f"fastattn: alibi_slopes must have shape ({Hq},), got {tuple(slopes.shape)}")
+    if not (causal or right == 0):
+        raise NotImplementedError("fastattn: alibi_slopes needs causal=True (or window_size[1] == 0); "
+                                  "flash-attn's symmetric |i - j| bias for keys right of the diagonal "
+                                  "is not supported yet")
+    Sq, Sk = q.shape[1], k.shape[1]
+    mask = _structured_mask(1, 1, Sq, Sk, 128, MaskParams(left, 0, True), q.device)
+    slopes = slopes.to(device=q.device, dtype=torch.float32)
+    out, lse = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              score_mod=alibi(slopes), block_mask=mask, scale=scale,
+                              enable_gqa=k.shape[2] != Hq, return_lse=True, deterministic=deterministic)
+    return out.transpose(1, 2), lse - slopes.to(lse.dtype)[None, :, None] * (Sk - Sq)
+
+
 def _apply_sinks(out, lse, sinks, heads_dim_first):
     """Attention sinks (gpt-oss): a learnable logit per query head that joins every row's
     softmax denominator. That is the LSE merge of the attention with an empty part of
@@ -296,13 +328,18 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     last key). Returns out, or (out, softmax_lse, None) with return_attn_probs;
     softmax_lse is (batch, nheads, seqlen_q) float32. sinks (nheads,): attention
     sinks (gpt-oss), see _apply_sinks; softmax_lse then includes the sink.
+    alibi_slopes (nheads,): flash-attn's ALiBi, with causal masks (_alibi_attention).
     """
-    _flash_unsupported(dropout_p, softcap, alibi_slopes)
+    _flash_unsupported(dropout_p, softcap, None)
     _check_flash_dtype(q)
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
-    out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, True,
-                       bool(deterministic))
+    if alibi_slopes is not None:
+        out, lse = _alibi_attention(q, k, v, alibi_slopes, scale, bool(causal), left, right,
+                                    bool(deterministic))
+    else:
+        out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, True,
+                           bool(deterministic))
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=False)
     return (out, lse, None) if return_attn_probs else out
