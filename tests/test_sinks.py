@@ -91,9 +91,9 @@ def test_rows_without_keys_give_the_sink_alone(device):
 def test_varlen_with_sinks(device):
     dtype = DTYPES[device][-1]
     torch.manual_seed(1)
-    lens_q, lens_k = [1, 17, 40], [30, 17, 100]
-    cu_q = torch.tensor([0, 1, 18, 58], dtype=torch.int32, device=device)
-    cu_k = torch.tensor([0, 30, 47, 147], dtype=torch.int32, device=device)
+    lens_q, lens_k = torch.tensor([1, 17, 40]), torch.tensor([30, 17, 100])
+    prefix = lambda lens: torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32).to(device)
+    cu_q, cu_k = prefix(lens_q), prefix(lens_k)
     Hq, Hkv, D = 4, 1, 64
     q = torch.randn(58, Hq, D, device=device, dtype=dtype)
     k = torch.randn(147, Hkv, D, device=device, dtype=dtype)

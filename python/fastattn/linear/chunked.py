@@ -41,7 +41,7 @@ def _chunk(q, k, v, g, beta, S, scale, delta, per_key):
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if g is None:
         b = None
-        qs, ks_end = q, k
+        ks_end = k
         qk = q @ k.transpose(-1, -2)
         kk = k @ k.transpose(-1, -2)
         q_s0 = q @ S
