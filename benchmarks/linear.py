@@ -88,7 +88,7 @@ def timer(device):
     return cpu_time
 
 
-def bench_chunk(shapes, op_names, impls, rounds, device, dtype):
+def bench_chunk(shapes, op_names, impls, rounds, device, dtype, modes=("fwd", "fwd_bwd")):
     results = []
     tm = timer(device)
     for (B, T, H, HV, D) in shapes:
@@ -99,22 +99,31 @@ def bench_chunk(shapes, op_names, impls, rounds, device, dtype):
             per_set = 4 * B * T * HV * D * 2
             n = copies_to_exceed_l2(per_set, cap=3) if device == "cuda" else 1
             sets = [make_inputs(op, B, T, H, HV, D, device, dtype, True) for _ in range(n)]
+            live, first = {}, {}
             for name, ops_ in impls.items():
                 try:
                     t0 = time.perf_counter()
                     call(ops_, op, sets[0]).float().sum().backward()
                     if device == "cuda":
                         torch.cuda.synchronize()
-                    first_ms = 1e3 * (time.perf_counter() - t0)
-                    fwd, fb = [], []
-                    for _ in range(rounds):
-                        with torch.no_grad():
-                            fwd.append(tm(lambda i: call(ops_, op, sets[i]), n))
-                        fb.append(tm(lambda i: call(ops_, op, sets[i]).float().sum().backward(), n))
-                    results.append(Result(cfg, name, "fwd", min(fwd), extra=dict(first_ms=first_ms)))
-                    results.append(Result(cfg, name, "fwd_bwd", min(fb)))
+                    first[name] = 1e3 * (time.perf_counter() - t0)
+                    live[name] = ops_
                 except Exception as e:  # an implementation that cannot run this shape
                     results.append(Result(cfg, name, "fwd", None, error=str(e).splitlines()[0][:60]))
+            # Interleaved rounds: every implementation once per round, medians over rounds.
+            times = {(name, m): [] for name in live for m in modes}
+            for _ in range(rounds):
+                for name, ops_ in live.items():
+                    if "fwd" in modes:
+                        with torch.no_grad():
+                            times[name, "fwd"].append(tm(lambda i: call(ops_, op, sets[i]), n))
+                    if "fwd_bwd" in modes:
+                        times[name, "fwd_bwd"].append(
+                            tm(lambda i: call(ops_, op, sets[i]).float().sum().backward(), n))
+            for (name, mode), ts in times.items():
+                r = Result(cfg, name, mode, median(ts), extra=dict(first_ms=first[name]) if mode == "fwd" else {})
+                results.append(r)
+                print(f"  {op} {B}x{T}x{H}/{HV}x{D} {mode} {name}: {r.ms:.3f} ms", flush=True)
             # Anchor: causal softmax attention on the same (B, T, H, D).
             q = torch.randn(B, T, HV, D, device=device, dtype=dtype, requires_grad=True)
             try:
@@ -149,6 +158,7 @@ def bench_decode(batches, impls, device, dtype, H=16, HV=32, D=128):
                 with torch.no_grad():
                     ms = tm(fn, 1)
                 results.append(Result(cfg, name, "step", ms, gbps=state_bytes / ms / 1e6))
+                print(f"  gdn_step B={B} {name}: {1e3 * ms:.1f} us", flush=True)
             except Exception as e:
                 results.append(Result(cfg, name, "step", None, error=str(e).splitlines()[0][:60]))
     return results
@@ -160,6 +170,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ops", default="gdn,simple_gla")
+    ap.add_argument("--modes", default="fwd,fwd_bwd", help="chunked modes: fwd, fwd_bwd")
+    ap.add_argument("--decode", default="1,8,64,256", help="decode batch sizes ('' for none)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -171,9 +183,10 @@ def main():
     if fla is not None:
         impls["fla"] = fla
     shapes = SMOKE if args.smoke else (QUICK if args.quick else SHAPES)
-    results = bench_chunk(shapes, args.ops.split(","), impls, 1 if args.smoke else args.rounds, device,
-                          dtype)
-    results += bench_decode([1, 4] if args.smoke else [1, 8, 64, 256], impls, device, dtype,
+    results = bench_chunk(shapes, [o for o in args.ops.split(",") if o], impls,
+                          1 if args.smoke else args.rounds, device, dtype, args.modes.split(","))
+    batches = [1, 4] if args.smoke else [int(b) for b in args.decode.split(",") if b]
+    results += bench_decode(batches, impls, device, dtype,
                             **(dict(H=2, HV=4, D=16) if args.smoke else {}))
     copy = copy_bandwidth_gbs() if device == "cuda" else None
     meta = {"device": device_name() if device == "cuda" else "cpu", "torch": torch.__version__,

@@ -305,11 +305,13 @@ def test_chunked_torch_form_varlen():
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_cuda_runs_the_chunked_torch_form(family):
-    """On CUDA (no fastattn.linear kernels yet) the ops run linear/chunked.py; bf16 inputs
-    against the float64 recurrence with the 2x / 3x rule."""
+    """On CUDA, calls that need gradients run the chunked form in torch ops
+    (linear/chunked.py); bf16 inputs against the float64 recurrence with the 2x / 3x rule."""
     gate, has_beta, _ = FAMILIES[family]
     t = inputs(2, 300, 2, 4, 64, 64, torch.bfloat16, gate=gate, beta=has_beta, h0=True)
-    cuda = {n: x.cuda().requires_grad_() for n, x in t.items()}
+    for x in t.values():
+        x.requires_grad_()
+    cuda = {n: x.detach().cuda().requires_grad_() for n, x in t.items()}
     o, S = run_ours(family, cuda)
     ref_in, ref_o, ref_S = run_naive(family, t, torch.float64)
     base_in, base_o, base_S = run_naive(family, t, torch.bfloat16)

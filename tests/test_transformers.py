@@ -221,13 +221,15 @@ def test_patched_sdpa_padded_generate_never_falls_back(device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_gpt_oss_attention_sinks_match_eager(device):
     """A tiny random-weight gpt-oss (sinks per head, alternating sliding / full layers):
-    logits of a padded batch and the sinks' gradients match the eager implementation."""
+    logits of a padded batch and the sinks' gradients match the eager implementation.
+    One expert: with several, bf16 rounding differences can flip a token's routing
+    and move its logits far more than attention's own error."""
     if not hasattr(transformers, "GptOssConfig"):
         pytest.skip("this transformers has no gpt-oss")
     torch.manual_seed(0)
     cfg = transformers.GptOssConfig(vocab_size=101, hidden_size=64, intermediate_size=64, head_dim=16,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+                                    num_local_experts=1, num_experts_per_tok=1, sliding_window=6,
                                     layer_types=["sliding_attention", "full_attention"],
                                     max_position_embeddings=256, initializer_range=0.2)
     ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")

@@ -32,8 +32,8 @@ struct LocalSmem {
   using TileV = SmemTile<C, kV>;
   using TileC = SmemTile<C, C>;
   static constexpr int kQ = 0;
-  static constexpr int kKey = kQ + TileK::kBytes;        // K, then beta e^b K, then W
-  static constexpr int kVal = kKey + TileK::kBytes;      // V, then beta V, then U
+  static constexpr int kKey = kQ + TileK::kBytes;        // K, then e^b K, then W
+  static constexpr int kVal = kKey + TileK::kBytes;      // V, then U
   static constexpr int kM = kVal + TileV::kBytes;        // M (input dtype)
   static constexpr int kT = kM + TileC::kBytes;          // T (input dtype)
   static constexpr int kA = kT + (kDelta ? TileC::kBytes : 0);      // A, fp32
@@ -44,9 +44,14 @@ struct LocalSmem {
 };
 
 // T = (I + A)^{-1} into tf (both fp32 C x C, row stride kFStride), then
-// rounded into the mma tile t_tile (zeros above the diagonal).
+// T diag(beta) rounded into the mma tile t_tile (zeros above the diagonal).
+// beta goes into T's columns rather than into the operands (beta V, beta e^b K):
+// rounding beta v_j to 16 bits before the product was the largest error term
+// of the delta-rule forward in fp16 (about 2x the same-precision recurrence's
+// error on some inputs); T diag(beta) rounds no worse than T.
 template <typename Elem>
-__device__ void invert_unit_lower(const float* a, float* tf, char* t_tile, int warp, int lane) {
+__device__ void invert_unit_lower(const float* a, float* tf, const float* beta, char* t_tile,
+                                  int warp, int lane) {
   using TileC = SmemTile<C, C>;
   {  // Diagonal block `warp`: lane owns column jj of D.
     const int jj = lane & 15, base = 16 * warp;
@@ -108,8 +113,8 @@ __device__ void invert_unit_lower(const float* a, float* tf, char* t_tile, int w
   }
   for (int e = threadIdx.x; e < C * C / 2; e += kThreads) {
     const int i = e / (C / 2), j = 2 * (e % (C / 2));
-    const float lo = (j <= i) ? tf[i * kFStride + j] : 0.f;
-    const float hi = (j + 1 <= i) ? tf[i * kFStride + j + 1] : 0.f;
+    const float lo = (j <= i) ? tf[i * kFStride + j] * beta[j] : 0.f;
+    const float hi = (j + 1 <= i) ? tf[i * kFStride + j + 1] * beta[j + 1] : 0.f;
     store_pair<Elem>(t_tile, TileC::offset(i, j), lo, hi);
   }
 }
@@ -273,10 +278,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  if (kDelta) invert_unit_lower<Elem>(s_a, s_tf, s_t, warp, lane);
+  if (kDelta) invert_unit_lower<Elem>(s_a, s_tf, s_beta, s_t, warp, lane);
 
-  // Kt = e^{b_last - b} K to the workspace; for the delta rule the B operands
-  // beta e^b K and beta V replace K and V in shared memory.
+  // Kt = e^{b_last - b} K to the workspace; for the delta rule the B operand
+  // e^b K replaces K in shared memory (V is used as it is).
   const float b_last = s_b[C - 1];
   {
     Elem* kt = static_cast<Elem*>(p.kt) + row0 * kK;
@@ -287,16 +292,8 @@ __global__ void __launch_bounds__(kThreads)
       const float to_end = __expf(b_last - s_b[r]);
       store_pair_global<Elem>(kt + r * kK + c, x0 * to_end, x1 * to_end);
       if (kDelta) {
-        const float f = s_beta[r] * __expf(s_b[r]);
+        const float f = __expf(s_b[r]);
         store_pair<Elem>(s_k, TileK::offset(r, c), x0 * f, x1 * f);
-      }
-    }
-    if (kDelta) {
-      for (int e = tid; e < C * kV / 2; e += kThreads) {
-        const int r = e / (kV / 2), c = 2 * (e % (kV / 2));
-        float x0, x1;
-        load_pair<Elem>(s_v, TileV::offset(r, c), x0, x1);
-        store_pair<Elem>(s_v, TileV::offset(r, c), x0 * s_beta[r], x1 * s_beta[r]);
       }
     }
     if (tid == 0) p.decay_last[(static_cast<int64_t>(b) * p.HV + hv) * p.chunks + wc] = __expf(b_last);
@@ -304,7 +301,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   if (kDelta) {
-    // W = T (beta e^b K), U = T (beta V): each replaces its operand in shared
+    // W = (T diag(beta)) (e^b K), U = (T diag(beta)) V: each replaces its operand in shared
     // memory (after every warp has read it) and goes to the workspace.
     t_times_operand<Elem, kK>(s_t, s_k, static_cast<Elem*>(p.w) + row0 * kK, warp, lane);
     t_times_operand<Elem, kV>(s_t, s_v, static_cast<Elem*>(p.u) + row0 * kV, warp, lane);
