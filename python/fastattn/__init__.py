@@ -13,6 +13,7 @@
     fastattn.flex_attention(...), BlockMask, create_block_mask   block-sparse attention
     fastattn.sparse                              sparse patterns, top-k block selection
     fastattn.linear                              linear attention (fla-compatible API)
+    fastattn.distributed                         context parallelism: ring / Ulysses attention
 Low-level ops: torch.ops.fastattn.* (schemas in csrc/ops.cpp).
 """
 from ._ops import has_cuda_kernels, ops
@@ -32,7 +33,7 @@ from .packed import (
 )
 from .padding import pad_input, unpad_input
 from .paged import OutOfBlocks, PagedKVCache
-from . import linear, sparse
+from . import distributed, linear, sparse
 from .sparse import BlockMask, create_block_mask, flex_attention
 from .patch import is_sdpa_patched, patch_sdpa, unpatch_sdpa
 
@@ -42,6 +43,7 @@ __all__ = [
     "BlockMask",
     "Route",
     "create_block_mask",
+    "distributed",
     "flex_attention",
     "linear",
     "sparse",

@@ -3,14 +3,16 @@
 # full build, the linear-attention GPU tests, the whole GPU suite, then quick
 # benchmarks, each under its own time limit so one slow stage cannot starve the
 # rest; a summary prints last. Carry .whl (fla-core, einops) for the linear
-# anchor. Stages: STAGES="build linear suite bench" (default all).
+# anchor. Stages: STAGES="build linear suite bench dist cp" (default all):
+# dist = the context-parallel GPU tests, cp = benchmarks.context_parallel at
+# N = 1 and a 2-process gloo sanity run on the one GPU.
 #   bash scripts/dev/session_check.sh
 #   STAGES="linear bench" SKIP_BUILD=1 bash scripts/dev/session_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} FASTATTN_REQUIRE_CUDA=1
 OUT=${OUT:-/tmp/fastattn-out}; mkdir -p "$OUT"
-STAGES=${STAGES:-"build linear suite bench"}
+STAGES=${STAGES:-"build linear suite bench dist cp"}
 summary=()
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -38,8 +40,21 @@ if has suite; then
   summary+=("GPU suite (pytest -m cuda tests, linear files deselected): $(tail -1 "$OUT/suite.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -15
 fi
+if has dist; then
+  timeout ${DIST_TIMEOUT:-200} python -m pytest -q -m cuda tests/test_distributed.py -p no:cacheprovider \
+    > "$OUT/dist_tests.log" 2>&1
+  summary+=("context-parallel GPU tests: $(tail -1 "$OUT/dist_tests.log")")
+  grep -E "^(FAILED|ERROR)" "$OUT/dist_tests.log" | head -15
+fi
+if has cp; then
+  timeout ${CP_TIMEOUT:-200} python -m benchmarks.context_parallel --seqlens ${CP_SEQLENS:-32768,131072} \
+    > "$OUT/cp_bench.log" 2>&1; tail -14 "$OUT/cp_bench.log"
+  timeout 120 torchrun --nproc-per-node 2 -m benchmarks.context_parallel --backend gloo --seqlens 16384 \
+    --modes fwd --reps 1 --methods ring,ulysses > "$OUT/cp_gloo.log" 2>&1; tail -8 "$OUT/cp_gloo.log"
+fi
 if has bench; then
-  timeout ${BENCH_TIMEOUT:-200} python -m benchmarks.linear --quick --rounds 2 --out "$OUT" > "$OUT/linear_bench.log" 2>&1
-  tail -22 "$OUT/linear_bench.log"
+  timeout ${BENCH_TIMEOUT:-200} python -m benchmarks.linear --quick --rounds ${BENCH_ROUNDS:-3} \
+    --out "$OUT" > "$OUT/linear_bench.log" 2>&1
+  tail -30 "$OUT/linear_bench.log"
 fi
 printf '%s\n' "${summary[@]}"
