@@ -18,12 +18,16 @@ def _stages_through_host(group, t: torch.Tensor) -> bool:
 
 
 class _Pending:
-    def __init__(self, works, received, device_targets):
+    def __init__(self, works, received, device_targets, sent):
         self._works, self._received, self._targets = works, received, device_targets
+        # The sent tensors stay referenced until wait(): their memory must not be
+        # reused while the transfer may still read it.
+        self._sent = sent
 
     def wait(self) -> List[torch.Tensor]:
         for w in self._works:
             w.wait()
+        self._sent = None
         if self._targets is None:
             return self._received
         return [r.to(d, non_blocking=False) for r, d in zip(self._received, self._targets)]
@@ -54,7 +58,7 @@ class Ring:
             ops.append(dist.P2POp(dist.isend, s, self._next, self.group, tag=i))
             ops.append(dist.P2POp(dist.irecv, r, self._prev, self.group, tag=i))
         works = dist.batch_isend_irecv(ops) if ops else []
-        return _Pending(works, recv, targets)
+        return _Pending(works, recv, targets, send)
 
 
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
