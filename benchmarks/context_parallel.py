@@ -59,7 +59,8 @@ def timed(fn, warmup=1, reps=3):
         b.record()
         b.synchronize()
         ts.append(a.elapsed_time(b))
-    t = torch.tensor([median(ts)], device="cuda")
+    nccl = dist.get_backend() == dist.Backend.NCCL
+    t = torch.tensor([median(ts)], device="cuda" if nccl else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank ends
     return t.item()
 
