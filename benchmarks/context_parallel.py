@@ -21,6 +21,7 @@ import datetime
 import os
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,9 @@ from fastattn.distributed.comm import Ring  # noqa: E402
 from benchmarks.common import attention_flops, format_table, median  # noqa: E402
 
 
+DEVICE = "cuda"
+
+
 def init(backend):
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=5))
@@ -41,7 +45,8 @@ def init(backend):
         f = tempfile.mktemp()
         dist.init_process_group(backend, init_method=f"file://{f}", rank=0, world_size=1)
     local = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local if backend == "nccl" else 0)
+    if DEVICE == "cuda":
+        torch.cuda.set_device(local if backend == "nccl" else 0)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -52,6 +57,11 @@ def timed(fn, warmup=1, reps=3):
     ts = []
     for _ in range(reps):
         dist.barrier()
+        if DEVICE != "cuda":  # --smoke: host timing of tiny shapes, only to exercise the script
+            t0 = time.perf_counter()
+            fn()
+            ts.append(1e3 * (time.perf_counter() - t0))
+            continue
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
@@ -81,17 +91,21 @@ def main():
     ap.add_argument("--causal", default="1,0")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="nccl")
+    ap.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shapes (exercises the script)")
     args = ap.parse_args()
+    global DEVICE
+    if args.smoke:
+        DEVICE, args.backend, args.seqlens, args.heads, args.head_dim = "cpu", "gloo", "64", "4,2", 16
     rank, world = init(args.backend)
     Hq, Hkv = (int(x) for x in args.heads.split(","))
-    D, dt = args.head_dim, torch.bfloat16
+    D, dt = args.head_dim, (torch.float32 if DEVICE == "cpu" else torch.bfloat16)
     g2 = groups_2d(rank, world) if world >= 4 and world % 2 == 0 else None
     rows = []
     for S in [int(s) for s in args.seqlens.split(",")]:
         for causal in [c == "1" for c in args.causal.split(",")]:
             layout = "zigzag" if causal else "contiguous"
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            mk = lambda h, n: torch.randn(1, n, h, D, device="cuda", dtype=dt, generator=gen)
+            gen = torch.Generator(device=DEVICE).manual_seed(0)
+            mk = lambda h, n: torch.randn(1, n, h, D, device=DEVICE, dtype=dt, generator=gen)
             S_loc = S // world
             q, k, v = mk(Hq, S_loc), mk(Hkv, S_loc), mk(Hkv, S_loc)
             for t in (q, k, v):
@@ -119,8 +133,8 @@ def main():
                     rows.append([name, world, S, int(causal), mode, f"{ms:.1f}",
                                  f"{f / world / ms / 1e9:.0f}", hidden])
             # Anchor: one GPU, S/N queries x S keys (non-causal), the same per-GPU work.
-            qa = torch.randn(1, S_loc, Hq, D, device="cuda", dtype=dt, requires_grad=True)
-            ka = torch.randn(1, S, Hkv, D, device="cuda", dtype=dt, requires_grad=True)
+            qa = torch.randn(1, S_loc, Hq, D, device=DEVICE, dtype=dt, requires_grad=True)
+            ka = torch.randn(1, S, Hkv, D, device=DEVICE, dtype=dt, requires_grad=True)
             va = torch.randn_like(ka, requires_grad=True)
             doa = torch.randn_like(qa)
             per_gpu = attention_flops(1, Hq, S_loc, S, D, False)
@@ -133,10 +147,11 @@ def main():
                                reps=args.reps)
                 f = per_gpu * (1.0 if mode == "fwd" else 3.5)
                 rows.append(["1-GPU kernel", 1, f"{S_loc}x{S}", 0, mode, f"{ms:.1f}", f"{f / ms / 1e9:.0f}", ""])
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
     if rank == 0:
-        print(f"device: {torch.cuda.get_device_name()}, N = {world}, backend {args.backend}, "
-              f"bf16, heads {Hq}/{Hkv}, head dim {D}")
+        name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
+        print(f"device: {name}, N = {world}, backend {args.backend}, {dt}, heads {Hq}/{Hkv}, head dim {D}")
         print(format_table(["method", "N", "S", "causal", "mode", "ms", "TFLOP/s per GPU",
                             "comm hidden"], rows))
     dist.destroy_process_group()

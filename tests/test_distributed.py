@@ -147,3 +147,14 @@ def test_bad_input_raises():
         fd.shard_sequence(torch.randn(1, 8, 2, 4), 0, 2, "spiral")
     with pytest.raises(RuntimeError, match="init_process_group"):
         fd.ring_attention(*(torch.randn(1, 8, 2, 16) for _ in range(3)))
+
+
+def test_context_parallel_benchmark_smoke():
+    """benchmarks/context_parallel.py runs end to end (one process, CPU, tiny shapes)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.context_parallel", "--smoke"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1-GPU kernel" in r.stdout and "ulysses" in r.stdout
