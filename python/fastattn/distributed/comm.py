@@ -71,7 +71,21 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -
     src = x.cpu() if staged else x
     parts = [p.contiguous() for p in torch.tensor_split(src, world, dim=scatter_dim)]
     recv = [torch.empty_like(parts[0]) for _ in range(world)]
-    dist.all_to_all(recv, parts, group=group)
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        dist.all_to_all(recv, parts, group=group)
+    else:
+        # Point-to-point pairs: gloo has no alltoall in some torch versions (2.11).
+        rank = dist.get_rank(group)
+        peer = (lambda i: dist.get_global_rank(group, i)) if group is not None else (lambda i: i)
+        ops = []
+        for i in range(world):
+            if i == rank:
+                recv[i] = parts[i]
+                continue
+            ops.append(dist.P2POp(dist.isend, parts[i], peer(i), group, tag=rank))
+            ops.append(dist.P2POp(dist.irecv, recv[i], peer(i), group, tag=i))
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
     out = torch.cat(recv, dim=gather_dim)
     return out.to(x.device) if staged else out
 
