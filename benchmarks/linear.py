@@ -14,8 +14,9 @@ against the measured copy bandwidth.
     python -m benchmarks.linear --smoke        # tiny shapes on the CPU: checks the plumbing
 Carry fla's wheel (fla-core) to the GPU machine as the device README says.
 fastattn's CUDA kernels (forward without gradients, decode) are switched on
-here (FASTATTN_LINEAR_CUDA=1); forward + backward runs the chunked form in
-torch ops (fastattn/linear/chunked.py) until the backward kernels land.
+(the default; FASTATTN_LINEAR_CUDA=0 times the torch form instead); forward +
+backward runs the chunked form in torch ops (fastattn/linear/chunked.py) until
+the backward kernels land.
 """
 import argparse
 import os

@@ -108,9 +108,9 @@ def _chunk_kernels_serve(q, v, g):
 
 
 def _cuda_kernels_enabled() -> bool:
-    # The CUDA kernels of fastattn.linear are opt-in (FASTATTN_LINEAR_CUDA=1) until
-    # their GPU test run; without it CUDA calls take the chunked form in torch ops.
-    return os.environ.get("FASTATTN_LINEAR_CUDA", "0") == "1"
+    # FASTATTN_LINEAR_CUDA=0 sends CUDA calls without gradients to the chunked
+    # form in torch ops instead of the kernels (a switch for comparisons).
+    return os.environ.get("FASTATTN_LINEAR_CUDA", "1") != "0"
 
 
 def _use_recurrence_op(q, k, v, g, beta, h0, token_by_token):
