@@ -33,6 +33,21 @@ TORCH_LIBRARY(fastattn, m) {
       "float scale, bool causal, int window_left, int window_right, bool bottom_right, "
       "bool deterministic, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
 
+  // fwd and bwd for one part of the keys whose results are merged or summed
+  // later (ring attention): the same arguments, but out and the gradients come
+  // back in float32 (float64 for float64 inputs), so N parts are rounded to
+  // the input dtype once, after the merge, not N times. bwd_partial's out and
+  // lse are the merged (final) ones. No autograd: callers own the chain rule.
+  m.def(
+      "fwd_partial(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, int window_left, "
+      "int window_right, bool bottom_right) -> (Tensor out, Tensor lse)");
+  m.def(
+      "bwd_partial(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "float scale, bool causal, int window_left, int window_right, bool bottom_right, "
+      "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+
   // Recursive attention: attention over the union of disjoint key sets is the
   // LSE-weighted merge of the parts. out_* are (..., S, H, D), lse_* are
   // (..., H, S) float32 (the layouts fwd returns, dense or varlen). Parts with

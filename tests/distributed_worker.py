@@ -85,7 +85,7 @@ def _reference(q, k, v, do, cu, case, dtype):
     if cu is None:
         out, lse = attention_math(*leaves, scale, dtype=dtype, **mask)
     else:
-        out, lse = attention_math_varlen(*leaves, cu.tolist(), cu.tolist(), scale, **mask)
+        out, lse = attention_math_varlen(*leaves, cu.tolist(), cu.tolist(), scale, dtype=dtype, **mask)
     grads = torch.autograd.grad((out * do.to(out.dtype)).sum(), leaves)
     return out.detach(), lse.detach(), grads
 
@@ -101,6 +101,8 @@ def run_case(name, case, rank, world, device, groups_2d):
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     q, k, v, do, cu = _inputs(case, device, gen)
     layout, dtype = case["layout"], case["dtype"]
+    # The references start from the very inputs ours gets: rounded to dtype, then widened.
+    q, k, v, do = (t.to(dtype).double() for t in (q, k, v, do))
     kw = dict(causal=case["causal"], window_size=case["window"], deterministic=case["deterministic"],
               return_lse=True)
     ring2d = case["ring2d"]

@@ -31,6 +31,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     bool deterministic);
 
+// fwd_partial / bwd_partial (partial_cpu.cpp): results in float32 for 16-bit inputs.
+std::tuple<at::Tensor, at::Tensor> fwd_partial_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v,
+                                                   const std::optional<at::Tensor>& cu_seqlens_q,
+                                                   const std::optional<at::Tensor>& cu_seqlens_k,
+                                                   int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                   double scale, bool causal, int64_t window_left,
+                                                   int64_t window_right, bool bottom_right);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_partial_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
+    bool deterministic);
+
 // The same, writing into caller-provided gradients (any strides with a
 // contiguous last dim, e.g. slices of a packed dqkv).
 void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,

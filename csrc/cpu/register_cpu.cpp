@@ -10,6 +10,8 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("paged_fwd", &fastattn::cpu::paged_fwd_cpu);
   m.impl("bwd", &fastattn::cpu::bwd_cpu);
   m.impl("bwd_into", &fastattn::cpu::bwd_into_cpu);
+  m.impl("fwd_partial", &fastattn::cpu::fwd_partial_cpu);
+  m.impl("bwd_partial", &fastattn::cpu::bwd_partial_cpu);
   m.impl("decode", &fastattn::cpu::decode_cpu);
   m.impl("merge_states", &fastattn::cpu::merge_states_cpu);
   m.impl("merge_states_n", &fastattn::cpu::merge_states_n_cpu);

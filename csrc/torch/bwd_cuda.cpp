@@ -108,9 +108,9 @@ void run_bwd_into(const AttnProblem& prob, const at::Tensor& dout, const at::Ten
   // strides that are not 16-byte multiples) go through temporaries.
   const bool staged = padded || !glue::kernel_readable(dq) || !glue::kernel_readable(dk) ||
                       !glue::kernel_readable(dv);
-  at::Tensor dq_k = staged ? at::empty(qr.sizes(), q.options()) : dq;
-  at::Tensor dk_k = staged ? at::zeros(kr.sizes(), k.options()) : dk;
-  at::Tensor dv_k = staged ? at::zeros(vr.sizes(), v.options()) : dv;
+  at::Tensor dq_k = staged ? at::empty(qr.sizes(), dq.options()) : dq;
+  at::Tensor dk_k = staged ? at::zeros(kr.sizes(), dk.options()) : dk;
+  at::Tensor dv_k = staged ? at::zeros(vr.sizes(), dv.options()) : dv;
 
   BwdParams p;
   glue::fill_fwd_params(p, prob, qr, kr, vr, outr, lse, cu_seqlens_q, cu_seqlens_k);
@@ -123,6 +123,8 @@ void run_bwd_into(const AttnProblem& prob, const at::Tensor& dout, const at::Ten
   layout_strides(dk_k, prob.varlen, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
   layout_strides(dv_k, prob.varlen, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
   p.deterministic = deterministic;
+  // bwd_partial: fp32 gradients of 16-bit inputs (checked by its caller).
+  p.grads_f32 = dq.scalar_type() == at::kFloat && q.scalar_type() != at::kFloat;
   if (sparse != nullptr) p.sparse = *sparse;
   p.dlse = dlse;
   if (bias != nullptr) p.bias = *bias;
@@ -182,10 +184,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   return {dq, dk, dv};
 }
 
+// bwd_partial: the gradients in fp32 (see csrc/ops.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_partial_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
+    bool deterministic) {
+  const AttnProblem prob =
+      check_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                     max_seqlen_k, scale, causal, window_left, window_right, bottom_right);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::empty(q.sizes(), f32);
+  at::Tensor dk = at::empty(k.sizes(), f32);
+  at::Tensor dv = at::empty(v.sizes(), f32);
+  glue::run_bwd_into(prob, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, deterministic, dq,
+                     dk, dv, nullptr, "bwd_partial");
+  return {dq, dk, dv};
+}
+
 }  // namespace
 }  // namespace fastattn
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("bwd", &fastattn::bwd_cuda);
   m.impl("bwd_into", &fastattn::bwd_into_cuda);
+  m.impl("bwd_partial", &fastattn::bwd_partial_cuda);
 }

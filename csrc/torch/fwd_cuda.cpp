@@ -22,14 +22,15 @@
 namespace fastattn {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                            const at::Tensor& v,
-                                            const std::optional<at::Tensor>& cu_seqlens_q,
-                                            const std::optional<at::Tensor>& cu_seqlens_k,
-                                            int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                            double scale, bool causal, int64_t window_left,
-                                            int64_t window_right, bool bottom_right,
-                                            bool /*deterministic: only used by bwd*/) {
+// out_f32: fwd_partial (O in fp32, see csrc/ops.cpp), else fwd.
+std::tuple<at::Tensor, at::Tensor> run_fwd_op(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v,
+                                              const std::optional<at::Tensor>& cu_seqlens_q,
+                                              const std::optional<at::Tensor>& cu_seqlens_k,
+                                              int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                              double scale, bool causal, int64_t window_left,
+                                              int64_t window_right, bool bottom_right,
+                                              bool out_f32) {
   const AttnProblem prob = check_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                           max_seqlen_k, scale, causal, window_left,
                                           window_right, bottom_right);
@@ -43,7 +44,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   const int64_t d = prob.head_dim;
   const int64_t dpad = glue::checked_padded_head_dim(q, d, dtype, "forward");
 
-  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, q's shape (the fake's contract)
+  // contiguous, q's shape (the fake's contract)
+  const auto out_options = out_f32 ? q.options().dtype(at::kFloat) : q.options();
+  at::Tensor out = at::empty(q.sizes(), out_options);
   at::Tensor lse = empty_lse(prob, q);
   if (out.numel() == 0) {
     lse.fill_(-std::numeric_limits<float>::infinity());
@@ -53,15 +56,40 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   const glue::KernelInputs in = glue::kernel_inputs(q, k, v, scale, dpad);
   AttnProblem kp = prob;
   kp.scale = in.scale;
-  at::Tensor out_k = in.padded ? at::empty(in.q.sizes(), q.options()) : out;
-  if (!glue::kernel_readable(out_k)) out_k = at::empty(in.q.sizes(), q.options());
+  at::Tensor out_k = in.padded ? at::empty(in.q.sizes(), out_options) : out;
+  if (!glue::kernel_readable(out_k)) out_k = at::empty(in.q.sizes(), out_options);
 
   FwdParams params;
   glue::fill_fwd_params(params, kp, in.q, in.k, in.v, out_k, lse, cu_seqlens_q, cu_seqlens_k);
+  // fill_fwd_params takes out's strides in elements, the same for both dtypes.
+  if (out_f32) params.out_f32 = out_k.data_ptr<float>();
   glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "fwd");
 
   if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v,
+                                            const std::optional<at::Tensor>& cu_seqlens_q,
+                                            const std::optional<at::Tensor>& cu_seqlens_k,
+                                            int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                            double scale, bool causal, int64_t window_left,
+                                            int64_t window_right, bool bottom_right,
+                                            bool /*deterministic: only used by bwd*/) {
+  return run_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                    window_left, window_right, bottom_right, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_partial_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& cu_seqlens_q,
+                                                    const std::optional<at::Tensor>& cu_seqlens_k,
+                                                    int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                    double scale, bool causal, int64_t window_left,
+                                                    int64_t window_right, bool bottom_right) {
+  return run_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                    window_left, window_right, bottom_right, true);
 }
 
 // Chunked prefill over a paged cache: the forward kernel with the paged KV
@@ -139,5 +167,6 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("fwd", &fastattn::fwd_cuda);
+  m.impl("fwd_partial", &fastattn::fwd_partial_cuda);
   m.impl("paged_fwd", &fastattn::paged_fwd_cuda);
 }

@@ -52,6 +52,23 @@ def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.register_fake("fastattn::fwd_partial")
+def _fwd_partial_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                      window_left, window_right, bottom_right):
+    _check_one_device(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    acc = _lse_dtype(q.dtype)
+    return q.new_empty(q.shape, dtype=acc), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=acc)
+
+
+@torch.library.register_fake("fastattn::bwd_partial")
+def _bwd_partial_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      scale, causal, window_left, window_right, bottom_right, deterministic):
+    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    acc = _lse_dtype(q.dtype)
+    return (q.new_empty(q.shape, dtype=acc), k.new_empty(k.shape, dtype=acc),
+            v.new_empty(v.shape, dtype=acc))
+
+
 @torch.library.register_fake("fastattn::bwd_into")
 def _bwd_into_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                    scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv):

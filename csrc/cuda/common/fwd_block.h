@@ -36,6 +36,27 @@ __device__ __forceinline__ SeqBounds fwd_key_bounds(const FwdParams& p, int b) {
   }
 }
 
+// O fragments straight to global fp32 (fwd_partial), skipping the 16-bit
+// round trip through shared memory: this thread's rows r and r + 8 of the
+// tile at o (rows < `rows` only), columns 8 dt + col_lane and + 1 (< head_dim,
+// a multiple of 8), as every forward kernel's accumulators hold them.
+template <int DT>
+__device__ __forceinline__ void store_o_f32(float* o, int64_t row_stride, const float (&acc)[DT][4],
+                                            int r, int col_lane, int rows, int head_dim) {
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) {
+    const int c = dt * 8 + col_lane;
+    if (c >= head_dim) continue;
+    if (r < rows) {
+      *reinterpret_cast<float2*>(o + int64_t(r) * row_stride + c) = make_float2(acc[dt][0], acc[dt][1]);
+    }
+    if (r + 8 < rows) {
+      *reinterpret_cast<float2*>(o + int64_t(r + 8) * row_stride + c) =
+          make_float2(acc[dt][2], acc[dt][3]);
+    }
+  }
+}
+
 template <typename Elem, bool kPaged>
 struct FwdBlock {
   bool varlen;
@@ -43,6 +64,7 @@ struct FwdBlock {
   int sq, sk, m0, m1, hk;
   const Elem* q;
   Elem* o;
+  float* o32;  // fwd_partial's fp32 O at the same element offset, else nullptr
   float* lse;
   MaskPolicy mask;
   int n_begin, n_end;
@@ -59,8 +81,10 @@ struct FwdBlock {
     hk = h / (p.heads_q / p.heads_kv);
     q = static_cast<const Elem*>(p.q) + (varlen ? 0 : b * p.q_batch_stride) +
         (qs.start + m0) * p.q_row_stride + h * p.q_head_stride;
-    o = static_cast<Elem*>(p.out) + (varlen ? 0 : b * p.o_batch_stride) +
-        (qs.start + m0) * p.o_row_stride + h * p.o_head_stride;
+    const int64_t o_offset = (varlen ? 0 : b * p.o_batch_stride) +
+                             (qs.start + m0) * p.o_row_stride + h * p.o_head_stride;
+    o = static_cast<Elem*>(p.out) + o_offset;
+    o32 = p.out_f32 != nullptr ? p.out_f32 + o_offset : nullptr;
     lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + (varlen ? qs.start : 0) + m0;
     mask = MaskPolicy::make(p.mask, sq, sk);
     m1 = (m0 + block_m < sq) ? m0 + block_m : sq;

@@ -90,6 +90,10 @@ struct FwdParams {
   const void* v = nullptr;
   void* out = nullptr;
   float* lse = nullptr;
+  // fwd_partial: when set, O is written here in fp32 (the element strides of
+  // o_*) instead of to `out` (which then points at the same buffer, unused):
+  // a part's result that is merged with others before its one rounding.
+  float* out_f32 = nullptr;
 
   int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
   int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
@@ -177,6 +181,9 @@ struct BwdParams : FwdParams {
   int dkv_copies = 0;
   // dq bitwise reproducible run to run (no float atomics; see flash_bwd_kernel.cuh).
   bool deterministic = false;
+  // bwd_partial: dq/dk/dv are fp32 tensors. dK/dV then always go through
+  // dk_accum / dv_accum (plan_bwd), and the convert kernel stores fp32.
+  bool grads_f32 = false;
   // Largest dynamic shared memory per block of the device (the glue's query):
   // the launcher pipelines dQ (gpu::run_bwd_hdim) where it fits.
   int smem_optin = 0;

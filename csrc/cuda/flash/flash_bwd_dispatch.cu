@@ -119,7 +119,8 @@ __global__ void __launch_bounds__(256)
 
 // ------------------------------------------------------------ convert
 // out[row, h, :] = scale * sum_{c < copies} acc[c, row, h, :] (fixed order),
-// cast to Elem and stored with out's strides. One thread per 8 elements.
+// cast to Elem (or kept fp32: bwd_partial) and stored with out's strides. One
+// thread per 8 elements.
 struct ConvertJob {
   const float* acc = nullptr;
   int copies = 0;
@@ -136,6 +137,7 @@ struct ConvertJob {
   const int* cu_seqlens = nullptr;
   int batch = 0;
   int max_len = 0;
+  bool out_f32 = false;
 };
 
 template <typename Elem>
@@ -201,14 +203,19 @@ __global__ void __launch_bounds__(256)
         }
       }
     }
+    const int64_t dst_off = bb * j.batch_stride + i * j.row_stride + h * j.head_stride + c * 8;
+    if (j.out_f32) {
+      float4* dst = reinterpret_cast<float4*>(static_cast<float*>(j.out) + dst_off);
+      dst[0] = make_float4(v[0] * j.scale, v[1] * j.scale, v[2] * j.scale, v[3] * j.scale);
+      dst[1] = make_float4(v[4] * j.scale, v[5] * j.scale, v[6] * j.scale, v[7] * j.scale);
+      continue;
+    }
     uint4 o;
     o.x = pack2<Elem>(v[0] * j.scale, v[1] * j.scale);
     o.y = pack2<Elem>(v[2] * j.scale, v[3] * j.scale);
     o.z = pack2<Elem>(v[4] * j.scale, v[5] * j.scale);
     o.w = pack2<Elem>(v[6] * j.scale, v[7] * j.scale);
-    Elem* dst = static_cast<Elem*>(j.out) + bb * j.batch_stride + i * j.row_stride +
-                h * j.head_stride + c * 8;
-    *reinterpret_cast<uint4*>(dst) = o;
+    *reinterpret_cast<uint4*>(static_cast<Elem*>(j.out) + dst_off) = o;
   }
 }
 
@@ -283,6 +290,7 @@ cudaError_t run_bwd_dtype(int kernel_hdim, const BwdParams& p, cudaStream_t stre
     jq.cu_seqlens = p.cu_seqlens_q;
     jq.batch = p.batch;
     jq.max_len = p.seqlen_q;
+    jq.out_f32 = p.grads_f32;
     ConvertJob jk, jv;
     int n_jobs = 1;
     int64_t items = rows_q * p.heads_q * (p.head_dim / 8);
@@ -298,6 +306,7 @@ cudaError_t run_bwd_dtype(int kernel_hdim, const BwdParams& p, cudaStream_t stre
       jk.row_stride = p.dk_row_stride;
       jk.head_stride = p.dk_head_stride;
       jk.scale = p.scale;
+      jk.out_f32 = p.grads_f32;
       jv = jk;
       jv.acc = p.dv_accum;
       jv.out = p.dv;
@@ -366,7 +375,9 @@ BwdPlan plan_bwd(const BwdParams& p) {
   }
   plan.dq_accum_elems = plan.dq_splits * dq_elems;
 
-  if (plan.heads_per_cta < group) {
+  // fp32 gradients (bwd_partial) take the fp32 dK/dV sums even for whole
+  // groups: the main kernels store dK/dV directly only in the input dtype.
+  if (plan.heads_per_cta < group || p.grads_f32) {
     plan.dkv_copies = p.deterministic ? group / plan.heads_per_cta : 1;
     plan.dkv_accum_elems = plan.dkv_copies * rows_k * p.heads_kv * p.head_dim;
   }

@@ -267,6 +267,14 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
         if (m0 + r < sq) blk.lse[r] = lse[mt * 2 + hh];
       }
   }
+  if (blk.o32 != nullptr) {  // fwd_partial: fp32 straight from the accumulators
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      store_o_f32<DT>(blk.o32, p.o_row_stride, acc_o[mt], warp_row + mt * 16 + (lane >> 2),
+                      2 * (lane & 3), sq - m0, p.head_dim);
+    }
+    return;
+  }
 
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {

@@ -177,6 +177,11 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
   softmax.finalize(acc_o, p.scale, lse);
 
   Step::store_lse(blk, lse, warp_row + (lane >> 2), lane);
+  if (blk.o32 != nullptr) {  // fwd_partial: fp32 straight from the accumulators
+    store_o_f32<DT>(blk.o32, p.o_row_stride, acc_o[0], warp_row + (lane >> 2), 2 * (lane & 3),
+                    sq - m0, p.head_dim);
+    return;
+  }
   Step::template write_o<QTile>(smem, acc_o, warp_row + (lane >> 2), 2 * (lane & 3));
   __syncthreads();
   store_swizzled_tile<kThreads, QTile>(blk.o, p.o_row_stride, smem, sq - m0, p.head_dim, tid);

@@ -282,6 +282,11 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
     float lse[2];
     softmax.finalize(acc_o, p.scale, lse);
     Step::store_lse(blk, lse, warp_row + (lane >> 2), lane);
+    if (blk.o32 != nullptr) {  // fwd_partial: fp32 straight from the accumulators, no tile
+      store_o_f32<DT>(blk.o32 + int64_t(wg) * 64 * p.o_row_stride, p.o_row_stride, acc_o[0],
+                      (tid >> 5) * 16 + (lane >> 2), col_lane, sq - m0 - wg * 64, p.head_dim);
+      continue;
+    }
     char* o_smem = smem + (sm.o(wg) - sm.base);
     ptx::named_barrier_sync(kEpilogueBarrier + wg, 128);  // the previous tile's stores read it
     // Rows of this group's own 64-row tile.

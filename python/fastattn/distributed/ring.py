@@ -150,8 +150,9 @@ def _attend_block(cfg, calls, q, k_blk, v_blk, acc_out, acc_lse):
     for c in calls:
         qr, kr = _rows(cfg, c.q0, c.q1), _rows(cfg, c.k0, c.k1)
         causal, wl, wr = _mask_args(c)
-        out, lse = ops.fwd(qr.take(q), kr.take(k_blk), kr.take(v_blk), qr.cu, kr.cu, qr.max_len,
-                           kr.max_len, cfg.scale, causal, wl, wr, False, cfg.deterministic)
+        # fp32 parts: each is rounded to the input dtype only once, after the merge.
+        out, lse = ops.fwd_partial(qr.take(q), kr.take(k_blk), kr.take(v_blk), qr.cu, kr.cu,
+                                   qr.max_len, kr.max_len, cfg.scale, causal, wl, wr, False)
         _merge_into(acc_out, acc_lse, qr, out, lse)
 
 
@@ -159,9 +160,9 @@ def _grad_block(cfg, calls, dout, q, k_blk, v_blk, out, lse, dq_acc, dk_acc, dv_
     for c in calls:
         qr, kr = _rows(cfg, c.q0, c.q1), _rows(cfg, c.k0, c.k1)
         causal, wl, wr = _mask_args(c)
-        dq, dk, dv = ops.bwd(qr.take(dout), qr.take(q), kr.take(k_blk), kr.take(v_blk), qr.take(out),
-                             qr.take_lse(lse), qr.cu, kr.cu, qr.max_len, kr.max_len, cfg.scale,
-                             causal, wl, wr, False, cfg.deterministic)
+        dq, dk, dv = ops.bwd_partial(qr.take(dout), qr.take(q), kr.take(k_blk), kr.take(v_blk),
+                                     qr.take(out), qr.take_lse(lse), qr.cu, kr.cu, qr.max_len,
+                                     kr.max_len, cfg.scale, causal, wl, wr, False, cfg.deterministic)
         qr.add_into(dq_acc, dq)
         kr.add_into(dk_acc, dk)
         kr.add_into(dv_acc, dv)
