@@ -5,7 +5,8 @@ deterministic backward with fp32 dK/dV partial sums (on sm90 the head-dim
 chunked prefill (including page ids outside the pool); many-split decode,
 the cluster-combine decode and the N-way merge; block-sparse forward and
 backward (bits, GQA, float bias, a corrupted list); the linear-attention
-recurrence and chunked kernels (dense, varlen over a state pool).
+recurrence and chunked kernels (dense, varlen over a state pool); ring
+attention's fp32 per-part ops.
 
     compute-sanitizer --tool memcheck  python scripts/sanitizer_subset.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_subset.py
@@ -108,6 +109,23 @@ def main():
         torch.ops.fastattn.sparse_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kf.kv_num_blocks,
                                       idx, kf.full_kv_num_blocks, kf.full_kv_indices, None, None, 128, 128,
                                       0.1, False, -1, -1, False, None)
+    # Ring attention's per-part ops: O straight from the forward accumulators
+    # in fp32, and dQ/dK/dV converted to fp32 (dK/dV through the fp32
+    # accumulation path), dense with GQA and odd lengths, and varlen.
+    from fastattn._ops import ops
+    for D, causal in ((64, True), (128, False), (96, True)):
+        q = torch.randn(2, 131, 4, D, device="cuda", dtype=dt)
+        k, v = (torch.randn(2, 131, 2, D, device="cuda", dtype=dt) for _ in range(2))
+        args = (None, None, 0, 0, D ** -0.5, causal, -1, -1, True)
+        o32, lse32 = ops.fwd_partial(q, k, v, *args)
+        o, lse = ops.fwd(q, k, v, *args, False)
+        ops.bwd_partial(torch.randn_like(q), q, k, v, o, lse, *args, False)
+    cu = torch.tensor([0, 17, 18, 82], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(82, 4, 128, device="cuda", dtype=dt) for _ in range(3))
+    args = (cu, cu, 64, 64, 128 ** -0.5, True, -1, -1, True)
+    ops.fwd_partial(q, k, v, *args)
+    o, lse = ops.fwd(q, k, v, *args, False)
+    ops.bwd_partial(torch.randn_like(q), q, k, v, o, lse, *args, False)
     # Linear attention: the chunked forward (dense with a partial last chunk,
     # GVA; varlen over a state pool with a padding slot and an empty sequence)
     # and the recurrence kernel (decode in place, K = 256, per-key decays).

@@ -5,14 +5,15 @@
 # rest; a summary prints last. Carry .whl (fla-core, einops) for the linear
 # anchor. Stages: STAGES="build linear suite bench dist cp" (default all):
 # dist = the context-parallel GPU tests, cp = benchmarks.context_parallel at
-# N = 1 and a 2-process gloo sanity run on the one GPU.
+# N = 1 and a 2-process gloo sanity run on the one GPU; sanitize = memcheck over
+# scripts/sanitizer_subset.py.
 #   bash scripts/dev/session_check.sh
 #   STAGES="linear bench" SKIP_BUILD=1 bash scripts/dev/session_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} FASTATTN_REQUIRE_CUDA=1
 OUT=${OUT:-/tmp/fastattn-out}; mkdir -p "$OUT"
-STAGES=${STAGES:-"build linear suite bench dist cp"}
+STAGES=${STAGES:-"build linear suite bench dist cp sanitize"}
 summary=()
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -36,12 +37,14 @@ if has linear; then
 fi
 if has suite; then
   timeout ${SUITE_TIMEOUT:-420} python -m pytest -q -m cuda tests -p no:cacheprovider \
-    --deselect tests/test_linear_inference.py --deselect tests/test_linear.py > "$OUT/suite.log" 2>&1
-  summary+=("GPU suite (pytest -m cuda tests, linear files deselected): $(tail -1 "$OUT/suite.log")")
+    --deselect tests/test_linear_inference.py --deselect tests/test_linear.py \
+    --deselect tests/test_distributed.py --deselect tests/test_partial_ops.py > "$OUT/suite.log" 2>&1
+  summary+=("GPU suite (pytest -m cuda tests; linear, distributed, partial-op files deselected: own stages): $(tail -1 "$OUT/suite.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -15
 fi
 if has dist; then
-  timeout ${DIST_TIMEOUT:-200} python -m pytest -q -m cuda tests/test_distributed.py -p no:cacheprovider \
+  timeout ${DIST_TIMEOUT:-200} python -m pytest -q -m cuda tests/test_distributed.py tests/test_partial_ops.py \
+    -p no:cacheprovider \
     > "$OUT/dist_tests.log" 2>&1
   summary+=("context-parallel GPU tests: $(tail -1 "$OUT/dist_tests.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/dist_tests.log" | head -15
@@ -56,5 +59,10 @@ if has bench; then
   timeout ${BENCH_TIMEOUT:-200} python -m benchmarks.linear --quick --rounds ${BENCH_ROUNDS:-3} \
     --out "$OUT" > "$OUT/linear_bench.log" 2>&1
   tail -30 "$OUT/linear_bench.log"
+fi
+if has sanitize; then
+  timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool memcheck python scripts/sanitizer_subset.py \
+    > "$OUT/memcheck.log" 2>&1
+  summary+=("memcheck: $(grep -E "ERROR SUMMARY|sanitizer subset" "$OUT/memcheck.log" | tr '\n' ' ')")
 fi
 printf '%s\n' "${summary[@]}"
