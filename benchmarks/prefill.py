@@ -70,6 +70,34 @@ def make_impls(flex_ok):
     return impls
 
 
+def add_softcap(impls, softcap, flex_ok):
+    """--softcap C: flash_attn_func on the same tensors (as (B, S, H, D) views) without and
+    with softcap=C, so the cap's cost is read off one run; FlexAttention with the same cap
+    as a score_mod when it runs."""
+    def flash(q, k, v, c, cap):  # (B, H, S, D) in and out, as every other impl
+        out = fastattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       causal=c, softcap=cap)
+        return out.transpose(1, 2)
+    impls["fastattn-flash"] = lambda q, k, v, c: flash(q, k, v, c, 0.0)
+    impls["fastattn-softcap"] = lambda q, k, v, c: flash(q, k, v, c, softcap)
+    if flex_ok:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+        masks = {}
+
+        def cap(score, b, h, qi, ki):
+            return softcap * torch.tanh(score / softcap)
+
+        def run_flex(q, k, v, c):
+            key = (q.shape[-2], k.shape[-2])
+            if c and key not in masks:
+                masks[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, *key,
+                                               device=q.device)
+            return flex(q, k, v, score_mod=cap, block_mask=masks[key] if c else None)
+        impls["flex-softcap"] = run_flex
+    return impls
+
+
 def add_variants(impls, specs):
     """--variant NAME:VAR=VALUE[,VAR=VALUE]: fastattn run with those environment
     switches (read by the launchers per call), e.g. "sm90:FASTATTN_FWD_WS=0",
@@ -183,6 +211,8 @@ def main():
     ap.add_argument("--modes", default="fwd,bwd")
     ap.add_argument("--impls", default="", help="comma list to restrict (fastattn,sdpa-flash,...)")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--softcap", type=float, default=0.0,
+                    help="also time flash_attn_func without / with this softcap (and flex with it)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per config")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:VAR=VALUE,...: also time fastattn under these environment switches")
@@ -192,9 +222,13 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks need a CUDA GPU")
     modes = args.modes.split(",")
-    impls = add_variants(make_impls(flex_ok=not (args.no_flex or args.quick)), args.variant)
+    flex_ok = not (args.no_flex or args.quick)
+    impls = add_variants(make_impls(flex_ok), args.variant)
+    if args.softcap:
+        impls = add_softcap(impls, args.softcap, flex_ok)
     if args.impls:
         keep = args.impls.split(",") + [f"fastattn-{v.partition(':')[0]}" for v in args.variant]
+        keep += [k for k in impls if "softcap" in k or k == "fastattn-flash"]
         impls = {k: v for k, v in impls.items() if k in keep}
     cfgs = configs(args.quick)
     if args.configs:
@@ -238,8 +272,13 @@ def summary_table(results, impl_names):
         ratio = lambda a, b: "n/a" if not a or not b else f"{a / b:.2f}"
         row.append(ratio(ours and ours.tflops, flash and flash.tflops))
         row.append(ratio(ours and ours.tflops, torch_best))
+        if "fastattn-softcap" in impl_names:  # time with the cap / time without (same run)
+            plain, capped = by_impl.get("fastattn-flash"), by_impl.get("fastattn-softcap")
+            row.append(ratio(plain and plain.tflops, capped and capped.tflops))
         rows.append(row)
     headers = ["mode", "BxHxSxD", "causal"] + [f"{n} TF/s" for n in impl_names] + ["vs flash", "vs best sdpa"]
+    if "fastattn-softcap" in impl_names:
+        headers.append("softcap time x")
     return format_table(headers, rows)
 
 

@@ -152,8 +152,7 @@ def test_unsupported_arguments_raise():
     class M(torch.nn.Module):
         is_causal = True
 
-    for kwargs, what in [({"dropout": 0.1}, "dropout"), ({"softcap": 30.0}, "softcap"),
-                         ({"output_attentions": True}, "output_attentions")]:
+    for kwargs, what in [({"dropout": 0.1}, "dropout"), ({"output_attentions": True}, "output_attentions")]:
         with pytest.raises(NotImplementedError, match=what):
             fx.fastattn_attention_forward(M(), q, k, k, None, **kwargs)
     with pytest.raises(NotImplementedError, match="4-D attention mask"):
@@ -251,3 +250,43 @@ def test_gpt_oss_attention_sinks_match_eager(device):
     for a, b in zip(ours.model.layers, ref.model.layers):
         torch.testing.assert_close(a.self_attn.sinks.grad.float(), b.self_attn.sinks.grad.float(),
                                    **_tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemma2_softcap_matches_eager(device):
+    """A tiny random-weight Gemma 2 (attn_logit_softcapping, alternating sliding / full
+    layers): logits of a padded batch and one training step's gradients match eager.
+    The cap is small, so it bends the scores of these random weights."""
+    if not hasattr(transformers, "Gemma2Config"):
+        pytest.skip("this transformers has no Gemma 2")
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=101, hidden_size=64, intermediate_size=96, head_dim=16,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    sliding_window=6, attn_logit_softcapping=2.0,
+                                    final_logit_softcapping=None, query_pre_attn_scalar=16,
+                                    max_position_embeddings=256, initializer_range=0.5,
+                                    attention_dropout=0.0)
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
+    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager")
+    ref.load_state_dict(ours.state_dict())
+    dtype = _dtype(device)
+    ours.to(device=device, dtype=dtype)
+    ref.to(device=device, dtype=dtype)
+    ids, mask = _batch(device, [12, 7], 12)
+    lo = ours(input_ids=ids, attention_mask=mask).logits
+    lr = ref(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(lo[keep].float(), lr[keep].float(), **_tol(dtype))
+    lo[keep].float().square().mean().backward()
+    lr[keep].float().square().mean().backward()
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        if "self_attn" in name:
+            torch.testing.assert_close(a.grad.float(), b.grad.float(), **_tol(dtype), msg=name)
+    # The cap matters for these weights: without it the logits move.
+    plain = copy.deepcopy(cfg)
+    plain.attn_logit_softcapping = None
+    uncapped = transformers.AutoModelForCausalLM.from_config(plain, attn_implementation="eager")
+    uncapped.load_state_dict(ref.state_dict())
+    uncapped.to(device=device, dtype=dtype)
+    lu = uncapped(input_ids=ids, attention_mask=mask).logits
+    assert (lu[keep].float() - lr[keep].float()).abs().max() > 0.05

@@ -59,6 +59,7 @@ void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, at::
   const RowView<scalar_t> O(out, false);
   auto* lse_ptr = static_cast<acc_t*>(lse.data_ptr());
   const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t softcap = static_cast<acc_t>(p.softcap);
   AttnProblem mask;  // the bottom-right window of visible_keys()
   mask.window_left = p.window_left;
   mask.window_right = p.window_right;
@@ -99,7 +100,7 @@ void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, at::
       auto k_row = [&](int64_t j) { return kv.k(b, j, hk); };
       auto v_row = [&](int64_t j) { return kv.v(b, j, hk); };
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
-        st.visit(j0, std::min(kBlockK, j_end - j0), k_row, v_row, range, scale);
+        st.visit_capped(j0, std::min(kBlockK, j_end - j0), k_row, v_row, range, scale, softcap);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = head_of(r), i = query_of(r);
@@ -178,10 +179,11 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
                                               const std::optional<at::Tensor>& cache_batch_idx,
                                               const std::optional<at::Tensor>& block_table,
                                               double scale, bool causal, int64_t window_left,
-                                              int64_t window_right, int64_t num_splits) {
-  const DecodeProblem p = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx,
-                                            block_table, scale, causal, window_left, window_right,
-                                            num_splits);
+                                              int64_t window_right, int64_t num_splits,
+                                              double softcap) {
+  DecodeProblem p = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table,
+                                      scale, causal, window_left, window_right, num_splits);
+  p.softcap = checked_softcap(softcap);
   TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
   auto [out, lse] = empty_decode_outputs(p, q);
   const at::Tensor lens_t = seqlens_k ? seqlens_k->contiguous() : at::Tensor();

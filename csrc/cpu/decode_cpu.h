@@ -13,7 +13,8 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
                                               const std::optional<at::Tensor>& cache_batch_idx,
                                               const std::optional<at::Tensor>& block_table,
                                               double scale, bool causal, int64_t window_left,
-                                              int64_t window_right, int64_t num_splits);
+                                              int64_t window_right, int64_t num_splits,
+                                              double softcap = 0.0);
 
 std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                     const at::Tensor& out_b, const at::Tensor& lse_b);

@@ -1,5 +1,6 @@
 // FlashAttention-2 backward on the CPU. Probabilities are recomputed from the
-// forward's logsumexp, P = exp(scale * q k^T - lse), so nothing of size
+// forward's logsumexp, P = exp(scale * q k^T - lse) (with a softcap, of the
+// capped scores; dS then carries the cap's slope), so nothing of size
 // Sq x Sk is stored. With D_i = rowsum(dO_i * O_i):
 //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D),
 //   dQ += scale * dS K,  dK += scale * dS^T Q.
@@ -22,7 +23,8 @@ namespace {
 template <typename scalar_t>
 void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-              const at::Tensor& lse, const int32_t* cu_q, const int32_t* cu_k, at::Tensor& dq,
+              const at::Tensor& lse, const at::Tensor& dlse, const int32_t* cu_q,
+              const int32_t* cu_k, at::Tensor& dq,
               at::Tensor& dk, at::Tensor& dv) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = p.head_dim;
@@ -31,9 +33,13 @@ void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
   const RowView<const scalar_t> O(out, p.varlen), dO(dout, p.varlen);
   const RowView<scalar_t> dQ(dq, p.varlen), dK(dk, p.varlen), dV(dv, p.varlen);
   const auto* lse_ptr = static_cast<const acc_t*>(lse.data_ptr());
+  const acc_t* dlse_ptr = dlse.defined() ? dlse.data_ptr<acc_t>() : nullptr;
+  const int64_t dlse_b_stride = !dlse.defined() || p.varlen ? 0 : dlse.stride(0);
+  const int64_t dlse_h_stride = dlse.defined() ? dlse.stride(p.varlen ? 0 : 1) : 0;
   const int64_t lse_b_stride = p.varlen ? 0 : lse.stride(0);
   const int64_t lse_h_stride = lse.stride(p.varlen ? 0 : 1);
   const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t softcap = static_cast<acc_t>(p.softcap);
 
   at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> kt(D * kBlockK), vt(D * kBlockK), dk_acc(kBlockK * D), dv_acc(kBlockK * D);
@@ -54,6 +60,10 @@ void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
           const scalar_t* go = dO.row(b, sp.q_begin + i, hk * group + g);
           acc_t acc = 0;
           for (int64_t x = 0; x < D; ++x) acc += static_cast<acc_t>(o[x]) * static_cast<acc_t>(go[x]);
+          // d lse_i / d s_ij = P_ij: an lse gradient enters as D - dlse.
+          if (dlse_ptr != nullptr) {
+            acc -= dlse_ptr[b * dlse_b_stride + (hk * group + g) * dlse_h_stride + sp.q_begin + i];
+          }
           delta[g * sp.sq + i] = acc;
         }
       }
@@ -95,8 +105,15 @@ void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
             const acc_t row_delta = delta[g * sp.sq + i];
             acc_t* dq_row = &dq_acc[(g * sp.sq + i) * D];
             for (int64_t c = c_lo; c < c_hi; ++c) {
-              const acc_t pc = std::exp(s[c] * scale - row_lse);
-              const acc_t ds = pc * (dp[c] - row_delta) * scale;
+              // A capped score x -> c tanh(x / c) has slope 1 - tanh^2 in x.
+              acc_t x = s[c] * scale, slope = 1;
+              if (softcap > acc_t(0)) {
+                const acc_t t = std::tanh(x / softcap);
+                x = softcap * t;
+                slope = 1 - t * t;
+              }
+              const acc_t pc = std::exp(x - row_lse);
+              const acc_t ds = pc * (dp[c] - row_delta) * slope * scale;
               acc_t* dv_c = &dv_acc[c * D];
               acc_t* dk_c = &dk_acc[c * D];
               for (int64_t x = 0; x < D; ++x) {
@@ -136,13 +153,15 @@ void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                   int64_t max_seqlen_k, double scale, bool causal, int64_t window_left,
                   int64_t window_right, bool bottom_right, bool deterministic,
-                  const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                  const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                  double softcap, const std::optional<at::Tensor>& dlse) {
   // The CPU backward is deterministic whatever the flag: each dQ row is owned
   // by one task and summed in a fixed order.
   (void)deterministic;
-  const AttnProblem p = check_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                       max_seqlen_q, max_seqlen_k, scale, causal, window_left,
-                                       window_right, bottom_right);
+  AttnProblem p = check_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                 max_seqlen_q, max_seqlen_k, scale, causal, window_left,
+                                 window_right, bottom_right);
+  p.softcap = checked_softcap(softcap);
   check_grad_outputs(q, k, v, dq, dk, dv);
   TORCH_CHECK(q.device().is_cpu() && dq.device().is_cpu() && dk.device().is_cpu() &&
                   dv.device().is_cpu(),
@@ -155,8 +174,9 @@ void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
   const int32_t* cu_q = p.varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
   const int32_t* cu_k = p.varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
   at::Tensor dq_w = dq, dk_w = dk, dv_w = dv;
+  const at::Tensor dl = checked_dlse(dlse, lse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_bwd_cpu", [&] {
-    bwd_impl<scalar_t>(p, dout, q, k, v, out, lse, cu_q, cu_k, dq_w, dk_w, dv_w);
+    bwd_impl<scalar_t>(p, dout, q, k, v, out, lse, dl, cu_q, cu_k, dq_w, dk_w, dv_w);
   });
 }
 
@@ -165,12 +185,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic) {
+    bool deterministic, double softcap, const std::optional<at::Tensor>& dlse) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   bwd_into_cpu(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-               scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv);
+               scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv,
+               softcap, dlse);
   return {dq, dk, dv};
 }
 

@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            int64_t max_seqlen_q, int64_t max_seqlen_k,
                                            double scale, bool causal, int64_t window_left,
                                            int64_t window_right, bool bottom_right,
-                                           bool deterministic);
+                                           bool deterministic, double softcap = 0.0);
 
 std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache,
@@ -22,14 +22,15 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& seqlens_k,
                                                  const at::Tensor& block_table,
                                                  int64_t max_seqlen_q, double scale, bool causal,
-                                                 int64_t window_left, int64_t window_right);
+                                                 int64_t window_left, int64_t window_right,
+                                                 double softcap = 0.0);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic);
+    bool deterministic, double softcap = 0.0, const std::optional<at::Tensor>& dlse = std::nullopt);
 
 // fwd_partial / bwd_partial (partial_cpu.cpp): results in float32 for 16-bit inputs.
 std::tuple<at::Tensor, at::Tensor> fwd_partial_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -55,6 +56,7 @@ void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                   int64_t max_seqlen_k, double scale, bool causal, int64_t window_left,
                   int64_t window_right, bool bottom_right, bool deterministic,
-                  const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+                  const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                  double softcap = 0.0, const std::optional<at::Tensor>& dlse = std::nullopt);
 
 }  // namespace fastattn::cpu

@@ -32,6 +32,7 @@ void fwd_impl(const AttnProblem& p, const at::Tensor& q, const Kv& kv, const int
   const int64_t lse_b_stride = p.varlen ? 0 : lse.stride(0);
   const int64_t lse_h_stride = lse.stride(p.varlen ? 0 : 1);
   const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t softcap = static_cast<acc_t>(p.softcap);
 
   at::parallel_for(0, p.batch * p.heads_q * q_tiles, 1, [&](int64_t begin, int64_t end) {
     RowBlockState<acc_t> st(p.head_dim);
@@ -53,7 +54,7 @@ void fwd_impl(const AttnProblem& p, const at::Tensor& q, const Kv& kv, const int
       // Keys any row of this tile can see; tiles outside are skipped.
       const int64_t k_lo = range(0).lo, k_hi = range(rows - 1).hi;
       for (int64_t j0 = (k_lo / kBlockK) * kBlockK; j0 < k_hi; j0 += kBlockK) {
-        st.visit(j0, std::min(kBlockK, sk - j0), k_row, v_row, range, scale);
+        st.visit_capped(j0, std::min(kBlockK, sk - j0), k_row, v_row, range, scale, softcap);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = q_begin + i0 + r;
@@ -72,10 +73,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            int64_t max_seqlen_q, int64_t max_seqlen_k,
                                            double scale, bool causal, int64_t window_left,
                                            int64_t window_right, bool bottom_right,
-                                           bool /*deterministic: used by autograd only*/) {
-  const AttnProblem p = check_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                       max_seqlen_k, scale, causal, window_left, window_right,
-                                       bottom_right);
+                                           bool /*deterministic: used by autograd only*/,
+                                           double softcap) {
+  AttnProblem p = check_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 scale, causal, window_left, window_right, bottom_right);
+  p.softcap = checked_softcap(softcap);
   TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = empty_lse(p, q);
@@ -93,10 +95,12 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& seqlens_k,
                                                  const at::Tensor& block_table,
                                                  int64_t max_seqlen_q, double scale, bool causal,
-                                                 int64_t window_left, int64_t window_right) {
-  const PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
-                                                  block_table, max_seqlen_q, scale, causal,
-                                                  window_left, window_right);
+                                                 int64_t window_left, int64_t window_right,
+                                                 double softcap) {
+  PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
+                                            block_table, max_seqlen_q, scale, causal, window_left,
+                                            window_right);
+  pp.attn.softcap = checked_softcap(softcap);
   TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
   const AttnProblem& p = pp.attn;
   at::Tensor out = at::empty(q.sizes(), q.options());

@@ -138,4 +138,18 @@ void check_grad_outputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   }
 }
 
+double checked_softcap(double softcap) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+              "fastattn: softcap must be a finite number >= 0 (0 turns it off), got ", softcap);
+  return softcap;
+}
+
+at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor& lse) {
+  if (!dlse.has_value() || !dlse->defined()) return at::Tensor();
+  TORCH_CHECK(dlse->sizes() == lse.sizes(), "fastattn: dlse must have lse's shape ", lse.sizes(),
+              ", got ", dlse->sizes());
+  TORCH_CHECK(dlse->device() == lse.device(), "fastattn: dlse must be on lse's device");
+  return dlse->to(lse.scalar_type()).contiguous();
+}
+
 }  // namespace fastattn

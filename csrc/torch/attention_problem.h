@@ -22,7 +22,16 @@ struct AttnProblem {
   int64_t window_left = -1;
   int64_t window_right = -1;
   bool bottom_right = false;
+  // > 0: scaled scores x become softcap * tanh(x / softcap) before the mask.
+  double softcap = 0.0;
 };
+
+// softcap must be finite and >= 0 (0 = off); returns it.
+double checked_softcap(double softcap);
+
+// An lse gradient (bwd, bwd_into, sparse_bwd): lse's shape, device and dtype,
+// contiguous (undefined when absent).
+at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor& lse);
 
 // Largest head dim any backend accepts.
 constexpr int64_t kMaxHeadDim = 256;

@@ -41,13 +41,16 @@ void bwd_into_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                    int64_t max_seqlen_k, double scale, bool causal, int64_t window_left,
                    int64_t window_right, bool bottom_right, bool deterministic,
-                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
-  const AttnProblem prob =
+                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                   double softcap, const std::optional<at::Tensor>& dlse) {
+  AttnProblem prob =
       check_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                      max_seqlen_k, scale, causal, window_left, window_right, bottom_right);
+  prob.softcap = checked_softcap(softcap);
   check_grad_outputs(q, k, v, dq, dk, dv);
+  const at::Tensor dl = checked_dlse(dlse, lse);
   glue::run_bwd_into(prob, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, deterministic, dq,
-                     dk, dv, nullptr, "bwd");
+                     dk, dv, nullptr, "bwd", dl.defined() ? dl.data_ptr<float>() : nullptr);
 }
 
 }  // namespace
@@ -175,12 +178,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic) {
+    bool deterministic, double softcap, const std::optional<at::Tensor>& dlse) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   bwd_into_cuda(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv);
+                scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv,
+                softcap, dlse);
   return {dq, dk, dv};
 }
 

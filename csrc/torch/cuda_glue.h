@@ -142,6 +142,14 @@ inline int clamp_window(int64_t w, int64_t seqlen_q, int64_t seqlen_k) {
 
 // Fills the common (forward) part of the params. q/k/v/out must already be
 // kernel-readable; out has q's layout; lse is the fresh empty_lse() tensor.
+// The kernels' softcap factors on raw scores (cuda/common/softcap.h); a zero
+// scale makes every score 0, which the cap keeps, so it stays off then.
+inline void set_softcap(float& in, float& out, double scale, double softcap) {
+  const bool on = softcap > 0 && scale != 0;
+  in = on ? static_cast<float>(scale / softcap) : 0.f;
+  out = on ? static_cast<float>(softcap / scale) : 0.f;
+}
+
 inline void fill_fwd_params(FwdParams& p, const AttnProblem& prob, const at::Tensor& q,
                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                             const at::Tensor& lse, const std::optional<at::Tensor>& cu_q,
@@ -191,6 +199,7 @@ inline void fill_fwd_params(FwdParams& p, const AttnProblem& prob, const at::Ten
   p.total_k = varlen ? k.size(0) : 0;
   p.scale = static_cast<float>(prob.scale);
   p.scale_log2 = static_cast<float>(prob.scale * 1.4426950408889634);
+  set_softcap(p.softcap_in, p.softcap_out, prob.scale, prob.softcap);
   p.mask.window_left = clamp_window(prob.window_left, prob.seqlen_q, prob.seqlen_k);
   p.mask.window_right = clamp_window(prob.window_right, prob.seqlen_q, prob.seqlen_k);
   p.mask.bottom_right = prob.bottom_right;

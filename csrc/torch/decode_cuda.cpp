@@ -47,10 +47,12 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& cache_batch_idx,
                                                const std::optional<at::Tensor>& block_table,
                                                double scale, bool causal, int64_t window_left,
-                                               int64_t window_right, int64_t num_splits) {
-  const DecodeProblem prob = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx,
-                                               block_table, scale, causal, window_left,
-                                               window_right, num_splits);
+                                               int64_t window_right, int64_t num_splits,
+                                               double softcap) {
+  DecodeProblem prob = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx,
+                                         block_table, scale, causal, window_left, window_right,
+                                         num_splits);
+  prob.softcap = checked_softcap(softcap);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k_cache, "k_cache"},
                                {&v_cache, "v_cache"},
@@ -138,6 +140,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   p.seqlen_k_max = static_cast<int>(prob.max_seqlen_k);
   p.scale = static_cast<float>(kscale);
   p.scale_log2 = static_cast<float>(kscale * 1.4426950408889634);
+  glue::set_softcap(p.softcap_in, p.softcap_out, kscale, prob.softcap);
   p.mask.window_left = glue::clamp_window(prob.window_left, prob.seqlen_q, prob.max_seqlen_k);
   p.mask.window_right = glue::clamp_window(prob.window_right, prob.seqlen_q, prob.max_seqlen_k);
   p.mask.bottom_right = true;

@@ -56,6 +56,7 @@ struct DecodeProblem {
   bool has_seqlens_k = false;      // else every sequence has max_seqlen_k keys
   bool has_cache_batch_idx = false;  // else sequence b reads cache row b
   double scale = 1.0;
+  double softcap = 0.0;  // as AttnProblem::softcap
   // Normalized window (MaskParams of csrc/cuda/common/params.h, always bottom-right
   // aligned with sk = seqlens_k[b]): causal folds into window_right == 0;
   // negative means unbounded.

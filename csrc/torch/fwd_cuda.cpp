@@ -30,10 +30,11 @@ std::tuple<at::Tensor, at::Tensor> run_fwd_op(const at::Tensor& q, const at::Ten
                                               int64_t max_seqlen_q, int64_t max_seqlen_k,
                                               double scale, bool causal, int64_t window_left,
                                               int64_t window_right, bool bottom_right,
-                                              bool out_f32) {
-  const AttnProblem prob = check_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k, scale, causal, window_left,
-                                          window_right, bottom_right);
+                                              bool out_f32, double softcap) {
+  AttnProblem prob = check_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, scale, causal, window_left, window_right,
+                                    bottom_right);
+  prob.softcap = checked_softcap(softcap);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k, "k"},
                                {&v, "v"},
@@ -76,9 +77,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             int64_t max_seqlen_q, int64_t max_seqlen_k,
                                             double scale, bool causal, int64_t window_left,
                                             int64_t window_right, bool bottom_right,
-                                            bool /*deterministic: only used by bwd*/) {
+                                            bool /*deterministic: only used by bwd*/,
+                                            double softcap) {
   return run_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                    window_left, window_right, bottom_right, false);
+                    window_left, window_right, bottom_right, false, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_partial_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -89,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_partial_cuda(const at::Tensor& q, const a
                                                     double scale, bool causal, int64_t window_left,
                                                     int64_t window_right, bool bottom_right) {
   return run_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                    window_left, window_right, bottom_right, true);
+                    window_left, window_right, bottom_right, true, 0.0);
 }
 
 // Chunked prefill over a paged cache: the forward kernel with the paged KV
@@ -102,10 +104,12 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
                                                   const at::Tensor& seqlens_k,
                                                   const at::Tensor& block_table,
                                                   int64_t max_seqlen_q, double scale, bool causal,
-                                                  int64_t window_left, int64_t window_right) {
-  const PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
-                                                  block_table, max_seqlen_q, scale, causal,
-                                                  window_left, window_right);
+                                                  int64_t window_left, int64_t window_right,
+                                                  double softcap) {
+  PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
+                                            block_table, max_seqlen_q, scale, causal,
+                                            window_left, window_right);
+  pp.attn.softcap = checked_softcap(softcap);
   const AttnProblem& prob = pp.attn;
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k_cache, "k_cache"},

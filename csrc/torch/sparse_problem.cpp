@@ -154,14 +154,6 @@ at::Tensor relative_bias_grad(const at::Tensor& dense) {
   return sheared.sum(1);
 }
 
-at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor& lse) {
-  if (!dlse.has_value() || !dlse->defined()) return at::Tensor();
-  TORCH_CHECK(dlse->sizes() == lse.sizes(), "fastattn: dlse must have lse's shape ", lse.sizes(),
-              ", got ", dlse->sizes());
-  TORCH_CHECK(dlse->device() == lse.device(), "fastattn: dlse must be on lse's device");
-  return dlse->to(lse.scalar_type()).contiguous();
-}
-
 void check_sparse_list_values(const SparseProblem& sp, bool transposed) {
   const ListNames& n = transposed ? kBwdNames : kFwdNames;
   const SparseLists& l = sp.lists;

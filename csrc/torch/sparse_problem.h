@@ -55,10 +55,6 @@ SparseProblem check_sparse_args(const at::Tensor& q, const at::Tensor& k, const 
 // (B, Hq, Sq, Sk): every diagonal j - i summed, deterministically.
 at::Tensor relative_bias_grad(const at::Tensor& dense);
 
-// The lse gradient of sparse_bwd: lse's shape, device and dtype, contiguous
-// (undefined when absent).
-at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor& lse);
-
 // Host-side check that every listed block id is in range and every count fits
 // its list (CPU tensors only: on CUDA that would be a sync; the kernels skip
 // out-of-range entries instead).

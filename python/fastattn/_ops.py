@@ -38,7 +38,7 @@ def _check_one_device(*tensors):
 
 @torch.library.register_fake("fastattn::fwd")
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-              window_left, window_right, bottom_right, deterministic):
+              window_left, window_right, bottom_right, deterministic, softcap=0.0):
     _check_one_device(q, k, v, cu_seqlens_q, cu_seqlens_k)
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q.dtype))
@@ -47,8 +47,9 @@ def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 
 @torch.library.register_fake("fastattn::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              scale, causal, window_left, window_right, bottom_right, deterministic):
-    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+              scale, causal, window_left, window_right, bottom_right, deterministic, softcap=0.0,
+              dlse=None):
+    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dlse)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -71,19 +72,21 @@ def _bwd_partial_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
 
 @torch.library.register_fake("fastattn::bwd_into")
 def _bwd_into_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                   scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv):
-    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv)
+                   scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv,
+                   softcap=0.0, dlse=None):
+    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv, dlse)
     return None
 
 
 _FWD_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "causal",
-             "window_left", "window_right", "bottom_right", "deterministic")
+             "window_left", "window_right", "bottom_right", "deterministic", "softcap")
 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, *rest = inputs
     out, lse = output
     args = dict(zip(_FWD_ARGS, rest))
+    args.setdefault("softcap", 0.0)
     ctx.save_for_backward(q, k, v, out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"])
     ctx.args = args
     # Leave the gradient of an unused lse as None instead of a tensor of zeros.
@@ -98,6 +101,7 @@ def _fwd_backward(ctx, dout, dlse):
 
 def attention_backward(args, q, k, v, out, lse, cu_q, cu_k, dout, dlse, grads=None):
     """Gradients of fwd's (out, lse) w.r.t. q, k, v; `args` are fwd's keyword arguments.
+    An lse gradient goes into the kernels (dS = P * (dP - D + dlse)).
 
     grads: optional (dq, dk, dv) buffers (e.g. slices of one packed dqkv) that
     receive the gradients in place instead of fresh tensors.
@@ -106,6 +110,7 @@ def attention_backward(args, q, k, v, out, lse, cu_q, cu_k, dout, dlse, grads=No
     deterministic = a["deterministic"] or torch.are_deterministic_algorithms_enabled()
     common = (cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"], a["scale"], a["causal"],
               a["window_left"], a["window_right"], a["bottom_right"])
+    softcap = float(a.get("softcap", 0.0))
     if dout is None:
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
@@ -113,32 +118,11 @@ def attention_backward(args, q, k, v, out, lse, cu_q, cu_k, dout, dlse, grads=No
         # need a contiguous last dim.
         dout = dout.contiguous()
     if grads is None:
-        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *common, deterministic)
+        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *common, deterministic, softcap, dlse)
     else:
         dq, dk, dv = grads
-        ops.bwd_into(dout, q, k, v, out, lse, *common, deterministic, dq, dk, dv)
-    if dlse is not None:
-        # d lse_i / d s_ij = P_ij, so an lse gradient adds dS_ij = P_ij * dlse_i:
-        #   dq_i += scale * dlse_i * sum_j P_ij k_j   (attention with K as values)
-        #   dk_j += scale * sum_i P_ij dlse_i q_i     (the dV formula with dO = dlse * q)
-        g = _lse_grad_rows(dlse, q, cu_q)
-        pk, _ = ops.fwd(q, k, k, *common, deterministic)
-        _, _, dk_extra = ops.bwd(g * q, q, k, k, out, lse, *common, deterministic)
-        extra_q = (a["scale"] * g * pk).to(dq.dtype)
-        extra_k = (a["scale"] * dk_extra).to(dk.dtype)
-        if grads is None:
-            dq, dk = dq + extra_q, dk + extra_k
-        else:
-            dq.add_(extra_q)
-            dk.add_(extra_k)
+        ops.bwd_into(dout, q, k, v, out, lse, *common, deterministic, dq, dk, dv, softcap, dlse)
     return dq, dk, dv
-
-
-def _lse_grad_rows(dlse, q, cu_seqlens_q):
-    """dlse (B, H, S) or (H, total) as a broadcastable (.., S, H, 1) factor in q's dtype."""
-    if cu_seqlens_q is not None:
-        return dlse.transpose(0, 1).unsqueeze(-1).to(q.dtype)
-    return dlse.transpose(1, 2).unsqueeze(-1).to(q.dtype)
 
 
 torch.library.register_autograd("fastattn::fwd", _fwd_backward, setup_context=_fwd_setup_context)
@@ -147,7 +131,7 @@ torch.library.register_autograd("fastattn::fwd", _fwd_backward, setup_context=_f
 # ---------------------------------------------------------------- decode / merge / append
 @torch.library.register_fake("fastattn::decode")
 def _decode_fake(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale, causal,
-                 window_left, window_right, num_splits):
+                 window_left, window_right, num_splits, softcap=0.0):
     _check_one_device(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table)
     B, Sq, Hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=_lse_dtype(q.dtype))
@@ -155,7 +139,7 @@ def _decode_fake(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, s
 
 @torch.library.register_fake("fastattn::paged_fwd")
 def _paged_fwd_fake(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, max_seqlen_q, scale,
-                    causal, window_left, window_right):
+                    causal, window_left, window_right, softcap=0.0):
     _check_one_device(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
 

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 
 from ._ops import ops
-from .functional import _apply_sinks, _check_flash_dtype, _check_paged_block_size, _window
+from .functional import _apply_sinks, _check_flash_dtype, _check_paged_block_size, _softcap, _window
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
@@ -98,10 +98,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     at cache_seqlens + i when causal or windowed, else at cache_seqlens.
     num_splits: KV splits (0 = heuristic). Returns out, or (out, softmax_lse
     (B, Hq, Sq) float32) with return_softmax_lse. sinks (Hq,): attention sinks
-    (gpt-oss), as in flash_attn_func.
+    (gpt-oss), as in flash_attn_func. softcap > 0: scaled scores x -> softcap *
+    tanh(x / softcap), as in flash_attn_func.
     """
-    if softcap:
-        raise NotImplementedError(f"fastattn: softcap={softcap} is not supported yet (use 0.0)")
+    softcap = _softcap(softcap, alibi_slopes)
     if alibi_slopes is not None:
         raise NotImplementedError("fastattn: alibi_slopes is not supported yet")
     if cache_leftpad is not None:
@@ -150,7 +150,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens_k = (start + S_new).to(torch.int32)
 
     out, lse = ops.decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale,
-                          bool(causal), left, right, int(num_splits))
+                          bool(causal), left, right, int(num_splits), softcap)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=False)
     return (out, lse) if return_softmax_lse else out

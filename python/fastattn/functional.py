@@ -229,13 +229,25 @@ def _sdpa_to_bshd(query, key, value):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), restore
 
 
-def _flash_unsupported(dropout_p, softcap, alibi_slopes):
+def _flash_unsupported(dropout_p, alibi_slopes):
     if dropout_p:
         raise NotImplementedError(f"fastattn: dropout_p={dropout_p} is not supported yet (use 0.0)")
-    if softcap:
-        raise NotImplementedError(f"fastattn: softcap={softcap} is not supported yet (use 0.0)")
     if alibi_slopes is not None:
         raise NotImplementedError("fastattn: alibi_slopes is not supported yet")
+
+
+def _softcap(softcap, alibi_slopes=None) -> float:
+    """flash-attn's softcap: the scaled scores x become softcap * tanh(x / softcap) before
+    the mask (Gemma 2's attn_logit_softcapping); 0 turns it off. Returns it as a float."""
+    try:
+        c = float(softcap if softcap is not None else 0.0)
+    except (TypeError, ValueError):
+        raise ValueError(f"fastattn: softcap must be a number >= 0, got {softcap!r}") from None
+    if not (c >= 0.0 and c != float("inf")):
+        raise ValueError(f"fastattn: softcap must be a finite number >= 0 (0 turns it off), got {softcap!r}")
+    if c and alibi_slopes is not None:
+        raise NotImplementedError("fastattn: softcap together with alibi_slopes is not supported yet")
+    return c
 
 
 def _window(window_size) -> Tuple[int, int]:
@@ -328,9 +340,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     last key). Returns out, or (out, softmax_lse, None) with return_attn_probs;
     softmax_lse is (batch, nheads, seqlen_q) float32. sinks (nheads,): attention
     sinks (gpt-oss), see _apply_sinks; softmax_lse then includes the sink.
+    softcap > 0: scaled scores x -> softcap * tanh(x / softcap) (_softcap).
     alibi_slopes (nheads,): flash-attn's ALiBi, with causal masks (_alibi_attention).
     """
-    _flash_unsupported(dropout_p, softcap, None)
+    _flash_unsupported(dropout_p, None)
+    softcap = _softcap(softcap, alibi_slopes)
     _check_flash_dtype(q)
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -339,7 +353,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                     bool(deterministic))
     else:
         out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, True,
-                           bool(deterministic))
+                           bool(deterministic), softcap)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=False)
     return (out, lse, None) if return_attn_probs else out
@@ -368,7 +382,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     decode kernel, anything else (prefill chunks mixed with decode rows) on the
     paged forward kernel in one launch. No backward on this path.
     """
-    _flash_unsupported(dropout_p, softcap, alibi_slopes)
+    _flash_unsupported(dropout_p, alibi_slopes)
+    softcap = _softcap(softcap)
     _check_flash_dtype(q)
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -389,15 +404,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             # kernel would spend a 128-row tile per decode row (2-4x slower,
             # benchmarks/paged.py). Same mask (bottom-right), same result.
             out, lse = ops.decode(q.reshape(batch, sq, *q.shape[1:]), k, v, seqlens_k, None, block_table,
-                                  scale, bool(causal), left, right, 0)
+                                  scale, bool(causal), left, right, 0, softcap)
             out = out.reshape(q.shape)
             lse = lse.permute(1, 0, 2).reshape(q.shape[1], batch * sq)
         else:
             out, lse = ops.paged_fwd(q, k, v, cu_seqlens_q, seqlens_k, block_table, sq, scale,
-                                     bool(causal), left, right)
+                                     bool(causal), left, right, softcap)
     else:
         out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                           scale, bool(causal), left, right, True, bool(deterministic))
+                           scale, bool(causal), left, right, True, bool(deterministic), softcap)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=True)
     return (out, lse, None) if return_attn_probs else out

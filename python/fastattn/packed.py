@@ -8,10 +8,10 @@ no stack of the gradients.
 import torch
 
 from ._ops import attention_backward, ops
-from .functional import _check_flash_dtype, _flash_unsupported, _window
+from .functional import _check_flash_dtype, _flash_unsupported, _softcap, _window
 
 _FWD_ARG_NAMES = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "causal",
-                  "window_left", "window_right", "bottom_right", "deterministic")
+                  "window_left", "window_right", "bottom_right", "deterministic", "softcap")
 
 
 def _check_packed(t, name, n, dense):
@@ -60,11 +60,12 @@ class _KVPackedAttention(torch.autograd.Function):
         return (dq, dkv) + (None,) * len(_FWD_ARG_NAMES)
 
 
-def _fwd_args(q, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, deterministic):
+def _fwd_args(q, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, deterministic,
+              softcap):
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
     return (cu_q, cu_k, int(max_q), int(max_k), scale, bool(causal), left, right, True,
-            bool(deterministic))
+            bool(deterministic), _softcap(softcap))
 
 
 def _result(out, lse, return_attn_probs):
@@ -76,10 +77,11 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               deterministic=False, return_attn_probs=False):
     """flash_attn_func over qkv (batch, seqlen, 3, nheads, headdim); the gradient is one
     tensor shaped like qkv. Returns out, or (out, softmax_lse, None) with return_attn_probs."""
-    _flash_unsupported(dropout_p, softcap, alibi_slopes)
+    _flash_unsupported(dropout_p, alibi_slopes)
     _check_packed(qkv, "qkv", 3, dense=True)
     _check_flash_dtype(qkv)
-    args = _fwd_args(qkv, None, None, 0, 0, softmax_scale, causal, window_size, deterministic)
+    args = _fwd_args(qkv, None, None, 0, 0, softmax_scale, causal, window_size, deterministic,
+                     softcap)
     return _result(*_QKVPackedAttention.apply(qkv, *args), return_attn_probs)
 
 
@@ -87,10 +89,11 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                              deterministic=False, return_attn_probs=False):
     """flash_attn_func with kv (batch, seqlen_k, 2, nheads_k, headdim) packed (GQA/MQA allowed)."""
-    _flash_unsupported(dropout_p, softcap, alibi_slopes)
+    _flash_unsupported(dropout_p, alibi_slopes)
     _check_packed(kv, "kv", 2, dense=True)
     _check_flash_dtype(q)
-    args = _fwd_args(q, None, None, 0, 0, softmax_scale, causal, window_size, deterministic)
+    args = _fwd_args(q, None, None, 0, 0, softmax_scale, causal, window_size, deterministic,
+                     softcap)
     return _result(*_KVPackedAttention.apply(q, kv, *args), return_attn_probs)
 
 
@@ -100,11 +103,11 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      return_attn_probs=False):
     """flash_attn_varlen_func over qkv (total, 3, nheads, headdim) with one cu_seqlens
     (int32, batch + 1) for queries and keys."""
-    _flash_unsupported(dropout_p, softcap, alibi_slopes)
+    _flash_unsupported(dropout_p, alibi_slopes)
     _check_packed(qkv, "qkv", 3, dense=False)
     _check_flash_dtype(qkv)
     args = _fwd_args(qkv, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
-                     window_size, deterministic)
+                     window_size, deterministic, softcap)
     return _result(*_QKVPackedAttention.apply(qkv, *args), return_attn_probs)
 
 
@@ -113,9 +116,9 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                     deterministic=False, return_attn_probs=False):
     """flash_attn_varlen_func with kv (total_k, 2, nheads_k, headdim) packed."""
-    _flash_unsupported(dropout_p, softcap, alibi_slopes)
+    _flash_unsupported(dropout_p, alibi_slopes)
     _check_packed(kv, "kv", 2, dense=False)
     _check_flash_dtype(q)
     args = _fwd_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     causal, window_size, deterministic)
+                     causal, window_size, deterministic, softcap)
     return _result(*_KVPackedAttention.apply(q, kv, *args), return_attn_probs)

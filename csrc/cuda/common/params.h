@@ -117,6 +117,10 @@ struct FwdParams {
 
   float scale = 1.f;       // softmax scale applied to q k^T
   float scale_log2 = 1.f;  // scale * log2(e): kernels work in exp2
+  // Score cap on the raw scores the kernels keep (softmax of scale * s):
+  // s -> softcap_out * tanh(softcap_in * s), softcap_in = scale / softcap,
+  // softcap_out = softcap / scale (0 / 0: off). See cuda/common/softcap.h.
+  float softcap_in = 0.f, softcap_out = 0.f;
   MaskParams mask;
   ElemType dtype = ElemType::kFloat16;
   int num_sms = 0;  // of the current device, for grid heuristics

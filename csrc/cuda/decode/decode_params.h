@@ -77,6 +77,7 @@ struct DecodeParams {
 
   float scale = 1.f;       // >= 0 (the glue folds a negative scale into q)
   float scale_log2 = 1.f;  // scale * log2(e)
+  float softcap_in = 0.f, softcap_out = 0.f;  // as FwdParams (cuda/common/softcap.h)
   MaskParams mask;         // bottom_right is always true for decode
   ElemType dtype = ElemType::kFloat16;
   int num_sms = 0;

@@ -47,6 +47,7 @@
 #include "cuda/common/cluster.h"
 #include "cuda/common/fragment.h"
 #include "cuda/common/mask.h"
+#include "cuda/common/softcap.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/softmax.h"
 #include "cuda/common/tile_io.h"
@@ -262,6 +263,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
           }
         }
         const int c0 = key0 + c * kWarpKeys;
+        if (p.softcap_in != 0.f) cap_scores(s, p.softcap_in, p.softcap_out);  // before the mask
         if (c0 < full_lo || c0 + kWarpKeys > full_hi) {  // warp-uniform
 #pragma unroll
           for (int h = 0; h < 2; ++h)

@@ -6,7 +6,7 @@
 //
 //   Step::issue_sdp(s, dp, sK, sV, q, dout, wg)    S^T = K_wg Q^T, dP^T = V_wg dO^T (SS)
 //   Step::p_and_ds(s, dp, pa, dsa, ...)            P^T, dS^T = P^T o (dP^T - D) in place,
-//                                                  bias, mask, bits, bias grad; both as
+//                                                  softcap, mask, bits, bias grad; both as
 //                                                  A fragments
 //   Step::issue_dkv(dv, dk, pa, dsa, q, dout)      dV += P^T dO, dK += dS^T Q (RS)
 //   Step::store_ds(ds_tile, dsa, key_row, t4)      this thread's dS^T into the [key][query] tile
@@ -21,6 +21,7 @@
 #include "cuda/common/fragment.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/score_bias.h"
+#include "cuda/common/softcap.h"
 #include "cuda/common/swizzled_tile_io.h"
 #include "cuda/common/types.h"
 #include "cuda/common/wgmma.h"
@@ -83,6 +84,9 @@ struct BwdSm90Step {
                                                   float scale_log2) {
     constexpr int kBlockN = Traits::kBlockN;
     const int n0 = blk.n0;
+    // With a softcap, D is folded into dp here (softcap.h) and taken as 0 below.
+    const bool capped = p.softcap_in != 0.f;
+    if (capped) cap_scores_and_ds<NTS>(s, dp, dsum_b + 2 * t4, p.softcap_in, p.softcap_out);
     if (p.bias.on()) {
       add_bias_c_transposed<NTS>(s, p.bias, blk.b, hq, n0 + key_row, m0 + 2 * t4, blk.sq, blk.sk,
                                  1.f / p.scale);
@@ -105,7 +109,8 @@ struct BwdSm90Step {
     }
 #pragma unroll
     for (int nt = 0; nt < NTS; ++nt) {
-      const float2 d2 = *reinterpret_cast<const float2*>(dsum_b + nt * 8 + 2 * t4);
+      const float2 d2 =
+          capped ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(dsum_b + nt * 8 + 2 * t4);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         dp[nt][2 * h] = s[nt][2 * h] * (dp[nt][2 * h] - d2.x);

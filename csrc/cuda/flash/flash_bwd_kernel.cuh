@@ -75,6 +75,7 @@
 #include "cuda/common/fragment.h"
 #include "cuda/common/mask.h"
 #include "cuda/common/score_bias.h"
+#include "cuda/common/softcap.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/tile_io.h"
 #include "cuda/common/types.h"
@@ -364,6 +365,14 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       // ---- P^T and dS^T (in place), then both to shared memory
       const float* lse_b = lse_smem + buf * kBlockM;
       const float* dsum_b = dsum_smem + buf * kBlockM;
+      // With a softcap, D is folded into dp here (softcap.h) and taken as 0 below.
+      const bool capped = p.softcap_in != 0.f;
+      if (capped) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          cap_scores_and_ds<PNT>(s[mt], dp[mt], dsum_b + q_c0 + 2 * t4, p.softcap_in, p.softcap_out);
+        }
+      }
       if (p.bias.on()) {
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
@@ -402,7 +411,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
 #pragma unroll
       for (int nt = 0; nt < PNT; ++nt) {
         const int c = q_c0 + nt * 8 + 2 * t4;
-        const float2 d2 = *reinterpret_cast<const float2*>(dsum_b + c);
+        const float2 d2 = capped ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(dsum_b + c);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           float(&pc)[4] = s[mt][nt];
@@ -507,6 +516,8 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       // ---- P^T and dS^T (in place: s -> p, dp -> ds)
       const float* lse_b = lse_smem + buf * kBlockM;
       const float* dsum_b = dsum_smem + buf * kBlockM;
+      const bool capped = p.softcap_in != 0.f;  // as above
+      if (capped) cap_scores_and_ds<NTS>(s, dp, dsum_b + 2 * t4, p.softcap_in, p.softcap_out);
       if (p.bias.on()) {
         add_bias_c_transposed<NTS>(s, p.bias, b, hq, key0, m0 + 2 * t4, sq, sk, 1.f / p.scale);
       }
@@ -532,7 +543,8 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
       }
 #pragma unroll
       for (int nt = 0; nt < NTS; ++nt) {
-        const float2 d2 = *reinterpret_cast<const float2*>(dsum_b + nt * 8 + 2 * t4);
+        const float2 d2 =
+            capped ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(dsum_b + nt * 8 + 2 * t4);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           dp[nt][2 * h] = s[nt][2 * h] * (dp[nt][2 * h] - d2.x);

@@ -21,6 +21,7 @@
 #include "cuda/common/fwd_block.h"
 #include "cuda/common/mask.h"
 #include "cuda/common/score_bias.h"
+#include "cuda/common/softcap.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/softmax.h"
 #include "cuda/common/tile_io.h"
@@ -213,6 +214,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       }
 
       const int c0 = n * kBlockN;
+      if (p.softcap_in != 0.f) cap_scores(s, p.softcap_in, p.softcap_out);
       if (p.bias.on()) {
         add_bias_c<MT, NT>(s, p.bias, b, h, row0, c0 + col_lane, sq, sk, 1.f / p.scale);
       }

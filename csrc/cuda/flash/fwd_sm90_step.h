@@ -20,6 +20,7 @@
 #include "cuda/common/fwd_block.h"
 #include "cuda/common/mask.h"
 #include "cuda/common/score_bias.h"
+#include "cuda/common/softcap.h"
 #include "cuda/common/swizzled_tile_io.h"
 #include "cuda/common/types.h"
 #include "cuda/common/wgmma.h"
@@ -79,14 +80,15 @@ struct FwdSm90Step {
     wgmma::commit();
   }
 
-  // Raw scores of KV tile n (step i of sched) for rows row0, row0 + 8:
-  // additive bias, the mask policy where the tile needs it, and a partial
-  // block's bits.
+  // Raw scores of KV tile n (step i of sched) for rows row0, row0 + 8: the
+  // softcap, additive bias, the mask policy where the tile needs it, and a
+  // partial block's bits.
   static __device__ __forceinline__ void modify_scores(float (&s)[1][NT][4], const FwdParams& p,
                                                        const FwdBlock<Elem, false>& blk,
                                                        const BlockSchedule& sched, int i, int n,
                                                        int b, int h, int row0, int col_lane) {
     const int c0 = n * kBlockN;
+    if (p.softcap_in != 0.f) cap_scores(s, p.softcap_in, p.softcap_out);
     if (p.bias.on()) {
       add_bias_c<1, NT>(s, p.bias, b, h, row0, c0 + col_lane, blk.sq, blk.sk, 1.f / p.scale);
     }

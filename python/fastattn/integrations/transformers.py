@@ -19,8 +19,9 @@ Every attention call then runs on fastattn's kernels:
 - `sliding_window` (Mistral, Qwen2, ...): window_size=(sliding_window - 1, 0).
 
 Attention sinks (gpt-oss's s_aux) are applied through the LSE (flash_attn_func's
-sinks). Arguments the kernels do not support yet (attention dropout > 0,
-softcap, output_attentions) raise NotImplementedError naming them.
+sinks); softcap (Gemma 2's attn_logit_softcapping) runs in the kernels.
+Arguments the kernels do not support yet (attention dropout > 0,
+output_attentions) raise NotImplementedError naming them.
 """
 import torch
 import transformers
@@ -31,13 +32,10 @@ from ..padding import pad_input, unpad_input
 
 NAME = "fastattn"
 
-def _unsupported(dropout, softcap, kwargs):
+def _unsupported(dropout, kwargs):
     if dropout:
         raise NotImplementedError(f"fastattn: attention dropout={dropout} is not supported yet "
                                   "(set the config's attention_dropout to 0.0, or use model.eval())")
-    if softcap:
-        raise NotImplementedError(f"fastattn: attention softcap={softcap} (attn_logit_softcapping) "
-                                  "is not supported yet")
     if kwargs.get("output_attentions"):
         raise NotImplementedError("fastattn: output_attentions=True needs the attention "
                                   "probabilities, which fastattn never materializes; use "
@@ -70,7 +68,7 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
                                **kwargs):
     """transformers attention function: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D),
     attention_mask the (B, Sk) bool padding mask or None. Returns ((B, Sq, Hq, D), None)."""
-    _unsupported(dropout, softcap, kwargs)
+    _unsupported(dropout, kwargs)
     sinks = s_aux if s_aux is not None else kwargs.get("sinks")
     if value.shape[-1] != query.shape[-1]:
         raise NotImplementedError(f"fastattn: value head dim {value.shape[-1]} != query head dim "
@@ -84,7 +82,8 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
     # (B, H, S, D) -> (B, S, H, D): strided views, the kernels read them in place.
     q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
-    common = dict(softmax_scale=scaling, causal=bool(causal), window_size=window, sinks=sinks)
+    common = dict(softmax_scale=scaling, causal=bool(causal), window_size=window, sinks=sinks,
+                  softcap=softcap or 0.0)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None and attention_mask is None and kwargs.get("position_ids") is not None and Sq == Sk:

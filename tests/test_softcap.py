@@ -1,0 +1,261 @@
+"""softcap (Gemma 2's attn_logit_softcapping, flash-attn's softcap): the scaled
+scores x become c * tanh(x / c) before the mask. Against float64 math of the
+same definition, with the 2x / 3x rule against that math in the inputs'
+precision: forward, lse and gradients on the dense, varlen and packed paths,
+an lse gradient (attention sinks) through the capped backward, and the
+inference paths (decode over a contiguous or paged cache, paged prefill).
+Inputs are scaled up so that the cap bends most scores."""
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import fastattn
+from conftest import DEVICES, DTYPES
+from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_rule, max_err, random_qkv, visible_mask
+
+HEAD_DIMS = {"cpu": [64], "cuda": [32, 64, 96, 128, 192, 256]}
+
+
+def capped_math(q, k, v, scale, softcap, causal=False, window=(-1, -1), dtype=torch.float64):
+    """(B, S, H, D) inputs, bottom-right masks, computed in `dtype`; (out, lse (B, Hq, Sq))."""
+    B, Sq, Hq, D = q.shape
+    Sk, group = k.shape[1], Hq // k.shape[2]
+    qd, kd, vd = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
+    kd, vd = kd.repeat_interleave(group, 1), vd.repeat_interleave(group, 1)
+    s = (qd * scale) @ kd.transpose(-1, -2)
+    s = softcap * torch.tanh(s / softcap)
+    ok = visible_mask(Sq, Sk, causal, window, bottom_right=True, device=q.device)
+    s = s.masked_fill(~ok, -math.inf)
+    lse = torch.logsumexp(s.float() if dtype != torch.float64 else s, -1)
+    p = torch.softmax(s, -1).masked_fill(~ok.any(-1)[:, None], 0.0)
+    return (p @ vd).transpose(1, 2), lse
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def check(name, run_ours, run_ref, inputs, dtype, grads=True):
+    ours_in, ref_in, base_in = leaves(*inputs), leaves(*inputs), leaves(*inputs)
+    o, lse = run_ours(*ours_in)
+    r_o, r_lse = run_ref(*[x.double() for x in ref_in], dtype=torch.float64)
+    b_o, b_lse = run_ref(*base_in, dtype=dtype)
+    assert_close_rule(f"{name} out", o, b_o, r_o, OUT_FACTOR)
+    assert_close_rule(f"{name} lse", lse, b_lse, r_lse, OUT_FACTOR)
+    if not grads:
+        return
+    do = torch.randn_like(o)
+    g = torch.autograd.grad((o * do).sum(), ours_in)
+    r_g = torch.autograd.grad((r_o * do.double()).sum(), ref_in)
+    b_g = torch.autograd.grad((b_o * do.to(b_o.dtype)).sum(), base_in)
+    for i, (a, r, b) in enumerate(zip(g, r_g, b_g)):
+        assert_close_rule(f"{name} grad {i}", a, b, r, GRAD_FACTOR)
+
+
+def _dtypes(device):
+    return [d for d in DTYPES[device] if not (device == "cpu" and d == torch.float16)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [
+    dict(B=2, Sq=17, Sk=113, Hq=4, Hkv=2, causal=True, window=(-1, -1), softcap=2.0),
+    dict(B=1, Sq=130, Sk=130, Hq=2, Hkv=2, causal=False, window=(-1, -1), softcap=5.0),
+    dict(B=1, Sq=1, Sk=1000, Hq=8, Hkv=1, causal=True, window=(-1, -1), softcap=30.0),
+    dict(B=2, Sq=77, Sk=77, Hq=3, Hkv=1, causal=False, window=(9, 3), softcap=1.0),
+], ids=["gqa-causal", "square", "decode-row-mqa", "window"])
+def test_flash_attn_func_softcap(device, case):
+    for dtype in _dtypes(device):
+        for D in HEAD_DIMS[device]:
+            gen = torch.Generator(device=device).manual_seed(D)
+            layout = "strided" if D == 64 else "bshd"
+            q, k, v = random_qkv(case["B"], case["Sq"], case["Sk"], case["Hq"], case["Hkv"], D, dtype,
+                                 device, layout=layout, generator=gen)
+            q = q * 3  # scores of a few units: the cap bends them
+            c, causal, window = case["softcap"], case["causal"], case["window"]
+
+            def ours(q, k, v):
+                out, lse, _ = fastattn.flash_attn_func(q, k, v, causal=causal, window_size=window,
+                                                       softcap=c, return_attn_probs=True)
+                return out, lse
+
+            def ref(q, k, v, dtype):
+                return capped_math(q, k, v, D ** -0.5, c, causal, window, dtype)
+
+            check(f"{device} {dtype} D{D} {case}", ours, ref, (q, k, v), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softcap_changes_the_result(device):
+    """The cap must act: a strong cap moves the output far beyond rounding."""
+    dtype = _dtypes(device)[-1]
+    q, k, v = random_qkv(1, 33, 65, 2, 2, 64, dtype, device)
+    q = q * 3
+    plain = fastattn.flash_attn_func(q, k, v)
+    capped = fastattn.flash_attn_func(q, k, v, softcap=1.0)
+    assert max_err(capped, plain) > 0.05
+    assert torch.equal(fastattn.flash_attn_func(q, k, v, softcap=0.0), plain)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_softcap(device):
+    dtype = _dtypes(device)[-1]
+    torch.manual_seed(1)
+    lens_q, lens_k = [1, 17, 40], [30, 17, 100]
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32,
+                                   device=device)
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    Hq, Hkv, D, c = 4, 2, 128, 3.0
+    q = torch.randn(58, Hq, D, device=device, dtype=dtype) * 3
+    k = torch.randn(147, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(147, Hkv, D, device=device, dtype=dtype)
+
+    def ours(q, k, v):
+        out, lse, _ = fastattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 100, causal=True,
+                                                      softcap=c, return_attn_probs=True)
+        return out, lse
+
+    def ref(q, k, v, dtype):
+        outs, lses = [], []
+        for b in range(3):
+            qs = q[cu_q[b]:cu_q[b + 1]].unsqueeze(0)
+            ks, vs = k[cu_k[b]:cu_k[b + 1]].unsqueeze(0), v[cu_k[b]:cu_k[b + 1]].unsqueeze(0)
+            o, l = capped_math(qs, ks, vs, D ** -0.5, c, True, dtype=dtype)
+            outs.append(o[0])
+            lses.append(l[0])
+        return torch.cat(outs, 0), torch.cat(lses, 1)
+
+    check(f"varlen {device}", ours, ref, (q, k, v), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_softcap(device):
+    dtype = _dtypes(device)[-1]
+    qkv = torch.randn(2, 50, 3, 4, 64, device=device, dtype=dtype) * 2
+    c = 4.0
+
+    def ours(qkv):
+        return fastattn.flash_attn_qkvpacked_func(qkv, causal=True, softcap=c, return_attn_probs=True)[:2]
+
+    def ref(qkv, dtype):
+        q, k, v = qkv.unbind(2)
+        return capped_math(q, k, v, 64 ** -0.5, c, True, dtype=dtype)
+
+    check(f"qkvpacked {device}", ours, ref, (qkv,), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softcap_with_sinks_lse_gradient(device):
+    """Sinks differentiate through the lse: the kernels' dlse path with the cap's slope."""
+    dtype = _dtypes(device)[-1]
+    B, Sq, Sk, Hq, Hkv, D, c = 2, 17, 113, 4, 2, 64, 3.0
+    q, k, v = random_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, device)
+    q = q * 3
+    sinks = torch.randn(Hq, device=device) * 2
+
+    def ours(q, k, v, s):
+        out, lse, _ = fastattn.flash_attn_func(q, k, v, causal=True, softcap=c, sinks=s,
+                                               return_attn_probs=True)
+        return out, lse
+
+    def ref(q, k, v, s, dtype):
+        out, lse = capped_math(q, k, v, D ** -0.5, c, True, dtype=dtype)
+        s = s.to(lse.dtype)[None, :, None]
+        w = torch.sigmoid(lse - s).transpose(1, 2)[..., None]
+        return (out * w.to(out.dtype)), torch.logaddexp(lse, s.expand_as(lse))
+
+    check(f"sinks {device}", ours, ref, (q, k, v, sinks), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_decode_softcap(device, paged):
+    dtype = _dtypes(device)[-1]
+    torch.manual_seed(2)
+    B, S_max, Hq, Hkv, D, c = 3, 320, 8, 2, 128, 2.5
+    kc = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype)
+    vc = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype)
+    q = torch.randn(B, 2, Hq, D, device=device, dtype=dtype) * 3
+    lens = torch.tensor([2, 299, 150], dtype=torch.int32, device=device)
+    kw = {}
+    if paged:
+        bs = 16
+        perm = torch.randperm(B * S_max // bs, device=device)
+        table = perm.view(B, S_max // bs).to(torch.int32)
+        kp = torch.empty(B * S_max // bs, bs, Hkv, D, device=device, dtype=dtype)
+        vp = torch.empty_like(kp)
+        kp[table.long().flatten()] = kc.reshape(B * S_max // bs, bs, Hkv, D)
+        vp[table.long().flatten()] = vc.reshape(B * S_max // bs, bs, Hkv, D)
+        caches, kw = (kp, vp), dict(block_table=table)
+    else:
+        caches = (kc, vc)
+    for splits in (1, 3):
+        out, lse = fastattn.flash_attn_with_kvcache(q, *caches, cache_seqlens=lens, causal=True, softcap=c,
+                                                    num_splits=splits, return_softmax_lse=True, **kw)
+        for b, n in enumerate(lens.tolist()):
+            args = (q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], D ** -0.5, c, True)
+            r_o, r_l = capped_math(*args)
+            b_o, b_l = capped_math(*args, dtype=dtype)
+            assert_close_rule(f"decode out b{b} splits {splits}", out[b:b + 1], b_o, r_o, OUT_FACTOR)
+            assert_close_rule(f"decode lse b{b} splits {splits}", lse[b:b + 1], b_l, r_l, OUT_FACTOR)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_prefill_softcap(device):
+    """Prefill chunks mixed with a decode row over a paged cache (the paged_fwd path)."""
+    dtype = _dtypes(device)[-1]
+    torch.manual_seed(3)
+    Hq, Hkv, D, bs, c = 4, 2, 64, 16, 2.0
+    lens_k, lens_q = [40, 100, 7], [40, 1, 5]
+    pages = sum((n + bs - 1) // bs for n in lens_k)
+    kp = torch.randn(pages, bs, Hkv, D, device=device, dtype=dtype)
+    vp = torch.randn_like(kp)
+    width = max((n + bs - 1) // bs for n in lens_k)
+    table = torch.zeros(3, width, dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(lens_k):
+        m = (n + bs - 1) // bs
+        table[b, :m] = torch.arange(at, at + m)
+        at += m
+    table = table.to(device)
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32,
+                                   device=device)
+    q = torch.randn(sum(lens_q), Hq, D, device=device, dtype=dtype) * 3
+    out, lse, _ = fastattn.flash_attn_varlen_func(q, kp, vp, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
+                                                  causal=True, softcap=c, block_table=table,
+                                                  return_attn_probs=True)
+    cq = cu(lens_q).tolist()
+    for b, n in enumerate(lens_k):
+        kk = kp[table[b].long()].reshape(-1, Hkv, D)[:n][None]
+        vv = vp[table[b].long()].reshape(-1, Hkv, D)[:n][None]
+        qq = q[cq[b]:cq[b + 1]][None]
+        r_o, r_l = capped_math(qq, kk, vv, D ** -0.5, c, True)
+        b_o, b_l = capped_math(qq, kk, vv, D ** -0.5, c, True, dtype=dtype)
+        assert_close_rule(f"paged out b{b}", out[cq[b]:cq[b + 1]][None], b_o, r_o, OUT_FACTOR)
+        assert_close_rule(f"paged lse b{b}", lse[:, cq[b]:cq[b + 1]][None], b_l, r_l, OUT_FACTOR)
+
+
+def test_softcap_opcheck():
+    q, k, v = random_qkv(1, 19, 33, 4, 2, 32, torch.float32, "cpu")
+    args = (None, None, 0, 0, 32 ** -0.5, True, -1, -1, True, False, 3.0)
+    opcheck(torch.ops.fastattn.fwd.default, (q, k, v, *args))
+    out, lse = torch.ops.fastattn.fwd(q, k, v, *args)
+    dlse = torch.randn_like(lse)
+    opcheck(torch.ops.fastattn.bwd.default, (torch.randn_like(out), q, k, v, out, lse, *args, dlse))
+
+
+def test_softcap_compiles_without_graph_breaks():
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 9, 9, 2, 2, 32, torch.float32, "cpu"))
+    f = torch.compile(lambda q, k, v: fastattn.flash_attn_func(q, k, v, causal=True, softcap=5.0),
+                      fullgraph=True, backend="eager")
+    out = f(q, k, v)
+    torch.testing.assert_close(out, fastattn.flash_attn_func(q, k, v, causal=True, softcap=5.0))
+    out.sum().backward()
+    assert q.grad is not None
+
+
+def test_bad_softcap_raises_in_the_op():
+    q, k, v = random_qkv(1, 4, 4, 2, 2, 16, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="softcap"):
+        torch.ops.fastattn.fwd(q, k, v, None, None, 0, 0, 0.25, False, -1, -1, True, False, -1.0)
