@@ -70,15 +70,25 @@ def make_impls(flex_ok):
     return impls
 
 
-def add_softcap(impls, softcap, flex_ok):
-    """--softcap C: flash_attn_func on the same tensors (as (B, S, H, D) views) without and
-    with softcap=C, so the cap's cost is read off one run; FlexAttention with the same cap
-    as a score_mod when it runs."""
-    def flash(q, k, v, c, cap):  # (B, H, S, D) in and out, as every other impl
+def add_score_mods(impls, softcap, alibi, flex_ok):
+    """--softcap C / --alibi: flash_attn_func on the same tensors (as (B, S, H, D) views)
+    without and with softcap=C / ALiBi (the standard slopes), so their cost is read off one
+    run; FlexAttention with the same cap as a score_mod when it runs."""
+    slopes = {}
+
+    def flash(q, k, v, c, cap=0.0, with_alibi=False):  # (B, H, S, D) in and out, as every impl
+        h = q.shape[1]
+        if with_alibi and h not in slopes:
+            slopes[h] = fastattn.sparse.alibi_slopes(h).to(q.device)
         out = fastattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       causal=c, softcap=cap)
+                                       causal=c, softcap=cap,
+                                       alibi_slopes=slopes[h] if with_alibi else None)
         return out.transpose(1, 2)
-    impls["fastattn-flash"] = lambda q, k, v, c: flash(q, k, v, c, 0.0)
+    impls["fastattn-flash"] = lambda q, k, v, c: flash(q, k, v, c)
+    if alibi:
+        impls["fastattn-alibi"] = lambda q, k, v, c: flash(q, k, v, c, with_alibi=True)
+    if not softcap:
+        return impls
     impls["fastattn-softcap"] = lambda q, k, v, c: flash(q, k, v, c, softcap)
     if flex_ok:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -213,6 +223,7 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--softcap", type=float, default=0.0,
                     help="also time flash_attn_func without / with this softcap (and flex with it)")
+    ap.add_argument("--alibi", action="store_true", help="also time flash_attn_func with ALiBi")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per config")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:VAR=VALUE,...: also time fastattn under these environment switches")
@@ -224,11 +235,11 @@ def main():
     modes = args.modes.split(",")
     flex_ok = not (args.no_flex or args.quick)
     impls = add_variants(make_impls(flex_ok), args.variant)
-    if args.softcap:
-        impls = add_softcap(impls, args.softcap, flex_ok)
+    if args.softcap or args.alibi:
+        impls = add_score_mods(impls, args.softcap, args.alibi, flex_ok)
     if args.impls:
         keep = args.impls.split(",") + [f"fastattn-{v.partition(':')[0]}" for v in args.variant]
-        keep += [k for k in impls if "softcap" in k or k == "fastattn-flash"]
+        keep += [k for k in impls if "softcap" in k or k in ("fastattn-flash", "fastattn-alibi")]
         impls = {k: v for k, v in impls.items() if k in keep}
     cfgs = configs(args.quick)
     if args.configs:
@@ -272,13 +283,13 @@ def summary_table(results, impl_names):
         ratio = lambda a, b: "n/a" if not a or not b else f"{a / b:.2f}"
         row.append(ratio(ours and ours.tflops, flash and flash.tflops))
         row.append(ratio(ours and ours.tflops, torch_best))
-        if "fastattn-softcap" in impl_names:  # time with the cap / time without (same run)
-            plain, capped = by_impl.get("fastattn-flash"), by_impl.get("fastattn-softcap")
-            row.append(ratio(plain and plain.tflops, capped and capped.tflops))
+        mods = [m for m in ("softcap", "alibi") if f"fastattn-{m}" in impl_names]
+        for m in mods:  # time with the score mod / time without (same run)
+            plain, modded = by_impl.get("fastattn-flash"), by_impl.get(f"fastattn-{m}")
+            row.append(ratio(plain and plain.tflops, modded and modded.tflops))
         rows.append(row)
     headers = ["mode", "BxHxSxD", "causal"] + [f"{n} TF/s" for n in impl_names] + ["vs flash", "vs best sdpa"]
-    if "fastattn-softcap" in impl_names:
-        headers.append("softcap time x")
+    headers += [f"{m} time x" for m in ("softcap", "alibi") if f"fastattn-{m}" in impl_names]
     return format_table(headers, rows)
 
 

@@ -20,11 +20,12 @@ namespace {
 using FwdFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, int64_t, int64_t, double, bool, int64_t, int64_t, bool, bool,
-    double);
+    double, const std::optional<at::Tensor>&);
 using BwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-    int64_t, double, bool, int64_t, int64_t, bool, bool, double);
+    int64_t, double, bool, int64_t, int64_t, bool, bool, double, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
 
 // Naive causal (bottom-right) GQA attention in float64 over (B, S, H, D).
 std::tuple<at::Tensor, at::Tensor> naive(const at::Tensor& q, const at::Tensor& k,
@@ -166,7 +167,7 @@ int main() {
   auto k = at::randn({2, 53, 2, 64});
   auto v = at::randn({2, 53, 2, 64});
   auto [out, lse] = fwd.call(q, k, v, std::nullopt, std::nullopt, 0, 0, scale, true, -1, -1, true,
-                             false, 0.0);
+                             false, 0.0, std::nullopt);
   auto [ref_out, ref_lse] = naive(q, k, v, scale);
   bool ok = check("fwd out (fp32)", out, ref_out, 1e-5);
   ok &= check("fwd lse (fp32)", lse, ref_lse, 1e-5);
@@ -179,7 +180,7 @@ int main() {
   auto ref = std::get<0>(naive(qd, kd, vd, scale));
   ref.backward(dout.to(at::kDouble));
   auto [dq, dk, dv] = bwd.call(dout, q, k, v, out, lse, std::nullopt, std::nullopt, 0, 0, scale,
-                               true, -1, -1, true, false, 0.0);
+                               true, -1, -1, true, false, 0.0, std::nullopt, std::nullopt);
   ok &= check("bwd dq (fp32)", dq, qd.grad(), 1e-4);
   ok &= check("bwd dk (fp32)", dk, kd.grad(), 1e-4);
   ok &= check("bwd dv (fp32)", dv, vd.grad(), 1e-4);

@@ -13,12 +13,14 @@ TORCH_LIBRARY(fastattn, m) {
   // otherwise to the first (torch SDPA). `deterministic` is not used by the
   // forward itself: autograd saves it for the bwd call it makes. softcap > 0
   // caps the scaled scores, x -> softcap * tanh(x / softcap) (Gemma 2), before
-  // the mask; 0 = off. The same argument in bwd, bwd_into, decode, paged_fwd.
+  // the mask; 0 = off. alibi_slopes (Hq) or (B, Hq) float32: flash-attn's
+  // ALiBi, -slope * |i + sk - sq - j| added after the cap (no gradient). Both
+  // arguments also in bwd, bwd_into, decode, paged_fwd.
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, int window_left, "
-      "int window_right, bool bottom_right, bool deterministic, float softcap=0.0) "
-      "-> (Tensor out, Tensor lse)");
+      "int window_right, bool bottom_right, bool deterministic, float softcap=0.0, "
+      "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   // Gradients of fwd given dout, recomputing the probabilities from lse.
   // deterministic=True makes dq bitwise reproducible (no float atomics).
   // dlse: the gradient of the returned lse (None: zero), folded in as
@@ -27,7 +29,8 @@ TORCH_LIBRARY(fastattn, m) {
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "float scale, bool causal, int window_left, int window_right, bool bottom_right, "
-      "bool deterministic, float softcap=0.0, Tensor? dlse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "bool deterministic, float softcap=0.0, Tensor? dlse=None, Tensor? alibi_slopes=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
   // The same gradients written into caller-provided dq, dk, dv (q's, k's and
   // v's shapes and dtype, any strides with a contiguous last dim), e.g. the
   // three slices of one packed dqkv, so packed inputs get their gradient
@@ -37,7 +40,7 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "float scale, bool causal, int window_left, int window_right, bool bottom_right, "
       "bool deterministic, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, float softcap=0.0, "
-      "Tensor? dlse=None) -> ()");
+      "Tensor? dlse=None, Tensor? alibi_slopes=None) -> ()");
 
   // fwd and bwd for one part of the keys whose results are merged or summed
   // later (ring attention): the same arguments, but out and the gradients come
@@ -68,6 +71,8 @@ TORCH_LIBRARY(fastattn, m) {
   // seqlens_k (B) int32: keys per sequence (None: all S_max); cache_batch_idx (B) int32:
   // which cache row sequence b reads (None: b). Causal/window align bottom-right
   // (query Sq-1 sits at key seqlens_k-1). num_splits: KV splits (0 = heuristic).
+  // cache_leftpad (B) int32, contiguous caches only: sequence b's keys are
+  // cache rows [cache_leftpad[b], seqlens_k[b]) (flash-attn's left padding).
   // Returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32.
   // A seqlens_k entry past what the cache addresses (S_max, or max_blocks *
   // block_size) raises, naming k_cache / block_table; on CUDA that check reads
@@ -76,7 +81,8 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqlens_k, Tensor? cache_batch_idx, "
       "Tensor? block_table, float scale, bool causal, int window_left, int window_right, "
-      "int num_splits, float softcap=0.0) -> (Tensor out, Tensor lse)");
+      "int num_splits, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? cache_leftpad=None) "
+      "-> (Tensor out, Tensor lse)");
   // Chunked prefill over a paged KV cache (forward only, inference): q
   // (total_q, Hq, D) packed by cu_seqlens_q (B + 1) int32, sequence b's rows
   // attending to its seqlens_k[b] keys in k_cache/v_cache (num_blocks,
@@ -88,7 +94,8 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "paged_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
       "Tensor seqlens_k, Tensor block_table, int max_seqlen_q, float scale, bool causal, "
-      "int window_left, int window_right, float softcap=0.0) -> (Tensor out, Tensor lse)");
+      "int window_left, int window_right, float softcap=0.0, Tensor? alibi_slopes=None) "
+      "-> (Tensor out, Tensor lse)");
   // Writes new tokens into a cache in place: k, v (N, Hkv, D); slot_mapping (N) int64,
   // slot = row * S (contiguous cache (B_cache, S, Hkv, D): row = cache batch, S = S_max;
   // paged (num_blocks, block_size, Hkv, D): row = block, S = block_size) + position.

@@ -6,7 +6,7 @@ chunked prefill (including page ids outside the pool); many-split decode,
 the cluster-combine decode and the N-way merge; block-sparse forward and
 backward (bits, GQA, float bias, a corrupted list); the linear-attention
 recurrence and chunked kernels (dense, varlen over a state pool); ring
-attention's fp32 per-part ops.
+attention's fp32 per-part ops; softcap, ALiBi and left-padded decode.
 
     compute-sanitizer --tool memcheck  python scripts/sanitizer_subset.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_subset.py
@@ -109,6 +109,25 @@ def main():
         torch.ops.fastattn.sparse_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kf.kv_num_blocks,
                                       idx, kf.full_kv_num_blocks, kf.full_kv_indices, None, None, 128, 128,
                                       0.1, False, -1, -1, False, None)
+    # softcap and ALiBi (per-(batch, head) slopes) in the forward and backward
+    # kernels (the wgmma kernels at head dims 64 / 128, mma.sync at 96), with an
+    # lse gradient (sinks); decode with both and left padding, split or not.
+    for D in (64, 128, 96):
+        q = torch.randn(2, 77, 4, D, device="cuda", dtype=dt, requires_grad=True)
+        k, v = (torch.randn(2, 130, 2, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(2))
+        slopes = torch.rand(2, 4, device="cuda")
+        out = fastattn.flash_attn_func(q, k, v, causal=D != 128, softcap=5.0, alibi_slopes=slopes,
+                                       sinks=torch.randn(4, device="cuda"))
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    with torch.no_grad():
+        kc, vc = (torch.randn(3, 300, 2, 128, device="cuda", dtype=dt) for _ in range(2))
+        q = torch.randn(3, 2, 8, 128, device="cuda", dtype=dt)
+        lens = torch.tensor([2, 299, 150], dtype=torch.int32, device="cuda")
+        pad = torch.tensor([0, 120, 149], dtype=torch.int32, device="cuda")
+        for splits in (1, 3):
+            fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_leftpad=pad, causal=True,
+                                             softcap=3.0, alibi_slopes=torch.rand(8, device="cuda"),
+                                             num_splits=splits)
     # Ring attention's per-part ops: O straight from the forward accumulators
     # in fp32, and dQ/dK/dV converted to fp32 (dK/dV through the fp32
     # accumulation path), dense with GQA and odd lengths, and varlen.

@@ -1,6 +1,9 @@
-"""flash-attn's ALiBi in flash_attn_func: -slope_h * |i + Sk - Sq - j| added to the
-scaled scores, against float64 with the 2x / 3x rule (forward, lse, gradients),
-for causal masks and causal windows, GQA, Sq != Sk; what is not supported raises."""
+"""flash-attn's ALiBi (alibi_slopes): -slope * |i + Sk - Sq - j| added to the
+scaled scores (after a softcap, when one is given), in every kernel: against
+float64 with the 2x / 3x rule (forward, lse, gradients) for causal and
+non-causal masks, windows, GQA, Sq != Sk, per-head and per-(batch, head)
+slopes; varlen, packed, decode over contiguous and paged caches, paged
+prefill; bad slopes raise."""
 import math
 
 import pytest
@@ -11,60 +14,214 @@ from conftest import DEVICES, DTYPES
 from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_rule, visible_mask
 
 
-def alibi_math(q, k, v, slopes, scale, window, dtype):
+def alibi_math(q, k, v, slopes, scale, causal=False, window=(-1, -1), dtype=torch.float64, softcap=0.0):
+    """(B, S, H, D) inputs; slopes (H,) or (B, H); bottom-right masks; (out, lse (B, H, Sq))."""
     B, Sq, Hq, D = q.shape
     Sk, group = k.shape[1], Hq // k.shape[2]
     qd, kd, vd = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
     kd, vd = kd.repeat_interleave(group, 1), vd.repeat_interleave(group, 1)
     i = torch.arange(Sq, device=q.device)[:, None]
     j = torch.arange(Sk, device=q.device)[None, :]
-    bias = -slopes.to(dtype).view(1, Hq, 1, 1) * (i + Sk - Sq - j).abs().to(dtype)
-    s = (qd * scale) @ kd.transpose(-1, -2) + bias
-    ok = visible_mask(Sq, Sk, True, window, bottom_right=True, device=q.device)
+    sl = slopes.to(dtype).reshape(-1, Hq)[..., None, None]  # (1 | B, H, 1, 1)
+    s = (qd * scale) @ kd.transpose(-1, -2)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s - sl * (i + Sk - Sq - j).abs().to(dtype)
+    ok = visible_mask(Sq, Sk, causal, window, bottom_right=True, device=q.device)
     s = s.masked_fill(~ok, -math.inf)
-    lse = torch.logsumexp(s, -1)
+    lse = torch.logsumexp(s.float() if dtype != torch.float64 else s, -1)
     p = torch.softmax(s, -1).masked_fill(~ok.any(-1)[:, None], 0.0)
     return (p @ vd).transpose(1, 2), lse
 
 
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def check(name, run_ours, run_ref, inputs, dtype, grads=True):
+    ours_in, ref_in, base_in = leaves(*inputs), leaves(*inputs), leaves(*inputs)
+    o, lse = run_ours(*ours_in)
+    r_o, r_lse = run_ref(*[x.double() for x in ref_in], dtype=torch.float64)
+    b_o, b_lse = run_ref(*base_in, dtype=dtype)
+    assert_close_rule(f"{name} out", o, b_o, r_o, OUT_FACTOR)
+    assert_close_rule(f"{name} lse", lse, b_lse, r_lse, OUT_FACTOR)
+    if not grads:
+        return
+    do = torch.randn_like(o)
+    g = torch.autograd.grad((o * do).sum(), ours_in)
+    r_g = torch.autograd.grad((r_o * do.double()).sum(), ref_in)
+    b_g = torch.autograd.grad((b_o * do.to(b_o.dtype)).sum(), base_in)
+    for n, a, r, b in zip("qkv", g, r_g, b_g):
+        assert_close_rule(f"{name} d{n}", a, b, r, GRAD_FACTOR)
+
+
+def _dtypes(device):
+    return [d for d in DTYPES[device] if not (device == "cpu" and d == torch.float16)]
+
+
+def _slopes(B, H, per_batch, device):
+    s = fastattn.sparse.alibi_slopes(H).to(device)
+    return s * torch.rand(B, H, device=device).add(0.5) if per_batch else s
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("window", [(-1, 0), (7, 0)])
-def test_alibi_causal(device, window):
-    for dtype in DTYPES[device]:
-        if device == "cpu" and dtype == torch.float16:
-            continue
+@pytest.mark.parametrize("case", [
+    dict(causal=True, window=(-1, -1), per_batch=False, softcap=0.0, D=64),
+    dict(causal=True, window=(7, 0), per_batch=True, softcap=0.0, D=128),
+    dict(causal=False, window=(-1, -1), per_batch=False, softcap=0.0, D=128),
+    dict(causal=False, window=(20, 5), per_batch=True, softcap=0.0, D=96),
+    dict(causal=False, window=(-1, -1), per_batch=True, softcap=3.0, D=256),
+    dict(causal=True, window=(-1, -1), per_batch=False, softcap=3.0, D=32),
+], ids=["causal", "causal-window-per-batch", "full", "window-per-batch", "full-softcap", "causal-softcap"])
+def test_alibi_flash_attn_func(device, case):
+    D = case["D"] if device == "cuda" else 64
+    for dtype in _dtypes(device):
         torch.manual_seed(0)
-        B, Sq, Sk, Hq, Hkv, D = 2, 17, 113, 4, 2, 64
+        B, Sq, Sk, Hq, Hkv = 2, 17, 113, 4, 2
         base = [torch.randn(B, S, H, D, device=device, dtype=dtype) for S, H in ((Sq, Hq), (Sk, Hkv), (Sk, Hkv))]
-        slopes = fastattn.sparse.alibi_slopes(Hq).to(device)
-        scale = D ** -0.5
-        ours_in = [t.clone().requires_grad_() for t in base]
-        ref_in = [t.double().requires_grad_() for t in base]
-        bl_in = [t.clone().requires_grad_() for t in base]
-        o, lse, _ = fastattn.flash_attn_func(*ours_in, causal=True, window_size=window,
-                                             alibi_slopes=slopes, return_attn_probs=True)
-        r_o, r_lse = alibi_math(*ref_in, slopes, scale, window, torch.float64)
-        b_o, b_lse = alibi_math(*bl_in, slopes, scale, window, dtype)
-        name = f"{device} {dtype} {window}"
-        assert_close_rule(f"{name} out", o, b_o, r_o, OUT_FACTOR)
-        assert_close_rule(f"{name} lse", lse, b_lse, r_lse, OUT_FACTOR)
-        do = torch.randn_like(o)
-        g = torch.autograd.grad((o * do).sum(), ours_in)
-        r_g = torch.autograd.grad((r_o * do.double()).sum(), ref_in)
-        b_g = torch.autograd.grad((b_o * do).sum(), bl_in)
-        for n, a, r, b in zip("qkv", g, r_g, b_g):
-            assert_close_rule(f"{name} d{n}", a, b, r, GRAD_FACTOR)
+        base[0] = base[0] * 2
+        slopes = _slopes(B, Hq, case["per_batch"], device)
+        kw = dict(causal=case["causal"], window=case["window"], softcap=case["softcap"])
+
+        def ours(q, k, v):
+            out, lse, _ = fastattn.flash_attn_func(q, k, v, causal=kw["causal"], window_size=kw["window"],
+                                                   softcap=kw["softcap"], alibi_slopes=slopes,
+                                                   return_attn_probs=True)
+            return out, lse
+
+        def ref(q, k, v, dtype):
+            return alibi_math(q, k, v, slopes, D ** -0.5, dtype=dtype, **kw)
+
+        check(f"{device} {dtype} {case}", ours, ref, base, dtype)
 
 
-def test_alibi_unsupported_forms_raise():
+@pytest.mark.parametrize("device", DEVICES)
+def test_alibi_changes_the_result(device):
+    dtype = _dtypes(device)[-1]
+    q, k, v = (torch.randn(1, 40, 2, 64, device=device, dtype=dtype) for _ in range(3))
+    plain = fastattn.flash_attn_func(q, k, v)
+    biased = fastattn.flash_attn_func(q, k, v, alibi_slopes=torch.tensor([0.5, 0.25], device=device))
+    assert (biased - plain).abs().max().item() > 0.05
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alibi_varlen_and_packed(device):
+    dtype = _dtypes(device)[-1]
+    torch.manual_seed(1)
+    lens_q, lens_k = [1, 17, 40], [30, 17, 100]
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    Hq, Hkv, D = 4, 2, 64
+    q = torch.randn(58, Hq, D, device=device, dtype=dtype)
+    k = torch.randn(147, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(147, Hkv, D, device=device, dtype=dtype)
+    slopes = _slopes(3, Hq, True, device)
+
+    def ours(q, k, v):
+        out, lse, _ = fastattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 100, alibi_slopes=slopes,
+                                                      return_attn_probs=True)
+        return out, lse
+
+    def ref(q, k, v, dtype):
+        outs, lses = [], []
+        for b in range(3):
+            qs = q[cu_q[b]:cu_q[b + 1]].unsqueeze(0)
+            ks, vs = k[cu_k[b]:cu_k[b + 1]].unsqueeze(0), v[cu_k[b]:cu_k[b + 1]].unsqueeze(0)
+            o, l = alibi_math(qs, ks, vs, slopes[b], D ** -0.5, dtype=dtype)
+            outs.append(o[0])
+            lses.append(l[0])
+        return torch.cat(outs, 0), torch.cat(lses, 1)
+
+    check(f"varlen {device}", ours, ref, (q, k, v), dtype)
+
+    qkv = torch.randn(2, 33, 3, Hq, D, device=device, dtype=dtype)
+    sl = _slopes(2, Hq, False, device)
+
+    def ours_packed(qkv):
+        return fastattn.flash_attn_qkvpacked_func(qkv, causal=True, alibi_slopes=sl, return_attn_probs=True)[:2]
+
+    def ref_packed(qkv, dtype):
+        return alibi_math(*qkv.unbind(2), sl, D ** -0.5, causal=True, dtype=dtype)
+
+    check(f"qkvpacked {device}", ours_packed, ref_packed, (qkv,), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_alibi_kvcache_decode(device, paged):
+    dtype = _dtypes(device)[-1]
+    torch.manual_seed(2)
+    B, S_max, Hq, Hkv, D = 3, 320, 8, 2, 128
+    kc = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype)
+    vc = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype)
+    q = torch.randn(B, 3, Hq, D, device=device, dtype=dtype)
+    lens = torch.tensor([3, 299, 150], dtype=torch.int32, device=device)
+    slopes = _slopes(B, Hq, True, device)
+    kw = {}
+    caches = (kc, vc)
+    if paged:
+        bs = 16
+        table = torch.randperm(B * S_max // bs, device=device).view(B, S_max // bs).to(torch.int32)
+        kp = torch.empty(B * S_max // bs, bs, Hkv, D, device=device, dtype=dtype)
+        vp = torch.empty_like(kp)
+        kp[table.long().flatten()] = kc.reshape(-1, bs, Hkv, D)
+        vp[table.long().flatten()] = vc.reshape(-1, bs, Hkv, D)
+        caches, kw = (kp, vp), dict(block_table=table)
+    for causal in (True, False):
+        for splits in (1, 3):
+            out, lse = fastattn.flash_attn_with_kvcache(q, *caches, cache_seqlens=lens, causal=causal,
+                                                        alibi_slopes=slopes, softcap=4.0 if causal else 0.0,
+                                                        num_splits=splits, return_softmax_lse=True, **kw)
+            for b, n in enumerate(lens.tolist()):
+                args = (q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], slopes[b], D ** -0.5, causal)
+                extra = dict(softcap=4.0 if causal else 0.0)
+                r_o, r_l = alibi_math(*args, **extra)
+                b_o, b_l = alibi_math(*args, dtype=dtype, **extra)
+                name = f"decode b{b} causal {causal} splits {splits}"
+                assert_close_rule(f"{name} out", out[b:b + 1], b_o, r_o, OUT_FACTOR)
+                assert_close_rule(f"{name} lse", lse[b:b + 1], b_l, r_l, OUT_FACTOR)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alibi_paged_prefill(device):
+    dtype = _dtypes(device)[-1]
+    torch.manual_seed(3)
+    Hq, Hkv, D, bs = 4, 2, 64, 16
+    lens_k, lens_q = [40, 100, 7], [40, 1, 5]
+    pages = sum((n + bs - 1) // bs for n in lens_k)
+    kp = torch.randn(pages, bs, Hkv, D, device=device, dtype=dtype)
+    vp = torch.randn_like(kp)
+    table = torch.zeros(3, max((n + bs - 1) // bs for n in lens_k), dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(lens_k):
+        m = (n + bs - 1) // bs
+        table[b, :m] = torch.arange(at, at + m)
+        at += m
+    table = table.to(device)
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    q = torch.randn(sum(lens_q), Hq, D, device=device, dtype=dtype)
+    slopes = _slopes(3, Hq, True, device)
+    out, lse, _ = fastattn.flash_attn_varlen_func(q, kp, vp, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
+                                                  causal=True, alibi_slopes=slopes, block_table=table,
+                                                  return_attn_probs=True)
+    cq = cu(lens_q).tolist()
+    for b, n in enumerate(lens_k):
+        kk = kp[table[b].long()].reshape(-1, Hkv, D)[:n][None]
+        vv = vp[table[b].long()].reshape(-1, Hkv, D)[:n][None]
+        qq = q[cq[b]:cq[b + 1]][None]
+        r_o, r_l = alibi_math(qq, kk, vv, slopes[b], D ** -0.5, True)
+        b_o, b_l = alibi_math(qq, kk, vv, slopes[b], D ** -0.5, True, dtype=dtype)
+        assert_close_rule(f"paged out b{b}", out[cq[b]:cq[b + 1]][None], b_o, r_o, OUT_FACTOR)
+        assert_close_rule(f"paged lse b{b}", lse[:, cq[b]:cq[b + 1]][None], b_l, r_l, OUT_FACTOR)
+
+
+def test_alibi_bad_slopes_raise():
     q = torch.randn(1, 8, 2, 32)
-    with pytest.raises(NotImplementedError, match="alibi_slopes needs causal"):
-        fastattn.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
-    with pytest.raises(NotImplementedError, match=r"alibi_slopes of shape \(batch, nheads\)"):
-        fastattn.flash_attn_func(q, q, q, causal=True, alibi_slopes=torch.ones(1, 2))
-    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+    with pytest.raises(RuntimeError, match="alibi_slopes must have shape"):
         fastattn.flash_attn_func(q, q, q, causal=True, alibi_slopes=torch.ones(3))
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        fastattn.flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 8], dtype=torch.int32),
-                                        torch.tensor([0, 8], dtype=torch.int32), 8, 8, causal=True,
-                                        alibi_slopes=torch.ones(2))
+    with pytest.raises(RuntimeError, match="alibi_slopes must have shape"):
+        fastattn.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="alibi_slopes must be a float tensor"):
+        fastattn.flash_attn_func(q, q, q, alibi_slopes=[1.0, 2.0])
+    with pytest.raises(ValueError, match="nonzero softmax_scale"):
+        fastattn.flash_attn_func(q, q, q, softmax_scale=0.0, alibi_slopes=torch.ones(2))

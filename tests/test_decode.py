@@ -456,10 +456,6 @@ def test_decode_bad_input():
     with pytest.raises(ValueError, match="outside the cache"):
         fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32),
                                          cache_seqlens=torch.tensor([16, 3], dtype=torch.int32))
-    for kw, name in [(dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
-                     (dict(cache_leftpad=torch.zeros(2, dtype=torch.int32)), "cache_leftpad")]:
-        with pytest.raises(NotImplementedError, match=name):
-            fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
     with pytest.raises(RuntimeError, match="same shape|must have"):
         fastattn.merge_attention_states(torch.randn(2, 3, 4, 8), torch.randn(2, 4, 3),
                                         torch.randn(2, 3, 4, 8), torch.randn(2, 4, 2))

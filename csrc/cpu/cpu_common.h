@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -62,6 +63,32 @@ inline KeyRange visible_keys(const AttnProblem& p, int64_t i, int64_t sq, int64_
   int64_t hi = p.window_right < 0 ? sk : std::min<int64_t>(sk, diag + p.window_right + 1);
   return {lo, std::max(lo, hi)};
 }
+
+// The dense ops' score transforms of one (sequence, head), applied to a
+// scaled score x of query i, key j, in flash-attn's order: the softcap
+// (x -> c tanh(x / c)), then ALiBi (-slope * |i + sk - sq - j|). slope() reads
+// checked_alibi_slopes' tensor (undefined: 0). d() is dx'/dx of the cap.
+template <typename acc_t>
+struct DenseScoreMods {
+  acc_t softcap = 0, slope = 0, diag_offset = 0;  // diag_offset = sk - sq
+
+  static acc_t slope_of(const at::Tensor& slopes, int64_t b, int64_t h) {
+    if (!slopes.defined()) return 0;
+    const float* s = slopes.data_ptr<float>();
+    return static_cast<acc_t>(slopes.dim() == 2 ? s[b * slopes.size(1) + h] : s[h]);
+  }
+  acc_t operator()(int64_t i, int64_t j, acc_t x) const {
+    if (softcap > acc_t(0)) x = softcap * std::tanh(x / softcap);
+    if (slope != acc_t(0)) x -= slope * std::abs(static_cast<acc_t>(j - i) - diag_offset);
+    return x;
+  }
+  // The cap's slope at the uncapped x (1 without a cap).
+  acc_t d(acc_t x) const {
+    if (softcap <= acc_t(0)) return 1;
+    const acc_t t = std::tanh(x / softcap);
+    return 1 - t * t;
+  }
+};
 
 template <typename acc_t, typename scalar_t>
 inline void load_row(acc_t* dst, const scalar_t* src, int64_t d) {

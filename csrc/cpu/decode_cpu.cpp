@@ -29,25 +29,30 @@ int64_t cpu_num_splits(const DecodeProblem& p) {
 }
 
 // Contiguous cache (B_cache, S_max, Hkv, D): sequence b reads cache row
-// batch_idx[b] (or b) and has seqlens_k[b] (or S_max) keys.
+// batch_idx[b] (or b), positions [leftpad[b], seqlens_k[b] (or S_max)): its
+// key j is position leftpad[b] + j.
 template <typename scalar_t>
 struct CacheRowsKv {
   RowView<const scalar_t> K, V;
   const int32_t* lens;
   const int32_t* batch_idx;
   int64_t max_keys;
+  const int32_t* leftpad;
   CacheRowsKv(const at::Tensor& k, const at::Tensor& v, const int32_t* l, const int32_t* idx,
-              int64_t max_len)
-      : K(k, false), V(v, false), lens(l), batch_idx(idx), max_keys(max_len) {}
-  int64_t keys(int64_t b) const { return lens ? lens[b] : max_keys; }
+              int64_t max_len, const int32_t* pad)
+      : K(k, false), V(v, false), lens(l), batch_idx(idx), max_keys(max_len), leftpad(pad) {}
+  int64_t end(int64_t b) const { return lens ? lens[b] : max_keys; }
+  int64_t start(int64_t b) const { return leftpad ? std::min<int64_t>(leftpad[b], end(b)) : 0; }
+  int64_t keys(int64_t b) const { return end(b) - start(b); }
   int64_t row(int64_t b) const { return batch_idx ? batch_idx[b] : b; }
-  const scalar_t* k(int64_t b, int64_t j, int64_t hk) const { return K.row(row(b), j, hk); }
-  const scalar_t* v(int64_t b, int64_t j, int64_t hk) const { return V.row(row(b), j, hk); }
+  const scalar_t* k(int64_t b, int64_t j, int64_t hk) const { return K.row(row(b), start(b) + j, hk); }
+  const scalar_t* v(int64_t b, int64_t j, int64_t hk) const { return V.row(row(b), start(b) + j, hk); }
 };
 
 // Decode over any KV row source: CacheRowsKv or PagedKv (kv_rows_cpu.h).
 template <typename scalar_t, typename Kv>
-void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, at::Tensor& out,
+void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, const at::Tensor& slopes,
+                 at::Tensor& out,
                  at::Tensor& lse) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = p.head_dim, Sq = p.seqlen_q;
@@ -59,7 +64,6 @@ void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, at::
   const RowView<scalar_t> O(out, false);
   auto* lse_ptr = static_cast<acc_t*>(lse.data_ptr());
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const acc_t softcap = static_cast<acc_t>(p.softcap);
   AttnProblem mask;  // the bottom-right window of visible_keys()
   mask.window_left = p.window_left;
   mask.window_right = p.window_right;
@@ -99,8 +103,20 @@ void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, at::
       };
       auto k_row = [&](int64_t j) { return kv.k(b, j, hk); };
       auto v_row = [&](int64_t j) { return kv.v(b, j, hk); };
+      // Score transforms per packed row (its head picks the ALiBi slope).
+      auto mods = [&](int64_t r, int64_t j, acc_t x) {
+        const DenseScoreMods<acc_t> m{static_cast<acc_t>(p.softcap),
+                                      DenseScoreMods<acc_t>::slope_of(slopes, b, head_of(r)),
+                                      static_cast<acc_t>(sk - Sq)};
+        return m(query_of(r), j, x);
+      };
+      const bool plain = p.softcap == 0 && !slopes.defined();
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
-        st.visit_capped(j0, std::min(kBlockK, j_end - j0), k_row, v_row, range, scale, softcap);
+        if (plain) {
+          st.visit(j0, std::min(kBlockK, j_end - j0), k_row, v_row, range, scale);
+        } else {
+          st.visit(j0, std::min(kBlockK, j_end - j0), k_row, v_row, range, scale, mods);
+        }
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = head_of(r), i = query_of(r);
@@ -180,10 +196,14 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
                                               const std::optional<at::Tensor>& block_table,
                                               double scale, bool causal, int64_t window_left,
                                               int64_t window_right, int64_t num_splits,
-                                              double softcap) {
+                                              double softcap,
+                                              const std::optional<at::Tensor>& alibi_slopes,
+                                              const std::optional<at::Tensor>& cache_leftpad) {
   DecodeProblem p = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table,
                                       scale, causal, window_left, window_right, num_splits);
   p.softcap = checked_softcap(softcap);
+  const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, p.batch, p.heads_q, q);
+  const at::Tensor leftpad = checked_cache_leftpad(cache_leftpad, p, q);
   TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
   auto [out, lse] = empty_decode_outputs(p, q);
   const at::Tensor lens_t = seqlens_k ? seqlens_k->contiguous() : at::Tensor();
@@ -194,10 +214,12 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_decode_cpu", [&] {
     if (p.paged) {
       decode_impl<scalar_t>(p, q, PagedKv<scalar_t>(k_cache, v_cache, table, lens, p.max_seqlen_k),
-                            out, lse);
+                            slopes, out, lse);
     } else {
-      decode_impl<scalar_t>(p, q, CacheRowsKv<scalar_t>(k_cache, v_cache, lens, idx, p.max_seqlen_k),
-                            out, lse);
+      decode_impl<scalar_t>(p, q,
+                            CacheRowsKv<scalar_t>(k_cache, v_cache, lens, idx, p.max_seqlen_k,
+                                                  leftpad.defined() ? leftpad.data_ptr<int32_t>() : nullptr),
+                            slopes, out, lse);
     }
   });
   return {out, lse};

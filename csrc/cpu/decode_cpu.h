@@ -14,7 +14,9 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
                                               const std::optional<at::Tensor>& block_table,
                                               double scale, bool causal, int64_t window_left,
                                               int64_t window_right, int64_t num_splits,
-                                              double softcap = 0.0);
+                                              double softcap = 0.0,
+                                              const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                                              const std::optional<at::Tensor>& cache_leftpad = std::nullopt);
 
 std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                     const at::Tensor& out_b, const at::Tensor& lse_b);

@@ -23,7 +23,8 @@ namespace {
 template <typename scalar_t>
 void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-              const at::Tensor& lse, const at::Tensor& dlse, const int32_t* cu_q,
+              const at::Tensor& lse, const at::Tensor& dlse, const at::Tensor& slopes,
+              const int32_t* cu_q,
               const int32_t* cu_k, at::Tensor& dq,
               at::Tensor& dk, at::Tensor& dv) {
   using acc_t = acc_type_t<scalar_t>;
@@ -39,7 +40,6 @@ void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
   const int64_t lse_b_stride = p.varlen ? 0 : lse.stride(0);
   const int64_t lse_h_stride = lse.stride(p.varlen ? 0 : 1);
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const acc_t softcap = static_cast<acc_t>(p.softcap);
 
   at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> kt(D * kBlockK), vt(D * kBlockK), dk_acc(kBlockK * D), dv_acc(kBlockK * D);
@@ -83,6 +83,9 @@ void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
 
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = hk * group + g;
+          const DenseScoreMods<acc_t> mods{static_cast<acc_t>(p.softcap),
+                                           DenseScoreMods<acc_t>::slope_of(slopes, b, h),
+                                           static_cast<acc_t>(sp.sk - sp.sq)};
           for (int64_t i = 0; i < sp.sq; ++i) {
             const KeyRange kr = visible_keys(p, i, sp.sq, sp.sk);
             const int64_t c_lo = std::max<int64_t>(kr.lo - j0, 0);
@@ -105,15 +108,10 @@ void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
             const acc_t row_delta = delta[g * sp.sq + i];
             acc_t* dq_row = &dq_acc[(g * sp.sq + i) * D];
             for (int64_t c = c_lo; c < c_hi; ++c) {
-              // A capped score x -> c tanh(x / c) has slope 1 - tanh^2 in x.
-              acc_t x = s[c] * scale, slope = 1;
-              if (softcap > acc_t(0)) {
-                const acc_t t = std::tanh(x / softcap);
-                x = softcap * t;
-                slope = 1 - t * t;
-              }
-              const acc_t pc = std::exp(x - row_lse);
-              const acc_t ds = pc * (dp[c] - row_delta) * slope * scale;
+              // The cap's slope in x carries dS back to the uncapped score.
+              const acc_t x = s[c] * scale;
+              const acc_t pc = std::exp(mods(i, j0 + c, x) - row_lse);
+              const acc_t ds = pc * (dp[c] - row_delta) * mods.d(x) * scale;
               acc_t* dv_c = &dv_acc[c * D];
               acc_t* dk_c = &dk_acc[c * D];
               for (int64_t x = 0; x < D; ++x) {
@@ -154,7 +152,8 @@ void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   int64_t max_seqlen_k, double scale, bool causal, int64_t window_left,
                   int64_t window_right, bool bottom_right, bool deterministic,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                  double softcap, const std::optional<at::Tensor>& dlse) {
+                  double softcap, const std::optional<at::Tensor>& dlse,
+                  const std::optional<at::Tensor>& alibi_slopes) {
   // The CPU backward is deterministic whatever the flag: each dQ row is owned
   // by one task and summed in a fixed order.
   (void)deterministic;
@@ -175,8 +174,9 @@ void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
   const int32_t* cu_k = p.varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
   at::Tensor dq_w = dq, dk_w = dk, dv_w = dv;
   const at::Tensor dl = checked_dlse(dlse, lse);
+  const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, p.batch, p.heads_q, q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_bwd_cpu", [&] {
-    bwd_impl<scalar_t>(p, dout, q, k, v, out, lse, dl, cu_q, cu_k, dq_w, dk_w, dv_w);
+    bwd_impl<scalar_t>(p, dout, q, k, v, out, lse, dl, slopes, cu_q, cu_k, dq_w, dk_w, dv_w);
   });
 }
 
@@ -185,13 +185,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic, double softcap, const std::optional<at::Tensor>& dlse) {
+    bool deterministic, double softcap, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& alibi_slopes) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   bwd_into_cpu(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv,
-               softcap, dlse);
+               softcap, dlse, alibi_slopes);
   return {dq, dk, dv};
 }
 

@@ -14,7 +14,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            int64_t max_seqlen_q, int64_t max_seqlen_k,
                                            double scale, bool causal, int64_t window_left,
                                            int64_t window_right, bool bottom_right,
-                                           bool deterministic, double softcap = 0.0);
+                                           bool deterministic, double softcap = 0.0,
+                                           const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache,
@@ -23,14 +24,16 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& block_table,
                                                  int64_t max_seqlen_q, double scale, bool causal,
                                                  int64_t window_left, int64_t window_right,
-                                                 double softcap = 0.0);
+                                                 double softcap = 0.0,
+                                                 const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic, double softcap = 0.0, const std::optional<at::Tensor>& dlse = std::nullopt);
+    bool deterministic, double softcap = 0.0, const std::optional<at::Tensor>& dlse = std::nullopt,
+    const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 // fwd_partial / bwd_partial (partial_cpu.cpp): results in float32 for 16-bit inputs.
 std::tuple<at::Tensor, at::Tensor> fwd_partial_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -57,6 +60,7 @@ void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   int64_t max_seqlen_k, double scale, bool causal, int64_t window_left,
                   int64_t window_right, bool bottom_right, bool deterministic,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                  double softcap = 0.0, const std::optional<at::Tensor>& dlse = std::nullopt);
+                  double softcap = 0.0, const std::optional<at::Tensor>& dlse = std::nullopt,
+                  const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 }  // namespace fastattn::cpu

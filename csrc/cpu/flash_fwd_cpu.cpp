@@ -22,7 +22,7 @@ namespace {
 // dense (B, Sq, ...) or varlen by cu_q.
 template <typename scalar_t, typename Kv>
 void fwd_impl(const AttnProblem& p, const at::Tensor& q, const Kv& kv, const int32_t* cu_q,
-              at::Tensor& out, at::Tensor& lse) {
+              const at::Tensor& slopes, at::Tensor& out, at::Tensor& lse) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t q_tiles = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
@@ -32,7 +32,6 @@ void fwd_impl(const AttnProblem& p, const at::Tensor& q, const Kv& kv, const int
   const int64_t lse_b_stride = p.varlen ? 0 : lse.stride(0);
   const int64_t lse_h_stride = lse.stride(p.varlen ? 0 : 1);
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const acc_t softcap = static_cast<acc_t>(p.softcap);
 
   at::parallel_for(0, p.batch * p.heads_q * q_tiles, 1, [&](int64_t begin, int64_t end) {
     RowBlockState<acc_t> st(p.head_dim);
@@ -53,8 +52,18 @@ void fwd_impl(const AttnProblem& p, const at::Tensor& q, const Kv& kv, const int
       auto v_row = [&](int64_t j) { return kv.v(b, j, hk); };
       // Keys any row of this tile can see; tiles outside are skipped.
       const int64_t k_lo = range(0).lo, k_hi = range(rows - 1).hi;
+      DenseScoreMods<acc_t> mods{static_cast<acc_t>(p.softcap),
+                                 DenseScoreMods<acc_t>::slope_of(slopes, b, h),
+                                 static_cast<acc_t>(sk - sq)};
+      const bool plain = mods.softcap == 0 && mods.slope == 0;
       for (int64_t j0 = (k_lo / kBlockK) * kBlockK; j0 < k_hi; j0 += kBlockK) {
-        st.visit_capped(j0, std::min(kBlockK, sk - j0), k_row, v_row, range, scale, softcap);
+        const int64_t cols = std::min(kBlockK, sk - j0);
+        if (plain) {
+          st.visit(j0, cols, k_row, v_row, range, scale);
+        } else {
+          st.visit(j0, cols, k_row, v_row, range, scale,
+                   [&](int64_t r, int64_t j, acc_t x) { return mods(i0 + r, j, x); });
+        }
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = q_begin + i0 + r;
@@ -74,17 +83,19 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            double scale, bool causal, int64_t window_left,
                                            int64_t window_right, bool bottom_right,
                                            bool /*deterministic: used by autograd only*/,
-                                           double softcap) {
+                                           double softcap,
+                                           const std::optional<at::Tensor>& alibi_slopes) {
   AttnProblem p = check_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  scale, causal, window_left, window_right, bottom_right);
   p.softcap = checked_softcap(softcap);
+  const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, p.batch, p.heads_q, q);
   TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = empty_lse(p, q);
   const int32_t* cu_q = p.varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
   const int32_t* cu_k = p.varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_fwd_cpu", [&] {
-    fwd_impl<scalar_t>(p, q, ContiguousKv<scalar_t>(k, v, cu_k, p.seqlen_k), cu_q, out, lse);
+    fwd_impl<scalar_t>(p, q, ContiguousKv<scalar_t>(k, v, cu_k, p.seqlen_k), cu_q, slopes, out, lse);
   });
   return {out, lse};
 }
@@ -96,20 +107,22 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& block_table,
                                                  int64_t max_seqlen_q, double scale, bool causal,
                                                  int64_t window_left, int64_t window_right,
-                                                 double softcap) {
+                                                 double softcap,
+                                                 const std::optional<at::Tensor>& alibi_slopes) {
   PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
                                             block_table, max_seqlen_q, scale, causal, window_left,
                                             window_right);
   pp.attn.softcap = checked_softcap(softcap);
   TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
   const AttnProblem& p = pp.attn;
+  const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, p.batch, p.heads_q, q);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = empty_lse(p, q);
   const at::Tensor lens = seqlens_k.contiguous();
   const at::Tensor table = block_table.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_paged_fwd_cpu", [&] {
     const PagedKv<scalar_t> kv(k_cache, v_cache, table, lens.data_ptr<int32_t>(), p.seqlen_k);
-    fwd_impl<scalar_t>(p, q, kv, cu_seqlens_q.data_ptr<int32_t>(), out, lse);
+    fwd_impl<scalar_t>(p, q, kv, cu_seqlens_q.data_ptr<int32_t>(), slopes, out, lse);
   });
   return {out, lse};
 }

@@ -48,19 +48,6 @@ struct RowBlockState {
     visit(j0, cols, k_row, v_row, key_range, scale, [](int64_t, int64_t, acc_t s) { return s; });
   }
 
-  // visit with the scaled scores capped, s -> softcap * tanh(s / softcap)
-  // (softcap > 0; 0 = off).
-  template <typename KRow, typename VRow, typename Range>
-  void visit_capped(int64_t j0, int64_t cols, KRow k_row, VRow v_row, Range key_range, acc_t scale,
-                    acc_t softcap) {
-    if (softcap > acc_t(0)) {
-      visit(j0, cols, k_row, v_row, key_range, scale,
-            [softcap](int64_t, int64_t, acc_t s) { return softcap * std::tanh(s / softcap); });
-    } else {
-      visit(j0, cols, k_row, v_row, key_range, scale);
-    }
-  }
-
   // The same with score_mod(r, j, s) applied to each scaled score s of row r and
   // key j in its range (block-sparse bits, additive masks): -inf hides the key.
   template <typename KRow, typename VRow, typename Range, typename ScoreMod>

@@ -152,4 +152,19 @@ at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor&
   return dlse->to(lse.scalar_type()).contiguous();
 }
 
+at::Tensor checked_alibi_slopes(const std::optional<at::Tensor>& slopes, int64_t batch,
+                                int64_t heads_q, const at::Tensor& q) {
+  if (!slopes.has_value() || !slopes->defined()) return at::Tensor();
+  const at::Tensor& t = *slopes;
+  const bool per_head = t.dim() == 1 && t.size(0) == heads_q;
+  const bool per_seq = t.dim() == 2 && t.size(0) == batch && t.size(1) == heads_q;
+  TORCH_CHECK(per_head || per_seq, "fastattn: alibi_slopes must have shape (", heads_q, ",) or (",
+              batch, ", ", heads_q, "), got ", t.sizes());
+  TORCH_CHECK(t.is_floating_point(), "fastattn: alibi_slopes must be a float tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), "fastattn: alibi_slopes must be on ", q.device(), ", got ",
+              t.device());
+  return t.to(at::kFloat).contiguous();
+}
+
 }  // namespace fastattn

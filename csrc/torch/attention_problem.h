@@ -29,6 +29,13 @@ struct AttnProblem {
 // softcap must be finite and >= 0 (0 = off); returns it.
 double checked_softcap(double softcap);
 
+// flash-attn's alibi_slopes (fwd, bwd, bwd_into, decode, paged_fwd): (heads_q,)
+// or (batch, heads_q) floats on q's device, returned as contiguous float32
+// (undefined when absent). The score of query i, key j of a sequence with
+// lengths (sq, sk) gains -slope * |i + sk - sq - j|.
+at::Tensor checked_alibi_slopes(const std::optional<at::Tensor>& slopes, int64_t batch,
+                                int64_t heads_q, const at::Tensor& q);
+
 // An lse gradient (bwd, bwd_into, sparse_bwd): lse's shape, device and dtype,
 // contiguous (undefined when absent).
 at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor& lse);

@@ -42,15 +42,20 @@ void bwd_into_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    int64_t max_seqlen_k, double scale, bool causal, int64_t window_left,
                    int64_t window_right, bool bottom_right, bool deterministic,
                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                   double softcap, const std::optional<at::Tensor>& dlse) {
+                   double softcap, const std::optional<at::Tensor>& dlse,
+                   const std::optional<at::Tensor>& alibi_slopes) {
   AttnProblem prob =
       check_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                      max_seqlen_k, scale, causal, window_left, window_right, bottom_right);
   prob.softcap = checked_softcap(softcap);
   check_grad_outputs(q, k, v, dq, dk, dv);
   const at::Tensor dl = checked_dlse(dlse, lse);
+  const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, prob.batch, prob.heads_q, q);
+  BiasParams alibi;
+  glue::set_alibi(alibi, slopes);
   glue::run_bwd_into(prob, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, deterministic, dq,
-                     dk, dv, nullptr, "bwd", dl.defined() ? dl.data_ptr<float>() : nullptr);
+                     dk, dv, nullptr, "bwd", dl.defined() ? dl.data_ptr<float>() : nullptr,
+                     slopes.defined() ? &alibi : nullptr);
 }
 
 }  // namespace
@@ -178,13 +183,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic, double softcap, const std::optional<at::Tensor>& dlse) {
+    bool deterministic, double softcap, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& alibi_slopes) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   bwd_into_cuda(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv,
-                softcap, dlse);
+                softcap, dlse, alibi_slopes);
   return {dq, dk, dv};
 }
 

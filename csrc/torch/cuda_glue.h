@@ -150,6 +150,16 @@ inline void set_softcap(float& in, float& out, double scale, double softcap) {
   out = on ? static_cast<float>(softcap / scale) : 0.f;
 }
 
+// flash-attn's ALiBi (checked_alibi_slopes' float32 tensor, or undefined: none)
+// as the kernels' in-register bias.
+inline void set_alibi(BiasParams& bias, const at::Tensor& slopes) {
+  if (!slopes.defined()) return;
+  bias.slopes = slopes.data_ptr<float>();
+  bias.slope_stride = 1;
+  bias.slope_batch_stride = slopes.dim() == 2 ? slopes.size(1) : 0;
+  bias.alibi_symmetric = true;
+}
+
 inline void fill_fwd_params(FwdParams& p, const AttnProblem& prob, const at::Tensor& q,
                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                             const at::Tensor& lse, const std::optional<at::Tensor>& cu_q,

@@ -48,11 +48,15 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& block_table,
                                                double scale, bool causal, int64_t window_left,
                                                int64_t window_right, int64_t num_splits,
-                                               double softcap) {
+                                               double softcap,
+                                               const std::optional<at::Tensor>& alibi_slopes,
+                                               const std::optional<at::Tensor>& cache_leftpad) {
   DecodeProblem prob = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx,
                                          block_table, scale, causal, window_left, window_right,
                                          num_splits);
   prob.softcap = checked_softcap(softcap);
+  const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, prob.batch, prob.heads_q, q);
+  const at::Tensor leftpad = checked_cache_leftpad(cache_leftpad, prob, q);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k_cache, "k_cache"},
                                {&v_cache, "v_cache"},
@@ -126,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   p.lse_head_stride = lse.stride(1);
   p.seqlens_k = sl.defined() ? sl.data_ptr<int>() : nullptr;
   p.cache_batch_idx = cbi.defined() ? cbi.data_ptr<int>() : nullptr;
+  p.cache_leftpad = leftpad.defined() ? leftpad.data_ptr<int>() : nullptr;
   if (bt.defined()) {  // paged: batch strides are page strides, cache_batch the page count
     p.block_table = bt.data_ptr<int>();
     p.block_table_batch_stride = bt.stride(0);
@@ -141,6 +146,10 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   p.scale = static_cast<float>(kscale);
   p.scale_log2 = static_cast<float>(kscale * 1.4426950408889634);
   glue::set_softcap(p.softcap_in, p.softcap_out, kscale, prob.softcap);
+  if (slopes.defined()) {
+    p.alibi_slopes = slopes.data_ptr<float>();
+    p.alibi_batch_stride = slopes.dim() == 2 ? slopes.size(1) : 0;
+  }
   p.mask.window_left = glue::clamp_window(prob.window_left, prob.seqlen_q, prob.max_seqlen_k);
   p.mask.window_right = glue::clamp_window(prob.window_right, prob.seqlen_q, prob.max_seqlen_k);
   p.mask.bottom_right = true;

@@ -242,4 +242,14 @@ AppendProblem check_append_args(const at::Tensor& k, const at::Tensor& v,
   return p;
 }
 
+at::Tensor checked_cache_leftpad(const std::optional<at::Tensor>& cache_leftpad,
+                                 const DecodeProblem& p, const at::Tensor& q) {
+  if (!cache_leftpad.has_value() || !cache_leftpad->defined()) return at::Tensor();
+  TORCH_CHECK_NOT_IMPLEMENTED(!p.paged, "fastattn: cache_leftpad with a paged cache (block_table) "
+                              "is not supported; pages already let sequences start anywhere");
+  check_index_tensor(*cache_leftpad, q, "cache_leftpad", at::kInt, 1, p.batch);
+  check_index_values(*cache_leftpad, "cache_leftpad", 0, p.max_seqlen_k, "cache position");
+  return cache_leftpad->contiguous();
+}
+
 }  // namespace fastattn

@@ -128,4 +128,10 @@ AppendProblem check_append_args(const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& slot_mapping, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache);
 
+// cache_leftpad (decode): (B) int32 on q's device, contiguous caches only
+// (NotImplementedError with a block table); CPU values in [0, max_seqlen_k].
+// Returns it contiguous (undefined when absent).
+at::Tensor checked_cache_leftpad(const std::optional<at::Tensor>& cache_leftpad,
+                                 const DecodeProblem& p, const at::Tensor& q);
+
 }  // namespace fastattn

@@ -30,11 +30,13 @@ std::tuple<at::Tensor, at::Tensor> run_fwd_op(const at::Tensor& q, const at::Ten
                                               int64_t max_seqlen_q, int64_t max_seqlen_k,
                                               double scale, bool causal, int64_t window_left,
                                               int64_t window_right, bool bottom_right,
-                                              bool out_f32, double softcap) {
+                                              bool out_f32, double softcap,
+                                              const std::optional<at::Tensor>& alibi_slopes) {
   AttnProblem prob = check_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                     max_seqlen_k, scale, causal, window_left, window_right,
                                     bottom_right);
   prob.softcap = checked_softcap(softcap);
+  const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, prob.batch, prob.heads_q, q);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k, "k"},
                                {&v, "v"},
@@ -64,6 +66,7 @@ std::tuple<at::Tensor, at::Tensor> run_fwd_op(const at::Tensor& q, const at::Ten
   glue::fill_fwd_params(params, kp, in.q, in.k, in.v, out_k, lse, cu_seqlens_q, cu_seqlens_k);
   // fill_fwd_params takes out's strides in elements, the same for both dtypes.
   if (out_f32) params.out_f32 = out_k.data_ptr<float>();
+  glue::set_alibi(params.bias, slopes);
   glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "fwd");
 
   if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
@@ -78,9 +81,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             double scale, bool causal, int64_t window_left,
                                             int64_t window_right, bool bottom_right,
                                             bool /*deterministic: only used by bwd*/,
-                                            double softcap) {
+                                            double softcap,
+                                            const std::optional<at::Tensor>& alibi_slopes) {
   return run_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                    window_left, window_right, bottom_right, false, softcap);
+                    window_left, window_right, bottom_right, false, softcap, alibi_slopes);
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_partial_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -91,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_partial_cuda(const at::Tensor& q, const a
                                                     double scale, bool causal, int64_t window_left,
                                                     int64_t window_right, bool bottom_right) {
   return run_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                    window_left, window_right, bottom_right, true, 0.0);
+                    window_left, window_right, bottom_right, true, 0.0, std::nullopt);
 }
 
 // Chunked prefill over a paged cache: the forward kernel with the paged KV
@@ -105,12 +109,14 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
                                                   const at::Tensor& block_table,
                                                   int64_t max_seqlen_q, double scale, bool causal,
                                                   int64_t window_left, int64_t window_right,
-                                                  double softcap) {
+                                                  double softcap,
+                                                  const std::optional<at::Tensor>& alibi_slopes) {
   PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
                                             block_table, max_seqlen_q, scale, causal,
                                             window_left, window_right);
   pp.attn.softcap = checked_softcap(softcap);
   const AttnProblem& prob = pp.attn;
+  const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, prob.batch, prob.heads_q, q);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k_cache, "k_cache"},
                                {&v_cache, "v_cache"},
@@ -160,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
   params.page_size = static_cast<int>(pp.block_size);
   params.num_pages = static_cast<int>(pp.num_blocks);
   params.seqlens_k = lens.data_ptr<int>();
+  glue::set_alibi(params.bias, slopes);
   glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "paged_fwd");
 
   if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));

@@ -38,8 +38,8 @@ def _check_one_device(*tensors):
 
 @torch.library.register_fake("fastattn::fwd")
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-              window_left, window_right, bottom_right, deterministic, softcap=0.0):
-    _check_one_device(q, k, v, cu_seqlens_q, cu_seqlens_k)
+              window_left, window_right, bottom_right, deterministic, softcap=0.0, alibi_slopes=None):
+    _check_one_device(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -48,8 +48,8 @@ def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 @torch.library.register_fake("fastattn::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               scale, causal, window_left, window_right, bottom_right, deterministic, softcap=0.0,
-              dlse=None):
-    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dlse)
+              dlse=None, alibi_slopes=None):
+    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dlse, alibi_slopes)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -73,13 +73,14 @@ def _bwd_partial_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
 @torch.library.register_fake("fastattn::bwd_into")
 def _bwd_into_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                    scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv,
-                   softcap=0.0, dlse=None):
-    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv, dlse)
+                   softcap=0.0, dlse=None, alibi_slopes=None):
+    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv, dlse,
+                      alibi_slopes)
     return None
 
 
 _FWD_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "causal",
-             "window_left", "window_right", "bottom_right", "deterministic", "softcap")
+             "window_left", "window_right", "bottom_right", "deterministic", "softcap", "alibi_slopes")
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -87,15 +88,17 @@ def _fwd_setup_context(ctx, inputs, output):
     out, lse = output
     args = dict(zip(_FWD_ARGS, rest))
     args.setdefault("softcap", 0.0)
-    ctx.save_for_backward(q, k, v, out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"])
+    slopes = args.pop("alibi_slopes", None)  # a tensor: saved as one
+    ctx.save_for_backward(q, k, v, out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"], slopes)
     ctx.args = args
     # Leave the gradient of an unused lse as None instead of a tensor of zeros.
     ctx.set_materialize_grads(False)
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = attention_backward(ctx.args, q, k, v, out, lse, cu_q, cu_k, dout, dlse)
+    q, k, v, out, lse, cu_q, cu_k, slopes = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dict(ctx.args, alibi_slopes=slopes), q, k, v, out, lse, cu_q, cu_k,
+                                    dout, dlse)
     return (dq, dk, dv) + (None,) * len(_FWD_ARGS)
 
 
@@ -110,7 +113,7 @@ def attention_backward(args, q, k, v, out, lse, cu_q, cu_k, dout, dlse, grads=No
     deterministic = a["deterministic"] or torch.are_deterministic_algorithms_enabled()
     common = (cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"], a["scale"], a["causal"],
               a["window_left"], a["window_right"], a["bottom_right"])
-    softcap = float(a.get("softcap", 0.0))
+    softcap, slopes = float(a.get("softcap", 0.0)), a.get("alibi_slopes")
     if dout is None:
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
@@ -118,10 +121,11 @@ def attention_backward(args, q, k, v, out, lse, cu_q, cu_k, dout, dlse, grads=No
         # need a contiguous last dim.
         dout = dout.contiguous()
     if grads is None:
-        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *common, deterministic, softcap, dlse)
+        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *common, deterministic, softcap, dlse, slopes)
     else:
         dq, dk, dv = grads
-        ops.bwd_into(dout, q, k, v, out, lse, *common, deterministic, dq, dk, dv, softcap, dlse)
+        ops.bwd_into(dout, q, k, v, out, lse, *common, deterministic, dq, dk, dv, softcap, dlse,
+                     slopes)
     return dq, dk, dv
 
 
@@ -131,16 +135,18 @@ torch.library.register_autograd("fastattn::fwd", _fwd_backward, setup_context=_f
 # ---------------------------------------------------------------- decode / merge / append
 @torch.library.register_fake("fastattn::decode")
 def _decode_fake(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale, causal,
-                 window_left, window_right, num_splits, softcap=0.0):
-    _check_one_device(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table)
+                 window_left, window_right, num_splits, softcap=0.0, alibi_slopes=None,
+                 cache_leftpad=None):
+    _check_one_device(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, alibi_slopes,
+                      cache_leftpad)
     B, Sq, Hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.register_fake("fastattn::paged_fwd")
 def _paged_fwd_fake(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, max_seqlen_q, scale,
-                    causal, window_left, window_right, softcap=0.0):
-    _check_one_device(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table)
+                    causal, window_left, window_right, softcap=0.0, alibi_slopes=None):
+    _check_one_device(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
 
 

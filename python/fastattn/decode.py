@@ -5,7 +5,8 @@ from typing import Optional
 import torch
 
 from ._ops import ops
-from .functional import _apply_sinks, _check_flash_dtype, _check_paged_block_size, _softcap, _window
+from .functional import (_alibi, _apply_sinks, _check_flash_dtype, _check_paged_block_size, _softcap,
+                         _window)
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
@@ -96,16 +97,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     windows align bottom-right (query Sq-1 sits at the last key). Rotary
     (rotary_cos/sin (S_ro, rotary_dim/2)) rotates k at its cache positions and q
     at cache_seqlens + i when causal or windowed, else at cache_seqlens.
-    num_splits: KV splits (0 = heuristic). Returns out, or (out, softmax_lse
+    num_splits: KV splits (0 = heuristic). cache_leftpad (B,) int32 (contiguous caches):
+    sequence b's keys start at cache position cache_leftpad[b] (left-padded batches; masks
+    and rotary positions count from there), as flash-attn's. Returns out, or (out, softmax_lse
     (B, Hq, Sq) float32) with return_softmax_lse. sinks (Hq,): attention sinks
     (gpt-oss), as in flash_attn_func. softcap > 0: scaled scores x -> softcap *
-    tanh(x / softcap), as in flash_attn_func.
+    tanh(x / softcap); alibi_slopes (Hq,) or (B, Hq): flash-attn's ALiBi; both as in
+    flash_attn_func.
     """
-    softcap = _softcap(softcap, alibi_slopes)
-    if alibi_slopes is not None:
-        raise NotImplementedError("fastattn: alibi_slopes is not supported yet")
-    if cache_leftpad is not None:
-        raise NotImplementedError("fastattn: cache_leftpad is not supported yet")
+    softcap = _softcap(softcap)
     if (k is None) != (v is None):
         raise ValueError("fastattn: pass both k and v, or neither")
     if (rotary_cos is None) != (rotary_sin is None):
@@ -127,8 +127,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     # Keys a sequence can hold: S_max, or max_blocks * block_size when paged.
     S_max = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
+    slopes = _alibi(alibi_slopes, scale)
     cache_seqlens = _as_int32(cache_seqlens, B, q.device, "cache_seqlens")
     cache_batch_idx = _as_int32(cache_batch_idx, B, q.device, "cache_batch_idx")
+    cache_leftpad = _as_int32(cache_leftpad, B, q.device, "cache_leftpad")
+    if cache_leftpad is not None and paged:
+        raise NotImplementedError("fastattn: cache_leftpad with a paged cache (block_table) is not "
+                                  "supported; pages already let sequences start anywhere")
 
     seqlens_k = cache_seqlens
     if k is not None:
@@ -140,9 +145,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                  else torch.zeros(B, dtype=torch.int32, device=q.device)).long()
         positions = start[:, None] + torch.arange(S_new, device=q.device)  # (B, S_new)
         if rotary_cos is not None:
-            k = _apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
-            q_pos = (start[:, None] + torch.arange(Sq, device=q.device)
-                     if (causal or left >= 0 or right >= 0) else start[:, None].expand(B, Sq))
+            # Rotary positions count from a sequence's first key (after its left padding).
+            first = start if cache_leftpad is None else start - cache_leftpad.long()
+            k = _apply_rotary(k, rotary_cos, rotary_sin, positions - (start - first)[:, None],
+                              rotary_interleaved)
+            q_pos = (first[:, None] + torch.arange(Sq, device=q.device)
+                     if (causal or left >= 0 or right >= 0) else first[:, None].expand(B, Sq))
             q = _apply_rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
         slots = _append_slots(positions, S_max, k_cache.shape[1], block_table, cache_batch_idx)
         ops.append_kv(k.reshape(B * S_new, *k.shape[2:]), v.reshape(B * S_new, *v.shape[2:]),
@@ -150,7 +158,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens_k = (start + S_new).to(torch.int32)
 
     out, lse = ops.decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale,
-                          bool(causal), left, right, int(num_splits), softcap)
+                          bool(causal), left, right, int(num_splits), softcap, slopes, cache_leftpad)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=False)
     return (out, lse) if return_softmax_lse else out

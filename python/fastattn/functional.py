@@ -229,14 +229,12 @@ def _sdpa_to_bshd(query, key, value):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), restore
 
 
-def _flash_unsupported(dropout_p, alibi_slopes):
+def _flash_unsupported(dropout_p):
     if dropout_p:
         raise NotImplementedError(f"fastattn: dropout_p={dropout_p} is not supported yet (use 0.0)")
-    if alibi_slopes is not None:
-        raise NotImplementedError("fastattn: alibi_slopes is not supported yet")
 
 
-def _softcap(softcap, alibi_slopes=None) -> float:
+def _softcap(softcap) -> float:
     """flash-attn's softcap: the scaled scores x become softcap * tanh(x / softcap) before
     the mask (Gemma 2's attn_logit_softcapping); 0 turns it off. Returns it as a float."""
     try:
@@ -245,9 +243,20 @@ def _softcap(softcap, alibi_slopes=None) -> float:
         raise ValueError(f"fastattn: softcap must be a number >= 0, got {softcap!r}") from None
     if not (c >= 0.0 and c != float("inf")):
         raise ValueError(f"fastattn: softcap must be a finite number >= 0 (0 turns it off), got {softcap!r}")
-    if c and alibi_slopes is not None:
-        raise NotImplementedError("fastattn: softcap together with alibi_slopes is not supported yet")
     return c
+
+
+def _alibi(slopes, scale):
+    """flash-attn's alibi_slopes, (nheads,) or (batch, nheads) floats on q's device (the ops
+    check shape and device): -slope * |i + seqlen_k - seqlen_q - j| joins the scaled score of
+    query i and key j, after the softcap, in every kernel (no gradient for the slopes)."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor) or not slopes.is_floating_point():
+        raise ValueError(f"fastattn: alibi_slopes must be a float tensor, got {type(slopes).__name__}")
+    if scale == 0:
+        raise ValueError("fastattn: alibi_slopes need a nonzero softmax_scale")
+    return slopes
 
 
 def _window(window_size) -> Tuple[int, int]:
@@ -255,38 +264,6 @@ def _window(window_size) -> Tuple[int, int]:
         raise ValueError(f"fastattn: window_size must be (left, right), got {window_size!r}")
     left, right = (int(w) for w in window_size)
     return left, right
-
-
-def _alibi_attention(q, k, v, slopes, scale, causal, left, right, deterministic):
-    """flash-attn's ALiBi, -slope_h * |i + Sk - Sq - j| on the scaled scores, for masks that
-    hide every key right of the (bottom-right) diagonal: there it is slope_h * (j - i) minus a
-    per-row constant, the in-kernel ALiBi of the block-sparse kernels; the constant leaves the
-    output unchanged and shifts the lse by -slope_h * (Sk - Sq), added back here. Runs
-    through fastattn.flex_attention with a structured (no bits) bottom-right mask."""
-    from .sparse import alibi
-    from .sparse.block_mask import MaskParams
-    from .sparse.build import _structured_mask
-    from .sparse.attention import flex_attention
-
-    Hq = q.shape[2]
-    if not isinstance(slopes, torch.Tensor) or not slopes.is_floating_point():
-        raise ValueError(f"fastattn: alibi_slopes must be a float tensor of shape ({Hq},)")
-    if slopes.dim() == 2:
-        raise NotImplementedError("fastattn: alibi_slopes of shape (batch, nheads) is not supported "
-                                  "yet; pass one slope per head, (nheads,)")
-    if slopes.shape != (Hq,):
-        raise ValueError(f"fastattn: alibi_slopes must have shape ({Hq},), got {tuple(slopes.shape)}")
-    if not (causal or right == 0):
-        raise NotImplementedError("fastattn: alibi_slopes needs causal=True (or window_size[1] == 0); "
-                                  "flash-attn's symmetric |i - j| bias for keys right of the diagonal "
-                                  "is not supported yet")
-    Sq, Sk = q.shape[1], k.shape[1]
-    mask = _structured_mask(1, 1, Sq, Sk, 128, MaskParams(left, 0, True), q.device)
-    slopes = slopes.to(device=q.device, dtype=torch.float32)
-    out, lse = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              score_mod=alibi(slopes), block_mask=mask, scale=scale,
-                              enable_gqa=k.shape[2] != Hq, return_lse=True, deterministic=deterministic)
-    return out.transpose(1, 2), lse - slopes.to(lse.dtype)[None, :, None] * (Sk - Sq)
 
 
 def _apply_sinks(out, lse, sinks, heads_dim_first):
@@ -341,19 +318,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softmax_lse is (batch, nheads, seqlen_q) float32. sinks (nheads,): attention
     sinks (gpt-oss), see _apply_sinks; softmax_lse then includes the sink.
     softcap > 0: scaled scores x -> softcap * tanh(x / softcap) (_softcap).
-    alibi_slopes (nheads,): flash-attn's ALiBi, with causal masks (_alibi_attention).
+    alibi_slopes (nheads,) or (batch, nheads): flash-attn's ALiBi (_alibi).
     """
-    _flash_unsupported(dropout_p, None)
-    softcap = _softcap(softcap, alibi_slopes)
+    _flash_unsupported(dropout_p)
+    softcap = _softcap(softcap)
     _check_flash_dtype(q)
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if alibi_slopes is not None:
-        out, lse = _alibi_attention(q, k, v, alibi_slopes, scale, bool(causal), left, right,
-                                    bool(deterministic))
-    else:
-        out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, True,
-                           bool(deterministic), softcap)
+    slopes = _alibi(alibi_slopes, scale)
+    out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, True,
+                       bool(deterministic), softcap, slopes)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=False)
     return (out, lse, None) if return_attn_probs else out
@@ -382,11 +356,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     decode kernel, anything else (prefill chunks mixed with decode rows) on the
     paged forward kernel in one launch. No backward on this path.
     """
-    _flash_unsupported(dropout_p, alibi_slopes)
+    _flash_unsupported(dropout_p)
     softcap = _softcap(softcap)
     _check_flash_dtype(q)
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
+    slopes = _alibi(alibi_slopes, scale)
     if block_table is not None:
         _check_paged_block_size(k)
         if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 2:
@@ -404,15 +379,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             # kernel would spend a 128-row tile per decode row (2-4x slower,
             # benchmarks/paged.py). Same mask (bottom-right), same result.
             out, lse = ops.decode(q.reshape(batch, sq, *q.shape[1:]), k, v, seqlens_k, None, block_table,
-                                  scale, bool(causal), left, right, 0, softcap)
+                                  scale, bool(causal), left, right, 0, softcap, slopes)
             out = out.reshape(q.shape)
             lse = lse.permute(1, 0, 2).reshape(q.shape[1], batch * sq)
         else:
             out, lse = ops.paged_fwd(q, k, v, cu_seqlens_q, seqlens_k, block_table, sq, scale,
-                                     bool(causal), left, right, softcap)
+                                     bool(causal), left, right, softcap, slopes)
     else:
         out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                           scale, bool(causal), left, right, True, bool(deterministic), softcap)
+                           scale, bool(causal), left, right, True, bool(deterministic), softcap, slopes)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=True)
     return (out, lse, None) if return_attn_probs else out

@@ -8,10 +8,24 @@ no stack of the gradients.
 import torch
 
 from ._ops import attention_backward, ops
-from .functional import _check_flash_dtype, _flash_unsupported, _softcap, _window
+from .functional import _alibi, _check_flash_dtype, _flash_unsupported, _softcap, _window
 
 _FWD_ARG_NAMES = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "causal",
-                  "window_left", "window_right", "bottom_right", "deterministic", "softcap")
+                  "window_left", "window_right", "bottom_right", "deterministic", "softcap",
+                  "alibi_slopes")
+
+
+def _save(ctx, tensors, fwd_args):
+    """Saves tensors plus the cu_seqlens and ALiBi slopes of fwd_args (tensors all);
+    the other arguments go to ctx.args."""
+    ctx.save_for_backward(*tensors, fwd_args[0], fwd_args[1], fwd_args[-1])
+    ctx.args = dict(zip(_FWD_ARG_NAMES[:-1], fwd_args[:-1]))
+    ctx.set_materialize_grads(False)
+
+
+def _saved(ctx):
+    *tensors, cu_q, cu_k, slopes = ctx.saved_tensors
+    return tensors, cu_q, cu_k, dict(ctx.args, alibi_slopes=slopes)
 
 
 def _check_packed(t, name, n, dense):
@@ -27,16 +41,14 @@ class _QKVPackedAttention(torch.autograd.Function):
     def forward(ctx, qkv, *fwd_args):
         q, k, v = qkv.unbind(-3)
         out, lse = ops.fwd(q, k, v, *fwd_args)
-        ctx.save_for_backward(qkv, out, lse, fwd_args[0], fwd_args[1])
-        ctx.args = dict(zip(_FWD_ARG_NAMES, fwd_args))
-        ctx.set_materialize_grads(False)
+        _save(ctx, (qkv, out, lse), fwd_args)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        qkv, out, lse, cu_q, cu_k = ctx.saved_tensors
+        (qkv, out, lse), cu_q, cu_k, args = _saved(ctx)
         dqkv = torch.empty_like(qkv)  # keeps qkv's strides: every slice stays kernel-writable
-        attention_backward(ctx.args, *qkv.unbind(-3), out, lse, cu_q, cu_k, dout, dlse,
+        attention_backward(args, *qkv.unbind(-3), out, lse, cu_q, cu_k, dout, dlse,
                            grads=dqkv.unbind(-3))
         return (dqkv,) + (None,) * len(_FWD_ARG_NAMES)
 
@@ -46,26 +58,24 @@ class _KVPackedAttention(torch.autograd.Function):
     def forward(ctx, q, kv, *fwd_args):
         k, v = kv.unbind(-3)
         out, lse = ops.fwd(q, k, v, *fwd_args)
-        ctx.save_for_backward(q, kv, out, lse, fwd_args[0], fwd_args[1])
-        ctx.args = dict(zip(_FWD_ARG_NAMES, fwd_args))
-        ctx.set_materialize_grads(False)
+        _save(ctx, (q, kv, out, lse), fwd_args)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, kv, out, lse, cu_q, cu_k = ctx.saved_tensors
+        (q, kv, out, lse), cu_q, cu_k, args = _saved(ctx)
         dq, dkv = torch.empty_like(q), torch.empty_like(kv)
-        attention_backward(ctx.args, q, *kv.unbind(-3), out, lse, cu_q, cu_k, dout, dlse,
+        attention_backward(args, q, *kv.unbind(-3), out, lse, cu_q, cu_k, dout, dlse,
                            grads=(dq, *dkv.unbind(-3)))
         return (dq, dkv) + (None,) * len(_FWD_ARG_NAMES)
 
 
 def _fwd_args(q, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, deterministic,
-              softcap):
+              softcap, alibi_slopes):
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
     return (cu_q, cu_k, int(max_q), int(max_k), scale, bool(causal), left, right, True,
-            bool(deterministic), _softcap(softcap))
+            bool(deterministic), _softcap(softcap), _alibi(alibi_slopes, scale))
 
 
 def _result(out, lse, return_attn_probs):
@@ -77,11 +87,11 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               deterministic=False, return_attn_probs=False):
     """flash_attn_func over qkv (batch, seqlen, 3, nheads, headdim); the gradient is one
     tensor shaped like qkv. Returns out, or (out, softmax_lse, None) with return_attn_probs."""
-    _flash_unsupported(dropout_p, alibi_slopes)
+    _flash_unsupported(dropout_p)
     _check_packed(qkv, "qkv", 3, dense=True)
     _check_flash_dtype(qkv)
     args = _fwd_args(qkv, None, None, 0, 0, softmax_scale, causal, window_size, deterministic,
-                     softcap)
+                     softcap, alibi_slopes)
     return _result(*_QKVPackedAttention.apply(qkv, *args), return_attn_probs)
 
 
@@ -89,11 +99,11 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                              deterministic=False, return_attn_probs=False):
     """flash_attn_func with kv (batch, seqlen_k, 2, nheads_k, headdim) packed (GQA/MQA allowed)."""
-    _flash_unsupported(dropout_p, alibi_slopes)
+    _flash_unsupported(dropout_p)
     _check_packed(kv, "kv", 2, dense=True)
     _check_flash_dtype(q)
     args = _fwd_args(q, None, None, 0, 0, softmax_scale, causal, window_size, deterministic,
-                     softcap)
+                     softcap, alibi_slopes)
     return _result(*_KVPackedAttention.apply(q, kv, *args), return_attn_probs)
 
 
@@ -103,11 +113,11 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      return_attn_probs=False):
     """flash_attn_varlen_func over qkv (total, 3, nheads, headdim) with one cu_seqlens
     (int32, batch + 1) for queries and keys."""
-    _flash_unsupported(dropout_p, alibi_slopes)
+    _flash_unsupported(dropout_p)
     _check_packed(qkv, "qkv", 3, dense=False)
     _check_flash_dtype(qkv)
     args = _fwd_args(qkv, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
-                     window_size, deterministic, softcap)
+                     window_size, deterministic, softcap, alibi_slopes)
     return _result(*_QKVPackedAttention.apply(qkv, *args), return_attn_probs)
 
 
@@ -116,9 +126,9 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                     deterministic=False, return_attn_probs=False):
     """flash_attn_varlen_func with kv (total_k, 2, nheads_k, headdim) packed."""
-    _flash_unsupported(dropout_p, alibi_slopes)
+    _flash_unsupported(dropout_p)
     _check_packed(kv, "kv", 2, dense=False)
     _check_flash_dtype(q)
     args = _fwd_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     causal, window_size, deterministic, softcap)
+                     causal, window_size, deterministic, softcap, alibi_slopes)
     return _result(*_KVPackedAttention.apply(q, kv, *args), return_attn_probs)

@@ -53,8 +53,11 @@ struct BlockSparseParams {
 // visited in-range pair to grad[b * gb + h * gh + i * gi + j * gj] (fp32,
 // zero-filled by the glue), with atomic adds when grad_accumulate (aliased
 // elements: the relative table's gradient).
-// ALiBi adds slopes[h * slope_stride] * (j - i) on top, computed in registers
-// (fixed slopes: no gradient).
+// ALiBi adds slope * (j - i) on top, slope = slopes[b * slope_batch_stride +
+// h * slope_stride], computed in registers (fixed slopes: no gradient); with
+// alibi_symmetric flash-attn's form -slope * |i + sk - sq - j| instead (per
+// sequence lengths sq, sk). Both are the same up to a per-row constant on
+// masks that hide every key right of the bottom-right diagonal.
 struct BiasParams {
   const float* ptr = nullptr;  // nullptr: no bias tensor
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
@@ -63,6 +66,8 @@ struct BiasParams {
   bool grad_accumulate = false;
   const float* slopes = nullptr;  // nullptr: no ALiBi
   int64_t slope_stride = 1;
+  int64_t slope_batch_stride = 0;
+  bool alibi_symmetric = false;
 #if defined(__CUDACC__)
   __host__ __device__
 #endif
@@ -142,7 +147,9 @@ struct FwdParams {
   // Block-sparse schedule (sparse_fwd: the forward lists; sparse_bwd: the
   // transposed ones). Dense kernels leave it empty. Not with varlen / paged.
   BlockSparseParams sparse;
-  BiasParams bias;  // sparse ops only (dense batches, scale > 0)
+  // The sparse ops' bias (dense batches, scale > 0); the dense ops use its
+  // ALiBi part alone (flash-attn's alibi_slopes, varlen and paged included).
+  BiasParams bias;
 };
 
 // Backward. Inputs as in FwdParams plus dout (same layout as out) and the

@@ -21,15 +21,39 @@ __device__ __forceinline__ float bias_at(const BiasParams& bp, int64_t off) {
   return __ldg(bp.ptr + off);
 }
 
-// The ALiBi slope of head h in raw-score units (0 without ALiBi).
-__device__ __forceinline__ float alibi_slope(const BiasParams& bp, int h, float inv_scale) {
-  return bp.slopes != nullptr ? __ldg(bp.slopes + h * bp.slope_stride) * inv_scale : 0.f;
+// The ALiBi slope of (sequence b, head h) in raw-score units (0 without ALiBi).
+__device__ __forceinline__ float alibi_slope(const BiasParams& bp, int b, int h, float inv_scale) {
+  return bp.slopes != nullptr
+             ? __ldg(bp.slopes + b * bp.slope_batch_stride + h * bp.slope_stride) * inv_scale
+             : 0.f;
+}
+
+// ALiBi of query row, key col (raw units): slope * (col - row), or flash-attn's
+// -slope * |col - row - (sk - sq)|.
+__device__ __forceinline__ float alibi_term(const BiasParams& bp, float slope, int row, int col,
+                                            int sq, int sk) {
+  return bp.alibi_symmetric ? -slope * fabsf(float(col - row - (sk - sq))) : slope * float(col - row);
 }
 
 template <int MT, int NT, int kRowStep = 16>
 __device__ __forceinline__ void add_bias_c(float (&s)[MT][NT][4], const BiasParams& bp, int b, int h,
                                            int row0, int col0, int sq, int sk, float inv_scale) {
-  const float slope = alibi_slope(bp, h, inv_scale);
+  const float slope = alibi_slope(bp, b, h, inv_scale);
+  if (bp.ptr == nullptr && bp.alibi_symmetric) {
+    // flash-attn's form: an add and an FMA (|x| is a free operand modifier).
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const float at_col0 = float(col0 - (row0 + mt * kRowStep + hh * 8) - (sk - sq));
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            s[mt][nt][hh * 2 + e] = fmaf(-slope, fabsf(at_col0 + float(nt * 8 + e)), s[mt][nt][hh * 2 + e]);
+      }
+    return;
+  }
   if (bp.ptr == nullptr) {
     // ALiBi alone: one FMA per score with a constant column offset (no int to
     // float conversion per element, no bounds tests: pairs outside the
@@ -60,7 +84,7 @@ __device__ __forceinline__ void add_bias_c(float (&s)[MT][NT][4], const BiasPara
         for (int e = 0; e < 2; ++e) {
           const int col = col0 + nt * 8 + e;
           if (col >= sk) continue;
-          s[mt][nt][hh * 2 + e] += slope * float(col - row) +
+          s[mt][nt][hh * 2 + e] += alibi_term(bp, slope, row, col, sq, sk) +
                                    bias_at(bp, rbase + int64_t(col) * bp.sj) * inv_scale;
         }
     }
@@ -70,7 +94,19 @@ template <int NT>
 __device__ __forceinline__ void add_bias_c_transposed(float (&s)[NT][4], const BiasParams& bp, int b,
                                                       int h, int key0, int q0, int sq, int sk,
                                                       float inv_scale) {
-  const float slope = alibi_slope(bp, h, inv_scale);
+  const float slope = alibi_slope(bp, b, h, inv_scale);
+  if (bp.ptr == nullptr && bp.alibi_symmetric) {  // as in add_bias_c: |key - q - (sk - sq)|
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const float at_q0 = float(key0 + hh * 8 - q0 - (sk - sq));
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          s[nt][hh * 2 + e] = fmaf(-slope, fabsf(at_q0 - float(nt * 8 + e)), s[nt][hh * 2 + e]);
+    }
+    return;
+  }
   if (bp.ptr == nullptr) {  // ALiBi alone, as in add_bias_c
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
@@ -93,7 +129,7 @@ __device__ __forceinline__ void add_bias_c_transposed(float (&s)[NT][4], const B
       for (int e = 0; e < 2; ++e) {
         const int q = q0 + nt * 8 + e;
         if (q >= sq) continue;
-        s[nt][hh * 2 + e] += slope * float(key - q) +
+        s[nt][hh * 2 + e] += alibi_term(bp, slope, q, key, sq, sk) +
                              bias_at(bp, base + int64_t(q) * bp.si + int64_t(key) * bp.sj) * inv_scale;
       }
   }

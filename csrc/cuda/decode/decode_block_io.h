@@ -87,8 +87,9 @@ __device__ __forceinline__ void allow_dependents() {
 // The sequence-level facts one CTA needs.
 struct DecodeSeq {
   int b;         // sequence (batch index)
-  int sk;        // keys of this sequence (clamped)
+  int sk;        // keys of this sequence (clamped; after its left padding)
   int cb;        // cache row it reads (contiguous cache)
+  int k0;        // its first key's position in that row (left padding)
 };
 
 __device__ __forceinline__ DecodeSeq decode_seq(const DecodeParams& p, int b) {
@@ -100,6 +101,12 @@ __device__ __forceinline__ DecodeSeq decode_seq(const DecodeParams& p, int b) {
     s.sk = v < 0 ? 0 : (v > p.seqlen_k_max ? p.seqlen_k_max : v);
   }
   s.cb = b;
+  s.k0 = 0;
+  if (p.cache_leftpad != nullptr) {
+    const int pad = p.cache_leftpad[b];
+    s.k0 = pad < 0 ? 0 : (pad > s.sk ? s.sk : pad);
+    s.sk -= s.k0;
+  }
   if (p.cache_batch_idx != nullptr) {
     s.cb = p.cache_batch_idx[b];
     if (s.cb < 0 || s.cb >= p.cache_batch) {  // invalid row: empty sequence, no reads
@@ -128,9 +135,9 @@ struct DecodeKvLoader<Traits, Elem, false> {
   __device__ __forceinline__ void init(const DecodeParams& p, const DecodeSeq& seq, int hk,
                                        int tid) {
     const Elem* k_base = static_cast<const Elem*>(p.k) + seq.cb * p.k_batch_stride +
-                         hk * p.k_head_stride;
+                         seq.k0 * p.k_row_stride + hk * p.k_head_stride;
     const Elem* v_base = static_cast<const Elem*>(p.v) + seq.cb * p.v_batch_stride +
-                         hk * p.v_head_stride;
+                         seq.k0 * p.v_row_stride + hk * p.v_head_stride;
     k.init(k_base, p.k_row_stride, p.head_dim, tid);
     v.init(v_base, p.v_row_stride, p.head_dim, tid);
     sk = seq.sk;
@@ -222,7 +229,7 @@ __device__ __forceinline__ char* decode_ring(char* smem) {
 // (boxes are always whole: rows past seqlen_k_max arrive zero-filled).
 template <typename Traits>
 __device__ __forceinline__ void decode_tma_issue(const DecodeParams& p, uint32_t ring, int slot,
-                                                 int block, int hk, int cb) {
+                                                 int block, int hk, int cb, int k0) {
   using KTile = typename Traits::KTile;
   const uint32_t bar = ring + p.stages * Traits::kStageBytes + 8 * slot;
   const uint32_t k_addr = ring + slot * Traits::kStageBytes;
@@ -231,10 +238,10 @@ __device__ __forceinline__ void decode_tma_issue(const DecodeParams& p, uint32_t
 #pragma unroll
   for (int box = 0; box < KTile::kBoxes; ++box) {
     const int c0 = box * KTile::kBoxCols;
-    ptx::tma_load_4d(k_addr + box * KTile::kBoxBytes, p.k_tma, c0, hk, block * Traits::kBlockN, cb,
-                     bar);
-    ptx::tma_load_4d(v_addr + box * KTile::kBoxBytes, p.v_tma, c0, hk, block * Traits::kBlockN, cb,
-                     bar);
+    ptx::tma_load_4d(k_addr + box * KTile::kBoxBytes, p.k_tma, c0, hk, k0 + block * Traits::kBlockN,
+                     cb, bar);
+    ptx::tma_load_4d(v_addr + box * KTile::kBoxBytes, p.v_tma, c0, hk, k0 + block * Traits::kBlockN,
+                     cb, bar);
   }
 }
 

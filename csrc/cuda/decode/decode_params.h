@@ -78,6 +78,13 @@ struct DecodeParams {
   float scale = 1.f;       // >= 0 (the glue folds a negative scale into q)
   float scale_log2 = 1.f;  // scale * log2(e)
   float softcap_in = 0.f, softcap_out = 0.f;  // as FwdParams (cuda/common/softcap.h)
+  // flash-attn's ALiBi: -slope * |i + sk - sq - j| on the scaled scores, slope =
+  // alibi_slopes[b * alibi_batch_stride + h] (float32; nullptr: none).
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
+  // Left padding (contiguous caches): sequence b's keys start at cache row
+  // cache_leftpad[b] (clamped into [0, its seqlens_k]); nullptr: at 0.
+  const int* cache_leftpad = nullptr;
   MaskParams mask;         // bottom_right is always true for decode
   ElemType dtype = ElemType::kFloat16;
   int num_sms = 0;

@@ -113,7 +113,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   if constexpr (kTma) {
     if (tid == 0) {
       for (int st = 0; st < stages - 1 && st < n_iters; ++st)
-        decode_tma_issue<Traits>(p, smem_base, st, blocks.begin + st, hk, seq.cb);
+        decode_tma_issue<Traits>(p, smem_base, st, blocks.begin + st, hk, seq.cb, seq.k0);
     }
   }
   // Q rows of this CTA. The TMA variant loads them straight into registers
@@ -126,7 +126,10 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
 
   // This thread's C-fragment rows (g and g + 8 of the warp's m16 tile) and
   // their visible key ranges; padding rows (>= m_end) see nothing.
+  // ALiBi (flash-attn's -slope * |i + sk - sq - j|): per row, the slope in
+  // raw-score units (its head is r % group) and the key at distance 0.
   int key_lo[2], key_hi[2];
+  float alibi_slope[2] = {0.f, 0.f}, alibi_diag[2] = {0.f, 0.f};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = m0 + wm * 16 + (lane >> 2) + 8 * h;
@@ -134,6 +137,11 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       const int i = fast_div(group, r);
       key_lo[h] = mask.key_begin(i);
       key_hi[h] = mask.key_end(i);
+      if (p.alibi_slopes != nullptr) {
+        const int head = hk * static_cast<int>(group.d) + (r - i * static_cast<int>(group.d));
+        alibi_slope[h] = __ldg(p.alibi_slopes + seq.b * p.alibi_batch_stride + head) / p.scale;
+        alibi_diag[h] = float(i + seq.sk - p.seqlen_q);
+      }
     } else {
       key_lo[h] = 0;
       key_hi[h] = 0;
@@ -204,7 +212,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       if constexpr (kTma) {
         __syncthreads();  // every warp is done with slot it - 1 (and Q)
         if (tid == 0 && nxt < n_iters)
-          decode_tma_issue<Traits>(p, smem_base, ns, blocks.begin + nxt, hk, seq.cb);
+          decode_tma_issue<Traits>(p, smem_base, ns, blocks.begin + nxt, hk, seq.cb, seq.k0);
         if (it == last_issue_it) allow_dependents();
         const uint32_t bar = smem_base + stages * Traits::kStageBytes + 8 * slot;
         ptx::mbar_wait(bar, (phases >> slot) & 1u);  // stage `it` landed
@@ -264,6 +272,17 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
         }
         const int c0 = key0 + c * kWarpKeys;
         if (p.softcap_in != 0.f) cap_scores(s, p.softcap_in, p.softcap_out);  // before the mask
+        if (p.alibi_slopes != nullptr) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float key = float(c0 + nt * 8 + col_lane + e);
+                s[0][nt][2 * h + e] = fmaf(-alibi_slope[h], fabsf(key - alibi_diag[h]), s[0][nt][2 * h + e]);
+              }
+        }
         if (c0 < full_lo || c0 + kWarpKeys > full_hi) {  // warp-uniform
 #pragma unroll
           for (int h = 0; h < 2; ++h)
