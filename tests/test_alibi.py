@@ -96,6 +96,35 @@ def test_alibi_flash_attn_func(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_alibi_far_keys_first(device):
+    """Long rows whose first key tiles lie far from the diagonal: their biased scores sit
+    far below any exp2 range (the online softmax must not rescale its empty start by
+    2^(+huge)), dense forward + backward and decode."""
+    dtype = _dtypes(device)[-1]
+    torch.manual_seed(4)
+    Sq, Sk, H, D = 3, 5000, 2, 64
+    q = torch.randn(1, Sq, H, D, device=device, dtype=dtype)
+    k, v = (torch.randn(1, Sk, H, D, device=device, dtype=dtype) for _ in range(2))
+    slopes = torch.tensor([0.5, 0.125], device=device)
+
+    def ours(q, k, v):
+        out, lse, _ = fastattn.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes,
+                                               return_attn_probs=True)
+        return out, lse
+
+    def ref(q, k, v, dtype):
+        return alibi_math(q, k, v, slopes, D ** -0.5, causal=True, dtype=dtype)
+
+    check(f"far {device}", ours, ref, (q, k, v), dtype)
+    out, lse = fastattn.flash_attn_with_kvcache(q, k, v, causal=True, alibi_slopes=slopes, num_splits=1,
+                                                return_softmax_lse=True)
+    r_o, r_l = alibi_math(q, k, v, slopes, D ** -0.5, causal=True)
+    b_o, b_l = alibi_math(q, k, v, slopes, D ** -0.5, causal=True, dtype=dtype)
+    assert_close_rule("far decode out", out, b_o, r_o, OUT_FACTOR)
+    assert_close_rule("far decode lse", lse, b_l, r_l, OUT_FACTOR)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_alibi_changes_the_result(device):
     dtype = _dtypes(device)[-1]
     q, k, v = (torch.randn(1, 40, 2, 64, device=device, dtype=dtype) for _ in range(3))

@@ -173,8 +173,13 @@ struct OnlineSoftmax {
     if (any_moved) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        factor[r] = ptx::ex2_approx(scaled_max(row_max[r], scale_log2) -
-                                    scaled_max(new_max[r], scale_log2));
+        // A row's first keys: nothing to rescale (sum and output are 0). The
+        // factor must not be 2^(-new max): with ALiBi or a large additive mask
+        // far keys score below -128 / scale_log2, and 2^(+huge) * 0 is NaN.
+        factor[r] = row_max[r] == neg_inf()
+                        ? 0.f
+                        : ptx::ex2_approx(scaled_max(row_max[r], scale_log2) -
+                                          scaled_max(new_max[r], scale_log2));
         row_sum[r] *= factor[r];
         row_max[r] = new_max[r];
       }

@@ -249,12 +249,8 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
 
         Step::modify_scores(s, p, blk, sched, i, n, b, h, row0, col_lane);
         float factor[2];
-        // With a softcap each score already costs one MUFU op (tanh), so half
-        // of the exponentials move to the FMA pipe (softmax.h exp2_fma).
         const bool rescale =
-            p.softcap_in != 0.f
-                ? softmax.template update_scores<2>(s, p.scale_log2, factor)
-                : softmax.template update_scores<Traits::kFmaExpEvery>(s, p.scale_log2, factor);
+            softmax.template update_scores<Traits::kFmaExpEvery>(s, p.scale_log2, factor);
         // Unconditional (a no-op at i = 0): behind a branch ptxas would assume
         // P V may still be running below and serialize every MMA.
         wgmma::wait<0>();
