@@ -112,3 +112,48 @@ def grads_in(dtype, fn, tensors, dout):
     leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
     out = fn(*leaves)
     return torch.autograd.grad(out, leaves, dout.to(dtype))
+
+
+def scored_attention_math(q, k, v, scale, causal=False, window=(-1, -1), dtype=torch.float64,
+                          softcap=0.0, alibi_slopes=None):
+    """flash-attn's score transforms over (B, S, H, D) inputs with bottom-right masks, in
+    `dtype`: the scaled score x becomes softcap * tanh(x / softcap) (softcap > 0), then gains
+    -slope * |i + Sk - Sq - j| (alibi_slopes (H,) or (B, H)). Returns (out, lse (B, H, Sq))."""
+    B, Sq, Hq, D = q.shape
+    Sk, group = k.shape[1], Hq // k.shape[2]
+    qd, kd, vd = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
+    kd, vd = kd.repeat_interleave(group, 1), vd.repeat_interleave(group, 1)
+    s = (qd * scale) @ kd.transpose(-1, -2)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        slopes = alibi_slopes.to(dtype).reshape(-1, Hq)[..., None, None]  # (1 | B, H, 1, 1)
+        s = s - slopes * (i + Sk - Sq - j).abs().to(dtype)
+    ok = visible_mask(Sq, Sk, causal, window, bottom_right=True, device=q.device)
+    s = s.masked_fill(~ok, -math.inf)
+    lse = torch.logsumexp(s.float() if dtype != torch.float64 else s, -1)
+    p = torch.softmax(s, -1).masked_fill(~ok.any(-1)[:, None], 0.0)
+    return (p @ vd).transpose(1, 2), lse
+
+
+def check_with_grads(name, run_ours, run_ref, inputs, dtype, grads=True):
+    """The rule on out and lse, then (grads) on the gradients of every input for a random
+    dout: run_ours(*leaves) -> (out, lse); run_ref(*leaves, dtype=...) -> (out, lse) is
+    evaluated on float64 leaves (the reference) and on leaves in `dtype` (the baseline)."""
+    fresh = lambda: [t.detach().clone().requires_grad_() for t in inputs]
+    ours_in, ref_in, base_in = fresh(), fresh(), fresh()
+    o, lse = run_ours(*ours_in)
+    r_o, r_lse = run_ref(*[x.double() for x in ref_in], dtype=torch.float64)
+    b_o, b_lse = run_ref(*base_in, dtype=dtype)
+    assert_close_rule(f"{name} out", o, b_o, r_o, OUT_FACTOR)
+    assert_close_rule(f"{name} lse", lse, b_lse, r_lse, OUT_FACTOR)
+    if not grads:
+        return
+    do = torch.randn_like(o)
+    g = torch.autograd.grad((o * do).sum(), ours_in)
+    r_g = torch.autograd.grad((r_o * do.double()).sum(), ref_in)
+    b_g = torch.autograd.grad((b_o * do.to(b_o.dtype)).sum(), base_in)
+    for i, (a, r, b) in enumerate(zip(g, r_g, b_g)):
+        assert_close_rule(f"{name} grad {i}", a, b, r, GRAD_FACTOR)

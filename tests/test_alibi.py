@@ -4,55 +4,16 @@ float64 with the 2x / 3x rule (forward, lse, gradients) for causal and
 non-causal masks, windows, GQA, Sq != Sk, per-head and per-(batch, head)
 slopes; varlen, packed, decode over contiguous and paged caches, paged
 prefill; bad slopes raise."""
-import math
-
 import pytest
 import torch
 
 import fastattn
 from conftest import DEVICES, DTYPES
-from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_rule, visible_mask
+from reference import OUT_FACTOR, assert_close_rule, check_with_grads as check, scored_attention_math
 
 
 def alibi_math(q, k, v, slopes, scale, causal=False, window=(-1, -1), dtype=torch.float64, softcap=0.0):
-    """(B, S, H, D) inputs; slopes (H,) or (B, H); bottom-right masks; (out, lse (B, H, Sq))."""
-    B, Sq, Hq, D = q.shape
-    Sk, group = k.shape[1], Hq // k.shape[2]
-    qd, kd, vd = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
-    kd, vd = kd.repeat_interleave(group, 1), vd.repeat_interleave(group, 1)
-    i = torch.arange(Sq, device=q.device)[:, None]
-    j = torch.arange(Sk, device=q.device)[None, :]
-    sl = slopes.to(dtype).reshape(-1, Hq)[..., None, None]  # (1 | B, H, 1, 1)
-    s = (qd * scale) @ kd.transpose(-1, -2)
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    s = s - sl * (i + Sk - Sq - j).abs().to(dtype)
-    ok = visible_mask(Sq, Sk, causal, window, bottom_right=True, device=q.device)
-    s = s.masked_fill(~ok, -math.inf)
-    lse = torch.logsumexp(s.float() if dtype != torch.float64 else s, -1)
-    p = torch.softmax(s, -1).masked_fill(~ok.any(-1)[:, None], 0.0)
-    return (p @ vd).transpose(1, 2), lse
-
-
-def leaves(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
-
-
-def check(name, run_ours, run_ref, inputs, dtype, grads=True):
-    ours_in, ref_in, base_in = leaves(*inputs), leaves(*inputs), leaves(*inputs)
-    o, lse = run_ours(*ours_in)
-    r_o, r_lse = run_ref(*[x.double() for x in ref_in], dtype=torch.float64)
-    b_o, b_lse = run_ref(*base_in, dtype=dtype)
-    assert_close_rule(f"{name} out", o, b_o, r_o, OUT_FACTOR)
-    assert_close_rule(f"{name} lse", lse, b_lse, r_lse, OUT_FACTOR)
-    if not grads:
-        return
-    do = torch.randn_like(o)
-    g = torch.autograd.grad((o * do).sum(), ours_in)
-    r_g = torch.autograd.grad((r_o * do.double()).sum(), ref_in)
-    b_g = torch.autograd.grad((b_o * do.to(b_o.dtype)).sum(), base_in)
-    for n, a, r, b in zip("qkv", g, r_g, b_g):
-        assert_close_rule(f"{name} d{n}", a, b, r, GRAD_FACTOR)
+    return scored_attention_math(q, k, v, scale, causal, window, dtype, softcap=softcap, alibi_slopes=slopes)
 
 
 def _dtypes(device):

@@ -10,7 +10,7 @@ import torch
 
 import fastattn
 from conftest import DEVICES, DTYPES
-from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_rule, visible_mask
+from reference import OUT_FACTOR, assert_close_rule, check_with_grads as check, visible_mask
 
 
 def sink_math(q, k, v, sinks, scale, causal=False, window=(-1, -1), dtype=torch.float64):
@@ -27,26 +27,6 @@ def sink_math(q, k, v, sinks, scale, causal=False, window=(-1, -1), dtype=torch.
     full = torch.cat([s, column], -1)
     p = torch.softmax(full, -1)[..., :Sk]
     return (p @ vd).transpose(1, 2), torch.logsumexp(full, -1)
-
-
-def leaves(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
-
-
-def check(name, run_ours, run_ref, inputs, dtype):
-    """Forward, lse and gradients of every input under the 2x / 3x rule."""
-    ours_in, ref_in, base_in = leaves(*inputs), leaves(*inputs), leaves(*inputs)
-    o, lse = run_ours(*ours_in)
-    r_o, r_lse = run_ref(*[x.double() for x in ref_in], dtype=torch.float64)
-    b_o, b_lse = run_ref(*base_in, dtype=dtype)
-    assert_close_rule(f"{name} out", o, b_o, r_o, OUT_FACTOR)
-    assert_close_rule(f"{name} lse", lse, b_lse, r_lse, OUT_FACTOR)
-    do = torch.randn_like(o)
-    g = torch.autograd.grad((o * do).sum(), ours_in)
-    r_g = torch.autograd.grad((r_o * do.double()).sum(), ref_in)
-    b_g = torch.autograd.grad((b_o * do.to(b_o.dtype)).sum(), base_in)
-    for i, (a, r, b) in enumerate(zip(g, r_g, b_g)):
-        assert_close_rule(f"{name} grad {i}", a, b, r, GRAD_FACTOR)
 
 
 @pytest.mark.parametrize("device", DEVICES)

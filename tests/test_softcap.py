@@ -5,53 +5,20 @@ precision: forward, lse and gradients on the dense, varlen and packed paths,
 an lse gradient (attention sinks) through the capped backward, and the
 inference paths (decode over a contiguous or paged cache, paged prefill).
 Inputs are scaled up so that the cap bends most scores."""
-import math
-
 import pytest
 import torch
 from torch.library import opcheck
 
 import fastattn
 from conftest import DEVICES, DTYPES
-from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_rule, max_err, random_qkv, visible_mask
+from reference import (OUT_FACTOR, assert_close_rule, check_with_grads as check, max_err, random_qkv,
+                       scored_attention_math)
 
 HEAD_DIMS = {"cpu": [64], "cuda": [32, 64, 96, 128, 192, 256]}
 
 
 def capped_math(q, k, v, scale, softcap, causal=False, window=(-1, -1), dtype=torch.float64):
-    """(B, S, H, D) inputs, bottom-right masks, computed in `dtype`; (out, lse (B, Hq, Sq))."""
-    B, Sq, Hq, D = q.shape
-    Sk, group = k.shape[1], Hq // k.shape[2]
-    qd, kd, vd = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
-    kd, vd = kd.repeat_interleave(group, 1), vd.repeat_interleave(group, 1)
-    s = (qd * scale) @ kd.transpose(-1, -2)
-    s = softcap * torch.tanh(s / softcap)
-    ok = visible_mask(Sq, Sk, causal, window, bottom_right=True, device=q.device)
-    s = s.masked_fill(~ok, -math.inf)
-    lse = torch.logsumexp(s.float() if dtype != torch.float64 else s, -1)
-    p = torch.softmax(s, -1).masked_fill(~ok.any(-1)[:, None], 0.0)
-    return (p @ vd).transpose(1, 2), lse
-
-
-def leaves(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
-
-
-def check(name, run_ours, run_ref, inputs, dtype, grads=True):
-    ours_in, ref_in, base_in = leaves(*inputs), leaves(*inputs), leaves(*inputs)
-    o, lse = run_ours(*ours_in)
-    r_o, r_lse = run_ref(*[x.double() for x in ref_in], dtype=torch.float64)
-    b_o, b_lse = run_ref(*base_in, dtype=dtype)
-    assert_close_rule(f"{name} out", o, b_o, r_o, OUT_FACTOR)
-    assert_close_rule(f"{name} lse", lse, b_lse, r_lse, OUT_FACTOR)
-    if not grads:
-        return
-    do = torch.randn_like(o)
-    g = torch.autograd.grad((o * do).sum(), ours_in)
-    r_g = torch.autograd.grad((r_o * do.double()).sum(), ref_in)
-    b_g = torch.autograd.grad((b_o * do.to(b_o.dtype)).sum(), base_in)
-    for i, (a, r, b) in enumerate(zip(g, r_g, b_g)):
-        assert_close_rule(f"{name} grad {i}", a, b, r, GRAD_FACTOR)
+    return scored_attention_math(q, k, v, scale, causal, window, dtype, softcap=softcap)
 
 
 def _dtypes(device):

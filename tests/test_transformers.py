@@ -217,6 +217,34 @@ def test_patched_sdpa_padded_generate_never_falls_back(device, monkeypatch):
     assert torch.equal(gen, ref)
 
 
+def _match_eager(cfg, device, grads_of, prepare=None):
+    """A random-weight model of cfg under "fastattn" against the same weights under
+    "eager": logits of a padded batch, then the gradients of the parameters whose names
+    grads_of accepts. Returns the eager model and the batch."""
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
+    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager")
+    if prepare is not None:
+        prepare(ours)
+    ref.load_state_dict(ours.state_dict())
+    dtype = _dtype(device)
+    ours.to(device=device, dtype=dtype)
+    ref.to(device=device, dtype=dtype)
+    ids, mask = _batch(device, [12, 7], 12)
+    lo = ours(input_ids=ids, attention_mask=mask).logits
+    lr = ref(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(lo[keep].float(), lr[keep].float(), **_tol(dtype))
+    lo[keep].float().square().mean().backward()
+    lr[keep].float().square().mean().backward()
+    checked = 0
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        if grads_of(name):
+            torch.testing.assert_close(a.grad.float(), b.grad.float(), **_tol(dtype), msg=name)
+            checked += 1
+    assert checked > 0
+    return ref, ids, mask
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gpt_oss_attention_sinks_match_eager(device):
     """A tiny random-weight gpt-oss (sinks per head, alternating sliding / full layers):
@@ -231,25 +259,12 @@ def test_gpt_oss_attention_sinks_match_eager(device):
                                     num_local_experts=1, num_experts_per_tok=1, sliding_window=6,
                                     layer_types=["sliding_attention", "full_attention"],
                                     max_position_embeddings=256, initializer_range=0.2)
-    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
-    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager")
-    with torch.no_grad():
-        for layer in ours.model.layers:
-            layer.self_attn.sinks.copy_(torch.randn_like(layer.self_attn.sinks) * 2)
-    ref.load_state_dict(ours.state_dict())
-    dtype = _dtype(device)
-    ours.to(device=device, dtype=dtype)
-    ref.to(device=device, dtype=dtype)
-    ids, mask = _batch(device, [12, 7], 12)
-    lo = ours(input_ids=ids, attention_mask=mask).logits
-    lr = ref(input_ids=ids, attention_mask=mask).logits
-    keep = mask.bool()
-    torch.testing.assert_close(lo[keep].float(), lr[keep].float(), **_tol(dtype))
-    lo[keep].float().square().mean().backward()
-    lr[keep].float().square().mean().backward()
-    for a, b in zip(ours.model.layers, ref.model.layers):
-        torch.testing.assert_close(a.self_attn.sinks.grad.float(), b.self_attn.sinks.grad.float(),
-                                   **_tol(dtype))
+    def random_sinks(model):
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.randn_like(layer.self_attn.sinks) * 2)
+
+    _match_eager(cfg, device, lambda name: name.endswith("sinks"), prepare=random_sinks)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -266,27 +281,15 @@ def test_gemma2_softcap_matches_eager(device):
                                     final_logit_softcapping=None, query_pre_attn_scalar=16,
                                     max_position_embeddings=256, initializer_range=0.5,
                                     attention_dropout=0.0)
-    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
-    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager")
-    ref.load_state_dict(ours.state_dict())
-    dtype = _dtype(device)
-    ours.to(device=device, dtype=dtype)
-    ref.to(device=device, dtype=dtype)
-    ids, mask = _batch(device, [12, 7], 12)
-    lo = ours(input_ids=ids, attention_mask=mask).logits
-    lr = ref(input_ids=ids, attention_mask=mask).logits
-    keep = mask.bool()
-    torch.testing.assert_close(lo[keep].float(), lr[keep].float(), **_tol(dtype))
-    lo[keep].float().square().mean().backward()
-    lr[keep].float().square().mean().backward()
-    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
-        if "self_attn" in name:
-            torch.testing.assert_close(a.grad.float(), b.grad.float(), **_tol(dtype), msg=name)
+    ref, ids, mask = _match_eager(cfg, device, lambda name: "self_attn" in name)
     # The cap matters for these weights: without it the logits move.
     plain = copy.deepcopy(cfg)
     plain.attn_logit_softcapping = None
     uncapped = transformers.AutoModelForCausalLM.from_config(plain, attn_implementation="eager")
     uncapped.load_state_dict(ref.state_dict())
-    uncapped.to(device=device, dtype=dtype)
-    lu = uncapped(input_ids=ids, attention_mask=mask).logits
+    uncapped.to(device=device, dtype=ref.dtype)
+    keep = mask.bool()
+    with torch.no_grad():
+        lu = uncapped(input_ids=ids, attention_mask=mask).logits
+        lr = ref(input_ids=ids, attention_mask=mask).logits
     assert (lu[keep].float() - lr[keep].float()).abs().max() > 0.05
