@@ -2,8 +2,8 @@
 scaled scores (after a softcap, when one is given), in every kernel: against
 float64 with the 2x / 3x rule (forward, lse, gradients) for causal and
 non-causal masks, windows, GQA, Sq != Sk, per-head and per-(batch, head)
-slopes; varlen, packed, decode over contiguous and paged caches, paged
-prefill; bad slopes raise."""
+slopes; varlen and packed; bad slopes raise. The inference paths (decode,
+paged prefill) are in test_kvcache_score_mods.py."""
 import pytest
 import torch
 
@@ -134,75 +134,6 @@ def test_alibi_varlen_and_packed(device):
         return alibi_math(*qkv.unbind(2), sl, D ** -0.5, causal=True, dtype=dtype)
 
     check(f"qkvpacked {device}", ours_packed, ref_packed, (qkv,), dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_alibi_kvcache_decode(device, paged):
-    dtype = _dtypes(device)[-1]
-    torch.manual_seed(2)
-    B, S_max, Hq, Hkv, D = 3, 320, 8, 2, 128
-    kc = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype)
-    vc = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype)
-    q = torch.randn(B, 3, Hq, D, device=device, dtype=dtype)
-    lens = torch.tensor([3, 299, 150], dtype=torch.int32, device=device)
-    slopes = _slopes(B, Hq, True, device)
-    kw = {}
-    caches = (kc, vc)
-    if paged:
-        bs = 16
-        table = torch.randperm(B * S_max // bs, device=device).view(B, S_max // bs).to(torch.int32)
-        kp = torch.empty(B * S_max // bs, bs, Hkv, D, device=device, dtype=dtype)
-        vp = torch.empty_like(kp)
-        kp[table.long().flatten()] = kc.reshape(-1, bs, Hkv, D)
-        vp[table.long().flatten()] = vc.reshape(-1, bs, Hkv, D)
-        caches, kw = (kp, vp), dict(block_table=table)
-    for causal in (True, False):
-        for splits in (1, 3):
-            out, lse = fastattn.flash_attn_with_kvcache(q, *caches, cache_seqlens=lens, causal=causal,
-                                                        alibi_slopes=slopes, softcap=4.0 if causal else 0.0,
-                                                        num_splits=splits, return_softmax_lse=True, **kw)
-            for b, n in enumerate(lens.tolist()):
-                args = (q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], slopes[b], D ** -0.5, causal)
-                extra = dict(softcap=4.0 if causal else 0.0)
-                r_o, r_l = alibi_math(*args, **extra)
-                b_o, b_l = alibi_math(*args, dtype=dtype, **extra)
-                name = f"decode b{b} causal {causal} splits {splits}"
-                assert_close_rule(f"{name} out", out[b:b + 1], b_o, r_o, OUT_FACTOR)
-                assert_close_rule(f"{name} lse", lse[b:b + 1], b_l, r_l, OUT_FACTOR)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_alibi_paged_prefill(device):
-    dtype = _dtypes(device)[-1]
-    torch.manual_seed(3)
-    Hq, Hkv, D, bs = 4, 2, 64, 16
-    lens_k, lens_q = [40, 100, 7], [40, 1, 5]
-    pages = sum((n + bs - 1) // bs for n in lens_k)
-    kp = torch.randn(pages, bs, Hkv, D, device=device, dtype=dtype)
-    vp = torch.randn_like(kp)
-    table = torch.zeros(3, max((n + bs - 1) // bs for n in lens_k), dtype=torch.int32)
-    at = 0
-    for b, n in enumerate(lens_k):
-        m = (n + bs - 1) // bs
-        table[b, :m] = torch.arange(at, at + m)
-        at += m
-    table = table.to(device)
-    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
-    q = torch.randn(sum(lens_q), Hq, D, device=device, dtype=dtype)
-    slopes = _slopes(3, Hq, True, device)
-    out, lse, _ = fastattn.flash_attn_varlen_func(q, kp, vp, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
-                                                  causal=True, alibi_slopes=slopes, block_table=table,
-                                                  return_attn_probs=True)
-    cq = cu(lens_q).tolist()
-    for b, n in enumerate(lens_k):
-        kk = kp[table[b].long()].reshape(-1, Hkv, D)[:n][None]
-        vv = vp[table[b].long()].reshape(-1, Hkv, D)[:n][None]
-        qq = q[cq[b]:cq[b + 1]][None]
-        r_o, r_l = alibi_math(qq, kk, vv, slopes[b], D ** -0.5, True)
-        b_o, b_l = alibi_math(qq, kk, vv, slopes[b], D ** -0.5, True, dtype=dtype)
-        assert_close_rule(f"paged out b{b}", out[cq[b]:cq[b + 1]][None], b_o, r_o, OUT_FACTOR)
-        assert_close_rule(f"paged lse b{b}", lse[:, cq[b]:cq[b + 1]][None], b_l, r_l, OUT_FACTOR)
 
 
 def test_alibi_bad_slopes_raise():

@@ -2,8 +2,8 @@
 scores x become c * tanh(x / c) before the mask. Against float64 math of the
 same definition, with the 2x / 3x rule against that math in the inputs'
 precision: forward, lse and gradients on the dense, varlen and packed paths,
-an lse gradient (attention sinks) through the capped backward, and the
-inference paths (decode over a contiguous or paged cache, paged prefill).
+and an lse gradient (attention sinks) through the capped backward. The
+inference paths (decode, paged prefill) are in test_kvcache_score_mods.py.
 Inputs are scaled up so that the cap bends most scores."""
 import pytest
 import torch
@@ -11,8 +11,7 @@ from torch.library import opcheck
 
 import fastattn
 from conftest import DEVICES, DTYPES
-from reference import (OUT_FACTOR, assert_close_rule, check_with_grads as check, max_err, random_qkv,
-                       scored_attention_math)
+from reference import check_with_grads as check, max_err, random_qkv, scored_attention_math
 
 HEAD_DIMS = {"cpu": [64], "cuda": [32, 64, 96, 128, 192, 256]}
 
@@ -133,74 +132,6 @@ def test_softcap_with_sinks_lse_gradient(device):
         return (out * w.to(out.dtype)), torch.logaddexp(lse, s.expand_as(lse))
 
     check(f"sinks {device}", ours, ref, (q, k, v, sinks), dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_kvcache_decode_softcap(device, paged):
-    dtype = _dtypes(device)[-1]
-    torch.manual_seed(2)
-    B, S_max, Hq, Hkv, D, c = 3, 320, 8, 2, 128, 2.5
-    kc = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype)
-    vc = torch.randn(B, S_max, Hkv, D, device=device, dtype=dtype)
-    q = torch.randn(B, 2, Hq, D, device=device, dtype=dtype) * 3
-    lens = torch.tensor([2, 299, 150], dtype=torch.int32, device=device)
-    kw = {}
-    if paged:
-        bs = 16
-        perm = torch.randperm(B * S_max // bs, device=device)
-        table = perm.view(B, S_max // bs).to(torch.int32)
-        kp = torch.empty(B * S_max // bs, bs, Hkv, D, device=device, dtype=dtype)
-        vp = torch.empty_like(kp)
-        kp[table.long().flatten()] = kc.reshape(B * S_max // bs, bs, Hkv, D)
-        vp[table.long().flatten()] = vc.reshape(B * S_max // bs, bs, Hkv, D)
-        caches, kw = (kp, vp), dict(block_table=table)
-    else:
-        caches = (kc, vc)
-    for splits in (1, 3):
-        out, lse = fastattn.flash_attn_with_kvcache(q, *caches, cache_seqlens=lens, causal=True, softcap=c,
-                                                    num_splits=splits, return_softmax_lse=True, **kw)
-        for b, n in enumerate(lens.tolist()):
-            args = (q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], D ** -0.5, c, True)
-            r_o, r_l = capped_math(*args)
-            b_o, b_l = capped_math(*args, dtype=dtype)
-            assert_close_rule(f"decode out b{b} splits {splits}", out[b:b + 1], b_o, r_o, OUT_FACTOR)
-            assert_close_rule(f"decode lse b{b} splits {splits}", lse[b:b + 1], b_l, r_l, OUT_FACTOR)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_paged_prefill_softcap(device):
-    """Prefill chunks mixed with a decode row over a paged cache (the paged_fwd path)."""
-    dtype = _dtypes(device)[-1]
-    torch.manual_seed(3)
-    Hq, Hkv, D, bs, c = 4, 2, 64, 16, 2.0
-    lens_k, lens_q = [40, 100, 7], [40, 1, 5]
-    pages = sum((n + bs - 1) // bs for n in lens_k)
-    kp = torch.randn(pages, bs, Hkv, D, device=device, dtype=dtype)
-    vp = torch.randn_like(kp)
-    width = max((n + bs - 1) // bs for n in lens_k)
-    table = torch.zeros(3, width, dtype=torch.int32)
-    at = 0
-    for b, n in enumerate(lens_k):
-        m = (n + bs - 1) // bs
-        table[b, :m] = torch.arange(at, at + m)
-        at += m
-    table = table.to(device)
-    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32,
-                                   device=device)
-    q = torch.randn(sum(lens_q), Hq, D, device=device, dtype=dtype) * 3
-    out, lse, _ = fastattn.flash_attn_varlen_func(q, kp, vp, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
-                                                  causal=True, softcap=c, block_table=table,
-                                                  return_attn_probs=True)
-    cq = cu(lens_q).tolist()
-    for b, n in enumerate(lens_k):
-        kk = kp[table[b].long()].reshape(-1, Hkv, D)[:n][None]
-        vv = vp[table[b].long()].reshape(-1, Hkv, D)[:n][None]
-        qq = q[cq[b]:cq[b + 1]][None]
-        r_o, r_l = capped_math(qq, kk, vv, D ** -0.5, c, True)
-        b_o, b_l = capped_math(qq, kk, vv, D ** -0.5, c, True, dtype=dtype)
-        assert_close_rule(f"paged out b{b}", out[cq[b]:cq[b + 1]][None], b_o, r_o, OUT_FACTOR)
-        assert_close_rule(f"paged lse b{b}", lse[:, cq[b]:cq[b + 1]][None], b_l, r_l, OUT_FACTOR)
 
 
 def test_softcap_opcheck():
