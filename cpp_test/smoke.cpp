@@ -193,11 +193,12 @@ int main() {
                    .findSchemaOrThrow("fastattn::merge_states", "")
                    .typed<MergeFn>();
   auto [full_out, full_lse] = fwd.call(q, k, v, std::nullopt, std::nullopt, 0, 0, scale, false,
-                                       -1, -1, false, false);
+                                       -1, -1, false, false, 0.0, std::nullopt);
   auto [oa, la] = fwd.call(q, k.narrow(1, 0, 20), v.narrow(1, 0, 20), std::nullopt, std::nullopt,
-                           0, 0, scale, false, -1, -1, false, false);
+                           0, 0, scale, false, -1, -1, false, false, 0.0, std::nullopt);
   auto [ob, lb] = fwd.call(q, k.narrow(1, 20, 33), v.narrow(1, 20, 33), std::nullopt,
-                           std::nullopt, 0, 0, scale, false, -1, -1, false, false);
+                           std::nullopt, 0, 0, scale, false, -1, -1, false, false, 0.0,
+                           std::nullopt);
   auto [merged, merged_lse] = merge.call(oa, la, ob, lb);
   ok &= check("merge_states out (fp32)", merged, full_out.to(at::kDouble), 1e-5);
   ok &= check("merge_states lse (fp32)", merged_lse, full_lse.to(at::kDouble), 1e-5);
@@ -209,7 +210,7 @@ int main() {
   // Bad input is an error, not a crash.
   try {
     fwd.call(q, k.narrow(2, 0, 1).expand({2, 53, 3, 64}), v, std::nullopt, std::nullopt, 0, 0,
-             scale, false, -1, -1, false, false);
+             scale, false, -1, -1, false, false, 0.0, std::nullopt);
     std::printf("bad GQA heads: no error FAIL\n");
     ok = false;
   } catch (const c10::Error& e) {
