@@ -9,6 +9,7 @@
     fastattn.unpad_input(...) / pad_input(...)   padded batch <-> varlen rows
     fastattn.merge_attention_states(...)         merge partial (out, lse) over disjoint key sets
     fastattn.PagedKVCache(...)                   paged KV cache: block pool, tables, fork/COW
+    fastattn.cascade_attention(...), cascade_tables(...)  shared-prefix attention over paged caches
     fastattn.explain(...)                        which path an SDPA call takes
     fastattn.flex_attention(...), BlockMask, create_block_mask   block-sparse attention
     fastattn.sparse                              sparse patterns, top-k block selection
@@ -33,6 +34,7 @@ from .packed import (
 )
 from .padding import pad_input, unpad_input
 from .paged import OutOfBlocks, PagedKVCache
+from .cascade import CascadeTables, cascade_attention, cascade_tables
 from . import distributed, linear, sparse
 from .sparse import BlockMask, create_block_mask, flex_attention
 from .patch import is_sdpa_patched, patch_sdpa, unpatch_sdpa
@@ -41,7 +43,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockMask",
+    "CascadeTables",
     "Route",
+    "cascade_attention",
+    "cascade_tables",
     "create_block_mask",
     "distributed",
     "flex_attention",
