@@ -105,8 +105,10 @@ def cascade_attention(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q: int, tabl
     (num_blocks, block_size, Hkv, D): the same result as flash_attn_varlen_func over the
     requests' full block tables, computed as the prefix part for all queries at once,
     the suffix parts, and their LSE merge. causal aligns each request's last query with
-    its last key (the prefix is wholly visible to every query). Inference only. Returns
-    out (total_q, Hq, D), or (out, lse (Hq, total_q) float32)."""
+    its last key (the prefix is wholly visible to every query). Inference only; no host
+    syncs or copies (tables are built once per step, reused by every layer), so a fixed
+    plan is CUDA-graph capturable. Returns out (total_q, Hq, D), or (out, lse (Hq, total_q)
+    float32)."""
     _check_flash_dtype(q)
     _check_paged_block_size(k_cache)
     softcap = _softcap(softcap)
@@ -128,7 +130,8 @@ def cascade_attention(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q: int, tabl
                                   tables.prefix_block_table, scale, False, -1, -1, 0, softcap)
         out_p, lse_p = out_p[0], lse_p[0]
     else:
-        cu_all = torch.tensor([0, total_q], dtype=torch.int32, device=q.device)
+        # [0, total_q] from cu_seqlens_q on the device (no host-to-device copy: capturable).
+        cu_all = cu_seqlens_q[::max(1, cu_seqlens_q.numel() - 1)].contiguous()
         out_p, lse_p = ops.paged_fwd(q, k_cache, v_cache, cu_all, tables.prefix_lens,
                                      tables.prefix_block_table, total_q, scale, False, -1, -1, softcap)
     out_s, lse_s, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q, tables.cu_suffix_lens,
