@@ -54,17 +54,21 @@ def attention_math(q, k, v, scale, causal=False, window=(-1, -1), bottom_right=F
     return out, lse
 
 
-def attention_math_varlen(q, k, v, cu_q, cu_k, scale, **mask):
-    """Per-sequence attention_math over a ragged batch; returns (out, lse (H, total_q))."""
+def per_sequence(math, q, k, v, cu_q, cu_k):
+    """A dense reference math(b, q, k, v) -> (out, lse) over each sequence b of a ragged
+    batch ((1, S, H, D) slices); returns (out (total_q, H, D), lse (H, total_q))."""
     outs, lses = [], []
     for b in range(len(cu_q) - 1):
-        qs = q[cu_q[b]:cu_q[b + 1]].unsqueeze(0)
-        ks = k[cu_k[b]:cu_k[b + 1]].unsqueeze(0)
-        vs = v[cu_k[b]:cu_k[b + 1]].unsqueeze(0)
-        o, l = attention_math(qs, ks, vs, scale, **mask)
+        o, l = math(b, q[cu_q[b]:cu_q[b + 1]].unsqueeze(0), k[cu_k[b]:cu_k[b + 1]].unsqueeze(0),
+                    v[cu_k[b]:cu_k[b + 1]].unsqueeze(0))
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def attention_math_varlen(q, k, v, cu_q, cu_k, scale, **mask):
+    """Per-sequence attention_math over a ragged batch; returns (out, lse (H, total_q))."""
+    return per_sequence(lambda b, *t: attention_math(*t, scale, **mask), q, k, v, cu_q, cu_k)
 
 
 def max_err(x, ref):

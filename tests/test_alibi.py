@@ -9,7 +9,7 @@ import torch
 
 import fastattn
 from conftest import DEVICES, DTYPES
-from reference import OUT_FACTOR, assert_close_rule, check_with_grads as check, scored_attention_math
+from reference import OUT_FACTOR, assert_close_rule, check_with_grads as check, per_sequence, scored_attention_math
 
 
 def alibi_math(q, k, v, slopes, scale, causal=False, window=(-1, -1), dtype=torch.float64, softcap=0.0):
@@ -113,14 +113,8 @@ def test_alibi_varlen_and_packed(device):
         return out, lse
 
     def ref(q, k, v, dtype):
-        outs, lses = [], []
-        for b in range(3):
-            qs = q[cu_q[b]:cu_q[b + 1]].unsqueeze(0)
-            ks, vs = k[cu_k[b]:cu_k[b + 1]].unsqueeze(0), v[cu_k[b]:cu_k[b + 1]].unsqueeze(0)
-            o, l = alibi_math(qs, ks, vs, slopes[b], D ** -0.5, dtype=dtype)
-            outs.append(o[0])
-            lses.append(l[0])
-        return torch.cat(outs, 0), torch.cat(lses, 1)
+        return per_sequence(lambda b, *t: alibi_math(*t, slopes[b], D ** -0.5, dtype=dtype), q, k, v,
+                            cu_q.tolist(), cu_k.tolist())
 
     check(f"varlen {device}", ours, ref, (q, k, v), dtype)
 

@@ -11,7 +11,7 @@ from torch.library import opcheck
 
 import fastattn
 from conftest import DEVICES, DTYPES
-from reference import check_with_grads as check, max_err, random_qkv, scored_attention_math
+from reference import check_with_grads as check, max_err, per_sequence, random_qkv, scored_attention_math
 
 HEAD_DIMS = {"cpu": [64], "cuda": [32, 64, 96, 128, 192, 256]}
 
@@ -83,14 +83,8 @@ def test_varlen_softcap(device):
         return out, lse
 
     def ref(q, k, v, dtype):
-        outs, lses = [], []
-        for b in range(3):
-            qs = q[cu_q[b]:cu_q[b + 1]].unsqueeze(0)
-            ks, vs = k[cu_k[b]:cu_k[b + 1]].unsqueeze(0), v[cu_k[b]:cu_k[b + 1]].unsqueeze(0)
-            o, l = capped_math(qs, ks, vs, D ** -0.5, c, True, dtype=dtype)
-            outs.append(o[0])
-            lses.append(l[0])
-        return torch.cat(outs, 0), torch.cat(lses, 1)
+        return per_sequence(lambda b, *t: capped_math(*t, D ** -0.5, c, True, dtype=dtype), q, k, v,
+                            cu_q.tolist(), cu_k.tolist())
 
     check(f"varlen {device}", ours, ref, (q, k, v), dtype)
 
@@ -157,3 +151,11 @@ def test_bad_softcap_raises_in_the_op():
     q, k, v = random_qkv(1, 4, 4, 2, 2, 16, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="softcap"):
         torch.ops.fastattn.fwd(q, k, v, None, None, 0, 0, 0.25, False, -1, -1, True, False, -1.0)
+
+
+def test_bad_lse_gradient_raises_in_the_op():
+    q, k, v = random_qkv(1, 4, 4, 2, 2, 16, torch.float32, "cpu")
+    args = (None, None, 0, 0, 0.25, False, -1, -1, True, False)
+    out, lse = torch.ops.fastattn.fwd(q, k, v, *args)
+    with pytest.raises(RuntimeError, match="dlse must have lse's shape"):
+        torch.ops.fastattn.bwd(torch.randn_like(out), q, k, v, out, lse, *args, 0.0, torch.zeros(1, 2, 3))

@@ -81,6 +81,7 @@ void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, cons
 
   at::parallel_for(0, p.batch * p.heads_kv * row_blocks * splits, 1, [&](int64_t begin, int64_t end) {
     RowBlockState<acc_t> st(D);
+    std::vector<DenseScoreMods<acc_t>> row_mods(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task % splits;
       const int64_t rb = (task / splits) % row_blocks;
@@ -103,13 +104,13 @@ void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, cons
       };
       auto k_row = [&](int64_t j) { return kv.k(b, j, hk); };
       auto v_row = [&](int64_t j) { return kv.v(b, j, hk); };
-      // Score transforms per packed row (its head picks the ALiBi slope).
-      auto mods = [&](int64_t r, int64_t j, acc_t x) {
-        const DenseScoreMods<acc_t> m{static_cast<acc_t>(p.softcap),
-                                      DenseScoreMods<acc_t>::slope_of(slopes, b, head_of(r)),
-                                      static_cast<acc_t>(sk - Sq)};
-        return m(query_of(r), j, x);
-      };
+      // Score transforms per packed row (its head picks the ALiBi slope), set up once
+      // per task rather than per score.
+      for (int64_t r = 0; r < rows; ++r) {
+        row_mods[r] = {static_cast<acc_t>(p.softcap), DenseScoreMods<acc_t>::slope_of(slopes, b, head_of(r)),
+                       static_cast<acc_t>(sk - Sq)};
+      }
+      auto mods = [&](int64_t r, int64_t j, acc_t x) { return row_mods[r](query_of(r), j, x); };
       const bool plain = p.softcap == 0 && !slopes.defined();
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
         if (plain) {
