@@ -67,7 +67,7 @@ inline KeyRange visible_keys(const AttnProblem& p, int64_t i, int64_t sq, int64_
 // The dense ops' score transforms of one (sequence, head), applied to a
 // scaled score x of query i, key j, in flash-attn's order: the softcap
 // (x -> c tanh(x / c)), then ALiBi (-slope * |i + sk - sq - j|). slope() reads
-// checked_alibi_slopes' tensor (undefined: 0). d() is dx'/dx of the cap.
+// checked_alibi_slopes' tensor (undefined: 0). With dcap, also dx'/dx of the cap.
 template <typename acc_t>
 struct DenseScoreMods {
   acc_t softcap = 0, slope = 0, diag_offset = 0;  // diag_offset = sk - sq
@@ -77,16 +77,16 @@ struct DenseScoreMods {
     const float* s = slopes.data_ptr<float>();
     return static_cast<acc_t>(slopes.dim() == 2 ? s[b * slopes.size(1) + h] : s[h]);
   }
-  acc_t operator()(int64_t i, int64_t j, acc_t x) const {
-    if (softcap > acc_t(0)) x = softcap * std::tanh(x / softcap);
+  acc_t operator()(int64_t i, int64_t j, acc_t x, acc_t* dcap = nullptr) const {
+    if (softcap > acc_t(0)) {
+      const acc_t t = std::tanh(x / softcap);
+      x = softcap * t;
+      if (dcap != nullptr) *dcap = 1 - t * t;
+    } else if (dcap != nullptr) {
+      *dcap = 1;
+    }
     if (slope != acc_t(0)) x -= slope * std::abs(static_cast<acc_t>(j - i) - diag_offset);
     return x;
-  }
-  // The cap's slope at the uncapped x (1 without a cap).
-  acc_t d(acc_t x) const {
-    if (softcap <= acc_t(0)) return 1;
-    const acc_t t = std::tanh(x / softcap);
-    return 1 - t * t;
   }
 };
 

@@ -109,9 +109,9 @@ void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
             acc_t* dq_row = &dq_acc[(g * sp.sq + i) * D];
             for (int64_t c = c_lo; c < c_hi; ++c) {
               // The cap's slope in x carries dS back to the uncapped score.
-              const acc_t x = s[c] * scale;
-              const acc_t pc = std::exp(mods(i, j0 + c, x) - row_lse);
-              const acc_t ds = pc * (dp[c] - row_delta) * mods.d(x) * scale;
+              acc_t dcap;
+              const acc_t pc = std::exp(mods(i, j0 + c, s[c] * scale, &dcap) - row_lse);
+              const acc_t ds = pc * (dp[c] - row_delta) * dcap * scale;
               acc_t* dv_c = &dv_acc[c * D];
               acc_t* dk_c = &dk_acc[c * D];
               for (int64_t x = 0; x < D; ++x) {
