@@ -88,3 +88,16 @@ def test_partial_ops_opcheck():
     opcheck(torch.ops.fastattn.fwd_partial.default, (q, k, v, *args))
     out, lse = ops.fwd(q, k, v, *args, False)
     opcheck(torch.ops.fastattn.bwd_partial.default, (do, q, k, v, out, lse, *args, False))
+
+
+def test_partial_ops_bad_input_raises():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, do = _inputs("cpu", torch.bfloat16, 1, 9, 2, 2, 16, gen)
+    args = (None, None, 0, 0, 0.25, False, -1, -1, True)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ops.fwd_partial(q, k.float(), v, *args)
+    out, lse = ops.fwd(q, k, v, *args, False)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ops.bwd_partial(do.half(), q, k, v, out, lse, *args, False)
+    with pytest.raises(RuntimeError, match="k and v must have the same shape"):
+        ops.fwd_partial(q, k[:, :, :1].expand(1, 9, 3, 16), v, *args)
