@@ -20,7 +20,8 @@ TORCH_LIBRARY(fastattn, m) {
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, int window_left, "
       "int window_right, bool bottom_right, bool deterministic, float softcap=0.0, "
-      "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
+      "Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? rng_state=None) "
+      "-> (Tensor out, Tensor lse)");
   // Gradients of fwd given dout, recomputing the probabilities from lse.
   // deterministic=True makes dq bitwise reproducible (no float atomics).
   // dlse: the gradient of the returned lse (None: zero), folded in as
@@ -29,8 +30,8 @@ TORCH_LIBRARY(fastattn, m) {
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "float scale, bool causal, int window_left, int window_right, bool bottom_right, "
-      "bool deterministic, float softcap=0.0, Tensor? dlse=None, Tensor? alibi_slopes=None) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "bool deterministic, float softcap=0.0, Tensor? dlse=None, Tensor? alibi_slopes=None, "
+      "float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // The same gradients written into caller-provided dq, dk, dv (q's, k's and
   // v's shapes and dtype, any strides with a contiguous last dim), e.g. the
   // three slices of one packed dqkv, so packed inputs get their gradient
@@ -40,7 +41,27 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "float scale, bool causal, int window_left, int window_right, bool bottom_right, "
       "bool deterministic, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, float softcap=0.0, "
-      "Tensor? dlse=None, Tensor? alibi_slopes=None) -> ()");
+      "Tensor? dlse=None, Tensor? alibi_slopes=None, float dropout_p=0.0, "
+      "Tensor? rng_state=None) -> ()");
+
+  // Attention dropout. dropout_p > 0 in fwd / bwd / bwd_into drops each
+  // probability of P with that probability (quantized to a multiple of
+  // 1/256) and scales the kept ones by the inverse of the keep probability
+  // used; which pairs are dropped is a pure function of rng_state (seed,
+  // offset) and the pair's (batch, head, row, column): the backward given the
+  // forward's rng_state regenerates the same mask, nothing is stored
+  // (csrc/cuda/common/dropout.h has the exact rule). dropout_seed draws a
+  // fresh (seed, offset) int64 (2,) tensor on like's device from torch's
+  // default generator, reserving `increment` Philox offsets (batch * heads_q
+  // for one attention call); on CUDA a kernel writes it, so a captured graph
+  // draws new values at every replay.
+  m.def("dropout_seed(Tensor like, int increment) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
+  // The keep mask of one call as a bool (batch, heads, seqlen_q, seqlen_k)
+  // tensor (row i, column j of sequence b; varlen sequences use the top-left
+  // corner): a testing aid and the source of return_attn_probs' dropped entries.
+  m.def("dropout_mask(Tensor rng_state, int batch, int heads, int seqlen_q, int seqlen_k, "
+        "float dropout_p) -> Tensor");
 
   // fwd and bwd for one part of the keys whose results are merged or summed
   // later (ring attention): the same arguments, but out and the gradients come

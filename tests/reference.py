@@ -119,10 +119,12 @@ def grads_in(dtype, fn, tensors, dout):
 
 
 def scored_attention_math(q, k, v, scale, causal=False, window=(-1, -1), dtype=torch.float64,
-                          softcap=0.0, alibi_slopes=None):
+                          softcap=0.0, alibi_slopes=None, keep=None, keep_scale=1.0):
     """flash-attn's score transforms over (B, S, H, D) inputs with bottom-right masks, in
     `dtype`: the scaled score x becomes softcap * tanh(x / softcap) (softcap > 0), then gains
-    -slope * |i + Sk - Sq - j| (alibi_slopes (H,) or (B, H)). Returns (out, lse (B, H, Sq))."""
+    -slope * |i + Sk - Sq - j| (alibi_slopes (H,) or (B, H)). Dropout: keep (B, H, Sq, Sk) bool
+    multiplies P by keep * keep_scale before P V (the lse is of the undropped scores).
+    Returns (out, lse (B, H, Sq))."""
     B, Sq, Hq, D = q.shape
     Sk, group = k.shape[1], Hq // k.shape[2]
     qd, kd, vd = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
@@ -139,6 +141,8 @@ def scored_attention_math(q, k, v, scale, causal=False, window=(-1, -1), dtype=t
     s = s.masked_fill(~ok, -math.inf)
     lse = torch.logsumexp(s.float() if dtype != torch.float64 else s, -1)
     p = torch.softmax(s, -1).masked_fill(~ok.any(-1)[:, None], 0.0)
+    if keep is not None:
+        p = p * (keep.to(dtype) * keep_scale)
     return (p @ vd).transpose(1, 2), lse
 
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "cpu/dropout_cpu.h"
 #include "cpu/flash_cpu.h"
 
 namespace fastattn::cpu {
@@ -24,7 +25,7 @@ template <typename scalar_t>
 void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
               const at::Tensor& lse, const at::Tensor& dlse, const at::Tensor& slopes,
-              const int32_t* cu_q,
+              const CpuDropout& drop, const int32_t* cu_q,
               const int32_t* cu_k, at::Tensor& dq,
               at::Tensor& dk, at::Tensor& dv) {
   using acc_t = acc_type_t<scalar_t>;
@@ -86,6 +87,7 @@ void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
           const DenseScoreMods<acc_t> mods{static_cast<acc_t>(p.softcap),
                                            DenseScoreMods<acc_t>::slope_of(slopes, b, h),
                                            static_cast<acc_t>(sp.sk - sp.sq)};
+          const DropoutStream stream = drop.stream(b * p.heads_q + h);
           for (int64_t i = 0; i < sp.sq; ++i) {
             const KeyRange kr = visible_keys(p, i, sp.sq, sp.sk);
             const int64_t c_lo = std::max<int64_t>(kr.lo - j0, 0);
@@ -111,11 +113,15 @@ void bwd_impl(const AttnProblem& p, const at::Tensor& dout, const at::Tensor& q,
               // The cap's slope in x carries dS back to the uncapped score.
               acc_t dcap;
               const acc_t pc = std::exp(mods(i, j0 + c, s[c] * scale, &dcap) - row_lse);
-              const acc_t ds = pc * (dp[c] - row_delta) * dcap * scale;
+              // Dropout: out saw P * z (z = 0 or 1 / keep), so dV takes P * z and
+              // dP becomes dP * z; D = rowsum(dO * out) already holds the dropped out.
+              const acc_t z = drop.on ? drop.weight<acc_t>(stream, i, j0 + c) : acc_t(1);
+              const acc_t ds = pc * (dp[c] * z - row_delta) * dcap * scale;
+              const acc_t pz = pc * z;
               acc_t* dv_c = &dv_acc[c * D];
               acc_t* dk_c = &dk_acc[c * D];
               for (int64_t x = 0; x < D; ++x) {
-                dv_c[x] += pc * do_row[x];
+                dv_c[x] += pz * do_row[x];
                 dk_c[x] += ds * q_row[x];
                 dq_row[x] += ds * kt[x * kBlockK + c];
               }
@@ -153,7 +159,8 @@ void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   int64_t window_right, bool bottom_right, bool deterministic,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                   double softcap, const std::optional<at::Tensor>& dlse,
-                  const std::optional<at::Tensor>& alibi_slopes) {
+                  const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                  const std::optional<at::Tensor>& rng_state) {
   // The CPU backward is deterministic whatever the flag: each dQ row is owned
   // by one task and summed in a fixed order.
   (void)deterministic;
@@ -175,8 +182,9 @@ void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
   at::Tensor dq_w = dq, dk_w = dk, dv_w = dv;
   const at::Tensor dl = checked_dlse(dlse, lse);
   const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, p.batch, p.heads_q, q);
+  const CpuDropout drop = CpuDropout::make(dropout_p, checked_dropout(dropout_p, rng_state, q));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_bwd_cpu", [&] {
-    bwd_impl<scalar_t>(p, dout, q, k, v, out, lse, dl, slopes, cu_q, cu_k, dq_w, dk_w, dv_w);
+    bwd_impl<scalar_t>(p, dout, q, k, v, out, lse, dl, slopes, drop, cu_q, cu_k, dq_w, dk_w, dv_w);
   });
 }
 
@@ -186,13 +194,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     bool deterministic, double softcap, const std::optional<at::Tensor>& dlse,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   bwd_into_cpu(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv,
-               softcap, dlse, alibi_slopes);
+               softcap, dlse, alibi_slopes, dropout_p, rng_state);
   return {dq, dk, dv};
 }
 

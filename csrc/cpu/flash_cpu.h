@@ -15,7 +15,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            double scale, bool causal, int64_t window_left,
                                            int64_t window_right, bool bottom_right,
                                            bool deterministic, double softcap = 0.0,
-                                           const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+                                           const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                                           double dropout_p = 0.0,
+                                           const std::optional<at::Tensor>& rng_state = std::nullopt);
 
 std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache,
@@ -33,7 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     bool deterministic, double softcap = 0.0, const std::optional<at::Tensor>& dlse = std::nullopt,
-    const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+    const std::optional<at::Tensor>& alibi_slopes = std::nullopt, double dropout_p = 0.0,
+    const std::optional<at::Tensor>& rng_state = std::nullopt);
 
 // fwd_partial / bwd_partial (partial_cpu.cpp): results in float32 for 16-bit inputs.
 std::tuple<at::Tensor, at::Tensor> fwd_partial_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -61,6 +64,8 @@ void bwd_into_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   int64_t window_right, bool bottom_right, bool deterministic,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                   double softcap = 0.0, const std::optional<at::Tensor>& dlse = std::nullopt,
-                  const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+                  const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                  double dropout_p = 0.0,
+                  const std::optional<at::Tensor>& rng_state = std::nullopt);
 
 }  // namespace fastattn::cpu

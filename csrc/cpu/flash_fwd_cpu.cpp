@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "cpu/dropout_cpu.h"
 #include "cpu/flash_cpu.h"
 #include "cpu/kv_rows_cpu.h"
 #include "cpu/online_softmax_cpu.h"
@@ -22,7 +23,7 @@ namespace {
 // dense (B, Sq, ...) or varlen by cu_q.
 template <typename scalar_t, typename Kv>
 void fwd_impl(const AttnProblem& p, const at::Tensor& q, const Kv& kv, const int32_t* cu_q,
-              const at::Tensor& slopes, at::Tensor& out, at::Tensor& lse) {
+              const at::Tensor& slopes, const CpuDropout& drop, at::Tensor& out, at::Tensor& lse) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t q_tiles = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
@@ -56,9 +57,14 @@ void fwd_impl(const AttnProblem& p, const at::Tensor& q, const Kv& kv, const int
                                  DenseScoreMods<acc_t>::slope_of(slopes, b, h),
                                  static_cast<acc_t>(sk - sq)};
       const bool plain = mods.softcap == 0 && mods.slope == 0;
+      const DropoutStream stream = drop.stream(b * p.heads_q + h);
       for (int64_t j0 = (k_lo / kBlockK) * kBlockK; j0 < k_hi; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, sk - j0);
-        if (plain) {
+        if (drop.on) {
+          st.visit(j0, cols, k_row, v_row, range, scale,
+                   [&](int64_t r, int64_t j, acc_t x) { return mods(i0 + r, j, x); },
+                   [&](int64_t r, int64_t j) { return drop.weight<acc_t>(stream, i0 + r, j); });
+        } else if (plain) {
           st.visit(j0, cols, k_row, v_row, range, scale);
         } else {
           st.visit(j0, cols, k_row, v_row, range, scale,
@@ -84,18 +90,21 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            int64_t window_right, bool bottom_right,
                                            bool /*deterministic: used by autograd only*/,
                                            double softcap,
-                                           const std::optional<at::Tensor>& alibi_slopes) {
+                                           const std::optional<at::Tensor>& alibi_slopes,
+                                           double dropout_p,
+                                           const std::optional<at::Tensor>& rng_state) {
   AttnProblem p = check_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  scale, causal, window_left, window_right, bottom_right);
   p.softcap = checked_softcap(softcap);
   const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, p.batch, p.heads_q, q);
+  const CpuDropout drop = CpuDropout::make(dropout_p, checked_dropout(dropout_p, rng_state, q));
   TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = empty_lse(p, q);
   const int32_t* cu_q = p.varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
   const int32_t* cu_k = p.varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_fwd_cpu", [&] {
-    fwd_impl<scalar_t>(p, q, ContiguousKv<scalar_t>(k, v, cu_k, p.seqlen_k), cu_q, slopes, out, lse);
+    fwd_impl<scalar_t>(p, q, ContiguousKv<scalar_t>(k, v, cu_k, p.seqlen_k), cu_q, slopes, drop, out, lse);
   });
   return {out, lse};
 }
@@ -122,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::
   const at::Tensor table = block_table.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_paged_fwd_cpu", [&] {
     const PagedKv<scalar_t> kv(k_cache, v_cache, table, lens.data_ptr<int32_t>(), p.seqlen_k);
-    fwd_impl<scalar_t>(p, q, kv, cu_seqlens_q.data_ptr<int32_t>(), slopes, out, lse);
+    fwd_impl<scalar_t>(p, q, kv, cu_seqlens_q.data_ptr<int32_t>(), slopes, CpuDropout{}, out, lse);
   });
   return {out, lse};
 }

@@ -53,6 +53,15 @@ struct RowBlockState {
   template <typename KRow, typename VRow, typename Range, typename ScoreMod>
   void visit(int64_t j0, int64_t cols, KRow k_row, VRow v_row, Range key_range, acc_t scale,
              ScoreMod score_mod) {
+    visit(j0, cols, k_row, v_row, key_range, scale, score_mod,
+          [](int64_t, int64_t) { return acc_t(1); });
+  }
+
+  // And with pv_weight(r, j) multiplying probability (r, j) where it meets V
+  // but not in the normalizer (dropout: 0 or 1 / keep probability).
+  template <typename KRow, typename VRow, typename Range, typename ScoreMod, typename PvWeight>
+  void visit(int64_t j0, int64_t cols, KRow k_row, VRow v_row, Range key_range, acc_t scale,
+             ScoreMod score_mod, PvWeight pv_weight) {
     // K is stored transposed so that the score loop is an axpy over keys.
     for (int64_t c = 0; c < cols; ++c) {
       const auto* krow = k_row(j0 + c);
@@ -88,8 +97,10 @@ struct RowBlockState {
       for (int64_t c = c_lo; c < c_hi; ++c) {
         const acc_t pc = std::exp(s[c] - m_new);
         l[r] += pc;
+        const acc_t pw = pc * pv_weight(r, j0 + c);
+        if (pw == acc_t(0)) continue;
         const acc_t* vc = &vt[c * D];
-        for (int64_t x = 0; x < D; ++x) orow[x] += pc * vc[x];
+        for (int64_t x = 0; x < D; ++x) orow[x] += pw * vc[x];
       }
     }
   }

@@ -1,6 +1,7 @@
 #include <torch/library.h>
 
 #include "cpu/decode_cpu.h"
+#include "cpu/dropout_cpu.h"
 #include "cpu/flash_cpu.h"
 #include "cpu/linear_cpu.h"
 #include "cpu/sparse_cpu.h"
@@ -13,6 +14,8 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("fwd_partial", &fastattn::cpu::fwd_partial_cpu);
   m.impl("bwd_partial", &fastattn::cpu::bwd_partial_cpu);
   m.impl("decode", &fastattn::cpu::decode_cpu);
+  m.impl("dropout_seed", &fastattn::cpu::dropout_seed_cpu);
+  m.impl("dropout_mask", &fastattn::cpu::dropout_mask_cpu);
   m.impl("merge_states", &fastattn::cpu::merge_states_cpu);
   m.impl("merge_states_n", &fastattn::cpu::merge_states_n_cpu);
   m.impl("append_kv", &fastattn::cpu::append_kv_cpu);

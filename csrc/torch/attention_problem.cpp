@@ -144,6 +144,23 @@ double checked_softcap(double softcap) {
   return softcap;
 }
 
+at::Tensor checked_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state,
+                           const at::Tensor& q) {
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0,
+              "fastattn: dropout_p must be in [0, 1], got ", dropout_p);
+  if (dropout_p == 0.0) return at::Tensor();
+  TORCH_CHECK(rng_state.has_value() && rng_state->defined(),
+              "fastattn: dropout_p > 0 needs rng_state (the (seed, offset) tensor of "
+              "fastattn::dropout_seed)");
+  const at::Tensor& t = *rng_state;
+  TORCH_CHECK(t.dim() == 1 && t.numel() == 2 && t.scalar_type() == at::kLong,
+              "fastattn: rng_state must be an int64 tensor of shape (2,) (seed, offset), got ",
+              t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), "fastattn: rng_state must be on q's device ", q.device(),
+              ", got ", t.device());
+  return t.contiguous();
+}
+
 at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor& lse) {
   if (!dlse.has_value() || !dlse->defined()) return at::Tensor();
   TORCH_CHECK(dlse->sizes() == lse.sizes(), "fastattn: dlse must have lse's shape ", lse.sizes(),

@@ -40,6 +40,12 @@ at::Tensor checked_alibi_slopes(const std::optional<at::Tensor>& slopes, int64_t
 // contiguous (undefined when absent).
 at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor& lse);
 
+// Attention dropout (fwd, bwd, bwd_into): dropout_p in [0, 1]; with
+// dropout_p > 0, rng_state must be dropout_seed's (seed, offset) int64 (2,)
+// tensor on q's device (returned; undefined when dropout_p == 0).
+at::Tensor checked_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state,
+                           const at::Tensor& q);
+
 // Largest head dim any backend accepts.
 constexpr int64_t kMaxHeadDim = 256;
 

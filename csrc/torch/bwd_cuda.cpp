@@ -43,7 +43,8 @@ void bwd_into_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    int64_t window_right, bool bottom_right, bool deterministic,
                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                    double softcap, const std::optional<at::Tensor>& dlse,
-                   const std::optional<at::Tensor>& alibi_slopes) {
+                   const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                   const std::optional<at::Tensor>& rng_state) {
   AttnProblem prob =
       check_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                      max_seqlen_k, scale, causal, window_left, window_right, bottom_right);
@@ -51,11 +52,14 @@ void bwd_into_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   check_grad_outputs(q, k, v, dq, dk, dv);
   const at::Tensor dl = checked_dlse(dlse, lse);
   const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, prob.batch, prob.heads_q, q);
+  const at::Tensor rng = checked_dropout(dropout_p, rng_state, q);
   BiasParams alibi;
   glue::set_alibi(alibi, slopes);
+  DropoutParams drop;
+  glue::set_dropout(drop, dropout_p, rng);
   glue::run_bwd_into(prob, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, deterministic, dq,
                      dk, dv, nullptr, "bwd", dl.defined() ? dl.data_ptr<float>() : nullptr,
-                     slopes.defined() ? &alibi : nullptr);
+                     slopes.defined() ? &alibi : nullptr, &drop);
 }
 
 }  // namespace
@@ -68,7 +72,7 @@ void run_bwd_into(const AttnProblem& prob, const at::Tensor& dout, const at::Ten
                   const std::optional<at::Tensor>& cu_seqlens_k, bool deterministic,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                   const BlockSparseParams* sparse, const char* what, const float* dlse,
-                  const BiasParams* bias) {
+                  const BiasParams* bias, const DropoutParams* dropout) {
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k, "k"},
                                {&v, "v"},
@@ -136,6 +140,7 @@ void run_bwd_into(const AttnProblem& prob, const at::Tensor& dout, const at::Ten
   if (sparse != nullptr) p.sparse = *sparse;
   p.dlse = dlse;
   if (bias != nullptr) p.bias = *bias;
+  if (dropout != nullptr) p.dropout = *dropout;
 
   const gpu::BwdPlan plan = gpu::plan_bwd(p);
   TORCH_CHECK(plan.kernel_head_dim > 0, "fastattn: no CUDA backward kernel for head_dim ", d);
@@ -184,13 +189,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     bool deterministic, double softcap, const std::optional<at::Tensor>& dlse,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   bwd_into_cuda(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv,
-                softcap, dlse, alibi_slopes);
+                softcap, dlse, alibi_slopes, dropout_p, rng_state);
   return {dq, dk, dv};
 }
 

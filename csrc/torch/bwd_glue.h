@@ -21,7 +21,8 @@ void run_bwd_into(const AttnProblem& prob, const at::Tensor& dout, const at::Ten
                   const std::optional<at::Tensor>& cu_seqlens_k, bool deterministic,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                   const BlockSparseParams* sparse, const char* what,
-                  const float* dlse = nullptr, const BiasParams* bias = nullptr);
+                  const float* dlse = nullptr, const BiasParams* bias = nullptr,
+                  const DropoutParams* dropout = nullptr);
 
 }  // namespace glue
 }  // namespace fastattn

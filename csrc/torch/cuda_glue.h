@@ -30,6 +30,7 @@
 #include "torch/attention_problem.h"
 #include "cuda/common/compiled_variants.h"
 #include "cuda/flash/launch.h"
+#include "cuda/common/dropout.h"
 #include "cuda/common/params.h"
 
 namespace fastattn {
@@ -158,6 +159,14 @@ inline void set_alibi(BiasParams& bias, const at::Tensor& slopes) {
   bias.slope_stride = 1;
   bias.slope_batch_stride = slopes.dim() == 2 ? slopes.size(1) : 0;
   bias.alibi_symmetric = true;
+}
+
+// rng_state: checked_dropout's result (undefined: no dropout).
+inline void set_dropout(DropoutParams& d, double dropout_p, const at::Tensor& rng_state) {
+  if (!rng_state.defined()) return;
+  d.rng_state = rng_state.data_ptr<int64_t>();
+  d.keep_threshold = dropout_threshold(dropout_p);
+  d.keep_scale = dropout_keep_scale(d.keep_threshold);
 }
 
 inline void fill_fwd_params(FwdParams& p, const AttnProblem& prob, const at::Tensor& q,

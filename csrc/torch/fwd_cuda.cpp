@@ -31,12 +31,15 @@ std::tuple<at::Tensor, at::Tensor> run_fwd_op(const at::Tensor& q, const at::Ten
                                               double scale, bool causal, int64_t window_left,
                                               int64_t window_right, bool bottom_right,
                                               bool out_f32, double softcap,
-                                              const std::optional<at::Tensor>& alibi_slopes) {
+                                              const std::optional<at::Tensor>& alibi_slopes,
+                                              double dropout_p,
+                                              const std::optional<at::Tensor>& rng_state) {
   AttnProblem prob = check_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                     max_seqlen_k, scale, causal, window_left, window_right,
                                     bottom_right);
   prob.softcap = checked_softcap(softcap);
   const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, prob.batch, prob.heads_q, q);
+  const at::Tensor rng = checked_dropout(dropout_p, rng_state, q);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k, "k"},
                                {&v, "v"},
@@ -67,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor> run_fwd_op(const at::Tensor& q, const at::Ten
   // fill_fwd_params takes out's strides in elements, the same for both dtypes.
   if (out_f32) params.out_f32 = out_k.data_ptr<float>();
   glue::set_alibi(params.bias, slopes);
+  glue::set_dropout(params.dropout, dropout_p, rng);
   glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "fwd");
 
   if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
@@ -82,9 +86,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             int64_t window_right, bool bottom_right,
                                             bool /*deterministic: only used by bwd*/,
                                             double softcap,
-                                            const std::optional<at::Tensor>& alibi_slopes) {
+                                            const std::optional<at::Tensor>& alibi_slopes,
+                                            double dropout_p,
+                                            const std::optional<at::Tensor>& rng_state) {
   return run_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                    window_left, window_right, bottom_right, false, softcap, alibi_slopes);
+                    window_left, window_right, bottom_right, false, softcap, alibi_slopes,
+                    dropout_p, rng_state);
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_partial_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -95,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_partial_cuda(const at::Tensor& q, const a
                                                     double scale, bool causal, int64_t window_left,
                                                     int64_t window_right, bool bottom_right) {
   return run_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                    window_left, window_right, bottom_right, true, 0.0, std::nullopt);
+                    window_left, window_right, bottom_right, true, 0.0, std::nullopt, 0.0,
+                    std::nullopt);
 }
 
 // Chunked prefill over a paged cache: the forward kernel with the paged KV

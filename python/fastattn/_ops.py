@@ -38,8 +38,9 @@ def _check_one_device(*tensors):
 
 @torch.library.register_fake("fastattn::fwd")
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-              window_left, window_right, bottom_right, deterministic, softcap=0.0, alibi_slopes=None):
-    _check_one_device(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+              window_left, window_right, bottom_right, deterministic, softcap=0.0, alibi_slopes=None,
+              dropout_p=0.0, rng_state=None):
+    _check_one_device(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state)
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -48,8 +49,8 @@ def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 @torch.library.register_fake("fastattn::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               scale, causal, window_left, window_right, bottom_right, deterministic, softcap=0.0,
-              dlse=None, alibi_slopes=None):
-    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dlse, alibi_slopes)
+              dlse=None, alibi_slopes=None, dropout_p=0.0, rng_state=None):
+    _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dlse, alibi_slopes, rng_state)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -73,14 +74,25 @@ def _bwd_partial_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
 @torch.library.register_fake("fastattn::bwd_into")
 def _bwd_into_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                    scale, causal, window_left, window_right, bottom_right, deterministic, dq, dk, dv,
-                   softcap=0.0, dlse=None, alibi_slopes=None):
+                   softcap=0.0, dlse=None, alibi_slopes=None, dropout_p=0.0, rng_state=None):
     _check_one_device(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv, dlse,
-                      alibi_slopes)
+                      alibi_slopes, rng_state)
     return None
 
 
+@torch.library.register_fake("fastattn::dropout_seed")
+def _dropout_seed_fake(like, increment):
+    return like.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fastattn::dropout_mask")
+def _dropout_mask_fake(rng_state, batch, heads, seqlen_q, seqlen_k, dropout_p):
+    return rng_state.new_empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.bool)
+
+
 _FWD_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "causal",
-             "window_left", "window_right", "bottom_right", "deterministic", "softcap", "alibi_slopes")
+             "window_left", "window_right", "bottom_right", "deterministic", "softcap", "alibi_slopes",
+             "dropout_p", "rng_state")
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -88,17 +100,20 @@ def _fwd_setup_context(ctx, inputs, output):
     out, lse = output
     args = dict(zip(_FWD_ARGS, rest))
     args.setdefault("softcap", 0.0)
-    slopes = args.pop("alibi_slopes", None)  # a tensor: saved as one
-    ctx.save_for_backward(q, k, v, out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"], slopes)
+    args.setdefault("dropout_p", 0.0)
+    slopes = args.pop("alibi_slopes", None)  # tensors: saved as such
+    rng_state = args.pop("rng_state", None)
+    ctx.save_for_backward(q, k, v, out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"], slopes,
+                          rng_state)
     ctx.args = args
     # Leave the gradient of an unused lse as None instead of a tensor of zeros.
     ctx.set_materialize_grads(False)
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, slopes = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dict(ctx.args, alibi_slopes=slopes), q, k, v, out, lse, cu_q, cu_k,
-                                    dout, dlse)
+    q, k, v, out, lse, cu_q, cu_k, slopes, rng_state = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dict(ctx.args, alibi_slopes=slopes, rng_state=rng_state), q, k, v,
+                                    out, lse, cu_q, cu_k, dout, dlse)
     return (dq, dk, dv) + (None,) * len(_FWD_ARGS)
 
 
@@ -114,6 +129,8 @@ def attention_backward(args, q, k, v, out, lse, cu_q, cu_k, dout, dlse, grads=No
     common = (cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"], a["scale"], a["causal"],
               a["window_left"], a["window_right"], a["bottom_right"])
     softcap, slopes = float(a.get("softcap", 0.0)), a.get("alibi_slopes")
+    # Dropout: the forward's rng_state regenerates its mask (nothing was stored).
+    dropout_p, rng_state = float(a.get("dropout_p", 0.0)), a.get("rng_state")
     if dout is None:
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
@@ -121,11 +138,12 @@ def attention_backward(args, q, k, v, out, lse, cu_q, cu_k, dout, dlse, grads=No
         # need a contiguous last dim.
         dout = dout.contiguous()
     if grads is None:
-        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *common, deterministic, softcap, dlse, slopes)
+        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *common, deterministic, softcap, dlse, slopes,
+                             dropout_p, rng_state)
     else:
         dq, dk, dv = grads
         ops.bwd_into(dout, q, k, v, out, lse, *common, deterministic, dq, dk, dv, softcap, dlse,
-                     slopes)
+                     slopes, dropout_p, rng_state)
     return dq, dk, dv
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ._ops import has_cuda_kernels, ops
+from .dropout import attn_probs_with_dropout, dropout_state
 
 logger = logging.getLogger("fastattn")
 
@@ -35,8 +36,6 @@ def _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         return Route("torch", "query/key/value are not all tensors")
     if any(t.is_nested for t in tensors):
         return Route("torch", "nested tensors are not supported by fastattn kernels")
-    if dropout_p > 0.0:
-        return Route("torch", f"dropout_p={dropout_p} is not supported by fastattn kernels yet")
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         return Route("torch", "inputs of rank < 2")
     if len({t.device for t in tensors}) != 1 or len({t.dtype for t in tensors}) != 1:
@@ -67,9 +66,13 @@ def _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
     except RuntimeError:
         return Route("torch", "batch/head dims that do not broadcast (torch raises)")
     if attn_mask is not None:
+        if dropout_p > 0.0:
+            return Route("torch", f"attn_mask together with dropout_p={dropout_p} (fastattn's masked "
+                                  "kernels take no dropout yet)")
         return _mask_route(query, key, value, attn_mask, is_causal, enable_gqa, dev)
     causal = " causal (top-left)" if is_causal else ""
-    return Route("fastattn", f"fastattn.fwd{causal} on {dev}")
+    drop = f" with dropout_p={dropout_p}" if dropout_p > 0.0 else ""
+    return Route("fastattn", f"fastattn.fwd{causal}{drop} on {dev}")
 
 
 def _mask_route(query, key, value, attn_mask, is_causal, enable_gqa, dev) -> Route:
@@ -158,9 +161,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Same arguments, shapes ((N, ..., H, L, E)) and semantics, top-left causal
     mask when L != S. A bool attn_mask becomes a block mask (blocks it hides
     entirely are skipped); a float one is added to the scores (with its
-    gradient). Rows that see no key give 0 (torch gives NaN). Calls the
-    kernels cannot serve (dropout_p > 0,
-    float32 on CUDA, value head dim != query head dim, ...) go to torch's own
+    gradient). Rows that see no key give 0 (torch gives NaN). dropout_p > 0
+    runs in the kernels (fastattn.dropout describes the mask; pass 0.0 when
+    not training, as with torch). Calls the kernels cannot serve (attn_mask
+    with dropout, float32 on CUDA, value head dim != query head dim, ...) go to torch's own
     SDPA unchanged; `fastattn.explain(...)` says which way a call goes, and the
     "fastattn" logger reports it at DEBUG level.
     """
@@ -181,7 +185,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     E = query.size(-1)
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     q, k, v, restore = _sdpa_to_bshd(query, key, value)
-    out, _ = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(is_causal), -1, -1, False, False)
+    p, rng_state = dropout_state(dropout_p, q, q.shape[0], q.shape[2])
+    out, _ = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(is_causal), -1, -1, False, False, 0.0, None,
+                     p, rng_state)
     out = restore(out)
     return out.squeeze(0) if squeeze else out
 
@@ -227,11 +233,6 @@ def _sdpa_to_bshd(query, key, value):
         return out.permute(*inverse, nb + 1, nb + 2)
 
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), restore
-
-
-def _flash_unsupported(dropout_p):
-    if dropout_p:
-        raise NotImplementedError(f"fastattn: dropout_p={dropout_p} is not supported yet (use 0.0)")
 
 
 def _softcap(softcap) -> float:
@@ -319,18 +320,35 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     sinks (gpt-oss), see _apply_sinks; softmax_lse then includes the sink.
     softcap > 0: scaled scores x -> softcap * tanh(x / softcap) (_softcap).
     alibi_slopes (nheads,) or (batch, nheads): flash-attn's ALiBi (_alibi).
+    dropout_p > 0: attention dropout in the kernels, forward and backward
+    (fastattn.dropout); with return_attn_probs the third result is then
+    flash-attn's S_dmask (_attn_probs, a slow testing aid).
     """
-    _flash_unsupported(dropout_p)
     softcap = _softcap(softcap)
     _check_flash_dtype(q)
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = _alibi(alibi_slopes, scale)
+    p, rng_state = dropout_state(dropout_p, q, q.shape[0], q.shape[2])
     out, lse = ops.fwd(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, True,
-                       bool(deterministic), softcap, slopes)
+                       bool(deterministic), softcap, slopes, p, rng_state)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=False)
-    return (out, lse, None) if return_attn_probs else out
+    if not return_attn_probs:
+        return out
+    return out, lse, _attn_probs(q, k, rng_state, p, scale, causal, (left, right), softcap, slopes,
+                                 sinks)
+
+
+def _attn_probs(q, k, rng_state, p, scale, causal, window, softcap, slopes, sinks, *varlen):
+    """flash-attn's third result of return_attn_probs: S_dmask with dropout (the
+    probabilities, dropped ones negated; dropout.attn_probs_with_dropout), else None."""
+    if rng_state is None:
+        return None
+    if sinks is not None:
+        raise NotImplementedError("fastattn: return_attn_probs with dropout and sinks (S_dmask "
+                                  "does not include the sink)")
+    return attn_probs_with_dropout(q, k, rng_state, p, scale, causal, window, softcap, slopes, *varlen)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -354,15 +372,19 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     last query sees the sequence's last key. A batch where every sequence has
     exactly max_seqlen_q <= 16 new queries (a decode step) runs on the split-KV
     decode kernel, anything else (prefill chunks mixed with decode rows) on the
-    paged forward kernel in one launch. No backward on this path.
+    paged forward kernel in one launch. No backward on this path (and no
+    dropout: an inference path). dropout_p as in flash_attn_func.
     """
-    _flash_unsupported(dropout_p)
     softcap = _softcap(softcap)
     _check_flash_dtype(q)
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = _alibi(alibi_slopes, scale)
+    p, rng_state = 0.0, None
     if block_table is not None:
+        if dropout_p:
+            raise NotImplementedError(f"fastattn: dropout_p={dropout_p} with block_table (the paged "
+                                      "KV path is inference-only)")
         _check_paged_block_size(k)
         if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 2:
             raise ValueError("fastattn: with block_table, cu_seqlens_k must be a 1-D int32 tensor of "
@@ -386,8 +408,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             out, lse = ops.paged_fwd(q, k, v, cu_seqlens_q, seqlens_k, block_table, sq, scale,
                                      bool(causal), left, right, softcap, slopes)
     else:
+        if not isinstance(cu_seqlens_q, torch.Tensor):
+            raise ValueError("fastattn: cu_seqlens_q must be a 1-D int32 tensor")
+        p, rng_state = dropout_state(dropout_p, q, cu_seqlens_q.numel() - 1, q.shape[1])
         out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                           scale, bool(causal), left, right, True, bool(deterministic), softcap, slopes)
+                           scale, bool(causal), left, right, True, bool(deterministic), softcap, slopes,
+                           p, rng_state)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=True)
-    return (out, lse, None) if return_attn_probs else out
+    if not return_attn_probs:
+        return out
+    return out, lse, _attn_probs(q, k, rng_state, p, scale, causal, (left, right), softcap, slopes, sinks,
+                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)

@@ -8,24 +8,28 @@ no stack of the gradients.
 import torch
 
 from ._ops import attention_backward, ops
-from .functional import _alibi, _check_flash_dtype, _flash_unsupported, _softcap, _window
+from .dropout import dropout_state
+from .functional import _alibi, _attn_probs, _check_flash_dtype, _softcap, _window
 
 _FWD_ARG_NAMES = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "causal",
                   "window_left", "window_right", "bottom_right", "deterministic", "softcap",
-                  "alibi_slopes")
+                  "alibi_slopes", "dropout_p", "rng_state")
+_TENSOR_ARGS = ("alibi_slopes", "rng_state")
 
 
 def _save(ctx, tensors, fwd_args):
-    """Saves tensors plus the cu_seqlens and ALiBi slopes of fwd_args (tensors all);
-    the other arguments go to ctx.args."""
-    ctx.save_for_backward(*tensors, fwd_args[0], fwd_args[1], fwd_args[-1])
-    ctx.args = dict(zip(_FWD_ARG_NAMES[:-1], fwd_args[:-1]))
+    """Saves tensors plus the cu_seqlens, ALiBi slopes and dropout state of fwd_args
+    (tensors all); the other arguments go to ctx.args."""
+    args = dict(zip(_FWD_ARG_NAMES, fwd_args))
+    ctx.save_for_backward(*tensors, *(args.pop(name) for name in _TENSOR_ARGS))
+    ctx.args = args
     ctx.set_materialize_grads(False)
 
 
 def _saved(ctx):
-    *tensors, cu_q, cu_k, slopes = ctx.saved_tensors
-    return tensors, cu_q, cu_k, dict(ctx.args, alibi_slopes=slopes)
+    *tensors, slopes, rng_state = ctx.saved_tensors
+    args = dict(ctx.args, alibi_slopes=slopes, rng_state=rng_state)
+    return tensors, args["cu_seqlens_q"], args["cu_seqlens_k"], args
 
 
 def _check_packed(t, name, n, dense):
@@ -71,40 +75,46 @@ class _KVPackedAttention(torch.autograd.Function):
 
 
 def _fwd_args(q, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, deterministic,
-              softcap, alibi_slopes):
+              softcap, alibi_slopes, dropout_p, batch, heads):
     left, right = _window(window_size)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
+    p, rng_state = dropout_state(dropout_p, q, batch, heads)
     return (cu_q, cu_k, int(max_q), int(max_k), scale, bool(causal), left, right, True,
-            bool(deterministic), _softcap(softcap), _alibi(alibi_slopes, scale))
+            bool(deterministic), _softcap(softcap), _alibi(alibi_slopes, scale), p, rng_state)
 
 
-def _result(out, lse, return_attn_probs):
-    return (out, lse, None) if return_attn_probs else out
+def _result(out, lse, return_attn_probs, q, k, args):
+    if not return_attn_probs:
+        return out
+    cu_q, cu_k, max_q, max_k, scale, causal, left, right, _, _, softcap, slopes, p, rng = args
+    varlen = (cu_q, cu_k, max_q, max_k) if cu_q is not None else ()
+    return out, lse, _attn_probs(q, k, rng, p, scale, causal, (left, right), softcap, slopes, None,
+                                 *varlen)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
                               window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                               deterministic=False, return_attn_probs=False):
     """flash_attn_func over qkv (batch, seqlen, 3, nheads, headdim); the gradient is one
-    tensor shaped like qkv. Returns out, or (out, softmax_lse, None) with return_attn_probs."""
-    _flash_unsupported(dropout_p)
+    tensor shaped like qkv. Returns out, or (out, softmax_lse, S_dmask or None) with
+    return_attn_probs (as flash_attn_func)."""
     _check_packed(qkv, "qkv", 3, dense=True)
     _check_flash_dtype(qkv)
     args = _fwd_args(qkv, None, None, 0, 0, softmax_scale, causal, window_size, deterministic,
-                     softcap, alibi_slopes)
-    return _result(*_QKVPackedAttention.apply(qkv, *args), return_attn_probs)
+                     softcap, alibi_slopes, dropout_p, qkv.shape[0], qkv.shape[3])
+    return _result(*_QKVPackedAttention.apply(qkv, *args), return_attn_probs, qkv[:, :, 0],
+                   qkv[:, :, 1], args)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                              deterministic=False, return_attn_probs=False):
     """flash_attn_func with kv (batch, seqlen_k, 2, nheads_k, headdim) packed (GQA/MQA allowed)."""
-    _flash_unsupported(dropout_p)
     _check_packed(kv, "kv", 2, dense=True)
     _check_flash_dtype(q)
     args = _fwd_args(q, None, None, 0, 0, softmax_scale, causal, window_size, deterministic,
-                     softcap, alibi_slopes)
-    return _result(*_KVPackedAttention.apply(q, kv, *args), return_attn_probs)
+                     softcap, alibi_slopes, dropout_p, q.shape[0], q.shape[2])
+    return _result(*_KVPackedAttention.apply(q, kv, *args), return_attn_probs, q, kv[:, :, 0], args)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
@@ -113,12 +123,13 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      return_attn_probs=False):
     """flash_attn_varlen_func over qkv (total, 3, nheads, headdim) with one cu_seqlens
     (int32, batch + 1) for queries and keys."""
-    _flash_unsupported(dropout_p)
     _check_packed(qkv, "qkv", 3, dense=False)
     _check_flash_dtype(qkv)
     args = _fwd_args(qkv, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
-                     window_size, deterministic, softcap, alibi_slopes)
-    return _result(*_QKVPackedAttention.apply(qkv, *args), return_attn_probs)
+                     window_size, deterministic, softcap, alibi_slopes, dropout_p,
+                     cu_seqlens.numel() - 1, qkv.shape[2])
+    return _result(*_QKVPackedAttention.apply(qkv, *args), return_attn_probs, qkv[:, 0], qkv[:, 1],
+                   args)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -126,9 +137,9 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                     deterministic=False, return_attn_probs=False):
     """flash_attn_varlen_func with kv (total_k, 2, nheads_k, headdim) packed."""
-    _flash_unsupported(dropout_p)
     _check_packed(kv, "kv", 2, dense=False)
     _check_flash_dtype(q)
     args = _fwd_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     causal, window_size, deterministic, softcap, alibi_slopes)
-    return _result(*_KVPackedAttention.apply(q, kv, *args), return_attn_probs)
+                     causal, window_size, deterministic, softcap, alibi_slopes, dropout_p,
+                     cu_seqlens_q.numel() - 1, q.shape[1])
+    return _result(*_KVPackedAttention.apply(q, kv, *args), return_attn_probs, q, kv[:, 0], args)

@@ -74,6 +74,21 @@ struct BiasParams {
   bool on() const { return ptr != nullptr || slopes != nullptr; }
 };
 
+// Attention dropout (cuda/common/dropout.h): rng_state points at (seed, offset)
+// int64 on the device (the dropout_seed op writes them, so a captured CUDA
+// graph draws fresh values at every replay); nullptr: no dropout. A pair is
+// kept iff its mask byte < keep_threshold, and kept probabilities are scaled
+// by keep_scale = 256 / keep_threshold (0 when everything is dropped).
+struct DropoutParams {
+  const int64_t* rng_state = nullptr;
+  uint32_t keep_threshold = 256;
+  float keep_scale = 1.f;
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  bool on() const { return rng_state != nullptr; }
+};
+
 // Forward: out = softmax(scale * q k^T + mask) v and lse = logsumexp(scale * q k^T + mask)
 // (natural log, fp32).
 //
@@ -150,6 +165,9 @@ struct FwdParams {
   // The sparse ops' bias (dense batches, scale > 0); the dense ops use its
   // ALiBi part alone (flash-attn's alibi_slopes, varlen and paged included).
   BiasParams bias;
+  // Dropout on P (fwd / bwd ops; not with paged K/V). The mask of (b, h, i, j)
+  // uses stream bh = b * heads_q + h and in-sequence positions i, j.
+  DropoutParams dropout;
 };
 
 // Backward. Inputs as in FwdParams plus dout (same layout as out) and the

@@ -18,6 +18,7 @@
 #include "cuda/common/block_schedule.h"
 #include "cuda/common/bwd_block.h"
 #include "cuda/common/bwd_mask.h"
+#include "cuda/common/dropout.h"
 #include "cuda/common/fragment.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/score_bias.h"
@@ -84,6 +85,17 @@ struct BwdSm90Step {
                                                   float scale_log2) {
     constexpr int kBlockN = Traits::kBlockN;
     const int n0 = blk.n0;
+    // Dropout: dP of a dropped pair is 0 and of a kept one dP * keep_scale
+    // (the forward's output only saw the kept, scaled P); dS = P (dP~ - D)
+    // uses the undropped P, and dV the dropped, scaled one.
+    DropoutBitsT<NTS> keep;
+    const bool dropping = p.dropout.on();
+    if (dropping) {
+      DropoutTile d;
+      d.init(p.dropout.rng_state, p.dropout.keep_threshold, int64_t(blk.b) * p.heads_q + hq);
+      keep.compute(d, n0 + key_row, m0 + 2 * t4);
+      keep.apply(dp, p.dropout.keep_scale);
+    }
     // With a softcap, D is folded into dp here (softcap.h) and taken as 0 below.
     const bool capped = p.softcap_in != 0.f;
     if (capped) cap_scores_and_ds<NTS>(s, dp, dsum_b + 2 * t4, p.softcap_in, p.softcap_out);
@@ -121,6 +133,7 @@ struct BwdSm90Step {
       store_bias_grad_c_transposed<NTS>(dp, p.bias, blk.b, hq, n0 + key_row, m0 + 2 * t4, blk.sq,
                                         blk.sk);
     }
+    if (dropping) keep.apply(s, p.dropout.keep_scale);
 #pragma unroll
     for (int kk = 0; kk < KSQ; ++kk) {
       c_pair_to_a<Elem>(pa[kk], s[2 * kk], s[2 * kk + 1]);

@@ -72,6 +72,7 @@
 #include "cuda/common/bwd_dq_layout.h"
 #include "cuda/common/bwd_mask.h"
 #include "cuda/common/bwd_ptx.h"
+#include "cuda/common/dropout.h"
 #include "cuda/common/fragment.h"
 #include "cuda/common/mask.h"
 #include "cuda/common/score_bias.h"
@@ -362,6 +363,18 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
         }
       }
 
+      // Dropout (as in bwd_sm90_step.h): dP * keep_scale or 0 first; P for dV below.
+      DropoutBitsT<PNT> keep[2];
+      const bool dropping = p.dropout.on();
+      if (dropping) {
+        DropoutTile d;
+        d.init(p.dropout.rng_state, p.dropout.keep_threshold, int64_t(b) * p.heads_q + hq);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          keep[mt].compute(d, n0 + acc_r0 + mt * 16 + g, m0 + q_c0 + 2 * t4);
+          keep[mt].apply(dp[mt], p.dropout.keep_scale);
+        }
+      }
       // ---- P^T and dS^T (in place), then both to shared memory
       const float* lse_b = lse_smem + buf * kBlockM;
       const float* dsum_b = dsum_smem + buf * kBlockM;
@@ -425,6 +438,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
             const float(&dsc)[1][4] = reinterpret_cast<const float(&)[1][4]>(dc);
             store_bias_grad_c_transposed<1>(dsc, p.bias, b, hq, n0 + r, m0 + c, sq, sk);
           }
+          if (dropping) keep[mt].apply_tile(pc, nt, p.dropout.keep_scale);
           *reinterpret_cast<uint32_t*>(p_store + DSTile::offset(r, c)) = pack2<Elem>(pc[0], pc[1]);
           *reinterpret_cast<uint32_t*>(p_store + DSTile::offset(r + 8, c)) =
               pack2<Elem>(pc[2], pc[3]);
@@ -513,6 +527,15 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
           }
       }
 
+      // Dropout (as in bwd_sm90_step.h): dP * keep_scale or 0 first; P for dV below.
+      DropoutBitsT<NTS> keep;
+      const bool dropping = p.dropout.on();
+      if (dropping) {
+        DropoutTile d;
+        d.init(p.dropout.rng_state, p.dropout.keep_threshold, int64_t(b) * p.heads_q + hq);
+        keep.compute(d, key0, m0 + 2 * t4);
+        keep.apply(dp, p.dropout.keep_scale);
+      }
       // ---- P^T and dS^T (in place: s -> p, dp -> ds)
       const float* lse_b = lse_smem + buf * kBlockM;
       const float* dsum_b = dsum_smem + buf * kBlockM;
@@ -555,6 +578,7 @@ __device__ __forceinline__ void flash_bwd_kv_block(const BwdParams& p, char* sme
         store_bias_grad_c_transposed<NTS>(dp, p.bias, b, hq, key0, m0 + 2 * t4, sq, sk);
       }
 
+      if (dropping) keep.apply(s, p.dropout.keep_scale);
       uint32_t pa[KSQ][4];
       uint32_t dsa[KSQ][4];
 #pragma unroll

@@ -17,6 +17,7 @@
 #pragma once
 #include <cstdint>
 
+#include "cuda/common/dropout.h"
 #include "cuda/common/fragment.h"
 #include "cuda/common/fwd_block.h"
 #include "cuda/common/mask.h"
@@ -140,6 +141,8 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
   OnlineSoftmax<MT> softmax;
   softmax.init();
+  DropoutTile drop;
+  if (p.dropout.on()) drop.init(p.dropout.rng_state, p.dropout.keep_threshold, int64_t(b) * p.heads_q + h);
 
   if (steps > 0) {
     FwdKvLoader<Traits, Elem, kPaged> kv;
@@ -234,6 +237,8 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
       }
 
       softmax.update(s, acc_o, p.scale_log2);
+      // Dropout after the row sums: the normalizer counts every probability.
+      if (p.dropout.on()) drop_probs_c<MT, NT>(s, drop, row0, c0 + col_lane);
 
 #pragma unroll
       for (int kk = 0; kk < KV; ++kk) {
@@ -259,6 +264,7 @@ __device__ __forceinline__ void flash_fwd_block(const FwdParams& p, char* smem, 
   // warp only ever read its own Q rows, so it may overwrite them now).
   float lse[2 * MT];
   softmax.finalize(acc_o, p.scale, lse);
+  if (p.dropout.on()) scale_fragments(acc_o, p.dropout.keep_scale);
 
   if ((lane & 3) == 0) {
 #pragma unroll

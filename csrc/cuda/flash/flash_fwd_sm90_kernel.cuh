@@ -25,6 +25,7 @@
 #include "cuda/common/fragment.h"
 #include "cuda/common/fwd_block.h"
 #include "cuda/common/ptx.h"
+#include "cuda/common/dropout.h"
 #include "cuda/common/softmax.h"
 #include "cuda/common/swizzled_tile_io.h"
 #include "cuda/common/tile_io.h"
@@ -97,6 +98,8 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
     for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
   OnlineSoftmax<1> softmax;
   softmax.init();
+  DropoutTile drop;
+  if (p.dropout.on()) drop.init(p.dropout.rng_state, p.dropout.keep_threshold, int64_t(b) * p.heads_q + h);
 
   if (steps > 0) {
     SwizzledTileLoader<kThreads, KTile, Elem> k_loader;
@@ -151,6 +154,8 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
       Step::modify_scores(s, p, blk, sched, i, n, b, h, row0, col_lane);
       float factor[2];
       const bool rescale = softmax.update_scores(s, p.scale_log2, factor);
+      // Dropout after the row sums (the normalizer counts every probability).
+      if (p.dropout.on()) drop_probs_c<1, NT>(s, drop, row0, n * kBlockN + col_lane);
       wgmma::wait<0>();
       wgmma::hold(acc_o[0]);
       if (rescale) softmax.rescale(acc_o, factor);
@@ -175,6 +180,7 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
   // own Q rows: no other group reads them, and its last MMA has completed).
   float lse[2];
   softmax.finalize(acc_o, p.scale, lse);
+  if (p.dropout.on()) scale_fragments(acc_o, p.dropout.keep_scale);
 
   Step::store_lse(blk, lse, warp_row + (lane >> 2), lane);
   if (blk.o32 != nullptr) {  // fwd_partial: fp32 straight from the accumulators

@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "cuda/common/fwd_block.h"
+#include "cuda/common/dropout.h"
 #include "cuda/common/softmax.h"
 #include "cuda/common/swizzled_tile_io.h"
 #include "cuda/common/tma.h"
@@ -216,6 +217,8 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
       for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
     OnlineSoftmax<1> softmax;
     softmax.init();
+    DropoutTile drop;
+    if (p.dropout.on()) drop.init(p.dropout.rng_state, p.dropout.keep_threshold, int64_t(b) * p.heads_q + h);
 
     if (steps > 0) {
       const int row0 = m0 + warp_row + (lane >> 2);
@@ -251,6 +254,8 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
         float factor[2];
         const bool rescale =
             softmax.template update_scores<Traits::kFmaExpEvery>(s, p.scale_log2, factor);
+        // Dropout after the row sums (the normalizer counts every probability).
+        if (p.dropout.on()) drop_probs_c<1, NT>(s, drop, row0, n * kBlockN + col_lane);
         // Unconditional (a no-op at i = 0): behind a branch ptxas would assume
         // P V may still be running below and serialize every MMA.
         wgmma::wait<0>();
@@ -281,6 +286,7 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
     // ---- epilogue: normalize, LSE, O through this warpgroup's own tile.
     float lse[2];
     softmax.finalize(acc_o, p.scale, lse);
+    if (p.dropout.on()) scale_fragments(acc_o, p.dropout.keep_scale);
     Step::store_lse(blk, lse, warp_row + (lane >> 2), lane);
     if (blk.o32 != nullptr) {  // fwd_partial: fp32 straight from the accumulators, no tile
       store_o_f32<DT>(blk.o32 + int64_t(wg) * 64 * p.o_row_stride, p.o_row_stride, acc_o[0],

@@ -19,9 +19,10 @@ Every attention call then runs on fastattn's kernels:
 - `sliding_window` (Mistral, Qwen2, ...): window_size=(sliding_window - 1, 0).
 
 Attention sinks (gpt-oss's s_aux) are applied through the LSE (flash_attn_func's
-sinks); softcap (Gemma 2's attn_logit_softcapping) runs in the kernels.
-Arguments the kernels do not support yet (attention dropout > 0,
-output_attentions) raise NotImplementedError naming them.
+sinks); softcap (Gemma 2's attn_logit_softcapping) and attention dropout (the
+config's attention_dropout, which models pass only in training) run in the
+kernels. output_attentions=True raises NotImplementedError (the probabilities
+are never materialized).
 """
 import torch
 import transformers
@@ -32,10 +33,7 @@ from ..padding import pad_input, unpad_input
 
 NAME = "fastattn"
 
-def _unsupported(dropout, kwargs):
-    if dropout:
-        raise NotImplementedError(f"fastattn: attention dropout={dropout} is not supported yet "
-                                  "(set the config's attention_dropout to 0.0, or use model.eval())")
+def _unsupported(kwargs):
     if kwargs.get("output_attentions"):
         raise NotImplementedError("fastattn: output_attentions=True needs the attention "
                                   "probabilities, which fastattn never materializes; use "
@@ -68,7 +66,7 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
                                **kwargs):
     """transformers attention function: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D),
     attention_mask the (B, Sk) bool padding mask or None. Returns ((B, Sq, Hq, D), None)."""
-    _unsupported(dropout, kwargs)
+    _unsupported(kwargs)
     sinks = s_aux if s_aux is not None else kwargs.get("sinks")
     if value.shape[-1] != query.shape[-1]:
         raise NotImplementedError(f"fastattn: value head dim {value.shape[-1]} != query head dim "
@@ -83,7 +81,7 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
     q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     common = dict(softmax_scale=scaling, causal=bool(causal), window_size=window, sinks=sinks,
-                  softcap=softcap or 0.0)
+                  softcap=softcap or 0.0, dropout_p=float(dropout or 0.0))
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None and attention_mask is None and kwargs.get("position_ids") is not None and Sq == Sk:

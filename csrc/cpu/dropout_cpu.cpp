@@ -1,0 +1,59 @@
+// dropout_seed and dropout_mask on the CPU (schemas: csrc/ops.cpp).
+#include "cpu/dropout_cpu.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <mutex>
+
+namespace fastattn::cpu {
+
+at::Tensor dropout_seed_cpu(const at::Tensor& like, int64_t increment) {
+  TORCH_CHECK(increment >= 0, "fastattn: dropout_seed increment must be >= 0, got ", increment);
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt,
+                                                                 at::detail::getDefaultCPUGenerator());
+  uint64_t seed, offset;
+  {
+    // The CPU generator is a Mersenne twister: both words are drawn from it,
+    // so torch.manual_seed reproduces them.
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    seed = gen->random64();
+    offset = gen->random64();
+  }
+  at::Tensor out = at::empty({2}, like.options().dtype(at::kLong).device(at::kCPU));
+  out.data_ptr<int64_t>()[0] = static_cast<int64_t>(seed);
+  out.data_ptr<int64_t>()[1] = static_cast<int64_t>(offset);
+  return out;
+}
+
+void check_dropout_mask_args(const at::Tensor& rng_state, int64_t batch, int64_t heads,
+                             int64_t seqlen_q, int64_t seqlen_k, double dropout_p) {
+  TORCH_CHECK(rng_state.dim() == 1 && rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong,
+              "fastattn: rng_state must be an int64 tensor of shape (2,) (seed, offset), got ",
+              rng_state.scalar_type(), " ", rng_state.sizes());
+  TORCH_CHECK(batch >= 0 && heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0,
+              "fastattn: dropout_mask sizes must be >= 0, got (", batch, ", ", heads, ", ",
+              seqlen_q, ", ", seqlen_k, ")");
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0,
+              "fastattn: dropout_p must be in [0, 1], got ", dropout_p);
+}
+
+at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, int64_t batch, int64_t heads,
+                            int64_t seqlen_q, int64_t seqlen_k, double dropout_p) {
+  check_dropout_mask_args(rng_state, batch, heads, seqlen_q, seqlen_k, dropout_p);
+  at::Tensor keep = at::empty({batch, heads, seqlen_q, seqlen_k}, rng_state.options().dtype(at::kBool));
+  const CpuDropout d = CpuDropout::make(dropout_p > 0 ? dropout_p : 0.0,
+                                        dropout_p > 0 ? rng_state : at::Tensor());
+  bool* out = keep.data_ptr<bool>();
+  at::parallel_for(0, batch * heads * seqlen_q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / seqlen_q, i = row % seqlen_q;
+      const DropoutStream s = d.stream(bh);
+      for (int64_t j = 0; j < seqlen_k; ++j) out[row * seqlen_k + j] = !d.on || s.keep(i, j, d.threshold);
+    }
+  });
+  return keep;
+}
+
+}  // namespace fastattn::cpu
