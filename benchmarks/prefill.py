@@ -70,23 +70,33 @@ def make_impls(flex_ok):
     return impls
 
 
-def add_score_mods(impls, softcap, alibi, flex_ok):
-    """--softcap C / --alibi: flash_attn_func on the same tensors (as (B, S, H, D) views)
-    without and with softcap=C / ALiBi (the standard slopes), so their cost is read off one
-    run; FlexAttention with the same cap as a score_mod when it runs."""
+def add_score_mods(impls, softcap, alibi, flex_ok, dropout=0.0):
+    """--softcap C / --alibi / --dropout P: flash_attn_func on the same tensors (as (B, S, H, D)
+    views) without and with softcap=C / ALiBi (the standard slopes) / dropout_p=P, so their
+    cost is read off one run; FlexAttention with the same cap as a score_mod when it runs,
+    torch's flash backend with the same dropout."""
     slopes = {}
 
-    def flash(q, k, v, c, cap=0.0, with_alibi=False):  # (B, H, S, D) in and out, as every impl
+    def flash(q, k, v, c, cap=0.0, with_alibi=False, p=0.0):  # (B, H, S, D) in and out, as every impl
         h = q.shape[1]
         if with_alibi and h not in slopes:
             slopes[h] = fastattn.sparse.alibi_slopes(h).to(q.device)
         out = fastattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       causal=c, softcap=cap,
+                                       causal=c, softcap=cap, dropout_p=p,
                                        alibi_slopes=slopes[h] if with_alibi else None)
         return out.transpose(1, 2)
     impls["fastattn-flash"] = lambda q, k, v, c: flash(q, k, v, c)
     if alibi:
         impls["fastattn-alibi"] = lambda q, k, v, c: flash(q, k, v, c, with_alibi=True)
+    if dropout:
+        impls["fastattn-dropout"] = lambda q, k, v, c: flash(q, k, v, c, p=dropout)
+
+        def sdpa_flash_dropout(q, k, v, c):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=c,
+                                                                        dropout_p=dropout)
+        impls["sdpa-flash-dropout"] = sdpa_flash_dropout
     if not softcap:
         return impls
     impls["fastattn-softcap"] = lambda q, k, v, c: flash(q, k, v, c, softcap)
@@ -224,6 +234,8 @@ def main():
     ap.add_argument("--softcap", type=float, default=0.0,
                     help="also time flash_attn_func without / with this softcap (and flex with it)")
     ap.add_argument("--alibi", action="store_true", help="also time flash_attn_func with ALiBi")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="also time flash_attn_func and torch's flash backend with this dropout_p")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per config")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:VAR=VALUE,...: also time fastattn under these environment switches")
@@ -235,11 +247,12 @@ def main():
     modes = args.modes.split(",")
     flex_ok = not (args.no_flex or args.quick)
     impls = add_variants(make_impls(flex_ok), args.variant)
-    if args.softcap or args.alibi:
-        impls = add_score_mods(impls, args.softcap, args.alibi, flex_ok)
+    if args.softcap or args.alibi or args.dropout:
+        impls = add_score_mods(impls, args.softcap, args.alibi, flex_ok, args.dropout)
     if args.impls:
         keep = args.impls.split(",") + [f"fastattn-{v.partition(':')[0]}" for v in args.variant]
-        keep += [k for k in impls if "softcap" in k or k in ("fastattn-flash", "fastattn-alibi")]
+        keep += [k for k in impls if "softcap" in k or "dropout" in k
+                 or k in ("fastattn-flash", "fastattn-alibi")]
         impls = {k: v for k, v in impls.items() if k in keep}
     cfgs = configs(args.quick)
     if args.configs:
@@ -256,6 +269,10 @@ def main():
     plot(results, os.path.join(args.out, "prefill.png"))
     print(f"device: {meta['device']}, torch {meta['torch']}, bf16")
     print(summary_table(results, list(impls)))
+    combined = combined_table(results, list(impls))
+    if combined:
+        print("forward + backward time with the score mod / without (same run):")
+        print(combined)
     spreads = [(r.extra["round_spread"], r.impl, r.mode, r.config) for r in results
                if r.extra.get("round_spread") is not None]
     if spreads:
@@ -283,14 +300,41 @@ def summary_table(results, impl_names):
         ratio = lambda a, b: "n/a" if not a or not b else f"{a / b:.2f}"
         row.append(ratio(ours and ours.tflops, flash and flash.tflops))
         row.append(ratio(ours and ours.tflops, torch_best))
-        mods = [m for m in ("softcap", "alibi") if f"fastattn-{m}" in impl_names]
+        mods = [m for m in ("softcap", "alibi", "dropout") if f"fastattn-{m}" in impl_names]
         for m in mods:  # time with the score mod / time without (same run)
             plain, modded = by_impl.get("fastattn-flash"), by_impl.get(f"fastattn-{m}")
             row.append(ratio(plain and plain.tflops, modded and modded.tflops))
         rows.append(row)
     headers = ["mode", "BxHxSxD", "causal"] + [f"{n} TF/s" for n in impl_names] + ["vs flash", "vs best sdpa"]
-    headers += [f"{m} time x" for m in ("softcap", "alibi") if f"fastattn-{m}" in impl_names]
+    headers += [f"{m} time x" for m in ("softcap", "alibi", "dropout") if f"fastattn-{m}" in impl_names]
     return format_table(headers, rows)
+
+
+def combined_table(results, impl_names):
+    """(fwd + bwd time with softcap / ALiBi / dropout) / (the same without), per config: the
+    cost a training step sees."""
+    mods = [m for m in ("softcap", "alibi", "dropout") if f"fastattn-{m}" in impl_names]
+    if not mods:
+        return ""
+    ms = {}
+    for r in results:
+        if r.tflops:
+            c = r.config
+            ms[(c["B"], c["H"], c["S"], c["D"], c["causal"], r.impl, r.mode)] = r.ms
+    rows = []
+    for key in sorted({k[:5] for k in ms}):
+        def total(name):
+            parts = [ms.get(key + (name, m)) for m in ("fwd", "bwd")]
+            return None if None in parts else sum(parts)
+        plain = total("fastattn-flash")
+        if plain is None:
+            continue
+        row = [f"{key[0]}x{key[1]}x{key[2]}x{key[3]}", "yes" if key[4] else "no"]
+        for m in mods:
+            t = total(f"fastattn-{m}")
+            row.append("n/a" if t is None else f"{t / plain:.3f}")
+        rows.append(row)
+    return format_table(["BxHxSxD", "causal"] + [f"{m} fwd+bwd x" for m in mods], rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from torch.library import opcheck
 import fastattn
 from fastattn._ops import ops
 from conftest import DEVICES, DTYPES
-from reference import check_with_grads as check, max_err, per_sequence, random_qkv, scored_attention_math
+from reference import check_with_grads as check, random_qkv, scored_attention_math
 
 HEAD_DIMS = {"cpu": [64], "cuda": [32, 64, 96, 128, 192, 256]}
 SEED = 1234

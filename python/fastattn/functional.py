@@ -1,7 +1,7 @@
 """Public attention functions: the SDPA drop-in and the flash-attn-compatible API."""
 import logging
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
