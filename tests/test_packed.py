@@ -144,8 +144,8 @@ def test_packed_bad_input():
     with pytest.raises(ValueError, match=r"kv must be \(total, 2, nheads, headdim\)"):
         fastattn.flash_attn_varlen_kvpacked_func(torch.randn(5, 4, 32), torch.randn(5, 3, 4, 32),
                                                  _cu([5], "cpu"), _cu([5], "cpu"), 5, 5)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        fastattn.flash_attn_qkvpacked_func(torch.randn(2, 5, 3, 4, 32), dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        fastattn.flash_attn_qkvpacked_func(torch.randn(2, 5, 3, 4, 32), dropout_p=-0.1)
     with pytest.raises(ValueError, match="softcap"):
         fastattn.flash_attn_kvpacked_func(torch.randn(2, 5, 4, 32), torch.randn(2, 5, 2, 4, 32),
                                           softcap=-30.0)

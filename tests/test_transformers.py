@@ -152,23 +152,31 @@ def test_unsupported_arguments_raise():
     class M(torch.nn.Module):
         is_causal = True
 
-    for kwargs, what in [({"dropout": 0.1}, "dropout"), ({"output_attentions": True}, "output_attentions")]:
+    for kwargs, what in [({"output_attentions": True}, "output_attentions")]:
         with pytest.raises(NotImplementedError, match=what):
             fx.fastattn_attention_forward(M(), q, k, k, None, **kwargs)
     with pytest.raises(NotImplementedError, match="4-D attention mask"):
         fx.fastattn_attention_forward(M(), q, k, k, torch.ones(1, 1, 5, 5, dtype=torch.bool))
 
 
-def test_model_with_dropout_raises_while_training():
+def test_model_trains_with_attention_dropout():
+    """config.attention_dropout reaches the kernels in training (models pass 0 in eval)."""
     cfg = _config("llama")
-    cfg.attention_dropout = 0.1
+    cfg.attention_dropout = 0.3
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fastattn")
-    ids = torch.randint(0, 101, (1, 6))
+    ids = torch.randint(0, 101, (2, 9))
     model.eval()
-    model(ids)  # dropout is off in eval mode
+    ref = model(ids).logits
+    assert torch.equal(ref, model(ids).logits)
     model.train()
-    with pytest.raises(NotImplementedError, match="dropout"):
-        model(ids)
+    torch.manual_seed(11)
+    a = model(ids).logits
+    torch.manual_seed(11)
+    b = model(ids).logits
+    assert torch.equal(a, b) and not torch.allclose(a, ref)
+    a.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("device", DEVICES)
