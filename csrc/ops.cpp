@@ -141,14 +141,16 @@ TORCH_LIBRARY(fastattn, m) {
   // bias_relative a relative-position table (Hq|1, Sq + Sk - 1) instead:
   // query i, key j get bias[h, j - i + Sq - 1] (T5-style buckets). alibi_slopes
   // (Hq|1) float32 adds slopes[h] * (j - i), computed in the kernel (no
-  // gradient: sparse_bwd returns none for it).
+  // gradient: sparse_bwd returns none for it). dropout_p / rng_state: as in
+  // fwd (the dropped output's gradient in sparse_bwd given the same state).
   // Rows with no visible key: out = 0, lse = -inf.
   m.def(
       "sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
       "Tensor full_kv_num_blocks, Tensor full_kv_indices, Tensor? kv_bits_index, "
       "Tensor? partial_bits, int block_q, int block_kv, float scale, bool causal, "
       "int window_left, int window_right, bool bottom_right, Tensor? bias, "
-      "bool bias_relative=False, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
+      "bool bias_relative=False, Tensor? alibi_slopes=None, float dropout_p=0.0, "
+      "Tensor? rng_state=None) -> (Tensor out, Tensor lse)");
   // Gradients of sparse_fwd. The backward walks the transposed lists: per
   // (batch, head, KV block) q_num_blocks / q_indices (partial, with
   // q_bits_index into the same partial_bits) and full_q_num_blocks /
@@ -163,7 +165,7 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? q_bits_index, Tensor? partial_bits, int block_q, int block_kv, float scale, "
       "bool causal, int window_left, int window_right, bool bottom_right, Tensor? bias, "
       "bool bias_grad, bool deterministic, Tensor? dlse=None, bool bias_relative=False, "
-      "Tensor? alibi_slopes=None) "
+      "Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? rng_state=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 
   // Linear attention (fastattn.linear): one recurrence per (sequence, value

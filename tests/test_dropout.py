@@ -136,9 +136,37 @@ def test_sdpa_dropout(device):
         return o.transpose(1, 2), torch.zeros(1, device=device, dtype=dtype)
 
     check(f"{device} sdpa", ours, ref, (q, k, v), dtype)
-    # attn_mask together with dropout: torch's SDPA (the masked kernels take no dropout yet).
-    mask = torch.ones(L, S, dtype=torch.bool, device=device)
-    assert fastattn.explain(q, k, v, attn_mask=mask, dropout_p=p).backend == "torch"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_sdpa_masked_dropout(device, kind):
+    """BERT-style fine-tuning: a key-padding attn_mask and dropout, on the block-sparse
+    kernels; a float mask also gets its gradient."""
+    dtype = _dtypes(device)[-1]
+    N, H, L, E, p = 3, 2, 150, 64, 0.1
+    q, k, v = (torch.randn(N, H, L, E, device=device, dtype=dtype) for _ in range(3))
+    lens = torch.tensor([150, 97, 5], device=device)
+    valid = torch.arange(L, device=device)[None, :] < lens[:, None]         # (N, S)
+    bool_mask = valid[:, None, None, :].expand(N, 1, L, L)
+    mask = bool_mask if kind == "bool" else torch.where(
+        bool_mask, torch.randn(N, 1, L, L, device=device), torch.tensor(-math.inf, device=device)).to(dtype)
+    assert fastattn.explain(q, k, v, attn_mask=mask, dropout_p=p).backend == "fastattn"
+    keep = keep_of_next_call(q, N, H, L, L, p)
+
+    def ours(q, k, v, *m):
+        torch.manual_seed(SEED)
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=m[0] if m else mask, dropout_p=p)
+        return out, torch.zeros(1, device=device)
+
+    def ref(q, k, v, *m, dtype):
+        s = (q.to(dtype) * E ** -0.5) @ k.to(dtype).transpose(-1, -2)
+        s = s.masked_fill(~bool_mask, -math.inf) if kind == "bool" else s + m[0].to(dtype)
+        pr = torch.softmax(s, -1) * (keep.to(dtype) * keep_scale(p))
+        return pr @ v.to(dtype), torch.zeros(1, device=device, dtype=dtype)
+
+    inputs = (q, k, v) if kind == "bool" else (q, k, v, mask)
+    check(f"{device} sdpa {kind} mask", ours, ref, inputs, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "cpu/dropout_cpu.h"
 #include "cpu/online_softmax_cpu.h"
 #include "cpu/sparse_cpu.h"
 #include "torch/sparse_problem.h"
@@ -100,7 +101,7 @@ struct BiasView {
 
 template <typename scalar_t>
 void sparse_fwd_impl(const SparseProblem& sp, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
+                     const at::Tensor& v, const CpuDropout& drop, at::Tensor& out, at::Tensor& lse) {
   using acc_t = acc_type_t<scalar_t>;
   const AttnProblem& p = sp.attn;
   const int64_t group = p.heads_q / p.heads_kv;
@@ -130,6 +131,7 @@ void sparse_fwd_impl(const SparseProblem& sp, const at::Tensor& q, const at::Ten
       auto k_row = [&](int64_t j) { return K.row(b, j, hk); };
       auto v_row = [&](int64_t j) { return V.row(b, j, hk); };
       const ListRow lr = list_row(sp.lists, b, h, qb);
+      const DropoutStream stream = drop.stream(b * p.heads_q + h);
       auto visit_block = [&](int64_t kb, const BlockBits& bits, bool full) {
         if (kb < 0 || kb >= sp.lists.cols) return;
         const int64_t c0 = kb * sp.block_kv;
@@ -139,7 +141,12 @@ void sparse_fwd_impl(const SparseProblem& sp, const at::Tensor& q, const at::Ten
           return bias.on() ? s + bias.at(b, h, i0 + r, j) : s;
         };
         for (int64_t j0 = c0; j0 < c1; j0 += kBlockK) {
-          st.visit(j0, std::min(kBlockK, c1 - j0), k_row, v_row, range, scale, mod);
+          if (drop.on) {
+            st.visit(j0, std::min(kBlockK, c1 - j0), k_row, v_row, range, scale, mod,
+                     [&](int64_t r, int64_t j) { return drop.weight<acc_t>(stream, i0 + r, j); });
+          } else {
+            st.visit(j0, std::min(kBlockK, c1 - j0), k_row, v_row, range, scale, mod);
+          }
         }
       };
       for (int64_t j = 0; j < lr.n_part; ++j) visit_block(lr.part[j], block_bits(sp, lr.slot, j), false);
@@ -154,8 +161,8 @@ void sparse_fwd_impl(const SparseProblem& sp, const at::Tensor& q, const at::Ten
 template <typename scalar_t>
 void sparse_bwd_impl(const SparseProblem& sp, const at::Tensor& dout, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                     const at::Tensor& lse, const at::Tensor& dlse, at::Tensor& dq, at::Tensor& dk,
-                     at::Tensor& dv, at::Tensor& dbias) {
+                     const at::Tensor& lse, const at::Tensor& dlse, const CpuDropout& drop,
+                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
   using acc_t = acc_type_t<scalar_t>;
   const AttnProblem& p = sp.attn;
   const int64_t D = p.head_dim;
@@ -207,6 +214,7 @@ void sparse_bwd_impl(const SparseProblem& sp, const at::Tensor& dout, const at::
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = hk * group + g;
           const ListRow lr = list_row(sp.lists, b, h, kb);
+          const DropoutStream stream = drop.stream(b * p.heads_q + h);
           auto visit_qblock = [&](int64_t qb, const BlockBits& bits, bool full) {
             if (qb < 0 || qb >= sp.lists.cols) return;
             const int64_t r0 = qb * sp.block_q;
@@ -238,7 +246,9 @@ void sparse_bwd_impl(const SparseProblem& sp, const at::Tensor& dout, const at::
                 acc_t score = s[c] * scale;
                 if (bias.on()) score += bias.at(b, h, i, c0 + c);
                 const acc_t pc = std::exp(score - row_lse);
-                const acc_t ds_raw = pc * (dp[c] - row_delta);
+                // Dropout (as in flash_bwd_cpu.cpp): dV takes P * z, dP becomes dP * z.
+                const acc_t z = drop.on ? drop.weight<acc_t>(stream, i, c0 + c) : acc_t(1);
+                const acc_t ds_raw = pc * (dp[c] * z - row_delta);
                 if (dbias_ptr != nullptr) {
                   dbias_ptr[((b * p.heads_q + h) * sq + i) * sk + c0 + c] = ds_raw;
                 }
@@ -246,7 +256,7 @@ void sparse_bwd_impl(const SparseProblem& sp, const at::Tensor& dout, const at::
                 acc_t* dv_c = &dv_acc[c * D];
                 acc_t* dk_c = &dk_acc[c * D];
                 for (int64_t x = 0; x < D; ++x) {
-                  dv_c[x] += pc * do_row[x];
+                  dv_c[x] += pc * z * do_row[x];
                   dk_c[x] += ds * q_row[x];
                   dq_row[x] += ds * kt[x * sp.block_kv + c];
                 }
@@ -293,17 +303,19 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cpu(
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_relative,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, kv_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
       bias_relative, alibi_slopes, /*transposed=*/false);
   check_on_cpu(q);
   check_sparse_list_values(sp, false);
+  const CpuDropout drop = CpuDropout::make(dropout_p, checked_dropout(dropout_p, rng_state, q));
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = empty_lse(sp.attn, q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_sparse_fwd_cpu", [&] {
-    sparse_fwd_impl<scalar_t>(sp, q, k, v, out, lse);
+    sparse_fwd_impl<scalar_t>(sp, q, k, v, drop, out, lse);
   });
   return {out, lse};
 }
@@ -317,7 +329,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_grad, bool /*deterministic: always*/,
     const std::optional<at::Tensor>& dlse, bool bias_relative,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, q_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
@@ -329,6 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
   TORCH_CHECK(!bias_grad || sp.bias.defined(), "fastattn: bias_grad needs a bias");
   const AttnProblem& p = sp.attn;
   const at::Tensor dl = checked_dlse(dlse, lse);
+  const CpuDropout drop = CpuDropout::make(dropout_p, checked_dropout(dropout_p, rng_state, q));
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -336,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
   at::Tensor dbias = bias_grad ? at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, dbias_opts)
                                : at::empty({0}, dbias_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_sparse_bwd_cpu", [&] {
-    sparse_bwd_impl<scalar_t>(sp, dout, q, k, v, out, lse, dl, dq, dk, dv, dbias);
+    sparse_bwd_impl<scalar_t>(sp, dout, q, k, v, out, lse, dl, drop, dq, dk, dv, dbias);
   });
   if (bias_grad && sp.bias_relative) dbias = relative_bias_grad(dbias);
   return {dq, dk, dv, dbias};

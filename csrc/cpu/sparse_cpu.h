@@ -14,7 +14,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cpu(
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_relative,
-    const std::optional<at::Tensor>& alibi_slopes);
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -25,6 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cpu(
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_grad, bool deterministic,
     const std::optional<at::Tensor>& dlse, bool bias_relative,
-    const std::optional<at::Tensor>& alibi_slopes);
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state);
 
 }  // namespace fastattn::cpu

@@ -127,11 +127,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cuda(
     const std::optional<at::Tensor>& partial_bits, int64_t block_q, int64_t block_kv, double scale,
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_relative,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, kv_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
       bias_relative, alibi_slopes, /*transposed=*/false);
+  const at::Tensor rng = checked_dropout(dropout_p, rng_state, q);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k, "k"}, {&v, "v"}});
   check_cuda_sparse(sp, q);
@@ -158,6 +160,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_fwd_cuda(
   params.sparse = sparse_params(sp);
   at::Tensor bias_f32;
   params.bias = bias_params(sp, bias_f32);
+  glue::set_dropout(params.dropout, dropout_p, rng);
   glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "sparse_fwd");
   if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
   return {out, lse};
@@ -172,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cuda(
     bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
     const std::optional<at::Tensor>& bias, bool bias_grad, bool deterministic,
     const std::optional<at::Tensor>& dlse, bool bias_relative,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   const SparseProblem sp = check_sparse_args(
       q, k, v, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, q_bits_index,
       partial_bits, block_q, block_kv, scale, causal, window_left, window_right, bottom_right, bias,
@@ -193,8 +197,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_bwd_cuda(
   BiasParams bp = bias_params(sp, bias_f32);
   at::Tensor dbias = bias_grad ? bias_grad_target(sp, deterministic, bp)
                                : at::empty({0}, q.options().dtype(at::kFloat));
+  const at::Tensor rng = checked_dropout(dropout_p, rng_state, q);
+  DropoutParams drop;
+  glue::set_dropout(drop, dropout_p, rng);
   glue::run_bwd_into(prob, dout, q, k, v, out, lse, std::nullopt, std::nullopt, deterministic, dq,
-                     dk, dv, &s, "sparse_bwd", dl.defined() ? dl.data_ptr<float>() : nullptr, &bp);
+                     dk, dv, &s, "sparse_bwd", dl.defined() ? dl.data_ptr<float>() : nullptr, &bp,
+                     &drop);
   if (bias_grad && sp.bias_relative && !bp.grad_accumulate) dbias = relative_bias_grad(dbias);
   return {dq, dk, dv, dbias};
 }

@@ -262,9 +262,10 @@ torch.library.register_autograd("fastattn::merge_states", _merge_backward, setup
 @torch.library.register_fake("fastattn::sparse_fwd")
 def _sparse_fwd_fake(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                      kv_bits_index, partial_bits, block_q, block_kv, scale, causal, window_left,
-                     window_right, bottom_right, bias, bias_relative=False, alibi_slopes=None):
+                     window_right, bottom_right, bias, bias_relative=False, alibi_slopes=None,
+                     dropout_p=0.0, rng_state=None):
     _check_one_device(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                      kv_bits_index, partial_bits, bias, alibi_slopes)
+                      kv_bits_index, partial_bits, bias, alibi_slopes, rng_state)
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, None), dtype=_lse_dtype(q.dtype))
 
 
@@ -272,9 +273,9 @@ def _sparse_fwd_fake(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, ful
 def _sparse_bwd_fake(dout, q, k, v, out, lse, q_num_blocks, q_indices, full_q_num_blocks,
                      full_q_indices, q_bits_index, partial_bits, block_q, block_kv, scale, causal,
                      window_left, window_right, bottom_right, bias, bias_grad, deterministic,
-                     dlse=None, bias_relative=False, alibi_slopes=None):
+                     dlse=None, bias_relative=False, alibi_slopes=None, dropout_p=0.0, rng_state=None):
     _check_one_device(dout, q, k, v, out, lse, q_num_blocks, q_indices, full_q_num_blocks,
-                      full_q_indices, q_bits_index, partial_bits, bias, dlse, alibi_slopes)
+                      full_q_indices, q_bits_index, partial_bits, bias, dlse, alibi_slopes, rng_state)
     B, L, H, _ = q.shape
     S = k.shape[1]
     if not bias_grad:

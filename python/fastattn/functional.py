@@ -66,9 +66,6 @@ def _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
     except RuntimeError:
         return Route("torch", "batch/head dims that do not broadcast (torch raises)")
     if attn_mask is not None:
-        if dropout_p > 0.0:
-            return Route("torch", f"attn_mask together with dropout_p={dropout_p} (fastattn's masked "
-                                  "kernels take no dropout yet)")
         return _mask_route(query, key, value, attn_mask, is_causal, enable_gqa, dev)
     causal = " causal (top-left)" if is_causal else ""
     drop = f" with dropout_p={dropout_p}" if dropout_p > 0.0 else ""
@@ -126,7 +123,7 @@ class _MaskCache:
 _MASK_CACHE = _MaskCache()
 
 
-def _sdpa_masked(query, key, value, attn_mask, scale):
+def _sdpa_masked(query, key, value, attn_mask, scale, dropout_p=0.0):
     """SDPA with a bool or additive float attn_mask on the block-sparse kernels."""
     from .sparse.attention import sparse_attention_bshd
     from .sparse.block_mask import BlockMask
@@ -144,7 +141,7 @@ def _sdpa_masked(query, key, value, attn_mask, scale):
         bias = mask4
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _ = sparse_attention_bshd(q, k, v, bm, scale, bias=bias)
+    out, _ = sparse_attention_bshd(q, k, v, bm, scale, bias=bias, dropout_p=dropout_p)
     return out.transpose(1, 2)
 
 
@@ -162,9 +159,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     mask when L != S. A bool attn_mask becomes a block mask (blocks it hides
     entirely are skipped); a float one is added to the scores (with its
     gradient). Rows that see no key give 0 (torch gives NaN). dropout_p > 0
-    runs in the kernels (fastattn.dropout describes the mask; pass 0.0 when
-    not training, as with torch). Calls the kernels cannot serve (attn_mask
-    with dropout, float32 on CUDA, value head dim != query head dim, ...) go to torch's own
+    runs in the kernels, masked or not (fastattn.dropout describes the mask;
+    pass 0.0 when not training, as with torch). Calls the kernels cannot
+    serve (float32 on CUDA, value head dim != query head dim, ...) go to torch's own
     SDPA unchanged; `fastattn.explain(...)` says which way a call goes, and the
     "fastattn" logger reports it at DEBUG level.
     """
@@ -178,7 +175,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     if attn_mask is not None:
         E = query.size(-1)
-        return _sdpa_masked(query, key, value, attn_mask, 1.0 / math.sqrt(E) if scale is None else float(scale))
+        return _sdpa_masked(query, key, value, attn_mask, 1.0 / math.sqrt(E) if scale is None else float(scale),
+                            dropout_p)
     squeeze = query.dim() == 2
     if squeeze:  # (L, E): a single head
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .._ops import ops
+from ..dropout import dropout_state
 from .block_mask import BlockMask, MaskParams
 from .score_mods import resolve_score_mod
 
@@ -46,19 +47,20 @@ class _SparseAttention(torch.autograd.Function):
     autograd.Function arguments: torch.compile traces it)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, relative, slopes, scale, deterministic, block_q, block_kv, rule, *mask):
+    def forward(ctx, q, k, v, bias, relative, slopes, scale, deterministic, block_q, block_kv, rule,
+                dropout_p, rng_state, *mask):
         kv_lists, bits = mask[:5], mask[10]
         out, lse = ops.sparse_fwd(q, k, v, *kv_lists, bits, block_q, block_kv, scale, False, *rule, bias,
-                                  relative, slopes)
-        ctx.save_for_backward(q, k, v, out, lse, bias, slopes, *mask[5:])
-        ctx.args = (scale, deterministic, block_q, block_kv, rule, relative)
+                                  relative, slopes, dropout_p, rng_state)
+        ctx.save_for_backward(q, k, v, out, lse, bias, slopes, rng_state, *mask[5:])
+        ctx.args = (scale, deterministic, block_q, block_kv, rule, relative, dropout_p)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, bias, slopes, *q_lists, bits = ctx.saved_tensors
-        scale, deterministic, block_q, block_kv, rule, relative = ctx.args
+        q, k, v, out, lse, bias, slopes, rng_state, *q_lists, bits = ctx.saved_tensors
+        scale, deterministic, block_q, block_kv, rule, relative, dropout_p = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         elif dout.stride(-1) != 1:
@@ -67,25 +69,27 @@ class _SparseAttention(torch.autograd.Function):
         det = deterministic or torch.are_deterministic_algorithms_enabled()
         dq, dk, dv, dbias = ops.sparse_bwd(dout, q, k, v, out, lse, *q_lists, bits, block_q, block_kv,
                                            scale, False, *rule, bias, bias_grad, det, dlse, relative,
-                                           slopes)
+                                           slopes, dropout_p, rng_state)
         g_bias = None
         if bias_grad:
             dims = [i for i in range(bias.dim()) if bias.shape[i] == 1 and dbias.shape[i] != 1]
             g_bias = (dbias.sum(dims, keepdim=True) if dims else dbias).to(bias.dtype)
-        return (dq, dk, dv, g_bias) + (None,) * (7 + len(_MASK_FIELDS))
+        return (dq, dk, dv, g_bias) + (None,) * (9 + len(_MASK_FIELDS))
 
 
 def sparse_attention_bshd(q, k, v, block_mask: Optional[BlockMask], scale: float, bias=None,
-                          deterministic=False, relative=False, slopes=None):
+                          deterministic=False, relative=False, slopes=None, dropout_p=0.0):
     """Kernel-layout entry: q (B, L, H, D), k/v (B, S, Hkv, D); returns out (B, L, H, D), lse (B, H, L).
     bias: (B|1, H|1, L, S), or with relative a (H|1, L + S - 1) table read at [h, j - i + L - 1];
-    slopes: fixed ALiBi slopes (H|1) float32, adding slopes[h] * (j - i) in the kernel."""
+    slopes: fixed ALiBi slopes (H|1) float32, adding slopes[h] * (j - i) in the kernel;
+    dropout_p: attention dropout (fastattn.dropout), forward and backward."""
     L, S = q.shape[1], k.shape[1]
+    dropout_p, rng_state = dropout_state(dropout_p, q, q.shape[0], q.shape[2])
     bm = _resolve_mask(block_mask, q.device)
     if bm is None and torch.compiler.is_compiling():
         # Traced: plain tensor ops (building the BlockMask object would break the graph).
         return _SparseAttention.apply(q, k, v, bias, relative, slopes, scale, deterministic, 128, 128,
-                                      (-1, -1, False),
+                                      (-1, -1, False), dropout_p, rng_state,
                                       *_full_mask_tensors(L, S, q.device))
     if bm is None:
         bm = _full_mask(L, S, q.device)
@@ -96,7 +100,7 @@ def sparse_attention_bshd(q, k, v, block_mask: Optional[BlockMask], scale: float
     rule = (mp.window_left, mp.window_right, mp.bottom_right)
     mask = tuple(getattr(bm, f) for f in _MASK_FIELDS)
     return _SparseAttention.apply(q, k, v, bias, relative, slopes, scale, deterministic, bm.BLOCK_SIZE[0],
-                                  bm.BLOCK_SIZE[1], rule, *mask)
+                                  bm.BLOCK_SIZE[1], rule, dropout_p, rng_state, *mask)
 
 
 def _full_mask_tensors(L, S, device):
