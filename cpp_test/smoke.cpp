@@ -20,12 +20,12 @@ namespace {
 using FwdFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, int64_t, int64_t, double, bool, int64_t, int64_t, bool, bool,
-    double, const std::optional<at::Tensor>&);
+    double, const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&);
 using BwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
     int64_t, double, bool, int64_t, int64_t, bool, bool, double, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&);
 
 // Naive causal (bottom-right) GQA attention in float64 over (B, S, H, D).
 std::tuple<at::Tensor, at::Tensor> naive(const at::Tensor& q, const at::Tensor& k,
@@ -167,7 +167,7 @@ int main() {
   auto k = at::randn({2, 53, 2, 64});
   auto v = at::randn({2, 53, 2, 64});
   auto [out, lse] = fwd.call(q, k, v, std::nullopt, std::nullopt, 0, 0, scale, true, -1, -1, true,
-                             false, 0.0, std::nullopt);
+                             false, 0.0, std::nullopt, 0.0, std::nullopt);
   auto [ref_out, ref_lse] = naive(q, k, v, scale);
   bool ok = check("fwd out (fp32)", out, ref_out, 1e-5);
   ok &= check("fwd lse (fp32)", lse, ref_lse, 1e-5);
@@ -180,7 +180,8 @@ int main() {
   auto ref = std::get<0>(naive(qd, kd, vd, scale));
   ref.backward(dout.to(at::kDouble));
   auto [dq, dk, dv] = bwd.call(dout, q, k, v, out, lse, std::nullopt, std::nullopt, 0, 0, scale,
-                               true, -1, -1, true, false, 0.0, std::nullopt, std::nullopt);
+                               true, -1, -1, true, false, 0.0, std::nullopt, std::nullopt, 0.0,
+                               std::nullopt);
   ok &= check("bwd dq (fp32)", dq, qd.grad(), 1e-4);
   ok &= check("bwd dk (fp32)", dk, kd.grad(), 1e-4);
   ok &= check("bwd dv (fp32)", dv, vd.grad(), 1e-4);
@@ -193,12 +194,13 @@ int main() {
                    .findSchemaOrThrow("fastattn::merge_states", "")
                    .typed<MergeFn>();
   auto [full_out, full_lse] = fwd.call(q, k, v, std::nullopt, std::nullopt, 0, 0, scale, false,
-                                       -1, -1, false, false, 0.0, std::nullopt);
+                                       -1, -1, false, false, 0.0, std::nullopt, 0.0, std::nullopt);
   auto [oa, la] = fwd.call(q, k.narrow(1, 0, 20), v.narrow(1, 0, 20), std::nullopt, std::nullopt,
-                           0, 0, scale, false, -1, -1, false, false, 0.0, std::nullopt);
+                           0, 0, scale, false, -1, -1, false, false, 0.0, std::nullopt, 0.0,
+                           std::nullopt);
   auto [ob, lb] = fwd.call(q, k.narrow(1, 20, 33), v.narrow(1, 20, 33), std::nullopt,
                            std::nullopt, 0, 0, scale, false, -1, -1, false, false, 0.0,
-                           std::nullopt);
+                           std::nullopt, 0.0, std::nullopt);
   auto [merged, merged_lse] = merge.call(oa, la, ob, lb);
   ok &= check("merge_states out (fp32)", merged, full_out.to(at::kDouble), 1e-5);
   ok &= check("merge_states lse (fp32)", merged_lse, full_lse.to(at::kDouble), 1e-5);
@@ -210,7 +212,7 @@ int main() {
   // Bad input is an error, not a crash.
   try {
     fwd.call(q, k.narrow(2, 0, 1).expand({2, 53, 3, 64}), v, std::nullopt, std::nullopt, 0, 0,
-             scale, false, -1, -1, false, false, 0.0, std::nullopt);
+             scale, false, -1, -1, false, false, 0.0, std::nullopt, 0.0, std::nullopt);
     std::printf("bad GQA heads: no error FAIL\n");
     ok = false;
   } catch (const c10::Error& e) {

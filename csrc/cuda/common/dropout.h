@@ -13,10 +13,10 @@
 //             of the 16 output bytes (little-endian words x, y, z, w)
 //   kept    iff byte < threshold (dropout_threshold below)
 // One block serves the 4 x 4 pairs {a, a+1, a+8, a+9} x {c, c+1, c+8, c+9}:
-// the only grouping that one thread of an mma C fragment owns half of both
+// a grouping of which one thread of an mma C fragment holds exactly half both
 // in the forward (rows = queries: rows r, r + 8 and column pairs) and in the
-// transposed backward (rows = keys), so each layout computes one block per
-// 16 x 16 tile per thread and uses the 8 bytes it holds (fragment_keep_*).
+// transposed backward (rows = keys), the other half being held by lane ^ 4
+// (see DropoutTile below).
 // Calls draw disjoint counters: the caller reserves batch * heads_q offsets
 // from torch's Philox generator (offset advances by at least that much).
 //
@@ -105,9 +105,14 @@ struct DropoutStream {
 namespace fastattn {
 namespace gpu {
 
-// Per-thread dropout state of one (sequence, head): the stream, the byte
-// threshold replicated into the four bytes of a word (for __vcmpltu4), and the
-// scale of kept values.
+// Per-thread dropout state of one (sequence, head): the stream and the byte
+// threshold replicated into the four bytes of a word (for __vcmpltu4).
+//
+// Work sharing: in both fragment layouts the lanes L and L ^ 4 hold the two
+// halves of the same 4 x 4 groups (rows r and r + 1 of an m16 tile), so for
+// two neighbouring 16 x 16 tiles each lane of the pair computes one Philox
+// block and passes the other lane the 8 keep bytes it needs (one Philox
+// block per 16 scores per thread instead of per 8).
 struct DropoutTile {
   DropoutStream stream;
   uint32_t threshold4;
@@ -127,48 +132,32 @@ struct DropoutTile {
     m[2] = __vcmpltu4(r.z, threshold4);
     m[3] = __vcmpltu4(r.w, threshold4);
   }
-
-  // Forward layout (rows = queries): the keep bits of this thread's 8 scores
-  // s[2k + t][2 hh + c] of the 16 x 16 tile whose thread element (0, 0) is
-  // query i, key j (i: this lane's row, i % 16 < 8; j: its first column, even),
-  // as bit t * 4 + 2 hh + c.
-  __device__ __forceinline__ uint32_t fragment_keep_fwd(int i, int j) const {
-    uint32_t m[4];
-    keep_bytes(m, dropout_group(i), dropout_group(j));
-    // byte index: (i & 1) | hh << 1 | c << 2 | t << 3 -> word c | t << 1, byte (i & 1) | hh << 1
-    const int sh = 8 * (i & 1);
-    uint32_t bits = 0;
-#pragma unroll
-    for (int t = 0; t < 2; ++t)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-          bits |= ((m[c | (t << 1)] >> (sh + 16 * hh)) & 1u) << (t * 4 + 2 * hh + c);
-    return bits;
-  }
-
-  // Transposed backward layout (rows = keys): the keep bits of s[2k + t][2 hh + c]
-  // (key j + 8 hh, query i + 8 t + c) with thread element (0, 0) at key j
-  // (j % 16 < 8) and query i (even), as bit t * 4 + 2 hh + c.
-  __device__ __forceinline__ uint32_t fragment_keep_bwd(int i, int j) const {
-    uint32_t m[4];
-    keep_bytes(m, dropout_group(i), dropout_group(j));
-    // byte index: c | t << 1 | (j & 1) << 2 | hh << 3 -> word (j & 1) | hh << 1, byte c | t << 1
-    const int jb = j & 1;
-    uint32_t bits = 0;
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const uint32_t word = jb ? m[1 | (hh << 1)] : m[hh << 1];
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-          bits |= ((word >> (8 * (c | (t << 1)))) & 1u) << (t * 4 + 2 * hh + c);
-    }
-    return bits;
-  }
 };
+
+// Forward layout (rows = queries). A thread's scores of one 16 x 16 tile are
+// s[2k + t][2 hh + c]: query i + 8 hh, key j + 8 t + c, with i its row (i % 16
+// < 8) and j its first column (j % 16 == 2 (lane % 4)). Their byte numbers are
+// (i & 1) | hh << 1 | c << 2 | t << 3: word c | t << 1, byte (i & 1) | hh << 1.
+// fwd_pack gathers those 8 bytes of the group's words m as two words
+// [m(2t).b(w), m(2t).b(w + 2), m(2t + 1).b(w), m(2t + 1).b(w + 2)], t = 0, 1
+// (w = i & 1): score (t, hh, c) is kept iff bit 8 (2c + hh) of word t is set.
+__device__ __forceinline__ void fwd_pack(uint32_t (&packed)[2], const uint32_t (&m)[4], int w) {
+  const uint32_t sel = w ? 0x7531u : 0x6420u;
+  packed[0] = __byte_perm(m[0], m[1], sel);
+  packed[1] = __byte_perm(m[2], m[3], sel);
+}
+
+__device__ __forceinline__ void apply_fwd_tile(float (&s0)[4], float (&s1)[4],
+                                               const uint32_t (&packed)[2]) {
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const uint32_t bit = 1u << (8 * (2 * c + hh));
+      if (!(packed[0] & bit)) s0[2 * hh + c] = 0.f;
+      if (!(packed[1] & bit)) s1[2 * hh + c] = 0.f;
+    }
+}
 
 // Forward: zero the dropped probabilities of P (fp32 C fragments s[MT][NT][4];
 // rows row0 + 16 mt (+ 8), columns col0 + 8 nt (+ 1)). The kept ones are
@@ -177,17 +166,33 @@ template <int MT, int NT>
 __device__ __forceinline__ void drop_probs_c(float (&s)[MT][NT][4], const DropoutTile& d, int row0,
                                              int col0) {
   static_assert(NT % 2 == 0, "dropout works on 16-column tiles");
+  constexpr int kTiles = NT / 2;
+  const int w = row0 & 1;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int mt = 0; mt < MT; ++mt) {
+    const uint32_t gy = dropout_group(row0 + 16 * mt);
 #pragma unroll
-    for (int k = 0; k < NT / 2; ++k) {
-      const uint32_t bits = d.fragment_keep_fwd(row0 + 16 * mt, col0 + 16 * k);
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!((bits >> (t * 4 + e)) & 1u)) s[mt][2 * k + t][e] = 0.f;
+    for (int k = 0; k + 1 < kTiles; k += 2) {
+      // Lane w computes tile k + w and swaps with lane ^ 4 (which has 1 - w).
+      uint32_t m[4], own[2], other[2], recv[2];
+      d.keep_bytes(m, gy, dropout_group(col0 + 16 * (k + w)));
+      fwd_pack(own, m, w);
+      fwd_pack(other, m, 1 - w);
+      recv[0] = __shfl_xor_sync(0xffffffffu, other[0], 4);
+      recv[1] = __shfl_xor_sync(0xffffffffu, other[1], 4);
+      const uint32_t a[2] = {w ? recv[0] : own[0], w ? recv[1] : own[1]};
+      const uint32_t b[2] = {w ? own[0] : recv[0], w ? own[1] : recv[1]};
+      apply_fwd_tile(s[mt][2 * k], s[mt][2 * k + 1], a);
+      apply_fwd_tile(s[mt][2 * k + 2], s[mt][2 * k + 3], b);
     }
+    if constexpr (kTiles % 2 == 1) {  // a last unpaired tile: both lanes compute it
+      constexpr int k = kTiles - 1;
+      uint32_t m[4], own[2];
+      d.keep_bytes(m, gy, dropout_group(col0 + 16 * k));
+      fwd_pack(own, m, w);
+      apply_fwd_tile(s[mt][2 * k], s[mt][2 * k + 1], own);
+    }
+  }
 }
 
 // O *= keep scale (the forward's epilogue), any fragment array.
@@ -207,24 +212,60 @@ __device__ __forceinline__ void scale_fragments(float (&x)[N][M][K], float scale
   for (int i = 0; i < N; ++i) scale_fragments(x[i], scale);
 }
 
+// Bit b of each byte of x (bytes 0 / 1) gathered into a nibble: byte n -> bit n.
+__device__ __forceinline__ uint32_t byte_flags_to_nibble(uint32_t x) {
+  return ((x & 0x01010101u) * 0x01020408u) >> 24;
+}
+
 // Backward (transposed fragments x[NT][4], rows keys key0 (+ 8), columns
-// queries q0 + 8 nt (+ 1)): the keep bits of all NT / 2 tiles, 8 per tile,
-// packed four tiles to a word, computed once and applied twice (to dP, then P).
+// queries q0 + 8 nt (+ 1)). Score (t, hh, c) of tile k (= x[2k + t][2 hh + c]:
+// key j + 8 hh, query i + 8 t + c) has byte number c | t << 1 | (j & 1) << 2 |
+// hh << 3: word (j & 1) | hh << 1, byte c | t << 1. The keep flags of all
+// NT / 2 tiles, 8 per tile (bit 4 hh + 2 t + c), packed four tiles to a word,
+// are computed once and applied twice (to dP, then P).
 template <int NT>
 struct DropoutBitsT {
-  static constexpr int kWords = (NT / 2 + 3) / 4;
+  static constexpr int kTiles = NT / 2;
+  static constexpr int kWords = (kTiles + 3) / 4;
   uint32_t w[kWords];
+
+  // This thread's two words (hh = 0, 1) of a group's words m, as 8 flags.
+  static __device__ __forceinline__ uint32_t flags(uint32_t lo, uint32_t hi) {
+    return byte_flags_to_nibble(lo) | (byte_flags_to_nibble(hi) << 4);
+  }
+
   __device__ __forceinline__ void compute(const DropoutTile& d, int key0, int q0) {
+    static_assert(NT % 2 == 0, "dropout works on 16-column tiles");
 #pragma unroll
     for (int x = 0; x < kWords; ++x) w[x] = 0;
+    const int jb = key0 & 1;
+    const uint32_t gx = dropout_group(key0);
 #pragma unroll
-    for (int k = 0; k < NT / 2; ++k) w[k / 4] |= d.fragment_keep_bwd(q0 + 16 * k, key0) << (8 * (k % 4));
+    for (int k = 0; k + 1 < kTiles; k += 2) {
+      // Lane jb computes tile k + jb; it keeps words jb, jb + 2 and sends the others.
+      uint32_t m[4];
+      d.keep_bytes(m, dropout_group(q0 + 16 * (k + jb)), gx);
+      const uint32_t own_lo = jb ? m[1] : m[0], own_hi = jb ? m[3] : m[2];
+      const uint32_t recv_lo = __shfl_xor_sync(0xffffffffu, jb ? m[0] : m[1], 4);
+      const uint32_t recv_hi = __shfl_xor_sync(0xffffffffu, jb ? m[2] : m[3], 4);
+      const uint32_t fa = flags(jb ? recv_lo : own_lo, jb ? recv_hi : own_hi);
+      const uint32_t fb = flags(jb ? own_lo : recv_lo, jb ? own_hi : recv_hi);
+      w[k / 4] |= fa << (8 * (k % 4));
+      w[(k + 1) / 4] |= fb << (8 * ((k + 1) % 4));
+    }
+    if constexpr (kTiles % 2 == 1) {
+      constexpr int k = kTiles - 1;
+      uint32_t m[4];
+      d.keep_bytes(m, dropout_group(q0 + 16 * k), gx);
+      w[k / 4] |= flags(jb ? m[1] : m[0], jb ? m[3] : m[2]) << (8 * (k % 4));
+    }
   }
   // x <- x * scale where kept, 0 where dropped: one n8 tile nt, or all.
   __device__ __forceinline__ void apply_tile(float (&x)[4], int nt, float scale) const {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int bit = 8 * ((nt / 2) % 4) + (nt & 1) * 4 + e;
+      const int hh = e >> 1, c = e & 1, t = nt & 1;
+      const int bit = 8 * ((nt / 2) % 4) + 4 * hh + 2 * t + c;
       x[e] = ((w[nt / 8] >> bit) & 1u) ? x[e] * scale : 0.f;
     }
   }
