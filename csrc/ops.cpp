@@ -111,12 +111,13 @@ TORCH_LIBRARY(fastattn, m) {
   // new chunk's K/V with append_kv first). Causal/window align bottom-right
   // (a chunk's last query sits at key seqlens_k[b] - 1), so prefill chunks and
   // decode rows (1 query) mix in one call. Returns out (total_q, Hq, D) and lse
-  // (Hq, total_q) float32 (float64 for float64 q).
+  // (Hq, total_q) float32 (float64 for float64 q). dropout_p / rng_state as
+  // in fwd (flash-attn takes dropout on this path too; no backward here).
   m.def(
       "paged_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
       "Tensor seqlens_k, Tensor block_table, int max_seqlen_q, float scale, bool causal, "
-      "int window_left, int window_right, float softcap=0.0, Tensor? alibi_slopes=None) "
-      "-> (Tensor out, Tensor lse)");
+      "int window_left, int window_right, float softcap=0.0, Tensor? alibi_slopes=None, "
+      "float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor out, Tensor lse)");
   // Writes new tokens into a cache in place: k, v (N, Hkv, D); slot_mapping (N) int64,
   // slot = row * S (contiguous cache (B_cache, S, Hkv, D): row = cache batch, S = S_max;
   // paged (num_blocks, block_size, Hkv, D): row = block, S = block_size) + position.

@@ -27,7 +27,9 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::
                                                  int64_t max_seqlen_q, double scale, bool causal,
                                                  int64_t window_left, int64_t window_right,
                                                  double softcap = 0.0,
-                                                 const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+                                                 const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                                                 double dropout_p = 0.0,
+                                                 const std::optional<at::Tensor>& rng_state = std::nullopt);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -117,7 +117,9 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::
                                                  int64_t max_seqlen_q, double scale, bool causal,
                                                  int64_t window_left, int64_t window_right,
                                                  double softcap,
-                                                 const std::optional<at::Tensor>& alibi_slopes) {
+                                                 const std::optional<at::Tensor>& alibi_slopes,
+                                                 double dropout_p,
+                                                 const std::optional<at::Tensor>& rng_state) {
   PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
                                             block_table, max_seqlen_q, scale, causal, window_left,
                                             window_right);
@@ -125,13 +127,14 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::
   TORCH_CHECK(q.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", q.device());
   const AttnProblem& p = pp.attn;
   const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, p.batch, p.heads_q, q);
+  const CpuDropout drop = CpuDropout::make(dropout_p, checked_dropout(dropout_p, rng_state, q));
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = empty_lse(p, q);
   const at::Tensor lens = seqlens_k.contiguous();
   const at::Tensor table = block_table.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_paged_fwd_cpu", [&] {
     const PagedKv<scalar_t> kv(k_cache, v_cache, table, lens.data_ptr<int32_t>(), p.seqlen_k);
-    fwd_impl<scalar_t>(p, q, kv, cu_seqlens_q.data_ptr<int32_t>(), slopes, CpuDropout{}, out, lse);
+    fwd_impl<scalar_t>(p, q, kv, cu_seqlens_q.data_ptr<int32_t>(), slopes, drop, out, lse);
   });
   return {out, lse};
 }

@@ -118,13 +118,16 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
                                                   int64_t max_seqlen_q, double scale, bool causal,
                                                   int64_t window_left, int64_t window_right,
                                                   double softcap,
-                                                  const std::optional<at::Tensor>& alibi_slopes) {
+                                                  const std::optional<at::Tensor>& alibi_slopes,
+                                                  double dropout_p,
+                                                  const std::optional<at::Tensor>& rng_state) {
   PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
                                             block_table, max_seqlen_q, scale, causal,
                                             window_left, window_right);
   pp.attn.softcap = checked_softcap(softcap);
   const AttnProblem& prob = pp.attn;
   const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, prob.batch, prob.heads_q, q);
+  const at::Tensor rng = checked_dropout(dropout_p, rng_state, q);
   const ElemType dtype = glue::cuda_elem_type(q);
   glue::check_cuda_devices(q, {{&k_cache, "k_cache"},
                                {&v_cache, "v_cache"},
@@ -175,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
   params.num_pages = static_cast<int>(pp.num_blocks);
   params.seqlens_k = lens.data_ptr<int>();
   glue::set_alibi(params.bias, slopes);
+  glue::set_dropout(params.dropout, dropout_p, rng);
   glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "paged_fwd");
 
   if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));

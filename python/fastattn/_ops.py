@@ -163,8 +163,9 @@ def _decode_fake(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, s
 
 @torch.library.register_fake("fastattn::paged_fwd")
 def _paged_fwd_fake(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, max_seqlen_q, scale,
-                    causal, window_left, window_right, softcap=0.0, alibi_slopes=None):
-    _check_one_device(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes)
+                    causal, window_left, window_right, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                    rng_state=None):
+    _check_one_device(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes, rng_state)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
 
 

@@ -370,8 +370,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     last query sees the sequence's last key. A batch where every sequence has
     exactly max_seqlen_q <= 16 new queries (a decode step) runs on the split-KV
     decode kernel, anything else (prefill chunks mixed with decode rows) on the
-    paged forward kernel in one launch. No backward on this path (and no
-    dropout: an inference path). dropout_p as in flash_attn_func.
+    paged forward kernel in one launch (also any call with dropout). No
+    backward on this path. dropout_p as in flash_attn_func.
     """
     softcap = _softcap(softcap)
     _check_flash_dtype(q)
@@ -380,9 +380,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     slopes = _alibi(alibi_slopes, scale)
     p, rng_state = 0.0, None
     if block_table is not None:
-        if dropout_p:
-            raise NotImplementedError(f"fastattn: dropout_p={dropout_p} with block_table (the paged "
-                                      "KV path is inference-only)")
         _check_paged_block_size(k)
         if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 2:
             raise ValueError("fastattn: with block_table, cu_seqlens_k must be a 1-D int32 tensor of "
@@ -391,7 +388,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise TypeError(f"fastattn: cu_seqlens_k must be int32, got {cu_seqlens_k.dtype}")
         seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
         batch, sq = cu_seqlens_k.numel() - 1, int(max_seqlen_q)
-        if q.dim() == 3 and 1 <= sq <= _PAGED_DECODE_MAX_Q and q.shape[0] == batch * sq:
+        p, rng_state = dropout_state(dropout_p, q, batch, q.shape[1] if q.dim() == 3 else 1)
+        if rng_state is None and q.dim() == 3 and 1 <= sq <= _PAGED_DECODE_MAX_Q and q.shape[0] == batch * sq:
             # Every sequence has exactly max_seqlen_q new queries (none has more,
             # and they sum to batch * max_seqlen_q): a decode step (or uniform
             # speculative chunk). The split-KV decode kernel packs a KV head's
@@ -404,7 +402,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             lse = lse.permute(1, 0, 2).reshape(q.shape[1], batch * sq)
         else:
             out, lse = ops.paged_fwd(q, k, v, cu_seqlens_q, seqlens_k, block_table, sq, scale,
-                                     bool(causal), left, right, softcap, slopes)
+                                     bool(causal), left, right, softcap, slopes, p, rng_state)
     else:
         if not isinstance(cu_seqlens_q, torch.Tensor):
             raise ValueError("fastattn: cu_seqlens_q must be a 1-D int32 tensor")

@@ -165,7 +165,7 @@ struct FwdParams {
   // The sparse ops' bias (dense batches, scale > 0); the dense ops use its
   // ALiBi part alone (flash-attn's alibi_slopes, varlen and paged included).
   BiasParams bias;
-  // Dropout on P (fwd / bwd ops; not with paged K/V). The mask of (b, h, i, j)
+  // Dropout on P (fwd, bwd, sparse and paged_fwd ops). The mask of (b, h, i, j)
   // uses stream bh = b * heads_q + h and in-sequence positions i, j.
   DropoutParams dropout;
 };
