@@ -28,4 +28,5 @@ if has cascade; then
   timeout ${CASCADE_TIMEOUT:-150} python -m benchmarks.cascade --rounds 2 --prefixes 2048,8192 --batches 16,64 \
     --suffix 512 > "$OUT/cascade.log" 2>&1
   tail -16 "$OUT/cascade.log"
+  timeout 90 python scripts/dev/cascade_parts.py 8192 64 512 2>&1 | tail -12
 fi

@@ -122,6 +122,12 @@ struct DropoutTile {
                                  static_cast<uint64_t>(rng_state[1]), static_cast<uint64_t>(bh));
     threshold4 = threshold * 0x01010101u;
   }
+  template <typename DropoutParamsT>
+  static __device__ __forceinline__ DropoutTile make(const DropoutParamsT& p, int64_t bh) {
+    DropoutTile d;
+    d.init(p.rng_state, p.keep_threshold, bh);
+    return d;
+  }
 
   // The 16 keep bytes of one group as 0xff (kept) / 0x00 per byte.
   __device__ __forceinline__ void keep_bytes(uint32_t (&m)[4], uint32_t row_group,
@@ -147,52 +153,80 @@ __device__ __forceinline__ void fwd_pack(uint32_t (&packed)[2], const uint32_t (
   packed[1] = __byte_perm(m[2], m[3], sel);
 }
 
-__device__ __forceinline__ void apply_fwd_tile(float (&s0)[4], float (&s1)[4],
-                                               const uint32_t (&packed)[2]) {
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const uint32_t bit = 1u << (8 * (2 * c + hh));
-      if (!(packed[0] & bit)) s0[2 * hh + c] = 0.f;
-      if (!(packed[1] & bit)) s1[2 * hh + c] = 0.f;
-    }
+// Bit b of each byte of x (bytes 0 / 1) gathered into a nibble: byte n -> bit n.
+__device__ __forceinline__ uint32_t byte_flags_to_nibble(uint32_t x) {
+  return ((x & 0x01010101u) * 0x01020408u) >> 24;
 }
 
-// Forward: zero the dropped probabilities of P (fp32 C fragments s[MT][NT][4];
-// rows row0 + 16 mt (+ 8), columns col0 + 8 nt (+ 1)). The kept ones are
-// scaled once, on O, in the epilogue.
+// Forward: the keep flags of a thread's P fragments s[MT][NT][4] (rows row0 +
+// 16 mt (+ 8), columns col0 + 8 nt (+ 1)), 8 per 16 x 16 tile (score (t, hh, c)
+// at bit 4 t + 2 c + hh), four tiles to a word. Independent of the scores, so
+// the sm90 kernels compute them while the tensor cores run S = Q K^T.
+template <int MT, int NT>
+struct DropoutBitsF {
+  static_assert(NT % 2 == 0, "dropout works on 16-column tiles");
+  static constexpr int kTiles = NT / 2;  // per m16 tile
+  static constexpr int kWords = (MT * kTiles + 3) / 4;
+  uint32_t w[kWords];
+
+  static __device__ __forceinline__ uint32_t flags(const uint32_t (&packed)[2]) {
+    return byte_flags_to_nibble(packed[0]) | (byte_flags_to_nibble(packed[1]) << 4);
+  }
+  __device__ __forceinline__ void put(int tile, uint32_t f) { w[tile / 4] |= f << (8 * (tile % 4)); }
+
+  __device__ __forceinline__ void compute(const DropoutTile& d, int row0, int col0) {
+#pragma unroll
+    for (int x = 0; x < kWords; ++x) w[x] = 0;
+    const int wb = row0 & 1;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const uint32_t gy = dropout_group(row0 + 16 * mt);
+#pragma unroll
+      for (int k = 0; k + 1 < kTiles; k += 2) {
+        // Lane wb computes tile k + wb and swaps with lane ^ 4 (which has 1 - wb).
+        uint32_t m[4], own[2], other[2], recv[2];
+        d.keep_bytes(m, gy, dropout_group(col0 + 16 * (k + wb)));
+        fwd_pack(own, m, wb);
+        fwd_pack(other, m, 1 - wb);
+        recv[0] = __shfl_xor_sync(0xffffffffu, other[0], 4);
+        recv[1] = __shfl_xor_sync(0xffffffffu, other[1], 4);
+        const uint32_t a[2] = {wb ? recv[0] : own[0], wb ? recv[1] : own[1]};
+        const uint32_t b[2] = {wb ? own[0] : recv[0], wb ? own[1] : recv[1]};
+        put(mt * kTiles + k, flags(a));
+        put(mt * kTiles + k + 1, flags(b));
+      }
+      if constexpr (kTiles % 2 == 1) {  // a last unpaired tile: both lanes compute it
+        constexpr int k = kTiles - 1;
+        uint32_t m[4], own[2];
+        d.keep_bytes(m, gy, dropout_group(col0 + 16 * k));
+        fwd_pack(own, m, wb);
+        put(mt * kTiles + k, flags(own));
+      }
+    }
+  }
+
+  // Zero the dropped probabilities (the kept ones are scaled once, on O).
+  __device__ __forceinline__ void apply(float (&s)[MT][NT][4]) const {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int tile = mt * kTiles + nt / 2, t = nt & 1, hh = e >> 1, c = e & 1;
+          const int bit = 8 * (tile % 4) + 4 * t + 2 * c + hh;
+          if (!((w[tile / 4] >> bit) & 1u)) s[mt][nt][e] = 0.f;
+        }
+  }
+};
+
+// Forward, in one place (kernels whose MMAs are synchronous).
 template <int MT, int NT>
 __device__ __forceinline__ void drop_probs_c(float (&s)[MT][NT][4], const DropoutTile& d, int row0,
                                              int col0) {
-  static_assert(NT % 2 == 0, "dropout works on 16-column tiles");
-  constexpr int kTiles = NT / 2;
-  const int w = row0 & 1;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const uint32_t gy = dropout_group(row0 + 16 * mt);
-#pragma unroll
-    for (int k = 0; k + 1 < kTiles; k += 2) {
-      // Lane w computes tile k + w and swaps with lane ^ 4 (which has 1 - w).
-      uint32_t m[4], own[2], other[2], recv[2];
-      d.keep_bytes(m, gy, dropout_group(col0 + 16 * (k + w)));
-      fwd_pack(own, m, w);
-      fwd_pack(other, m, 1 - w);
-      recv[0] = __shfl_xor_sync(0xffffffffu, other[0], 4);
-      recv[1] = __shfl_xor_sync(0xffffffffu, other[1], 4);
-      const uint32_t a[2] = {w ? recv[0] : own[0], w ? recv[1] : own[1]};
-      const uint32_t b[2] = {w ? own[0] : recv[0], w ? own[1] : recv[1]};
-      apply_fwd_tile(s[mt][2 * k], s[mt][2 * k + 1], a);
-      apply_fwd_tile(s[mt][2 * k + 2], s[mt][2 * k + 3], b);
-    }
-    if constexpr (kTiles % 2 == 1) {  // a last unpaired tile: both lanes compute it
-      constexpr int k = kTiles - 1;
-      uint32_t m[4], own[2];
-      d.keep_bytes(m, gy, dropout_group(col0 + 16 * k));
-      fwd_pack(own, m, w);
-      apply_fwd_tile(s[mt][2 * k], s[mt][2 * k + 1], own);
-    }
-  }
+  DropoutBitsF<MT, NT> bits;
+  bits.compute(d, row0, col0);
+  bits.apply(s);
 }
 
 // O *= keep scale (the forward's epilogue), any fragment array.
@@ -210,11 +244,6 @@ template <int N, int M, int K>
 __device__ __forceinline__ void scale_fragments(float (&x)[N][M][K], float scale) {
 #pragma unroll
   for (int i = 0; i < N; ++i) scale_fragments(x[i], scale);
-}
-
-// Bit b of each byte of x (bytes 0 / 1) gathered into a nibble: byte n -> bit n.
-__device__ __forceinline__ uint32_t byte_flags_to_nibble(uint32_t x) {
-  return ((x & 0x01010101u) * 0x01020408u) >> 24;
 }
 
 // Backward (transposed fragments x[NT][4], rows keys key0 (+ 8), columns

@@ -5,9 +5,10 @@
 // where the two warpgroups meet for dQ.
 //
 //   Step::issue_sdp(s, dp, sK, sV, q, dout, wg)    S^T = K_wg Q^T, dP^T = V_wg dO^T (SS)
-//   Step::p_and_ds(s, dp, pa, dsa, ...)            P^T, dS^T = P^T o (dP^T - D) in place,
-//                                                  softcap, mask, bits, bias grad; both as
-//                                                  A fragments
+//   Step::drop_bits(keep, p, blk, hq, m0, ...)     dropout flags (while S^T, dP^T run)
+//   Step::p_and_ds(s, dp, pa, dsa, ..., keep)      P^T, dS^T = P^T o (dP^T - D) in place,
+//                                                  dropout, softcap, mask, bits, bias grad;
+//                                                  both as A fragments
 //   Step::issue_dkv(dv, dk, pa, dsa, q, dout)      dV += P^T dO, dK += dS^T Q (RS)
 //   Step::store_ds(ds_tile, dsa, key_row, t4)      this thread's dS^T into the [key][query] tile
 //   Step::issue_dq(dq, ds_tile, sK, wg)            dQ = dS K for this warpgroup's part (SS)
@@ -82,20 +83,14 @@ struct BwdSm90Step {
                                                   const BwdParams& p, const BwdBlock& blk, int hq,
                                                   int m0, int sched_i, int key_row, int t4,
                                                   const float* lse_b, const float* dsum_b,
-                                                  float scale_log2) {
+                                                  float scale_log2, const DropoutBitsT<NTS>& keep) {
     constexpr int kBlockN = Traits::kBlockN;
     const int n0 = blk.n0;
-    // Dropout: dP of a dropped pair is 0 and of a kept one dP * keep_scale
-    // (the forward's output only saw the kept, scaled P); dS = P (dP~ - D)
-    // uses the undropped P, and dV the dropped, scaled one.
-    DropoutBitsT<NTS> keep;
+    // Dropout (keep: drop_bits' flags): dP of a dropped pair is 0 and of a
+    // kept one dP * keep_scale (the forward's output only saw the kept, scaled
+    // P); dS = P (dP~ - D) uses the undropped P, and dV the dropped, scaled one.
     const bool dropping = p.dropout.on();
-    if (dropping) {
-      DropoutTile d;
-      d.init(p.dropout.rng_state, p.dropout.keep_threshold, int64_t(blk.b) * p.heads_q + hq);
-      keep.compute(d, n0 + key_row, m0 + 2 * t4);
-      keep.apply(dp, p.dropout.keep_scale);
-    }
+    if (dropping) keep.apply(dp, p.dropout.keep_scale);
     // With a softcap, D is folded into dp here (softcap.h) and taken as 0 below.
     const bool capped = p.softcap_in != 0.f;
     if (capped) cap_scores_and_ds<NTS>(s, dp, dsum_b + 2 * t4, p.softcap_in, p.softcap_out);
@@ -139,6 +134,16 @@ struct BwdSm90Step {
       c_pair_to_a<Elem>(pa[kk], s[2 * kk], s[2 * kk + 1]);
       c_pair_to_a<Elem>(dsa[kk], dp[2 * kk], dp[2 * kk + 1]);
     }
+  }
+
+  // The dropout flags of this thread's S^T / dP^T fragments (p.dropout on):
+  // independent of the scores, so the kernels draw them while the tensor
+  // cores compute S^T and dP^T.
+  static __device__ __forceinline__ void drop_bits(DropoutBitsT<NTS>& keep, const BwdParams& p,
+                                                   const BwdBlock& blk, int hq, int m0, int key_row,
+                                                   int t4) {
+    keep.compute(DropoutTile::make(p.dropout, int64_t(blk.b) * p.heads_q + hq), blk.n0 + key_row,
+                 m0 + 2 * t4);
   }
 
   // dV += P^T dO, dK += dS^T Q: this warpgroup's 64 keys, all head-dim columns.

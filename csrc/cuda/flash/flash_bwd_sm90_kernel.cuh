@@ -259,6 +259,8 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
 #endif
     Step::issue_sdp(s, dp, sK, sV, q_addr, do_addr, wg);
     wgmma::commit();
+    DropoutBitsT<NTS> keep;
+    if (p.dropout.on()) Step::drop_bits(keep, p, blk, hq, m0, key_row, t4);
 #if FASTATTN_BWD_SM90_DQ_OVERLAP
     if (it > 0) {
       wgmma::wait<1>();  // dQ of the previous block done; S^T / dP^T may still run
@@ -275,7 +277,8 @@ __device__ __forceinline__ void flash_bwd_sm90_kv_block(const BwdParams& p, char
     const float* dsum_b = dsum_smem + buf * kBlockM;
     uint32_t pa[Traits::kKSQ][4];
     uint32_t dsa[Traits::kKSQ][4];
-    Step::p_and_ds(s, dp, pa, dsa, p, blk, hq, m0, cur_i, key_row, t4, lse_b, dsum_b, scale_log2);
+    Step::p_and_ds(s, dp, pa, dsa, p, blk, hq, m0, cur_i, key_row, t4, lse_b, dsum_b, scale_log2,
+                   keep);
 
     // ---- dV += P^T dO, dK += dS^T Q (this warpgroup's 64 keys, all head-dim columns)
     wgmma::fence();

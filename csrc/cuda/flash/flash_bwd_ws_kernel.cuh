@@ -298,6 +298,8 @@ __device__ __forceinline__ void bwd_ws_consume(const BwdParams& p, const BwdWsAr
       wgmma::fence();
       Step::issue_sdp(s, dp, sm.k(), sm.v(), q_addr, do_addr, wg);
       wgmma::commit();
+      DropoutBitsT<NTS> keep;
+      if (p.dropout.on()) Step::drop_bits(keep, p, blk, hq, m0, key_row, t4);
       wgmma::wait<0>();
       wgmma::hold(s);
       wgmma::hold(dp);
@@ -307,7 +309,7 @@ __device__ __forceinline__ void bwd_ws_consume(const BwdParams& p, const BwdWsAr
       uint32_t pa[Traits::kKSQ][4];
       uint32_t dsa[Traits::kKSQ][4];
       Step::p_and_ds(s, dp, pa, dsa, p, blk, hq, m0, cur_i, key_row, t4, lse_b, dsum_b,
-                     scale_log2);
+                     scale_log2, keep);
       wgmma::fence();
       Step::issue_dkv(acc_dv, acc_dk, pa, dsa, q_addr, do_addr);
       wgmma::commit();
