@@ -310,8 +310,16 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     // 2), B=16 x 32k 717 -> 521 us (2 instead of 1); B=1 x 64k 94 -> 86 us and
     // B=1 x 128k 162 -> 156 us with one CTA per SM (16 splits, not 33).
     // (Measured with 64-key blocks: the limit is kept in keys.)
-    if (p.block_table != nullptr && base < slots && 4 * base >= slots && max_s > 1 &&
-        n_blocks * kv_block * base / (2 * slots) >= 24 * 64) {
+    // 64-row CTAs (GQA groups times several queries: speculative rows, the
+    // prefix part of cascade attention) do 16x the MMA work per key of a
+    // single-query CTA and are latency-bound, not bandwidth-bound: two per SM.
+    // Measured on H100 (paged, Hkv=8, D=128, 64 queries x group 4 over 8k
+    // keys): 4 splits (one CTA per SM) 166 us, 8 splits 62 us, 16 splits 72 us.
+    const bool heavy_rows = plan.warps_m == 4 && plan.ctas_per_sm >= 2;
+    if (heavy_rows && base < slots && max_s > 1) {
+      slots *= 2;
+    } else if (p.block_table != nullptr && base < slots && 4 * base >= slots && max_s > 1 &&
+               n_blocks * kv_block * base / (2 * slots) >= 24 * 64) {
       slots *= 2;
     }
     if (base < slots && max_s > 1) {

@@ -143,11 +143,8 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
 
       float s[1][NT][4];
       Step::issue_qk(s[0], q_addr, k_addr, wg);
-      if (i > 0) Step::issue_pv(acc_o[0], pa, v_ring + ((i - 1) & 1) * VTile::kBytes);
-      // The dropout mask does not depend on S: drawn while the tensor cores run.
-      DropoutBitsF<1, NT> keep;
-      if (p.dropout.on()) keep.compute(drop, row0, n * kBlockN + col_lane);
       if (i > 0) {
+        Step::issue_pv(acc_o[0], pa, v_ring + ((i - 1) & 1) * VTile::kBytes);
         wgmma::wait<1>();  // S done; P V may still run
       } else {
         wgmma::wait<0>();
@@ -158,7 +155,7 @@ __device__ __forceinline__ void flash_fwd_sm90_block(const FwdParams& p, uint32_
       float factor[2];
       const bool rescale = softmax.update_scores(s, p.scale_log2, factor);
       // Dropout after the row sums (the normalizer counts every probability).
-      if (p.dropout.on()) keep.apply(s);
+      if (p.dropout.on()) drop_probs_c<1, NT>(s, drop, row0, n * kBlockN + col_lane);
       wgmma::wait<0>();
       wgmma::hold(acc_o[0]);
       if (rescale) softmax.rescale(acc_o, factor);

@@ -235,14 +235,12 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
         if constexpr (Traits::kPingPong) ptx::named_barrier_sync(kMmaTurnBarrier + wg, 256);
         float s[1][NT][4];
         Step::issue_qk(s[0], sm.q(), sm.k(cur.stage), wg);
-        if (i > 0) Step::issue_pv(acc_o[0], pa, sm.v(prev.stage));
-        if constexpr (Traits::kPingPong) ptx::named_barrier_arrive(other_turn, 256);
-        // The dropout mask does not depend on S: drawn while the tensor cores run.
-        DropoutBitsF<1, NT> keep;
-        if (p.dropout.on()) keep.compute(drop, row0, n * kBlockN + col_lane);
         if (i > 0) {
+          Step::issue_pv(acc_o[0], pa, sm.v(prev.stage));
+          if constexpr (Traits::kPingPong) ptx::named_barrier_arrive(other_turn, 256);
           wgmma::wait<1>();  // S done; P V may still run
         } else {
+          if constexpr (Traits::kPingPong) ptx::named_barrier_arrive(other_turn, 256);
           wgmma::wait<0>();
         }
         wgmma::hold(s[0]);
@@ -257,7 +255,7 @@ __device__ __forceinline__ void fwd_ws_consume(const FwdParams& p, const FwdTile
         const bool rescale =
             softmax.template update_scores<Traits::kFmaExpEvery>(s, p.scale_log2, factor);
         // Dropout after the row sums (the normalizer counts every probability).
-        if (p.dropout.on()) keep.apply(s);
+        if (p.dropout.on()) drop_probs_c<1, NT>(s, drop, row0, n * kBlockN + col_lane);
         // Unconditional (a no-op at i = 0): behind a branch ptxas would assume
         // P V may still be running below and serialize every MMA.
         wgmma::wait<0>();
