@@ -324,6 +324,34 @@ def test_s_dmask(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_s_dmask_varlen(device):
+    """The varlen S_dmask: sequence b in the top-left corner of its (max_q, max_k) slot."""
+    dtype = _dtypes(device)[-1]
+    lens_q, lens_k, H, D, p = [3, 9], [20, 9], 2, 64, 0.4
+    cu_q = torch.tensor([0, 3, 12], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 20, 29], dtype=torch.int32, device=device)
+    q = torch.randn(12, H, D, device=device, dtype=dtype)
+    k = torch.randn(29, H, D, device=device, dtype=dtype)
+    v = torch.randn(29, H, D, device=device, dtype=dtype)
+    keep = keep_of_next_call(q, 2, H, 9, 20, p)
+    torch.manual_seed(SEED)
+    _, _, s_dmask = fastattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 20, dropout_p=p, causal=True,
+                                                    return_attn_probs=True)
+    assert s_dmask.shape == (2, H, 128, 128)
+    for b in range(2):
+        qb, kb = q[cu_q[b]:cu_q[b + 1]][None], k[cu_k[b]:cu_k[b + 1]][None]
+        eye = torch.eye(lens_k[b], device=device, dtype=dtype)[None, :, None, :].expand(1, lens_k[b], H,
+                                                                                      lens_k[b])
+        probs, _ = scored_attention_math(qb, kb, eye, D ** -0.5, True)
+        probs = probs[0].transpose(0, 1)  # (H, sq, sk)
+        body = s_dmask[b, :, :lens_q[b], :lens_k[b]].double()
+        assert (body.abs() - probs).abs().max() < 1e-4
+        visible = probs > 0
+        assert torch.equal((body > 0)[visible], keep[b, :, :lens_q[b], :lens_k[b]][visible])
+        assert s_dmask[b, :, lens_q[b]:].abs().max() == 0 and s_dmask[b, ..., lens_k[b]:].abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bad_dropout_input(device):
     dtype = _dtypes(device)[-1]
     q, k, v = random_qkv(1, 8, 8, 2, 2, 64, dtype, device)
