@@ -42,6 +42,12 @@ The oldest running sequence is never preempted while others are running, and eve
 fits the pool on its own (checked up front), so the engine always makes progress. The default
 pool (--cache-tokens) is deliberately small so that both paths run.
 
+With --system-prompt N every request starts with the same N tokens. They are prefilled once
+into a parent sequence; each admitted request forks it (`cache.fork`: the parent's blocks are
+shared, copy-on-write), and a step's attention becomes `fastattn.cascade_attention` over
+`fastattn.cascade_tables(cache, seq_ids)`: the shared pages once for all of the step's queries,
+each sequence's own pages apart, merged by their LSE.
+
 Finally every request is generated again ALONE, with a contiguous per-request cache
 (`fastattn.flash_attn_with_kvcache`: the whole prompt in one call, then one token per call;
 or `--reference torch`: plain torch attention over the whole history), and the generated
@@ -221,6 +227,7 @@ class EngineStats:
     mixed_steps: int = 0  # steps with prefill chunks and decode rows in the same launch
     batch_changes: int = 0  # steps whose set of sequences differs from the previous step's
     out_of_blocks: int = 0
+    cascade_steps: int = 0  # steps whose attention read a shared prefix once (--system-prompt)
     deferred_chunks: int = 0
     preemptions: int = 0
     peak_cache: dict = field(default_factory=dict)
@@ -230,7 +237,9 @@ class Engine:
     """The scheduler: requests go arrivals -> waiting (FCFS) -> running (at most max_seqs, each
     holding cache blocks) -> finished. `step()` runs one mixed batch."""
 
-    def __init__(self, model, cache, requests, chunk_size, token_budget, max_seqs):
+    SYSTEM = "system"  # the parent sequence of a shared system prompt
+
+    def __init__(self, model, cache, requests, chunk_size, token_budget, max_seqs, system_prompt=()):
         if max_seqs > token_budget:
             raise ValueError("max_seqs must be <= token_budget: every running sequence needs a "
                              "budget token for its decode row")
@@ -242,6 +251,26 @@ class Engine:
         self.finished: dict[int, Sequence] = {}
         self.stats = EngineStats()
         self._prev_ids: set[int] = set()
+        # Every request's prompt starts with system_prompt: prefilled once, forked by each.
+        self.base = len(system_prompt)
+        if self.base:
+            cache.add_sequence(self.SYSTEM)
+            slots = cache.reserve([self.SYSTEM], [self.base])
+            system = Sequence(Request(self.SYSTEM, list(system_prompt), 1, 0))
+            with torch.inference_mode():
+                self._run([(system, self.base)], slots)
+
+    def close(self):
+        if self.base:
+            self.cache.free(self.SYSTEM)
+
+    def _admit(self, seq):
+        """A waiting sequence holds no blocks: it starts from the shared prompt's blocks, if any."""
+        if self.base:
+            self.cache.fork(self.SYSTEM, seq.rid)
+            seq.num_computed = self.base
+        else:
+            self.cache.add_sequence(seq.rid)
 
     def has_work(self):
         return bool(self.arrivals or self.waiting or self.running)
@@ -275,7 +304,7 @@ class Engine:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             s = self.waiting.popleft()
-            self.cache.add_sequence(s.rid)
+            self._admit(s)
             self.running.append(s)
             n = min(s.num_pending, self.chunk_size, budget)
             batch.append((s, n))
@@ -293,7 +322,7 @@ class Engine:
             if len(batch) > num_decodes:  # 1. defer the newest prefill chunk
                 seq, _ = batch.pop()
                 self.stats.deferred_chunks += 1
-                if seq.num_computed == 0:  # holds no blocks: no reason to keep it running
+                if seq.num_computed == self.base:  # no blocks of its own: no reason to keep it running
                     self.cache.free(seq.rid)
                     self.running.remove(seq)
                     self.waiting.appendleft(seq)
@@ -340,9 +369,17 @@ class Engine:
         # One block table for all layers: every layer uses the same block ids for a sequence.
         block_table = self.cache.block_table_tensor(seq_ids)
         cache = self.cache
+        # Sequences forked from the system prompt share its full blocks (as long as each keeps
+        # max_q tokens of its own for its queries): the prefix is then read once per step.
+        shared = (fastattn.cascade_tables(cache, seq_ids, min_suffix_len=max_q)
+                  if self.base and len(batch) > 1 else None)
+        self.stats.cascade_steps += shared is not None
 
         def attend(layer, q, k, v):
             cache.write(layer, slots, k, v)
+            if shared is not None:
+                return fastattn.cascade_attention(q, cache.k_caches[layer], cache.v_caches[layer],
+                                                  cu_seqlens_q, max_q, shared)
             return fastattn.flash_attn_varlen_func(
                 q, cache.k_caches[layer], cache.v_caches[layer], cu_seqlens_q, cu_seqlens_k,
                 max_q, max_k, causal=True, block_table=block_table)
@@ -487,6 +524,9 @@ def parse_args(argv=None):
     p.add_argument("--max-seqs", type=int, default=8, help="max sequences running at once")
     p.add_argument("--max-prompt", type=int, default=200)
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--system-prompt", type=int, default=0,
+                   help="tokens of a system prompt all requests share (prefilled once, forked, "
+                        "attended with cascade_attention)")
     p.add_argument("--reference", choices=["kvcache", "torch"], default="kvcache",
                    help="single-request reference: fastattn.flash_attn_with_kvcache over a "
                         "contiguous cache, or plain torch attention")
@@ -523,10 +563,15 @@ def _run(args):
     model = TinyDecoder(cfg, device, dtype, seed=args.seed)
     requests = make_requests(args.requests, cfg.vocab, args.seed, max_prompt=args.max_prompt,
                              max_new=args.max_new_tokens)
+    rng = random.Random(args.seed + 1)
+    system_prompt = [rng.randrange(cfg.vocab) for _ in range(args.system_prompt)]
+    for r in requests:
+        r.prompt = system_prompt + r.prompt
     num_blocks = -(-args.cache_tokens // args.block_size)
     # A request never has its last generated token in the cache: it is output, not input.
     longest = max(len(r.prompt) + r.max_new_tokens - 1 for r in requests)
-    if -(-longest // args.block_size) > num_blocks:
+    held = -(-len(system_prompt) // args.block_size)  # the system prompt's parent keeps its blocks
+    if -(-longest // args.block_size) + held > num_blocks:
         raise SystemExit(f"a request needs {longest} cache tokens but the pool holds only "
                          f"{num_blocks * args.block_size}: raise --cache-tokens")
     if longest > cfg.max_positions:
@@ -539,7 +584,8 @@ def _run(args):
         f"arriving over steps 0-{max(r.arrival_step for r in requests)}) on {device}, "
         f"KV/attention {str(dtype).replace('torch.', '')}; pool {num_blocks} blocks x {args.block_size}")
 
-    engine = Engine(model, cache, requests, args.chunk_size, args.token_budget, args.max_seqs)
+    engine = Engine(model, cache, requests, args.chunk_size, args.token_budget, args.max_seqs,
+                    system_prompt)
     sync()
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -549,6 +595,7 @@ def _run(args):
                 raise RuntimeError("the engine made no progress")
     sync()
     engine_s = time.perf_counter() - t0
+    engine.close()
     cache.check_invariants()
     assert cache.num_used_blocks == 0 and cache.num_sequences == 0, "blocks leaked"
 
@@ -577,6 +624,9 @@ def _run(args):
         f"{peak['utilization']:.1%}, internal fragmentation {peak['internal_fragmentation']} slots")
     say(f"OutOfBlocks: {st.out_of_blocks} events -> {st.deferred_chunks} prefill chunks deferred, "
         f"{st.preemptions} sequences preempted (recomputed later)")
+    if system_prompt:
+        say(f"shared system prompt of {len(system_prompt)} tokens: {st.cascade_steps} steps read it "
+            f"once for the whole batch (cascade_attention)")
     say(f"throughput (informational): batched {(st.prefill_tokens + st.decode_tokens) / engine_s:.0f} "
         f"tokens/s, {generated / engine_s:.0f} generated/s ({engine_s:.2f} s); one request at a time "
         f"({args.reference}) {generated / reference_s:.0f} generated/s ({reference_s:.2f} s)")

@@ -41,6 +41,18 @@ def test_cpu_batched_matches_single_request(example, seed, block_size):
     assert result["max_logit_diff"] < 1e-3
 
 
+@pytest.mark.parametrize("system,block_size", [(40, 16), (37, 1)])
+def test_cpu_shared_system_prompt_runs_cascade(example, system, block_size):
+    """Requests forked from a prefilled system prompt attend through cascade_attention (the
+    shared pages once per step) and still generate exactly what each generates alone."""
+    result = run(example, "--device", "cpu", "--seed", "4", "--system-prompt", str(system),
+                 "--block-size", str(block_size))
+    assert result["ok"] and result["mismatches"] == 0
+    st = result["stats"]
+    assert st.cascade_steps > 0 and st.mixed_steps > 0 and st.preemptions + st.deferred_chunks > 0
+    assert result["max_logit_diff"] < 1e-3
+
+
 def test_cpu_torch_reference_and_exit_code(example):
     assert example.main(["--quiet", "--reference", "torch", "--seed", "2", "--requests", "10"]) == 0
 
