@@ -121,7 +121,7 @@ def test_paged_prefill_dropout(device):
     mask as the contiguous varlen call on the same keys."""
     dtype = _dtypes(device)[-1]
     H, Hkv, D, bs, p = 4, 2, 64, 16, 0.2
-    lens_q, lens_k = [3, 1, 20], [40, 17, 20]
+    lens_k = [40, 17, 20]  # queries: 3, 1, 20 (cu_q below)
     cache = fastattn.PagedKVCache(16, bs, Hkv, D, dtype=dtype, device=device)
     ks, vs = [], []
     for n, sk in enumerate(lens_k):
