@@ -365,6 +365,22 @@ def test_bad_dropout_input(device):
                 torch.zeros(2, dtype=torch.int32, device=device))
     with pytest.raises(RuntimeError, match="dropout_p"):
         ops.fwd(q, k, v, None, None, 0, 0, 0.125, False, -1, -1, True, False, 0.0, None, 2.0, None)
+    with pytest.raises(RuntimeError, match="rng_state"):
+        ops.bwd(q, q, k, v, q, torch.zeros(1, 2, 8, device=device), None, None, 0, 0, 0.125, False, -1,
+                -1, True, False, 0.0, None, None, 0.5, torch.zeros(3, dtype=torch.int64, device=device))
+    rng = ops.dropout_seed(q, 2)
+    with pytest.raises(RuntimeError, match="rng_state"):
+        ops.dropout_mask(rng.to(torch.int32), 1, 2, 8, 8, 0.5)
+    with pytest.raises(RuntimeError, match="sizes must be >= 0"):
+        ops.dropout_mask(rng, 1, -2, 8, 8, 0.5)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        ops.dropout_mask(rng, 1, 2, 8, 8, -0.5)
+    with pytest.raises(RuntimeError, match="increment"):
+        ops.dropout_seed(q, -1)
+    # S_dmask cannot include attention sinks: refused before any work.
+    with pytest.raises(NotImplementedError, match="sinks"):
+        fastattn.flash_attn_func(q, k, v, dropout_p=0.1, return_attn_probs=True,
+                                 sinks=torch.zeros(2, device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

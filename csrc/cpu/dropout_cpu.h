@@ -42,8 +42,4 @@ at::Tensor dropout_seed_cpu(const at::Tensor& like, int64_t increment);
 at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, int64_t batch, int64_t heads,
                             int64_t seqlen_q, int64_t seqlen_k, double dropout_p);
 
-// Shared argument checks of dropout_mask (CPU and CUDA).
-void check_dropout_mask_args(const at::Tensor& rng_state, int64_t batch, int64_t heads,
-                             int64_t seqlen_q, int64_t seqlen_k, double dropout_p);
-
 }  // namespace fastattn::cpu

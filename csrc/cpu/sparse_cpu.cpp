@@ -253,10 +253,11 @@ void sparse_bwd_impl(const SparseProblem& sp, const at::Tensor& dout, const at::
                   dbias_ptr[((b * p.heads_q + h) * sq + i) * sk + c0 + c] = ds_raw;
                 }
                 const acc_t ds = ds_raw * scale;
+                const acc_t pz = pc * z;
                 acc_t* dv_c = &dv_acc[c * D];
                 acc_t* dk_c = &dk_acc[c * D];
                 for (int64_t x = 0; x < D; ++x) {
-                  dv_c[x] += pc * z * do_row[x];
+                  dv_c[x] += pz * do_row[x];
                   dk_c[x] += ds * q_row[x];
                   dq_row[x] += ds * kt[x * sp.block_kv + c];
                 }

@@ -161,6 +161,18 @@ at::Tensor checked_dropout(double dropout_p, const std::optional<at::Tensor>& rn
   return t.contiguous();
 }
 
+void check_dropout_mask_args(const at::Tensor& rng_state, int64_t batch, int64_t heads,
+                             int64_t seqlen_q, int64_t seqlen_k, double dropout_p) {
+  TORCH_CHECK(rng_state.dim() == 1 && rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong,
+              "fastattn: rng_state must be an int64 tensor of shape (2,) (seed, offset), got ",
+              rng_state.scalar_type(), " ", rng_state.sizes());
+  TORCH_CHECK(batch >= 0 && heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0,
+              "fastattn: dropout_mask sizes must be >= 0, got (", batch, ", ", heads, ", ",
+              seqlen_q, ", ", seqlen_k, ")");
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0,
+              "fastattn: dropout_p must be in [0, 1], got ", dropout_p);
+}
+
 at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor& lse) {
   if (!dlse.has_value() || !dlse->defined()) return at::Tensor();
   TORCH_CHECK(dlse->sizes() == lse.sizes(), "fastattn: dlse must have lse's shape ", lse.sizes(),

@@ -46,6 +46,10 @@ at::Tensor checked_dlse(const std::optional<at::Tensor>& dlse, const at::Tensor&
 at::Tensor checked_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state,
                            const at::Tensor& q);
 
+// dropout_mask's arguments: rng_state an int64 (2,) tensor, sizes >= 0, dropout_p in [0, 1].
+void check_dropout_mask_args(const at::Tensor& rng_state, int64_t batch, int64_t heads,
+                             int64_t seqlen_q, int64_t seqlen_k, double dropout_p);
+
 // Largest head dim any backend accepts.
 constexpr int64_t kMaxHeadDim = 256;
 

@@ -7,8 +7,9 @@
 
 #include <mutex>
 
-#include "cpu/dropout_cpu.h"
+#include "cuda/common/dropout.h"
 #include "cuda/dropout/dropout_rng.h"
+#include "torch/attention_problem.h"
 #include "torch/cuda_glue.h"
 
 namespace fastattn {
@@ -43,7 +44,7 @@ at::Tensor dropout_seed_cuda(const at::Tensor& like, int64_t increment) {
 
 at::Tensor dropout_mask_cuda(const at::Tensor& rng_state, int64_t batch, int64_t heads,
                              int64_t seqlen_q, int64_t seqlen_k, double dropout_p) {
-  cpu::check_dropout_mask_args(rng_state, batch, heads, seqlen_q, seqlen_k, dropout_p);
+  check_dropout_mask_args(rng_state, batch, heads, seqlen_q, seqlen_k, dropout_p);
   c10::cuda::CUDAGuard guard(rng_state.device());
   at::Tensor keep = at::empty({batch, heads, seqlen_q, seqlen_k}, rng_state.options().dtype(at::kBool));
   if (dropout_p <= 0.0) return keep.fill_(true);

@@ -73,7 +73,7 @@ def attn_probs_with_dropout(q, k, rng_state, dropout_p, scale, causal, window, s
             k_of = lambda b: k[ck[b]:ck[b + 1]]
         keep = dropout_keep_mask(rng_state, B, H, Sq, Sk, dropout_p)
         out = torch.zeros(B, H, _round128(Sq), _round128(Sk), dtype=torch.float32, device=q.device)
-        left, right = window
+        left, right = window[0], 0 if causal else window[1]
         for b, _, sq, _, sk in spans:
             if sq == 0 or sk == 0:
                 continue
@@ -90,8 +90,6 @@ def attn_probs_with_dropout(q, k, rng_state, dropout_p, scale, causal, window, s
                 sl = (sl[b] if sl.dim() == 2 else sl)[:, None, None]
                 s = s - sl * (i - j).abs()
             visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
-            if causal:
-                right = 0
             if left >= 0:
                 visible &= j >= i - left
             if right >= 0:

@@ -322,6 +322,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (fastattn.dropout); with return_attn_probs the third result is then
     flash-attn's S_dmask (_attn_probs, a slow testing aid).
     """
+    _check_attn_probs(return_attn_probs, dropout_p, sinks)
     softcap = _softcap(softcap)
     _check_flash_dtype(q)
     left, right = _window(window_size)
@@ -338,14 +339,17 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                  sinks)
 
 
+def _check_attn_probs(return_attn_probs, dropout_p, sinks):
+    if return_attn_probs and dropout_p and sinks is not None:
+        raise NotImplementedError("fastattn: return_attn_probs with dropout_p and sinks (S_dmask "
+                                  "does not include the sink)")
+
+
 def _attn_probs(q, k, rng_state, p, scale, causal, window, softcap, slopes, sinks, *varlen):
     """flash-attn's third result of return_attn_probs: S_dmask with dropout (the
     probabilities, dropped ones negated; dropout.attn_probs_with_dropout), else None."""
     if rng_state is None:
         return None
-    if sinks is not None:
-        raise NotImplementedError("fastattn: return_attn_probs with dropout and sinks (S_dmask "
-                                  "does not include the sink)")
     return attn_probs_with_dropout(q, k, rng_state, p, scale, causal, window, softcap, slopes, *varlen)
 
 
@@ -373,6 +377,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     paged forward kernel in one launch (also any call with dropout). No
     backward on this path. dropout_p as in flash_attn_func.
     """
+    _check_attn_probs(return_attn_probs, dropout_p, sinks)
     softcap = _softcap(softcap)
     _check_flash_dtype(q)
     left, right = _window(window_size)
