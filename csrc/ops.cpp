@@ -94,6 +94,11 @@ TORCH_LIBRARY(fastattn, m) {
   // (query Sq-1 sits at key seqlens_k-1). num_splits: KV splits (0 = heuristic).
   // cache_leftpad (B) int32, contiguous caches only: sequence b's keys are
   // cache rows [cache_leftpad[b], seqlens_k[b]) (flash-attn's left padding).
+  // FP8 caches: k_cache / v_cache float8_e4m3fn or float8_e5m2 (head_dim a
+  // multiple of 16) hold codes; element values are code * k_descale (v_descale),
+  // float32 of shape (1) (per tensor), (Hkv) (per KV head) or (B, Hkv) (per
+  // sequence and KV head, FlashAttention-3's layout), default 1. The descales
+  // apply to FP8 caches only.
   // Returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32.
   // A seqlens_k entry past what the cache addresses (S_max, or max_blocks *
   // block_size) raises, naming k_cache / block_table; on CUDA that check reads
@@ -102,8 +107,8 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqlens_k, Tensor? cache_batch_idx, "
       "Tensor? block_table, float scale, bool causal, int window_left, int window_right, "
-      "int num_splits, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? cache_leftpad=None) "
-      "-> (Tensor out, Tensor lse)");
+      "int num_splits, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? cache_leftpad=None, "
+      "Tensor? k_descale=None, Tensor? v_descale=None) -> (Tensor out, Tensor lse)");
   // Chunked prefill over a paged KV cache (forward only, inference): q
   // (total_q, Hq, D) packed by cu_seqlens_q (B + 1) int32, sequence b's rows
   // attending to its seqlens_k[b] keys in k_cache/v_cache (num_blocks,
@@ -121,10 +126,14 @@ TORCH_LIBRARY(fastattn, m) {
   // Writes new tokens into a cache in place: k, v (N, Hkv, D); slot_mapping (N) int64,
   // slot = row * S (contiguous cache (B_cache, S, Hkv, D): row = cache batch, S = S_max;
   // paged (num_blocks, block_size, Hkv, D): row = block, S = block_size) + position.
-  // Negative slots are padding and skipped.
+  // Negative slots are padding and skipped. FP8 caches (float8_e4m3fn /
+  // float8_e5m2) quantize: element (n, h, d) is stored as the code nearest to
+  // x / k_scale (v_scale), saturated to the largest finite code; the scales are
+  // float32 of shape (1), (Hkv) or (N, Hkv), default 1 (the descales decode
+  // reads the cache with). The scales apply to FP8 caches only.
   m.def(
       "append_kv(Tensor k, Tensor v, Tensor slot_mapping, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache) -> ()");
+      "Tensor(b!) v_cache, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
 
   // Block-sparse attention (FlexAttention-style block masks) over q (B, Sq, Hq, D),
   // k, v (B, Sk, Hkv, D). The mask has block_q x block_kv blocks; per (batch,

@@ -199,9 +199,33 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
                                               int64_t window_right, int64_t num_splits,
                                               double softcap,
                                               const std::optional<at::Tensor>& alibi_slopes,
-                                              const std::optional<at::Tensor>& cache_leftpad) {
+                                              const std::optional<at::Tensor>& cache_leftpad,
+                                              const std::optional<at::Tensor>& k_descale,
+                                              const std::optional<at::Tensor>& v_descale) {
   DecodeProblem p = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table,
                                       scale, causal, window_left, window_right, num_splits);
+  const KvScale kd = checked_kv_scale(k_descale, "k_descale", p.fp8_kv, p.batch, "batch",
+                                      p.heads_kv, q);
+  const KvScale vd = checked_kv_scale(v_descale, "v_descale", p.fp8_kv, p.batch, "batch",
+                                      p.heads_kv, q);
+  if (p.fp8_kv) {
+    // Reference path: the codes widened to the compute type, K's scale folded
+    // into q (q . (c k) = (c q) . k, so softcap and ALiBi see true scores) and
+    // V's into the output, as the CUDA kernel folds them.
+    const auto wide = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    auto per_q_head = [&](const KvScale& s) {  // (B | 1, 1, Hq | 1, 1)
+      if (!s.t.defined()) return at::ones({1, 1, 1, 1}, q.options().dtype(wide));
+      at::Tensor t = s.t.to(wide);
+      if (s.row_stride == 0 && s.head_stride == 0) return t.reshape({1, 1, 1, 1});
+      t = t.reshape({s.row_stride == 0 ? 1 : p.batch, 1, p.heads_kv, 1});
+      return t.repeat_interleave(p.heads_q / p.heads_kv, 2);
+    };
+    const at::Tensor qw = q.to(wide) * per_q_head(kd);
+    auto [o, l] = decode_cpu(qw, k_cache.to(wide), v_cache.to(wide), seqlens_k, cache_batch_idx,
+                             block_table, scale, causal, window_left, window_right, num_splits,
+                             softcap, alibi_slopes, cache_leftpad, std::nullopt, std::nullopt);
+    return {(o * per_q_head(vd)).to(q.scalar_type()), l.to(lse_dtype(q.scalar_type()))};
+  }
   p.softcap = checked_softcap(softcap);
   const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, p.batch, p.heads_q, q);
   const at::Tensor leftpad = checked_cache_leftpad(cache_leftpad, p, q);
@@ -237,9 +261,39 @@ std::tuple<at::Tensor, at::Tensor> merge_states_n_cpu(const at::Tensor& outs, co
   return merge_parts(p, outs.unbind(0), lses.unbind(0));
 }
 
+namespace {
+
+// Copies token n's rows to its slot (row, position); scalar_t only sizes the copy.
+template <typename scalar_t>
+void copy_rows_to_slots(const AppendProblem& p, const int64_t* slot, const at::Tensor& k,
+                        const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache) {
+  at::parallel_for(0, p.num_tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (slot[n] < 0) continue;  // padding
+      const int64_t row = slot[n] / p.row_len, pos = slot[n] % p.row_len;
+      for (auto [src, dst] : {std::pair{&k, &k_cache}, {&v, &v_cache}}) {
+        for (int64_t h = 0; h < p.heads_kv; ++h) {
+          const auto* s = src->template data_ptr<scalar_t>() + n * src->stride(0) + h * src->stride(1);
+          auto* d = dst->template data_ptr<scalar_t>() + row * dst->stride(0) + pos * dst->stride(1) +
+                    h * dst->stride(2);
+          std::copy(s, s + p.head_dim, d);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
 void append_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slot_mapping,
-                   at::Tensor& k_cache, at::Tensor& v_cache) {
+                   at::Tensor& k_cache, at::Tensor& v_cache,
+                   const std::optional<at::Tensor>& k_scale,
+                   const std::optional<at::Tensor>& v_scale) {
   const AppendProblem p = check_append_args(k, v, slot_mapping, k_cache, v_cache);
+  const KvScale ks = checked_kv_scale(k_scale, "k_scale", p.fp8_cache, p.num_tokens, "tokens",
+                                      p.heads_kv, k_cache);
+  const KvScale vs = checked_kv_scale(v_scale, "v_scale", p.fp8_cache, p.num_tokens, "tokens",
+                                      p.heads_kv, k_cache);
   TORCH_CHECK(k.device().is_cpu(), "fastattn: the CPU kernel got tensors on ", k.device());
   const auto slots = slot_mapping.contiguous();
   const int64_t* slot = slots.data_ptr<int64_t>();
@@ -249,22 +303,26 @@ void append_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& s
     TORCH_CHECK(slot[n] < num_slots, "fastattn: slot_mapping[", n, "] = ", slot[n],
                 " is outside the cache's ", num_slots, " slots");
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "fastattn_append_kv_cpu", [&] {
-    at::parallel_for(0, p.num_tokens, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        if (slot[n] < 0) continue;  // padding
-        const int64_t row = slot[n] / p.row_len, pos = slot[n] % p.row_len;
-        for (auto [src, dst] : {std::pair{&k, &k_cache}, {&v, &v_cache}}) {
-          for (int64_t h = 0; h < p.heads_kv; ++h) {
-            const auto* s = src->data_ptr<scalar_t>() + n * src->stride(0) + h * src->stride(1);
-            auto* d = dst->data_ptr<scalar_t>() + row * dst->stride(0) + pos * dst->stride(1) +
-                      h * dst->stride(2);
-            std::copy(s, s + p.head_dim, d);
-          }
-        }
+  if (p.fp8_cache) {
+    // x / scale in float32, saturated to the largest finite code, then the
+    // round-to-nearest-even conversion: what the CUDA kernel stores.
+    const double max_code = k_cache.scalar_type() == at::kFloat8_e4m3fn ? 448.0 : 57344.0;
+    auto quantize = [&](const at::Tensor& x, const KvScale& s) {  // (N, Hkv, D) codes as bytes
+      at::Tensor y = x.to(at::kFloat);
+      if (s.t.defined()) {
+        at::Tensor t = s.t;
+        if (s.row_stride == 0 && s.head_stride == 0) t = t.reshape({1, 1, 1});
+        else t = t.reshape({s.row_stride == 0 ? 1 : p.num_tokens, p.heads_kv, 1});
+        y = y / t;
       }
-    });
-  });
+      return y.clamp(-max_code, max_code).to(k_cache.scalar_type()).view(at::kByte);
+    };
+    at::Tensor kc = k_cache.view(at::kByte), vc = v_cache.view(at::kByte);
+    copy_rows_to_slots<uint8_t>(p, slot, quantize(k, ks), quantize(v, vs), kc, vc);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "fastattn_append_kv_cpu",
+                                  [&] { copy_rows_to_slots<scalar_t>(p, slot, k, v, k_cache, v_cache); });
 }
 
 }  // namespace fastattn::cpu

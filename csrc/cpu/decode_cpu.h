@@ -16,7 +16,9 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
                                               int64_t window_right, int64_t num_splits,
                                               double softcap = 0.0,
                                               const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
-                                              const std::optional<at::Tensor>& cache_leftpad = std::nullopt);
+                                              const std::optional<at::Tensor>& cache_leftpad = std::nullopt,
+                                              const std::optional<at::Tensor>& k_descale = std::nullopt,
+                                              const std::optional<at::Tensor>& v_descale = std::nullopt);
 
 std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                     const at::Tensor& out_b, const at::Tensor& lse_b);
@@ -24,6 +26,8 @@ std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& out_a, con
 std::tuple<at::Tensor, at::Tensor> merge_states_n_cpu(const at::Tensor& outs, const at::Tensor& lses);
 
 void append_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slot_mapping,
-                   at::Tensor& k_cache, at::Tensor& v_cache);
+                   at::Tensor& k_cache, at::Tensor& v_cache,
+                   const std::optional<at::Tensor>& k_scale = std::nullopt,
+                   const std::optional<at::Tensor>& v_scale = std::nullopt);
 
 }  // namespace fastattn::cpu

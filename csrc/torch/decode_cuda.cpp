@@ -50,10 +50,16 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
                                                int64_t window_right, int64_t num_splits,
                                                double softcap,
                                                const std::optional<at::Tensor>& alibi_slopes,
-                                               const std::optional<at::Tensor>& cache_leftpad) {
+                                               const std::optional<at::Tensor>& cache_leftpad,
+                                               const std::optional<at::Tensor>& k_descale,
+                                               const std::optional<at::Tensor>& v_descale) {
   DecodeProblem prob = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx,
                                          block_table, scale, causal, window_left, window_right,
                                          num_splits);
+  const KvScale kd = checked_kv_scale(k_descale, "k_descale", prob.fp8_kv, prob.batch, "batch",
+                                      prob.heads_kv, q);
+  const KvScale vd = checked_kv_scale(v_descale, "v_descale", prob.fp8_kv, prob.batch, "batch",
+                                      prob.heads_kv, q);
   prob.softcap = checked_softcap(softcap);
   const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, prob.batch, prob.heads_q, q);
   const at::Tensor leftpad = checked_cache_leftpad(cache_leftpad, prob, q);
@@ -155,6 +161,19 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   p.mask.bottom_right = true;
   p.dtype = dtype;
   p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (prob.fp8_kv) {
+    p.kv_kind = k_cache.scalar_type() == at::kFloat8_e4m3fn ? KvKind::kE4M3 : KvKind::kE5M2;
+    if (kd.t.defined()) {
+      p.k_descale = kd.t.data_ptr<float>();
+      p.k_descale_batch_stride = kd.row_stride;
+      p.k_descale_head_stride = kd.head_stride;
+    }
+    if (vd.t.defined()) {
+      p.v_descale = vd.t.data_ptr<float>();
+      p.v_descale_batch_stride = vd.row_stride;
+      p.v_descale_head_stride = vd.head_stride;
+    }
+  }
 
   const gpu::DecodePlan plan = gpu::plan_decode(p, static_cast<int>(num_splits));
   TORCH_CHECK(plan.kernel_head_dim > 0, "fastattn: no CUDA decode kernel for head_dim ", d);
@@ -164,13 +183,13 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   gpu::apply_decode_plan(p, plan);
   if (decode_log_enabled()) {
     std::fprintf(stderr,
-                 "fastattn decode: B=%d Sq=%d Hq=%d Hkv=%d D=%d S_max=%d -> kernel_d=%d "
+                 "fastattn decode: B=%d Sq=%d Hq=%d Hkv=%d D=%d S_max=%d kv=%d -> kernel_d=%d "
                  "splits=%d m_blocks=%d warps_m=%d stages=%d ctas/SM=%d SMs=%d tma=%d "
                  "cluster_combine=%d\n",
                  p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.head_dim, p.seqlen_k_max,
-                 plan.kernel_head_dim, plan.num_splits, plan.num_m_blocks, plan.warps_m,
-                 plan.stages, plan.ctas_per_sm, p.num_sms, plan.use_tma ? 1 : 0,
-                 plan.combine_in_cluster ? 1 : 0);
+                 static_cast<int>(p.kv_kind), plan.kernel_head_dim, plan.num_splits,
+                 plan.num_m_blocks, plan.warps_m, plan.stages, plan.ctas_per_sm, p.num_sms,
+                 plan.use_tma ? 1 : 0, plan.combine_in_cluster ? 1 : 0);
   }
 
   at::Tensor workspace;
@@ -272,10 +291,27 @@ std::tuple<at::Tensor, at::Tensor> merge_states_n_cuda(const at::Tensor& outs,
 }
 
 void append_kv_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slot_mapping,
-                    at::Tensor& k_cache, at::Tensor& v_cache) {
+                    at::Tensor& k_cache, at::Tensor& v_cache,
+                    const std::optional<at::Tensor>& k_scale,
+                    const std::optional<at::Tensor>& v_scale) {
   const AppendProblem prob = check_append_args(k, v, slot_mapping, k_cache, v_cache);
+  const KvScale ks = checked_kv_scale(k_scale, "k_scale", prob.fp8_cache, prob.num_tokens,
+                                      "tokens", prob.heads_kv, k_cache);
+  const KvScale vs = checked_kv_scale(v_scale, "v_scale", prob.fp8_cache, prob.num_tokens,
+                                      "tokens", prob.heads_kv, k_cache);
   glue::check_cuda_devices(k_cache, {{&k, "k"}, {&v, "v"}, {&slot_mapping, "slot_mapping"},
                                      {&v_cache, "v_cache"}});
+  if (prob.fp8_cache) {
+    for (const at::Tensor* c : {&k_cache, &v_cache}) {
+      TORCH_CHECK(reinterpret_cast<uintptr_t>(c->data_ptr()) % 2 == 0 && c->stride(0) % 2 == 0 &&
+                      c->stride(1) % 2 == 0 && c->stride(2) % 2 == 0,
+                  "fastattn: FP8 caches must have even strides and an even data pointer (codes are "
+                  "written in pairs), got strides ", c->strides());
+    }
+    TORCH_CHECK(k.scalar_type() == at::kHalf || k.scalar_type() == at::kBFloat16,
+                "fastattn: the CUDA append into an FP8 cache takes float16 or bfloat16 k / v, got ",
+                k.scalar_type(), " (cast them first)");
+  }
   c10::cuda::CUDAGuard guard(k_cache.device());
   if (prob.num_tokens == 0 || k.numel() == 0) return;
   TORCH_CHECK(prob.heads_kv <= INT32_MAX && prob.head_dim <= INT32_MAX,
@@ -303,6 +339,20 @@ void append_kv_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   p.heads_kv = static_cast<int>(prob.heads_kv);
   p.head_dim = static_cast<int>(prob.head_dim);
   p.elem_bytes = static_cast<int>(k_cache.element_size());
+  if (prob.fp8_cache) {
+    p.cache_kind = k_cache.scalar_type() == at::kFloat8_e4m3fn ? KvKind::kE4M3 : KvKind::kE5M2;
+    p.src_dtype = k.scalar_type() == at::kHalf ? ElemType::kFloat16 : ElemType::kBFloat16;
+    if (ks.t.defined()) {
+      p.k_scale = ks.t.data_ptr<float>();
+      p.k_scale_token_stride = ks.row_stride;
+      p.k_scale_head_stride = ks.head_stride;
+    }
+    if (vs.t.defined()) {
+      p.v_scale = vs.t.data_ptr<float>();
+      p.v_scale_token_stride = vs.row_stride;
+      p.v_scale_head_stride = vs.head_stride;
+    }
+  }
   glue::check_launch(gpu::run_append_kv(p, at::cuda::getCurrentCUDAStream()), "append_kv");
 }
 

@@ -8,9 +8,13 @@
 
 namespace fastattn {
 
+bool is_fp8_kv_dtype(at::ScalarType t) {
+  return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2;
+}
+
 void check_q_and_caches(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         int64_t q_rank, const char* q_name, const char* q_layout,
-                        const char* cache_layout) {
+                        const char* cache_layout, bool allow_fp8_cache) {
   TORCH_CHECK(q.defined() && k_cache.defined() && v_cache.defined(),
               "fastattn: q, k_cache and v_cache must be defined");
   TORCH_CHECK(q.dim() == q_rank, "fastattn: ", q_name, " must be ", q_rank, "-D ", q_layout,
@@ -21,9 +25,21 @@ void check_q_and_caches(const at::Tensor& q, const at::Tensor& k_cache, const at
   }
   TORCH_CHECK(is_supported_dtype(q.scalar_type()),
               "fastattn: q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "fastattn: q, k_cache and v_cache must share one dtype, got ", q.scalar_type(), ", ",
-              k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  if (is_fp8_kv_dtype(k_cache.scalar_type()) || is_fp8_kv_dtype(v_cache.scalar_type())) {
+    TORCH_CHECK_NOT_IMPLEMENTED(allow_fp8_cache, "fastattn: FP8 KV caches (", k_cache.scalar_type(),
+                                ") are read in the kernel by decode only; this op takes 16-bit "
+                                "caches (flash_attn_varlen_func's paged prefill dequantizes FP8 "
+                                "pages for it)");
+    TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(),
+                "fastattn: k_cache and v_cache must share one dtype, got ", k_cache.scalar_type(),
+                " and ", v_cache.scalar_type());
+    TORCH_CHECK(q.size(-1) % 16 == 0, "fastattn: FP8 KV caches need a head_dim that is a "
+                "multiple of 16, got ", q.size(-1));
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+                "fastattn: q, k_cache and v_cache must share one dtype, got ", q.scalar_type(), ", ",
+                k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  }
   TORCH_CHECK(k_cache.device() == q.device() && v_cache.device() == q.device(),
               "fastattn: q, k_cache and v_cache must be on one device, got ", q.device(), ", ",
               k_cache.device(), ", ", v_cache.device());
@@ -56,9 +72,11 @@ DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
                                 int64_t num_splits) {
   check_q_and_caches(q, k_cache, v_cache, 4, "decode q", "(batch, seqlen_q, heads, head_dim)",
                      "(batch_cache, seqlen_cache, heads_kv, head_dim), or (num_blocks, block_size, "
-                     "heads_kv, head_dim) with a block_table");
+                     "heads_kv, head_dim) with a block_table",
+                     /*allow_fp8_cache=*/true);
 
   DecodeProblem p;
+  p.fp8_kv = is_fp8_kv_dtype(k_cache.scalar_type());
   p.batch = q.size(0);
   p.seqlen_q = q.size(1);
   p.heads_q = q.size(2);
@@ -211,14 +229,26 @@ AppendProblem check_append_args(const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
               "fastattn: append_kv k/v of shape ", k.sizes(), " do not match the cache's "
               "(heads_kv, head_dim) = (", k_cache.size(2), ", ", k_cache.size(3), ")");
-  TORCH_CHECK(is_supported_dtype(k_cache.scalar_type()),
-              "fastattn: the cache must be float16, bfloat16, float32 or float64, got ",
-              k_cache.scalar_type());
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
-                  v_cache.scalar_type() == k_cache.scalar_type(),
-              "fastattn: append_kv k, v, k_cache and v_cache must share one dtype, got ",
-              k.scalar_type(), ", ", v.scalar_type(), ", ", k_cache.scalar_type(), ", ",
-              v_cache.scalar_type());
+  const bool fp8 = is_fp8_kv_dtype(k_cache.scalar_type());
+  if (fp8) {
+    TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "fastattn: k_cache and v_cache "
+                "must share one dtype, got ", k_cache.scalar_type(), " and ", v_cache.scalar_type());
+    const auto s = k.scalar_type();
+    TORCH_CHECK((s == at::kHalf || s == at::kBFloat16 || s == at::kFloat) && v.scalar_type() == s,
+                "fastattn: append_kv into an FP8 cache takes k and v of one dtype, float16, "
+                "bfloat16 or float32, got ", s, " and ", v.scalar_type());
+    TORCH_CHECK(k.size(2) % 16 == 0, "fastattn: FP8 KV caches need a head_dim that is a "
+                "multiple of 16, got ", k.size(2));
+  } else {
+    TORCH_CHECK(is_supported_dtype(k_cache.scalar_type()),
+                "fastattn: the cache must be float16, bfloat16, float32, float64 or an FP8 type "
+                "(float8_e4m3fn, float8_e5m2), got ", k_cache.scalar_type());
+    TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+                    v_cache.scalar_type() == k_cache.scalar_type(),
+                "fastattn: append_kv k, v, k_cache and v_cache must share one dtype, got ",
+                k.scalar_type(), ", ", v.scalar_type(), ", ", k_cache.scalar_type(), ", ",
+                v_cache.scalar_type());
+  }
   TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0),
               "fastattn: slot_mapping must be 1-D with one slot per token (", k.size(0),
               "), got shape ", slot_mapping.sizes());
@@ -239,7 +269,41 @@ AppendProblem check_append_args(const at::Tensor& k, const at::Tensor& v,
   p.head_dim = k.size(2);
   p.rows = k_cache.size(0);
   p.row_len = k_cache.size(1);
+  p.fp8_cache = fp8;
   return p;
+}
+
+KvScale checked_kv_scale(const std::optional<at::Tensor>& scale, const char* name, bool fp8_cache,
+                         int64_t rows, const char* rows_name, int64_t heads_kv,
+                         const at::Tensor& like) {
+  KvScale r;
+  if (!scale.has_value() || !scale->defined()) return r;
+  const at::Tensor& t = *scale;
+  TORCH_CHECK(fp8_cache, "fastattn: ", name, " applies to FP8 KV caches (float8_e4m3fn, "
+              "float8_e5m2) only; this cache is not FP8");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastattn: ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "fastattn: ", name, " is on ", t.device(),
+              " but the cache is on ", like.device());
+  if (t.numel() == 1) {
+    r.t = t.reshape({1});
+  } else if (t.dim() == 1 && t.size(0) == heads_kv) {
+    r.t = t;
+    r.head_stride = t.stride(0);
+  } else if (t.dim() == 2 && t.size(0) == rows && t.size(1) == heads_kv) {
+    r.t = t;
+    r.row_stride = t.stride(0);
+    r.head_stride = t.stride(1);
+  } else {
+    TORCH_CHECK(false, "fastattn: ", name, " must have one element (per tensor), shape (heads_kv,) "
+                "= (", heads_kv, ",) or (", rows_name, ", heads_kv) = (", rows, ", ", heads_kv,
+                "), got shape ", t.sizes());
+  }
+  if (t.device().is_cpu()) {
+    TORCH_CHECK(at::isfinite(t).all().item<bool>() && (t > 0).all().item<bool>(),
+                "fastattn: ", name, " must be finite and > 0");
+  }
+  return r;
 }
 
 at::Tensor checked_cache_leftpad(const std::optional<at::Tensor>& cache_leftpad,

@@ -34,9 +34,29 @@ namespace fastattn {
 // dtype, one device, contiguous last dims, and head counts / head dims that
 // match (q's heads and head dim are its last two dims; query heads a
 // multiple of the cache's, head dim in [1, kMaxHeadDim]).
+// allow_fp8_cache: the caches may instead be FP8 (float8_e4m3fn or
+// float8_e5m2, both the same) with a head dim that is a multiple of 16.
 void check_q_and_caches(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         int64_t q_rank, const char* q_name, const char* q_layout,
-                        const char* cache_layout);
+                        const char* cache_layout, bool allow_fp8_cache = false);
+
+// float8_e4m3fn / float8_e5m2: the FP8 KV-cache element types.
+bool is_fp8_kv_dtype(at::ScalarType t);
+
+// A per-tensor / per-KV-head / per-(row, KV head) float32 scale of an FP8
+// cache (decode's k_descale / v_descale: rows = sequences; append_kv's
+// k_scale / v_scale: rows = tokens): shape with one element, (Hkv) or
+// (rows, Hkv), on `like`'s device; CPU values must be finite and > 0 (the
+// GPU cannot check without a sync). The element of (row r, KV head h) is
+// t[r * row_stride + h * head_stride]. Undefined t: no scale (1).
+struct KvScale {
+  at::Tensor t;
+  int64_t row_stride = 0;
+  int64_t head_stride = 0;
+};
+KvScale checked_kv_scale(const std::optional<at::Tensor>& scale, const char* name, bool fp8_cache,
+                         int64_t rows, const char* rows_name, int64_t heads_kv,
+                         const at::Tensor& like);
 
 struct DecodeProblem {
   int64_t batch = 0;      // B (sequences; q.size(0))
@@ -63,6 +83,7 @@ struct DecodeProblem {
   int64_t window_left = -1;
   int64_t window_right = -1;
   int64_t num_splits = 0;  // as given (>= 0; 0 = backend heuristic)
+  bool fp8_kv = false;     // the caches hold FP8 codes (is_fp8_kv_dtype)
 };
 
 // q (B, Sq, Hq, D); k_cache, v_cache (B_cache, S_max, Hkv, D), or paged
@@ -116,10 +137,12 @@ struct AppendProblem {
   int64_t head_dim = 0;
   int64_t rows = 0;        // cache.size(0): B_cache or num_blocks
   int64_t row_len = 0;     // cache.size(1): S_max or block_size
+  bool fp8_cache = false;  // quantizing append (k, v float16 / bfloat16 / float32)
 };
 
 // k, v (N, Hkv, D); slot_mapping (N) int64; k_cache, v_cache (rows, S, Hkv, D)
-// of one shape; one dtype for k, v and the caches; all on one device; last
+// of one shape; one dtype for k, v and the caches (or FP8 caches, both of one
+// FP8 dtype, head_dim a multiple of 16, k / v of one float dtype); all on one device; last
 // dims contiguous (other strides free). Negative slots are padding and are
 // skipped. Slots >= rows * S are out of range: the CPU backend raises (it can
 // check without a device sync); the CUDA kernel cannot check them without a

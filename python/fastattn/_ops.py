@@ -154,9 +154,9 @@ torch.library.register_autograd("fastattn::fwd", _fwd_backward, setup_context=_f
 @torch.library.register_fake("fastattn::decode")
 def _decode_fake(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale, causal,
                  window_left, window_right, num_splits, softcap=0.0, alibi_slopes=None,
-                 cache_leftpad=None):
+                 cache_leftpad=None, k_descale=None, v_descale=None):
     _check_one_device(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, alibi_slopes,
-                      cache_leftpad)
+                      cache_leftpad, k_descale, v_descale)
     B, Sq, Hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=_lse_dtype(q.dtype))
 
@@ -197,8 +197,8 @@ def _merge_n_fake(outs, lses):
 
 
 @torch.library.register_fake("fastattn::append_kv")
-def _append_kv_fake(k, v, slot_mapping, k_cache, v_cache):
-    _check_one_device(k, v, slot_mapping, k_cache, v_cache)
+def _append_kv_fake(k, v, slot_mapping, k_cache, v_cache, k_scale=None, v_scale=None):
+    _check_one_device(k, v, slot_mapping, k_cache, v_cache, k_scale, v_scale)
     return None
 
 

@@ -27,6 +27,7 @@ import torch
 from ._ops import ops
 from .decode import merge_attention_states
 from .functional import _check_flash_dtype, _check_paged_block_size, _softcap, flash_attn_varlen_func
+from .kv_quant import dequantized_pages, is_fp8_kv, kv_scale_tensor
 
 # The prefix part runs on the split-KV decode kernel (GQA-packed rows, KV splits for
 # long prefixes) up to this many (query row, query head) pairs per KV head; beyond it,
@@ -99,7 +100,7 @@ def cascade_tables(cache, seq_ids: Sequence, min_suffix_len: int = 1) -> Optiona
 
 def cascade_attention(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q: int, tables: CascadeTables,
                       causal: bool = True, softmax_scale: Optional[float] = None, softcap: float = 0.0,
-                      return_softmax_lse: bool = False):
+                      return_softmax_lse: bool = False, *, k_descale=None, v_descale=None):
     """Attention of packed queries q (total_q, Hq, D) (cu_seqlens_q int32 (B + 1,)) over
     each request's shared prefix + own suffix in the paged k_cache / v_cache
     (num_blocks, block_size, Hkv, D): the same result as flash_attn_varlen_func over the
@@ -108,7 +109,8 @@ def cascade_attention(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q: int, tabl
     its last key (the prefix is wholly visible to every query). Inference only; no host
     syncs or copies (tables are built once per step, reused by every layer), so a fixed
     plan is CUDA-graph capturable. Returns out (total_q, Hq, D), or (out, lse (Hq, total_q)
-    float32)."""
+    float32). FP8 caches take k_descale / v_descale per tensor or per KV head (Hkv,), as
+    PagedKVCache.k_scale / v_scale hold them."""
     _check_flash_dtype(q)
     _check_paged_block_size(k_cache)
     softcap = _softcap(softcap)
@@ -121,22 +123,34 @@ def cascade_attention(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q: int, tabl
         raise ValueError(f"fastattn: a request has up to {max_seqlen_q} queries but only "
                          f"{tables.min_suffix_len} suffix tokens: its queries would reach into the shared "
                          "prefix (build the tables with min_suffix_len >= the query count)")
+    fp8 = is_fp8_kv(k_cache)
+    k_descale = kv_scale_tensor(k_descale, "k_descale", q.device, fp8)
+    v_descale = kv_scale_tensor(v_descale, "v_descale", q.device, fp8)
+    for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
+        if d is not None and d.dim() == 2 and d.numel() != d.shape[-1]:
+            raise ValueError(f"fastattn: cascade_attention takes {name} per tensor or per KV head "
+                             f"(Hkv,), not per sequence; got shape {tuple(d.shape)}")
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
     total_q, Hq, D = q.shape
     group = Hq // k_cache.shape[2]
     if total_q * group <= _DECODE_MAX_ROWS:
         # Every query row against the prefix as one sequence: GQA-packed decode tiles.
         out_p, lse_p = ops.decode(q.unsqueeze(0), k_cache, v_cache, tables.prefix_lens, None,
-                                  tables.prefix_block_table, scale, False, -1, -1, 0, softcap)
+                                  tables.prefix_block_table, scale, False, -1, -1, 0, softcap, None,
+                                  None, k_descale, v_descale)
         out_p, lse_p = out_p[0], lse_p[0]
     else:
         # [0, total_q] from cu_seqlens_q on the device (no host-to-device copy: capturable).
         cu_all = cu_seqlens_q[::max(1, cu_seqlens_q.numel() - 1)].contiguous()
-        out_p, lse_p = ops.paged_fwd(q, k_cache, v_cache, cu_all, tables.prefix_lens,
-                                     tables.prefix_block_table, total_q, scale, False, -1, -1, softcap)
+        kp, vp, table = k_cache, v_cache, tables.prefix_block_table
+        if fp8:
+            kp, vp, table = dequantized_pages(kp, vp, table, k_descale, v_descale, q.dtype)
+        out_p, lse_p = ops.paged_fwd(q, kp, vp, cu_all, tables.prefix_lens, table, total_q, scale,
+                                     False, -1, -1, softcap)
     out_s, lse_s, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q, tables.cu_suffix_lens,
                                              max_seqlen_q, tables.max_suffix_len, softmax_scale=scale,
                                              causal=causal, softcap=softcap,
-                                             block_table=tables.suffix_block_table, return_attn_probs=True)
+                                             block_table=tables.suffix_block_table, return_attn_probs=True,
+                                             k_descale=k_descale, v_descale=v_descale)
     out, lse = merge_attention_states(out_p, lse_p, out_s, lse_s)
     return (out, lse) if return_softmax_lse else out

@@ -7,6 +7,7 @@ import torch
 from ._ops import ops
 from .functional import (_alibi, _apply_sinks, _check_flash_dtype, _check_paged_block_size, _softcap,
                          _window)
+from .kv_quant import is_fp8_kv, kv_scale_tensor, per_token_scale
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
@@ -84,7 +85,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
                             block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
                             softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-                            return_softmax_lse=False, *, sinks=None):
+                            return_softmax_lse=False, *, sinks=None, k_descale=None, v_descale=None,
+                            q_descale=None):
     """flash-attn 2.x compatible decoding/chunk attention over a KV cache (inference only).
 
     q (B, Sq, Hq, D); k_cache, v_cache (B_cache, S_max, Hkv, D), or a paged
@@ -104,7 +106,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (gpt-oss), as in flash_attn_func. softcap > 0: scaled scores x -> softcap *
     tanh(x / softcap); alibi_slopes (Hq,) or (B, Hq): flash-attn's ALiBi; both as in
     flash_attn_func.
+
+    FP8 caches (k_cache / v_cache float8_e4m3fn or float8_e5m2, head_dim a multiple of
+    16; q stays float16 / bfloat16): an element's value is code * k_descale
+    (v_descale), a positive number or float32 tensor of shape (1,), (Hkv,) or (B, Hkv)
+    (FlashAttention-3's layout), default 1; the kernel reads the codes and applies the
+    scales. New k, v are quantized into the cache with the same scales (rounded to the
+    nearest code, saturated). q_descale (FP8 queries) is not supported.
     """
+    if q_descale is not None:
+        raise NotImplementedError("fastattn: q_descale (FP8 queries) is not supported; pass q in "
+                                  "float16 or bfloat16 (FP8 KV caches take k_descale / v_descale)")
+    fp8 = is_fp8_kv(k_cache)
+    k_descale = kv_scale_tensor(k_descale, "k_descale", q.device, fp8)
+    v_descale = kv_scale_tensor(v_descale, "v_descale", q.device, fp8)
     softcap = _softcap(softcap)
     if (k is None) != (v is None):
         raise ValueError("fastattn: pass both k and v, or neither")
@@ -154,11 +169,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             q = _apply_rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
         slots = _append_slots(positions, S_max, k_cache.shape[1], block_table, cache_batch_idx)
         ops.append_kv(k.reshape(B * S_new, *k.shape[2:]), v.reshape(B * S_new, *v.shape[2:]),
-                      slots.reshape(-1), k_cache, v_cache)
+                      slots.reshape(-1), k_cache, v_cache, per_token_scale(k_descale, B, S_new),
+                      per_token_scale(v_descale, B, S_new))
         seqlens_k = (start + S_new).to(torch.int32)
 
     out, lse = ops.decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale,
-                          bool(causal), left, right, int(num_splits), softcap, slopes, cache_leftpad)
+                          bool(causal), left, right, int(num_splits), softcap, slopes, cache_leftpad,
+                          k_descale, v_descale)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=False)
     return (out, lse) if return_softmax_lse else out

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ._ops import has_cuda_kernels, ops
 from .dropout import attn_probs_with_dropout, dropout_state
+from .kv_quant import dequantized_pages, is_fp8_kv, kv_scale_tensor
 
 logger = logging.getLogger("fastattn")
 
@@ -356,7 +357,8 @@ def _attn_probs(q, k, rng_state, p, scale, causal, window, softcap, slopes, sink
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=False,
-                           return_attn_probs=False, block_table=None, *, sinks=None):
+                           return_attn_probs=False, block_table=None, *, sinks=None, k_descale=None,
+                           v_descale=None):
     """flash-attn 2.x compatible attention over a ragged batch.
 
     q is (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim);
@@ -375,7 +377,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     exactly max_seqlen_q <= 16 new queries (a decode step) runs on the split-KV
     decode kernel, anything else (prefill chunks mixed with decode rows) on the
     paged forward kernel in one launch (also any call with dropout). No
-    backward on this path. dropout_p as in flash_attn_func.
+    backward on this path. dropout_p as in flash_attn_func. FP8 paged caches
+    (float8_e4m3fn / float8_e5m2) take k_descale / v_descale as
+    flash_attn_with_kvcache does: decode steps read the codes in the kernel; the
+    paged forward (prefill chunks) reads the table's pages dequantized to q's
+    dtype first (one extra pass over them).
     """
     _check_attn_probs(return_attn_probs, dropout_p, sinks)
     softcap = _softcap(softcap)
@@ -393,6 +399,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise TypeError(f"fastattn: cu_seqlens_k must be int32, got {cu_seqlens_k.dtype}")
         seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
         batch, sq = cu_seqlens_k.numel() - 1, int(max_seqlen_q)
+        fp8 = is_fp8_kv(k)
+        k_descale = kv_scale_tensor(k_descale, "k_descale", q.device, fp8)
+        v_descale = kv_scale_tensor(v_descale, "v_descale", q.device, fp8)
         p, rng_state = dropout_state(dropout_p, q, batch, q.shape[1] if q.dim() == 3 else 1)
         if rng_state is None and q.dim() == 3 and 1 <= sq <= _PAGED_DECODE_MAX_Q and q.shape[0] == batch * sq:
             # Every sequence has exactly max_seqlen_q new queries (none has more,
@@ -402,13 +411,19 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             # kernel would spend a 128-row tile per decode row (2-4x slower,
             # benchmarks/paged.py). Same mask (bottom-right), same result.
             out, lse = ops.decode(q.reshape(batch, sq, *q.shape[1:]), k, v, seqlens_k, None, block_table,
-                                  scale, bool(causal), left, right, 0, softcap, slopes)
+                                  scale, bool(causal), left, right, 0, softcap, slopes, None,
+                                  k_descale, v_descale)
             out = out.reshape(q.shape)
             lse = lse.permute(1, 0, 2).reshape(q.shape[1], batch * sq)
         else:
+            if fp8:
+                k, v, block_table = dequantized_pages(k, v, block_table, k_descale, v_descale, q.dtype)
             out, lse = ops.paged_fwd(q, k, v, cu_seqlens_q, seqlens_k, block_table, sq, scale,
                                      bool(causal), left, right, softcap, slopes, p, rng_state)
     else:
+        if k_descale is not None or v_descale is not None:
+            raise NotImplementedError("fastattn: k_descale / v_descale (FP8 KV caches) need a paged "
+                                      "cache (block_table) on this path")
         if not isinstance(cu_seqlens_q, torch.Tensor):
             raise ValueError("fastattn: cu_seqlens_q must be a 1-D int32 tensor")
         p, rng_state = dropout_state(dropout_p, q, cu_seqlens_q.numel() - 1, q.shape[1])

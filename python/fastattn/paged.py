@@ -35,11 +35,12 @@ from typing import Union
 import torch
 
 from ._ops import ops
+from .kv_quant import FP8_KV_DTYPES
 
 SeqId = Hashable
 Counts = Union[int, Sequence[int]]
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64) + FP8_KV_DTYPES
 
 
 class OutOfBlocks(RuntimeError):
@@ -89,11 +90,18 @@ class PagedKVCache:
 
     Every layer uses the same block ids for a sequence, so one block table serves all layers.
     Sequence ids are any hashable values. Not thread-safe.
+
+    dtype float8_e4m3fn / float8_e5m2 makes an FP8 cache (head_dim a multiple of 16): k / v
+    written to it (float16, bfloat16 or float32) are stored as the nearest codes of
+    x / scale, saturated, with k_scale / v_scale a positive number or a float32 (Hkv,)
+    tensor (one scale per KV head), default 1. Read it with
+    flash_attn_with_kvcache / flash_attn_varlen_func(..., k_descale=cache.k_scale,
+    v_descale=cache.v_scale).
     """
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  num_layers: int = 1, dtype: torch.dtype = torch.float16,
-                 device: Union[str, torch.device] = "cpu"):
+                 device: Union[str, torch.device] = "cpu", k_scale=None, v_scale=None):
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                             ("num_layers", num_layers)):
@@ -102,6 +110,11 @@ class PagedKVCache:
         if dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"fastattn: PagedKVCache dtype must be one of "
                             f"{[str(d) for d in _SUPPORTED_DTYPES]}, got {dtype}")
+        self._fp8 = dtype in FP8_KV_DTYPES
+        if self._fp8 and head_dim % 16 != 0:
+            raise ValueError(f"fastattn: FP8 caches need a head_dim that is a multiple of 16, got {head_dim}")
+        self.k_scale = self._scale(k_scale, "k_scale", num_kv_heads, device)
+        self.v_scale = self._scale(v_scale, "v_scale", num_kv_heads, device)
         self._num_blocks = int(num_blocks)
         self._block_size = int(block_size)
         self._num_kv_heads = int(num_kv_heads)
@@ -123,6 +136,26 @@ class PagedKVCache:
         self._refcount: list[int] = [0] * self._num_blocks
         self._blocks: dict[SeqId, list[int]] = {}
         self._lens: dict[SeqId, int] = {}
+
+    def _scale(self, x, name, heads, device):
+        """The float32 (1,) or (Hkv,) scale of an FP8 cache on its device (None otherwise)."""
+        if not self._fp8:
+            if x is not None:
+                raise ValueError(f"fastattn: {name} applies to FP8 caches (dtype float8_e4m3fn / "
+                                 "float8_e5m2) only")
+            return None
+        if x is None:
+            x = 1.0
+        if isinstance(x, torch.Tensor):
+            if x.dtype != torch.float32 or x.shape not in ((1,), (heads,)):
+                raise ValueError(f"fastattn: {name} must be a number or a float32 tensor of shape "
+                                 f"(1,) or (num_kv_heads,) = ({heads},), got {x.dtype} {tuple(x.shape)}")
+            if not bool(torch.isfinite(x).all()) or not bool((x > 0).all()):
+                raise ValueError(f"fastattn: {name} must be finite and > 0")
+            return x.to(device).contiguous()
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < float(x) < float("inf"):
+            raise ValueError(f"fastattn: {name} must be a finite number > 0 or a float32 tensor, got {x!r}")
+        return torch.full((1,), float(x), dtype=torch.float32, device=device)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -349,7 +382,11 @@ class PagedKVCache:
         if tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"fastattn: k and v must both have shape {what} = {want}, got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
-        if k.dtype != self._dtype or v.dtype != self._dtype:
+        if self._fp8:
+            if k.dtype != v.dtype or k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise TypeError(f"fastattn: k and v written to an FP8 cache must share one dtype, "
+                                f"float16, bfloat16 or float32; got {k.dtype} and {v.dtype}")
+        elif k.dtype != self._dtype or v.dtype != self._dtype:
             raise TypeError(f"fastattn: k and v must have the cache's dtype {self._dtype}, got "
                             f"{k.dtype} and {v.dtype}")
         if k.device != self._device or v.device != self._device:
@@ -374,7 +411,7 @@ class PagedKVCache:
         if n == 0:
             return
         ops.append_kv(_last_dim_contiguous(k), _last_dim_contiguous(v), slot_mapping,
-                      self.k_caches[layer], self.v_caches[layer])
+                      self.k_caches[layer], self.v_caches[layer], self.k_scale, self.v_scale)
 
     def append(self, seq_ids: Sequence[SeqId], k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """reserve + write: appends new_tokens tokens to each sequence.
@@ -403,7 +440,8 @@ class PagedKVCache:
             for layer in range(self._num_layers):
                 ops.append_kv(_last_dim_contiguous(k[layer].reshape(packed)),
                               _last_dim_contiguous(v[layer].reshape(packed)),
-                              slots, self.k_caches[layer], self.v_caches[layer])
+                              slots, self.k_caches[layer], self.v_caches[layer], self.k_scale,
+                              self.v_scale)
         return slots
 
     # ------------------------------------------------------------------ reading / kernel inputs
@@ -451,12 +489,15 @@ class PagedKVCache:
 
     def gather(self, seq_id: SeqId, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequence's keys and values of one layer, (seq_len, num_kv_heads, head_dim) each
-        (copies)."""
+        (copies; an FP8 cache's codes, to be multiplied by k_scale / v_scale)."""
         self._require(seq_id)
         idx = torch.tensor(self._blocks[seq_id], dtype=torch.int64, device=self._device)
         n, tail = self._lens[seq_id], (self._num_kv_heads, self._head_dim)
-        return (self.k_caches[layer].index_select(0, idx).reshape(-1, *tail)[:n],
-                self.v_caches[layer].index_select(0, idx).reshape(-1, *tail)[:n])
+
+        def rows(pool):  # FP8 pools are gathered as bytes: the codes, in the pool's dtype
+            src = pool.view(torch.uint8) if self._fp8 else pool
+            return src.index_select(0, idx).reshape(-1, *tail)[:n].view(pool.dtype)
+        return rows(self.k_caches[layer]), rows(self.v_caches[layer])
 
     # ------------------------------------------------------------------ statistics
     def _block_fill(self) -> dict[int, int]:

@@ -9,6 +9,11 @@ namespace fastattn {
 // Element type of q/k/v/out/dout and of dq/dk/dv. Accumulation is always fp32.
 enum class ElemType : int { kFloat16 = 0, kBFloat16 = 1 };
 
+// Element type of a KV cache the decode kernels read: q's ElemType, or FP8
+// codes (float8_e4m3fn / float8_e5m2) dequantized in the kernel with
+// per-tensor / per-head / per-(sequence, head) scales (DecodeParams).
+enum class KvKind : int { kSame = 0, kE4M3 = 1, kE5M2 = 2 };
+
 // Which keys a query may see. Query i of a sequence with lengths (sq, sk)
 // sees key j iff
 //     (window_left  < 0 || j >= i + offset - window_left) &&

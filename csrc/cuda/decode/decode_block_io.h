@@ -67,6 +67,26 @@ __device__ __forceinline__ void load_q_frags(uint32_t (&q)[KS][4], const GqaQuer
   }
 }
 
+// Q rows m0 .. m0 + 15 of a shared Q tile as the A fragments the FP8 variant
+// pairs with its code-pair K fragments (flash_decode_kernel.cuh): per k16
+// step, a[0] / a[1] hold columns 4c, 4c + 1 and a[2] / a[3] columns 4c + 2,
+// 4c + 3 of rows g / g + 8 (c = lane % 4, g = lane / 4): one 8-byte load each.
+template <typename QTile, int KS>
+__device__ __forceinline__ void fp8_q_frags(uint32_t (&q)[KS][4], uint32_t q_addr, int m0,
+                                            int lane) {
+  const int g = lane >> 2, c4 = 4 * (lane & 3);
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t a = q_addr + QTile::offset(m0 + g + 8 * h, kk * 16 + c4);
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n"
+                   : "=r"(q[kk][h]), "=r"(q[kk][2 + h])
+                   : "r"(a));
+    }
+  }
+}
+
 // Lets the next kernel of the stream (a programmatic dependent launch:
 // run_decode) be scheduled once every CTA of this grid has called this or
 // exited. Called when a CTA has issued its last K/V load: the dependents'
@@ -121,25 +141,32 @@ __device__ __forceinline__ DecodeSeq decode_seq(const DecodeParams& p, int b) {
 // head) as blocks of kBlockN key rows, loaded into one ring stage (K tile,
 // then V tile) with rows >= sk zero-filled. The contiguous and the paged
 // cache differ only here, in how a block's row addresses are found.
+// Elem is the 2-byte unit the tiles are copied in: the cache's own type, or
+// for FP8 caches (Traits::kKvBytes == 1) a pair of codes, so element strides
+// and the head dim are halved here (the glue guarantees they are even).
 template <typename Traits, typename Elem, bool kPaged>
 struct DecodeKvLoader;
+
+template <typename Traits>
+constexpr int kCodesPerUnit = 2 / Traits::kKvBytes;
 
 template <typename Traits, typename Elem>
 struct DecodeKvLoader<Traits, Elem, false> {
   using KTile = typename Traits::KTile;
   using VTile = typename Traits::VTile;
+  static constexpr int kU = kCodesPerUnit<Traits>;
   ContiguousTileLoader<Traits::kThreads, KTile, Elem> k;
   ContiguousTileLoader<Traits::kThreads, VTile, Elem> v;
   int sk;
 
   __device__ __forceinline__ void init(const DecodeParams& p, const DecodeSeq& seq, int hk,
                                        int tid) {
-    const Elem* k_base = static_cast<const Elem*>(p.k) + seq.cb * p.k_batch_stride +
-                         seq.k0 * p.k_row_stride + hk * p.k_head_stride;
-    const Elem* v_base = static_cast<const Elem*>(p.v) + seq.cb * p.v_batch_stride +
-                         seq.k0 * p.v_row_stride + hk * p.v_head_stride;
-    k.init(k_base, p.k_row_stride, p.head_dim, tid);
-    v.init(v_base, p.v_row_stride, p.head_dim, tid);
+    const Elem* k_base = static_cast<const Elem*>(p.k) + (seq.cb * p.k_batch_stride +
+                         seq.k0 * p.k_row_stride + hk * p.k_head_stride) / kU;
+    const Elem* v_base = static_cast<const Elem*>(p.v) + (seq.cb * p.v_batch_stride +
+                         seq.k0 * p.v_row_stride + hk * p.v_head_stride) / kU;
+    k.init(k_base, p.k_row_stride / kU, p.head_dim / kU, tid);
+    v.init(v_base, p.v_row_stride / kU, p.head_dim / kU, tid);
     sk = seq.sk;
   }
   // Key block `block` (rows block * kBlockN ...) into the stage at stage_addr.
@@ -157,16 +184,17 @@ struct DecodeKvLoader<Traits, Elem, true> {
   static_assert(sizeof(typename Traits::KTile) == sizeof(typename Traits::VTile) &&
                     Traits::KTile::kRows == Traits::VTile::kRows,
                 "K and V tiles share one row map");
+  static constexpr int kU = kCodesPerUnit<Traits>;
   PagedKvTileLoader<Traits::kThreads, KTile, Elem> kv;
   int sk;
 
   __device__ __forceinline__ void init(const DecodeParams& p, const DecodeSeq& seq, int hk,
                                        int tid) {
-    kv.init(static_cast<const Elem*>(p.k) + hk * p.k_head_stride,
-            static_cast<const Elem*>(p.v) + hk * p.v_head_stride,
-            static_cast<int>(p.k_batch_stride), static_cast<int>(p.k_row_stride),
+    kv.init(static_cast<const Elem*>(p.k) + hk * p.k_head_stride / kU,
+            static_cast<const Elem*>(p.v) + hk * p.v_head_stride / kU,
+            static_cast<int>(p.k_batch_stride / kU), static_cast<int>(p.k_row_stride / kU),
             p.block_table + seq.b * p.block_table_batch_stride, p.page_size, p.cache_batch,
-            p.head_dim, tid);
+            p.head_dim / kU, tid);
     sk = seq.sk;
   }
   // Blocks are loaded in increasing order, so the next block's page ids are

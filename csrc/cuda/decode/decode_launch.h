@@ -63,15 +63,15 @@ cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream);
 template <int kHeadDim, ElemType kDtype>
 cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream, bool programmatic);
 // Resident CTAs per SM of that kernel (its contiguous or paged-KV, cp.async or
-// TMA variant) with a ring of `stages` stages (also raises every variant's
+// TMA, 16-bit or FP8-cache variant) with a ring of `stages` stages (also raises every variant's
 // dynamic shared memory limit, once per device); 0 when there is no such variant.
 template <int kHeadDim, ElemType kDtype>
-int decode_ctas_per_sm(int stages, bool paged, bool tma);
+int decode_ctas_per_sm(int stages, bool paged, bool tma, KvKind kv);
 // Clusters of `cluster` (2..kMaxClusterSplits) CTAs of that variant with a ring
 // of `stages` stages that the device can hold at once; 0 when the device or
 // the machine code it runs has no clusters (below sm90).
 template <int kHeadDim, ElemType kDtype>
-int decode_max_clusters(int stages, bool paged, bool tma, int cluster);
+int decode_max_clusters(int stages, bool paged, bool tma, KvKind kv, int cluster);
 // Whether the current device runs the TMA variant's machine code (a variant
 // exists for this head dim, the build has sm90 code and the device is sm90+).
 template <int kHeadDim, ElemType kDtype>

@@ -87,6 +87,18 @@ struct DecodeParams {
   const int* cache_leftpad = nullptr;
   MaskParams mask;         // bottom_right is always true for decode
   ElemType dtype = ElemType::kFloat16;
+  // FP8 caches (kv_kind != kSame): k / v hold e4m3 or e5m2 codes, element
+  // strides as above (in codes), head_dim a multiple of 16. The value of a
+  // K element of (sequence b, KV head hk) is code * k_descale[b * k_descale_batch_stride
+  // + hk * k_descale_head_stride] (float32, device; nullptr: 1), likewise V.
+  // The kernel folds the K factor into the score scale and the V factor into
+  // the output (flash_decode_kernel.cuh), so both must be >= 0: a negative
+  // factor makes that (sequence, KV head)'s output NaN.
+  KvKind kv_kind = KvKind::kSame;
+  const float* k_descale = nullptr;
+  const float* v_descale = nullptr;
+  int64_t k_descale_batch_stride = 0, k_descale_head_stride = 0;
+  int64_t v_descale_batch_stride = 0, v_descale_head_stride = 0;
   int num_sms = 0;
 
   // Launch plan (gpu::plan_decode fills these from the sizes above).
@@ -172,6 +184,17 @@ struct AppendKvParams {
   int heads_kv = 0;
   int head_dim = 0;
   int elem_bytes = 2;
+  // Quantizing append into an FP8 cache (cache_kind != kSame): k / v are
+  // src_dtype elements, the caches FP8 codes; element (n, h, :) is stored as
+  // the code nearest to x / scale[n * scale_token_stride + h * scale_head_stride]
+  // (round to nearest even, saturated to the largest finite code; scale
+  // nullptr: 1). elem_bytes is then unused.
+  KvKind cache_kind = KvKind::kSame;
+  ElemType src_dtype = ElemType::kFloat16;
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+  int64_t k_scale_token_stride = 0, k_scale_head_stride = 0;
+  int64_t v_scale_token_stride = 0, v_scale_head_stride = 0;
 };
 
 }  // namespace fastattn

@@ -25,9 +25,13 @@ namespace gpu {
 #define FASTATTN_DECODE_BLOCK_N 64
 #endif
 
-template <int kHeadDim_>
+// kKvBytes_: bytes per cached K/V element, 2 (q's type) or 1 (FP8 codes,
+// held in shared memory as pairs: tiles of kHeadDim / 2 two-byte columns, so
+// the cp.async loaders, ldmatrix and the padded layout serve both).
+template <int kHeadDim_, int kKvBytes_ = 2>
 struct DecodeTraits {
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kKvBytes = kKvBytes_;
   static constexpr int kNWarps = FASTATTN_DECODE_WARPS;
   static constexpr int kThreads = kNWarps * 32;
   // Keys per pipeline stage. 64: measured on H200 (Hkv=8, D=128) against
@@ -35,7 +39,11 @@ struct DecodeTraits {
   // equal at B=1, 64-key stages 1-4% faster for batches (a 3-stage ring of
   // 64-key stages leaves room for 2 CTAs per SM). Larger head dims keep 64 at
   // most (a 128-key stage of hdim 192/256 leaves no room for a ring).
-  static constexpr int kBlockN = kHeadDim <= 128 ? FASTATTN_DECODE_BLOCK_N : 64;
+  // FP8 stages hold twice the keys (128 up to head dim 128), the bytes of a
+  // 64-key 16-bit stage: the same bytes in flight per stage and half the
+  // per-stage overhead per key.
+  static constexpr int kBlockN =
+      kHeadDim <= 128 ? FASTATTN_DECODE_BLOCK_N * (2 / kKvBytes) : 64;
   // Keys one warp takes of a stage at a time (NT = kWarpKeys / 8 n8 tiles of S).
   static constexpr int kWarpKeys = kBlockN / kNWarps;
   static constexpr int kGroups = kBlockN / kWarpKeys;  // warp-key groups per stage
@@ -48,8 +56,10 @@ struct DecodeTraits {
   static_assert(kWarpKeys % 16 == 0 && kBlockN % kWarpKeys == 0, "whole k16 steps of PV per group");
   static_assert(kGroups % kNWarps == 0, "whole groups per warp when every warp splits the keys");
 
-  using KTile = SmemTile<kBlockN, kHeadDim>;
-  using VTile = SmemTile<kBlockN, kHeadDim>;
+  static_assert(kKvBytes == 2 || (kKvBytes == 1 && kHeadDim % 32 == 0),
+                "FP8 tiles: whole 32-column chunks (fp8 operand layout of the kernel)");
+  using KTile = SmemTile<kBlockN, kHeadDim * kKvBytes / 2>;
+  using VTile = SmemTile<kBlockN, kHeadDim * kKvBytes / 2>;
   static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;
   // The cp.async variant stages Q in the last ring slot (flash_decode_block).
   using QTile = SmemTile<kMaxRows, kHeadDim>;

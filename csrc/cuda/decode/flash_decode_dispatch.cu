@@ -27,7 +27,8 @@ struct DecodeTile {
 };
 
 template <int kD>
-constexpr DecodeTile tile_of() {
+constexpr DecodeTile tile_of(bool fp8) {
+  if (fp8) return {DecodeTraits<kD, 1>::kStageBytes, DecodeTraits<kD, 1>::kBlockN, 0, 0};
   DecodeTile t{DecodeTraits<kD>::kStageBytes, DecodeTraits<kD>::kBlockN, 0, 0};
   if constexpr (decode_has_tma(kD)) {
     t.tma_stage_bytes = DecodeTmaTraits<kD>::kStageBytes;
@@ -36,21 +37,22 @@ constexpr DecodeTile tile_of() {
   return t;
 }
 
-DecodeTile decode_tile(int d) {
+DecodeTile decode_tile(int d, KvKind kv) {
+  const bool fp8 = kv != KvKind::kSame;
   switch (d) {
-    case 32: return tile_of<32>();
-    case 64: return tile_of<64>();
-    case 96: return tile_of<96>();
-    case 128: return tile_of<128>();
-    case 192: return tile_of<192>();
-    case 256: return tile_of<256>();
+    case 32: return tile_of<32>(fp8);
+    case 64: return tile_of<64>(fp8);
+    case 96: return tile_of<96>(fp8);
+    case 128: return tile_of<128>(fp8);
+    case 192: return tile_of<192>(fp8);
+    case 256: return tile_of<256>(fp8);
     default: return {0, 64, 0, 0};
   }
 }
 
-// Dynamic shared memory of a ring of `stages` stages of either variant.
-int ring_smem(int d, int stages, bool tma) {
-  const DecodeTile t = decode_tile(d);
+// Dynamic shared memory of a ring of `stages` stages of any variant.
+int ring_smem(int d, int stages, bool tma, KvKind kv) {
+  const DecodeTile t = decode_tile(d, kv);
   return tma ? stages * t.tma_stage_bytes + t.tma_fixed_bytes : stages * t.stage_bytes;
 }
 
@@ -94,9 +96,9 @@ R visit_decode_variant(int d, ElemType t, R none, F&& f) {
   return none;
 }
 
-int ctas_per_sm(int d, ElemType t, int stages, bool paged, bool tma) {
+int ctas_per_sm(int d, ElemType t, int stages, bool paged, bool tma, KvKind kv) {
   return visit_decode_variant(d, t, 0, [&](auto hd, auto dt) {
-    return decode_ctas_per_sm<decltype(hd)::value, decltype(dt)::value>(stages, paged, tma);
+    return decode_ctas_per_sm<decltype(hd)::value, decltype(dt)::value>(stages, paged, tma, kv);
   });
 }
 
@@ -109,8 +111,8 @@ int hdim_index(int d) {
 // Whether decode reads K/V through the sm90 copy engine: contiguous caches,
 // a head dim with a TMA variant, a device that runs its sm90 code; not when
 // FASTATTN_DECODE_TMA=0 (read per call: a dev A/B switch and an escape hatch).
-bool use_tma(int d, ElemType t, bool paged) {
-  if (paged || !decode_has_tma(d)) return false;
+bool use_tma(int d, ElemType t, bool paged, KvKind kv) {
+  if (paged || kv != KvKind::kSame || !decode_has_tma(d)) return false;
   const char* env = std::getenv("FASTATTN_DECODE_TMA");
   if (env != nullptr && env[0] == '0') return false;
   static signed char cache[64][2][2];  // [device][head dim 64 / 128][dtype]: 0 unknown, 1 yes, -1 no
@@ -134,26 +136,27 @@ struct RingChoice {
   int ctas = 0;
 };
 
-RingChoice ring_choice(int d, ElemType t, bool paged, bool tma) {
-  static RingChoice cache[64][6][2][2][2];
+RingChoice ring_choice(int d, ElemType t, bool paged, bool tma, KvKind kv) {
+  static RingChoice cache[64][6][2][2][2][3];
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return {};
   const int hi = hdim_index(d);
   const int ti = t == ElemType::kFloat16 ? 0 : 1;
   const int pi = paged ? 1 : 0;
   const int mi = tma ? 1 : 0;
-  if (device < 64 && hi >= 0 && cache[device][hi][ti][pi][mi].stages > 0)
-    return cache[device][hi][ti][pi][mi];
+  const int ki = static_cast<int>(kv);
+  if (device < 64 && hi >= 0 && cache[device][hi][ti][pi][mi][ki].stages > 0)
+    return cache[device][hi][ti][pi][mi][ki];
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
       cudaSuccess)
     return {};
-  const int sb = tma ? decode_tile(d).tma_stage_bytes : decode_tile(d).stage_bytes;
+  const int sb = tma ? decode_tile(d, kv).tma_stage_bytes : decode_tile(d, kv).stage_bytes;
   RingChoice best;
   int64_t best_score = -1;
   for (int s = 2; s <= 4; ++s) {
-    if (ring_smem(d, s, tma) > optin) break;
-    const int ctas = ctas_per_sm(d, t, s, paged, tma);
+    if (ring_smem(d, s, tma, kv) > optin) break;
+    const int ctas = ctas_per_sm(d, t, s, paged, tma, kv);
     if (ctas <= 0) continue;
     const int64_t score = static_cast<int64_t>(ctas) * (s - 1) * sb;
     if (score > best_score || (score == best_score && ctas > best.ctas)) {
@@ -162,24 +165,26 @@ RingChoice ring_choice(int d, ElemType t, bool paged, bool tma) {
       best.ctas = ctas;
     }
   }
-  if (device < 64 && hi >= 0 && best.stages > 0) cache[device][hi][ti][pi][mi] = best;
+  if (device < 64 && hi >= 0 && best.stages > 0) cache[device][hi][ti][pi][mi][ki] = best;
   return best;
 }
 
 // Resident clusters of `cluster` CTAs (see decode_max_clusters), cached per
 // (device, head dim, dtype, variant, ring depth, cluster size).
-int max_clusters(int d, ElemType t, int stages, bool paged, bool tma, int cluster) {
-  static signed char cache[16][6][2][2][2][3][kMaxClusterSplits + 1];  // n + 1; 0 unknown
+int max_clusters(int d, ElemType t, int stages, bool paged, bool tma, KvKind kv, int cluster) {
+  // [device][head dim][dtype][paged][tma][16-bit / fp8 cache][stages - 2][cluster]
+  static signed char cache[16][6][2][2][2][2][3][kMaxClusterSplits + 1];  // n + 1; 0 unknown
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
   const int hi = hdim_index(d);
   if (cluster < 2 || cluster > kMaxClusterSplits || stages < 2 || stages > 4 || hi < 0) return 0;
   signed char* slot = device < 16 ? &cache[device][hi][t == ElemType::kFloat16 ? 0 : 1]
-                                          [paged ? 1 : 0][tma ? 1 : 0][stages - 2][cluster]
+                                          [paged ? 1 : 0][tma ? 1 : 0][kv != KvKind::kSame ? 1 : 0]
+                                          [stages - 2][cluster]
                                   : nullptr;
   if (slot != nullptr && *slot != 0) return *slot - 1;
   int n = visit_decode_variant(d, t, 0, [&](auto hd, auto dt) {
-    return decode_max_clusters<decltype(hd)::value, decltype(dt)::value>(stages, paged, tma,
+    return decode_max_clusters<decltype(hd)::value, decltype(dt)::value>(stages, paged, tma, kv,
                                                                          cluster);
   });
   if (n > 126) n = 126;
@@ -205,7 +210,7 @@ bool use_cluster_combine(const DecodeParams& p, const DecodePlan& plan) {
   if (plan.num_splits > kClusterCombineMaxSplits) return false;
   const bool paged = p.block_table != nullptr;
   const int n = max_clusters(plan.kernel_head_dim, p.dtype, plan.stages, paged, plan.use_tma,
-                             plan.num_splits);
+                             p.kv_kind, plan.num_splits);
   if (n <= 0) return false;
   const int64_t grid_ctas = static_cast<int64_t>(plan.num_m_blocks) * plan.num_splits *
                             p.heads_kv * p.batch;
@@ -260,19 +265,22 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
   plan.num_m_blocks = static_cast<int>(m_blocks > 0 ? m_blocks : 1);
 
   const bool paged = p.block_table != nullptr;
-  plan.use_tma = use_tma(plan.kernel_head_dim, p.dtype, paged);
-  RingChoice ring = ring_choice(plan.kernel_head_dim, p.dtype, paged, plan.use_tma);
+  const KvKind kv = p.kv_kind;
+  plan.use_tma = use_tma(plan.kernel_head_dim, p.dtype, paged, kv);
+  RingChoice ring = ring_choice(plan.kernel_head_dim, p.dtype, paged, plan.use_tma, kv);
   const char* stages_env = std::getenv("FASTATTN_DECODE_STAGES");
   if (const char* env = stages_env) {
     // Dev A/B switch (benchmarks only): force the ring depth when it fits.
     const int s = std::atoi(env);
     const int ctas =
-        s >= 2 && s <= 4 ? ctas_per_sm(plan.kernel_head_dim, p.dtype, s, paged, plan.use_tma) : 0;
+        s >= 2 && s <= 4 ? ctas_per_sm(plan.kernel_head_dim, p.dtype, s, paged, plan.use_tma, kv)
+                         : 0;
     if (ctas > 0) ring = RingChoice{s, ctas};
   }
   plan.stages = ring.stages;
   plan.ctas_per_sm = ring.ctas;
-  plan.smem_bytes = ring.stages > 0 ? ring_smem(plan.kernel_head_dim, ring.stages, plan.use_tma) : 0;
+  plan.smem_bytes =
+      ring.stages > 0 ? ring_smem(plan.kernel_head_dim, ring.stages, plan.use_tma, kv) : 0;
   if (ring.stages == 0) return plan;  // the glue reports the shared-memory shortfall
 
   // Keys any query may see: all of S_max, or Sq + window_left with a left window.
@@ -281,7 +289,7 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     const int64_t w = static_cast<int64_t>(p.seqlen_q) + p.mask.window_left;
     if (w < eff_len) eff_len = w;
   }
-  const int64_t kv_block = decode_tile(plan.kernel_head_dim).block_n;
+  const int64_t kv_block = decode_tile(plan.kernel_head_dim, kv).block_n;
   const int64_t n_blocks = eff_len > 0 ? (eff_len + kv_block - 1) / kv_block : 1;
 
   int splits = 1;
@@ -353,11 +361,11 @@ DecodePlan plan_decode(const DecodeParams& p, int requested_splits) {
     // CTAs: 180.5 us with 3 stages, 185 with 2).
     const int64_t grid = static_cast<int64_t>(p.batch) * p.heads_kv * plan.num_m_blocks *
                          plan.num_splits;
-    const int ctas2 = ctas_per_sm(plan.kernel_head_dim, p.dtype, 2, paged, true);
+    const int ctas2 = ctas_per_sm(plan.kernel_head_dim, p.dtype, 2, paged, true, kv);
     if (grid <= 2 * static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 1) && ctas2 > 0) {
       plan.stages = 2;
       plan.ctas_per_sm = ctas2;
-      plan.smem_bytes = ring_smem(plan.kernel_head_dim, 2, true);
+      plan.smem_bytes = ring_smem(plan.kernel_head_dim, 2, true, kv);
     }
   }
   plan.combine_in_cluster = use_cluster_combine(p, plan);

@@ -45,6 +45,7 @@
 #include <cstdint>
 
 #include "cuda/common/cluster.h"
+#include "cuda/common/fp8.h"
 #include "cuda/common/fragment.h"
 #include "cuda/common/mask.h"
 #include "cuda/common/softcap.h"
@@ -61,14 +62,32 @@
 namespace fastattn {
 namespace gpu {
 
+// FP8 caches (kKv != kSame, Traits::kKvBytes == 1): the tiles hold code
+// pairs and the MMA operands are made from them in registers (common/fp8.h)
+// right after each ldmatrix, which reads them as 16-bit pairs:
+//   K (B of Q K^T, k = head dim): a non-transposed ldmatrix gives a lane four
+//     consecutive codes, head-dim columns 4c..4c+3 of a 16-column step
+//     (c = lane % 4), where the mma wants columns {2c, 2c+1, 2c+8, 2c+9}.
+//     The sum over the head dim does not care about order, so Q's A fragments
+//     are loaded with the same permutation instead (fp8_q_frags): a[0]/a[1]
+//     hold Q columns 4c, 4c+1 and a[2]/a[3] columns 4c+2, 4c+3.
+//   V (B of P V, n = head dim): a transposed ldmatrix of 8 keys x 16 codes
+//     gives a lane keys 2c, 2c+1 at head-dim columns 2g, 2g+1 (g = lane / 4):
+//     the B fragments of two n8 tiles at once, one of the even and one of the
+//     odd columns. So in the FP8 variant acc_o tile 4j + t (t = 0..3) holds
+//     head-dim columns 32j + 16 (t / 2) + 2n + (t % 2) for its n8 column n,
+//     and the epilogue writes them back in order (four consecutive columns
+//     per lane and half-chunk).
 // `phases` (TMA variant): bit s = the parity ring slot s's barrier completes
 // next; carried across the sequences one CTA handles.
-template <typename Traits, typename Elem, bool kPaged>
+template <typename Traits, typename Elem, bool kPaged, KvKind kKv = KvKind::kSame>
 __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* smem, int b,
                                                    int hk, int m_block, int split,
                                                    uint32_t& phases) {
   constexpr bool kTma = Traits::kTma;
+  constexpr bool kFp8 = kKv != KvKind::kSame;
   static_assert(!(kTma && kPaged), "the TMA variant reads contiguous caches");
+  static_assert(kFp8 == (Traits::kKvBytes == 1) && !(kFp8 && kTma), "FP8 tiles, cp.async loads");
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kThreads = Traits::kThreads;
   constexpr int kNWarps = Traits::kNWarps;
@@ -98,6 +117,29 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   const int m0 = m_block * rows_cta;
   const int m_end = m0 + rows_cta < m_total ? m0 + rows_cta : m_total;  // > m0 (host grid)
   const DecodeSeq seq = decode_seq(p, b);
+  // Score / output scales of this (sequence, KV head). FP8: scores are Q times
+  // the codes, so the K scale (and fp16's fold, common/fp8.h) joins the
+  // softmax scale, and softcap's raw-score constants with it (softcap.h:
+  // in = scale / c, out = c / scale); the V scale multiplies the output.
+  float scale = p.scale, scale_log2 = p.scale_log2;
+  float cap_in = p.softcap_in, cap_out = p.softcap_out;
+  float v_mult = 1.f;
+  if constexpr (kFp8) {
+    constexpr float kFold = kFp8Fold<Elem, kKv>;
+    const float kd = (p.k_descale != nullptr ? __ldg(p.k_descale + b * p.k_descale_batch_stride +
+                                                     hk * p.k_descale_head_stride)
+                                             : 1.f) * kFold;
+    const float vd = (p.v_descale != nullptr ? __ldg(p.v_descale + b * p.v_descale_batch_stride +
+                                                     hk * p.v_descale_head_stride)
+                                             : 1.f) * kFold;
+    scale *= kd;
+    scale_log2 *= kd;
+    cap_in *= kd;
+    cap_out = kd > 0.f ? cap_out / kd : 0.f;
+    // A negative factor would flip the softmax's max (the kernels need
+    // scale >= 0): poison the output instead of returning a wrong answer.
+    v_mult = kd >= 0.f && vd >= 0.f ? vd : __int_as_float(0x7fffffff);
+  }
 
   smem = decode_ring<Traits>(smem);
   const uint32_t smem_base = ptx::smem_u32(smem);
@@ -139,7 +181,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       key_hi[h] = mask.key_end(i);
       if (p.alibi_slopes != nullptr) {
         const int head = hk * static_cast<int>(group.d) + (r - i * static_cast<int>(group.d));
-        alibi_slope[h] = __ldg(p.alibi_slopes + seq.b * p.alibi_batch_stride + head) / p.scale;
+        alibi_slope[h] = __ldg(p.alibi_slopes + seq.b * p.alibi_batch_stride + head) / scale;
         alibi_diag[h] = float(i + seq.sk - p.seqlen_q);
       }
     } else {
@@ -161,7 +203,9 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
 
   if (n_iters > 0) {
     // (The TMA variant never uses it: the cp.async loader of the same head dim.)
-    DecodeKvLoader<DecodeTraits<Traits::kHeadDim>, Elem, kPaged> kv;
+    // FP8 tiles are copied as 16-bit code pairs.
+    using LoadElem = std::conditional_t<kFp8, uint16_t, Elem>;
+    DecodeKvLoader<DecodeTraits<Traits::kHeadDim, Traits::kKvBytes>, LoadElem, kPaged> kv;
     uint32_t q_frag[KS][4];
     if constexpr (!kTma) {
       kv.init(p, seq, hk, tid);
@@ -182,9 +226,13 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       }
       cp_async_wait_dyn(stages - 2);
       __syncthreads();  // Q and stage 0 visible
-      const int a_off = a_lane_offset<QTile>(lane) + QTile::offset(wm * 16, 0);
+      if constexpr (kFp8) {
+        fp8_q_frags<QTile, KS>(q_frag, q_addr, wm * 16, lane);
+      } else {
+        const int a_off = a_lane_offset<QTile>(lane) + QTile::offset(wm * 16, 0);
 #pragma unroll
-      for (int kk = 0; kk < KS; ++kk) load_a<QTile>(q_frag[kk], q_addr, a_off, 0, kk * 16);
+        for (int kk = 0; kk < KS; ++kk) load_a<QTile>(q_frag[kk], q_addr, a_off, 0, kk * 16);
+      }
     } else {
       // (The loop's first block barrier also publishes the ring barriers'
       // initialization, see the kernel.)
@@ -256,22 +304,40 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
         const uint32_t kc = k_addr + c * kWarpKeys * KTile::kStrideBytes;
+        if constexpr (kFp8) {
+          // One ldmatrix: keys np*16 .. +15 x head-dim columns 32j .. 32j+31.
 #pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
+          for (int j = 0; j < KS / 2; ++j) {
 #pragma unroll
-          for (int np = 0; np < NT / 2; ++np) {
-            uint32_t bk[4];
-            if constexpr (kTma) {
-              load_b_pair_sw128<KTile>(bk, kc, k_sw, np * 16, kk * 16);
-            } else {
-              load_b_pair<KTile>(bk, kc, b_off, np * 16, kk * 16);
+            for (int np = 0; np < NT / 2; ++np) {
+              uint32_t bk[4];
+              load_b_pair<KTile>(bk, kc, b_off, np * 16, j * 16);
+#pragma unroll
+              for (int t = 0; t < 4; ++t) {  // (n-tile 2np + t / 2, k16 step 2j + t % 2)
+                ptx::mma_m16n8k16<Elem>(s[0][2 * np + t / 2], q_frag[2 * j + t % 2],
+                                        fp8x2_to<Elem, kKv, 0, 1>(bk[t]),
+                                        fp8x2_to<Elem, kKv, 2, 3>(bk[t]));
+              }
             }
-            ptx::mma_m16n8k16<Elem>(s[0][2 * np], q_frag[kk], bk[0], bk[1]);
-            ptx::mma_m16n8k16<Elem>(s[0][2 * np + 1], q_frag[kk], bk[2], bk[3]);
+          }
+        } else {
+#pragma unroll
+          for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+              uint32_t bk[4];
+              if constexpr (kTma) {
+                load_b_pair_sw128<KTile>(bk, kc, k_sw, np * 16, kk * 16);
+              } else {
+                load_b_pair<KTile>(bk, kc, b_off, np * 16, kk * 16);
+              }
+              ptx::mma_m16n8k16<Elem>(s[0][2 * np], q_frag[kk], bk[0], bk[1]);
+              ptx::mma_m16n8k16<Elem>(s[0][2 * np + 1], q_frag[kk], bk[2], bk[3]);
+            }
           }
         }
         const int c0 = key0 + c * kWarpKeys;
-        if (p.softcap_in != 0.f) cap_scores(s, p.softcap_in, p.softcap_out);  // before the mask
+        if (cap_in != 0.f) cap_scores(s, cap_in, cap_out);  // before the mask
         if (p.alibi_slopes != nullptr) {
 #pragma unroll
           for (int h = 0; h < 2; ++h)
@@ -294,23 +360,39 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
                 if (key < key_lo[h] || key >= key_hi[h]) s[0][nt][2 * h + e] = neg_inf();
               }
         }
-        softmax.update(s, acc_o, p.scale_log2);
+        softmax.update(s, acc_o, scale_log2);
 
         const uint32_t vc = v_addr + c * kWarpKeys * VTile::kStrideBytes;
 #pragma unroll
         for (int ks = 0; ks < NT / 2; ++ks) {
           uint32_t pa[4];
           c_pair_to_a<Elem>(pa, s[0][2 * ks], s[0][2 * ks + 1]);
+          if constexpr (kFp8) {
 #pragma unroll
-          for (int dp = 0; dp < DT / 2; ++dp) {
-            uint32_t bv[4];
-            if constexpr (kTma) {
-              load_b_trans_pair_sw128<VTile>(bv, vc, v_sw, ks * 16, dp * 16);
-            } else {
-              load_b_trans_pair<VTile>(bv, vc, v_off, ks * 16, dp * 16);
+            for (int j = 0; j < DT / 4; ++j) {
+              uint32_t bv[4];  // keys ks*16 + {0-7, 8-15} x columns 32j + {0-15, 16-31}
+              load_b_trans_pair<VTile>(bv, vc, v_off, ks * 16, j * 16);
+#pragma unroll
+              for (int half = 0; half < 2; ++half) {
+                const uint32_t lo = bv[2 * half], hi = bv[2 * half + 1];
+                ptx::mma_m16n8k16<Elem>(acc_o[0][4 * j + 2 * half], pa,
+                                        fp8x2_to<Elem, kKv, 0, 2>(lo), fp8x2_to<Elem, kKv, 0, 2>(hi));
+                ptx::mma_m16n8k16<Elem>(acc_o[0][4 * j + 2 * half + 1], pa,
+                                        fp8x2_to<Elem, kKv, 1, 3>(lo), fp8x2_to<Elem, kKv, 1, 3>(hi));
+              }
             }
-            ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp], pa, bv[0], bv[1]);
-            ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp + 1], pa, bv[2], bv[3]);
+          } else {
+#pragma unroll
+            for (int dp = 0; dp < DT / 2; ++dp) {
+              uint32_t bv[4];
+              if constexpr (kTma) {
+                load_b_trans_pair_sw128<VTile>(bv, vc, v_sw, ks * 16, dp * 16);
+              } else {
+                load_b_trans_pair<VTile>(bv, vc, v_off, ks * 16, dp * 16);
+              }
+              ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp], pa, bv[0], bv[1]);
+              ptx::mma_m16n8k16<Elem>(acc_o[0][2 * dp + 1], pa, bv[2], bv[3]);
+            }
           }
         }
       }
@@ -328,7 +410,13 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   // per scheduler: each dependent step is exposed); no data-dependent
   // branches. Rows past m_end are padding: nothing writes or reads them.
   float lse_w[2];
-  softmax.finalize(acc_o, p.scale, lse_w);
+  softmax.finalize(acc_o, scale, lse_w);
+  if constexpr (kFp8) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[0][dt][e] *= v_mult;
+  }
   __syncthreads();  // every warp is done reading the ring
 
   float* o_slab = reinterpret_cast<float*>(smem);               // [kNWarps][16][kOStride]
@@ -342,11 +430,24 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       const int row = g + 8 * h;
       if (row >= live_rows) continue;
       if ((lane & 3) == 0) lse_slab[warp * 16 + row] = lse_w[h];
-      float* orow = o_slab + (warp * 16 + row) * kOStride + 2 * (lane & 3);
+      if constexpr (kFp8) {  // tile 4j + t: columns 32j + 16 (t / 2) + 4c + {0, 2} + t % 2
+        float* orow = o_slab + (warp * 16 + row) * kOStride + 4 * (lane & 3);
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt)
-        *reinterpret_cast<float2*>(orow + dt * 8) =
-            make_float2(acc_o[0][dt][2 * h], acc_o[0][dt][2 * h + 1]);
+        for (int j = 0; j < DT / 4; ++j)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const float(&ev)[4] = acc_o[0][4 * j + 2 * half];
+            const float(&od)[4] = acc_o[0][4 * j + 2 * half + 1];
+            *reinterpret_cast<float4*>(orow + 32 * j + 16 * half) =
+                make_float4(ev[2 * h], od[2 * h], ev[2 * h + 1], od[2 * h + 1]);
+          }
+      } else {
+        float* orow = o_slab + (warp * 16 + row) * kOStride + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+          *reinterpret_cast<float2*>(orow + dt * 8) =
+              make_float2(acc_o[0][dt][2 * h], acc_o[0][dt][2 * h + 1]);
+      }
     }
   }
   __syncthreads();
@@ -427,7 +528,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     decode_cluster_combine<Traits, Elem>(p, o_slab, lse_fin, b, hk, m0, m_end, warps_n, split);
 }
 
-template <typename Traits, typename Elem, bool kPaged>
+template <typename Traits, typename Elem, bool kPaged, KvKind kKv = KvKind::kSame>
 __global__ void __launch_bounds__(Traits::kThreads)
     flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(128) char smem[];
@@ -464,7 +565,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif
   const int hk = blockIdx.y;
   for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
-    flash_decode_block<Traits, Elem, kPaged>(p, smem, b, hk, m_block, split, phases);
+    flash_decode_block<Traits, Elem, kPaged, kKv>(p, smem, b, hk, m_block, split, phases);
     if (b + gridDim.z < p.batch) {
       // smem is reused by the next sequence (TMA: the epilogue's ordinary
       // stores precede the next copies into the ring)

@@ -15,11 +15,21 @@ namespace fastattn {
 namespace gpu {
 
 // The kernel of one variant: contiguous / paged cache, cp.async / TMA loads
-// (TMA: contiguous caches and decode_has_tma head dims only; nullptr otherwise).
+// (TMA: contiguous 16-bit caches and decode_has_tma head dims only), cache
+// element kind (FP8 codes: cp.async only); nullptr when there is none.
 template <int kHeadDim, ElemType kDtype>
-void* decode_kernel_of(bool paged, bool tma) {
+void* decode_kernel_of(bool paged, bool tma, KvKind kv) {
   using Elem = typename ElemOf<kDtype>::type;
   using Traits = DecodeTraits<kHeadDim>;
+  using Fp8Traits = DecodeTraits<kHeadDim, 1>;
+  if (kv != KvKind::kSame) {
+    if (tma) return nullptr;
+    if (kv == KvKind::kE4M3)
+      return paged ? reinterpret_cast<void*>(flash_decode_kernel<Fp8Traits, Elem, true, KvKind::kE4M3>)
+                   : reinterpret_cast<void*>(flash_decode_kernel<Fp8Traits, Elem, false, KvKind::kE4M3>);
+    return paged ? reinterpret_cast<void*>(flash_decode_kernel<Fp8Traits, Elem, true, KvKind::kE5M2>)
+                 : reinterpret_cast<void*>(flash_decode_kernel<Fp8Traits, Elem, false, KvKind::kE5M2>);
+  }
   if (tma) {
     if constexpr (decode_has_tma(kHeadDim)) {
       if (!paged) return reinterpret_cast<void*>(flash_decode_kernel<DecodeTmaTraits<kHeadDim>, Elem, false>);
@@ -31,7 +41,8 @@ void* decode_kernel_of(bool paged, bool tma) {
 }
 
 template <int kHeadDim>
-int decode_smem_bytes(int stages, bool tma) {
+int decode_smem_bytes(int stages, bool tma, KvKind kv) {
+  if (kv != KvKind::kSame) return DecodeTraits<kHeadDim, 1>::smem_bytes(stages);
   if constexpr (decode_has_tma(kHeadDim)) {
     if (tma) return DecodeTmaTraits<kHeadDim>::smem_bytes(stages);
   }
@@ -50,9 +61,11 @@ cudaError_t decode_raise_smem_limit() {
   int optin = 0;
   err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
-  for (int v = 0; v < 3; ++v) {
-    const bool paged = v == 1, tma = v == 2;
-    void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, tma);
+  for (int v = 0; v < 7; ++v) {
+    // (contiguous, paged, TMA) x 16-bit, then (contiguous, paged) x e4m3 / e5m2
+    const bool paged = v == 1 || v == 4 || v == 6, tma = v == 2;
+    const KvKind kv = v < 3 ? KvKind::kSame : (v < 5 ? KvKind::kE4M3 : KvKind::kE5M2);
+    void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, tma, kv);
     if (kernel == nullptr) continue;
     // The whole opt-in limit: a launch may pad its ring (decode_launch_smem).
     const int want = optin;
@@ -102,14 +115,14 @@ inline int decode_launch_smem(int ring, int64_t grid_ctas) {
 }
 
 template <int kHeadDim, ElemType kDtype>
-int decode_ctas_per_sm(int stages, bool paged, bool tma) {
+int decode_ctas_per_sm(int stages, bool paged, bool tma, KvKind kv) {
   using Traits = DecodeTraits<kHeadDim>;
   if (decode_raise_smem_limit<kHeadDim, kDtype>() != cudaSuccess) return 0;
-  void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, tma);
+  void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, tma, kv);
   if (kernel == nullptr) return 0;
   int n = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Traits::kThreads,
-                                                    decode_smem_bytes<kHeadDim>(stages, tma)) !=
+                                                    decode_smem_bytes<kHeadDim>(stages, tma, kv)) !=
       cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
@@ -121,7 +134,7 @@ template <int kHeadDim, ElemType kDtype>
 bool decode_tma_runnable() {
   // The TMA variant exists only in sm90+ machine code: the binary this device
   // runs must have been built for it (an older image traps).
-  void* kernel = decode_kernel_of<kHeadDim, kDtype>(false, true);
+  void* kernel = decode_kernel_of<kHeadDim, kDtype>(false, true, KvKind::kSame);
   if (kernel == nullptr) return false;
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
@@ -132,11 +145,11 @@ bool decode_tma_runnable() {
 }
 
 template <int kHeadDim, ElemType kDtype>
-int decode_max_clusters(int stages, bool paged, bool tma, int cluster) {
+int decode_max_clusters(int stages, bool paged, bool tma, KvKind kv, int cluster) {
   using Traits = DecodeTraits<kHeadDim>;
   if (cluster < 2 || cluster > kMaxClusterSplits) return 0;
   if (decode_raise_smem_limit<kHeadDim, kDtype>() != cudaSuccess) return 0;
-  void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, tma);
+  void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, tma, kv);
   if (kernel == nullptr) return 0;
   // Clusters exist in sm90+ machine code only.
   cudaFuncAttributes attr;
@@ -148,7 +161,7 @@ int decode_max_clusters(int stages, bool paged, bool tma, int cluster) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(cluster));
   cfg.blockDim = dim3(Traits::kThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(decode_smem_bytes<kHeadDim>(stages, tma));
+  cfg.dynamicSmemBytes = static_cast<size_t>(decode_smem_bytes<kHeadDim>(stages, tma, kv));
   cudaLaunchAttribute at[1];
   at[0].id = cudaLaunchAttributeClusterDimension;
   at[0].val.clusterDim.x = static_cast<unsigned>(cluster);
@@ -186,7 +199,11 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream, bool pro
       (p.num_splits > 1 && !p.combine_in_cluster &&
        (p.o_partial == nullptr || p.lse_partial == nullptr)) ||
       (p.combine_in_cluster && p.num_splits > kMaxClusterSplits) ||
-      (p.block_table != nullptr && p.page_size < 1)) {
+      (p.block_table != nullptr && p.page_size < 1) ||
+      (p.kv_kind != KvKind::kSame &&
+       (p.use_tma || p.head_dim % 16 != 0 || p.k_row_stride % 2 != 0 || p.k_head_stride % 2 != 0 ||
+        p.k_batch_stride % 2 != 0 || p.v_row_stride % 2 != 0 || p.v_head_stride % 2 != 0 ||
+        p.v_batch_stride % 2 != 0))) {
     return cudaErrorInvalidValue;
   }
   const int64_t gx = static_cast<int64_t>(p.num_m_blocks) * p.num_splits;
@@ -195,7 +212,7 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream, bool pro
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(gx), p.heads_kv, p.batch < 65535 ? p.batch : 65535);
   const bool paged = p.block_table != nullptr;
-  void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, p.use_tma);
+  void* kernel = decode_kernel_of<kHeadDim, kDtype>(paged, p.use_tma, p.kv_kind);
   if (kernel == nullptr) return cudaErrorInvalidValue;
   DecodeParams q = p;
   q.group_div = make_fast_div(p.heads_q / p.heads_kv);
@@ -211,7 +228,7 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream, bool pro
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(Traits::kThreads);
-  const int ring = decode_smem_bytes<kHeadDim>(p.stages, p.use_tma);
+  const int ring = decode_smem_bytes<kHeadDim>(p.stages, p.use_tma, p.kv_kind);
   const int64_t grid_ctas = gx * p.heads_kv * static_cast<int64_t>(grid.z);
   cfg.dynamicSmemBytes = static_cast<size_t>(programmatic ? decode_launch_smem(ring, grid_ctas) : ring);
   cfg.stream = stream;
@@ -243,8 +260,8 @@ cudaError_t run_decode_hdim(const DecodeParams& p, cudaStream_t stream, bool pro
 #define FASTATTN_INSTANTIATE_DECODE(HDIM, DTYPE)                                             \
   template cudaError_t fastattn::gpu::run_decode_hdim<HDIM, fastattn::ElemType::DTYPE>(      \
       const fastattn::DecodeParams&, cudaStream_t, bool);                                    \
-  template int fastattn::gpu::decode_ctas_per_sm<HDIM, fastattn::ElemType::DTYPE>(int, bool, \
-                                                                                bool);       \
+  template int fastattn::gpu::decode_ctas_per_sm<HDIM, fastattn::ElemType::DTYPE>(             \
+      int, bool, bool, fastattn::KvKind);                                                    \
   template bool fastattn::gpu::decode_tma_runnable<HDIM, fastattn::ElemType::DTYPE>();   \
-  template int fastattn::gpu::decode_max_clusters<HDIM, fastattn::ElemType::DTYPE>(int, bool, \
-                                                                                 bool, int);
+  template int fastattn::gpu::decode_max_clusters<HDIM, fastattn::ElemType::DTYPE>(            \
+      int, bool, bool, fastattn::KvKind, int);
