@@ -48,6 +48,12 @@ shared, copy-on-write), and a step's attention becomes `fastattn.cascade_attenti
 `fastattn.cascade_tables(cache, seq_ids)`: the shared pages once for all of the step's queries,
 each sequence's own pages apart, merged by their LSE.
 
+With --kv-cache fp8 the pool holds float8_e4m3fn codes (PagedKVCache(dtype=float8_e4m3fn,
+k_scale=..., v_scale=...): appends quantize, decode steps read the codes in the kernel) and the
+single-request reference below uses an FP8 contiguous cache with the same scales; the run also
+reports how many requests generate the same tokens as with a 16-bit cache (quantization
+changes the attention's values, so near-ties may flip).
+
 Finally every request is generated again ALONE, with a contiguous per-request cache
 (`fastattn.flash_attn_with_kvcache`: the whole prompt in one call, then one token per call;
 or `--reference torch`: plain torch attention over the whole history), and the generated
@@ -379,10 +385,12 @@ class Engine:
             cache.write(layer, slots, k, v)
             if shared is not None:
                 return fastattn.cascade_attention(q, cache.k_caches[layer], cache.v_caches[layer],
-                                                  cu_seqlens_q, max_q, shared)
+                                                  cu_seqlens_q, max_q, shared, k_descale=cache.k_scale,
+                                                  v_descale=cache.v_scale)
             return fastattn.flash_attn_varlen_func(
                 q, cache.k_caches[layer], cache.v_caches[layer], cu_seqlens_q, cu_seqlens_k,
-                max_q, max_k, causal=True, block_table=block_table)
+                max_q, max_k, causal=True, block_table=block_table, k_descale=cache.k_scale,
+                v_descale=cache.v_scale)
 
         hidden = self.model.forward(torch.tensor(tokens, device=device),
                                     torch.tensor(positions, device=device), attend)
@@ -405,15 +413,20 @@ class ContiguousCacheAttention:
     """One request, contiguous (1, S_max, kv_heads, head_dim) caches per layer, written and read
     by flash_attn_with_kvcache (cache_seqlens = length before this call's append)."""
 
-    def __init__(self, cfg, capacity, dtype, device):
+    def __init__(self, cfg, capacity, dtype, device, fp8_scale=None):
         shape = (1, capacity, cfg.kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
+        cache_dtype = dtype if fp8_scale is None else torch.float8_e4m3fn
+        zeros = lambda: torch.zeros(shape, dtype=torch.uint8, device=device).view(cache_dtype) \
+            if fp8_scale is not None else torch.zeros(shape, dtype=dtype, device=device)
+        self.k = [zeros() for _ in range(cfg.layers)]
+        self.v = [zeros() for _ in range(cfg.layers)]
+        self.scale = fp8_scale
         self.length = 0
 
     def __call__(self, layer, q, k, v):
         out = fastattn.flash_attn_with_kvcache(q[None], self.k[layer], self.v[layer], k=k[None],
-                                               v=v[None], cache_seqlens=self.length, causal=True)
+                                               v=v[None], cache_seqlens=self.length, causal=True,
+                                               k_descale=self.scale, v_descale=self.scale)
         return out[0]
 
     def advance(self, n):
@@ -424,7 +437,9 @@ class TorchAttention:
     """One request, plain torch: keeps the whole K/V history and runs SDPA with an explicit
     bottom-right causal mask (query i of n new tokens sees keys 0 .. context + i)."""
 
-    def __init__(self, cfg, capacity, dtype, device):
+    def __init__(self, cfg, capacity, dtype, device, fp8_scale=None):
+        if fp8_scale is not None:
+            raise SystemExit("--reference torch keeps a 16-bit history; use --reference kvcache with --kv-cache fp8")
         self.k = [None] * cfg.layers
         self.v = [None] * cfg.layers
 
@@ -442,9 +457,9 @@ class TorchAttention:
         pass
 
 
-def generate_alone(model, req, attention_cls, dtype, device):
+def generate_alone(model, req, attention_cls, dtype, device, fp8_scale=None):
     """Greedy generation of one request: the whole prompt in one forward, then one token each."""
-    attn = attention_cls(model.cfg, len(req.prompt) + req.max_new_tokens, dtype, device)
+    attn = attention_cls(model.cfg, len(req.prompt) + req.max_new_tokens, dtype, device, fp8_scale)
     output, logits = [], []
     new, start = list(req.prompt), 0  # tokens to feed next, and the position of the first one
     while len(output) < req.max_new_tokens:
@@ -527,6 +542,10 @@ def parse_args(argv=None):
     p.add_argument("--system-prompt", type=int, default=0,
                    help="tokens of a system prompt all requests share (prefilled once, forked, "
                         "attended with cascade_attention)")
+    p.add_argument("--kv-cache", choices=["same", "fp8"], default="same",
+                   help="KV cache element type: the attention dtype, or float8_e4m3fn codes")
+    p.add_argument("--fp8-scale", type=float, default=1 / 16,
+                   help="k_scale = v_scale of the FP8 cache (stored code = value / scale)")
     p.add_argument("--reference", choices=["kvcache", "torch"], default="kvcache",
                    help="single-request reference: fastattn.flash_attn_with_kvcache over a "
                         "contiguous cache, or plain torch attention")
@@ -576,13 +595,17 @@ def _run(args):
                          f"{num_blocks * args.block_size}: raise --cache-tokens")
     if longest > cfg.max_positions:
         raise SystemExit(f"a request reaches position {longest} > {cfg.max_positions}")
+    fp8_scale = args.fp8_scale if args.kv_cache == "fp8" else None
     cache = fastattn.PagedKVCache(num_blocks, args.block_size, cfg.kv_heads, cfg.head_dim,
-                                  num_layers=cfg.layers, dtype=dtype, device=device)
+                                  num_layers=cfg.layers, device=device,
+                                  dtype=dtype if fp8_scale is None else torch.float8_e4m3fn,
+                                  k_scale=fp8_scale, v_scale=fp8_scale)
     say(f"{len(requests)} requests (prompts {min(len(r.prompt) for r in requests)}-"
         f"{max(len(r.prompt) for r in requests)} tokens, generating "
         f"{min(r.max_new_tokens for r in requests)}-{max(r.max_new_tokens for r in requests)}, "
         f"arriving over steps 0-{max(r.arrival_step for r in requests)}) on {device}, "
-        f"KV/attention {str(dtype).replace('torch.', '')}; pool {num_blocks} blocks x {args.block_size}")
+        f"KV/attention {str(cache.dtype).replace('torch.', '')}/{str(dtype).replace('torch.', '')}; "
+        f"pool {num_blocks} blocks x {args.block_size}")
 
     engine = Engine(model, cache, requests, args.chunk_size, args.token_budget, args.max_seqs,
                     system_prompt)
@@ -602,13 +625,23 @@ def _run(args):
     attention_cls = ContiguousCacheAttention if args.reference == "kvcache" else TorchAttention
     t0 = time.perf_counter()
     with torch.inference_mode():
-        reference = {r.rid: generate_alone(model, r, attention_cls, dtype, device) for r in requests}
+        reference = {r.rid: generate_alone(model, r, attention_cls, dtype, device, fp8_scale)
+                     for r in requests}
     sync()
     reference_s = time.perf_counter() - t0
+    same_as_16bit = None
+    if fp8_scale is not None:  # greedy-token agreement of the FP8 cache with a 16-bit one
+        with torch.inference_mode():
+            wide = {r.rid: generate_alone(model, r, attention_cls, dtype, device)[0] for r in requests}
+        same_as_16bit = sum(engine.finished[rid].output == toks for rid, toks in wide.items())
 
-    logits_tol = 1e-3 if dtype == torch.float32 else 0.1  # logits have std ~4
+    # logits have std ~4. An FP8 cache rounds each key/value to 3 mantissa bits: a batched and
+    # a single run whose float32 keys differ in the last bit can store neighbouring codes, so
+    # FP8 runs get the half-precision tolerance and may flip near-ties.
+    exact = dtype == torch.float32 and fp8_scale is None
+    logits_tol = 1e-3 if exact else 0.1
     bad, tie_flips, max_diff, min_margin = compare(engine.finished, reference, logits_tol,
-                                                    allow_tie_flips=dtype != torch.float32)
+                                                    allow_tie_flips=not exact)
 
     st = engine.stats
     generated = sum(len(s.output) for s in engine.finished.values())
@@ -632,6 +665,9 @@ def _run(args):
         f"({args.reference}) {generated / reference_s:.0f} generated/s ({reference_s:.2f} s)")
     say(f"max |logit diff| vs single-request generation {max_diff:.2e} (tolerance {logits_tol:g}); "
         f"smallest reference top-2 logit margin {min_margin:.3g}")
+    if same_as_16bit is not None:
+        say(f"FP8 cache: {same_as_16bit} of {len(requests)} requests generate the same tokens as "
+            f"with a 16-bit cache")
     if bad:
         print(f"FAIL: {bad} of {len(requests)} sequences differ from single-request generation")
     elif tie_flips:
@@ -640,7 +676,8 @@ def _run(args):
     else:
         print(f"OK: all {len(requests)} sequences identical to single-request generation")
     return dict(ok=bad == 0, mismatches=bad, tie_flips=tie_flips, stats=st, generated=generated, chunked_prompts=chunked,
-                max_logit_diff=max_diff, engine_s=engine_s, reference_s=reference_s)
+                max_logit_diff=max_diff, engine_s=engine_s, reference_s=reference_s,
+                same_as_16bit=same_as_16bit)
 
 
 def main(argv=None):

@@ -87,3 +87,17 @@ def test_cuda_batched_matches_single_request(example, dtype, block_size):
     # Near-tie flips are explained by rounding, but they must stay rare: a systematic
     # difference would flip many sequences.
     assert result["tie_flips"] <= 2, f"{result['tie_flips']} of 32 sequences diverged at near-ties"
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"),
+                                    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("system", [0, 40])
+def test_fp8_cache_matches_single_request_fp8_cache(example, device, system):
+    """--kv-cache fp8: the paged FP8 pool (quantizing appends, in-kernel decode, dequantized
+    prefill pages, cascade) generates what one request generates alone over an FP8
+    contiguous cache with the same scales (near-tie flips allowed, and rare)."""
+    result = run(example, "--device", device, "--kv-cache", "fp8", "--system-prompt", str(system),
+                 "--requests", "16")
+    assert result["ok"], f"{result['mismatches']} sequences differ (see the MISMATCH lines above)"
+    assert result["tie_flips"] <= 2
+    assert result["same_as_16bit"] is not None and result["same_as_16bit"] > 0
