@@ -98,7 +98,10 @@ TORCH_LIBRARY(fastattn, m) {
   // multiple of 16) hold codes; element values are code * k_descale (v_descale),
   // float32 of shape (1) (per tensor), (Hkv) (per KV head) or (B, Hkv) (per
   // sequence and KV head, FlashAttention-3's layout), default 1. The descales
-  // apply to FP8 caches only.
+  // apply to FP8 caches only. tree_mask (B, Sq, Sq) bool, Sq <= 64 (speculative
+  // verification of a token tree): the last Sq keys of sequence b are its draft
+  // tokens, and query i sees draft token j only where tree_mask[b, i, j], on top
+  // of the causal / window mask; the keys before them stay visible.
   // Returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32.
   // A seqlens_k entry past what the cache addresses (S_max, or max_blocks *
   // block_size) raises, naming k_cache / block_table; on CUDA that check reads
@@ -108,7 +111,8 @@ TORCH_LIBRARY(fastattn, m) {
       "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqlens_k, Tensor? cache_batch_idx, "
       "Tensor? block_table, float scale, bool causal, int window_left, int window_right, "
       "int num_splits, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? cache_leftpad=None, "
-      "Tensor? k_descale=None, Tensor? v_descale=None) -> (Tensor out, Tensor lse)");
+      "Tensor? k_descale=None, Tensor? v_descale=None, Tensor? tree_mask=None) "
+      "-> (Tensor out, Tensor lse)");
   // Chunked prefill over a paged KV cache (forward only, inference): q
   // (total_q, Hq, D) packed by cu_seqlens_q (B + 1) int32, sequence b's rows
   // attending to its seqlens_k[b] keys in k_cache/v_cache (num_blocks,

@@ -7,6 +7,7 @@
 // KV head, splits the keys into chunks, and merges the chunks' (O, lse).
 #include <ATen/Parallel.h>
 
+#include <limits>
 #include <vector>
 
 #include "cpu/cpu_common.h"
@@ -52,7 +53,7 @@ struct CacheRowsKv {
 // Decode over any KV row source: CacheRowsKv or PagedKv (kv_rows_cpu.h).
 template <typename scalar_t, typename Kv>
 void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, const at::Tensor& slopes,
-                 at::Tensor& out,
+                 const at::Tensor& tree, at::Tensor& out,
                  at::Tensor& lse) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = p.head_dim, Sq = p.seqlen_q;
@@ -110,8 +111,15 @@ void decode_impl(const DecodeProblem& p, const at::Tensor& q, const Kv& kv, cons
         row_mods[r] = {static_cast<acc_t>(p.softcap), DenseScoreMods<acc_t>::slope_of(slopes, b, head_of(r)),
                        static_cast<acc_t>(sk - Sq)};
       }
-      auto mods = [&](int64_t r, int64_t j, acc_t x) { return row_mods[r](query_of(r), j, x); };
-      const bool plain = p.softcap == 0 && !slopes.defined();
+      // Tree mask: the last Sq keys are the draft tokens; query i sees draft j iff tree[b, i, j].
+      const bool* tree_rows = tree.defined() ? tree.data_ptr<bool>() + b * Sq * Sq : nullptr;
+      const int64_t draft0 = sk - Sq;
+      auto mods = [&](int64_t r, int64_t j, acc_t x) {
+        if (tree_rows != nullptr && j >= draft0 && !tree_rows[query_of(r) * Sq + (j - draft0)])
+          return -std::numeric_limits<acc_t>::infinity();
+        return row_mods[r](query_of(r), j, x);
+      };
+      const bool plain = p.softcap == 0 && !slopes.defined() && tree_rows == nullptr;
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
         if (plain) {
           st.visit(j0, std::min(kBlockK, j_end - j0), k_row, v_row, range, scale);
@@ -201,13 +209,15 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
                                               const std::optional<at::Tensor>& alibi_slopes,
                                               const std::optional<at::Tensor>& cache_leftpad,
                                               const std::optional<at::Tensor>& k_descale,
-                                              const std::optional<at::Tensor>& v_descale) {
+                                              const std::optional<at::Tensor>& v_descale,
+                                              const std::optional<at::Tensor>& tree_mask) {
   DecodeProblem p = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table,
                                       scale, causal, window_left, window_right, num_splits);
   const KvScale kd = checked_kv_scale(k_descale, "k_descale", p.fp8_kv, p.batch, "batch",
                                       p.heads_kv, q);
   const KvScale vd = checked_kv_scale(v_descale, "v_descale", p.fp8_kv, p.batch, "batch",
                                       p.heads_kv, q);
+  const at::Tensor tree = checked_tree_mask(tree_mask, p, q);
   if (p.fp8_kv) {
     // Reference path: the codes widened to the compute type, K's scale folded
     // into q (q . (c k) = (c q) . k, so softcap and ALiBi see true scores) and
@@ -223,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
     const at::Tensor qw = q.to(wide) * per_q_head(kd);
     auto [o, l] = decode_cpu(qw, k_cache.to(wide), v_cache.to(wide), seqlens_k, cache_batch_idx,
                              block_table, scale, causal, window_left, window_right, num_splits,
-                             softcap, alibi_slopes, cache_leftpad, std::nullopt, std::nullopt);
+                             softcap, alibi_slopes, cache_leftpad, std::nullopt, std::nullopt,
+                             tree_mask);
     return {(o * per_q_head(vd)).to(q.scalar_type()), l.to(lse_dtype(q.scalar_type()))};
   }
   p.softcap = checked_softcap(softcap);
@@ -239,12 +250,12 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fastattn_decode_cpu", [&] {
     if (p.paged) {
       decode_impl<scalar_t>(p, q, PagedKv<scalar_t>(k_cache, v_cache, table, lens, p.max_seqlen_k),
-                            slopes, out, lse);
+                            slopes, tree, out, lse);
     } else {
       decode_impl<scalar_t>(p, q,
                             CacheRowsKv<scalar_t>(k_cache, v_cache, lens, idx, p.max_seqlen_k,
                                                   leftpad.defined() ? leftpad.data_ptr<int32_t>() : nullptr),
-                            slopes, out, lse);
+                            slopes, tree, out, lse);
     }
   });
   return {out, lse};

@@ -18,7 +18,8 @@ std::tuple<at::Tensor, at::Tensor> decode_cpu(const at::Tensor& q, const at::Ten
                                               const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
                                               const std::optional<at::Tensor>& cache_leftpad = std::nullopt,
                                               const std::optional<at::Tensor>& k_descale = std::nullopt,
-                                              const std::optional<at::Tensor>& v_descale = std::nullopt);
+                                              const std::optional<at::Tensor>& v_descale = std::nullopt,
+                                              const std::optional<at::Tensor>& tree_mask = std::nullopt);
 
 std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                     const at::Tensor& out_b, const at::Tensor& lse_b);

@@ -52,7 +52,8 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& alibi_slopes,
                                                const std::optional<at::Tensor>& cache_leftpad,
                                                const std::optional<at::Tensor>& k_descale,
-                                               const std::optional<at::Tensor>& v_descale) {
+                                               const std::optional<at::Tensor>& v_descale,
+                                               const std::optional<at::Tensor>& tree_mask) {
   DecodeProblem prob = check_decode_args(q, k_cache, v_cache, seqlens_k, cache_batch_idx,
                                          block_table, scale, causal, window_left, window_right,
                                          num_splits);
@@ -60,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
                                       prob.heads_kv, q);
   const KvScale vd = checked_kv_scale(v_descale, "v_descale", prob.fp8_kv, prob.batch, "batch",
                                       prob.heads_kv, q);
+  const at::Tensor tree = checked_tree_mask(tree_mask, prob, q);
   prob.softcap = checked_softcap(softcap);
   const at::Tensor slopes = checked_alibi_slopes(alibi_slopes, prob.batch, prob.heads_q, q);
   const at::Tensor leftpad = checked_cache_leftpad(cache_leftpad, prob, q);
@@ -161,6 +163,14 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   p.mask.bottom_right = true;
   p.dtype = dtype;
   p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  at::Tensor tree_bits;
+  if (tree.defined()) {
+    // Row i's draft-key bits as one 64-bit word (device ops: no sync).
+    const at::Tensor shifts = at::arange(prob.seqlen_q, q.options().dtype(at::kLong));
+    tree_bits = at::bitwise_left_shift(tree.to(at::kLong), shifts).sum(-1).contiguous();
+    p.tree_mask = reinterpret_cast<const uint64_t*>(tree_bits.data_ptr<int64_t>());
+    p.tree_mask_batch_stride = tree_bits.stride(0);
+  }
   if (prob.fp8_kv) {
     p.kv_kind = k_cache.scalar_type() == at::kFloat8_e4m3fn ? KvKind::kE4M3 : KvKind::kE5M2;
     if (kd.t.defined()) {

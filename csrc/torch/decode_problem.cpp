@@ -306,6 +306,22 @@ KvScale checked_kv_scale(const std::optional<at::Tensor>& scale, const char* nam
   return r;
 }
 
+at::Tensor checked_tree_mask(const std::optional<at::Tensor>& tree_mask, const DecodeProblem& p,
+                             const at::Tensor& q) {
+  if (!tree_mask.has_value() || !tree_mask->defined()) return at::Tensor();
+  const at::Tensor& t = *tree_mask;
+  TORCH_CHECK(t.scalar_type() == at::kBool, "fastattn: tree_mask must be bool, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), "fastattn: tree_mask is on ", t.device(), " but q is on ",
+              q.device());
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == p.batch && t.size(1) == p.seqlen_q &&
+                  t.size(2) == p.seqlen_q,
+              "fastattn: tree_mask must be (batch, seqlen_q, seqlen_q) = (", p.batch, ", ",
+              p.seqlen_q, ", ", p.seqlen_q, "), got shape ", t.sizes());
+  TORCH_CHECK(p.seqlen_q <= 64, "fastattn: tree_mask takes at most 64 draft tokens per sequence, "
+              "got seqlen_q = ", p.seqlen_q);
+  return t.contiguous();
+}
+
 at::Tensor checked_cache_leftpad(const std::optional<at::Tensor>& cache_leftpad,
                                  const DecodeProblem& p, const at::Tensor& q) {
   if (!cache_leftpad.has_value() || !cache_leftpad->defined()) return at::Tensor();

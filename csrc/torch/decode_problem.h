@@ -151,6 +151,11 @@ AppendProblem check_append_args(const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& slot_mapping, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache);
 
+// tree_mask (decode): (B, Sq, Sq) bool on q's device with Sq <= 64 (see the
+// decode schema). Returns it contiguous (undefined when absent).
+at::Tensor checked_tree_mask(const std::optional<at::Tensor>& tree_mask, const DecodeProblem& p,
+                             const at::Tensor& q);
+
 // cache_leftpad (decode): (B) int32 on q's device, contiguous caches only
 // (NotImplementedError with a block table); CPU values in [0, max_seqlen_k].
 // Returns it contiguous (undefined when absent).

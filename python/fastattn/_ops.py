@@ -154,9 +154,9 @@ torch.library.register_autograd("fastattn::fwd", _fwd_backward, setup_context=_f
 @torch.library.register_fake("fastattn::decode")
 def _decode_fake(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale, causal,
                  window_left, window_right, num_splits, softcap=0.0, alibi_slopes=None,
-                 cache_leftpad=None, k_descale=None, v_descale=None):
+                 cache_leftpad=None, k_descale=None, v_descale=None, tree_mask=None):
     _check_one_device(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, alibi_slopes,
-                      cache_leftpad, k_descale, v_descale)
+                      cache_leftpad, k_descale, v_descale, tree_mask)
     B, Sq, Hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=_lse_dtype(q.dtype))
 

@@ -86,7 +86,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
                             softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
                             return_softmax_lse=False, *, sinks=None, k_descale=None, v_descale=None,
-                            q_descale=None):
+                            q_descale=None, tree_mask=None):
     """flash-attn 2.x compatible decoding/chunk attention over a KV cache (inference only).
 
     q (B, Sq, Hq, D); k_cache, v_cache (B_cache, S_max, Hkv, D), or a paged
@@ -113,6 +113,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (FlashAttention-3's layout), default 1; the kernel reads the codes and applies the
     scales. New k, v are quantized into the cache with the same scales (rounded to the
     nearest code, saturated). q_descale (FP8 queries) is not supported.
+
+    Speculative verification of a token tree: tree_mask (B, Sq, Sq) bool (Sq <= 64) makes
+    the last Sq keys of each sequence (after any append: the draft tokens, one per query)
+    visible to query i only where tree_mask[b, i, j] (its ancestors and itself); the keys
+    before them stay visible, and the causal / window mask still applies on top.
     """
     if q_descale is not None:
         raise NotImplementedError("fastattn: q_descale (FP8 queries) is not supported; pass q in "
@@ -175,7 +180,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     out, lse = ops.decode(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale,
                           bool(causal), left, right, int(num_splits), softcap, slopes, cache_leftpad,
-                          k_descale, v_descale)
+                          k_descale, v_descale, tree_mask)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, heads_dim_first=False)
     return (out, lse) if return_softmax_lse else out

@@ -95,6 +95,12 @@ struct DecodeParams {
   // the output (flash_decode_kernel.cuh), so both must be >= 0: a negative
   // factor makes that (sequence, KV head)'s output NaN.
   KvKind kv_kind = KvKind::kSame;
+  // Speculative verification: the last seqlen_q keys of each sequence are the
+  // draft tokens, and query i sees draft key j (0-based among them) only if
+  // bit j of tree_mask[b * tree_mask_batch_stride + i] is set (seqlen_q <= 64),
+  // on top of the mask above (nullptr: no tree mask).
+  const uint64_t* tree_mask = nullptr;
+  int64_t tree_mask_batch_stride = 0;
   const float* k_descale = nullptr;
   const float* v_descale = nullptr;
   int64_t k_descale_batch_stride = 0, k_descale_head_stride = 0;

@@ -172,6 +172,10 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   // raw-score units (its head is r % group) and the key at distance 0.
   int key_lo[2], key_hi[2];
   float alibi_slope[2] = {0.f, 0.f}, alibi_diag[2] = {0.f, 0.f};
+  // Tree mask: each row's bits over the draft keys [draft0, sk) (all set: no tree).
+  const bool tree = p.tree_mask != nullptr;
+  const int draft0 = seq.sk - p.seqlen_q;
+  uint64_t tree_bits[2] = {~0ull, ~0ull};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = m0 + wm * 16 + (lane >> 2) + 8 * h;
@@ -179,6 +183,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       const int i = fast_div(group, r);
       key_lo[h] = mask.key_begin(i);
       key_hi[h] = mask.key_end(i);
+      if (tree) tree_bits[h] = __ldg(p.tree_mask + seq.b * p.tree_mask_batch_stride + i);
       if (p.alibi_slopes != nullptr) {
         const int head = hk * static_cast<int>(group.d) + (r - i * static_cast<int>(group.d));
         alibi_slope[h] = __ldg(p.alibi_slopes + seq.b * p.alibi_batch_stride + head) / scale;
@@ -190,8 +195,9 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     }
   }
   // Keys that every row of the CTA sees: chunks inside need no element mask.
+  // (With a tree mask the draft keys always take the element mask.)
   const int full_lo = mask.key_begin(i_hi);
-  const int full_hi = mask.key_end(i_lo);
+  const int full_hi = tree ? min(mask.key_end(i_lo), draft0) : mask.key_end(i_lo);
 
   float acc_o[1][DT][4];
 #pragma unroll
@@ -357,7 +363,9 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
                 const int key = c0 + nt * 8 + col_lane + e;
-                if (key < key_lo[h] || key >= key_hi[h]) s[0][nt][2 * h + e] = neg_inf();
+                const int t = key - draft0;  // < 64 for every key < sk (seqlen_q <= 64)
+                const bool hidden = t >= 0 && !((tree_bits[h] >> (t & 63)) & 1ull);
+                if (key < key_lo[h] || key >= key_hi[h] || hidden) s[0][nt][2 * h + e] = neg_inf();
               }
         }
         softmax.update(s, acc_o, scale_log2);
