@@ -7,6 +7,8 @@ Decode: bf16, Hq=32, Hkv=8, D=128, one query token, the decode benchmark's
 the pool at random (a long-running server's free list is not in order).
 Block sizes 16 and 128. FlexAttention runs through torch's experimental
 PagedAttention (page size = its 128-key block size) where it runs.
+"paged-16-fp8": the block-16 pool quantized to e4m3 (per-KV-head scales
+amax / 448), read and dequantized in the kernel (half the bytes).
 
 Mixed batch: a few prompts chunk-prefilled (chunk of C new tokens on top of
 a cached context) alongside many decode rows, all over one paged cache:
@@ -43,6 +45,12 @@ def paged_pool(B, L, bs):
     pages = B * L // bs
     return (torch.randn(pages, bs, HKV, D, device="cuda", dtype=DT),
             torch.randn(pages, bs, HKV, D, device="cuda", dtype=DT))
+
+
+def fp8_pools(pools):
+    """Each (k, v) pool as (k codes, k scales, v codes, v scales): e4m3, per-KV-head scales."""
+    from benchmarks.decode import quantize_e4m3
+    return [(*quantize_e4m3(kp), *quantize_e4m3(vp)) for kp, vp in pools]
 
 
 def flex_paged_setup(q, k_pool, v_pool, table, L):
@@ -110,6 +118,12 @@ def bench_decode(results, flex_ok):
                 ref = None
             got = record(f"paged-{bs}", lambda i: fastattn.flash_attn_with_kvcache(
                 qs[i], *pools[i], cache_seqlens=lens, block_table=tables[i]), ref, block_size=bs)
+            if bs == 16:
+                fp8 = fp8_pools(pools)
+                record("paged-16-fp8", lambda i: fastattn.flash_attn_with_kvcache(
+                    qs[i], fp8[i][0], fp8[i][2], cache_seqlens=lens, block_table=tables[i],
+                    k_descale=fp8[i][1], v_descale=fp8[i][3]), got, block_size=bs)
+                del fp8
             if bs == 128 and flex_ok:
                 try:
                     fns = [flex_paged_setup(qs[i], *pools[i], tables[i], L) for i in range(n)]
@@ -203,7 +217,7 @@ def main():
 
 
 def print_decode(results):
-    names = ["contiguous"] + [f"paged-{bs}" for bs in BLOCK_SIZES] + ["flex-paged-128"]
+    names = ["contiguous"] + [f"paged-{bs}" for bs in BLOCK_SIZES] + ["paged-16-fp8", "flex-paged-128"]
     rows = []
     for B, L in CONFIGS:
         by = {r.impl: r for r in results if r.mode == "decode" and r.config["B"] == B and r.config["L"] == L}
@@ -216,8 +230,11 @@ def print_decode(results):
             r = by.get(f"paged-{bs}")
             ok = r is not None and r.ms and cont is not None and cont.ms
             row.append(f"{cont.ms / r.ms:.2f}" if ok else "n/a")
+        p16, f8 = by.get("paged-16"), by.get("paged-16-fp8")
+        row.append(f"{p16.ms / f8.ms:.2f}" if p16 and f8 and p16.ms and f8.ms else "n/a")
         rows.append(row)
-    headers = ["B", "L"] + [f"{n} us" for n in names] + [f"contig/paged-{bs}" for bs in BLOCK_SIZES]
+    headers = (["B", "L"] + [f"{n} us" for n in names] + [f"contig/paged-{bs}" for bs in BLOCK_SIZES] +
+               ["paged-16 / fp8"])
     print("paged decode (time; ratio >= 0.91 means within 10% of contiguous)")
     print(format_table(headers, rows))
     eager = sorted({r.impl for r in results if r.mode == "decode" and "eager" in str(r.extra.get("timing"))})

@@ -16,7 +16,7 @@ if has build; then
 fi
 if has tests; then
   timeout ${TEST_TIMEOUT:-240} python -m pytest -q -m cuda -p no:cacheprovider \
-    ${TESTS:-tests/test_fp8_kv.py tests/test_decode.py tests/test_paged.py tests/test_cascade.py} > "$OUT/tests.log" 2>&1
+    ${TESTS:-tests/test_fp8_kv.py tests/test_tree_verify.py tests/test_decode.py tests/test_paged.py tests/test_cascade.py tests/test_example_continuous_batching.py} > "$OUT/tests.log" 2>&1
   grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/tests.log" | head -30
   echo "tests: $(tail -1 "$OUT/tests.log")"
 fi
