@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device verification of the FP8 KV cache (one command, staged time limits; logs under
 # $OUT): build, GPU tests (FP8 + the decode / paged / cascade suites it touches), then
-# the decode benchmark with its FP8-cache column. STAGES="build tests bench" (default all).
+# the decode benchmark with its FP8-cache column, the paged benchmark. STAGES="build tests
+# bench paged" (default: all but paged).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} FASTATTN_REQUIRE_CUDA=1
@@ -24,4 +25,8 @@ if has bench; then
   timeout ${BENCH_TIMEOUT:-240} python -m benchmarks.decode --no-flex --rounds ${ROUNDS:-2} ${BENCH_ARGS:-} \
     --out "$OUT" > "$OUT/decode.log" 2>&1
   tail -14 "$OUT/decode.log"
+fi
+if has paged; then
+  timeout ${PAGED_TIMEOUT:-240} python -m benchmarks.paged --no-flex --out "$OUT" > "$OUT/paged.log" 2>&1
+  tail -22 "$OUT/paged.log"
 fi

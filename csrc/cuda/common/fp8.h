@@ -42,18 +42,32 @@ __device__ __forceinline__ uint32_t bf16x2_mul_exact(uint32_t x, uint32_t pow2) 
   return r;
 }
 
+// Both halves of t (code << 8 each) moved down by kShift: each half is then
+// code << (8 - kShift) (the bits that cross into the lower half are the upper
+// half's zero low byte), with the sign at bit 15 - kShift; adding 2^kShift - 1
+// more copies of that sign bit moves it to bit 15 (it carries exactly there).
+// Three ops, the last an IMAD: decode is bound by these integer ops.
+template <int kShift>
+__device__ __forceinline__ uint32_t fp8_realign(uint32_t t) {
+  if constexpr (kShift == 0) {
+    return t;
+  } else {
+    const uint32_t x = t >> kShift;
+    const uint32_t sign = x & (0x80008000u >> kShift);
+    return x + sign * ((1u << kShift) - 1u);
+  }
+}
+
 // Codes kLo, kHi of w as one packed Elem pair (kLo in the low half), times
 // kFp8Fold's inverse (see above).
 template <typename Elem, KvKind kKv, int kLo, int kHi>
 __device__ __forceinline__ uint32_t fp8x2_to(uint32_t w) {
   const uint32_t t = fp8_spread<kLo, kHi>(w);
-  const uint32_t sign = t & 0x80008000u;
   if constexpr (std::is_same_v<Elem, __half>) {
-    if constexpr (kKv == KvKind::kE5M2) return t;
-    return sign | ((t >> 1) & 0x3f803f80u);
+    return fp8_realign<kKv == KvKind::kE5M2 ? 0 : 1>(t);
   } else {
-    if constexpr (kKv == KvKind::kE5M2) return bf16x2_mul_exact(sign | ((t >> 3) & 0x0fe00fe0u), 0x77807780u);
-    return bf16x2_mul_exact(sign | ((t >> 4) & 0x07f007f0u), 0x7b807b80u);
+    if constexpr (kKv == KvKind::kE5M2) return bf16x2_mul_exact(fp8_realign<3>(t), 0x77807780u);
+    return bf16x2_mul_exact(fp8_realign<4>(t), 0x7b807b80u);
   }
 }
 
