@@ -41,6 +41,7 @@ struct PagedKv {
   int64_t k_page, k_slot, k_head, v_page, v_slot, v_head;
   const int32_t* table;
   int64_t table_stride;
+  int64_t table_head_stride;  // 3-D (B, Hkv, max_blocks) tables: a row per KV head; else 0
   int64_t block_size;
   const int32_t* lens;  // nullptr: every sequence has max_keys keys
   int64_t max_keys;
@@ -52,14 +53,17 @@ struct PagedKv {
         k_page(k_cache.stride(0)), k_slot(k_cache.stride(1)), k_head(k_cache.stride(2)),
         v_page(v_cache.stride(0)), v_slot(v_cache.stride(1)), v_head(v_cache.stride(2)),
         table(block_table.data_ptr<int32_t>()), table_stride(block_table.stride(0)),
+        table_head_stride(block_table.dim() == 3 ? block_table.stride(1) : 0),
         block_size(k_cache.size(1)), lens(seqlens), max_keys(max_len) {}
   int64_t keys(int64_t b) const { return lens ? lens[b] : max_keys; }
-  int64_t page(int64_t b, int64_t j) const { return table[b * table_stride + j / block_size]; }
+  int64_t page(int64_t b, int64_t j, int64_t hk) const {
+    return table[b * table_stride + hk * table_head_stride + j / block_size];
+  }
   const scalar_t* k(int64_t b, int64_t j, int64_t hk) const {
-    return kp + page(b, j) * k_page + (j % block_size) * k_slot + hk * k_head;
+    return kp + page(b, j, hk) * k_page + (j % block_size) * k_slot + hk * k_head;
   }
   const scalar_t* v(int64_t b, int64_t j, int64_t hk) const {
-    return vp + page(b, j) * v_page + (j % block_size) * v_slot + hk * v_head;
+    return vp + page(b, j, hk) * v_page + (j % block_size) * v_slot + hk * v_head;
   }
 };
 

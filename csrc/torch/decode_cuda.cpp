@@ -142,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   if (bt.defined()) {  // paged: batch strides are page strides, cache_batch the page count
     p.block_table = bt.data_ptr<int>();
     p.block_table_batch_stride = bt.stride(0);
+    p.block_table_head_stride = bt.dim() == 3 ? bt.stride(1) : 0;
     p.page_size = static_cast<int>(prob.cache_seqlen);
   }
   p.batch = static_cast<int>(prob.batch);

@@ -91,12 +91,16 @@ DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
   p.paged = block_table.has_value();
   if (p.paged) {
     const at::Tensor& bt = *block_table;
-    check_index_tensor(bt, q, "block_table", at::kInt, 2, p.batch);
+    // (B, max_blocks), or (B, heads_kv, max_blocks): a table row per KV head.
+    check_index_tensor(bt, q, "block_table", at::kInt, bt.dim() == 3 ? 3 : 2, p.batch);
+    TORCH_CHECK(bt.dim() == 2 || bt.size(1) == k_cache.size(2), "fastattn: a 3-D block_table "
+                "must be (batch, heads_kv, max_blocks) with heads_kv = ", k_cache.size(2),
+                ", got shape ", bt.sizes());
     TORCH_CHECK(!cache_batch_idx.has_value(),
                 "fastattn: cache_batch_idx cannot be combined with block_table (the block table "
                 "already says where each sequence lives)");
     TORCH_CHECK(p.cache_seqlen >= 1, "fastattn: the paged cache's block_size must be >= 1");
-    p.max_blocks_per_seq = bt.size(1);
+    p.max_blocks_per_seq = bt.size(-1);
     p.max_seqlen_k = p.max_blocks_per_seq * p.cache_seqlen;
   } else {
     p.max_seqlen_k = p.cache_seqlen;
@@ -122,7 +126,16 @@ DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(p.max_seqlen_k <= INT32_MAX, "fastattn: the cache length must fit in int32, got ",
               p.max_seqlen_k);
   if (p.paged) {
-    check_block_table_values(*block_table, seqlens_k, p.cache_seqlen, p.cache_rows);
+    const at::Tensor& bt = *block_table;
+    if (bt.dim() == 3) {  // each head's row reads the sequence's keys
+      const int64_t h = bt.size(1);
+      std::optional<at::Tensor> lens;
+      if (seqlens_k.has_value()) lens = seqlens_k->repeat_interleave(h);
+      check_block_table_values(bt.reshape({p.batch * h, bt.size(2)}), lens, p.cache_seqlen,
+                               p.cache_rows);
+    } else {
+      check_block_table_values(bt, seqlens_k, p.cache_seqlen, p.cache_rows);
+    }
   }
 
   p.scale = scale;

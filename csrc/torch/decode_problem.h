@@ -87,7 +87,8 @@ struct DecodeProblem {
 };
 
 // q (B, Sq, Hq, D); k_cache, v_cache (B_cache, S_max, Hkv, D), or paged
-// (num_blocks, block_size, Hkv, D) with block_table (B, max_blocks) int32;
+// (num_blocks, block_size, Hkv, D) with block_table (B, max_blocks) int32
+// (or (B, Hkv, max_blocks): a row per KV head);
 // seqlens_k (B) int32; cache_batch_idx (B) int32 (not with block_table).
 // Any strides with a contiguous last dim; one dtype for q and the caches; all
 // tensors on q's device. CPU index tensors also get their values checked:

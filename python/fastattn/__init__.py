@@ -10,6 +10,7 @@
     fastattn.merge_attention_states(...)         merge partial (out, lse) over disjoint key sets
     fastattn.PagedKVCache(...)                   paged KV cache: block pool, tables, fork/COW
     fastattn.cascade_attention(...), cascade_tables(...)  shared-prefix attention over paged caches
+    fastattn.quest_decode(...)                   query-aware sparse decode over a paged cache
     fastattn.explain(...)                        which path an SDPA call takes
     fastattn.flex_attention(...), BlockMask, create_block_mask   block-sparse attention
     fastattn.sparse                              sparse patterns, top-k block selection
@@ -35,6 +36,7 @@ from .packed import (
 from .padding import pad_input, unpad_input
 from .paged import OutOfBlocks, PagedKVCache
 from .cascade import CascadeTables, cascade_attention, cascade_tables
+from .quest import quest_decode, quest_page_table
 from . import distributed, linear, sparse
 from .sparse import BlockMask, create_block_mask, flex_attention
 from .patch import is_sdpa_patched, patch_sdpa, unpatch_sdpa
@@ -69,6 +71,8 @@ __all__ = [
     "PagedKVCache",
     "ops",
     "patch_sdpa",
+    "quest_decode",
+    "quest_page_table",
     "scaled_dot_product_attention",
     "unpad_input",
     "unpatch_sdpa",

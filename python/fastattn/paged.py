@@ -97,11 +97,18 @@ class PagedKVCache:
     tensor (one scale per KV head), default 1. Read it with
     flash_attn_with_kvcache / flash_attn_varlen_func(..., k_descale=cache.k_scale,
     v_descale=cache.v_scale).
+
+    key_bounds=True keeps, per layer, each block's elementwise key minimum and maximum
+    (`k_min[layer]`, `k_max[layer]`: float32 (num_blocks, num_kv_heads, head_dim), updated
+    by every write on the device, reset when a block is handed out, copied on
+    copy-on-write): what `fastattn.quest_decode` selects pages with. An FP8 cache's bounds
+    are of the values written, before quantization.
     """
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  num_layers: int = 1, dtype: torch.dtype = torch.float16,
-                 device: Union[str, torch.device] = "cpu", k_scale=None, v_scale=None):
+                 device: Union[str, torch.device] = "cpu", k_scale=None, v_scale=None,
+                 key_bounds: bool = False):
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                             ("num_layers", num_layers)):
@@ -130,6 +137,11 @@ class PagedKVCache:
                                              for _ in range(self._num_layers)]
         # The resolved device ("cuda" -> "cuda:0"), so device checks compare equal.
         self._device = self.k_caches[0].device if self._num_layers > 0 else self._device
+        bounds = (self._num_blocks, self._num_kv_heads, self._head_dim)
+        self.k_min: list[torch.Tensor] = [torch.full(bounds, float("inf"), device=self._device)
+                                          for _ in range(self._num_layers)] if key_bounds else []
+        self.k_max: list[torch.Tensor] = [torch.full(bounds, float("-inf"), device=self._device)
+                                          for _ in range(self._num_layers)] if key_bounds else []
         # A stack: pop() hands out the lowest ids first on a fresh cache, and a freed
         # block is the next one reused.
         self._free: list[int] = list(range(self._num_blocks - 1, -1, -1))
@@ -340,6 +352,7 @@ class PagedKVCache:
 
         bs, rc, free = self._block_size, self._refcount, self._free
         slots: list[int] = []
+        fresh: list[int] = []  # blocks handed out here: their key bounds start empty
         for s, n in zip(seq_ids, counts):
             if n == 0:
                 continue
@@ -352,6 +365,7 @@ class PagedKVCache:
                 b = free.pop()
                 rc[b] = 1
                 blocks.append(b)
+                fresh.append(b)
             pos = length
             while pos < end:  # one contiguous run of slots per touched block
                 i, off = divmod(pos, bs)
@@ -360,6 +374,11 @@ class PagedKVCache:
                 slots.extend(range(base, base + run))
                 pos += run
             self._lens[s] = end
+        if self.k_min and fresh:
+            idx = _index_tensor(fresh, torch.int64, self._device)
+            for lo, hi in zip(self.k_min, self.k_max):
+                lo.index_fill_(0, idx, float("inf"))
+                hi.index_fill_(0, idx, float("-inf"))
         return _index_tensor(slots, torch.int64, self._device)
 
     def _copy_block(self, src: int, filled: int, blocks: list[int]) -> None:
@@ -369,6 +388,9 @@ class PagedKVCache:
         for kc, vc in zip(self.k_caches, self.v_caches):
             kc[dst, :filled].copy_(kc[src, :filled])
             vc[dst, :filled].copy_(vc[src, :filled])
+        for lo, hi in zip(self.k_min, self.k_max):  # src's bounds cover exactly its filled slots
+            lo[dst].copy_(lo[src])
+            hi[dst].copy_(hi[src])
         self._refcount[src] -= 1
         self._refcount[dst] = 1
         blocks[-1] = dst
@@ -412,6 +434,7 @@ class PagedKVCache:
             return
         ops.append_kv(_last_dim_contiguous(k), _last_dim_contiguous(v), slot_mapping,
                       self.k_caches[layer], self.v_caches[layer], self.k_scale, self.v_scale)
+        self._update_bounds(layer, slot_mapping, k)
 
     def append(self, seq_ids: Sequence[SeqId], k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """reserve + write: appends new_tokens tokens to each sequence.
@@ -442,7 +465,20 @@ class PagedKVCache:
                               _last_dim_contiguous(v[layer].reshape(packed)),
                               slots, self.k_caches[layer], self.v_caches[layer], self.k_scale,
                               self.v_scale)
+                self._update_bounds(layer, slots, k[layer].reshape(packed))
         return slots
+
+    def _update_bounds(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor) -> None:
+        """Folds the keys just written (N, Hkv, D) into their blocks' bounds (device ops; padding
+        slots change nothing)."""
+        if not self.k_min:
+            return
+        valid = (slot_mapping >= 0)[:, None, None]
+        block = torch.where(slot_mapping >= 0, slot_mapping // self._block_size, 0)
+        idx = block[:, None, None].expand(k.shape)
+        kf = k.float()
+        self.k_min[layer].scatter_reduce_(0, idx, kf.masked_fill(~valid, float("inf")), "amin")
+        self.k_max[layer].scatter_reduce_(0, idx, kf.masked_fill(~valid, float("-inf")), "amax")
 
     # ------------------------------------------------------------------ reading / kernel inputs
     def block_table_tensor(self, seq_ids: Sequence[SeqId], max_blocks: int | None = None) -> torch.Tensor:

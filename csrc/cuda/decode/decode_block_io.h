@@ -193,7 +193,8 @@ struct DecodeKvLoader<Traits, Elem, true> {
     kv.init(static_cast<const Elem*>(p.k) + hk * p.k_head_stride / kU,
             static_cast<const Elem*>(p.v) + hk * p.v_head_stride / kU,
             static_cast<int>(p.k_batch_stride / kU), static_cast<int>(p.k_row_stride / kU),
-            p.block_table + seq.b * p.block_table_batch_stride, p.page_size, p.cache_batch,
+            p.block_table + seq.b * p.block_table_batch_stride + hk * p.block_table_head_stride,
+            p.page_size, p.cache_batch,
             p.head_dim / kU, tid);
     sk = seq.sk;
   }

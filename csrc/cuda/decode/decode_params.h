@@ -63,8 +63,12 @@ struct DecodeParams {
   // of pages and seqlen_k_max = max_blocks * page_size. Key row r of sequence b
   // lives in page block_table[b][r / page_size], slot r % page_size; a page id
   // outside [0, cache_batch) reads as zeros (never out of bounds).
+  // Per-KV-head tables (B, heads_kv, max_blocks): KV head hk of sequence b
+  // reads row b * batch stride + hk * block_table_head_stride (0: one table
+  // row for all heads). Query-aware sparse decode gives each head its pages.
   const int* block_table = nullptr;  // nullptr: contiguous cache
   int64_t block_table_batch_stride = 0;
+  int64_t block_table_head_stride = 0;
   int page_size = 0;
 
   int batch = 0;
