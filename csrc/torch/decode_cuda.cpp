@@ -41,6 +41,19 @@ bool decode_log_enabled() {
   return v != nullptr && v[0] == '1';
 }
 
+KvKind fp8_kind(const at::Tensor& cache) {
+  return cache.scalar_type() == at::kFloat8_e4m3fn ? KvKind::kE4M3 : KvKind::kE5M2;
+}
+
+// An FP8 cache's scale (checked_kv_scale) as the kernels' pointer and strides (untouched
+// when absent: nullptr reads as 1).
+void set_kv_scale(const KvScale& s, const float*& ptr, int64_t& row_stride, int64_t& head_stride) {
+  if (!s.t.defined()) return;
+  ptr = s.t.data_ptr<float>();
+  row_stride = s.row_stride;
+  head_stride = s.head_stride;
+}
+
 std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                                const at::Tensor& v_cache,
                                                const std::optional<at::Tensor>& seqlens_k,
@@ -173,17 +186,9 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
     p.tree_mask_batch_stride = tree_bits.stride(0);
   }
   if (prob.fp8_kv) {
-    p.kv_kind = k_cache.scalar_type() == at::kFloat8_e4m3fn ? KvKind::kE4M3 : KvKind::kE5M2;
-    if (kd.t.defined()) {
-      p.k_descale = kd.t.data_ptr<float>();
-      p.k_descale_batch_stride = kd.row_stride;
-      p.k_descale_head_stride = kd.head_stride;
-    }
-    if (vd.t.defined()) {
-      p.v_descale = vd.t.data_ptr<float>();
-      p.v_descale_batch_stride = vd.row_stride;
-      p.v_descale_head_stride = vd.head_stride;
-    }
+    p.kv_kind = fp8_kind(k_cache);
+    set_kv_scale(kd, p.k_descale, p.k_descale_batch_stride, p.k_descale_head_stride);
+    set_kv_scale(vd, p.v_descale, p.v_descale_batch_stride, p.v_descale_head_stride);
   }
 
   const gpu::DecodePlan plan = gpu::plan_decode(p, static_cast<int>(num_splits));
@@ -351,18 +356,10 @@ void append_kv_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   p.head_dim = static_cast<int>(prob.head_dim);
   p.elem_bytes = static_cast<int>(k_cache.element_size());
   if (prob.fp8_cache) {
-    p.cache_kind = k_cache.scalar_type() == at::kFloat8_e4m3fn ? KvKind::kE4M3 : KvKind::kE5M2;
+    p.cache_kind = fp8_kind(k_cache);
     p.src_dtype = k.scalar_type() == at::kHalf ? ElemType::kFloat16 : ElemType::kBFloat16;
-    if (ks.t.defined()) {
-      p.k_scale = ks.t.data_ptr<float>();
-      p.k_scale_token_stride = ks.row_stride;
-      p.k_scale_head_stride = ks.head_stride;
-    }
-    if (vs.t.defined()) {
-      p.v_scale = vs.t.data_ptr<float>();
-      p.v_scale_token_stride = vs.row_stride;
-      p.v_scale_head_stride = vs.head_stride;
-    }
+    set_kv_scale(ks, p.k_scale, p.k_scale_token_stride, p.k_scale_head_stride);
+    set_kv_scale(vs, p.v_scale, p.v_scale_token_stride, p.v_scale_head_stride);
   }
   glue::check_launch(gpu::run_append_kv(p, at::cuda::getCurrentCUDAStream()), "append_kv");
 }

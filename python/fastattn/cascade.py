@@ -27,7 +27,7 @@ import torch
 from ._ops import ops
 from .decode import merge_attention_states
 from .functional import _check_flash_dtype, _check_paged_block_size, _softcap, flash_attn_varlen_func
-from .kv_quant import dequantized_pages, is_fp8_kv, kv_scale_tensor
+from .kv_quant import dequantized_pages, is_fp8_kv, shared_kv_descales
 
 # The prefix part runs on the split-KV decode kernel (GQA-packed rows, KV splits for
 # long prefixes) up to this many (query row, query head) pairs per KV head; beyond it,
@@ -124,12 +124,7 @@ def cascade_attention(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q: int, tabl
                          f"{tables.min_suffix_len} suffix tokens: its queries would reach into the shared "
                          "prefix (build the tables with min_suffix_len >= the query count)")
     fp8 = is_fp8_kv(k_cache)
-    k_descale = kv_scale_tensor(k_descale, "k_descale", q.device, fp8)
-    v_descale = kv_scale_tensor(v_descale, "v_descale", q.device, fp8)
-    for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
-        if d is not None and d.dim() == 2 and d.numel() != d.shape[-1]:
-            raise ValueError(f"fastattn: cascade_attention takes {name} per tensor or per KV head "
-                             f"(Hkv,), not per sequence; got shape {tuple(d.shape)}")
+    k_descale, v_descale = shared_kv_descales(k_descale, v_descale, q.device, fp8, "cascade_attention")
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
     total_q, Hq, D = q.shape
     group = Hq // k_cache.shape[2]

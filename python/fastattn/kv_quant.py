@@ -37,6 +37,19 @@ def kv_scale_tensor(x, name: str, device: torch.device, fp8: bool) -> Optional[t
     return torch.full((1,), float(x), dtype=torch.float32, device=device)
 
 
+def shared_kv_descales(k_descale, v_descale, device, fp8: bool, who: str):
+    """kv_scale_tensor of both, for calls that read several sequences as one (cascade's
+    prefix, Quest's per-head tables): per tensor or per KV head only."""
+    out = []
+    for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
+        d = kv_scale_tensor(d, name, device, fp8)
+        if d is not None and d.dim() == 2 and d.numel() != d.shape[-1]:
+            raise ValueError(f"fastattn: {who} takes {name} per tensor or per KV head (Hkv,), not "
+                             f"per sequence; got shape {tuple(d.shape)}")
+        out.append(d)
+    return tuple(out)
+
+
 def per_token_scale(scale: Optional[torch.Tensor], batch: int, new_tokens: int) -> Optional[torch.Tensor]:
     """A decode descale of shape (B, Hkv) as append_kv's per-token scale (B * new_tokens, Hkv)."""
     if scale is None or scale.dim() != 2 or scale.numel() == scale.shape[-1]:

@@ -22,7 +22,7 @@ import torch
 
 from ._ops import ops
 from .functional import _check_flash_dtype, _softcap
-from .kv_quant import is_fp8_kv, kv_scale_tensor
+from .kv_quant import is_fp8_kv, shared_kv_descales
 
 
 def quest_page_table(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -91,13 +91,8 @@ def quest_decode(q, k_cache, v_cache, block_table, seq_lens, k_min, k_max, budge
                              f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, int) or budget_tokens < 1:
         raise ValueError(f"fastattn: budget_tokens must be an int >= 1, got {budget_tokens!r}")
-    fp8 = is_fp8_kv(k_cache)
-    k_descale = kv_scale_tensor(k_descale, "k_descale", q.device, fp8)
-    v_descale = kv_scale_tensor(v_descale, "v_descale", q.device, fp8)
-    for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
-        if d is not None and d.dim() == 2 and d.numel() != d.shape[-1]:
-            raise ValueError(f"fastattn: quest_decode takes {name} per tensor or per KV head, not per "
-                             f"sequence; got shape {tuple(d.shape)}")
+    k_descale, v_descale = shared_kv_descales(k_descale, v_descale, q.device, is_fp8_kv(k_cache),
+                                              "quest_decode")
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)
     picked = quest_page_table(q, block_table, seq_lens, k_min, k_max, k_cache.shape[1], budget_tokens)
     table, lens = (block_table, seq_lens) if picked is None else picked

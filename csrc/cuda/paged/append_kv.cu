@@ -21,25 +21,43 @@ namespace {
 
 constexpr int kAppendThreads = 256;
 
+// Work item idx of the grid-stride loop over (token, head, unit of the head's row):
+// the token n, head h, unit u, and where n's slot lives; false for a slot < 0
+// (padding) or past the cache (skipped: the kernels cannot raise).
+struct AppendItem {
+  int64_t n;
+  int h;
+  int u;
+  int64_t row;
+  int64_t pos;
+};
+__device__ __forceinline__ bool append_item(const AppendKvParams& p, int64_t idx,
+                                            int units_per_head, AppendItem& it) {
+  const int64_t units_per_token = static_cast<int64_t>(p.heads_kv) * units_per_head;
+  it.n = idx / units_per_token;
+  const int rem = static_cast<int>(idx - it.n * units_per_token);
+  it.h = rem / units_per_head;
+  it.u = rem - it.h * units_per_head;
+  const int64_t slot = p.slot_mapping[it.n];
+  if (slot < 0 || slot >= p.rows * p.row_len) return false;
+  it.row = slot / p.row_len;
+  it.pos = slot - it.row * p.row_len;
+  return true;
+}
+
 template <typename Unit>
 __global__ void __launch_bounds__(kAppendThreads)
     append_kv_kernel(const __grid_constant__ AppendKvParams p) {
   const int64_t eb = p.elem_bytes;
   const int units_per_head = static_cast<int>(p.head_dim * eb / sizeof(Unit));
-  const int64_t units_per_token = static_cast<int64_t>(p.heads_kv) * units_per_head;
-  const int64_t total = p.num_tokens * units_per_token;
-  const int64_t num_slots = p.rows * p.row_len;
+  const int64_t total = p.num_tokens * p.heads_kv * units_per_head;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * kAppendThreads) {
-    const int64_t n = idx / units_per_token;
-    const int rem = static_cast<int>(idx - n * units_per_token);
-    const int h = rem / units_per_head;
-    const int u = rem - h * units_per_head;
-    const int64_t slot = p.slot_mapping[n];
-    if (slot < 0 || slot >= num_slots) continue;
-    const int64_t row = slot / p.row_len;
-    const int64_t pos = slot - row * p.row_len;
-    const int64_t ub = static_cast<int64_t>(u) * sizeof(Unit);
+    AppendItem it;
+    if (!append_item(p, idx, units_per_head, it)) continue;
+    const int64_t n = it.n, row = it.row, pos = it.pos;
+    const int h = it.h;
+    const int64_t ub = static_cast<int64_t>(it.u) * sizeof(Unit);
     const char* ks = static_cast<const char*>(p.k) + (n * p.k_token_stride + h * p.k_head_stride) * eb + ub;
     const char* vs = static_cast<const char*>(p.v) + (n * p.v_token_stride + h * p.v_head_stride) * eb + ub;
     char* kd = static_cast<char*>(p.k_cache) +
@@ -58,19 +76,14 @@ __global__ void __launch_bounds__(kAppendThreads)
     append_kv_fp8_kernel(const __grid_constant__ AppendKvParams p) {
   constexpr __nv_fp8_interpretation_t kInterp = kKind == KvKind::kE4M3 ? __NV_E4M3 : __NV_E5M2;
   const int pairs_per_head = p.head_dim / 2;
-  const int64_t pairs_per_token = static_cast<int64_t>(p.heads_kv) * pairs_per_head;
-  const int64_t total = p.num_tokens * pairs_per_token;
-  const int64_t num_slots = p.rows * p.row_len;
+  const int64_t total = p.num_tokens * p.heads_kv * pairs_per_head;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * kAppendThreads) {
-    const int64_t n = idx / pairs_per_token;
-    const int rem = static_cast<int>(idx - n * pairs_per_token);
-    const int h = rem / pairs_per_head;
-    const int d = 2 * (rem - h * pairs_per_head);
-    const int64_t slot = p.slot_mapping[n];
-    if (slot < 0 || slot >= num_slots) continue;
-    const int64_t row = slot / p.row_len;
-    const int64_t pos = slot - row * p.row_len;
+    AppendItem it;
+    if (!append_item(p, idx, pairs_per_head, it)) continue;
+    const int64_t n = it.n, row = it.row, pos = it.pos;
+    const int h = it.h;
+    const int d = 2 * it.u;
     const Src* ks = static_cast<const Src*>(p.k) + n * p.k_token_stride + h * p.k_head_stride + d;
     const Src* vs = static_cast<const Src*>(p.v) + n * p.v_token_stride + h * p.v_head_stride + d;
     // IEEE division (the build uses fast math): the CPU backend's x / scale exactly.
