@@ -363,3 +363,34 @@ def test_fp8_opcheck_and_compile(device):
         return fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, k_descale=kd, v_descale=kd)
     compiled = torch.compile(step, fullgraph=True, backend="eager" if device == "cpu" else "inductor")
     assert torch.equal(compiled(q, kc, vc, lens, kd), step(q, kc, vc, lens, kd))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_writers_bad_input(device):
+    """The quantizing writers and the shared-descale callers name the bad argument."""
+    fp8, S, Hkv, D = torch.float8_e4m3fn, 32, 2, 64
+    dtype = _low_dtypes(device)[-1]
+    kc = random_codes((2, S, Hkv, D), fp8, device)
+    k = torch.randn(4, Hkv, D, dtype=dtype, device=device)
+    slots = torch.arange(4, device=device)
+    with pytest.raises(RuntimeError, match=r"k_scale must have one element.*\(tokens, heads_kv\)"):
+        fastattn.ops.append_kv(k, k, slots, kc, kc, torch.ones(3, device=device), None)
+    k16 = torch.randn(2, S, Hkv, D, dtype=dtype, device=device)
+    with pytest.raises(RuntimeError, match="k_scale applies to FP8"):
+        fastattn.ops.append_kv(k, k, slots, k16, k16.clone(), torch.ones(1, device=device), None)
+    cache = fastattn.PagedKVCache(8, 16, Hkv, D, dtype=fp8, device=device)
+    cache.add_sequence("a")
+    with pytest.raises(TypeError, match="written to an FP8 cache"):
+        cache.append(["a"], torch.randn(1, 3, Hkv, D, dtype=torch.float64, device=device),
+                     torch.randn(1, 3, Hkv, D, dtype=torch.float64, device=device))
+    cache.append(["a"], torch.randn(1, 20, Hkv, D, dtype=dtype, device=device),
+                 torch.randn(1, 20, Hkv, D, dtype=dtype, device=device))
+    cache.fork("a", "b")
+    cache.append(["b"], torch.randn(1, 2, Hkv, D, dtype=dtype, device=device),
+                 torch.randn(1, 2, Hkv, D, dtype=dtype, device=device))
+    tables = fastattn.cascade_tables(cache, ["a", "b"], min_suffix_len=1)
+    q = torch.randn(2, 4, D, dtype=dtype, device=device)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="cascade_attention takes k_descale per tensor or per KV head"):
+        fastattn.cascade_attention(q, cache.k_cache, cache.v_cache, cu, 1, tables,
+                                   k_descale=torch.ones(2, Hkv, device=device))

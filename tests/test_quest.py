@@ -191,3 +191,20 @@ def test_quest_bad_input(device):
     with pytest.raises(RuntimeError, match="3-D block_table"):
         fastattn.ops.decode(q, cache.k_cache, cache.v_cache, lens, None,
                             torch.zeros(1, 3, 2, dtype=torch.int32, device=device), 0.1, False, -1, -1, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quest_bad_index_tensors(device):
+    dtype = _low(device)
+    cache, ids = _filled_cache(device, dtype, [40], Hkv=2, D=64)
+    table, lens = cache.block_table_tensor(ids), cache.seq_lens_tensor(ids)
+    q = torch.randn(1, 1, 4, 64, device=device, dtype=dtype)
+    bounds = (cache.k_min[0], cache.k_max[0])
+    with pytest.raises(TypeError, match="seq_lens must be an int32 tensor"):
+        fastattn.quest_decode(q, cache.k_cache, cache.v_cache, table, lens.long(), *bounds, 32)
+    with pytest.raises(TypeError, match="block_table must be a 2-D int32 tensor"):
+        fastattn.quest_decode(q, cache.k_cache, cache.v_cache, table.long(), lens, *bounds, 32)
+    fp8, _ = _filled_cache(device, torch.float8_e4m3fn, [40], Hkv=2, D=64)
+    with pytest.raises(ValueError, match="quest_decode takes v_descale per tensor or per KV head"):
+        fastattn.quest_decode(q, fp8.k_cache, fp8.v_cache, table, lens, fp8.k_min[0], fp8.k_max[0], 32,
+                              v_descale=torch.ones(3, 2, device=device))
