@@ -127,6 +127,19 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor seqlens_k, Tensor block_table, int max_seqlen_q, float scale, bool causal, "
       "int window_left, int window_right, float softcap=0.0, Tensor? alibi_slopes=None, "
       "float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor out, Tensor lse)");
+  // paged_fwd's result for a mixed batch (prefill chunks and decode rows) in
+  // one launch that follows a plan (fastattn.BatchAttention): work is its
+  // int32 (num_work, 4) table of CTAs (cuda/mixed/mixed_params.h: prefill
+  // tiles of the paged forward kernel, and CTAs of the split-KV paged decode
+  // kernel for sequences of at most decode_max_q queries, num_splits splits
+  // merged in a cluster, warps_m warps along the GQA-packed rows). Sequences
+  // or tiles the table leaves out are not written. CPU: the paged forward
+  // (the table only schedules GPU work). No dropout; head dims <= 128 on GPU.
+  m.def(
+      "mixed_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
+      "Tensor seqlens_k, Tensor block_table, Tensor work, int max_seqlen_q, int decode_max_q, "
+      "int num_splits, int warps_m, float scale, bool causal, int window_left, "
+      "int window_right, float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   // Writes new tokens into a cache in place: k, v (N, Hkv, D); slot_mapping (N) int64,
   // slot = row * S (contiguous cache (B_cache, S, Hkv, D): row = cache batch, S = S_max;
   // paged (num_blocks, block_size, Hkv, D): row = block, S = block_size) + position.

@@ -30,6 +30,12 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
                                                  double dropout_p = 0.0,
                                                  const std::optional<at::Tensor>& rng_state = std::nullopt);
+std::tuple<at::Tensor, at::Tensor> mixed_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& seqlens_k, const at::Tensor& block_table,
+    const at::Tensor& work, int64_t max_seqlen_q, int64_t decode_max_q, int64_t num_splits,
+    int64_t warps_m, double scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

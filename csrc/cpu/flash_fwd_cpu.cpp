@@ -139,4 +139,18 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cpu(const at::Tensor& q, const at::
   return {out, lse};
 }
 
+// The work table only schedules GPU CTAs; every row's value is the paged
+// forward's, which the CPU computes directly.
+std::tuple<at::Tensor, at::Tensor> mixed_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& seqlens_k, const at::Tensor& block_table,
+    const at::Tensor& work, int64_t max_seqlen_q, int64_t decode_max_q, int64_t num_splits,
+    int64_t warps_m, double scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  check_mixed_plan_args(q, work, max_seqlen_q, decode_max_q, num_splits, warps_m);
+  return paged_fwd_cpu(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, max_seqlen_q,
+                       scale, causal, window_left, window_right, softcap, alibi_slopes, 0.0,
+                       std::nullopt);
+}
+
 }  // namespace fastattn::cpu

@@ -9,6 +9,7 @@
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("fwd", &fastattn::cpu::fwd_cpu);
   m.impl("paged_fwd", &fastattn::cpu::paged_fwd_cpu);
+  m.impl("mixed_fwd", &fastattn::cpu::mixed_fwd_cpu);
   m.impl("bwd", &fastattn::cpu::bwd_cpu);
   m.impl("bwd_into", &fastattn::cpu::bwd_into_cpu);
   m.impl("fwd_partial", &fastattn::cpu::fwd_partial_cpu);

@@ -21,6 +21,8 @@ FAMILIES = {
     "flash_fwd": ("cuda/flash/flash_fwd_launch.cuh", "FASTATTN_INSTANTIATE_FWD"),
     "flash_bwd": ("cuda/flash/flash_bwd_launch.cuh", "FASTATTN_INSTANTIATE_BWD"),
     "flash_decode": ("cuda/decode/flash_decode_launch.cuh", "FASTATTN_INSTANTIATE_DECODE"),
+    # (head dims > 128 compile to a stub: their forward and decode CTAs differ in size)
+    "flash_mixed": ("cuda/mixed/flash_mixed_launch.cuh", "FASTATTN_INSTANTIATE_MIXED"),
 }
 
 

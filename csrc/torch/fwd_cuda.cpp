@@ -15,6 +15,7 @@
 
 #include "torch/attention_problem.h"
 #include "cuda/flash/launch.h"
+#include "cuda/mixed/mixed_launch.h"
 #include "cuda/common/params.h"
 #include "torch/cuda_glue.h"
 #include "torch/paged_problem.h"
@@ -106,21 +107,73 @@ std::tuple<at::Tensor, at::Tensor> fwd_partial_cuda(const at::Tensor& q, const a
                     std::nullopt);
 }
 
+// The mixed op's plan (csrc/ops.cpp mixed_fwd): its work table and the decode
+// role's launch shape.
+struct MixedPlanArgs {
+  const at::Tensor* work;
+  int64_t decode_max_q;
+  int64_t num_splits;
+  int64_t warps_m;
+};
+
+// The decode role of a mixed launch: the paged decode kernel over the tensors
+// the forward role reads (fwd: its filled FwdParams), with ragged queries
+// (rows of q / out and columns of lse from cu_seqlens_q; batch strides 0).
+void fill_mixed_decode_params(DecodeParams& p, const FwdParams& fwd, const at::Tensor& q,
+                              const at::Tensor& out, const at::Tensor& lse,
+                              const at::Tensor& cu_seqlens_q, const MixedPlanArgs& plan) {
+  p.q = fwd.q;
+  p.k = fwd.k;
+  p.v = fwd.v;
+  p.out = fwd.out;
+  p.lse = fwd.lse;
+  p.q_row_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k_batch_stride = fwd.k_batch_stride;
+  p.k_row_stride = fwd.k_row_stride;
+  p.k_head_stride = fwd.k_head_stride;
+  p.v_batch_stride = fwd.v_batch_stride;
+  p.v_row_stride = fwd.v_row_stride;
+  p.v_head_stride = fwd.v_head_stride;
+  p.o_row_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.lse_head_stride = lse.stride(0);
+  p.seqlens_k = fwd.seqlens_k;
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+  p.block_table = fwd.block_table;
+  p.block_table_batch_stride = fwd.block_table_batch_stride;
+  p.page_size = fwd.page_size;
+  p.batch = fwd.batch;
+  p.seqlen_q = static_cast<int>(plan.decode_max_q);
+  p.heads_q = fwd.heads_q;
+  p.heads_kv = fwd.heads_kv;
+  p.head_dim = fwd.head_dim;
+  p.cache_batch = fwd.num_pages;
+  p.seqlen_k_max = fwd.seqlen_k;
+  p.scale = fwd.scale;
+  p.scale_log2 = fwd.scale_log2;
+  p.softcap_in = fwd.softcap_in;
+  p.softcap_out = fwd.softcap_out;
+  p.mask = fwd.mask;
+  p.mask.bottom_right = true;
+  p.dtype = fwd.dtype;
+  p.num_sms = fwd.num_sms;
+  p.num_splits = static_cast<int>(plan.num_splits);
+  p.warps_m = static_cast<int>(plan.warps_m);
+}
+
 // Chunked prefill over a paged cache: the forward kernel with the paged KV
-// loader. Same rules as fwd_cuda; bad device index values are made harmless
-// by the kernel (seqlens_k clamped into [0, max_blocks * block_size], page
-// ids outside the pool read as zeros).
-std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                                  const at::Tensor& v_cache,
-                                                  const at::Tensor& cu_seqlens_q,
-                                                  const at::Tensor& seqlens_k,
-                                                  const at::Tensor& block_table,
-                                                  int64_t max_seqlen_q, double scale, bool causal,
-                                                  int64_t window_left, int64_t window_right,
-                                                  double softcap,
-                                                  const std::optional<at::Tensor>& alibi_slopes,
-                                                  double dropout_p,
-                                                  const std::optional<at::Tensor>& rng_state) {
+// loader (mixed == nullptr), or the mixed kernel running the plan's work
+// table (prefill tiles of that kernel and CTAs of the paged decode kernel).
+// Same rules as fwd_cuda; bad device index values are made harmless by the
+// kernels (seqlens_k clamped into [0, max_blocks * block_size], page ids
+// outside the pool read as zeros).
+std::tuple<at::Tensor, at::Tensor> run_paged_fwd_op(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& seqlens_k, const at::Tensor& block_table,
+    int64_t max_seqlen_q, double scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, const MixedPlanArgs* mixed) {
   PagedFwdProblem pp = check_paged_fwd_args(q, k_cache, v_cache, cu_seqlens_q, seqlens_k,
                                             block_table, max_seqlen_q, scale, causal,
                                             window_left, window_right);
@@ -179,10 +232,58 @@ std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at:
   params.seqlens_k = lens.data_ptr<int>();
   glue::set_alibi(params.bias, slopes);
   glue::set_dropout(params.dropout, dropout_p, rng);
-  glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "paged_fwd");
+  if (mixed == nullptr) {
+    glue::check_launch(gpu::run_fwd(params, at::cuda::getCurrentCUDAStream()), "paged_fwd");
+  } else {
+    MixedParams mp;
+    mp.fwd = params;
+    mp.work = mixed->work->data_ptr<int>();
+    mp.num_work = static_cast<int>(mixed->work->size(0));
+    fill_mixed_decode_params(mp.dec, params, in.q, out_k, lse, cu_seqlens_q, *mixed);
+    mp.dec.alibi_slopes = params.bias.slopes;
+    mp.dec.alibi_batch_stride = params.bias.slope_batch_stride;
+    glue::check_launch(gpu::run_mixed(mp, at::cuda::getCurrentCUDAStream()), "mixed_fwd");
+  }
 
   if (!out_k.is_same(out)) out.copy_(out_k.narrow(-1, 0, d));
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_fwd_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                                  const at::Tensor& v_cache,
+                                                  const at::Tensor& cu_seqlens_q,
+                                                  const at::Tensor& seqlens_k,
+                                                  const at::Tensor& block_table,
+                                                  int64_t max_seqlen_q, double scale, bool causal,
+                                                  int64_t window_left, int64_t window_right,
+                                                  double softcap,
+                                                  const std::optional<at::Tensor>& alibi_slopes,
+                                                  double dropout_p,
+                                                  const std::optional<at::Tensor>& rng_state) {
+  return run_paged_fwd_op(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, max_seqlen_q,
+                          scale, causal, window_left, window_right, softcap, alibi_slopes,
+                          dropout_p, rng_state, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> mixed_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& seqlens_k, const at::Tensor& block_table,
+    const at::Tensor& work, int64_t max_seqlen_q, int64_t decode_max_q, int64_t num_splits,
+    int64_t warps_m, double scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  check_mixed_plan_args(q, work, max_seqlen_q, decode_max_q, num_splits, warps_m);
+  TORCH_CHECK(work.is_cuda() && work.device() == q.device(),
+              "fastattn: mixed_fwd: work must be on q's device (", q.device(), "), got ",
+              work.device());
+  const int64_t d = q.size(-1);
+  TORCH_CHECK_NOT_IMPLEMENTED(gpu::mixed_supported(static_cast<int>(d), glue::cuda_elem_type(q)),
+                              "fastattn: mixed_fwd: no one-launch kernel for head dim ", d,
+                              " in this build (head dims <= 128; BatchAttention plans two "
+                              "launches for the others)");
+  const MixedPlanArgs mixed{&work, decode_max_q, num_splits, warps_m};
+  return run_paged_fwd_op(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, max_seqlen_q,
+                          scale, causal, window_left, window_right, softcap, alibi_slopes, 0.0,
+                          std::nullopt, &mixed);
 }
 
 }  // namespace
@@ -192,4 +293,5 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("fwd", &fastattn::fwd_cuda);
   m.impl("fwd_partial", &fastattn::fwd_partial_cuda);
   m.impl("paged_fwd", &fastattn::paged_fwd_cuda);
+  m.impl("mixed_fwd", &fastattn::mixed_fwd_cuda);
 }

@@ -52,4 +52,23 @@ PagedFwdProblem check_paged_fwd_args(const at::Tensor& q, const at::Tensor& k_ca
   return p;
 }
 
+void check_mixed_plan_args(const at::Tensor& q, const at::Tensor& work, int64_t max_seqlen_q,
+                           int64_t decode_max_q, int64_t num_splits, int64_t warps_m) {
+  TORCH_CHECK(work.scalar_type() == at::kInt && work.dim() == 2 && work.size(1) == 4 &&
+                  work.is_contiguous(),
+              "fastattn: mixed_fwd: work must be a contiguous int32 (num_work, 4) table (a "
+              "BatchAttention plan), got ", work.scalar_type(), " of shape ", work.sizes());
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 8, "fastattn: mixed_fwd: num_splits must be in "
+              "[1, 8] (the splits merge in one thread-block cluster), got ", num_splits);
+  TORCH_CHECK(work.size(0) % num_splits == 0 && work.size(0) <= INT32_MAX,
+              "fastattn: mixed_fwd: the work table's ", work.size(0),
+              " rows must be a multiple of num_splits = ", num_splits);
+  TORCH_CHECK(warps_m == 1 || warps_m == 2 || warps_m == 4,
+              "fastattn: mixed_fwd: warps_m must be 1, 2 or 4, got ", warps_m);
+  TORCH_CHECK(decode_max_q >= 0 && decode_max_q <= max_seqlen_q,
+              "fastattn: mixed_fwd: decode_max_q must be in [0, max_seqlen_q = ", max_seqlen_q,
+              "], got ", decode_max_q);
+  (void)q;
+}
+
 }  // namespace fastattn

@@ -32,4 +32,11 @@ PagedFwdProblem check_paged_fwd_args(const at::Tensor& q, const at::Tensor& k_ca
                                      int64_t max_seqlen_q, double scale, bool causal,
                                      int64_t window_left, int64_t window_right);
 
+// The plan arguments of the mixed_fwd op (schema in csrc/ops.cpp): work an
+// int32 (num_work, 4) contiguous table whose rows are a multiple of
+// num_splits (1..8), warps_m in {1, 2, 4}, 0 <= decode_max_q <= max_seqlen_q.
+// (The table's entries are the planner's; the kernels trust them.)
+void check_mixed_plan_args(const at::Tensor& q, const at::Tensor& work, int64_t max_seqlen_q,
+                           int64_t decode_max_q, int64_t num_splits, int64_t warps_m);
+
 }  // namespace fastattn

@@ -9,6 +9,7 @@
     fastattn.unpad_input(...) / pad_input(...)   padded batch <-> varlen rows
     fastattn.merge_attention_states(...)         merge partial (out, lse) over disjoint key sets
     fastattn.PagedKVCache(...)                   paged KV cache: block pool, tables, fork/COW
+    fastattn.BatchAttention().plan(...).run(...)  a mixed prefill + decode step in one launch
     fastattn.cascade_attention(...), cascade_tables(...)  shared-prefix attention over paged caches
     fastattn.quest_decode(...)                   query-aware sparse decode over a paged cache
     fastattn.explain(...)                        which path an SDPA call takes
@@ -35,6 +36,7 @@ from .packed import (
 )
 from .padding import pad_input, unpad_input
 from .paged import OutOfBlocks, PagedKVCache
+from .batch_attention import BatchAttention
 from .cascade import CascadeTables, cascade_attention, cascade_tables
 from .quest import quest_decode, quest_page_table
 from . import distributed, linear, sparse
@@ -44,6 +46,7 @@ from .patch import is_sdpa_patched, patch_sdpa, unpatch_sdpa
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchAttention",
     "BlockMask",
     "CascadeTables",
     "Route",

@@ -169,6 +169,14 @@ def _paged_fwd_fake(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, m
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
 
 
+@torch.library.register_fake("fastattn::mixed_fwd")
+def _mixed_fwd_fake(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, work, max_seqlen_q,
+                    decode_max_q, num_splits, warps_m, scale, causal, window_left, window_right,
+                    softcap=0.0, alibi_slopes=None):
+    _check_one_device(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, work, alibi_slopes)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
+
+
 def _inference_only(name):
     def setup(ctx, inputs, output):
         pass
@@ -182,6 +190,7 @@ def _inference_only(name):
 
 _inference_only("decode")
 _inference_only("paged_fwd")
+_inference_only("mixed_fwd")
 
 
 @torch.library.register_fake("fastattn::merge_states")

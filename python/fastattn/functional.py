@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ._ops import has_cuda_kernels, ops
 from .dropout import attn_probs_with_dropout, dropout_state
-from .kv_quant import dequantized_pages, is_fp8_kv, kv_scale_tensor
+from .batch_attention import DECODE_MAX_Q, BatchAttention, paged_varlen_attention
 
 logger = logging.getLogger("fastattn")
 
@@ -292,7 +292,36 @@ def _apply_sinks(out, lse, sinks, heads_dim_first):
 
 # Uniform paged batches with at most this many queries per sequence run on the
 # split-KV decode kernel (its GQA-packed tiles hold up to 64 rows per CTA).
-_PAGED_DECODE_MAX_Q = 16
+_AUTO_PLANS: dict = {}
+
+
+def _auto_plan(q, k_cache, cu_seqlens_q, seqlens_k, max_seqlen_q, causal, window):
+    """The BatchAttention plan of a mixed paged batch from its device lengths
+    (one device-to-host read), cached for the next layers of the same step;
+    None where planning cannot sync (CUDA-graph capture, torch.compile) or
+    there is nothing to plan (a uniform decode step, CPU tensors)."""
+    batch = cu_seqlens_q.numel() - 1
+    if not q.is_cuda or q.dim() != 3 or (1 <= max_seqlen_q <= DECODE_MAX_Q and q.shape[0] == batch * max_seqlen_q):
+        return None
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return None
+    lens = torch.cat([cu_seqlens_q.to(torch.int32), seqlens_k.to(torch.int32)]).tolist()
+    cu, k_lens = lens[:batch + 1], lens[batch + 1:]
+    q_lens = [cu[i + 1] - cu[i] for i in range(batch)]
+    if any(n < 0 for n in q_lens) or any(a > b for a, b in zip(q_lens, k_lens)):
+        return None  # bad lengths: the paged forward kernel clamps them
+    key = (tuple(q_lens), tuple(k_lens), q.shape[1:], k_cache.shape[1:], q.dtype, k_cache.dtype,
+           causal, window, q.device)
+    plan = _AUTO_PLANS.get(key)
+    if plan is None:
+        plan = BatchAttention(q.device).plan(
+            q_lens, k_lens, num_heads_q=q.shape[1], num_heads_kv=k_cache.shape[2],
+            head_dim=q.shape[2], page_size=k_cache.shape[1], dtype=q.dtype, kv_dtype=k_cache.dtype,
+            causal=causal, window_size=window)
+        if len(_AUTO_PLANS) >= 8:
+            _AUTO_PLANS.clear()
+        _AUTO_PLANS[key] = plan
+    return plan
 
 
 def _check_paged_block_size(k_cache):
@@ -358,7 +387,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=False,
                            return_attn_probs=False, block_table=None, *, sinks=None, k_descale=None,
-                           v_descale=None):
+                           v_descale=None, plan=None):
     """flash-attn 2.x compatible attention over a ragged batch.
 
     q is (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim);
@@ -375,8 +404,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     block_table[b, j // block_size]. Masks align bottom-right, so a chunk's
     last query sees the sequence's last key. A batch where every sequence has
     exactly max_seqlen_q <= 16 new queries (a decode step) runs on the split-KV
-    decode kernel, anything else (prefill chunks mixed with decode rows) on the
-    paged forward kernel in one launch (also any call with dropout). No
+    decode kernel. A mixed batch (prefill chunks and decode rows) runs as one
+    launch of both kernels' CTAs (fastattn.BatchAttention): pass `plan`, a
+    BatchAttention planned for this batch, to reuse one plan over every layer of
+    a step (and inside CUDA graphs); without it the call reads the lengths to
+    the host (one sync) and plans itself, except under CUDA-graph capture or
+    torch.compile, where it runs the paged forward kernel over every row (one
+    launch, slower for the decode rows). Dropout also takes that kernel. No
     backward on this path. dropout_p as in flash_attn_func. FP8 paged caches
     (float8_e4m3fn / float8_e5m2) take k_descale / v_descale as
     flash_attn_with_kvcache does: decode steps read the codes in the kernel; the
@@ -399,27 +433,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise TypeError(f"fastattn: cu_seqlens_k must be int32, got {cu_seqlens_k.dtype}")
         seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
         batch, sq = cu_seqlens_k.numel() - 1, int(max_seqlen_q)
-        fp8 = is_fp8_kv(k)
-        k_descale = kv_scale_tensor(k_descale, "k_descale", q.device, fp8)
-        v_descale = kv_scale_tensor(v_descale, "v_descale", q.device, fp8)
         p, rng_state = dropout_state(dropout_p, q, batch, q.shape[1] if q.dim() == 3 else 1)
-        if rng_state is None and q.dim() == 3 and 1 <= sq <= _PAGED_DECODE_MAX_Q and q.shape[0] == batch * sq:
-            # Every sequence has exactly max_seqlen_q new queries (none has more,
-            # and they sum to batch * max_seqlen_q): a decode step (or uniform
-            # speculative chunk). The split-KV decode kernel packs a KV head's
-            # query heads into one tile and splits long contexts; the forward
-            # kernel would spend a 128-row tile per decode row (2-4x slower,
-            # benchmarks/paged.py). Same mask (bottom-right), same result.
-            out, lse = ops.decode(q.reshape(batch, sq, *q.shape[1:]), k, v, seqlens_k, None, block_table,
-                                  scale, bool(causal), left, right, 0, softcap, slopes, None,
-                                  k_descale, v_descale)
-            out = out.reshape(q.shape)
-            lse = lse.permute(1, 0, 2).reshape(q.shape[1], batch * sq)
-        else:
-            if fp8:
-                k, v, block_table = dequantized_pages(k, v, block_table, k_descale, v_descale, q.dtype)
-            out, lse = ops.paged_fwd(q, k, v, cu_seqlens_q, seqlens_k, block_table, sq, scale,
-                                     bool(causal), left, right, softcap, slopes, p, rng_state)
+        if plan is None and rng_state is None:
+            plan = _auto_plan(q, k, cu_seqlens_q, seqlens_k, sq, bool(causal), (left, right))
+        out, lse = paged_varlen_attention(q, k, v, cu_seqlens_q, seqlens_k, block_table, sq, scale,
+                                          bool(causal), left, right, softcap, slopes, p, rng_state,
+                                          k_descale, v_descale, plan)
     else:
         if k_descale is not None or v_descale is not None:
             raise NotImplementedError("fastattn: k_descale / v_descale (FP8 KV caches) need a paged "

@@ -2,7 +2,8 @@
 # Device verification of the serving features (FP8 KV cache, tree verification, Quest;
 # one command, staged time limits; logs under $OUT): build, GPU tests (theirs + the decode
 # / paged / cascade suites they touch), the decode benchmark with its FP8-cache column, the
-# paged benchmark, the Quest benchmark. STAGES="build tests bench paged quest" (default:
+# paged benchmark (PAGED_ARGS, e.g. --mixed-only), the Quest benchmark.
+# STAGES="build tests bench paged quest" (default:
 # build tests bench).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,7 +29,7 @@ if has bench; then
   tail -14 "$OUT/decode.log"
 fi
 if has paged; then
-  timeout ${PAGED_TIMEOUT:-240} python -m benchmarks.paged --no-flex --out "$OUT" > "$OUT/paged.log" 2>&1
+  timeout ${PAGED_TIMEOUT:-240} python -m benchmarks.paged --no-flex ${PAGED_ARGS:-} --out "$OUT" > "$OUT/paged.log" 2>&1
   tail -22 "$OUT/paged.log"
 fi
 if has quest; then

@@ -4,6 +4,8 @@
 // here so that none references an instantiation that does not exist. A head
 // dim without its own kernel runs through the next larger compiled one.
 #pragma once
+#include <type_traits>
+
 #include "cuda/common/params.h"
 
 namespace fastattn {
@@ -54,6 +56,46 @@ inline int compiled_kernel_head_dim(int head_dim, ElemType dtype) {
     if (head_dim <= d && hdim_compiled(d)) return d;
   }
   return 0;
+}
+
+// Calls f(std::integral_constant<int, D>{}, std::integral_constant<ElemType, T>{})
+// with the compiled instantiation of a kernel family (D, T) = (d, t) and returns its
+// result; `none` when this build has no such instantiation (narrowed builds).
+template <typename R, typename F>
+R visit_compiled_variant(int d, ElemType t, R none, F&& f) {
+  auto with_dtype = [&](auto dt) -> R {
+    switch (d) {
+#ifdef FASTATTN_ENABLE_HDIM32
+      case 32: return f(std::integral_constant<int, 32>{}, dt);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM64
+      case 64: return f(std::integral_constant<int, 64>{}, dt);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM96
+      case 96: return f(std::integral_constant<int, 96>{}, dt);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM128
+      case 128: return f(std::integral_constant<int, 128>{}, dt);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM192
+      case 192: return f(std::integral_constant<int, 192>{}, dt);
+#endif
+#ifdef FASTATTN_ENABLE_HDIM256
+      case 256: return f(std::integral_constant<int, 256>{}, dt);
+#endif
+      default: return none;
+    }
+  };
+#ifdef FASTATTN_ENABLE_FP16
+  if (t == ElemType::kFloat16)
+    return with_dtype(std::integral_constant<ElemType, ElemType::kFloat16>{});
+#endif
+#ifdef FASTATTN_ENABLE_BF16
+  if (t == ElemType::kBFloat16)
+    return with_dtype(std::integral_constant<ElemType, ElemType::kBFloat16>{});
+#endif
+  (void)with_dtype;
+  return none;
 }
 
 }  // namespace gpu

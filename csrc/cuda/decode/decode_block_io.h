@@ -110,6 +110,8 @@ struct DecodeSeq {
   int sk;        // keys of this sequence (clamped; after its left padding)
   int cb;        // cache row it reads (contiguous cache)
   int k0;        // its first key's position in that row (left padding)
+  int sq;        // its queries (seqlen_q, or its ragged count)
+  int q0;        // row of its first query in q / out, column in lse (ragged queries; else 0)
 };
 
 __device__ __forceinline__ DecodeSeq decode_seq(const DecodeParams& p, int b) {
@@ -122,6 +124,13 @@ __device__ __forceinline__ DecodeSeq decode_seq(const DecodeParams& p, int b) {
   }
   s.cb = b;
   s.k0 = 0;
+  s.sq = p.seqlen_q;
+  s.q0 = 0;
+  if (p.cu_seqlens_q != nullptr) {
+    s.q0 = p.cu_seqlens_q[b];
+    const int n = p.cu_seqlens_q[b + 1] - s.q0;
+    s.sq = n < 0 ? 0 : (n > p.seqlen_q ? p.seqlen_q : n);
+  }
   if (p.cache_leftpad != nullptr) {
     const int pad = p.cache_leftpad[b];
     s.k0 = pad < 0 ? 0 : (pad > s.sk ? s.sk : pad);

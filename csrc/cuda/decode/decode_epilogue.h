@@ -16,7 +16,8 @@
 namespace fastattn {
 namespace gpu {
 
-// out[b, i, h, col .. col + 7] = v (one 16-byte store; col % 8 == 0).
+// out[b, i, h, col .. col + 7] = v (one 16-byte store; col % 8 == 0; ragged
+// queries: i is the row in the packed out, whose batch stride is 0).
 template <typename Elem>
 __device__ __forceinline__ void store_out8(const DecodeParams& p, int b, int i, int h, int col,
                                            const float (&v)[8]) {
@@ -43,7 +44,7 @@ __device__ __forceinline__ void store_out8(const DecodeParams& p, int b, int i, 
 // (lse = -inf) weighs 0; all empty gives out = 0 and lse = -inf.
 template <typename Traits, typename Elem>
 __device__ __forceinline__ void decode_cluster_combine(const DecodeParams& p, const float* o_slab,
-                                                       const float* lse_fin, int b, int hk, int m0,
+                                                       const float* lse_fin, int b, int q0, int hk, int m0,
                                                        int m_end, int warps_n, int rank) {
   constexpr int kOStride = Traits::kOStride;
   constexpr int kMaxParts = kMaxClusterSplits;
@@ -99,9 +100,9 @@ __device__ __forceinline__ void decode_cluster_combine(const DecodeParams& p, co
     const int i = fast_div(p.group_div, r);
     const int h = hk * static_cast<int>(p.group_div.d) + fast_mod(p.group_div, r, i);
     if (col == 0)
-      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] =
+      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + q0 + i] =
           sum > 0.f ? m + __logf(sum) : neg_inf();
-    store_out8<Elem>(p, b, i, h, col, acc);
+    store_out8<Elem>(p, b, q0 + i, h, col, acc);
   }
   ptx::cluster_sync();  // no CTA leaves, or reuses its shared memory, while a peer reads it
 }

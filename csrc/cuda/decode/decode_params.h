@@ -56,6 +56,13 @@ struct DecodeParams {
   int64_t lse_batch_stride = 0, lse_head_stride = 0;
 
   const int* seqlens_k = nullptr;        // (batch) int32, device; nullptr: all seqlen_k_max
+  // Ragged queries (the decode rows of a mixed batch, flash_mixed_kernel.cuh):
+  // sequence b's queries are rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of
+  // q / out and the same columns of lse (at most seqlen_q of them are read; the
+  // host sets the q / o / lse batch strides to 0). Only with num_splits == 1 or
+  // combine_in_cluster: the combine kernel's partials are per batch row.
+  // nullptr: every sequence has seqlen_q queries.
+  const int* cu_seqlens_q = nullptr;
   const int* cache_batch_idx = nullptr;  // (batch) int32, device; nullptr: identity
   // Paged KV: block_table (batch, max_blocks) int32; the caches are then
   // (num_pages, page_size, heads_kv, head_dim): the k_/v_ batch strides are

@@ -56,48 +56,8 @@ int ring_smem(int d, int stages, bool tma, KvKind kv) {
   return tma ? stages * t.tma_stage_bytes + t.tma_fixed_bytes : stages * t.stage_bytes;
 }
 
-// Calls f(std::integral_constant<int, D>{}, std::integral_constant<ElemType, T>{})
-// with the compiled decode instantiation (D, T) = (d, t) and returns its
-// result; `none` when this build has no such instantiation (narrowed builds).
-template <typename R, typename F>
-R visit_decode_variant(int d, ElemType t, R none, F&& f) {
-  auto with_dtype = [&](auto dt) -> R {
-    switch (d) {
-#ifdef FASTATTN_ENABLE_HDIM32
-      case 32: return f(std::integral_constant<int, 32>{}, dt);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM64
-      case 64: return f(std::integral_constant<int, 64>{}, dt);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM96
-      case 96: return f(std::integral_constant<int, 96>{}, dt);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM128
-      case 128: return f(std::integral_constant<int, 128>{}, dt);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM192
-      case 192: return f(std::integral_constant<int, 192>{}, dt);
-#endif
-#ifdef FASTATTN_ENABLE_HDIM256
-      case 256: return f(std::integral_constant<int, 256>{}, dt);
-#endif
-      default: return none;
-    }
-  };
-#ifdef FASTATTN_ENABLE_FP16
-  if (t == ElemType::kFloat16)
-    return with_dtype(std::integral_constant<ElemType, ElemType::kFloat16>{});
-#endif
-#ifdef FASTATTN_ENABLE_BF16
-  if (t == ElemType::kBFloat16)
-    return with_dtype(std::integral_constant<ElemType, ElemType::kBFloat16>{});
-#endif
-  (void)with_dtype;
-  return none;
-}
-
 int ctas_per_sm(int d, ElemType t, int stages, bool paged, bool tma, KvKind kv) {
-  return visit_decode_variant(d, t, 0, [&](auto hd, auto dt) {
+  return visit_compiled_variant(d, t, 0, [&](auto hd, auto dt) {
     return decode_ctas_per_sm<decltype(hd)::value, decltype(dt)::value>(stages, paged, tma, kv);
   });
 }
@@ -121,7 +81,7 @@ bool use_tma(int d, ElemType t, bool paged, KvKind kv) {
   const int di = d == 64 ? 0 : 1;
   const int ti = t == ElemType::kFloat16 ? 0 : 1;
   if (device < 64 && cache[device][di][ti] != 0) return cache[device][di][ti] > 0;
-  const bool ok = visit_decode_variant(d, t, false, [](auto hd, auto dt) {
+  const bool ok = visit_compiled_variant(d, t, false, [](auto hd, auto dt) {
     return decode_tma_runnable<decltype(hd)::value, decltype(dt)::value>();
   });
   if (device < 64) cache[device][di][ti] = ok ? 1 : -1;
@@ -183,7 +143,7 @@ int max_clusters(int d, ElemType t, int stages, bool paged, bool tma, KvKind kv,
                                           [stages - 2][cluster]
                                   : nullptr;
   if (slot != nullptr && *slot != 0) return *slot - 1;
-  int n = visit_decode_variant(d, t, 0, [&](auto hd, auto dt) {
+  int n = visit_compiled_variant(d, t, 0, [&](auto hd, auto dt) {
     return decode_max_clusters<decltype(hd)::value, decltype(dt)::value>(stages, paged, tma, kv,
                                                                          cluster);
   });
@@ -402,7 +362,7 @@ cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
     }
   }
   const bool pdl = decode_pdl();
-  cudaError_t err = visit_decode_variant(d, p.dtype, cudaErrorNotSupported, [&](auto hd, auto dt) {
+  cudaError_t err = visit_compiled_variant(d, p.dtype, cudaErrorNotSupported, [&](auto hd, auto dt) {
     return run_decode_hdim<decltype(hd)::value, decltype(dt)::value>(p, stream, pdl);
   });
   if (err != cudaSuccess || !combine_kernel) return err;

@@ -112,11 +112,15 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   // issues the loads first (the sequence length, the first K/V stages, Q)
   // and keeps divisions off the way to them (FastDiv).
   const FastDiv& group = p.group_div;
-  const int m_total = static_cast<int>(group.d) * p.seqlen_q;
+  const DecodeSeq seq = decode_seq(p, b);
+  const int m_total = static_cast<int>(group.d) * seq.sq;
   const int rows_cta = 16 * p.warps_m;
   const int m0 = m_block * rows_cta;
-  const int m_end = m0 + rows_cta < m_total ? m0 + rows_cta : m_total;  // > m0 (host grid)
-  const DecodeSeq seq = decode_seq(p, b);
+  const int m_end = m0 + rows_cta < m_total ? m0 + rows_cta : m_total;
+  // > m0 by the host grid, unless the queries are ragged: a sequence with
+  // fewer rows leaves this m-block (and every split of it, so a cluster
+  // leaves together) without work.
+  if (m_end <= m0) return;
   // Score / output scales of this (sequence, KV head). FP8: scores are Q times
   // the codes, so the K scale (and fp16's fold, common/fp8.h) joins the
   // softmax scale, and softcap's raw-score constants with it (softcap.h:
@@ -148,9 +152,9 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   const int i_hi = fast_div(group, m_end - 1);
   MaskParams mp = p.mask;
   mp.bottom_right = true;
-  const MaskPolicy mask = MaskPolicy::make(mp, p.seqlen_q, seq.sk);
+  const MaskPolicy mask = MaskPolicy::make(mp, seq.sq, seq.sk);
   const KeyBlockRange blocks =
-      decode_key_blocks(mask, p.seqlen_q, p.split_div, split, i_lo, i_hi, kBlockN);
+      decode_key_blocks(mask, seq.sq, p.split_div, split, i_lo, i_hi, kBlockN);
   const int n_iters = blocks.end - blocks.begin;
   if constexpr (kTma) {
     if (tid == 0) {
@@ -162,6 +166,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   // (issued after the first stages, first used by the first MMA): no ring
   // slot holds Q, so every slot streams K/V from the start.
   const GqaQueryRows<Elem> q_rows{static_cast<const Elem*>(p.q) + b * p.q_batch_stride +
+                                      static_cast<int64_t>(seq.q0) * p.q_row_stride +
                                       static_cast<int64_t>(hk) * static_cast<int>(group.d) *
                                           p.q_head_stride,
                                   group, p.q_row_stride, p.q_head_stride};
@@ -174,7 +179,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
   float alibi_slope[2] = {0.f, 0.f}, alibi_diag[2] = {0.f, 0.f};
   // Tree mask: each row's bits over the draft keys [draft0, sk) (all set: no tree).
   const bool tree = p.tree_mask != nullptr;
-  const int draft0 = seq.sk - p.seqlen_q;
+  const int draft0 = seq.sk - seq.sq;
   uint64_t tree_bits[2] = {~0ull, ~0ull};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -187,7 +192,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       if (p.alibi_slopes != nullptr) {
         const int head = hk * static_cast<int>(group.d) + (r - i * static_cast<int>(group.d));
         alibi_slope[h] = __ldg(p.alibi_slopes + seq.b * p.alibi_batch_stride + head) / scale;
-        alibi_diag[h] = float(i + seq.sk - p.seqlen_q);
+        alibi_diag[h] = float(i + seq.sk - seq.sq);
       }
     } else {
       key_lo[h] = 0;
@@ -490,7 +495,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     const int h = hk * static_cast<int>(group.d) + fast_mod(group, r, i);
     if (col == 0) {
       if (direct) {
-        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
+        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q0 + i] = lse;
       } else if (in_cluster) {
         lse_fin[rr] = lse;
       } else {
@@ -516,7 +521,7 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
       v[6] = fmaf(c, x1.z, v[6]); v[7] = fmaf(c, x1.w, v[7]);
     }
     if (direct) {
-      store_out8<Elem>(p, b, i, h, col, v);
+      store_out8<Elem>(p, b, seq.q0 + i, h, col, v);
     } else if (in_cluster) {
       // In place over the first warp's slot of the row tile (only this thread
       // reads or writes these 8 floats), where the cluster combine reads it.
@@ -533,7 +538,8 @@ __device__ __forceinline__ void flash_decode_block(const DecodeParams& p, char* 
     }
   }
   if (in_cluster)
-    decode_cluster_combine<Traits, Elem>(p, o_slab, lse_fin, b, hk, m0, m_end, warps_n, split);
+    decode_cluster_combine<Traits, Elem>(p, o_slab, lse_fin, b, seq.q0, hk, m0, m_end, warps_n,
+                                         split);
 }
 
 template <typename Traits, typename Elem, bool kPaged, KvKind kKv = KvKind::kSame>
