@@ -28,7 +28,9 @@ The keys and values of all sequences live in one `fastattn.PagedKVCache`. Per st
 cu_seqlens_q packs each sequence's new tokens; cu_seqlens_k counts each sequence's keys after
 the append. The causal mask is aligned bottom-right, so a prefill chunk's last query sees the
 sequence's last key and a decode row (one query) sees its whole context: prefill chunks and
-decode rows go through a single kernel launch per layer.
+decode rows go through a single kernel launch per layer. The step plans that launch once
+(`fastattn.BatchAttention().plan(q_lens, k_lens, ...)` from the host-side lengths the scheduler
+already has) and every layer passes it as `plan=`.
 
 When the pool runs out of blocks (`fastattn.OutOfBlocks`; `reserve` is all-or-nothing, so
 nothing has changed when it raises), the scheduler, in this order:
@@ -381,6 +383,15 @@ class Engine:
                   if self.base and len(batch) > 1 else None)
         self.stats.cascade_steps += shared is not None
 
+        # The step's attention plan (prefill chunks and decode rows in one launch), from the
+        # host-side lengths the scheduler already has: made once, run by every layer.
+        plan = None
+        if shared is None:
+            cfg = self.model.cfg
+            plan = fastattn.BatchAttention(device).plan(
+                q_lens, k_lens, num_heads_q=cfg.heads, num_heads_kv=cfg.kv_heads, head_dim=cfg.head_dim,
+                page_size=cache.block_size, dtype=self.model.attn_dtype, kv_dtype=cache.dtype, causal=True)
+
         def attend(layer, q, k, v):
             cache.write(layer, slots, k, v)
             if shared is not None:
@@ -390,7 +401,7 @@ class Engine:
             return fastattn.flash_attn_varlen_func(
                 q, cache.k_caches[layer], cache.v_caches[layer], cu_seqlens_q, cu_seqlens_k,
                 max_q, max_k, causal=True, block_table=block_table, k_descale=cache.k_scale,
-                v_descale=cache.v_scale)
+                v_descale=cache.v_scale, plan=plan)
 
         hidden = self.model.forward(torch.tensor(tokens, device=device),
                                     torch.tensor(positions, device=device), attend)
