@@ -139,6 +139,62 @@ def test_mixed_batch_matches_reference(device, case, D, heads, block_size):
         _check_rows(out, lse, q, ks, vs, lens_q, D ** -0.5, True, (-1, -1), dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["odd", "spec"])
+@pytest.mark.parametrize("D", [64, 256])
+def test_split_launches_match_reference(device, case, D):
+    """launch="split": paged_fwd over the chunks, decode per distinct query
+    count over the decode rows (CUDA's plan for FP8 caches and head dims > 128)."""
+    Hq, Hkv, bs = 8, 2, 16
+    dtype = DTYPES[device][-1]
+    q, kp, vp, table, ks, vs, lens_q, lens_k = _batch(case, bs, Hq, Hkv, D, dtype, device, 4)
+    plan = fastattn.BatchAttention(device).plan(lens_q, lens_k, num_heads_q=Hq, num_heads_kv=Hkv,
+                                                head_dim=D, page_size=bs, dtype=dtype, launch="split")
+    if device == "cuda" and D > 128:
+        assert fastattn.BatchAttention(device).plan(lens_q, lens_k, num_heads_q=Hq, num_heads_kv=Hkv,
+                                                    head_dim=D, page_size=bs, dtype=dtype).mode == "split"
+    slopes = torch.rand(len(lens_q), Hq, device=device) * 0.1
+    _poison_allocator(device)
+    out, lse = plan.run(q, kp, vp, _cu(lens_q, device), torch.tensor(lens_k, dtype=torch.int32,
+                        device=device), table, alibi_slopes=slopes, return_lse=True)
+    cu = [0] + torch.tensor(lens_q).cumsum(0).tolist()
+    for b in range(len(lens_q)):
+        r = slice(cu[b], cu[b + 1])
+        if cu[b] == cu[b + 1]:
+            continue
+        ref = _ref(q[r], ks[b], vs[b], D ** -0.5, True, (-1, -1), slopes[b].double(), 0.0, torch.float64)
+        base = _ref(q[r], ks[b], vs[b], D ** -0.5, True, (-1, -1), slopes[b], 0.0, dtype)
+        assert_close_rule(f"out seq {b}", out[r], base[0], ref[0])
+        assert_close_rule(f"lse seq {b}", lse[:, r], base[1], ref[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_launches_fp8_cache(device):
+    """An FP8 pool: the decode rows read the codes in the kernel, the chunks
+    their dequantized pages; per-sequence descales follow each sequence."""
+    Hq, Hkv, D, bs = 8, 2, 64, 16
+    dtype = DTYPES[device][-1]
+    q, kp, vp, table, ks, vs, lens_q, lens_k = _batch("chunk+decodes", bs, Hq, Hkv, D, dtype, device, 6)
+    k8, v8 = kp.nan_to_num().to(torch.float8_e4m3fn), vp.nan_to_num().to(torch.float8_e4m3fn)
+    kd = torch.rand(len(lens_q), Hkv, device=device) + 0.5
+    vd = torch.rand(len(lens_q), Hkv, device=device) + 0.5
+    cu, lk = _cu(lens_q, device), torch.tensor(lens_k, dtype=torch.int32, device=device)
+    plan = fastattn.BatchAttention(device).plan(lens_q, lens_k, num_heads_q=Hq, num_heads_kv=Hkv, head_dim=D,
+                                                page_size=bs, dtype=dtype, kv_dtype=k8.dtype, launch="split")
+    out = plan.run(q, k8, v8, cu, lk, table, k_descale=kd, v_descale=vd)
+    # The same batch over the dequantized pool (every row through the paged forward kernel).
+    scale = lambda x, d: x.to(torch.float32) * d[:, None, :, None]  # noqa: E731
+    for b in range(len(lens_q)):
+        pages = table[b][: -(-lens_k[b] // bs)].long()
+        kb = scale(k8[pages], kd[b:b + 1].expand(len(pages), -1)).reshape(-1, Hkv, D)[:lens_k[b]]
+        vb = scale(v8[pages], vd[b:b + 1].expand(len(pages), -1)).reshape(-1, Hkv, D)[:lens_k[b]]
+        r = slice(int(cu[b]), int(cu[b + 1]))
+        if r.start == r.stop:
+            continue
+        ref = _ref(q[r], kb, vb, D ** -0.5, True, (-1, -1), None, 0.0, torch.float64)[0]
+        torch.testing.assert_close(out[r].double(), ref, atol=2e-2, rtol=0)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("splits", [1, 2, 4, 8])
 @pytest.mark.parametrize("mask", ["causal", "window", "full", "softcap", "alibi"])
@@ -252,6 +308,12 @@ def test_batch_attention_bad_input():
         ba.plan([-1], [5], **kw)
     with pytest.raises(ValueError, match="num_splits"):
         ba.plan([1], [5], num_splits=9, **kw)
+    with pytest.raises(ValueError, match="launch must be"):
+        ba.plan([1], [5], launch="fast", **kw)
+    with pytest.raises(ValueError, match="same number"):
+        ba.plan([1, 2], [5, 5], launch="decode", **kw)
+    with pytest.raises(ValueError, match="launch='mixed' needs"):
+        ba.plan([1, 20], [5, 50], launch="mixed", **kw)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="host-side"):
             ba.plan(torch.ones(1, dtype=torch.int32, device="cuda"), [5], **kw)

@@ -172,13 +172,18 @@ class BatchAttention:
     of seqlens_q; masks align bottom-right, so a chunk's last query sees its
     sequence's last key) and returns flash_attn_varlen_func's result.
 
-    How it runs (``self.mode``):
-      "mixed"   one launch of prefill tiles and decode CTAs (CUDA, fp16/bf16
+    How it runs (``self.mode``; ``launch=`` in plan forces one):
+      "mixed"   one launch of prefill tiles and decode CTAs (CUDA, 16-bit
                 cache, head dims <= 128; splits merge in a cluster on sm90).
       "decode"  every sequence has the same number (<= 16) of new queries: the
                 split-KV decode kernel alone.
-      "paged"   anything else (FP8 caches, larger head dims, CPU, no decode
-                rows): the paged forward kernel over every row, one launch.
+      "split"   the paged forward kernel over the prefill chunks, then the
+                split-KV decode kernel over the decode rows (one launch per
+                distinct query count), into one output: CUDA with an FP8 cache
+                (decode rows read the codes in the kernel; only the chunks'
+                pages are dequantized) or head dims > 128.
+      "paged"   the paged forward kernel over every row, one launch (CPU, no
+                decode rows).
     A captured CUDA graph may replay a plan with new cache contents and
     lengths no larger than the planned ones.
     """
@@ -189,7 +194,8 @@ class BatchAttention:
 
     def plan(self, seqlens_q, seqlens_k, *, num_heads_q: int, num_heads_kv: int, head_dim: int,
              page_size: int, dtype=torch.bfloat16, kv_dtype=None, causal: bool = True,
-             window_size=(-1, -1), num_splits: Optional[int] = None) -> "BatchAttention":
+             window_size=(-1, -1), num_splits: Optional[int] = None,
+             launch: str = "auto") -> "BatchAttention":
         q_lens = _host_ints(seqlens_q, "seqlens_q")
         k_lens = _host_ints(seqlens_k, "seqlens_k")
         if len(q_lens) != len(k_lens) or not q_lens:
@@ -219,20 +225,59 @@ class BatchAttention:
         self.num_splits, self.warps_m, self.decode_max_q = 1, 1, 0
         self.work = None
 
+        if launch not in ("auto", "mixed", "decode", "split", "paged"):
+            raise ValueError(f"fastattn: BatchAttention.plan: launch must be auto, mixed, decode, "
+                             f"split or paged, got {launch!r}")
         decode_rows = [b for b, q in enumerate(q_lens) if 1 <= q <= DECODE_MAX_Q]
         uniform = 1 <= self.max_seqlen_q <= DECODE_MAX_Q and all(q == self.max_seqlen_q for q in q_lens)
         one_launch = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-                      and kv_dtype == dtype and head_dim <= 128 and decode_rows)
-        if uniform:
-            self.mode = "decode"
-        elif not one_launch:
-            self.mode = "paged"
-        else:
-            self.mode = "mixed"
+                      and kv_dtype == dtype and head_dim <= 128 and bool(decode_rows))
+        if launch == "auto":
+            if uniform:
+                launch = "decode"
+            elif not decode_rows or device.type != "cuda":
+                launch = "paged"
+            else:
+                launch = "mixed" if one_launch else "split"
+        if launch == "decode" and not uniform:
+            raise ValueError("fastattn: BatchAttention.plan: launch='decode' needs every sequence to "
+                             f"have the same number (<= {DECODE_MAX_Q}) of new queries")
+        if launch == "mixed" and not one_launch:
+            raise ValueError("fastattn: BatchAttention.plan: launch='mixed' needs a CUDA device, a "
+                             "16-bit cache of q's dtype, head_dim <= 128 and a sequence of <= "
+                             f"{DECODE_MAX_Q} new queries")
+        self.mode = launch
+        if launch == "mixed":
             clusters = torch.cuda.get_device_capability(device)[0] >= 9
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             self._plan_mixed(decode_rows, clusters, sms, num_splits)
+        elif launch == "split":
+            self._plan_split(decode_rows)
         return self
+
+    def _plan_split(self, decode_rows):
+        """Index tensors of the two launches: the prefill sequences (those
+        with more new queries) and their rows, and per distinct query count
+        the decode sequences and their rows."""
+        cu = [0]
+        for n in self.seqlens_q:
+            cu.append(cu[-1] + n)
+        dev = self.device
+        as_index = lambda xs: torch.tensor(xs, dtype=torch.int64).to(dev)  # noqa: E731
+        is_decode = set(decode_rows)
+        prefill = [b for b, n in enumerate(self.seqlens_q) if n > 0 and b not in is_decode]
+        self.prefill_seqs = as_index(prefill)
+        self.prefill_rows = as_index([r for b in prefill for r in range(cu[b], cu[b + 1])])
+        pcu = [0]
+        for b in prefill:
+            pcu.append(pcu[-1] + self.seqlens_q[b])
+        self.prefill_cu = torch.tensor(pcu, dtype=torch.int32).to(dev)
+        self.prefill_max_q = max((self.seqlens_q[b] for b in prefill), default=0)
+        self.decode_groups = []
+        for n in sorted({self.seqlens_q[b] for b in decode_rows}):
+            seqs = [b for b in decode_rows if self.seqlens_q[b] == n]
+            self.decode_groups.append((n, as_index(seqs),
+                                       as_index([r for b in seqs for r in range(cu[b], cu[b + 1])])))
 
     def _plan_mixed(self, decode_rows, clusters: bool, sms: int, forced_splits):
         sched = schedule_mixed(self.seqlens_q, self.seqlens_k, self.heads_q, self.heads_kv,
@@ -303,6 +348,9 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_t
                               block_table, scale, bool(causal), left, right, 0, softcap, slopes, None,
                               k_descale, v_descale)
         return out.reshape(q.shape), lse.permute(1, 0, 2).reshape(q.shape[1], batch * sq)
+    if mode == "split":
+        return _split_launches(q, k_cache, v_cache, seqlens_k, block_table, scale, causal, left, right,
+                               softcap, slopes, k_descale, v_descale, plan)
     if mode == "mixed":
         return ops.mixed_fwd(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, plan.work,
                              sq, plan.decode_max_q, plan.num_splits, plan.warps_m, scale,
@@ -312,3 +360,35 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_t
                                                           v_descale, q.dtype)
     return ops.paged_fwd(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, sq, scale,
                          bool(causal), left, right, softcap, slopes, dropout_p, rng_state)
+
+
+def _split_launches(q, k_cache, v_cache, seqlens_k, block_table, scale, causal, left, right, softcap,
+                    slopes, k_descale, v_descale, plan):
+    """A "split" plan: the prefill chunks through the paged forward kernel and
+    the decode rows through the split-KV decode kernel, into one (out, lse)."""
+    heads = q.shape[1]
+    out = q.new_empty(q.shape)
+    lse = torch.empty(heads, q.shape[0], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                      device=q.device)
+
+    def per_seq(x, seqs):  # an (Hkv,) / (1,) descale or alibi row applies to all; (B, ...) is indexed
+        return x[seqs] if x is not None and x.dim() == 2 else x
+
+    if plan.prefill_rows.numel():
+        seqs = plan.prefill_seqs
+        kc, vc, table = k_cache, v_cache, block_table[seqs]
+        if is_fp8_kv(k_cache):
+            kc, vc, table = dequantized_pages(kc, vc, table, per_seq(k_descale, seqs),
+                                              per_seq(v_descale, seqs), q.dtype)
+        o, l = ops.paged_fwd(q[plan.prefill_rows], kc, vc, plan.prefill_cu, seqlens_k[seqs], table,
+                             plan.prefill_max_q, scale, bool(causal), left, right, softcap,
+                             per_seq(slopes, seqs))
+        out[plan.prefill_rows] = o
+        lse[:, plan.prefill_rows] = l
+    for n, seqs, rows in plan.decode_groups:
+        o, l = ops.decode(q[rows].reshape(-1, n, *q.shape[1:]), k_cache, v_cache, seqlens_k[seqs], None,
+                          block_table[seqs], scale, bool(causal), left, right, 0, softcap,
+                          per_seq(slopes, seqs), None, per_seq(k_descale, seqs), per_seq(v_descale, seqs))
+        out[rows] = o.reshape(-1, *q.shape[1:])
+        lse[:, rows] = l.permute(1, 0, 2).reshape(heads, -1)
+    return out, lse
