@@ -273,7 +273,7 @@ def test_mixed_plan_cuda_graph_replay():
         g.replay()
         torch.cuda.synchronize()
         want = ops.paged_fwd(static_q, kp, vp, cu, lk, table, max(lens_q), D ** -0.5, True, -1, -1)[0]
-        torch.testing.assert_close(out, want, atol=2e-3, rtol=0)
+        torch.testing.assert_close(out, want, atol=5e-3, rtol=0)
 
 
 @pytest.mark.cuda
