@@ -277,7 +277,8 @@ def test_mixed_plan_cuda_graph_replay():
 
 
 @pytest.mark.cuda
-def test_flash_attn_varlen_func_plans_mixed_batches():
+def test_flash_attn_varlen_func_plans_mixed_batches(monkeypatch):
+    monkeypatch.setenv("FASTATTN_VARLEN_AUTO_PLAN", "1")
     Hq, Hkv, D, bs, dtype = 8, 2, 128, 16, torch.bfloat16
     q, kp, vp, table, ks, vs, lens_q, lens_k = _batch("spec", bs, Hq, Hkv, D, dtype, "cuda", 11)
     cu_q, cu_k = _cu(lens_q, "cuda"), _cu(lens_k, "cuda")

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -275,6 +276,9 @@ std::tuple<at::Tensor, at::Tensor> mixed_fwd_cuda(
   TORCH_CHECK(work.is_cuda() && work.device() == q.device(),
               "fastattn: mixed_fwd: work must be on q's device (", q.device(), "), got ",
               work.device());
+  // Each CTA reads its row as one int4.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(work.data_ptr()) % 16 == 0,
+              "fastattn: mixed_fwd: work must be 16-byte aligned (a fresh tensor, not an offset view)");
   const int64_t d = q.size(-1);
   TORCH_CHECK_NOT_IMPLEMENTED(gpu::mixed_supported(static_cast<int>(d), glue::cuda_elem_type(q)),
                               "fastattn: mixed_fwd: no one-launch kernel for head dim ", d,

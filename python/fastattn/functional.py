@@ -1,6 +1,7 @@
 """Public attention functions: the SDPA drop-in and the flash-attn-compatible API."""
 import logging
 import math
+import os
 from typing import NamedTuple, Tuple
 
 import torch
@@ -296,10 +297,13 @@ _AUTO_PLANS: dict = {}
 
 
 def _auto_plan(q, k_cache, cu_seqlens_q, seqlens_k, max_seqlen_q, causal, window):
-    """The BatchAttention plan of a mixed paged batch from its device lengths
-    (one device-to-host read), cached for the next layers of the same step;
-    None where planning cannot sync (CUDA-graph capture, torch.compile) or
-    there is nothing to plan (a uniform decode step, CPU tensors)."""
+    """With FASTATTN_VARLEN_AUTO_PLAN=1: the BatchAttention plan of a mixed
+    paged batch from its device lengths (one device-to-host read), cached for
+    the next layers of the same step; None where planning cannot sync
+    (CUDA-graph capture, torch.compile), there is nothing to plan (a uniform
+    decode step, CPU tensors), or the variable is unset (read per call)."""
+    if os.environ.get("FASTATTN_VARLEN_AUTO_PLAN", "0") != "1":
+        return None
     batch = cu_seqlens_q.numel() - 1
     if not q.is_cuda or q.dim() != 3 or (1 <= max_seqlen_q <= DECODE_MAX_Q and q.shape[0] == batch * max_seqlen_q):
         return None
@@ -404,13 +408,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     block_table[b, j // block_size]. Masks align bottom-right, so a chunk's
     last query sees the sequence's last key. A batch where every sequence has
     exactly max_seqlen_q <= 16 new queries (a decode step) runs on the split-KV
-    decode kernel. A mixed batch (prefill chunks and decode rows) runs as one
-    launch of both kernels' CTAs (fastattn.BatchAttention): pass `plan`, a
-    BatchAttention planned for this batch, to reuse one plan over every layer of
-    a step (and inside CUDA graphs); without it the call reads the lengths to
-    the host (one sync) and plans itself, except under CUDA-graph capture or
-    torch.compile, where it runs the paged forward kernel over every row (one
-    launch, slower for the decode rows). Dropout also takes that kernel. No
+    decode kernel. A mixed batch (prefill chunks and decode rows) follows
+    `plan`, a fastattn.BatchAttention planned for this batch (one launch of
+    prefill tiles and decode CTAs; reuse it over every layer of a step, also
+    inside CUDA graphs); without a plan it runs on the paged forward kernel
+    over every row in one launch (slower for the decode rows), unless
+    FASTATTN_VARLEN_AUTO_PLAN=1, which plans it from the lengths read to the
+    host (one sync; not under CUDA-graph capture or torch.compile, which keep
+    the paged forward). Dropout always takes the paged forward. No
     backward on this path. dropout_p as in flash_attn_func. FP8 paged caches
     (float8_e4m3fn / float8_e5m2) take k_descale / v_descale as
     flash_attn_with_kvcache does: decode steps read the codes in the kernel; the
