@@ -110,6 +110,13 @@ def test_schedule_covers_every_tile_once(case, heads, clusters, sms, forced):
     assert len(got_decode) == len(set(got_decode)) and set(got_decode) == want_decode
 
 
+def test_schedule_bad_input():
+    with pytest.raises(ValueError, match="needs thread-block clusters"):
+        schedule_mixed([1, 300], [50, 300], 8, 2, 128, True, (-1, -1), False, 108, forced_splits=2)
+    with pytest.raises(ValueError, match="no decode-role sequence"):
+        schedule_mixed([300], [300], 8, 2, 128, True, (-1, -1), True, 132)
+
+
 def test_schedule_puts_long_work_first():
     s = schedule_mixed([1, 1, 600], [40000, 50, 600], 8, 8, 128, True, (-1, -1), True, 132)
     first = s.table[0]
