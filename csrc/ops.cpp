@@ -233,4 +233,24 @@ TORCH_LIBRARY(fastattn, m) {
       "linear_recurrent_update(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? beta, "
       "Tensor(a!) state, Tensor? state_indices, Tensor? cu_seqlens, float scale, bool delta, "
       "bool qk_l2norm, bool state_v_first) -> Tensor out");
+  // The two scans over chunks of the chunked training path
+  // (python/fastattn/linear/chunked.py computes every chunk's own part).
+  // Chunk layout (B, HV, N, 64, .): rows of K columns qt, kt, w, qs; rows of V
+  // columns u, o_intra, x, dout; one floating dtype. States (B, HV, K, V) and
+  // decay_last (B, HV, N) (e^{b_last} per chunk) fp32, fp64 for fp64 inputs.
+  // Forward, from S = initial_state (None: zeros), for every chunk c in order:
+  //   chunk_states[c] = S;  u_c = u_c - w_c S (w None: u_c as given);
+  //   out_c = o_intra_c + qt_c S;  S = decay_last_c S + kt_c^T u_c
+  // -> final S; u_out the updates used (like u; empty without w).
+  m.def(
+      "linear_state_scan(Tensor qt, Tensor kt, Tensor u, Tensor? w, Tensor o_intra, "
+      "Tensor decay_last, Tensor? initial_state) "
+      "-> (Tensor out, Tensor final_state, Tensor chunk_states, Tensor u_out)");
+  // Backward, from dS = dfinal (None: zeros), chunks in reverse:
+  //   chunk_dstates[c] = dS;  du_c = x_c + kt_c dS;
+  //   dS = decay_last_c dS + qs_c^T dout_c - w_c^T du_c  (no w term without w)
+  // -> du (B, HV, N, 64, V) and the states' gradients in the state dtype, dinitial = the last dS.
+  m.def(
+      "linear_state_scan_bwd(Tensor qs, Tensor kt, Tensor? w, Tensor x, Tensor dout, "
+      "Tensor decay_last, Tensor? dfinal) -> (Tensor du, Tensor chunk_dstates, Tensor dinitial)");
 }

@@ -267,11 +267,15 @@ def test_bad_input_of_the_extensions():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
-def test_chunked_torch_form_matches_the_recurrence(family, T):
+@pytest.mark.parametrize("scans", ["ops", "loops"])
+def test_chunked_torch_form_matches_the_recurrence(family, T, scans, monkeypatch):
     """linear/chunked.py (the chunked algorithm in torch ops, the path for devices
     without kernels) against the CPU recurrence kernels: outputs, final states and
-    gradients, with an initial state, GVA and strong decays."""
+    gradients, with an initial state, GVA and strong decays; the scans over chunks
+    through the ops linear_state_scan[_bwd] or through loops of torch ops."""
     from fastattn.linear import chunked, recurrence
+    if scans == "loops":
+        monkeypatch.setattr(chunked, "scan_dtype_for", lambda q, v: None)
     gate, has_beta, delta = FAMILIES[family]
     t = inputs(2, T, 2, 4, 16, 8, torch.float64, gate=gate, beta=has_beta, h0=True, seed=T)
     if "g" in t:

@@ -62,4 +62,14 @@ at::Tensor linear_recurrent_update_cpu(const at::Tensor& q, const at::Tensor& k,
                                        const std::optional<at::Tensor>& cu_seqlens, double scale,
                                        bool delta, bool qk_l2norm, bool state_v_first);
 
+// linear_state_scan / linear_state_scan_bwd (csrc/ops.cpp): the scans over
+// chunks of the chunked training path, in ATen ops (any device; the CUDA
+// backend falls back to them where its kernels do not serve).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_state_scan_cpu(
+    const at::Tensor& qt, const at::Tensor& kt, const at::Tensor& u, const std::optional<at::Tensor>& w,
+    const at::Tensor& o_intra, const at::Tensor& decay_last, const std::optional<at::Tensor>& initial_state);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_state_scan_bwd_cpu(
+    const at::Tensor& qs, const at::Tensor& kt, const std::optional<at::Tensor>& w, const at::Tensor& x,
+    const at::Tensor& dout, const at::Tensor& decay_last, const std::optional<at::Tensor>& dfinal);
+
 }  // namespace fastattn::cpu

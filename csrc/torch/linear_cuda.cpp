@@ -149,6 +149,7 @@ void run_chunked(const LinearRecurrentParams& rp, const LinearRecurrentProblem& 
   p.indices_int64 = rp.indices_int64;
   p.num_slots = rp.num_slots;
   p.out = rp.out;
+  p.out_stride_b = rp.o_stride_b, p.out_stride_t = rp.o_stride_t, p.out_stride_h = rp.o_stride_h;
   p.B = rp.B, p.T = rp.T, p.H = rp.H, p.HV = rp.HV, p.K = rp.K, p.V = rp.V, p.N = rp.N;
   p.scale = rp.scale;
   p.delta = rp.delta;

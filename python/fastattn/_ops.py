@@ -339,3 +339,23 @@ def _linear_recurrent_update_fake(q, k, v, g, beta, state, state_indices, cu_seq
                                   qk_l2norm, state_v_first):
     _check_one_device(q, k, v, g, beta, state, state_indices, cu_seqlens)
     return v.new_empty(v.shape)
+
+
+@torch.library.register_fake("fastattn::linear_state_scan")
+def _linear_state_scan_fake(qt, kt, u, w, o_intra, decay_last, initial_state):
+    _check_one_device(qt, kt, u, w, o_intra, decay_last, initial_state)
+    B, HV, N, _, K = qt.shape
+    V = u.shape[-1]
+    sd = _lse_dtype(qt.dtype)
+    return (o_intra.new_empty(o_intra.shape), qt.new_empty((B, HV, K, V), dtype=sd),
+            qt.new_empty((B, HV, N, K, V), dtype=sd), u.new_empty(u.shape if w is not None else (0,)))
+
+
+@torch.library.register_fake("fastattn::linear_state_scan_bwd")
+def _linear_state_scan_bwd_fake(qs, kt, w, x, dout, decay_last, dfinal):
+    _check_one_device(qs, kt, w, x, dout, decay_last, dfinal)
+    B, HV, N, C, K = qs.shape
+    V = dout.shape[-1]
+    sd = _lse_dtype(qs.dtype)
+    return (dout.new_empty((B, HV, N, C, V), dtype=sd), qs.new_empty((B, HV, N, K, V), dtype=sd),
+            qs.new_empty((B, HV, K, V), dtype=sd))

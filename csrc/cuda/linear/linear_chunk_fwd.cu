@@ -1,5 +1,6 @@
 // Dispatch of the chunked linear-attention forward over (dtype, head dim,
-// delta rule): the chunk-local kernel, then the scan on the same stream.
+// delta rule): the chunk-local kernel, then the scan on the same stream; or
+// the scan alone (the training path fills its workspace itself).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -17,21 +18,42 @@ cudaError_t run_typed(const LinearChunkParams& p, cudaStream_t stream) {
   return launch_linear_chunk_scan<Elem, kD, kLinearScanCols, kDelta>(p, stream);
 }
 
-template <typename Elem>
-cudaError_t run_elem(const LinearChunkParams& p, cudaStream_t stream) {
-  if (p.K == 64) return p.delta ? run_typed<Elem, 64, true>(p, stream) : run_typed<Elem, 64, false>(p, stream);
-  return p.delta ? run_typed<Elem, 128, true>(p, stream) : run_typed<Elem, 128, false>(p, stream);
-}
-
-}  // namespace
-
-cudaError_t run_linear_chunk_fwd(const LinearChunkParams& p, cudaStream_t stream) {
+// Runs Run<Elem, head dim, delta rule> for p's sizes.
+template <template <typename, int, bool> class Run>
+cudaError_t dispatch(const LinearChunkParams& p, cudaStream_t stream) {
   if (!linear_chunk_supported(p.K, p.V) || p.H < 1 || p.HV % p.H != 0 || p.HV > 65535 || p.B > 65535 ||
       p.N > 65535) {
     return cudaErrorInvalidValue;
   }
   if (p.N == 0 || p.HV == 0) return cudaSuccess;
-  return p.dtype == ElemType::kFloat16 ? run_elem<__half>(p, stream) : run_elem<__nv_bfloat16>(p, stream);
+  const bool half = p.dtype == ElemType::kFloat16;
+  if (p.K == 64) {
+    if (half) return p.delta ? Run<__half, 64, true>::run(p, stream) : Run<__half, 64, false>::run(p, stream);
+    return p.delta ? Run<__nv_bfloat16, 64, true>::run(p, stream) : Run<__nv_bfloat16, 64, false>::run(p, stream);
+  }
+  if (half) return p.delta ? Run<__half, 128, true>::run(p, stream) : Run<__half, 128, false>::run(p, stream);
+  return p.delta ? Run<__nv_bfloat16, 128, true>::run(p, stream) : Run<__nv_bfloat16, 128, false>::run(p, stream);
+}
+
+template <typename Elem, int kD, bool kDelta>
+struct Forward {
+  static cudaError_t run(const LinearChunkParams& p, cudaStream_t s) { return run_typed<Elem, kD, kDelta>(p, s); }
+};
+template <typename Elem, int kD, bool kDelta>
+struct ScanOnly {
+  static cudaError_t run(const LinearChunkParams& p, cudaStream_t s) {
+    return launch_linear_chunk_scan<Elem, kD, kLinearScanCols, kDelta>(p, s);
+  }
+};
+
+}  // namespace
+
+cudaError_t run_linear_chunk_fwd(const LinearChunkParams& p, cudaStream_t stream) {
+  return dispatch<Forward>(p, stream);
+}
+
+cudaError_t run_linear_state_scan(const LinearChunkParams& p, cudaStream_t stream) {
+  return dispatch<ScanOnly>(p, stream);
 }
 
 }  // namespace gpu

@@ -32,10 +32,19 @@ inline int64_t linear_chunk_workspace_floats(const LinearChunkParams& p) {
 // pointers. cudaErrorInvalidValue for sizes linear_chunk_supported rejects.
 cudaError_t run_linear_chunk_fwd(const LinearChunkParams& p, cudaStream_t stream);
 
+// The scan alone, over a workspace the caller filled (op linear_state_scan;
+// p.chunk_states / p.u_out as it asks), and the reverse scan of the backward
+// (linear_chunk_params.h). cudaErrorInvalidValue for sizes
+// linear_chunk_supported rejects.
+cudaError_t run_linear_state_scan(const LinearChunkParams& p, cudaStream_t stream);
+cudaError_t run_linear_state_scan_bwd(const LinearScanBwdParams& p, cudaStream_t stream);
+
 template <typename Elem, int kK, int kV, bool kDelta>
 cudaError_t launch_linear_chunk_local(const LinearChunkParams& p, cudaStream_t stream);
 template <typename Elem, int kK, int kVt, bool kDelta>
 cudaError_t launch_linear_chunk_scan(const LinearChunkParams& p, cudaStream_t stream);
+template <typename Elem, int kK, int kVt, bool kDelta>
+cudaError_t launch_linear_chunk_scan_bwd(const LinearScanBwdParams& p, cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace fastattn

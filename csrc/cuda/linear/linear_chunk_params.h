@@ -64,11 +64,44 @@ struct LinearChunkParams {
   const void* indices = nullptr;  // (N,) int32 / int64 slots of indexed state refs
   bool indices_int64 = false;
   int64_t num_slots = 0;
-  void* out = nullptr;  // (B, T, HV, V) contiguous, the input dtype
+  void* out = nullptr;  // (B, T, HV, V), the input dtype, V contiguous
+  int64_t out_stride_b = 0, out_stride_t = 0, out_stride_h = 0;
+  // The training path's scan (op linear_state_scan, dense): the state at
+  // every chunk start, (B, HV, chunks, K, V) fp32, and the updates
+  // u = U - W S0 (delta rule) in the input dtype, workspace layout of V
+  // columns; nullptr: not written.
+  float* chunk_states = nullptr;
+  void* u_out = nullptr;
   int B = 0, T = 0, H = 0, HV = 0, K = 0, V = 0;
   int N = 0;       // sequences: B, or cu_seqlens' N
   int chunks = 0;  // workspace chunks per (batch, head): ceil(T / 64), varlen T / 64 + N
   float scale = 1.f;
+  bool delta = false;
+  ElemType dtype = ElemType::kBFloat16;
+};
+
+// Reverse scan of the chunked backward (op linear_state_scan_bwd; dense, one
+// CTA per value slice, value head and batch row, chunks in reverse). With dS
+// the gradient of the state at the end of chunk c (dfinal after the last):
+//     dstates[c] = dS;   du_c = X_c + Kt_c dS;
+//     dS <- e^{b_last,c} dS + Qs_c^T dO_c - W_c^T du_c      (no W term without the delta rule)
+// and dinitial = dS after chunk 0: the forward scan's recurrence transposed
+// (u = U - W S0, O = O_intra + Qt S0, S1 = e^{b_last} S0 + Kt^T u), with
+// X = scale M^T dO and Qs = scale diag(e^b) Q formed by the caller.
+struct LinearScanBwdParams {
+  static constexpr int kChunk = LinearChunkParams::kChunk;
+  // (B, HV, chunks * 64, .) contiguous, the input dtype: K columns / V columns.
+  const void* qs = nullptr;
+  const void* kt = nullptr;
+  const void* w = nullptr;  // delta rule only
+  const void* x = nullptr;
+  const void* dout = nullptr;
+  const float* decay_last = nullptr;  // (B, HV, chunks)
+  const float* dfinal = nullptr;      // (B, HV, K, V); nullptr: zeros
+  float* du = nullptr;                // (B, HV, chunks * 64, V)
+  float* dstates = nullptr;           // (B, HV, chunks, K, V)
+  float* dinitial = nullptr;          // (B, HV, K, V)
+  int B = 0, HV = 0, K = 0, V = 0, chunks = 0;
   bool delta = false;
   ElemType dtype = ElemType::kBFloat16;
 };

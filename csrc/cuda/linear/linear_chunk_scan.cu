@@ -97,24 +97,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float* h0 = slot >= 0 ? in.ptr + slot * in.stride_slot + hv * in.stride_head +
                                       static_cast<int64_t>(v0) * in.stride_v
                                 : nullptr;
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < kN; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = acc_row(lane, kWarpRows * warp + 16 * mt, e), c = acc_col(lane, 8 * nt, e);
-          S[mt][nt][e] = h0 != nullptr ? h0[r * in.stride_k + c * in.stride_v] : 0.f;
-        }
-      }
-    }
+    state_from_global(S, h0, in.stride_k, in.stride_v, lane, warp);
   }
 
   char* s_s = smem + L::kS;
   char* s_u = smem + L::kUpd;
   const float* decay_last = p.decay_last + (static_cast<int64_t>(b) * p.HV + hv) * p.chunks;
-  Elem* out = static_cast<Elem*>(p.out) + b * static_cast<int64_t>(p.T) * p.HV * p.V + hv * p.V + v0;  // token 0
-  const int64_t out_row_stride = static_cast<int64_t>(p.HV) * p.V;
+  Elem* out = static_cast<Elem*>(p.out) + b * p.out_stride_b + hv * p.out_stride_h + v0;  // token 0
+  const int64_t out_row_stride = p.out_stride_t;
+  // Training outputs (dense only): the state at each chunk start, the updates u.
+  float* chunk_states = p.chunk_states != nullptr
+                            ? p.chunk_states + (static_cast<int64_t>(b) * p.HV + hv) * p.chunks * kK * p.V + v0
+                            : nullptr;
+  Elem* u_out = kDelta && p.u_out != nullptr ? static_cast<Elem*>(p.u_out) + head_row0 * p.V + v0 : nullptr;
   const int a_off = a_lane_offset<TileK>(lane);
   const int a_tr_off = a_trans_lane_offset<TileK>(lane);
   const int s_off = b_trans_lane_offset<TileS>(lane);
@@ -132,18 +127,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else {
       ptx::cp_async_wait<0>();
     }
-    // S (input dtype) for the products with the chunk's rows.
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < kN; ++nt) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = acc_row(lane, kWarpRows * warp + 16 * mt, 2 * half), col = acc_col(lane, 8 * nt, 0);
-          store_pair<Elem>(s_s, TileS::offset(r, col), S[mt][nt][2 * half], S[mt][nt][2 * half + 1]);
-        }
-      }
+    if (chunk_states != nullptr) {
+      state_to_global(chunk_states + static_cast<int64_t>(c) * kK * p.V, p.V, 1, S, lane, warp);
     }
+    // S (input dtype) for the products with the chunk's rows.
+    state_to_smem<Elem, TileS>(s_s, S, lane, warp);
     __syncthreads();
 
     float x[kN][4], y[kN][4];
@@ -187,6 +175,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           float u0, u1;
           load_pair<Elem>(st + L::kU, TileVt::offset(r, col), u0, u1);
           store_pair<Elem>(s_u, TileVt::offset(r, col), u0 - y[nt][2 * half], u1 - y[nt][2 * half + 1]);
+          if (u_out != nullptr) {
+            store_pair_global<Elem>(u_out + (static_cast<int64_t>(c) * C + r) * p.V + col, u0 - y[nt][2 * half],
+                                    u1 - y[nt][2 * half + 1]);
+          }
         }
       }
     }
@@ -227,17 +219,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (slot >= 0) {
     const LinearStateRef& o = p.state_out;
     float* fs = o.ptr + slot * o.stride_slot + hv * o.stride_head + static_cast<int64_t>(v0) * o.stride_v;
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < kN; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          fs[acc_row(lane, kWarpRows * warp + 16 * mt, e) * o.stride_k +
-             acc_col(lane, 8 * nt, e) * o.stride_v] = S[mt][nt][e];
-        }
-      }
-    }
+    state_to_global(fs, o.stride_k, o.stride_v, S, lane, warp);
   }
 }
 

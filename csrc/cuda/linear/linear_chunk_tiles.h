@@ -51,5 +51,57 @@ __device__ __forceinline__ void store_pair_global(Elem* p, float lo, float hi) {
   *reinterpret_cast<uint32_t*>(p) = pack2<Elem>(lo, hi);
 }
 
+// A scan CTA's state slice (kK x kVt, fp32) lives in registers as mma
+// accumulators: S[mt][nt] is the m16n8 tile of key rows 16 kMT warp + 16 mt
+// and value columns 8 nt. These move it to / from global memory (element
+// (r, c) at r * stride_k + c * stride_v; nullptr source: zeros) and into a
+// shared tile of Elem (the B operand of the next products).
+template <int kMT, int kN>
+__device__ __forceinline__ void state_from_global(float (&S)[kMT][kN][4], const float* src, int64_t stride_k,
+                                                  int64_t stride_v, int lane, int warp) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kN; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = acc_row(lane, 16 * (kMT * warp + mt), e), c = acc_col(lane, 8 * nt, e);
+        S[mt][nt][e] = src != nullptr ? src[r * stride_k + c * stride_v] : 0.f;
+      }
+    }
+  }
+}
+
+template <int kMT, int kN>
+__device__ __forceinline__ void state_to_global(float* dst, int64_t stride_k, int64_t stride_v,
+                                                const float (&S)[kMT][kN][4], int lane, int warp) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kN; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dst[acc_row(lane, 16 * (kMT * warp + mt), e) * stride_k + acc_col(lane, 8 * nt, e) * stride_v] =
+            S[mt][nt][e];
+      }
+    }
+  }
+}
+
+template <typename Elem, typename TileS, int kMT, int kN>
+__device__ __forceinline__ void state_to_smem(char* tile, const float (&S)[kMT][kN][4], int lane, int warp) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kN; ++nt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = acc_row(lane, 16 * (kMT * warp + mt), 2 * half), c = acc_col(lane, 8 * nt, 0);
+        store_pair<Elem>(tile, TileS::offset(r, c), S[mt][nt][2 * half], S[mt][nt][2 * half + 1]);
+      }
+    }
+  }
+}
+
 }  // namespace linear_tiles
 }  // namespace fastattn

@@ -27,9 +27,12 @@ host).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
+
+from .._ops import ops
 
 CHUNK = 64
 
@@ -142,38 +145,61 @@ def _prepare(q, k, v, g, beta, delta):
 class _ScalarDecayChunks(torch.autograd.Function):
     """q, k, v already per value head and in chunks (B, HV, N, C, .), in the state dtype;
     g, beta (B, HV, N, C) (zeros / ones where absent); h0 (B, HV, K, V).
+    scan_dtype: None runs the two scans over chunks as loops of torch ops here; a dtype runs
+    them as the ops linear_state_scan[_bwd] with their operands in that dtype (the CUDA
+    kernels take float16 / bfloat16).
     Returns (o chunks, final state)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, scale, delta):
+    def forward(ctx, q, k, v, g, beta, h0, scale, delta, scan_dtype):
         P = _prepare(q, k, v, g, beta, delta)
-        S, starts, updates, outs = h0, [], [], []
-        for c in range(q.shape[2]):
-            starts.append(S)
-            u = P["u"][:, :, c] - P["w"][:, :, c] @ S if delta else v[:, :, c]
-            outs.append(scale * ((P["e"][:, :, c, :, None] * q[:, :, c]) @ S + P["m"][:, :, c] @ u))
-            S = P["d"][:, :, c, None, None] * S + P["kt"][:, :, c].transpose(-1, -2) @ u
-            updates.append(u)
-        ctx.save_for_backward(q, k, v, g, beta, torch.stack(starts, 2), torch.stack(updates, 2))
-        ctx.args = (scale, delta)
-        return torch.stack(outs, 2), S
+        if scan_dtype is None:
+            S, starts, updates, outs = h0, [], [], []
+            for c in range(q.shape[2]):
+                starts.append(S)
+                u = P["u"][:, :, c] - P["w"][:, :, c] @ S if delta else v[:, :, c]
+                outs.append(scale * ((P["e"][:, :, c, :, None] * q[:, :, c]) @ S + P["m"][:, :, c] @ u))
+                S = P["d"][:, :, c, None, None] * S + P["kt"][:, :, c].transpose(-1, -2) @ u
+                updates.append(u)
+            o, starts, u = torch.stack(outs, 2), torch.stack(starts, 2), torch.stack(updates, 2)
+        else:
+            # O = scale (diag(e^b) Q S0 + M (U - W S0)) = O_intra + Qt S0.
+            U = P["u"] if delta else v
+            qt = scale * P["e"][..., None] * q
+            if delta:
+                qt = qt - scale * P["m"] @ P["w"]
+            o_intra = scale * P["m"] @ U
+            op = lambda x: x.to(scan_dtype)
+            o, S, starts, u = ops.linear_state_scan(op(qt), op(P["kt"]), op(U), op(P["w"]) if delta else None,
+                                                    op(o_intra), P["d"], h0)
+            o, u = o.to(q.dtype), (u.to(q.dtype) if delta else v)
+        ctx.save_for_backward(q, k, v, g, beta, starts, u)
+        ctx.args = (scale, delta, scan_dtype)
+        return o, S
 
     @staticmethod
     def backward(ctx, do, dS):
         q, k, v, g, beta, S0, u = ctx.saved_tensors
-        scale, delta = ctx.args
+        scale, delta, scan_dtype = ctx.args
         P = _prepare(q, k, v, g, beta, delta)
         do = torch.zeros_like(u) if do is None else do
-        dS = torch.zeros_like(S0[:, :, 0]) if dS is None else dS
         eq = P["e"][..., None] * q
-        du, dS1 = [None] * q.shape[2], [None] * q.shape[2]
-        for c in reversed(range(q.shape[2])):
-            dS1[c] = dS
-            du[c] = scale * P["m"][:, :, c].transpose(-1, -2) @ do[:, :, c] + P["kt"][:, :, c] @ dS
-            dS = scale * eq[:, :, c].transpose(-1, -2) @ do[:, :, c] + P["d"][:, :, c, None, None] * dS
-            if delta:
-                dS = dS - P["w"][:, :, c].transpose(-1, -2) @ du[c]
-        du, dS1 = torch.stack(du, 2), torch.stack(dS1, 2)
+        if scan_dtype is None:
+            dS = torch.zeros_like(S0[:, :, 0]) if dS is None else dS
+            du, dS1 = [None] * q.shape[2], [None] * q.shape[2]
+            for c in reversed(range(q.shape[2])):
+                dS1[c] = dS
+                du[c] = scale * P["m"][:, :, c].transpose(-1, -2) @ do[:, :, c] + P["kt"][:, :, c] @ dS
+                dS = scale * eq[:, :, c].transpose(-1, -2) @ do[:, :, c] + P["d"][:, :, c, None, None] * dS
+                if delta:
+                    dS = dS - P["w"][:, :, c].transpose(-1, -2) @ du[c]
+            du, dS1 = torch.stack(du, 2), torch.stack(dS1, 2)
+        else:
+            op = lambda x: x.to(scan_dtype)
+            du, dS1, dS = ops.linear_state_scan_bwd(
+                op(scale * eq), op(P["kt"]), op(P["w"]) if delta else None,
+                op(scale * P["m"].transpose(-1, -2) @ do), op(do), P["d"], dS)
+            du = du.to(q.dtype)
         gam, e, b = P["gam"], P["e"], P["b"]
         dm = torch.tril(scale * do @ u.transpose(-1, -2))
         do_s0 = do @ S0.transpose(-1, -2)                      # dO S0^T (C x K)
@@ -206,11 +232,12 @@ class _ScalarDecayChunks(torch.autograd.Function):
         G = dgam * gam
         db = db + G.sum(-1) - G.sum(-2) + de * e
         dg = db.flip(-1).cumsum(-1).flip(-1)
-        return dq, dk, dv, dg, dbeta, dS, None, None
+        return dq, dk, dv, dg, dbeta, dS, None, None, None
 
 
-def _scalar_decay_sequence(q, k, v, g, beta, S, scale, delta):
-    """Same contract as _per_key_sequence, for g (B, T, HV) or None."""
+def _scalar_decay_sequence(q, k, v, g, beta, S, scale, delta, scan_dtype):
+    """Same contract as _per_key_sequence, for g (B, T, HV) or None (scan_dtype:
+    _ScalarDecayChunks')."""
     B, T, H, K = q.shape
     HV = v.shape[2]
     N = max(1, (T + CHUNK - 1) // CHUNK)
@@ -220,14 +247,33 @@ def _scalar_decay_sequence(q, k, v, g, beta, S, scale, delta):
     vc = _to_chunks(v.to(sd), N)
     gc = _to_chunks(g.to(sd), N) if g is not None else q.new_zeros(B, HV, N, CHUNK, dtype=sd)
     bc = _to_chunks(beta.to(sd), N) if beta is not None else q.new_ones(B, HV, N, CHUNK, dtype=sd)
-    o, S = _ScalarDecayChunks.apply(qc, kc, vc, gc, bc, S, scale, delta)
+    o, S = _ScalarDecayChunks.apply(qc, kc, vc, gc, bc, S, scale, delta, scan_dtype)
     return _from_chunks(o, T), S
 
 
-def _sequence(q, k, v, g, beta, S, scale, delta):
+def _sequence(q, k, v, g, beta, S, scale, delta, scan_dtype):
     if g is not None and g.dim() == 4:
         return _per_key_sequence(q, k, v, g, beta, S, scale, delta)
-    return _scalar_decay_sequence(q, k, v, g, beta, S, scale, delta)
+    return _scalar_decay_sequence(q, k, v, g, beta, S, scale, delta, scan_dtype)
+
+
+def _scan_kernels_enabled() -> bool:
+    # Opt-in until the kernels' first GPU test run: FASTATTN_LINEAR_CUDA_SCANS=1 runs the
+    # gradient path's scans over chunks through the CUDA kernels of linear_state_scan[_bwd].
+    return os.environ.get("FASTATTN_LINEAR_CUDA_SCANS", "0") == "1"
+
+
+def scan_dtype_for(q, v):
+    """The operand dtype of the scans over chunks, or None for the loops of torch ops: on the
+    CPU the ops in the state dtype (no rounding: the loops' function exactly); on CUDA the
+    ops' kernels in q's dtype where they serve (float16 / bfloat16, K == V in {64, 128})."""
+    if q.device.type == "cpu":
+        return torch.float64 if q.dtype == torch.float64 else torch.float32
+    K, V = q.shape[-1], v.shape[-1]
+    if (q.device.type == "cuda" and _scan_kernels_enabled() and q.dtype in (torch.float16, torch.bfloat16)
+            and K == V and K in (64, 128)):
+        return q.dtype
+    return None
 
 
 def run(q, k, v, *, g: Optional[torch.Tensor], beta: Optional[torch.Tensor], scale: float,
@@ -236,9 +282,10 @@ def run(q, k, v, *, g: Optional[torch.Tensor], beta: Optional[torch.Tensor], sca
     B, T, _, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     sd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scan_dtype = scan_dtype_for(q, v)
     if cu_seqlens is None:
         S = initial_state.to(sd) if initial_state is not None else q.new_zeros(B, HV, K, V, dtype=sd)
-        o, S = _sequence(q.to(sd), k.to(sd), v.to(sd), g, beta, S, scale, delta)
+        o, S = _sequence(q.to(sd), k.to(sd), v.to(sd), g, beta, S, scale, delta, scan_dtype)
         return o.to(v.dtype), S
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != T or any(a > b for a, b in zip(bounds, bounds[1:])):
@@ -249,7 +296,7 @@ def run(q, k, v, *, g: Optional[torch.Tensor], beta: Optional[torch.Tensor], sca
              else q.new_zeros(1, HV, K, V, dtype=sd))
         part = lambda x: x[:, s:e] if x is not None else None
         o, S = _sequence(part(q).to(sd), part(k).to(sd), part(v).to(sd), part(g), part(beta), S, scale,
-                         delta)
+                         delta, scan_dtype)
         outs.append(o)
         finals.append(S)
     return torch.cat(outs, 1).to(v.dtype), torch.cat(finals, 0)

@@ -1,0 +1,194 @@
+"""The two scans over chunks of fastattn.linear's chunked training path (ops
+linear_state_scan / linear_state_scan_bwd) against loops of their definitions
+(csrc/ops.cpp); bad input; opcheck; on CUDA the scan kernels against the same
+ops computed in ATen, and the training path through them against the float64
+recurrence."""
+import pytest
+import torch
+
+from fastattn._ops import ops
+from linear_reference import FAMILIES, inputs, run_naive, run_ours
+from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_rule
+
+C = 64
+
+
+def operands(B, HV, N, K, V, dtype, delta, seed=0, initial=True):
+    """Random chunk operands (B, HV, N, 64, .) in `dtype`; decays and states in the state dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = lambda cols, s: (torch.randn(B, HV, N, C, cols, generator=gen) * s).to(dtype)
+    f = dict(qt=rows(K, K ** -0.5), kt=rows(K, K ** -0.5), u=rows(V, 1.0),
+             w=rows(K, K ** -0.5) if delta else None, o_intra=rows(V, 1.0),
+             decay_last=(0.05 + 0.9 * torch.rand(B, HV, N, generator=gen)).to(sd),
+             initial_state=(0.1 * torch.randn(B, HV, K, V, generator=gen)).to(sd) if initial else None)
+    b = dict(qs=rows(K, K ** -0.5), kt=f["kt"], w=f["w"], x=rows(V, 1.0), dout=rows(V, 1.0),
+             decay_last=f["decay_last"],
+             dfinal=(torch.randn(B, HV, K, V, generator=gen)).to(sd) if initial else None)
+    return f, b
+
+
+def rounded(x, dtype):
+    return x.to(dtype).to(x.dtype)
+
+
+def scan_loop(qt, kt, u, w, o_intra, decay_last, initial_state):
+    """linear_state_scan's definition; products take S and u rounded to the operands' dtype."""
+    dt = qt.dtype
+    sd = torch.float64 if dt == torch.float64 else torch.float32
+    B, HV, N, _, K = qt.shape
+    V = u.shape[-1]
+    S = initial_state.clone() if initial_state is not None else torch.zeros(B, HV, K, V, dtype=sd)
+    outs, states, updates = [], [], []
+    for c in range(N):
+        states.append(S)
+        Sr = rounded(S, dt)
+        uc = u[:, :, c].to(sd)
+        if w is not None:
+            uc = rounded(uc - w[:, :, c].to(sd) @ Sr, dt)
+            updates.append(uc)
+        outs.append(o_intra[:, :, c].to(sd) + qt[:, :, c].to(sd) @ Sr)
+        S = decay_last[:, :, c, None, None] * S + kt[:, :, c].to(sd).transpose(-1, -2) @ uc
+    stack = lambda xs, shape: torch.stack(xs, 2) if xs else torch.zeros(shape, dtype=sd)
+    return (stack(outs, (B, HV, 0, C, V)).to(o_intra.dtype), S, stack(states, (B, HV, 0, K, V)),
+            stack(updates, (B, HV, 0, C, V)).to(u.dtype) if w is not None else None)
+
+
+def scan_bwd_loop(qs, kt, w, x, dout, decay_last, dfinal):
+    """linear_state_scan_bwd's definition; products take dS and du rounded to the operands' dtype."""
+    dt = qs.dtype
+    sd = torch.float64 if dt == torch.float64 else torch.float32
+    B, HV, N, _, K = qs.shape
+    V = dout.shape[-1]
+    dS = dfinal.clone() if dfinal is not None else torch.zeros(B, HV, K, V, dtype=sd)
+    du, dstates = [None] * N, [None] * N
+    for c in reversed(range(N)):
+        dstates[c] = dS
+        du[c] = x[:, :, c].to(sd) + kt[:, :, c].to(sd) @ rounded(dS, dt)
+        nxt = decay_last[:, :, c, None, None] * dS + qs[:, :, c].to(sd).transpose(-1, -2) @ dout[:, :, c].to(sd)
+        if w is not None:
+            nxt = nxt - w[:, :, c].to(sd).transpose(-1, -2) @ rounded(du[c], dt)
+        dS = nxt
+    stack = lambda xs, shape: torch.stack(xs, 2) if xs else torch.zeros(shape, dtype=sd)
+    return stack(du, (B, HV, 0, C, V)), stack(dstates, (B, HV, 0, K, V)), dS
+
+
+def _compare(name, got, want, rel):
+    assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape, got.dtype)
+    if want.numel():
+        err = (got.double() - want.double()).abs().max().item()
+        assert err <= rel * max(want.double().abs().max().item(), 1e-30), f"{name}: max error {err}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("delta", [False, True])
+@pytest.mark.parametrize("N,initial", [(1, True), (5, True), (3, False), (0, True)])
+def test_scans_match_their_definitions(dtype, delta, N, initial):
+    f, b = operands(2, 3, N, 16, 8, dtype, delta, seed=N, initial=initial)
+    # bf16: the same roundings, but a sum order that differs by a last bit can flip one.
+    rel = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    got = ops.linear_state_scan(*f.values())
+    for name, a, r in zip(("out", "final", "states", "u"), got, scan_loop(*f.values())):
+        if r is not None:
+            _compare(name, a, r, rel)
+    assert delta or got[3].numel() == 0
+    for name, a, r in zip(("du", "dstates", "dinitial"), ops.linear_state_scan_bwd(*b.values()),
+                          scan_bwd_loop(*b.values())):
+        _compare(name, a, r, rel)
+
+
+def test_scans_bad_input():
+    f, b = operands(2, 3, 4, 16, 8, torch.float32, True)
+    bad = lambda **kw: {**f, **kw}
+    with pytest.raises(RuntimeError, match="kt must have shape"):
+        ops.linear_state_scan(*bad(kt=f["kt"][..., :63, :]).values())
+    with pytest.raises(RuntimeError, match=r"qt must have shape .*64"):
+        ops.linear_state_scan(*bad(qt=f["qt"][..., :32, :], kt=f["kt"][..., :32, :]).values())
+    with pytest.raises(RuntimeError, match="o_intra must be"):
+        ops.linear_state_scan(*bad(o_intra=f["o_intra"].double()).values())
+    with pytest.raises(RuntimeError, match="decay_last must have shape"):
+        ops.linear_state_scan(*bad(decay_last=f["decay_last"][:, :, :3]).values())
+    with pytest.raises(RuntimeError, match="decay_last must be"):
+        ops.linear_state_scan(*bad(decay_last=f["decay_last"].double()).values())
+    with pytest.raises(RuntimeError, match="initial_state must have shape"):
+        ops.linear_state_scan(*bad(initial_state=f["initial_state"][:1]).values())
+    with pytest.raises(RuntimeError, match="w must have shape"):
+        ops.linear_state_scan(*bad(w=f["w"][:, :2]).values())
+    with pytest.raises(RuntimeError, match="must be a floating dtype"):
+        ops.linear_state_scan(*bad(qt=f["qt"].to(torch.int32)).values())
+    badb = lambda **kw: {**b, **kw}
+    with pytest.raises(RuntimeError, match="x and dout must have one shape"):
+        ops.linear_state_scan_bwd(*badb(dout=b["dout"][..., :4]).values())
+    with pytest.raises(RuntimeError, match="u and o_intra must have one shape"):
+        ops.linear_state_scan(*bad(u=f["u"][..., :4]).values())
+    with pytest.raises(RuntimeError, match="dfinal must be"):
+        ops.linear_state_scan_bwd(*badb(dfinal=b["dfinal"].half()).values())
+    with pytest.raises(RuntimeError, match="x must have shape"):
+        ops.linear_state_scan_bwd(*badb(x=b["x"][:, :, :2], dout=b["dout"][:, :, :2]).values())
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_scans_opcheck(delta):
+    f, b = operands(1, 2, 2, 16, 8, torch.float32, delta)
+    torch.library.opcheck(torch.ops.fastattn.linear_state_scan.default, tuple(f.values()))
+    torch.library.opcheck(torch.ops.fastattn.linear_state_scan_bwd.default, tuple(b.values()))
+    f["initial_state"], b["dfinal"] = None, None
+    torch.library.opcheck(torch.ops.fastattn.linear_state_scan.default, tuple(f.values()))
+    torch.library.opcheck(torch.ops.fastattn.linear_state_scan_bwd.default, tuple(b.values()))
+
+
+def _poison_allocator():
+    """NaN in the caching allocator's free blocks: an element a kernel forgets
+    to write comes back NaN."""
+    torch.full((64 << 20,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("delta", [False, True])
+@pytest.mark.parametrize("N,initial", [(7, True), (1, False), (0, True)])
+def test_cuda_scan_kernels_match_the_aten_scans(dtype, D, delta, N, initial):
+    """The kernels against the same ops run by ATen on the CPU (the same roundings
+    of S, u, dS and du to the operands' dtype; only the order of fp32 sums differs)."""
+    f, b = operands(3, 5, N, D, D, dtype, delta, seed=D + N, initial=initial)
+    ref_f = ops.linear_state_scan(*f.values())
+    ref_b = ops.linear_state_scan_bwd(*b.values())
+    to_cuda = lambda d: [x.cuda() if x is not None else None for x in d.values()]
+    for _ in range(2):  # twice: a changing result would be a race
+        _poison_allocator()
+        got_f = ops.linear_state_scan(*to_cuda(f))
+        _poison_allocator()
+        got_b = ops.linear_state_scan_bwd(*to_cuda(b))
+        for name, a, r in zip(("out", "final", "states", "u", "du", "dstates", "dinitial"),
+                              list(got_f) + list(got_b), list(ref_f) + list(ref_b)):
+            assert torch.isfinite(a.float()).all(), name
+            _compare(name, a.cpu(), r, 3e-2 if a.dtype == dtype else 1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["linear", "simple_gla", "delta", "gated_delta"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_training_path_through_the_scan_kernels(family, D, monkeypatch):
+    """FASTATTN_LINEAR_CUDA_SCANS=1: chunk_* calls that need gradients run the scans
+    over chunks in the kernels; bf16 against the float64 recurrence, 2x / 3x rule."""
+    monkeypatch.setenv("FASTATTN_LINEAR_CUDA_SCANS", "1")
+    gate, has_beta, _ = FAMILIES[family]
+    t = inputs(2, 300, 2, 4, D, D, torch.bfloat16, gate=gate, beta=has_beta, h0=True, seed=D)
+    for x in t.values():
+        x.requires_grad_()
+    cuda = {n: x.detach().cuda().requires_grad_() for n, x in t.items()}
+    o, S = run_ours(family, cuda)
+    ref_in, ref_o, ref_S = run_naive(family, t, torch.float64)
+    base_in, base_o, base_S = run_naive(family, t, torch.bfloat16)
+    assert_close_rule("o", o.cpu(), base_o, ref_o, OUT_FACTOR)
+    assert_close_rule("final state", S.cpu(), base_S, ref_S, OUT_FACTOR)
+    do, dS = torch.randn_like(o.float()), torch.randn_like(S)
+    ours = torch.autograd.grad((o.float() * do).sum() + (S * dS).sum(), list(cuda.values()))
+    ref = torch.autograd.grad((ref_o * do.cpu().double()).sum() + (ref_S * dS.cpu().double()).sum(),
+                              [ref_in[n] for n in cuda])
+    base = torch.autograd.grad((base_o.float() * do.cpu()).sum() + (base_S.float() * dS.cpu()).sum(),
+                               [base_in[n] for n in cuda])
+    for n, a, r, bb in zip(cuda, ours, ref, base):
+        assert_close_rule(f"d{n}", a.cpu(), bb, r, GRAD_FACTOR)
