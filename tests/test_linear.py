@@ -294,6 +294,26 @@ def test_chunked_torch_form_matches_the_recurrence(family, T, scans, monkeypatch
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8, msg=lambda m: f"d{n}: {m}")
 
 
+def test_chunked_per_key_decays_keep_no_chunk_factors_for_the_backward():
+    """GLA's chunked torch form forms (C, C, K) decay factors per chunk; under autograd
+    they must not be saved for the backward (each chunk is checkpointed), or memory
+    grows with T by 4 C^2 K bytes per (batch, value head, chunk)."""
+    from fastattn.linear import chunked
+    t = inputs(1, 300, 2, 2, 16, 8, torch.float32, gate="key", h0=True)
+    leaves = {n: x.requires_grad_() for n, x in t.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        o, S = chunked.run(leaves["q"], leaves["k"], leaves["v"], g=leaves["g"], beta=None, scale=0.25,
+                           initial_state=leaves["h0"], cu_seqlens=None, delta=False)
+    factor = 1 * 2 * chunked.CHUNK * chunked.CHUNK * 16  # B HV C C K
+    assert saved and max(saved) < factor, max(saved)
+    ref = naive(leaves["q"].double(), leaves["k"].double(), leaves["v"].double(), g=leaves["g"].double(),
+                scale=0.25, h0=leaves["h0"].double())
+    torch.testing.assert_close(o.double(), ref[0], atol=1e-4, rtol=1e-4)
+    (o.sum() + S.sum()).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves.values())
+
+
 def test_chunked_torch_form_varlen():
     from fastattn.linear import chunked, recurrence
     t = inputs(1, 200, 2, 4, 16, 8, torch.float64, gate="scalar", beta=True)

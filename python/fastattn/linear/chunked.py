@@ -1,5 +1,5 @@
-"""The chunked form of fastattn.linear's recurrence in plain torch ops: the
-gradient path on CUDA until the backward kernels land, batched over
+"""The chunked form of fastattn.linear's recurrence in torch ops: the
+gradient path on CUDA until the chunk-local backward kernels land, batched over
 (batch, value head) and over chunks of C = 64 tokens, float32 inside (float64
 for float64 inputs). It is also the algorithm the CUDA kernels implement
 (csrc/cuda/linear/linear_chunk_params.h has the forward).
@@ -17,13 +17,19 @@ a reverse loop carries dS,
     du = scale M^T dO + Kt dS1,  dS0 = scale (diag(e^b) Q)^T dO - W^T du + e^{b_last} dS1,
 then every chunk's gradients follow at once (through T: dA = -T^T dT T^T). It
 keeps the state at every chunk start and u: 4 (K V + C V) bytes per chunk per
-(batch, value head) in float32.
+(batch, value head) in float32. The two loops over chunks (the forward scan
+and the backward's reverse scan) run as the ops linear_state_scan[_bwd]: in
+ATen on the CPU, in the CUDA kernels of csrc/cuda/linear/linear_chunk_scan*.cu
+for fp16/bf16 with K == V in {64, 128} when FASTATTN_LINEAR_CUDA_SCANS=1
+(opt-in until their first GPU run), else as loops of torch ops here.
 
 Per-key decays (GLA) keep the autograd path below (_per_key_sequence), which
-forms the (C, C, K) factors explicitly: memory 4 C^2 K bytes per (batch,
-value head, chunk), fine for tests and short sequences, not for long-context
-training. Varlen batches run sequence by sequence (cu_seqlens is read on the
-host).
+forms the (C, C, K) factors explicitly (4 C^2 K bytes per (batch, value head)
+for the chunk being computed), one chunk at a time and checkpointed: what
+stays for the backward is the state at every chunk start (4 K V bytes per
+(batch, value head, chunk)), and each chunk's part is recomputed there; a
+loop over chunks, so launch-bound at long T. Varlen batches run sequence by
+sequence (cu_seqlens is read on the host).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 
 from .._ops import ops
 
@@ -97,11 +104,19 @@ def _per_key_sequence(q, k, v, g, beta, S, scale, delta):
     vh = heads_first(v)
     gh = heads_first(g) if g is not None else None
     bh = beta.transpose(1, 2).to(S.dtype) if beta is not None else None
+    # Under autograd each chunk is checkpointed: its (C, C, K) decay factors live only while
+    # that chunk runs (forward, then once more in the backward), never for all chunks at once.
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, S))
     outs = []
     for c0 in range(0, T, CHUNK):
         sl = slice(c0, min(c0 + CHUNK, T))
-        o, S = _chunk(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], gh[:, :, sl] if gh is not None else None,
-                      bh[:, :, sl] if bh is not None else None, S, scale, delta, per_key)
+        args = (qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], gh[:, :, sl] if gh is not None else None,
+                bh[:, :, sl] if bh is not None else None, S, scale, delta, per_key)
+        if grad:
+            o, S = torch.utils.checkpoint.checkpoint(_chunk, *args, use_reentrant=False)
+        else:
+            o, S = _chunk(*args)
         outs.append(o)
     o = torch.cat(outs, 2) if outs else vh
     return o.transpose(1, 2), S
