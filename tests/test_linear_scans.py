@@ -146,13 +146,13 @@ def _poison_allocator():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (128, 64), (64, 256)])
 @pytest.mark.parametrize("delta", [False, True])
 @pytest.mark.parametrize("N,initial", [(7, True), (1, False), (0, True)])
-def test_cuda_scan_kernels_match_the_aten_scans(dtype, D, delta, N, initial):
+def test_cuda_scan_kernels_match_the_aten_scans(dtype, K, V, delta, N, initial):
     """The kernels against the same ops run by ATen on the CPU (the same roundings
     of S, u, dS and du to the operands' dtype; only the order of fp32 sums differs)."""
-    f, b = operands(3, 5, N, D, D, dtype, delta, seed=D + N, initial=initial)
+    f, b = operands(3, 5, N, K, V, dtype, delta, seed=K + V + N, initial=initial)
     ref_f = ops.linear_state_scan(*f.values())
     ref_b = ops.linear_state_scan_bwd(*b.values())
     to_cuda = lambda d: [x.cuda() if x is not None else None for x in d.values()]
@@ -168,14 +168,15 @@ def test_cuda_scan_kernels_match_the_aten_scans(dtype, D, delta, N, initial):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["linear", "simple_gla", "delta", "gated_delta"])
-@pytest.mark.parametrize("D", [64, 128])
-def test_cuda_training_path_through_the_scan_kernels(family, D, monkeypatch):
+@pytest.mark.parametrize("family,K,V", [
+    ("linear", 64, 64), ("simple_gla", 128, 128), ("delta", 64, 64), ("gated_delta", 64, 64),
+    ("gated_delta", 128, 128), ("simple_gla", 64, 128), ("gated_delta", 128, 64)])
+def test_cuda_training_path_through_the_scan_kernels(family, K, V, monkeypatch):
     """FASTATTN_LINEAR_CUDA_SCANS=1: chunk_* calls that need gradients run the scans
     over chunks in the kernels; bf16 against the float64 recurrence, 2x / 3x rule."""
     monkeypatch.setenv("FASTATTN_LINEAR_CUDA_SCANS", "1")
     gate, has_beta, _ = FAMILIES[family]
-    t = inputs(2, 300, 2, 4, D, D, torch.bfloat16, gate=gate, beta=has_beta, h0=True, seed=D)
+    t = inputs(2, 300, 2, 4, K, V, torch.bfloat16, gate=gate, beta=has_beta, h0=True, seed=K + V)
     for x in t.values():
         x.requires_grad_()
     cuda = {n: x.detach().cuda().requires_grad_() for n, x in t.items()}

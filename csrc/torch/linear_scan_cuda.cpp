@@ -1,7 +1,8 @@
 // CUDA glue of linear_state_scan / linear_state_scan_bwd (the scans over
 // chunks of fastattn.linear's chunked training path; schemas and math:
 // csrc/ops.cpp): the scan kernels (linear_chunk_scan.cu and
-// linear_chunk_scan_bwd.cu) for float16 / bfloat16 with K == V in {64, 128};
+// linear_chunk_scan_bwd.cu) for float16 / bfloat16 with K in {64, 128} and V a
+// multiple of 32;
 // other calls run the ATen implementation (csrc/cpu/linear_scan_cpu.cpp) on
 // the device. No host sync.
 #include <ATen/ATen.h>
@@ -23,7 +24,7 @@ namespace {
 
 bool kernels_serve(const LinearScanProblem& s, const at::Tensor& operand) {
   return (operand.scalar_type() == at::kHalf || operand.scalar_type() == at::kBFloat16) &&
-         gpu::linear_chunk_supported(static_cast<int>(s.K), static_cast<int>(s.V)) && s.B <= 65535 &&
+         gpu::linear_scan_supported(static_cast<int>(s.K), static_cast<int>(s.V)) && s.B <= 65535 &&
          s.HV <= 65535 && s.N <= (int64_t{1} << 24);
 }
 

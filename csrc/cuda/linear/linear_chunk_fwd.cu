@@ -18,10 +18,11 @@ cudaError_t run_typed(const LinearChunkParams& p, cudaStream_t stream) {
   return launch_linear_chunk_scan<Elem, kD, kLinearScanCols, kDelta>(p, stream);
 }
 
-// Runs Run<Elem, head dim, delta rule> for p's sizes.
+// Runs Run<Elem, key dim, delta rule> for p's sizes (`supported`: whether
+// Run's kernels take K and V).
 template <template <typename, int, bool> class Run>
-cudaError_t dispatch(const LinearChunkParams& p, cudaStream_t stream) {
-  if (!linear_chunk_supported(p.K, p.V) || p.H < 1 || p.HV % p.H != 0 || p.HV > 65535 || p.B > 65535 ||
+cudaError_t dispatch(const LinearChunkParams& p, bool supported, cudaStream_t stream) {
+  if (!supported || p.H < 1 || p.HV % p.H != 0 || p.HV > 65535 || p.B > 65535 ||
       p.N > 65535) {
     return cudaErrorInvalidValue;
   }
@@ -49,11 +50,11 @@ struct ScanOnly {
 }  // namespace
 
 cudaError_t run_linear_chunk_fwd(const LinearChunkParams& p, cudaStream_t stream) {
-  return dispatch<Forward>(p, stream);
+  return dispatch<Forward>(p, linear_chunk_supported(p.K, p.V), stream);
 }
 
 cudaError_t run_linear_state_scan(const LinearChunkParams& p, cudaStream_t stream) {
-  return dispatch<ScanOnly>(p, stream);
+  return dispatch<ScanOnly>(p, linear_scan_supported(p.K, p.V), stream);
 }
 
 }  // namespace gpu

@@ -17,6 +17,11 @@ constexpr int kLinearScanCols = 32;
 // Whether the chunked kernels serve these sizes: K == V in {64, 128}
 // (other head dims take the other paths of fastattn.linear).
 inline bool linear_chunk_supported(int K, int V) { return K == V && (K == 64 || K == 128); }
+// The scans alone (the training path's ops) take any V that is a multiple of
+// their value slice: the slice is the only V-shaped tile.
+inline bool linear_scan_supported(int K, int V) {
+  return (K == 64 || K == 128) && V > 0 && V % kLinearScanCols == 0 && V / kLinearScanCols <= 65535;
+}
 
 // Workspace elements (input dtype) and floats the forward needs.
 inline int64_t linear_chunk_workspace_elems(const LinearChunkParams& p) {

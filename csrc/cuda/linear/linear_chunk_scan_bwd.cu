@@ -206,7 +206,7 @@ cudaError_t launch_linear_chunk_scan_bwd(const LinearScanBwdParams& p, cudaStrea
 }
 
 cudaError_t run_linear_state_scan_bwd(const LinearScanBwdParams& p, cudaStream_t stream) {
-  if (!linear_chunk_supported(p.K, p.V) || p.HV > 65535 || p.B > 65535 || p.chunks < 0) {
+  if (!linear_scan_supported(p.K, p.V) || p.HV > 65535 || p.B > 65535 || p.chunks < 0) {
     return cudaErrorInvalidValue;
   }
   if (p.B == 0 || p.HV == 0) return cudaSuccess;

@@ -281,12 +281,13 @@ def _scan_kernels_enabled() -> bool:
 def scan_dtype_for(q, v):
     """The operand dtype of the scans over chunks, or None for the loops of torch ops: on the
     CPU the ops in the state dtype (no rounding: the loops' function exactly); on CUDA the
-    ops' kernels in q's dtype where they serve (float16 / bfloat16, K == V in {64, 128})."""
+    ops' kernels in q's dtype where they serve (float16 / bfloat16, K in {64, 128}, V a
+    multiple of 32: csrc/cuda/linear/linear_chunk_launch.h, linear_scan_supported)."""
     if q.device.type == "cpu":
         return torch.float64 if q.dtype == torch.float64 else torch.float32
     K, V = q.shape[-1], v.shape[-1]
     if (q.device.type == "cuda" and _scan_kernels_enabled() and q.dtype in (torch.float16, torch.bfloat16)
-            and K == V and K in (64, 128)):
+            and K in (64, 128) and V % 32 == 0):
         return q.dtype
     return None
 
