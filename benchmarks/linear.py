@@ -16,7 +16,9 @@ Carry fla's wheel (fla-core) to the GPU machine as the device README says.
 fastattn's CUDA kernels (forward without gradients, decode) are switched on
 (the default; FASTATTN_LINEAR_CUDA=0 times the torch form instead); forward +
 backward runs the chunked form in torch ops (fastattn/linear/chunked.py) until
-the backward kernels land.
+the backward kernels land, its two scans over chunks as loops of torch ops
+("fastattn") or in the scan kernels ("fastattn scan kernels",
+FASTATTN_LINEAR_CUDA_SCANS=1; --no-scans leaves those rows out).
 """
 import argparse
 import os
@@ -70,9 +72,20 @@ def make_inputs(op, B, T, H, HV, D, device, dtype, requires_grad):
 
 
 def call(impl_ops, op, t):
-    if op == "gdn":
-        return impl_ops["gdn"](t["q"], t["k"], t["v"], t["g"], t["beta"])[0]
-    return impl_ops["simple_gla"](t["q"], t["k"], t["v"], g=t["g"])[0]
+    # An implementation may carry environment switches (impl_ops["env"]) set around its calls.
+    env = impl_ops.get("env", {})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        if op == "gdn":
+            return impl_ops["gdn"](t["q"], t["k"], t["v"], t["g"], t["beta"])[0]
+        return impl_ops["simple_gla"](t["q"], t["k"], t["v"], g=t["g"])[0]
+    finally:
+        for k, val in saved.items():
+            if val is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = val
 
 
 def timer(device):
@@ -117,17 +130,19 @@ def bench_chunk(shapes, op_names, impls, rounds, device, dtype, modes=("fwd", "f
                 except Exception as e:  # an implementation that cannot run this shape
                     results.append(Result(cfg, name, "fwd", None, error=str(e).splitlines()[0][:60]))
             # Interleaved rounds: every implementation once per round, medians over rounds.
-            times = {(name, m): [] for name in live for m in modes}
+            times = {(name, m): [] for name, ops_ in live.items() for m in ops_.get("modes", modes)
+                     if m in modes}
             for _ in range(rounds):
                 for name, ops_ in live.items():
-                    if "fwd" in modes:
+                    if (name, "fwd") in times:
                         with torch.no_grad():
                             times[name, "fwd"].append(tm(lambda i: call(ops_, op, sets[i]), n))
-                    if "fwd_bwd" in modes:
+                    if (name, "fwd_bwd") in times:
                         times[name, "fwd_bwd"].append(
                             tm(lambda i: call(ops_, op, sets[i]).float().sum().backward(), n))
             for (name, mode), ts in times.items():
-                r = Result(cfg, name, mode, median(ts), extra=dict(first_ms=first[name]) if mode == "fwd" else {})
+                first_mode = "fwd" if (name, "fwd") in times else mode
+                r = Result(cfg, name, mode, median(ts), extra=dict(first_ms=first[name]) if mode == first_mode else {})
                 results.append(r)
                 print(f"  {op} {B}x{T}x{H}/{HV}x{D} {mode} {name}: {r.ms:.3f} ms", flush=True)
             # Anchor: causal softmax attention on the same (B, T, H, D).
@@ -152,6 +167,8 @@ def bench_decode(batches, impls, device, dtype, H=16, HV=32, D=128):
         cfg = dict(op="gdn_step", B=B, H=H, HV=HV, D=D)
         state_bytes = 2 * B * HV * D * D * 4
         for name, ops_ in impls.items():
+            if name != "fastattn" and "gdn_step" not in ops_:
+                continue  # a variant of ours that changes only the chunked path
             try:
                 if name == "fastattn":
                     fn = lambda i: ours.fused_recurrent_gated_delta_rule(
@@ -178,6 +195,8 @@ def main():
     ap.add_argument("--ops", default="gdn,simple_gla")
     ap.add_argument("--modes", default="fwd,fwd_bwd", help="chunked modes: fwd, fwd_bwd")
     ap.add_argument("--decode", default="1,8,64,256", help="decode batch sizes ('' for none)")
+    ap.add_argument("--no-scans", dest="scans", action="store_false",
+                    help="leave out the 'fastattn scan kernels' rows (FASTATTN_LINEAR_CUDA_SCANS=1)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -185,6 +204,10 @@ def main():
         sys.exit("benchmarks need a CUDA GPU (or --smoke)")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     impls = {"fastattn": {"gdn": ours.chunk_gated_delta_rule, "simple_gla": ours.chunk_simple_gla}}
+    if args.scans and "fwd_bwd" in args.modes.split(","):
+        # The training path with its scans over chunks in the CUDA kernels (opt-in in the library).
+        impls["fastattn scan kernels"] = dict(impls["fastattn"], env={"FASTATTN_LINEAR_CUDA_SCANS": "1"},
+                                              modes=("fwd_bwd",))
     fla, why = fla_ops() if not args.smoke else (None, "smoke run")
     if fla is not None:
         impls["fla"] = fla

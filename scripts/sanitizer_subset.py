@@ -5,7 +5,7 @@ deterministic backward with fp32 dK/dV partial sums (on sm90 the head-dim
 chunked prefill (including page ids outside the pool); many-split decode,
 the cluster-combine decode and the N-way merge; block-sparse forward and
 backward (bits, GQA, float bias, a corrupted list); the linear-attention
-recurrence and chunked kernels (dense, varlen over a state pool); ring
+recurrence, chunked and training-scan kernels (dense, varlen over a state pool); ring
 attention's fp32 per-part ops; softcap, ALiBi and left-padded decode.
 
     compute-sanitizer --tool memcheck  python scripts/sanitizer_subset.py
@@ -175,6 +175,17 @@ def main():
         big = torch.randn(1, 5, 2, 256, device="cuda", dtype=dt)
         la.fused_recurrent_gla(big, big, torch.randn(1, 5, 2, 40, device="cuda", dtype=dt),
                                gk=-torch.rand(1, 5, 2, 256, device="cuda"))
+    # The training path's scan kernels (forward scan with its saved states, reverse
+    # scan): gradients of a gated delta rule (K 64, V 128) and of a simple GLA.
+    os.environ["FASTATTN_LINEAR_CUDA_SCANS"] = "1"
+    q, k = (torch.randn(2, 130, 2, 64, device="cuda", dtype=dt, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 130, 4, 128, device="cuda", dtype=dt, requires_grad=True)
+    g = -torch.rand(2, 130, 4, device="cuda")
+    beta = torch.rand(2, 130, 4, device="cuda")
+    o, S = la.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=torch.randn(2, 4, 64, 128, device="cuda"),
+                                     output_final_state=True)
+    (o.float().sum() + S.sum()).backward()
+    la.chunk_simple_gla(q, k, v[:, :, :2], g=g[..., :2])[0].float().sum().backward()
     torch.cuda.synchronize()
     print("sanitizer subset: done")
 
