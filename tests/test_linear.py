@@ -218,10 +218,40 @@ def test_bad_input():
         la.chunk_gated_delta_rule(q.half(), k, v, g, beta)
     with pytest.raises(RuntimeError, match="cu_seqlens must be non-decreasing"):
         la.chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 11]))
-    with pytest.raises(NotImplementedError, match="reverse"):
-        la.fused_recurrent_simple_gla(q, k, v, g=g[..., :4], reverse=True)
     with pytest.raises(NotImplementedError, match="gv"):
         la.fused_recurrent_gla(q, k, v, gk=None, gv=torch.zeros(1, 10, 4, 8))
+
+
+@pytest.mark.parametrize("family", ["simple_gla", "gla"])
+def test_reverse_walks_each_sequence_backwards(family):
+    """reverse=True: the recurrence from each sequence's last token to its first, written out
+    as the definition over the time-reversed sequences; dense and varlen (each sequence
+    reversed on its own, an empty one included), outputs, final states and gradients."""
+    gate = "scalar" if family == "simple_gla" else "key"
+    t = inputs(1, 23, 2, 4, 8, 8, torch.float64, gate=gate, h0=True, seed=3)
+    h0 = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    leaves = {n: x.requires_grad_() for n, x in t.items() if n != "h0"}
+    q, k, v, g = leaves["q"], leaves["k"], leaves["v"], leaves["g"]
+    op = la.fused_recurrent_simple_gla if family == "simple_gla" else la.fused_recurrent_gla
+    call = (lambda *a, **kw: op(*a[:3], g=a[3], **kw)) if family == "simple_gla" else (
+        lambda *a, **kw: op(*a[:3], gk=a[3], **kw))
+    o, S = call(q, k, v, g, initial_state=t["h0"], output_final_state=True, reverse=True)
+    flip = lambda x: x.flip(1)
+    ref_o, ref_S = naive(flip(q), flip(k), flip(v), g=flip(g), h0=t["h0"])
+    torch.testing.assert_close(o, flip(ref_o))
+    torch.testing.assert_close(S, ref_S)
+    do = torch.randn_like(o)
+    got = torch.autograd.grad((o * do).sum() + S.sum(), [q, k, v, g])
+    want = torch.autograd.grad((flip(ref_o) * do).sum() + ref_S.sum(), [q, k, v, g])
+    for n, a, b in zip("qkvg", got, want):
+        torch.testing.assert_close(a, b, msg=lambda m: f"d{n}: {m}")
+    cu = torch.tensor([0, 9, 9, 23])
+    o, S = call(q, k, v, g, initial_state=h0, output_final_state=True, reverse=True, cu_seqlens=cu)
+    for n, (s, e) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        part = lambda x: flip(x[:, s:e])
+        ref_o, ref_S = naive(part(q), part(k), part(v), g=part(g), h0=h0[n:n + 1])
+        torch.testing.assert_close(o[:, s:e], flip(ref_o))
+        torch.testing.assert_close(S[n:n + 1], ref_S)
 
 
 def test_bad_input_of_the_extensions():

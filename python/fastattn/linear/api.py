@@ -222,9 +222,28 @@ def _gather_pool(pool, indices, q, cu_seqlens):
     return states, slots
 
 
-def _no_reverse(name, reverse):
-    if reverse:
-        raise NotImplementedError(f"fastattn.linear.{name}: reverse=True is not supported")
+def _time_reversal(T, cu_seqlens, device):
+    """The index that reverses every sequence in time (its own inverse): dense, t -> T - 1 - t;
+    varlen, token i of [cu[n], cu[n+1]) -> cu[n] + cu[n+1] - 1 - i. Built on the device from
+    cu_seqlens (no host sync); clamped into [0, T) so that a malformed cu_seqlens (which the
+    recurrence ops reject or clamp) cannot index outside the tensors here."""
+    t = torch.arange(T, device=device)
+    if cu_seqlens is None:
+        return t.flip(0)
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    seq = torch.searchsorted(cu[1:], t, right=True).clamp_max(cu.numel() - 2)
+    return (cu[seq] + cu[seq + 1] - 1 - t).clamp(0, max(T - 1, 0))
+
+
+def _reversed_in_time(run, q, k, v, g, cu_seqlens):
+    """fla's reverse=True: the recurrence walks each sequence from its last token to its first
+    (S_t = decay_t S_{t+1} + k_t v_t^T, o_t = scale S_t^T q_t; the initial state enters at the
+    last token, the final state is the one after token 0), which is the forward recurrence
+    over the sequences reversed in time, its outputs reversed back."""
+    idx = _time_reversal(q.shape[1], cu_seqlens, q.device)
+    flip = lambda x: x.index_select(1, idx) if x is not None else None
+    o, final = run(flip(q), flip(k), flip(v), flip(g))
+    return flip(o), final
 
 
 # ------------------------------------------------------------------ linear attention
@@ -283,7 +302,7 @@ def fused_recurrent_linear_attn(q, k, v, scale: Optional[float] = None, initial_
 
 # ------------------------------------------------------------------ simple GLA (scalar decay)
 def _simple_gla(name, q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
-                head_first):
+                head_first, reverse=False):
     _check(name, q, k, v, cu_seqlens, head_first)
     HV = v.shape[2]
     decay = None
@@ -297,8 +316,9 @@ def _simple_gla(name, q, k, v, g, g_gamma, scale, initial_state, output_final_st
         gamma = g_gamma.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         gamma = gamma.view(1, 1, HV).expand(q.shape[0], q.shape[1], HV)
         decay = gamma if decay is None else decay + gamma
-    return _run(name, q, k, v, g=decay, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    run = lambda q, k, v, decay: _run(name, q, k, v, g=decay, scale=scale, initial_state=initial_state,
+                                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return _reversed_in_time(run, q, k, v, decay, cu_seqlens) if reverse else run(q, k, v, decay)
 
 
 def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale: Optional[float] = None, initial_state=None,
@@ -313,21 +333,23 @@ def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale: Optional[float] = Non
 def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale: Optional[float] = None,
                                initial_state=None, output_final_state: bool = False,
                                reverse: bool = False, cu_seqlens=None):
-    """chunk_simple_gla's recurrence, token by token."""
-    _no_reverse("fused_recurrent_simple_gla", reverse)
+    """chunk_simple_gla's recurrence, token by token; reverse=True walks every sequence
+    from its last token to its first (bidirectional models)."""
     return _simple_gla("fused_recurrent_simple_gla", q, k, v, g, g_gamma, scale, initial_state,
-                       output_final_state, cu_seqlens, False)
+                       output_final_state, cu_seqlens, False, reverse)
 
 
 # ------------------------------------------------------------------ GLA (per-key-channel decay)
-def _gla(name, q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens, head_first):
+def _gla(name, q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens, head_first,
+         reverse=False):
     _check(name, q, k, v, cu_seqlens, head_first)
     decay = None
     if gk is not None:
         _check_per_step(name, "g", gk, q, v, per_key=True)
         decay = gk.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return _run(name, q, k, v, g=decay, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    run = lambda q, k, v, decay: _run(name, q, k, v, g=decay, scale=scale, initial_state=initial_state,
+                                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return _reversed_in_time(run, q, k, v, decay, cu_seqlens) if reverse else run(q, k, v, decay)
 
 
 def chunk_gla(q, k, v, g, scale: Optional[float] = None, initial_state=None,
@@ -340,13 +362,13 @@ def chunk_gla(q, k, v, g, scale: Optional[float] = None, initial_state=None,
 
 def fused_recurrent_gla(q, k, v, gk=None, gv=None, scale: Optional[float] = None, initial_state=None,
                         output_final_state: bool = False, reverse: bool = False, cu_seqlens=None):
-    """chunk_gla's recurrence, token by token (gk: the per-key log decays)."""
+    """chunk_gla's recurrence, token by token (gk: the per-key log decays); reverse=True
+    walks every sequence from its last token to its first."""
     if gv is not None:
         raise NotImplementedError("fastattn.linear.fused_recurrent_gla: gv (value-channel decay) is not "
                                   "supported")
-    _no_reverse("fused_recurrent_gla", reverse)
     return _gla("fused_recurrent_gla", q, k, v, gk, scale, initial_state, output_final_state,
-                cu_seqlens, False)
+                cu_seqlens, False, reverse)
 
 
 # ------------------------------------------------------------------ delta rules
