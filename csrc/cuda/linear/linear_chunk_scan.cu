@@ -52,7 +52,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   using TileS = typename L::TileS;
   constexpr int kN = kVt / 8;   // n8 tiles of the value slice
   constexpr int kMT = kK / 64;  // m16 tiles of key rows per warp
-  constexpr int kWarpRows = 16 * kMT;
   extern __shared__ __align__(128) char smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int v0 = blockIdx.x * kVt, hv = blockIdx.y, n = blockIdx.z;  // n: sequence
@@ -134,31 +133,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     state_to_smem<Elem, TileS>(s_s, S, lane, warp);
     __syncthreads();
 
-    float x[kN][4], y[kN][4];
-#pragma unroll
-    for (int nt = 0; nt < kN; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x[nt][e] = y[nt][e] = 0.f;
-    }
-    const uint32_t qt_tile = ptx::smem_u32(st + L::kQt), w_tile = ptx::smem_u32(st + L::kW);
-    const uint32_t s_tile = ptx::smem_u32(s_s);
-#pragma unroll
-    for (int k0 = 0; k0 < kK; k0 += 16) {
-      uint32_t aq[4], aw[4];
-      load_a<TileK>(aq, qt_tile, a_off, 16 * warp, k0);
-      if (kDelta) load_a<TileK>(aw, w_tile, a_off, 16 * warp, k0);
-#pragma unroll
-      for (int n0 = 0; n0 < kVt; n0 += 16) {
-        uint32_t bs[4];
-        load_b_trans_pair<TileS>(bs, s_tile, s_off, k0, n0);
-        ptx::mma_m16n8k16<Elem>(x[n0 / 8], aq, bs[0], bs[1]);
-        ptx::mma_m16n8k16<Elem>(x[n0 / 8 + 1], aq, bs[2], bs[3]);
-        if (kDelta) {
-          ptx::mma_m16n8k16<Elem>(y[n0 / 8], aw, bs[0], bs[1]);
-          ptx::mma_m16n8k16<Elem>(y[n0 / 8 + 1], aw, bs[2], bs[3]);
-        }
-      }
-    }
+    // xy[0] = Qt S (the outputs' inter-chunk part), xy[1] = W S (delta rule).
+    constexpr int kA = kDelta ? 2 : 1;
+    float xy[kA][kN][4];
+    acc_zero(xy);
+    uint32_t a_tiles[kA];
+    a_tiles[0] = ptx::smem_u32(st + L::kQt);
+    if constexpr (kDelta) a_tiles[kA - 1] = ptx::smem_u32(st + L::kW);
+    rows_times_state<Elem, TileK, TileS>(xy, a_tiles, ptx::smem_u32(s_s), a_off, s_off, warp);
+    const auto& x = xy[0];
+    const auto& y = xy[kA - 1];
     const int valid = min(C, t_end - tok);
 #pragma unroll
     for (int nt = 0; nt < kN; ++nt) {
@@ -186,32 +170,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // S = e^{b_last} S + Kt^T u.
     const float d = decay_last[c];
-    const uint32_t kt_tile = ptx::smem_u32(st + L::kKt);
     const uint32_t u_tile = kDelta ? ptx::smem_u32(s_u) : ptx::smem_u32(st + L::kU);
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < kN; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) S[mt][nt][e] *= d;
-      }
-    }
-#pragma unroll
-    for (int k0 = 0; k0 < C; k0 += 16) {
-      uint32_t a[kMT][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) load_a_trans<TileK>(a[mt], kt_tile, a_tr_off, kWarpRows * warp + 16 * mt, k0);
-#pragma unroll
-      for (int n0 = 0; n0 < kVt; n0 += 16) {
-        uint32_t bu[4];
-        load_b_trans_pair<TileVt>(bu, u_tile, u_off, k0, n0);
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          ptx::mma_m16n8k16<Elem>(S[mt][n0 / 8], a[mt], bu[0], bu[1]);
-          ptx::mma_m16n8k16<Elem>(S[mt][n0 / 8 + 1], a[mt], bu[2], bu[3]);
-        }
-      }
-    }
+    acc_scale(S, d);
+    state_add_trans_product<Elem, TileK, TileVt>(S, ptx::smem_u32(st + L::kKt), u_tile, a_tr_off, u_off, warp);
     __syncthreads();  // this stage and s_s / s_u are rewritten next
   }
 

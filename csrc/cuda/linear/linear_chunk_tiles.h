@@ -103,5 +103,77 @@ __device__ __forceinline__ void state_to_smem(char* tile, const float (&S)[kMT][
   }
 }
 
+// Every element of a register array of m16n8 accumulators set to zero / multiplied by d.
+template <int kA, int kB>
+__device__ __forceinline__ void acc_zero(float (&acc)[kA][kB][4]) {
+#pragma unroll
+  for (int i = 0; i < kA; ++i) {
+#pragma unroll
+    for (int j = 0; j < kB; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    }
+  }
+}
+template <int kA, int kB>
+__device__ __forceinline__ void acc_scale(float (&acc)[kA][kB][4], float d) {
+#pragma unroll
+  for (int i = 0; i < kA; ++i) {
+#pragma unroll
+    for (int j = 0; j < kB; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] *= d;
+    }
+  }
+}
+
+// The two products of a scan step, for the chunk of C rows and the state
+// slice (linear_chunk_scan.cu, linear_chunk_scan_bwd.cu):
+// acc[i] += A_i S for kA row tiles A_i (C x kK; warp w: rows 16w..16w+15) and
+// the slice S (kK x kVt, input dtype in shared memory); S's fragments are
+// loaded once for all kA tiles.
+template <typename Elem, typename TileK, typename TileS, int kA, int kN>
+__device__ __forceinline__ void rows_times_state(float (&acc)[kA][kN][4], const uint32_t (&a_tiles)[kA],
+                                                 uint32_t s_tile, int a_off, int s_off, int warp) {
+#pragma unroll
+  for (int k0 = 0; k0 < TileK::kCols; k0 += 16) {
+    uint32_t a[kA][4];
+#pragma unroll
+    for (int i = 0; i < kA; ++i) load_a<TileK>(a[i], a_tiles[i], a_off, 16 * warp, k0);
+#pragma unroll
+    for (int n0 = 0; n0 < TileS::kCols; n0 += 16) {
+      uint32_t b[4];
+      load_b_trans_pair<TileS>(b, s_tile, s_off, k0, n0);
+#pragma unroll
+      for (int i = 0; i < kA; ++i) {
+        ptx::mma_m16n8k16<Elem>(acc[i][n0 / 8], a[i], b[0], b[1]);
+        ptx::mma_m16n8k16<Elem>(acc[i][n0 / 8 + 1], a[i], b[2], b[3]);
+      }
+    }
+  }
+}
+// S += A^T B for A (C x kK) and B (C x kVt) row tiles in shared memory, S the
+// slice in registers (key rows as in state_from_global): A^T through ldmatrix.trans.
+template <typename Elem, typename TileK, typename TileVt, int kMT, int kN>
+__device__ __forceinline__ void state_add_trans_product(float (&S)[kMT][kN][4], uint32_t a_tile, uint32_t b_tile,
+                                                        int a_tr_off, int b_off, int warp) {
+#pragma unroll
+  for (int k0 = 0; k0 < TileK::kRows; k0 += 16) {
+    uint32_t a[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) load_a_trans<TileK>(a[mt], a_tile, a_tr_off, 16 * (kMT * warp + mt), k0);
+#pragma unroll
+    for (int n0 = 0; n0 < TileVt::kCols; n0 += 16) {
+      uint32_t b[4];
+      load_b_trans_pair<TileVt>(b, b_tile, b_off, k0, n0);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        ptx::mma_m16n8k16<Elem>(S[mt][n0 / 8], a[mt], b[0], b[1]);
+        ptx::mma_m16n8k16<Elem>(S[mt][n0 / 8 + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
 }  // namespace linear_tiles
 }  // namespace fastattn
