@@ -88,3 +88,26 @@ def run_naive(family, t, dtype):
     o, S = naive(cast["q"], cast["k"], cast["v"], g=cast.get("g"), beta=cast.get("beta"),
                  h0=cast.get("h0"), delta=delta)
     return cast, o, S
+
+
+def check_cuda_training_call(family, t):
+    """Runs `family` on CUDA copies of the CPU inputs t (which need gradients), and checks
+    the output, the final state and every gradient (through o and the final state) against
+    the float64 recurrence with the 2x / 3x rule of the same recurrence in t's dtype."""
+    from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_rule
+    for x in t.values():
+        x.requires_grad_()
+    cuda = {n: x.detach().cuda().requires_grad_() for n, x in t.items()}
+    o, S = run_ours(family, cuda)
+    ref_in, ref_o, ref_S = run_naive(family, t, torch.float64)
+    base_in, base_o, base_S = run_naive(family, t, t["q"].dtype)
+    assert_close_rule("o", o.cpu(), base_o, ref_o, OUT_FACTOR)
+    assert_close_rule("final state", S.cpu(), base_S, ref_S, OUT_FACTOR)
+    do, dS = torch.randn_like(o.float()), torch.randn_like(S)
+    ours = torch.autograd.grad((o.float() * do).sum() + (S * dS).sum(), list(cuda.values()))
+    ref = torch.autograd.grad((ref_o * do.cpu().double()).sum() + (ref_S * dS.cpu().double()).sum(),
+                              [ref_in[n] for n in cuda])
+    base = torch.autograd.grad((base_o.float() * do.cpu()).sum() + (base_S.float() * dS.cpu()).sum(),
+                               [base_in[n] for n in cuda])
+    for n, a, r, b in zip(cuda, ours, ref, base):
+        assert_close_rule(f"d{n}", a.cpu(), b, r, GRAD_FACTOR)

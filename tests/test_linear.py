@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn import linear as la
-from linear_reference import FAMILIES, inputs, naive, run_naive, run_ours
+from linear_reference import FAMILIES, check_cuda_training_call, inputs, naive, run_naive, run_ours
 from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_rule
 
 
@@ -362,20 +362,8 @@ def test_cuda_runs_the_chunked_torch_form(family):
     """On CUDA, calls that need gradients run the chunked form in torch ops
     (linear/chunked.py); bf16 inputs against the float64 recurrence with the 2x / 3x rule."""
     gate, has_beta, _ = FAMILIES[family]
-    t = inputs(2, 300, 2, 4, 64, 64, torch.bfloat16, gate=gate, beta=has_beta, h0=True)
-    for x in t.values():
-        x.requires_grad_()
-    cuda = {n: x.detach().cuda().requires_grad_() for n, x in t.items()}
-    o, S = run_ours(family, cuda)
-    ref_in, ref_o, ref_S = run_naive(family, t, torch.float64)
-    base_in, base_o, base_S = run_naive(family, t, torch.bfloat16)
-    assert_close_rule("o", o.cpu(), base_o, ref_o, OUT_FACTOR)
-    do = torch.randn_like(o.float())
-    ours = torch.autograd.grad((o.float() * do).sum(), list(cuda.values()))
-    ref = torch.autograd.grad((ref_o * do.cpu().double()).sum(), [ref_in[n] for n in cuda])
-    base = torch.autograd.grad((base_o.float() * do.cpu()).sum(), [base_in[n] for n in cuda])
-    for n, a, r, b in zip(cuda, ours, ref, base):
-        assert_close_rule(f"d{n}", a.cpu(), b, r, GRAD_FACTOR)
+    check_cuda_training_call(family, inputs(2, 300, 2, 4, 64, 64, torch.bfloat16, gate=gate, beta=has_beta,
+                                            h0=True))
 
 
 def test_hybrid_example_trains_and_decodes():

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from fastattn._ops import ops
-from linear_reference import FAMILIES, inputs, run_naive, run_ours
-from reference import GRAD_FACTOR, OUT_FACTOR, assert_close_rule
+from linear_reference import FAMILIES, check_cuda_training_call, inputs
 
 C = 64
 
@@ -176,20 +175,5 @@ def test_cuda_training_path_through_the_scan_kernels(family, K, V, monkeypatch):
     over chunks in the kernels; bf16 against the float64 recurrence, 2x / 3x rule."""
     monkeypatch.setenv("FASTATTN_LINEAR_CUDA_SCANS", "1")
     gate, has_beta, _ = FAMILIES[family]
-    t = inputs(2, 300, 2, 4, K, V, torch.bfloat16, gate=gate, beta=has_beta, h0=True, seed=K + V)
-    for x in t.values():
-        x.requires_grad_()
-    cuda = {n: x.detach().cuda().requires_grad_() for n, x in t.items()}
-    o, S = run_ours(family, cuda)
-    ref_in, ref_o, ref_S = run_naive(family, t, torch.float64)
-    base_in, base_o, base_S = run_naive(family, t, torch.bfloat16)
-    assert_close_rule("o", o.cpu(), base_o, ref_o, OUT_FACTOR)
-    assert_close_rule("final state", S.cpu(), base_S, ref_S, OUT_FACTOR)
-    do, dS = torch.randn_like(o.float()), torch.randn_like(S)
-    ours = torch.autograd.grad((o.float() * do).sum() + (S * dS).sum(), list(cuda.values()))
-    ref = torch.autograd.grad((ref_o * do.cpu().double()).sum() + (ref_S * dS.cpu().double()).sum(),
-                              [ref_in[n] for n in cuda])
-    base = torch.autograd.grad((base_o.float() * do.cpu()).sum() + (base_S.float() * dS.cpu()).sum(),
-                               [base_in[n] for n in cuda])
-    for n, a, r, bb in zip(cuda, ours, ref, base):
-        assert_close_rule(f"d{n}", a.cpu(), bb, r, GRAD_FACTOR)
+    check_cuda_training_call(family, inputs(2, 300, 2, 4, K, V, torch.bfloat16, gate=gate, beta=has_beta,
+                                            h0=True, seed=K + V))
