@@ -254,6 +254,47 @@ def _match_eager(cfg, device, grads_of, prepare=None):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_deepseek_v3_latent_attention_matches_eager(device):
+    """A tiny random-weight DeepSeek V3 (multi-head latent attention: q/k head dim 48 + 16
+    rotary, v head dim 32): the backend pads v to the q/k head dim and cuts the output
+    back; logits of a padded batch and the attention weights' gradients match eager."""
+    if not hasattr(transformers, "DeepseekV3Config"):
+        pytest.skip("this transformers has no DeepSeek V3")
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(vocab_size=101, hidden_size=64, intermediate_size=96,
+                                        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=1,
+                                        n_group=1, topk_group=1, first_k_dense_replace=2, kv_lora_rank=32,
+                                        q_lora_rank=None, qk_nope_head_dim=48, qk_rope_head_dim=16,
+                                        v_head_dim=32, max_position_embeddings=256, initializer_range=0.2)
+    _match_eager(cfg, device, lambda name: "self_attn" in name)
+
+
+@pytest.mark.parametrize("dqk,dv", [(64, 32), (32, 64)])
+def test_value_head_dim_other_than_the_query_head_dim(dqk, dv):
+    """Either side narrower: the result and the gradients are those of attention with
+    the unpadded dims (scale from q's head dim)."""
+    class M(torch.nn.Module):
+        is_causal = True
+
+    gen = torch.Generator().manual_seed(dqk)
+    q = torch.randn(2, 4, 9, dqk, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 9, dqk, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 9, dv, generator=gen, dtype=torch.float64, requires_grad=True)
+    out, _ = fx.fastattn_attention_forward(M(), q, k, v, None)
+    assert out.shape == (2, 9, 4, dv)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = (q @ kk.transpose(-1, -2)) * dqk ** -0.5
+    s = s.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    ref = (s.softmax(-1) @ vv).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * do).sum(), [q, k, v]),
+                    torch.autograd.grad((ref * do).sum(), [q, k, v])):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gpt_oss_attention_sinks_match_eager(device):
     """A tiny random-weight gpt-oss (sinks per head, alternating sliding / full layers):
     logits of a padded batch and the sinks' gradients match the eager implementation.

@@ -16,7 +16,9 @@ Every attention call then runs on fastattn's kernels:
 - packed sequences (one row holding several sequences, `position_ids`
   restarting at 0, or flash-attn style `cu_seq_lens_q/k` keyword arguments
   from `DataCollatorWithFlattening`): varlen over the packed sequences;
-- `sliding_window` (Mistral, Qwen2, ...): window_size=(sliding_window - 1, 0).
+- `sliding_window` (Mistral, Qwen2, ...): window_size=(sliding_window - 1, 0);
+- a value head dim other than the query's (DeepSeek V2 / V3's latent attention):
+  the narrower side is zero-padded, the output cut back to the value head dim.
 
 Attention sinks (gpt-oss's s_aux) are applied through the LSE (flash_attn_func's
 sinks); softcap (Gemma 2's attn_logit_softcapping) and attention dropout (the
@@ -38,6 +40,20 @@ def _unsupported(kwargs):
         raise NotImplementedError("fastattn: output_attentions=True needs the attention "
                                   "probabilities, which fastattn never materializes; use "
                                   "attn_implementation='eager' for that")
+
+
+def _one_head_dim(q, k, v):
+    """The kernels take one head dim for q, k and v. Multi-head latent attention (DeepSeek V2 /
+    V3: q, k 192 = 128 + 64 rotary, v 128) gives v another one, so the narrower side is
+    zero-padded: zero key channels add nothing to q.k (the softmax scale is fixed from q's own
+    head dim before), zero value channels give output channels that are cut off.
+    Returns (q, k, v, the value head dim to keep)."""
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dv < dqk:
+        v = torch.nn.functional.pad(v, (0, dqk - dv))
+    elif dv > dqk:
+        q, k = (torch.nn.functional.pad(t, (0, dv - dqk)) for t in (q, k))
+    return q, k, v, dv
 
 
 def _compute_dtype(query):
@@ -68,9 +84,6 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
     attention_mask the (B, Sk) bool padding mask or None. Returns ((B, Sq, Hq, D), None)."""
     _unsupported(kwargs)
     sinks = s_aux if s_aux is not None else kwargs.get("sinks")
-    if value.shape[-1] != query.shape[-1]:
-        raise NotImplementedError(f"fastattn: value head dim {value.shape[-1]} != query head dim "
-                                  f"{query.shape[-1]}")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if sliding_window is not None and sliding_window > 0:
         window = (sliding_window - 1, 0 if causal else sliding_window - 1)
@@ -79,7 +92,9 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
     dtype = _compute_dtype(query)
     # (B, H, S, D) -> (B, S, H, D): strided views, the kernels read them in place.
     q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))
+    q, k, v, dv = _one_head_dim(q, k, v)
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     common = dict(softmax_scale=scaling, causal=bool(causal), window_size=window, sinks=sinks,
                   softcap=softcap or 0.0, dropout_p=float(dropout or 0.0))
 
@@ -108,7 +123,7 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
         out = pad_input(out, q_index, B, Sq)
     else:
         out = flash_attn_func(q, k, v, **common)
-    return out.to(query.dtype), None
+    return out[..., :dv].to(query.dtype), None
 
 
 def register(name=NAME):
