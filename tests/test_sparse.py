@@ -28,11 +28,11 @@ def masked_math(q, k, v, mask, scale, bias=None, dtype=torch.float64):
     return p @ vd
 
 
-def run_case(device, dtype, bm, B, Hq, Hkv, L, S, D, grads=True, seed=0):
+def run_case(device, dtype, bm, B, Hq, Hkv, L, S, D, grads=True, seed=0, Dv=None):
     gen = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(B, Hq, L, D, device=device, dtype=dtype, generator=gen)
     k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, generator=gen)
-    v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(B, Hkv, S, Dv or D, device=device, dtype=dtype, generator=gen)
     mask = bm.to_element_mask(B, Hq)
     scale = D ** -0.5
     leaves = [t.clone().requires_grad_(grads) for t in (q, k, v)]
@@ -117,6 +117,15 @@ def test_empty_rows(device):
     assert torch.all(torch.isneginf(lse[:, :, 100:]))
     out.sum().backward()
     assert torch.all(q.grad[:, :, 100:] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("E,Ev", [(64, 32), (32, 64)])
+def test_value_head_dim_differs(device, E, Ev):
+    """torch's flex_attention takes a value head dim other than the query's: so do we (the
+    narrower side zero-padded inside; the scale stays E^-1/2), forward and gradients."""
+    L = 200
+    run_case(device, _dev_dtype(device), MASKS["sliding_window"](L, device), 2, 4, 2, L, L, E, Dv=Ev)
 
 
 @pytest.mark.parametrize("device", DEVICES)

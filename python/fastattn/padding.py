@@ -41,3 +41,17 @@ def pad_input(hidden_states, indices, batch, seqlen):
     out = hidden_states.new_zeros((batch * seqlen, *hidden_states.shape[1:]))
     out = out.index_put((indices,), hidden_states)
     return out.reshape(batch, seqlen, *hidden_states.shape[1:])
+
+
+def pad_head_dims(q, k, v):
+    """One head dim for q, k and v, as the kernels take: the narrower side zero-padded in its
+    last dim. Zero key channels add nothing to q.k (callers fix the softmax scale from q's own
+    head dim first); zero value channels give output channels that the caller cuts off.
+    Multi-head latent attention (DeepSeek V2 / V3: q, k 192 = 128 + 64 rotary, v 128) is the
+    common case. Returns (q, k, v, the value head dim to keep)."""
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dv < dqk:
+        v = F.pad(v, (0, dqk - dv))
+    elif dv > dqk:
+        q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
+    return q, k, v, dv

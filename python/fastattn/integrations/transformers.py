@@ -31,7 +31,7 @@ import transformers
 from transformers import AttentionInterface
 
 from ..functional import flash_attn_func, flash_attn_varlen_func
-from ..padding import pad_input, unpad_input
+from ..padding import pad_head_dims, pad_input, unpad_input
 
 NAME = "fastattn"
 
@@ -40,20 +40,6 @@ def _unsupported(kwargs):
         raise NotImplementedError("fastattn: output_attentions=True needs the attention "
                                   "probabilities, which fastattn never materializes; use "
                                   "attn_implementation='eager' for that")
-
-
-def _one_head_dim(q, k, v):
-    """The kernels take one head dim for q, k and v. Multi-head latent attention (DeepSeek V2 /
-    V3: q, k 192 = 128 + 64 rotary, v 128) gives v another one, so the narrower side is
-    zero-padded: zero key channels add nothing to q.k (the softmax scale is fixed from q's own
-    head dim before), zero value channels give output channels that are cut off.
-    Returns (q, k, v, the value head dim to keep)."""
-    dqk, dv = q.shape[-1], v.shape[-1]
-    if dv < dqk:
-        v = torch.nn.functional.pad(v, (0, dqk - dv))
-    elif dv > dqk:
-        q, k = (torch.nn.functional.pad(t, (0, dv - dqk)) for t in (q, k))
-    return q, k, v, dv
 
 
 def _compute_dtype(query):
@@ -92,7 +78,7 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
     dtype = _compute_dtype(query)
     # (B, H, S, D) -> (B, S, H, D): strided views, the kernels read them in place.
     q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))
-    q, k, v, dv = _one_head_dim(q, k, v)
+    q, k, v, dv = pad_head_dims(q, k, v)  # DeepSeek V2 / V3: v narrower than q, k
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     common = dict(softmax_scale=scaling, causal=bool(causal), window_size=window, sinks=sinks,

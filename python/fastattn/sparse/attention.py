@@ -14,6 +14,7 @@ import torch
 
 from .._ops import ops
 from ..dropout import dropout_state
+from ..padding import pad_head_dims
 from .block_mask import BlockMask, MaskParams
 from .score_mods import resolve_score_mod
 
@@ -136,9 +137,9 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
                    return_lse=False, kernel_options=None, *, deterministic=False):
     """torch.nn.attention.flex_attention.flex_attention over fastattn's kernels.
 
-    query (B, Hq, L, E), key/value (B, Hkv, S, E); block_mask: a fastattn or
-    torch BlockMask (None: dense). enable_gqa lets Hq be a multiple of Hkv.
-    Returns out (B, Hq, L, E), and lse (B, Hq, L) (natural log) with
+    query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev); block_mask: a
+    fastattn or torch BlockMask (None: dense). enable_gqa lets Hq be a multiple of
+    Hkv. Returns out (B, Hq, L, Ev), and lse (B, Hq, L) (natural log) with
     return_lse. score_mod: None or a built-in of fastattn.sparse (alibi,
     relative_position_bias, t5_relative_position_bias, additive_bias; see
     score_mods.py); an arbitrary callable raises NotImplementedError (it needs
@@ -153,10 +154,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     B, Hq, L, E = query.shape
     Hkv, S = key.shape[1], key.shape[2]
-    if value.shape[-1] != E:
-        raise NotImplementedError(f"fastattn: flex_attention needs value's head dim ({value.shape[-1]}) "
-                                  f"to equal query's ({E})")
-    if key.shape != value.shape or key.shape[0] != B or key.shape[-1] != E:
+    if key.shape[:-1] != value.shape[:-1] or key.shape[0] != B or key.shape[-1] != E:
         raise ValueError(f"fastattn: key {tuple(key.shape)} / value {tuple(value.shape)} do not match "
                          f"query {tuple(query.shape)}")
     if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
@@ -165,6 +163,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     kb = resolve_score_mod(score_mod, B, Hq, L, S, query.device)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    q, k, v, ev = pad_head_dims(q, k, v)  # value's head dim may differ from query's, as in torch
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -173,5 +172,5 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         v = v.contiguous()
     out, lse = sparse_attention_bshd(q, k, v, block_mask, scale, bias=kb.bias, deterministic=deterministic,
                                      relative=kb.relative, slopes=kb.slopes)
-    out = out.transpose(1, 2)
+    out = out[..., :ev].transpose(1, 2)
     return (out, lse) if return_lse else out
