@@ -110,6 +110,40 @@ def test_decode_reads_fp8_codes(device, fp8, layout, paged):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("layout", ["none", "tensor", "head", "seq-head"])
+def test_fp8_queries_with_q_descale(device, fp8, layout):
+    """FlashAttention-3's FP8 decode: q in FP8 with q_descale (per tensor, per KV head or per
+    (sequence, KV head), GQA) over an FP8 cache; bfloat16 output against float64 attention
+    over the dequantized q and cache, the baseline being the same attention in bfloat16."""
+    B, Hq, Hkv, D = 3, 8, 2, 64
+    lens = torch.tensor([1, 40, 300], dtype=torch.int32)
+    k_codes = random_codes((B, 320, Hkv, D), fp8, device)
+    v_codes = random_codes((B, 320, Hkv, D), fp8, device)
+    kd = scale_tensor("head", fp8, B, Hkv, device)
+    vd = scale_tensor("tensor", fp8, B, Hkv, device)
+    qd = scale_tensor(layout, fp8, B, Hkv, device)
+    q_codes = random_codes((B, 2, Hq, D), fp8, "cpu")
+    if layout == "none":  # codes as values: keep them small
+        q_codes = (q_codes.float() / MAX_CODE[fp8]).to(fp8)
+    q_codes = q_codes.to(device)
+    out, lse = fastattn.flash_attn_with_kvcache(q_codes, k_codes, v_codes, cache_seqlens=lens.to(device),
+                                                causal=True, q_descale=qd, k_descale=kd, v_descale=vd,
+                                                return_softmax_lse=True)
+    assert out.dtype == torch.bfloat16
+    # q's scale per query head: its KV head's (GQA groups of Hq / Hkv heads).
+    q_scale = None if qd is None else (qd if qd.numel() == 1 else qd.repeat_interleave(Hq // Hkv, -1))
+    q = dequant(q_codes, q_scale)
+    row = lambda s, b: s if s is None or s.dim() < 2 else s[b:b + 1]
+    for b in range(B):
+        n = int(lens[b])
+        check_against_reference(f"{layout} b{b}", out[b:b + 1], lse[b:b + 1], q[b:b + 1].to(torch.bfloat16),
+                                dequant(k_codes[b:b + 1, :n], row(kd, b)),
+                                dequant(v_codes[b:b + 1, :n], row(vd, b)), D ** -0.5, torch.bfloat16,
+                                causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8", FP8)
 def test_decode_fp8_with_softcap_alibi_and_window(device, fp8):
     B, Hq, Hkv, D, S = 2, 4, 4, 64, 300
     dtype = _low_dtypes(device)[-1]
@@ -303,8 +337,13 @@ def test_fp8_bad_input(device):
     k16 = torch.randn(B, S, Hkv, D, dtype=q.dtype, device=device)
     with pytest.raises(ValueError, match="k_descale applies to FP8"):
         fastattn.flash_attn_with_kvcache(q, k16, k16, k_descale=0.5)
-    with pytest.raises(NotImplementedError, match="q_descale"):
+    with pytest.raises(ValueError, match="q_descale applies to FP8 queries"):
         fastattn.flash_attn_with_kvcache(q, kc, kc, q_descale=torch.ones(1, device=device))
+    q8 = random_codes(q.shape, torch.float8_e4m3fn, device)
+    with pytest.raises(ValueError, match=r"q_descale must be a number or float32 of shape \(1,\), \(2,\)"):
+        fastattn.flash_attn_with_kvcache(q8, kc, kc, q_descale=torch.ones(4, device=device))
+    with pytest.raises(TypeError, match="q_descale must be float32"):
+        fastattn.flash_attn_with_kvcache(q8, kc, kc, q_descale=torch.ones(1, dtype=torch.float64, device=device))
     with pytest.raises(RuntimeError, match="k_descale must have one element"):
         fastattn.flash_attn_with_kvcache(q, kc, kc, k_descale=torch.ones(3, device=device))
     with pytest.raises(RuntimeError, match="k_descale must be float32"):

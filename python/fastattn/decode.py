@@ -1,13 +1,12 @@
 """Decoding over a KV cache (flash-attn's flash_attn_with_kvcache) and the
 attention-state merge ("recursive attention")."""
-from typing import Optional
 
 import torch
 
 from ._ops import ops
 from .functional import (_alibi, _apply_sinks, _check_flash_dtype, _check_paged_block_size, _softcap,
                          _window)
-from .kv_quant import is_fp8_kv, kv_scale_tensor, per_token_scale
+from .kv_quant import dequantized_query, is_fp8_kv, kv_scale_tensor, per_token_scale
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
@@ -112,16 +111,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (v_descale), a positive number or float32 tensor of shape (1,), (Hkv,) or (B, Hkv)
     (FlashAttention-3's layout), default 1; the kernel reads the codes and applies the
     scales. New k, v are quantized into the cache with the same scales (rounded to the
-    nearest code, saturated). q_descale (FP8 queries) is not supported.
+    nearest code, saturated). FP8 queries (q float8_e4m3fn / float8_e5m2, q_descale as
+    FlashAttention-3: a number or float32 (1,), (Hkv,) or (B, Hkv), default 1) are
+    dequantized to bfloat16 first; the output is then bfloat16.
 
     Speculative verification of a token tree: tree_mask (B, Sq, Sq) bool (Sq <= 64) makes
     the last Sq keys of each sequence (after any append: the draft tokens, one per query)
     visible to query i only where tree_mask[b, i, j] (its ancestors and itself); the keys
     before them stay visible, and the causal / window mask still applies on top.
     """
-    if q_descale is not None:
-        raise NotImplementedError("fastattn: q_descale (FP8 queries) is not supported; pass q in "
-                                  "float16 or bfloat16 (FP8 KV caches take k_descale / v_descale)")
+    if q.dim() == 4 and k_cache.dim() == 4:
+        q = dequantized_query(q, q_descale, k_cache.shape[-2])
+    elif q_descale is not None:
+        raise ValueError("fastattn: q_descale needs q (batch, seqlen_q, heads, head_dim) and a 4-D cache")
     fp8 = is_fp8_kv(k_cache)
     k_descale = kv_scale_tensor(k_descale, "k_descale", q.device, fp8)
     v_descale = kv_scale_tensor(v_descale, "v_descale", q.device, fp8)

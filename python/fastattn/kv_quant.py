@@ -37,6 +37,37 @@ def kv_scale_tensor(x, name: str, device: torch.device, fp8: bool) -> Optional[t
     return torch.full((1,), float(x), dtype=torch.float32, device=device)
 
 
+def dequantized_query(q: torch.Tensor, q_descale, num_kv_heads: int) -> torch.Tensor:
+    """FlashAttention-3's FP8 queries: q (B, Sq, Hq, D) in float8_e4m3fn / float8_e5m2 with
+    q_descale a number or a float32 tensor (1,), (Hkv,) or (B, Hkv) (query head h takes KV
+    head h // (Hq / Hkv)'s scale), default 1 -> code * scale in bfloat16, FA3's output dtype
+    for FP8 inputs. A decode step has a few query rows against a whole cache, so this copy
+    costs little beside the kernel. Other dtypes pass through (q_descale must be None)."""
+    if q.dtype not in FP8_KV_DTYPES:
+        if q_descale is not None:
+            raise ValueError(f"fastattn: q_descale applies to FP8 queries (float8_e4m3fn, float8_e5m2) "
+                             f"only; q is {q.dtype}")
+        return q
+    B, _, Hq, _ = q.shape
+    x = q.float()
+    if q_descale is not None:
+        s = kv_scale_tensor(q_descale, "q_descale", q.device, True)
+        if s.device != q.device:
+            raise ValueError(f"fastattn: q_descale is on {s.device}, q on {q.device}")
+        group = Hq // num_kv_heads if num_kv_heads > 0 and Hq % num_kv_heads == 0 else 0
+        if s.numel() == 1:
+            s = s.reshape(1, 1, 1, 1)
+        elif group and tuple(s.shape) == (num_kv_heads,):
+            s = s.repeat_interleave(group).view(1, 1, Hq, 1)
+        elif group and tuple(s.shape) == (B, num_kv_heads):
+            s = s.repeat_interleave(group, 1).view(B, 1, Hq, 1)
+        else:
+            raise ValueError(f"fastattn: q_descale must be a number or float32 of shape (1,), "
+                             f"({num_kv_heads},) or ({B}, {num_kv_heads}), got {tuple(s.shape)}")
+        x = x * s
+    return x.to(torch.bfloat16)
+
+
 def shared_kv_descales(k_descale, v_descale, device, fp8: bool, who: str):
     """kv_scale_tensor of both, for calls that read several sequences as one (cascade's
     prefix, Quest's per-head tables): per tensor or per KV head only."""
