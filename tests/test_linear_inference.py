@@ -98,6 +98,23 @@ def test_chunked_kernels_match_the_definition(family, T, dtype, D):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("family", ["simple_gla", "gated_delta", "linear"])
+@pytest.mark.parametrize("K,V", [(128, 64), (64, 128)])
+def test_chunked_kernels_take_key_and_value_dims_that_differ(family, K, V):
+    """K != V (Mamba2-like d_state 128 over 64-wide heads; V = 2K): the chunked kernels'
+    instantiations for both pairs, against the recurrence with the 2x rule."""
+    gate, has_beta, _ = FAMILIES[family]
+    t = inputs(2, 300, 2, 4, K, V, torch.bfloat16, gate=gate, beta=has_beta, h0=True, seed=K)
+    t["k"] = torch.nn.functional.normalize(t["k"].float(), dim=-1).to(torch.bfloat16)
+    with torch.no_grad():
+        o, S = CHUNK_OPS[family](to(t, "cuda"))
+    _, ref_o, ref_S = run_naive(family, t, torch.float64)
+    _, base_o, base_S = run_naive(family, t, torch.bfloat16)
+    assert_close_rule("o", o.cpu(), base_o, ref_o, OUT_FACTOR)
+    assert_close_rule("state", S.cpu(), base_S, ref_S, OUT_FACTOR)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("g_value", [None, -20.0, 0.0])
 def test_chunked_kernels_on_32k_tokens(g_value):
     """T = 32768 in bf16 through the chunked kernels: finite with extreme gates (a decay of

@@ -99,7 +99,7 @@ LinearRecurrentParams make_params(const LinearRecurrentProblem& s, const at::Ten
 }
 
 // Calls with more than one chunk of tokens go through the chunked kernels
-// (linear_chunk_params.h) when they serve them: K == V in {64, 128},
+// (linear_chunk_params.h) when they serve them: K and V in {64, 128},
 // fp16/bf16, a decay per (token, head) or none, and for varlen batches an
 // average of at least 8 tokens per sequence (decode batches, one to a few
 // tokens per sequence, stay on the recurrence kernel, which needs no workspace).

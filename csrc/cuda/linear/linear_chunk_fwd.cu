@@ -11,11 +11,12 @@ namespace fastattn {
 namespace gpu {
 namespace {
 
-template <typename Elem, int kD, bool kDelta>
+template <typename Elem, int kK, bool kDelta>
 cudaError_t run_typed(const LinearChunkParams& p, cudaStream_t stream) {
-  cudaError_t err = launch_linear_chunk_local<Elem, kD, kD, kDelta>(p, stream);
+  cudaError_t err = p.V == 64 ? launch_linear_chunk_local<Elem, kK, 64, kDelta>(p, stream)
+                              : launch_linear_chunk_local<Elem, kK, 128, kDelta>(p, stream);
   if (err != cudaSuccess) return err;
-  return launch_linear_chunk_scan<Elem, kD, kLinearScanCols, kDelta>(p, stream);
+  return launch_linear_chunk_scan<Elem, kK, kLinearScanCols, kDelta>(p, stream);
 }
 
 // Runs Run<Elem, key dim, delta rule> for p's sizes (`supported`: whether

@@ -14,9 +14,11 @@ namespace gpu {
 // Value columns per scan CTA.
 constexpr int kLinearScanCols = 32;
 
-// Whether the chunked kernels serve these sizes: K == V in {64, 128}
+// Whether the chunked kernels serve these sizes: K and V each 64 or 128
 // (other head dims take the other paths of fastattn.linear).
-inline bool linear_chunk_supported(int K, int V) { return K == V && (K == 64 || K == 128); }
+inline bool linear_chunk_supported(int K, int V) {
+  return (K == 64 || K == 128) && (V == 64 || V == 128);
+}
 // The scans alone (the training path's ops) take any V that is a multiple of
 // their value slice: the slice is the only V-shaped tile.
 inline bool linear_scan_supported(int K, int V) {

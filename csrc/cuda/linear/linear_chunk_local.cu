@@ -372,8 +372,12 @@ cudaError_t launch_linear_chunk_local(const LinearChunkParams& p, cudaStream_t s
   template cudaError_t launch_linear_chunk_local<E, K, V, false>(const LinearChunkParams&,        \
                                                                  cudaStream_t);
 FASTATTN_LINEAR_LOCAL(__half, 64, 64)
+FASTATTN_LINEAR_LOCAL(__half, 64, 128)
+FASTATTN_LINEAR_LOCAL(__half, 128, 64)
 FASTATTN_LINEAR_LOCAL(__half, 128, 128)
 FASTATTN_LINEAR_LOCAL(__nv_bfloat16, 64, 64)
+FASTATTN_LINEAR_LOCAL(__nv_bfloat16, 64, 128)
+FASTATTN_LINEAR_LOCAL(__nv_bfloat16, 128, 64)
 FASTATTN_LINEAR_LOCAL(__nv_bfloat16, 128, 128)
 #undef FASTATTN_LINEAR_LOCAL
 

@@ -100,10 +100,10 @@ def _needs_grad(*tensors) -> bool:
 
 def _chunk_kernels_serve(q, v, g):
     """Whether csrc/torch/linear_cuda.cpp's chunked kernels take a long call (chunked_serves):
-    K == V in {64, 128}, fp16/bf16, a decay per (token, head) or none. (Varlen batches of
+    K and V in {64, 128}, fp16/bf16, a decay per (token, head) or none. (Varlen batches of
     short sequences run its recurrence kernel.)"""
     K, V = q.shape[-1], v.shape[-1]
-    return K == V and K in (64, 128) and q.dtype in (torch.float16, torch.bfloat16) and (
+    return K in (64, 128) and V in (64, 128) and q.dtype in (torch.float16, torch.bfloat16) and (
         g is None or g.dim() == 3)
 
 

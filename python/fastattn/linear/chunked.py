@@ -20,7 +20,7 @@ keeps the state at every chunk start and u: 4 (K V + C V) bytes per chunk per
 (batch, value head) in float32. The two loops over chunks (the forward scan
 and the backward's reverse scan) run as the ops linear_state_scan[_bwd]: in
 ATen on the CPU, in the CUDA kernels of csrc/cuda/linear/linear_chunk_scan*.cu
-for fp16/bf16 with K == V in {64, 128} when FASTATTN_LINEAR_CUDA_SCANS=1
+for fp16/bf16 with K in {64, 128} and V a multiple of 32 when FASTATTN_LINEAR_CUDA_SCANS=1
 (opt-in until their first GPU run), else as loops of torch ops here.
 
 Per-key decays (GLA) keep the autograd path below (_per_key_sequence), which
