@@ -66,6 +66,19 @@ def test_chunk_and_fused_recurrent_agree():
     torch.testing.assert_close(a[1], b[1])
 
 
+def test_fla_names():
+    """Every name fla's op modules export for these families imports from fastattn.linear."""
+    names = ["chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn", "chunk_simple_gla",
+             "fused_recurrent_simple_gla", "chunk_gla", "fused_chunk_gla", "fused_recurrent_gla",
+             "chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_gated_delta_rule",
+             "fused_recurrent_gated_delta_rule"]
+    assert sorted(names) == sorted(la.__all__)
+    assert all(callable(getattr(la, n)) for n in names)
+    t = inputs(1, 20, 2, 2, 8, 8, torch.float32, gate="key")
+    torch.testing.assert_close(la.fused_chunk_gla(t["q"], t["k"], t["v"], t["g"])[0],
+                               la.fused_recurrent_gla(t["q"], t["k"], t["v"], gk=t["g"])[0])
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_varlen_matches_separate_sequences(family):
     gate, has_beta, _ = FAMILIES[family]
