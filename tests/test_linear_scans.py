@@ -136,6 +136,62 @@ def test_scans_opcheck(delta):
     torch.library.opcheck(torch.ops.fastattn.linear_state_scan_bwd.default, tuple(b.values()))
 
 
+def local_operands(B, HV, N, K, V, dtype, seed=0):
+    """Inputs of linear_chunk_bwd_local: q, k, v, dout rows; b a running sum of log decays
+    per chunk; states and their gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = lambda cols, s: (torch.randn(B, HV, N, C, cols, generator=gen) * s).to(dtype)
+    b = (-0.3 * torch.rand(B, HV, N, C, generator=gen)).cumsum(-1).to(sd)
+    return dict(q=rows(K, 1.0), k=rows(K, K ** -0.5), v=rows(V, 1.0), dout=rows(V, 1.0), b=b,
+                chunk_states=(0.3 * torch.randn(B, HV, N, K, V, generator=gen)).to(sd),
+                chunk_dstates=torch.randn(B, HV, N, K, V, generator=gen).to(sd), scale=K ** -0.5)
+
+
+def chunk_bwd_local_math(q, k, v, dout, b, chunk_states, chunk_dstates, scale):
+    """linear_chunk_bwd_local's definition (csrc/ops.cpp) through autograd: the gradients of
+    one chunk's outputs and end state with respect to q, k and the per-row log decays, given
+    dO and the end state's gradient, with the products' operands rounded as the kernels do."""
+    sd = b.dtype
+    rnd = lambda x: x.to(q.dtype).to(sd)
+    qf, kf, bb = (x.detach().to(sd).requires_grad_() for x in (q, k, b))
+    vf, do = v.to(sd), dout.to(sd)
+    S0 = rnd(chunk_states)
+    idx = torch.arange(C)
+    lower = idx[:, None] >= idx[None, :]
+    gam = torch.where(lower, (bb[..., :, None] - bb[..., None, :]).masked_fill(~lower, 0).exp(), 0.0)
+    o = scale * ((qf * bb.exp()[..., None]) @ S0 + ((qf @ kf.transpose(-1, -2)) * gam) @ vf)
+    S1 = bb[..., -1:, None].exp() * chunk_states + (kf * (bb[..., -1:] - bb).exp()[..., None]).transpose(-1, -2) @ vf
+    loss = (o * do).sum() + (S1 * rnd(chunk_dstates)).sum()
+    return torch.autograd.grad(loss, [qf, kf, bb])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N", [1, 3])
+def test_chunk_bwd_local_matches_its_definition(dtype, N):
+    t = local_operands(2, 3, N, 16, 8, dtype, seed=N)
+    got = ops.linear_chunk_bwd_local(*t.values())
+    want = chunk_bwd_local_math(*t.values())
+    for name, a, r in zip(("dq", "dk", "db"), got, want):
+        _compare(name, a, r, 1e-10 if dtype == torch.float64 else 1e-4)
+
+
+def test_chunk_bwd_local_bad_input_and_opcheck():
+    t = local_operands(1, 2, 2, 16, 8, torch.float32)
+    torch.library.opcheck(torch.ops.fastattn.linear_chunk_bwd_local.default, tuple(t.values()))
+    bad = lambda **kw: tuple({**t, **kw}.values())
+    with pytest.raises(RuntimeError, match="k must have shape"):
+        ops.linear_chunk_bwd_local(*bad(k=t["k"][..., :8]))
+    with pytest.raises(RuntimeError, match="dout must be"):
+        ops.linear_chunk_bwd_local(*bad(dout=t["dout"].double()))
+    with pytest.raises(RuntimeError, match="b must have shape"):
+        ops.linear_chunk_bwd_local(*bad(b=t["b"][..., :32]))
+    with pytest.raises(RuntimeError, match="chunk_states must have shape"):
+        ops.linear_chunk_bwd_local(*bad(chunk_states=t["chunk_states"][:, :, :1]))
+    with pytest.raises(RuntimeError, match="chunk_dstates must be"):
+        ops.linear_chunk_bwd_local(*bad(chunk_dstates=t["chunk_dstates"].double()))
+
+
 def _poison_allocator():
     """NaN in the caching allocator's free blocks: an element a kernel forgets
     to write comes back NaN."""
@@ -164,6 +220,22 @@ def test_cuda_scan_kernels_match_the_aten_scans(dtype, K, V, delta, N, initial):
                               list(got_f) + list(got_b), list(ref_f) + list(ref_b)):
             assert torch.isfinite(a.float()).all(), name
             _compare(name, a.cpu(), r, 3e-2 if a.dtype == dtype else 1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (128, 64), (64, 128)])
+def test_cuda_chunk_bwd_local_kernel_matches_the_aten_op(dtype, K, V):
+    """The kernel against the same op run by ATen on the CPU (the same roundings of Mg and
+    the states; the order of the fp32 sums differs), twice (a changing result is a race)."""
+    t = local_operands(3, 5, 6, K, V, dtype, seed=K + V)
+    want = ops.linear_chunk_bwd_local(*t.values())
+    for _ in range(2):
+        _poison_allocator()
+        got = ops.linear_chunk_bwd_local(*[x.cuda() if isinstance(x, torch.Tensor) else x for x in t.values()])
+        for name, a, r in zip(("dq", "dk", "db"), got, want):
+            assert torch.isfinite(a).all(), name
+            _compare(name, a.cpu(), r, 1e-2)
 
 
 @pytest.mark.cuda

@@ -351,6 +351,13 @@ def _linear_state_scan_fake(qt, kt, u, w, o_intra, decay_last, initial_state):
             qt.new_empty((B, HV, N, K, V), dtype=sd), u.new_empty(u.shape if w is not None else (0,)))
 
 
+@torch.library.register_fake("fastattn::linear_chunk_bwd_local")
+def _linear_chunk_bwd_local_fake(q, k, v, dout, b, chunk_states, chunk_dstates, scale):
+    _check_one_device(q, k, v, dout, b, chunk_states, chunk_dstates)
+    sd = _lse_dtype(q.dtype)
+    return q.new_empty(q.shape, dtype=sd), k.new_empty(k.shape, dtype=sd), b.new_empty(b.shape, dtype=sd)
+
+
 @torch.library.register_fake("fastattn::linear_state_scan_bwd")
 def _linear_state_scan_bwd_fake(qs, kt, w, x, dout, decay_last, dfinal):
     _check_one_device(qs, kt, w, x, dout, decay_last, dfinal)

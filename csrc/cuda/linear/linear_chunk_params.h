@@ -106,4 +106,24 @@ struct LinearScanBwdParams {
   ElemType dtype = ElemType::kBFloat16;
 };
 
+// Chunk-local gradients of the chunked training path without the delta rule
+// (op linear_chunk_bwd_local; the math: csrc/ops.cpp), one CTA per (chunk,
+// value head, batch row). Chunk layout (B, HV, chunks * 64, .) contiguous.
+struct LinearChunkBwdLocalParams {
+  static constexpr int kChunk = LinearChunkParams::kChunk;
+  const void* q = nullptr;     // rows of K, input dtype
+  const void* k = nullptr;     // rows of K
+  const void* v = nullptr;     // rows of V
+  const void* dout = nullptr;  // rows of V
+  const float* b = nullptr;    // (B, HV, chunks, 64) chunk-local cumulative log decays
+  const float* states = nullptr;   // (B, HV, chunks, K, V) at the chunk starts
+  const float* dstates = nullptr;  // (B, HV, chunks, K, V) gradients at the chunk ends
+  float* dq = nullptr;  // rows of K
+  float* dk = nullptr;  // rows of K
+  float* db = nullptr;  // (B, HV, chunks, 64)
+  int B = 0, HV = 0, K = 0, V = 0, chunks = 0;
+  float scale = 1.f;
+  ElemType dtype = ElemType::kBFloat16;
+};
+
 }  // namespace fastattn

@@ -1,20 +1,23 @@
-// The two scans over chunks of fastattn.linear's chunked training path
-// (linear_state_scan / linear_state_scan_bwd; the math: csrc/ops.cpp), in
-// ATen ops only, so the same code serves any device: the CPU backend, and the
-// CUDA backend for dtypes and sizes its kernels do not take. Every chunk is a
-// few batched matmuls over (B, HV); the chunks run in order.
+// The ops of fastattn.linear's chunked training path (the math:
+// csrc/ops.cpp): the two scans over chunks (linear_state_scan[_bwd]) and the
+// chunk-local gradients (linear_chunk_bwd_local), in ATen ops only, so the
+// same code serves any device: the CPU backend, and the CUDA backend for
+// dtypes and sizes its kernels do not take. In the scans every chunk is a few
+// batched matmuls over (B, HV) and the chunks run in order; the chunk-local
+// gradients are batched over all chunks at once.
 //
-// The products take the state, u (forward), dS and du (backward) rounded to
-// the operands' dtype, as the CUDA kernels do (they feed them to the tensor
-// cores from shared memory in that dtype), so that both backends compute one
-// function; the states themselves are carried in float32 (float64).
+// The products take the state, u (forward), dS and du (backward), the states
+// and M o Gamma (chunk-local gradients) rounded to the operands' dtype, as the
+// CUDA kernels do (they feed them to the tensor cores from shared memory in
+// that dtype), so that both backends compute one function; the states
+// themselves are carried in float32 (float64).
 #include <ATen/ATen.h>
 
 #include <optional>
 #include <tuple>
 
 #include "cpu/linear_cpu.h"
-#include "torch/linear_scan_problem.h"
+#include "torch/linear_train_problem.h"
 
 namespace fastattn::cpu {
 namespace {
@@ -78,6 +81,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_state_scan_bwd_cpu(
     dS = next;
   }
   return {du, dstates, dS};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_chunk_bwd_local_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout, const at::Tensor& b,
+    const at::Tensor& states, const at::Tensor& dstates, double scale) {
+  const LinearScanProblem s = check_linear_chunk_bwd_local_args(q, k, v, dout, b, states, dstates);
+  const at::ScalarType sd = s.state_dtype, operand = q.scalar_type();
+  const at::Tensor Q = q.to(sd), Kc = k.to(sd), Vc = v.to(sd), dO = dout.to(sd);
+  const at::Tensor S0 = as_operand(states, operand), dS1 = as_operand(dstates, operand);
+  const int64_t C = LinearScanProblem::kChunk;
+  const at::Tensor idx = at::arange(C, b.options().dtype(at::kLong));
+  const at::Tensor lower = idx.unsqueeze(-1) >= idx.unsqueeze(0);
+  // Gamma_ij = e^{b_i - b_j} on j <= i (exponents <= 0 there), 0 above.
+  const at::Tensor diff = b.unsqueeze(-1) - b.unsqueeze(-2);
+  const at::Tensor gam = at::where(lower, diff.masked_fill(lower.logical_not(), 0).exp(), at::zeros({}, b.options()));
+  const at::Tensor qk = at::matmul(Q, Kc.transpose(-1, -2));
+  const at::Tensor dm = (scale * at::matmul(dO, Vc.transpose(-1, -2))).tril();
+  const at::Tensor mg = as_operand(dm * gam, operand);
+  const at::Tensor e = b.exp(), to_end = (b.narrow(-1, C - 1, 1) - b).exp();
+  const at::Tensor do_s0 = at::matmul(dO, S0.transpose(-1, -2));  // (C x K)
+  const at::Tensor dkt = at::matmul(Vc, dS1.transpose(-1, -2));   // (C x K)
+  const at::Tensor dq = scale * e.unsqueeze(-1) * do_s0 + at::matmul(mg, Kc);
+  const at::Tensor dk = to_end.unsqueeze(-1) * dkt + at::matmul(mg.transpose(-1, -2), Q);
+  const at::Tensor de = scale * (Q * do_s0).sum(-1);
+  const at::Tensor s_kt = to_end * (Kc * dkt).sum(-1);
+  const at::Tensor G = dm * qk * gam;
+  at::Tensor db = G.sum(-1) - G.sum(-2) + de * e - s_kt;
+  db.select(-1, C - 1).add_(s_kt.sum(-1) + (states * dstates).sum({-1, -2}) * e.select(-1, C - 1));
+  return {dq, dk, db};
 }
 
 }  // namespace fastattn::cpu

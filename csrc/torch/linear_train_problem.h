@@ -1,6 +1,7 @@
-// Argument checks of the linear_state_scan / linear_state_scan_bwd ops (the
-// two scans over chunks of fastattn.linear's chunked training path), shared
-// by the CPU and CUDA backends (schemas and the math: csrc/ops.cpp).
+// Argument checks of the ops of fastattn.linear's chunked training path
+// (linear_state_scan / linear_state_scan_bwd: the two scans over chunks;
+// linear_chunk_bwd_local: the chunk-local gradients), shared by the CPU and
+// CUDA backends (schemas and the math: csrc/ops.cpp).
 //
 // Chunk layout: (B, HV, N, 64, .) contiguous, every chunk of every
 // (batch, value head) padded to 64 rows; states (B, HV, K, V); per-chunk
@@ -118,6 +119,48 @@ inline LinearScanProblem check_linear_state_scan_bwd_args(const at::Tensor& qs, 
   check_rows(op, x, "x", s, s.V, dt);
   check_rows(op, dout, "dout", s, s.V, dt);
   if (dfinal) check_state(op, *dfinal, "dfinal", s);
+  return s;
+}
+
+// linear_chunk_bwd_local: q, k (B, HV, N, 64, K); v, dout (B, HV, N, 64, V); b (B, HV, N, 64)
+// and the chunk states and their gradients (B, HV, N, K, V) in the state dtype.
+inline LinearScanProblem check_linear_chunk_bwd_local_args(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const at::Tensor& dout,
+                                                           const at::Tensor& b, const at::Tensor& states,
+                                                           const at::Tensor& dstates) {
+  using namespace linear_scan_detail;
+  constexpr const char* op = "linear_chunk_bwd_local";
+  TORCH_CHECK(q.dim() == 5 && v.dim() == 5, "fastattn.", op, ": q and v must be (B, HV, chunks, 64, .), got ",
+              q.sizes(), " and ", v.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "fastattn.", op, ": q must be a floating dtype, got ",
+              q.scalar_type());
+  LinearScanProblem s;
+  s.B = q.size(0), s.HV = q.size(1), s.N = q.size(2), s.K = q.size(4), s.V = v.size(4);
+  s.state_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto& [t, name] : {Named{&k, "k"}, Named{&v, "v"}, Named{&dout, "dout"}, Named{&b, "b"},
+                                Named{&states, "chunk_states"}, Named{&dstates, "chunk_dstates"}}) {
+    TORCH_CHECK(t->device() == q.device(), "fastattn.", op, ": ", name, " is on ", t->device(), ", q on ",
+                q.device());
+  }
+  const at::ScalarType dt = q.scalar_type();
+  check_rows(op, q, "q", s, s.K, dt);
+  check_rows(op, k, "k", s, s.K, dt);
+  check_rows(op, v, "v", s, s.V, dt);
+  check_rows(op, dout, "dout", s, s.V, dt);
+  TORCH_CHECK(b.dim() == 4 && b.size(0) == s.B && b.size(1) == s.HV && b.size(2) == s.N &&
+                  b.size(3) == LinearScanProblem::kChunk,
+              "fastattn.", op, ": b must have shape (", s.B, ", ", s.HV, ", ", s.N, ", ", LinearScanProblem::kChunk,
+              "), got ", b.sizes());
+  TORCH_CHECK(b.scalar_type() == s.state_dtype, "fastattn.", op, ": b must be ", s.state_dtype, ", got ",
+              b.scalar_type());
+  for (const auto& [t, name] : {Named{&states, "chunk_states"}, Named{&dstates, "chunk_dstates"}}) {
+    TORCH_CHECK(t->dim() == 5 && t->size(0) == s.B && t->size(1) == s.HV && t->size(2) == s.N &&
+                    t->size(3) == s.K && t->size(4) == s.V,
+                "fastattn.", op, ": ", name, " must have shape (", s.B, ", ", s.HV, ", ", s.N, ", ", s.K, ", ",
+                s.V, "), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == s.state_dtype, "fastattn.", op, ": ", name, " must be ", s.state_dtype,
+                ", got ", t->scalar_type());
+  }
   return s;
 }
 

@@ -3,7 +3,7 @@
 // csrc/ops.cpp): the scan kernels (linear_chunk_scan.cu and
 // linear_chunk_scan_bwd.cu) for float16 / bfloat16 with K in {64, 128} and V a
 // multiple of 32;
-// other calls run the ATen implementation (csrc/cpu/linear_scan_cpu.cpp) on
+// other calls run the ATen implementation (csrc/cpu/linear_train_cpu.cpp) on
 // the device. No host sync.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,7 +17,7 @@
 #include "cuda/linear/linear_chunk_launch.h"
 #include "cuda/linear/linear_chunk_params.h"
 #include "torch/cuda_glue.h"
-#include "torch/linear_scan_problem.h"
+#include "torch/linear_train_problem.h"
 
 namespace fastattn {
 namespace {
@@ -130,10 +130,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_state_scan_bwd_cuda(
   return {du, dstates, dinitial};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_chunk_bwd_local_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& dout_in,
+    const at::Tensor& b_in, const at::Tensor& states_in, const at::Tensor& dstates_in, double scale) {
+  const LinearScanProblem s =
+      check_linear_chunk_bwd_local_args(q_in, k_in, v_in, dout_in, b_in, states_in, dstates_in);
+  const bool served = (q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16) &&
+                      gpu::linear_chunk_supported(static_cast<int>(s.K), static_cast<int>(s.V)) &&
+                      s.B <= 65535 && s.HV <= 65535 && s.N <= (int64_t{1} << 30);
+  if (!served) {
+    return cpu::linear_chunk_bwd_local_cpu(q_in, k_in, v_in, dout_in, b_in, states_in, dstates_in, scale);
+  }
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor dout = dout_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor states = states_in.contiguous(), dstates = dstates_in.contiguous();
+  const auto fopts = q.options().dtype(at::kFloat);
+  auto dq = at::empty(q.sizes(), fopts);
+  auto dk = at::empty(k.sizes(), fopts);
+  auto db = at::empty(b.sizes(), fopts);
+  LinearChunkBwdLocalParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dout = dout.data_ptr();
+  p.b = b.data_ptr<float>();
+  p.states = states.data_ptr<float>();
+  p.dstates = dstates.data_ptr<float>();
+  p.dq = dq.data_ptr<float>();
+  p.dk = dk.data_ptr<float>();
+  p.db = db.data_ptr<float>();
+  p.B = static_cast<int>(s.B), p.HV = static_cast<int>(s.HV), p.K = static_cast<int>(s.K);
+  p.V = static_cast<int>(s.V), p.chunks = static_cast<int>(s.N);
+  p.scale = static_cast<float>(scale);
+  p.dtype = elem_of(q);
+  glue::check_launch(gpu::run_linear_chunk_bwd_local(p, at::cuda::getCurrentCUDAStream()),
+                     "linear_chunk_bwd_local");
+  return {dq, dk, db};
+}
+
 }  // namespace
 }  // namespace fastattn
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("linear_state_scan", &fastattn::linear_state_scan_cuda);
   m.impl("linear_state_scan_bwd", &fastattn::linear_state_scan_bwd_cuda);
+  m.impl("linear_chunk_bwd_local", &fastattn::linear_chunk_bwd_local_cuda);
 }
