@@ -253,18 +253,29 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "linear_state_scan_bwd(Tensor qs, Tensor kt, Tensor? w, Tensor x, Tensor dout, "
       "Tensor decay_last, Tensor? dfinal) -> (Tensor du, Tensor chunk_dstates, Tensor dinitial)");
-  // The chunk-local gradients without the delta rule, every chunk at once:
-  // q, k (B, HV, N, 64, K), v, dout (B, HV, N, 64, V) one floating dtype; b
-  // (B, HV, N, 64) the chunk-local cumulative log decays, chunk_states /
-  // chunk_dstates (B, HV, N, K, V) the states at the chunk starts and the
-  // gradients of the states at the chunk ends (linear_state_scan[_bwd]), in
-  // the state dtype. With e = e^b, Gamma_ij = e^{b_i - b_j} (j <= i),
-  // dM = tril(scale dout v^T), Mg = dM o Gamma, Kt = e^{b_last - b} o k:
-  //   dq = scale e o (dout S0^T) + Mg k;  dk = e^{b_last - b} o (v dS1^T) + Mg^T q;
-  //   db = rowsum(G) - colsum(G) + scale e o rowsum(q o dout S0^T) - rowsum(Kt o v dS1^T),
-  //   G = dM o (q k^T) o Gamma; the last row also gets sum(rowsum(Kt o v dS1^T)) + <S0, dS1> e^{b_last}.
-  // -> (dq, dk in the state dtype; db, whose reversed cumulative sum per chunk is dg).
+  // The chunk-local gradients, every chunk at once: q, k (B, HV, N, 64, K),
+  // v, dout (B, HV, N, 64, V) one floating dtype; b (B, HV, N, 64) the
+  // chunk-local cumulative log decays, chunk_states / chunk_dstates
+  // (B, HV, N, K, V) the states at the chunk starts and the gradients of the
+  // states at the chunk ends (linear_state_scan[_bwd]), in the state dtype.
+  // With e = e^b, Gamma_ij = e^{b_i - b_j} (j <= i), U the updates (u with the
+  // delta rule, else v), dM = tril(scale dout U^T), Mg = dM o Gamma,
+  // Kt = e^{b_last - b} o k:
+  //   dq = scale e o (dout S0^T) + Mg k;  dk = e^{b_last - b} o (U dS1^T) + Mg^T q;
+  //   db = rowsum(G) - colsum(G) + scale e o rowsum(q o dout S0^T) - rowsum(Kt o U dS1^T),
+  //   G = dM o (q k^T) o Gamma; the last row also gets sum(rowsum(Kt o U dS1^T)) + <S0, dS1> e^{b_last}.
+  // Delta rule (beta (B, HV, N, 64) in the state dtype, u and du (the
+  // gradients of u, from linear_state_scan_bwd) like v): with T = (I + A)^{-1},
+  // A = strict_lower(diag(beta) (k k^T o Gamma)), dW = -du S0^T,
+  // dT = du (beta v)^T + dW (beta e k)^T, dA = strict_lower(-T^T dT T^T),
+  // X = diag(beta) dA o Gamma:
+  //   dv = beta o T^T du;  dk += beta e o T^T dW + (X + X^T) k;
+  //   db += beta e o rowsum(k o T^T dW) + rowsum(G') - colsum(G'), G' = X o k k^T;
+  //   dbeta = rowsum(v o T^T du) + e o rowsum(k o T^T dW) + rowsum(dA o k k^T o Gamma).
+  // -> (dq, dk, db (its reversed cumulative sum per chunk is dg), dv, dbeta) in the state dtype;
+  //    dv and dbeta empty without the delta rule (dv is then du of the scan).
   m.def(
       "linear_chunk_bwd_local(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor b, Tensor chunk_states, "
-      "Tensor chunk_dstates, float scale) -> (Tensor dq, Tensor dk, Tensor db)");
+      "Tensor chunk_dstates, float scale, Tensor? beta=None, Tensor? u=None, Tensor? du=None) "
+      "-> (Tensor dq, Tensor dk, Tensor db, Tensor dv, Tensor dbeta)");
 }

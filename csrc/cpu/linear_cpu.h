@@ -72,9 +72,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_state_scan_bwd_cpu(
     const at::Tensor& qs, const at::Tensor& kt, const std::optional<at::Tensor>& w, const at::Tensor& x,
     const at::Tensor& dout, const at::Tensor& decay_last, const std::optional<at::Tensor>& dfinal);
 // linear_chunk_bwd_local (csrc/ops.cpp): the chunk-local gradients of the
-// chunked training path without the delta rule.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_chunk_bwd_local_cpu(
+// chunked training path.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_chunk_bwd_local_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout, const at::Tensor& b,
-    const at::Tensor& states, const at::Tensor& dstates, double scale);
+    const at::Tensor& states, const at::Tensor& dstates, double scale, const std::optional<at::Tensor>& beta,
+    const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& du);
 
 }  // namespace fastattn::cpu

@@ -83,33 +83,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_state_scan_bwd_cpu(
   return {du, dstates, dS};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_chunk_bwd_local_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_chunk_bwd_local_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout, const at::Tensor& b,
-    const at::Tensor& states, const at::Tensor& dstates, double scale) {
-  const LinearScanProblem s = check_linear_chunk_bwd_local_args(q, k, v, dout, b, states, dstates);
+    const at::Tensor& states, const at::Tensor& dstates, double scale, const std::optional<at::Tensor>& beta,
+    const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& du) {
+  const LinearScanProblem s = check_linear_chunk_bwd_local_args(q, k, v, dout, b, states, dstates, beta, u, du);
   const at::ScalarType sd = s.state_dtype, operand = q.scalar_type();
+  const bool delta = beta.has_value();
   const at::Tensor Q = q.to(sd), Kc = k.to(sd), Vc = v.to(sd), dO = dout.to(sd);
+  const at::Tensor U = delta ? u->to(sd) : Vc;  // the updates the state took
   const at::Tensor S0 = as_operand(states, operand), dS1 = as_operand(dstates, operand);
   const int64_t C = LinearScanProblem::kChunk;
   const at::Tensor idx = at::arange(C, b.options().dtype(at::kLong));
   const at::Tensor lower = idx.unsqueeze(-1) >= idx.unsqueeze(0);
+  const at::Tensor zero = at::zeros({}, b.options());
   // Gamma_ij = e^{b_i - b_j} on j <= i (exponents <= 0 there), 0 above.
   const at::Tensor diff = b.unsqueeze(-1) - b.unsqueeze(-2);
-  const at::Tensor gam = at::where(lower, diff.masked_fill(lower.logical_not(), 0).exp(), at::zeros({}, b.options()));
+  const at::Tensor gam = at::where(lower, diff.masked_fill(lower.logical_not(), 0).exp(), zero);
   const at::Tensor qk = at::matmul(Q, Kc.transpose(-1, -2));
-  const at::Tensor dm = (scale * at::matmul(dO, Vc.transpose(-1, -2))).tril();
+  const at::Tensor dm = (scale * at::matmul(dO, U.transpose(-1, -2))).tril();
   const at::Tensor mg = as_operand(dm * gam, operand);
   const at::Tensor e = b.exp(), to_end = (b.narrow(-1, C - 1, 1) - b).exp();
   const at::Tensor do_s0 = at::matmul(dO, S0.transpose(-1, -2));  // (C x K)
-  const at::Tensor dkt = at::matmul(Vc, dS1.transpose(-1, -2));   // (C x K)
+  const at::Tensor dkt = at::matmul(U, dS1.transpose(-1, -2));    // (C x K)
   const at::Tensor dq = scale * e.unsqueeze(-1) * do_s0 + at::matmul(mg, Kc);
-  const at::Tensor dk = to_end.unsqueeze(-1) * dkt + at::matmul(mg.transpose(-1, -2), Q);
-  const at::Tensor de = scale * (Q * do_s0).sum(-1);
+  at::Tensor dk = to_end.unsqueeze(-1) * dkt + at::matmul(mg.transpose(-1, -2), Q);
   const at::Tensor s_kt = to_end * (Kc * dkt).sum(-1);
-  const at::Tensor G = dm * qk * gam;
-  at::Tensor db = G.sum(-1) - G.sum(-2) + de * e - s_kt;
+  at::Tensor G = dm * qk * gam;
+  at::Tensor db = scale * (Q * do_s0).sum(-1) * e - s_kt;
+  at::Tensor dv = at::empty({0}, q.options().dtype(sd)), dbeta = at::empty({0}, q.options().dtype(sd));
+  if (delta) {
+    const at::Tensor bt = *beta, dU = du->to(sd);
+    const at::Tensor strict = idx.unsqueeze(-1) > idx.unsqueeze(0);
+    const at::Tensor kk = at::matmul(Kc, Kc.transpose(-1, -2));
+    const at::Tensor A = at::where(strict, bt.unsqueeze(-1) * kk * gam, zero);
+    const at::Tensor eye = at::eye(C, b.options());
+    const at::Tensor T = as_operand(at::linalg_solve_triangular(eye + A, eye.expand_as(A), /*upper=*/false,
+                                                                /*left=*/true, /*unitriangular=*/true),
+                                    operand);
+    const at::Tensor dW = as_operand(-at::matmul(dU, S0.transpose(-1, -2)), operand);
+    const at::Tensor dT = as_operand(bt.unsqueeze(-2) * (at::matmul(dU, Vc.transpose(-1, -2)) +
+                                                         e.unsqueeze(-2) * at::matmul(dW, Kc.transpose(-1, -2))),
+                                     operand);
+    const at::Tensor dbv = at::matmul(T.transpose(-1, -2), dU), dbek = at::matmul(T.transpose(-1, -2), dW);
+    dv = bt.unsqueeze(-1) * dbv;
+    const at::Tensor r = e * (Kc * dbek).sum(-1);
+    dk = dk + (bt * e).unsqueeze(-1) * dbek;
+    const at::Tensor Y = as_operand(at::matmul(dT, T.transpose(-1, -2)), operand);
+    const at::Tensor dA = at::where(strict, -at::matmul(T.transpose(-1, -2), Y), zero);
+    const at::Tensor X = as_operand(bt.unsqueeze(-1) * dA * gam, operand);
+    dk = dk + at::matmul(X + X.transpose(-1, -2), Kc);
+    dbeta = (Vc * dbv).sum(-1) + r + (dA * kk * gam).sum(-1);
+    db = db + bt * r;
+    G = G + X * kk;
+  }
+  db = db + G.sum(-1) - G.sum(-2);
   db.select(-1, C - 1).add_(s_kt.sum(-1) + (states * dstates).sum({-1, -2}) * e.select(-1, C - 1));
-  return {dq, dk, db};
+  return {dq, dk, db, dv, dbeta};
 }
 
 }  // namespace fastattn::cpu

@@ -130,25 +130,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_state_scan_bwd_cuda(
   return {du, dstates, dinitial};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_chunk_bwd_local_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_chunk_bwd_local_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& dout_in,
-    const at::Tensor& b_in, const at::Tensor& states_in, const at::Tensor& dstates_in, double scale) {
-  const LinearScanProblem s =
-      check_linear_chunk_bwd_local_args(q_in, k_in, v_in, dout_in, b_in, states_in, dstates_in);
+    const at::Tensor& b_in, const at::Tensor& states_in, const at::Tensor& dstates_in, double scale,
+    const std::optional<at::Tensor>& beta_in, const std::optional<at::Tensor>& u_in,
+    const std::optional<at::Tensor>& du_in) {
+  const LinearScanProblem s = check_linear_chunk_bwd_local_args(q_in, k_in, v_in, dout_in, b_in, states_in,
+                                                                dstates_in, beta_in, u_in, du_in);
   const bool served = (q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16) &&
                       gpu::linear_chunk_supported(static_cast<int>(s.K), static_cast<int>(s.V)) &&
                       s.B <= 65535 && s.HV <= 65535 && s.N <= (int64_t{1} << 30);
   if (!served) {
-    return cpu::linear_chunk_bwd_local_cpu(q_in, k_in, v_in, dout_in, b_in, states_in, dstates_in, scale);
+    return cpu::linear_chunk_bwd_local_cpu(q_in, k_in, v_in, dout_in, b_in, states_in, dstates_in, scale,
+                                           beta_in, u_in, du_in);
   }
   c10::cuda::CUDAGuard guard(q_in.device());
+  const bool delta = beta_in.has_value();
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor dout = dout_in.contiguous(), b = b_in.contiguous();
   const at::Tensor states = states_in.contiguous(), dstates = dstates_in.contiguous();
+  const std::optional<at::Tensor> beta = contiguous(beta_in), u = contiguous(u_in), du = contiguous(du_in);
   const auto fopts = q.options().dtype(at::kFloat);
   auto dq = at::empty(q.sizes(), fopts);
   auto dk = at::empty(k.sizes(), fopts);
   auto db = at::empty(b.sizes(), fopts);
+  auto dv = delta ? at::empty(v.sizes(), fopts) : at::empty({0}, fopts);
+  auto dbeta = delta ? at::empty(b.sizes(), fopts) : at::empty({0}, fopts);
   LinearChunkBwdLocalParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -157,6 +164,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_chunk_bwd_local_cuda(
   p.b = b.data_ptr<float>();
   p.states = states.data_ptr<float>();
   p.dstates = dstates.data_ptr<float>();
+  if (delta) {
+    p.beta = beta->data_ptr<float>();
+    p.u = u->data_ptr();
+    p.du = du->data_ptr();
+    p.dv = dv.data_ptr<float>();
+    p.dbeta = dbeta.data_ptr<float>();
+  }
   p.dq = dq.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.db = db.data_ptr<float>();
@@ -166,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_chunk_bwd_local_cuda(
   p.dtype = elem_of(q);
   glue::check_launch(gpu::run_linear_chunk_bwd_local(p, at::cuda::getCurrentCUDAStream()),
                      "linear_chunk_bwd_local");
-  return {dq, dk, db};
+  return {dq, dk, db, dv, dbeta};
 }
 
 }  // namespace

@@ -127,7 +127,10 @@ inline LinearScanProblem check_linear_state_scan_bwd_args(const at::Tensor& qs, 
 inline LinearScanProblem check_linear_chunk_bwd_local_args(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const at::Tensor& dout,
                                                            const at::Tensor& b, const at::Tensor& states,
-                                                           const at::Tensor& dstates) {
+                                                           const at::Tensor& dstates,
+                                                           const std::optional<at::Tensor>& beta,
+                                                           const std::optional<at::Tensor>& u,
+                                                           const std::optional<at::Tensor>& du) {
   using namespace linear_scan_detail;
   constexpr const char* op = "linear_chunk_bwd_local";
   TORCH_CHECK(q.dim() == 5 && v.dim() == 5, "fastattn.", op, ": q and v must be (B, HV, chunks, 64, .), got ",
@@ -160,6 +163,19 @@ inline LinearScanProblem check_linear_chunk_bwd_local_args(const at::Tensor& q, 
                 s.V, "), got ", t->sizes());
     TORCH_CHECK(t->scalar_type() == s.state_dtype, "fastattn.", op, ": ", name, " must be ", s.state_dtype,
                 ", got ", t->scalar_type());
+  }
+  TORCH_CHECK(beta.has_value() == u.has_value() && u.has_value() == du.has_value(), "fastattn.", op,
+              ": the delta rule needs beta, u and du together");
+  if (beta) {
+    for (const auto& [t, name] : {Named{&*beta, "beta"}, Named{&*u, "u"}, Named{&*du, "du"}}) {
+      TORCH_CHECK(t->device() == q.device(), "fastattn.", op, ": ", name, " is on ", t->device(), ", q on ",
+                  q.device());
+    }
+    TORCH_CHECK(beta->sizes() == b.sizes() && beta->scalar_type() == s.state_dtype, "fastattn.", op,
+                ": beta must be ", s.state_dtype, " of b's shape ", b.sizes(), ", got ", beta->scalar_type(), " ",
+                beta->sizes());
+    check_rows(op, *u, "u", s, s.V, dt);
+    check_rows(op, *du, "du", s, s.V, dt);
   }
   return s;
 }

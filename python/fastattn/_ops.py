@@ -352,10 +352,13 @@ def _linear_state_scan_fake(qt, kt, u, w, o_intra, decay_last, initial_state):
 
 
 @torch.library.register_fake("fastattn::linear_chunk_bwd_local")
-def _linear_chunk_bwd_local_fake(q, k, v, dout, b, chunk_states, chunk_dstates, scale):
-    _check_one_device(q, k, v, dout, b, chunk_states, chunk_dstates)
+def _linear_chunk_bwd_local_fake(q, k, v, dout, b, chunk_states, chunk_dstates, scale, beta=None, u=None,
+                                 du=None):
+    _check_one_device(q, k, v, dout, b, chunk_states, chunk_dstates, beta, u, du)
     sd = _lse_dtype(q.dtype)
-    return q.new_empty(q.shape, dtype=sd), k.new_empty(k.shape, dtype=sd), b.new_empty(b.shape, dtype=sd)
+    delta = beta is not None
+    return (q.new_empty(q.shape, dtype=sd), k.new_empty(k.shape, dtype=sd), b.new_empty(b.shape, dtype=sd),
+            v.new_empty(v.shape if delta else (0,), dtype=sd), b.new_empty(b.shape if delta else (0,), dtype=sd))
 
 
 @torch.library.register_fake("fastattn::linear_state_scan_bwd")

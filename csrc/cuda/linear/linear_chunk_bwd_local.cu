@@ -1,14 +1,21 @@
-// Chunk-local gradients of the chunked linear-attention backward without the
-// delta rule (op linear_chunk_bwd_local; the math: csrc/ops.cpp). One CTA of
-// 4 warps per (chunk, value head, batch row); warp w owns chunk rows
-// 16w..16w+15 of every C-row product (mma.sync m16n8k16, fp32 accumulators):
-//   qk = Q K^T, dM = tril(scale dO V^T)   -> Mg = dM o Gamma (shared, input dtype) and
+// Chunk-local gradients of the chunked linear-attention backward (op
+// linear_chunk_bwd_local; the math: csrc/ops.cpp). One CTA of 4 warps per
+// (chunk, value head, batch row); warp w owns chunk rows 16w..16w+15 of every
+// C-row product (mma.sync m16n8k16, fp32 accumulators). U is u (the forward's
+// updates) with the delta rule, else V:
+//   qk = Q K^T, dM = tril(scale dO U^T)   -> Mg = dM o Gamma (shared, input dtype) and
 //                                            the row / column sums of G = dM o qk o Gamma
-//   dq = scale e o (dO S0^T) + Mg K        (S0 in shared memory in the input dtype)
-//   dk = e^{b_last - b} o (V dS1^T) + Mg^T Q  (Mg^T through ldmatrix.trans)
-// db gathers its row terms in shared memory: each row's terms are added by
-// the one lane (a quad's first) that owns the row in every product, in order,
-// so the row sums need no atomics; the column sums of G do.
+//   dq = scale e o (dO S0^T) + Mg K        (S0, then dS1, in shared memory in the input dtype)
+//   dk = e^{b_last - b} o (U dS1^T) + Mg^T Q  (Mg^T through ldmatrix.trans)
+// and with the delta rule, T = (I + A)^{-1} recomputed (linear_ut_inverse.h):
+//   dW = -du S0^T;  dT = du (beta V)^T + dW (beta e K)^T;  dV = beta o T^T du;
+//   dK += beta e o T^T dW;  dA = -T^T dT T^T (strictly lower);  dK += (X + X^T) K
+//   with X = beta o dA o Gamma; dbeta and db gather their row terms.
+// dk is accumulated in global memory by the one thread that owns each element
+// in every product (the same fragment layout each time). db / dbeta gather
+// their row terms in shared memory: each row's terms are added by the one lane
+// (a quad's first) that owns the row in every product, in order, so the row
+// sums need no atomics; the column sums of G do.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -17,6 +24,7 @@
 
 #include "cuda/linear/linear_chunk_launch.h"
 #include "cuda/linear/linear_chunk_tiles.h"
+#include "cuda/linear/linear_ut_inverse.h"
 
 namespace fastattn {
 namespace gpu {
@@ -25,23 +33,36 @@ namespace {
 using namespace linear_tiles;
 constexpr int C = LinearChunkBwdLocalParams::kChunk;
 using TileC = SmemTile<C, C>;
+using linear_ut::invert_unit_lower;
+using linear_ut::kFStride;
 
-template <int kK, int kV>
+template <int kK, int kV, bool kDelta>
 struct BwdLocalSmem {
   using TileK = SmemTile<C, kK>;
   using TileV = SmemTile<C, kV>;
   using TileS = SmemTile<kK, kV>;
+  static constexpr int kFloatsC = C * kFStride * 4;  // fp32 C x C
   static constexpr int kQ = 0;
   static constexpr int kKey = kQ + TileK::kBytes;
-  static constexpr int kVal = kKey + TileK::kBytes;
-  static constexpr int kDo = kVal + TileV::kBytes;
-  static constexpr int kS0 = kDo + TileV::kBytes;     // S0, input dtype
-  static constexpr int kDS1 = kS0 + TileS::kBytes;    // dS1, input dtype
-  static constexpr int kMg = kDS1 + TileS::kBytes;    // Mg = dM o Gamma, input dtype
-  static constexpr int kB = kMg + TileC::kBytes;      // b (C floats)
-  static constexpr int kDb = kB + C * 4;              // db's row terms (C floats)
-  static constexpr int kCol = kDb + C * 4;            // column sums of G (C floats)
-  static constexpr int kRed = kCol + C * 4;           // <S0, dS1> per warp (4), sum of the Kt terms (1)
+  static constexpr int kU = kKey + TileK::kBytes;     // u (delta rule) or v
+  static constexpr int kDo = kU + TileV::kBytes;
+  static constexpr int kS = kDo + TileV::kBytes;      // S0, then dS1, input dtype
+  static constexpr int kMg = kS + TileS::kBytes;      // Mg = dM o Gamma; delta rule: later X
+  // Delta rule only:
+  static constexpr int kVal = kMg + TileC::kBytes;                 // v
+  static constexpr int kDu = kVal + (kDelta ? TileV::kBytes : 0);  // du
+  static constexpr int kW = kDu + (kDelta ? TileV::kBytes : 0);    // dW
+  static constexpr int kT = kW + (kDelta ? TileK::kBytes : 0);     // T, input dtype
+  static constexpr int kDt = kT + (kDelta ? TileC::kBytes : 0);    // dT, input dtype
+  static constexpr int kA = kDt + (kDelta ? TileC::kBytes : 0);    // A fp32; after the inverse: dT T^T
+  static constexpr int kTf = kA + (kDelta ? kFloatsC : 0);         // T fp32
+  static constexpr int kB = kTf + (kDelta ? kFloatsC : 0);         // b (C floats)
+  static constexpr int kBeta = kB + C * 4;                         // beta (delta rule)
+  static constexpr int kOnes = kBeta + C * 4;                      // ones (delta rule)
+  static constexpr int kDb = kOnes + C * 4;                        // db's row terms
+  static constexpr int kDbeta = kDb + C * 4;                       // dbeta's row terms
+  static constexpr int kCol = kDbeta + C * 4;                      // column sums of G
+  static constexpr int kRed = kCol + C * 4;  // <S0, dS1> per warp (4), sum of the Kt terms (1)
   static constexpr int kTotal = kRed + 8 * 4;
 };
 
@@ -101,53 +122,99 @@ __device__ __forceinline__ void chunk_matrix_times(float (&acc)[TileB::kCols / 8
   }
 }
 
-template <typename Elem, int kK, int kV>
+// Helpers of the kernel below: the sums a row's owner lane adds into a
+// shared row array (quad-reduced first), and the fragment loop over the
+// warp's rows of a 16 x (8 kN) accumulator.
+__device__ __forceinline__ void add_row_terms(float* rows, int my_row, bool owner, float r0, float r1) {
+  r0 = quad_sum(r0);
+  r1 = quad_sum(r1);
+  if (owner) {
+    rows[my_row] += r0;
+    rows[my_row + 8] += r1;
+  }
+}
+
+// dst[row, col] (+)= acc for the warp's 16 rows of a row-major fp32 matrix with
+// `cols` columns (accumulate: read-modify-write by the element's owner thread).
+template <int kN, bool kAccumulate>
+__device__ __forceinline__ void rows_to_global(float* dst, int cols, const float (&acc)[kN][4], int my_row,
+                                               int lane) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float2* p = reinterpret_cast<float2*>(dst + (my_row + 8 * half) * cols + acc_col(lane, 8 * n, 0));
+      float2 x = make_float2(acc[n][2 * half], acc[n][2 * half + 1]);
+      if (kAccumulate) {
+        const float2 y = *p;
+        x.x += y.x;
+        x.y += y.y;
+      }
+      *p = x;
+    }
+  }
+}
+
+// fp32 (K x V) global -> the shared S tile in the input dtype.
+template <typename Elem, typename TileS>
+__device__ __forceinline__ void state_to_shared(char* tile, const float* src, int tid) {
+  constexpr int kHalfV = TileS::kCols / 2;
+  for (int e = tid; e < TileS::kRows * kHalfV; e += kThreads) {
+    const int r = e / kHalfV, col = 2 * (e % kHalfV);
+    const float2 x = *reinterpret_cast<const float2*>(src + r * TileS::kCols + col);
+    store_pair<Elem>(tile, TileS::offset(r, col), x.x, x.y);
+  }
+}
+
+template <typename Elem, int kK, int kV, bool kDelta>
 __global__ void __launch_bounds__(kThreads, 1)
     linear_chunk_bwd_local_kernel(const __grid_constant__ LinearChunkBwdLocalParams p) {
-  using L = BwdLocalSmem<kK, kV>;
+  using L = BwdLocalSmem<kK, kV, kDelta>;
   using TileK = typename L::TileK;
   using TileV = typename L::TileV;
   using TileS = typename L::TileS;
+  constexpr int kNK = kK / 8, kNV = kV / 8, kNC = C / 8;
   extern __shared__ __align__(128) char smem[];
   char* s_q = smem + L::kQ;
   char* s_k = smem + L::kKey;
-  char* s_s0 = smem + L::kS0;
-  char* s_ds1 = smem + L::kDS1;
   char* s_mg = smem + L::kMg;
   float* s_b = reinterpret_cast<float*>(smem + L::kB);
+  float* s_beta = reinterpret_cast<float*>(smem + L::kBeta);
   float* s_db = reinterpret_cast<float*>(smem + L::kDb);
+  float* s_dbeta = reinterpret_cast<float*>(smem + L::kDbeta);
   float* s_col = reinterpret_cast<float*>(smem + L::kCol);
   float* s_red = reinterpret_cast<float*>(smem + L::kRed);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t chunk = (static_cast<int64_t>(blockIdx.z) * p.HV + blockIdx.y) * p.chunks + blockIdx.x;
   const int64_t row0 = chunk * C;
   const uint32_t q_tile = ptx::smem_u32(s_q), k_tile = ptx::smem_u32(s_k);
-  const uint32_t v_tile = ptx::smem_u32(smem + L::kVal), do_tile = ptx::smem_u32(smem + L::kDo);
-  const uint32_t mg_tile = ptx::smem_u32(s_mg);
+  const uint32_t u_tile = ptx::smem_u32(smem + L::kU), do_tile = ptx::smem_u32(smem + L::kDo);
+  const uint32_t s_tile = ptx::smem_u32(smem + L::kS), mg_tile = ptx::smem_u32(s_mg);
+  const float* s0 = p.states + chunk * kK * kV;
+  const float* ds1 = p.dstates + chunk * kK * kV;
 
   load_rows_async<TileK>(q_tile, static_cast<const Elem*>(p.q) + row0 * kK, kK, C);
   load_rows_async<TileK>(k_tile, static_cast<const Elem*>(p.k) + row0 * kK, kK, C);
-  load_rows_async<TileV>(v_tile, static_cast<const Elem*>(p.v) + row0 * kV, kV, C);
+  load_rows_async<TileV>(u_tile, static_cast<const Elem*>(kDelta ? p.u : p.v) + row0 * kV, kV, C);
   load_rows_async<TileV>(do_tile, static_cast<const Elem*>(p.dout) + row0 * kV, kV, C);
+  if constexpr (kDelta) {
+    load_rows_async<TileV>(ptx::smem_u32(smem + L::kVal), static_cast<const Elem*>(p.v) + row0 * kV, kV, C);
+    load_rows_async<TileV>(ptx::smem_u32(smem + L::kDu), static_cast<const Elem*>(p.du) + row0 * kV, kV, C);
+  }
   ptx::cp_async_commit();
   if (tid < C) {
     s_b[tid] = p.b[row0 + tid];
-    s_db[tid] = 0.f;
-    s_col[tid] = 0.f;
+    s_db[tid] = s_dbeta[tid] = s_col[tid] = 0.f;
+    if constexpr (kDelta) {
+      s_beta[tid] = p.beta[row0 + tid];
+      reinterpret_cast<float*>(smem + L::kOnes)[tid] = 1.f;
+    }
   }
   if (tid == 0) s_red[4] = 0.f;
-  {  // S0, dS1 -> shared in the input dtype; <S0, dS1> from the fp32 values.
-    const float* s0 = p.states + chunk * kK * kV;
-    const float* ds1 = p.dstates + chunk * kK * kV;
+  state_to_shared<Elem, TileS>(smem + L::kS, s0, tid);
+  {  // <S0, dS1> from the fp32 values.
     float dot = 0.f;
-    for (int e = tid; e < kK * kV / 2; e += kThreads) {
-      const int r = e / (kV / 2), col = 2 * (e % (kV / 2));
-      const float2 x = *reinterpret_cast<const float2*>(s0 + r * kV + col);
-      const float2 y = *reinterpret_cast<const float2*>(ds1 + r * kV + col);
-      store_pair<Elem>(s_s0, TileS::offset(r, col), x.x, x.y);
-      store_pair<Elem>(s_ds1, TileS::offset(r, col), y.x, y.y);
-      dot += x.x * y.x + x.y * y.y;
-    }
+    for (int e = tid; e < kK * kV; e += kThreads) dot += s0[e] * ds1[e];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
     if (lane == 0) s_red[warp] = dot;
@@ -157,22 +224,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float b_last = s_b[C - 1];
   const int my_row = 16 * warp + (lane >> 2);  // this quad's rows: my_row, my_row + 8
   const bool row_owner = (lane & 3) == 0;
+  const float e_row[2] = {__expf(s_b[my_row]), __expf(s_b[my_row + 8])};
 
-  {  // Mg = tril(scale dO V^T) o Gamma; row and column sums of G = Mg o (Q K^T).
-    float qk[C / 8][4], dm[C / 8][4];
+  {  // Mg = tril(scale dO U^T) o Gamma; the sums of G = Mg o (Q K^T); A (delta rule).
+    float qk[kNC][4], dm[kNC][4];
     zero(qk);
     zero(dm);
     rows_times_transposed<Elem, TileK, TileK>(qk, q_tile, k_tile, warp, lane);
-    rows_times_transposed<Elem, TileV, TileV>(dm, do_tile, v_tile, warp, lane);
+    rows_times_transposed<Elem, TileV, TileV>(dm, do_tile, u_tile, warp, lane);
     float row_g[2] = {0.f, 0.f};
 #pragma unroll
-    for (int n = 0; n < C / 8; ++n) {
+    for (int n = 0; n < kNC; ++n) {
       float mg[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = acc_row(lane, 16 * warp, e), j = acc_col(lane, 8 * n, e);
         // Gamma only where j <= i: the exponent is then <= 0 for decays <= 0.
-        mg[e] = j <= i ? p.scale * dm[n][e] * __expf(s_b[i] - s_b[j]) : 0.f;
+        const float gam = j <= i ? __expf(s_b[i] - s_b[j]) : 0.f;
+        mg[e] = p.scale * dm[n][e] * gam;
         const float g = mg[e] * qk[n][e];
         row_g[e >> 1] += g;
         if (j <= i) atomicAdd(&s_col[j], g);
@@ -181,23 +250,36 @@ __global__ void __launch_bounds__(kThreads, 1)
       store_pair<Elem>(s_mg, TileC::offset(my_row, j0), mg[0], mg[1]);
       store_pair<Elem>(s_mg, TileC::offset(my_row + 8, j0), mg[2], mg[3]);
     }
-    row_g[0] = quad_sum(row_g[0]);
-    row_g[1] = quad_sum(row_g[1]);
-    if (row_owner) {
-      s_db[my_row] += row_g[0];
-      s_db[my_row + 8] += row_g[1];
+    add_row_terms(s_db, my_row, row_owner, row_g[0], row_g[1]);
+  }
+  if constexpr (kDelta) {  // A = diag(beta) (K K^T o Gamma), strictly lower, fp32.
+    float kk[kNC][4];
+    zero(kk);
+    rows_times_transposed<Elem, TileK, TileK>(kk, k_tile, k_tile, warp, lane);
+    float* s_a = reinterpret_cast<float*>(smem + L::kA);
+#pragma unroll
+    for (int n = 0; n < kNC; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = acc_row(lane, 16 * warp, e), j = acc_col(lane, 8 * n, e);
+        s_a[i * kFStride + j] = j < i ? s_beta[i] * kk[n][e] * __expf(s_b[i] - s_b[j]) : 0.f;
+      }
     }
   }
-  __syncthreads();  // Mg and the column sums complete
+  __syncthreads();  // Mg, the column sums and A complete
+  if constexpr (kDelta) {  // T, fp32 and in the input dtype (unit column scales)
+    invert_unit_lower<Elem>(reinterpret_cast<const float*>(smem + L::kA), reinterpret_cast<float*>(smem + L::kTf),
+                            reinterpret_cast<const float*>(smem + L::kOnes), smem + L::kT, warp, lane);
+  }
 
   {  // dq = scale e o (dO S0^T) + Mg K; db += scale e o rowsum(q o dO S0^T).
-    float acc[kK / 8][4];
+    float acc[kNK][4];
     zero(acc);
-    rows_times_transposed<Elem, TileV, TileS>(acc, do_tile, ptx::smem_u32(s_s0), warp, lane);
+    rows_times_transposed<Elem, TileV, TileS>(acc, do_tile, s_tile, warp, lane);
     float de[2] = {0.f, 0.f};
-    const float f[2] = {p.scale * __expf(s_b[my_row]), p.scale * __expf(s_b[my_row + 8])};
+    const float f[2] = {p.scale * e_row[0], p.scale * e_row[1]};
 #pragma unroll
-    for (int n = 0; n < kK / 8; ++n) {
+    for (int n = 0; n < kNK; ++n) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float q0, q1;
@@ -207,32 +289,35 @@ __global__ void __launch_bounds__(kThreads, 1)
         acc[n][2 * half + 1] *= f[half];
       }
     }
-    de[0] = quad_sum(de[0]);
-    de[1] = quad_sum(de[1]);
-    if (row_owner) {
-      s_db[my_row] += f[0] * de[0];
-      s_db[my_row + 8] += f[1] * de[1];
-    }
+    add_row_terms(s_db, my_row, row_owner, f[0] * de[0], f[1] * de[1]);
     chunk_matrix_times<Elem, TileK, false>(acc, mg_tile, k_tile, warp, lane);
-    float* dq = p.dq + row0 * kK;
+    rows_to_global<kNK, false>(p.dq + row0 * kK, kK, acc, my_row, lane);
+  }
+  if constexpr (kDelta) {  // dW = -du S0^T, to shared memory (input dtype).
+    float acc[kNK][4];
+    zero(acc);
+    rows_times_transposed<Elem, TileV, TileS>(acc, ptx::smem_u32(smem + L::kDu), s_tile, warp, lane);
 #pragma unroll
-    for (int n = 0; n < kK / 8; ++n) {
+    for (int n = 0; n < kNK; ++n) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        *reinterpret_cast<float2*>(dq + (my_row + 8 * half) * kK + acc_col(lane, 8 * n, 0)) =
-            make_float2(acc[n][2 * half], acc[n][2 * half + 1]);
+        store_pair<Elem>(smem + L::kW, TileK::offset(my_row + 8 * half, acc_col(lane, 8 * n, 0)),
+                         -acc[n][2 * half], -acc[n][2 * half + 1]);
       }
     }
   }
+  __syncthreads();  // S0 read by every warp; dW complete
+  state_to_shared<Elem, TileS>(smem + L::kS, ds1, tid);
+  __syncthreads();
 
-  {  // dk = e^{b_last - b} o (V dS1^T) + Mg^T Q; db -= rowsum(Kt o V dS1^T).
-    float acc[kK / 8][4];
+  {  // dk = e^{b_last - b} o (U dS1^T) + Mg^T Q; db -= rowsum(Kt o U dS1^T).
+    float acc[kNK][4];
     zero(acc);
-    rows_times_transposed<Elem, TileV, TileS>(acc, v_tile, ptx::smem_u32(s_ds1), warp, lane);
+    rows_times_transposed<Elem, TileV, TileS>(acc, u_tile, s_tile, warp, lane);
     float skt[2] = {0.f, 0.f};
     const float f[2] = {__expf(b_last - s_b[my_row]), __expf(b_last - s_b[my_row + 8])};
 #pragma unroll
-    for (int n = 0; n < kK / 8; ++n) {
+    for (int n = 0; n < kNK; ++n) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float k0, k1;
@@ -250,29 +335,145 @@ __global__ void __launch_bounds__(kThreads, 1)
       atomicAdd(&s_red[4], skt[0] + skt[1]);
     }
     chunk_matrix_times<Elem, TileK, true>(acc, mg_tile, q_tile, warp, lane);
-    float* dk = p.dk + row0 * kK;
+    rows_to_global<kNK, false>(p.dk + row0 * kK, kK, acc, my_row, lane);
+  }
+
+  if constexpr (kDelta) {
+    const uint32_t t_tile = ptx::smem_u32(smem + L::kT), dt_tile = ptx::smem_u32(smem + L::kDt);
+    const uint32_t val_tile = ptx::smem_u32(smem + L::kVal), du_tile = ptx::smem_u32(smem + L::kDu);
+    const uint32_t w_tile = ptx::smem_u32(smem + L::kW);
+    const float beta_row[2] = {s_beta[my_row], s_beta[my_row + 8]};
+    {  // dT = du (beta V)^T + dW (beta e K)^T: column j scaled by beta_j (and e_j).
+      float dv_[kNC][4], dw_[kNC][4];
+      zero(dv_);
+      zero(dw_);
+      rows_times_transposed<Elem, TileV, TileV>(dv_, du_tile, val_tile, warp, lane);
+      rows_times_transposed<Elem, TileK, TileK>(dw_, w_tile, k_tile, warp, lane);
 #pragma unroll
-    for (int n = 0; n < kK / 8; ++n) {
+      for (int n = 0; n < kNC; ++n) {
+        float t[4];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        *reinterpret_cast<float2*>(dk + (my_row + 8 * half) * kK + acc_col(lane, 8 * n, 0)) =
-            make_float2(acc[n][2 * half], acc[n][2 * half + 1]);
+        for (int e = 0; e < 4; ++e) {
+          const int j = acc_col(lane, 8 * n, e);
+          t[e] = s_beta[j] * (dv_[n][e] + __expf(s_b[j]) * dw_[n][e]);
+        }
+        const int j0 = acc_col(lane, 8 * n, 0);
+        store_pair<Elem>(smem + L::kDt, TileC::offset(my_row, j0), t[0], t[1]);
+        store_pair<Elem>(smem + L::kDt, TileC::offset(my_row + 8, j0), t[2], t[3]);
       }
+    }
+    {  // dV = beta o T^T du; dbeta += rowsum(V o T^T du).
+      float acc[kNV][4];
+      zero(acc);
+      chunk_matrix_times<Elem, TileV, true>(acc, t_tile, du_tile, warp, lane);
+      float r[2] = {0.f, 0.f};
+#pragma unroll
+      for (int n = 0; n < kNV; ++n) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float v0, v1;
+          load_pair<Elem>(smem + L::kVal, TileV::offset(my_row + 8 * half, acc_col(lane, 8 * n, 0)), v0, v1);
+          r[half] += v0 * acc[n][2 * half] + v1 * acc[n][2 * half + 1];
+          acc[n][2 * half] *= beta_row[half];
+          acc[n][2 * half + 1] *= beta_row[half];
+        }
+      }
+      add_row_terms(s_dbeta, my_row, row_owner, r[0], r[1]);
+      rows_to_global<kNV, false>(p.dv + row0 * kV, kV, acc, my_row, lane);
+    }
+    {  // dK += beta e o T^T dW; with r = rowsum(K o T^T dW): db += beta e r, dbeta += e r.
+      float acc[kNK][4];
+      zero(acc);
+      chunk_matrix_times<Elem, TileK, true>(acc, t_tile, w_tile, warp, lane);
+      float r[2] = {0.f, 0.f};
+#pragma unroll
+      for (int n = 0; n < kNK; ++n) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float k0, k1;
+          load_pair<Elem>(s_k, TileK::offset(my_row + 8 * half, acc_col(lane, 8 * n, 0)), k0, k1);
+          r[half] += k0 * acc[n][2 * half] + k1 * acc[n][2 * half + 1];
+          const float f = beta_row[half] * e_row[half];
+          acc[n][2 * half] *= f;
+          acc[n][2 * half + 1] *= f;
+        }
+      }
+      r[0] = quad_sum(r[0]) * e_row[0];
+      r[1] = quad_sum(r[1]) * e_row[1];
+      if (row_owner) {
+        s_dbeta[my_row] += r[0];
+        s_dbeta[my_row + 8] += r[1];
+        s_db[my_row] += beta_row[0] * r[0];
+        s_db[my_row + 8] += beta_row[1] * r[1];
+      }
+      rows_to_global<kNK, true>(p.dk + row0 * kK, kK, acc, my_row, lane);
+    }
+    __syncthreads();  // dT complete
+    char* s_y = smem + L::kA;  // A's space, free since the inverse: Y = dT T^T (input dtype)
+    {
+      float acc[kNC][4];
+      zero(acc);
+      rows_times_transposed<Elem, TileC, TileC>(acc, dt_tile, t_tile, warp, lane);
+#pragma unroll
+      for (int n = 0; n < kNC; ++n) {
+        const int j0 = acc_col(lane, 8 * n, 0);
+        store_pair<Elem>(s_y, TileC::offset(my_row, j0), acc[n][0], acc[n][1]);
+        store_pair<Elem>(s_y, TileC::offset(my_row + 8, j0), acc[n][2], acc[n][3]);
+      }
+    }
+    __syncthreads();  // Y complete; Mg no longer read (X takes its place)
+    {  // dA = -T^T Y (strictly lower); X = beta o dA o Gamma; G += beta o dA o KK o Gamma.
+      float da[kNC][4], kk[kNC][4];
+      zero(da);
+      zero(kk);
+      chunk_matrix_times<Elem, TileC, true>(da, t_tile, ptx::smem_u32(s_y), warp, lane);
+      rows_times_transposed<Elem, TileK, TileK>(kk, k_tile, k_tile, warp, lane);
+      float row_g[2] = {0.f, 0.f}, row_b[2] = {0.f, 0.f};
+#pragma unroll
+      for (int n = 0; n < kNC; ++n) {
+        float x[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = acc_row(lane, 16 * warp, e), j = acc_col(lane, 8 * n, e);
+          const float gam = j < i ? __expf(s_b[i] - s_b[j]) : 0.f;
+          const float dav = j < i ? -da[n][e] : 0.f;
+          const float kkg = kk[n][e] * gam;
+          row_b[e >> 1] += dav * kkg;
+          x[e] = beta_row[e >> 1] * dav * gam;
+          const float g = x[e] * kk[n][e];
+          row_g[e >> 1] += g;
+          if (j < i) atomicAdd(&s_col[j], g);
+        }
+        const int j0 = acc_col(lane, 8 * n, 0);
+        store_pair<Elem>(s_mg, TileC::offset(my_row, j0), x[0], x[1]);
+        store_pair<Elem>(s_mg, TileC::offset(my_row + 8, j0), x[2], x[3]);
+      }
+      add_row_terms(s_db, my_row, row_owner, row_g[0], row_g[1]);
+      add_row_terms(s_dbeta, my_row, row_owner, row_b[0], row_b[1]);
+    }
+    __syncthreads();  // X complete
+    {  // dK += (X + X^T) K.
+      float acc[kNK][4];
+      zero(acc);
+      chunk_matrix_times<Elem, TileK, false>(acc, mg_tile, k_tile, warp, lane);
+      chunk_matrix_times<Elem, TileK, true>(acc, mg_tile, k_tile, warp, lane);
+      rows_to_global<kNK, true>(p.dk + row0 * kK, kK, acc, my_row, lane);
     }
   }
   __syncthreads();
   if (tid < C) {
     float db = s_db[tid] - s_col[tid];
-    // b_last moves every Kt row and the carried state: d/db_last of Kt^T V and of e^{b_last} S0.
+    // b_last moves every Kt row and the carried state: d/db_last of Kt^T U and of e^{b_last} S0.
     if (tid == C - 1) db += s_red[4] + (s_red[0] + s_red[1] + s_red[2] + s_red[3]) * __expf(b_last);
     p.db[row0 + tid] = db;
+    if constexpr (kDelta) p.dbeta[row0 + tid] = s_dbeta[tid];
   }
 }
 
-template <typename Elem, int kK, int kV>
+template <typename Elem, int kK, int kV, bool kDelta>
 cudaError_t launch(const LinearChunkBwdLocalParams& p, cudaStream_t stream) {
-  using L = BwdLocalSmem<kK, kV>;
-  auto kernel = linear_chunk_bwd_local_kernel<Elem, kK, kV>;
+  using L = BwdLocalSmem<kK, kV, kDelta>;
+  auto kernel = linear_chunk_bwd_local_kernel<Elem, kK, kV, kDelta>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kTotal);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.HV), static_cast<unsigned>(p.B));
@@ -280,10 +481,17 @@ cudaError_t launch(const LinearChunkBwdLocalParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename Elem, bool kDelta>
+cudaError_t run_rule(const LinearChunkBwdLocalParams& p, cudaStream_t stream) {
+  if (p.K == 64) {
+    return p.V == 64 ? launch<Elem, 64, 64, kDelta>(p, stream) : launch<Elem, 64, 128, kDelta>(p, stream);
+  }
+  return p.V == 64 ? launch<Elem, 128, 64, kDelta>(p, stream) : launch<Elem, 128, 128, kDelta>(p, stream);
+}
+
 template <typename Elem>
 cudaError_t run_elem(const LinearChunkBwdLocalParams& p, cudaStream_t stream) {
-  if (p.K == 64) return p.V == 64 ? launch<Elem, 64, 64>(p, stream) : launch<Elem, 64, 128>(p, stream);
-  return p.V == 64 ? launch<Elem, 128, 64>(p, stream) : launch<Elem, 128, 128>(p, stream);
+  return p.beta != nullptr ? run_rule<Elem, true>(p, stream) : run_rule<Elem, false>(p, stream);
 }
 
 }  // namespace

@@ -106,9 +106,9 @@ struct LinearScanBwdParams {
   ElemType dtype = ElemType::kBFloat16;
 };
 
-// Chunk-local gradients of the chunked training path without the delta rule
-// (op linear_chunk_bwd_local; the math: csrc/ops.cpp), one CTA per (chunk,
-// value head, batch row). Chunk layout (B, HV, chunks * 64, .) contiguous.
+// Chunk-local gradients of the chunked training path (op
+// linear_chunk_bwd_local; the math: csrc/ops.cpp), one CTA per (chunk, value
+// head, batch row). Chunk layout (B, HV, chunks * 64, .) contiguous.
 struct LinearChunkBwdLocalParams {
   static constexpr int kChunk = LinearChunkParams::kChunk;
   const void* q = nullptr;     // rows of K, input dtype
@@ -118,9 +118,16 @@ struct LinearChunkBwdLocalParams {
   const float* b = nullptr;    // (B, HV, chunks, 64) chunk-local cumulative log decays
   const float* states = nullptr;   // (B, HV, chunks, K, V) at the chunk starts
   const float* dstates = nullptr;  // (B, HV, chunks, K, V) gradients at the chunk ends
+  // Delta rule (beta != nullptr): beta (B, HV, chunks, 64); the forward's
+  // updates u and their gradients du (rows of V, input dtype).
+  const float* beta = nullptr;
+  const void* u = nullptr;
+  const void* du = nullptr;
   float* dq = nullptr;  // rows of K
   float* dk = nullptr;  // rows of K
   float* db = nullptr;  // (B, HV, chunks, 64)
+  float* dv = nullptr;     // rows of V (delta rule)
+  float* dbeta = nullptr;  // (B, HV, chunks, 64) (delta rule)
   int B = 0, HV = 0, K = 0, V = 0, chunks = 0;
   float scale = 1.f;
   ElemType dtype = ElemType::kBFloat16;

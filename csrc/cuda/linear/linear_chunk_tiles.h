@@ -1,6 +1,7 @@
-// Tile helpers shared by the two kernels of the chunked linear-attention
-// forward (linear_chunk_params.h): cp.async loads of row tiles into padded
-// shared tiles, and the coordinates of mma accumulator elements.
+// Tile helpers shared by the chunked linear-attention kernels (forward:
+// linear_chunk_params.h; the training path's scans and chunk-local
+// gradients): cp.async loads of row tiles into padded shared tiles, the
+// coordinates of mma accumulator elements, and the scans' state products.
 #pragma once
 #include <cstdint>
 

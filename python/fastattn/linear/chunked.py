@@ -214,10 +214,13 @@ class _ScalarDecayChunks(torch.autograd.Function):
             du, dS1, dS = ops.linear_state_scan_bwd(
                 op(scale * eq), op(P["kt"]), op(P["w"]) if delta else None,
                 op(scale * P["m"].transpose(-1, -2) @ do), op(do), P["d"], dS)
-            du = du.to(q.dtype)
-            if not delta:  # the chunk-local gradients in one op (a kernel on CUDA); dv = du
-                dq, dk, db = ops.linear_chunk_bwd_local(op(q), op(k), op(v), op(do), P["b"], S0, dS1, scale)
-                return dq, dk, du, db.flip(-1).cumsum(-1).flip(-1), None, dS, None, None, None
+            # The chunk-local gradients in one op (a kernel on CUDA); without the delta rule dv = du.
+            dq, dk, db, dv, dbeta = ops.linear_chunk_bwd_local(
+                op(q), op(k), op(v), op(do), P["b"], S0, dS1, scale, beta if delta else None,
+                op(u) if delta else None, op(du) if delta else None)
+            if not delta:
+                dv, dbeta = du.to(q.dtype), None
+            return dq, dk, dv, db.flip(-1).cumsum(-1).flip(-1), dbeta, dS, None, None, None
         gam, e, b = P["gam"], P["e"], P["b"]
         dm = torch.tril(scale * do @ u.transpose(-1, -2))
         do_s0 = do @ S0.transpose(-1, -2)                      # dO S0^T (C x K)
