@@ -253,6 +253,20 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "linear_state_scan_bwd(Tensor qs, Tensor kt, Tensor? w, Tensor x, Tensor dout, "
       "Tensor decay_last, Tensor? dfinal) -> (Tensor du, Tensor chunk_dstates, Tensor dinitial)");
+  // Every chunk's own part of the forward (what the chunk-local kernel of the
+  // chunked forward computes), for the training path: q, k (B, HV, N, 64, K),
+  // v (B, HV, N, 64, V) one floating dtype, rows past a sequence's end zero;
+  // g, beta (B, HV, N, 64) log decays and betas in the state dtype. With
+  // b = cumsum(g) per chunk, e = e^b, Gamma_ij = e^{b_i - b_j} (j <= i):
+  //   m = q k^T o Gamma (lower);  kt = e^{b_last - b} o k;  decay_last = e^{b_last};
+  //   delta rule: T = (I + A)^{-1}, A = strict_lower(diag(beta) (k k^T o Gamma)),
+  //     w = T diag(beta) (e o k), u = T diag(beta) v;  without it w = 0, u = v;
+  //   qt = scale (e o q - m w);  o_intra = scale m u.
+  // -> (qt, kt, w, u (w, u empty without the delta rule), o_intra, decay_last (B, HV, N), m, b);
+  //    rows in q's dtype, decay_last and b in the state dtype.
+  m.def(
+      "linear_chunk_prepare(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, bool delta) "
+      "-> (Tensor qt, Tensor kt, Tensor w, Tensor u, Tensor o_intra, Tensor decay_last, Tensor m, Tensor b)");
   // The chunk-local gradients, every chunk at once: q, k (B, HV, N, 64, K),
   // v, dout (B, HV, N, 64, V) one floating dtype; b (B, HV, N, 64) the
   // chunk-local cumulative log decays, chunk_states / chunk_dstates

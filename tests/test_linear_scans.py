@@ -221,6 +221,55 @@ def test_chunk_bwd_local_bad_input_and_opcheck():
         ops.linear_chunk_bwd_local(*tuple({**d, "du": d["du"][..., :4]}.values()))
 
 
+def prepare_operands(B, HV, N, K, V, dtype, seed=0):
+    """Inputs of linear_chunk_prepare (chunk layout; the last chunk's tail rows zero, as
+    chunked.py pads sequences)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = lambda cols, s: torch.randn(B, HV, N, C, cols, generator=gen) * s
+    q, k, v = rows(K, 1.0), torch.nn.functional.normalize(rows(K, 1.0), dim=-1), rows(V, 1.0)
+    for x in (q, k, v):
+        x[:, :, -1, C - 7:] = 0
+    return dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype),
+                g=(-0.4 * torch.rand(B, HV, N, C, generator=gen)).to(sd),
+                beta=torch.rand(B, HV, N, C, generator=gen).to(sd), scale=K ** -0.5)
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_chunk_prepare_matches_the_torch_form(delta):
+    """linear_chunk_prepare against chunked.py's _prepare (float64): every output."""
+    from fastattn.linear import chunked
+    t = prepare_operands(2, 3, 3, 16, 8, torch.float64, seed=7)
+    qt, kt, w, U, o_intra, decay, m, b = ops.linear_chunk_prepare(*t.values(), delta)
+    P = chunked._prepare(t["q"], t["k"], t["v"], t["g"], t["beta"], delta)
+    sc = t["scale"]
+    want_u = P["u"] if delta else t["v"]
+    want_qt = sc * P["e"][..., None] * t["q"] - (sc * P["m"] @ P["w"] if delta else 0)
+    for name, a, r in [("kt", kt, P["kt"]), ("decay_last", decay, P["d"]), ("m", m, P["m"]), ("b", b, P["b"]),
+                       ("qt", qt, want_qt), ("o_intra", o_intra, sc * P["m"] @ want_u)]:
+        _compare(name, a, r, 1e-12)
+    if delta:
+        _compare("w", w, P["w"], 1e-12)
+        _compare("u", U, P["u"], 1e-12)
+    else:
+        assert w.numel() == 0 and U.numel() == 0
+
+
+def test_chunk_prepare_bad_input_and_opcheck():
+    t = prepare_operands(1, 2, 2, 16, 8, torch.float32)
+    for delta in (False, True):
+        torch.library.opcheck(torch.ops.fastattn.linear_chunk_prepare.default, (*t.values(), delta))
+    bad = lambda **kw: (*{**t, **kw}.values(), True)
+    with pytest.raises(RuntimeError, match="k must have shape"):
+        ops.linear_chunk_prepare(*bad(k=t["k"][:, :1]))
+    with pytest.raises(RuntimeError, match="v must be"):
+        ops.linear_chunk_prepare(*bad(v=t["v"].double()))
+    with pytest.raises(RuntimeError, match="g must have shape"):
+        ops.linear_chunk_prepare(*bad(g=t["g"][..., :16]))
+    with pytest.raises(RuntimeError, match="beta must be"):
+        ops.linear_chunk_prepare(*bad(beta=t["beta"].half()))
+
+
 def _poison_allocator():
     """NaN in the caching allocator's free blocks: an element a kernel forgets
     to write comes back NaN."""
@@ -249,6 +298,23 @@ def test_cuda_scan_kernels_match_the_aten_scans(dtype, K, V, delta, N, initial):
                               list(got_f) + list(got_b), list(ref_f) + list(ref_b)):
             assert torch.isfinite(a.float()).all(), name
             _compare(name, a.cpu(), r, 3e-2 if a.dtype == dtype else 1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (128, 64), (64, 128)])
+@pytest.mark.parametrize("delta", [False, True])
+def test_cuda_chunk_prepare_kernel_matches_the_aten_op(dtype, K, V, delta):
+    """The chunk-local forward kernel with its training outputs (M, b) against the same op
+    in ATen on the CPU (the same roundings; the fp32 sum orders differ)."""
+    t = prepare_operands(3, 5, 4, K, V, dtype, seed=K + V)
+    want = ops.linear_chunk_prepare(*t.values(), delta)
+    _poison_allocator()
+    got = ops.linear_chunk_prepare(*[x.cuda() if isinstance(x, torch.Tensor) else x for x in t.values()], delta)
+    for name, a, r in zip(("qt", "kt", "w", "u", "o_intra", "decay_last", "m", "b"), got, want):
+        assert a.shape == r.shape and a.dtype == r.dtype, name
+        assert torch.isfinite(a.float()).all(), name
+        _compare(name, a.cpu(), r, 2e-2)
 
 
 @pytest.mark.cuda

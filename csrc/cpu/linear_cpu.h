@@ -62,6 +62,11 @@ at::Tensor linear_recurrent_update_cpu(const at::Tensor& q, const at::Tensor& k,
                                        const std::optional<at::Tensor>& cu_seqlens, double scale,
                                        bool delta, bool qk_l2norm, bool state_v_first);
 
+// linear_chunk_prepare (csrc/ops.cpp): every chunk's own part of the forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_chunk_prepare_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                         const at::Tensor& beta, double scale, bool delta);
+
 // linear_state_scan / linear_state_scan_bwd (csrc/ops.cpp): the scans over
 // chunks of the chunked training path, in ATen ops (any device; the CUDA
 // backend falls back to them where its kernels do not serve).

@@ -35,6 +35,42 @@ at::Tensor decay(const at::Tensor& decay_last, int64_t c) {
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_chunk_prepare_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                         const at::Tensor& beta, double scale, bool delta) {
+  const LinearScanProblem s = check_linear_chunk_prepare_args(q, k, v, g, beta);
+  const at::ScalarType sd = s.state_dtype, operand = q.scalar_type();
+  const at::Tensor Q = q.to(sd), Kc = k.to(sd), Vc = v.to(sd);
+  const int64_t C = LinearScanProblem::kChunk;
+  const at::Tensor b = g.cumsum(-1), e = b.exp();
+  const at::Tensor idx = at::arange(C, g.options().dtype(at::kLong));
+  const at::Tensor lower = idx.unsqueeze(-1) >= idx.unsqueeze(0);
+  const at::Tensor zero = at::zeros({}, g.options());
+  const at::Tensor gam =
+      at::where(lower, (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(lower.logical_not(), 0).exp(), zero);
+  const at::Tensor m = as_operand(at::matmul(Q, Kc.transpose(-1, -2)) * gam, operand);
+  const at::Tensor b_last = b.narrow(-1, C - 1, 1);
+  const at::Tensor kt = (b_last - b).exp().unsqueeze(-1) * Kc;
+  at::Tensor qt = scale * e.unsqueeze(-1) * Q, U = Vc, w = at::empty({0}, q.options()),
+             u = at::empty({0}, q.options());
+  if (delta) {
+    const at::Tensor strict = idx.unsqueeze(-1) > idx.unsqueeze(0);
+    const at::Tensor A = at::where(strict, beta.unsqueeze(-1) * at::matmul(Kc, Kc.transpose(-1, -2)) * gam, zero);
+    const at::Tensor eye = at::eye(C, g.options());
+    const at::Tensor T = at::linalg_solve_triangular(eye + A, eye.expand_as(A), /*upper=*/false, /*left=*/true,
+                                                     /*unitriangular=*/true);
+    // T diag(beta) rounded once (the kernel folds beta into T's columns).
+    const at::Tensor Tb = as_operand(T * beta.unsqueeze(-2), operand);
+    const at::Tensor W = as_operand(at::matmul(Tb, as_operand(e.unsqueeze(-1) * Kc, operand)), operand);
+    U = as_operand(at::matmul(Tb, Vc), operand);
+    qt = qt - scale * at::matmul(m, W);
+    w = W.to(operand);
+    u = U.to(operand);
+  }
+  const at::Tensor o_intra = scale * at::matmul(m, U);
+  return {qt.to(operand), kt.to(operand), w, u, o_intra.to(operand), b_last.squeeze(-1).exp(), m.to(operand), b};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_state_scan_cpu(
     const at::Tensor& qt, const at::Tensor& kt, const at::Tensor& u, const std::optional<at::Tensor>& w,
     const at::Tensor& o_intra, const at::Tensor& decay_last, const std::optional<at::Tensor>& initial_state) {

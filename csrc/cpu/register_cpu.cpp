@@ -26,6 +26,7 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("linear_bwd", &fastattn::cpu::linear_bwd_cpu);
   m.impl("linear_recurrent", &fastattn::cpu::linear_recurrent_cpu);
   m.impl("linear_recurrent_update", &fastattn::cpu::linear_recurrent_update_cpu);
+  m.impl("linear_chunk_prepare", &fastattn::cpu::linear_chunk_prepare_cpu);
   m.impl("linear_state_scan", &fastattn::cpu::linear_state_scan_cpu);
   m.impl("linear_state_scan_bwd", &fastattn::cpu::linear_state_scan_bwd_cpu);
   m.impl("linear_chunk_bwd_local", &fastattn::cpu::linear_chunk_bwd_local_cpu);

@@ -38,6 +38,57 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_chunk_prepare_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                          const at::Tensor& g_in, const at::Tensor& beta_in, double scale, bool delta) {
+  const LinearScanProblem s = check_linear_chunk_prepare_args(q_in, k_in, v_in, g_in, beta_in);
+  const bool served = (q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16) &&
+                      gpu::linear_chunk_supported(static_cast<int>(s.K), static_cast<int>(s.V)) &&
+                      s.B <= 65535 && s.HV <= 65535 && s.N * LinearScanProblem::kChunk <= (int64_t{1} << 30);
+  if (!served) return cpu::linear_chunk_prepare_cpu(q_in, k_in, v_in, g_in, beta_in, scale, delta);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor g = g_in.contiguous(), beta = beta_in.contiguous();
+  constexpr int64_t C = LinearChunkParams::kChunk;
+  const int64_t rows = s.N * C;  // rows per (batch, value head): the chunks back to back
+  const auto fopts = q.options().dtype(at::kFloat);
+  auto qt = at::empty(q.sizes(), q.options()), kt = at::empty(k.sizes(), k.options());
+  auto w = delta ? at::empty(k.sizes(), k.options()) : at::empty({0}, k.options());
+  auto u = delta ? at::empty(v.sizes(), v.options()) : at::empty({0}, v.options());
+  auto o_intra = at::empty(v.sizes(), v.options());
+  auto decay = at::empty({s.B, s.HV, s.N}, fopts);
+  auto m = at::empty({s.B, s.HV, s.N, C, C}, q.options());
+  auto b = at::empty(g.sizes(), fopts);
+  LinearChunkParams p;
+  // The inputs as (B, T = rows, H = HV, .) through strides: the kernel reads per value head.
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride_b = s.HV * rows * s.K, p.q_stride_t = s.K, p.q_stride_h = rows * s.K;
+  p.k_stride_b = p.q_stride_b, p.k_stride_t = p.q_stride_t, p.k_stride_h = p.q_stride_h;
+  p.v_stride_b = s.HV * rows * s.V, p.v_stride_t = s.V, p.v_stride_h = rows * s.V;
+  p.g = g.data_ptr<float>();
+  p.beta = delta ? beta.data_ptr<float>() : nullptr;
+  p.g_stride_b = s.HV * rows, p.g_stride_t = 1, p.g_stride_h = rows;
+  p.qt = qt.data_ptr();
+  p.kt = kt.data_ptr();
+  p.w = delta ? w.data_ptr() : nullptr;
+  p.u = delta ? u.data_ptr() : nullptr;
+  p.o_intra = o_intra.data_ptr();
+  p.decay_last = decay.data_ptr<float>();
+  p.m_out = m.data_ptr();
+  p.b_out = b.data_ptr<float>();
+  p.B = static_cast<int>(s.B), p.T = static_cast<int>(rows), p.H = static_cast<int>(s.HV);
+  p.HV = static_cast<int>(s.HV), p.K = static_cast<int>(s.K), p.V = static_cast<int>(s.V);
+  p.N = static_cast<int>(s.B);
+  p.chunks = static_cast<int>(s.N);
+  p.scale = static_cast<float>(scale);
+  p.delta = delta;
+  p.dtype = elem_of(q);
+  glue::check_launch(gpu::run_linear_chunk_local(p, at::cuda::getCurrentCUDAStream()), "linear_chunk_prepare");
+  return {qt, kt, w, u, o_intra, decay, m, b};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_state_scan_cuda(
     const at::Tensor& qt_in, const at::Tensor& kt_in, const at::Tensor& u_in,
     const std::optional<at::Tensor>& w_in, const at::Tensor& o_intra_in, const at::Tensor& decay_in,
@@ -187,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ch
 }  // namespace fastattn
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("linear_chunk_prepare", &fastattn::linear_chunk_prepare_cuda);
   m.impl("linear_state_scan", &fastattn::linear_state_scan_cuda);
   m.impl("linear_state_scan_bwd", &fastattn::linear_state_scan_bwd_cuda);
   m.impl("linear_chunk_bwd_local", &fastattn::linear_chunk_bwd_local_cuda);

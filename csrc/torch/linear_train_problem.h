@@ -180,4 +180,36 @@ inline LinearScanProblem check_linear_chunk_bwd_local_args(const at::Tensor& q, 
   return s;
 }
 
+// linear_chunk_prepare: q, k (B, HV, N, 64, K); v (B, HV, N, 64, V); g, beta (B, HV, N, 64).
+inline LinearScanProblem check_linear_chunk_prepare_args(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& g,
+                                                         const at::Tensor& beta) {
+  using namespace linear_scan_detail;
+  constexpr const char* op = "linear_chunk_prepare";
+  TORCH_CHECK(q.dim() == 5 && v.dim() == 5, "fastattn.", op, ": q and v must be (B, HV, chunks, 64, .), got ",
+              q.sizes(), " and ", v.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "fastattn.", op, ": q must be a floating dtype, got ",
+              q.scalar_type());
+  LinearScanProblem s;
+  s.B = q.size(0), s.HV = q.size(1), s.N = q.size(2), s.K = q.size(4), s.V = v.size(4);
+  s.state_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto& [t, name] : {Named{&k, "k"}, Named{&v, "v"}, Named{&g, "g"}, Named{&beta, "beta"}}) {
+    TORCH_CHECK(t->device() == q.device(), "fastattn.", op, ": ", name, " is on ", t->device(), ", q on ",
+                q.device());
+  }
+  const at::ScalarType dt = q.scalar_type();
+  check_rows(op, q, "q", s, s.K, dt);
+  check_rows(op, k, "k", s, s.K, dt);
+  check_rows(op, v, "v", s, s.V, dt);
+  for (const auto& [t, name] : {Named{&g, "g"}, Named{&beta, "beta"}}) {
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == s.B && t->size(1) == s.HV && t->size(2) == s.N &&
+                    t->size(3) == LinearScanProblem::kChunk,
+                "fastattn.", op, ": ", name, " must have shape (", s.B, ", ", s.HV, ", ", s.N, ", ",
+                LinearScanProblem::kChunk, "), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == s.state_dtype, "fastattn.", op, ": ", name, " must be ", s.state_dtype,
+                ", got ", t->scalar_type());
+  }
+  return s;
+}
+
 }  // namespace fastattn

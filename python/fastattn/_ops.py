@@ -351,6 +351,16 @@ def _linear_state_scan_fake(qt, kt, u, w, o_intra, decay_last, initial_state):
             qt.new_empty((B, HV, N, K, V), dtype=sd), u.new_empty(u.shape if w is not None else (0,)))
 
 
+@torch.library.register_fake("fastattn::linear_chunk_prepare")
+def _linear_chunk_prepare_fake(q, k, v, g, beta, scale, delta):
+    _check_one_device(q, k, v, g, beta)
+    B, HV, N, C, K = q.shape
+    sd = _lse_dtype(q.dtype)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape if delta else (0,)),
+            v.new_empty(v.shape if delta else (0,)), v.new_empty(v.shape), q.new_empty((B, HV, N), dtype=sd),
+            q.new_empty((B, HV, N, C, C)), q.new_empty((B, HV, N, C), dtype=sd))
+
+
 @torch.library.register_fake("fastattn::linear_chunk_bwd_local")
 def _linear_chunk_bwd_local_fake(q, k, v, dout, b, chunk_states, chunk_dstates, scale, beta=None, u=None,
                                  du=None):

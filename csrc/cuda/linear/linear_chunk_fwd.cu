@@ -20,9 +20,13 @@ cudaError_t run_typed(const LinearChunkParams& p, cudaStream_t stream) {
 }
 
 // Runs Run<Elem, key dim, delta rule> for p's sizes (`supported`: whether
-// Run's kernels take K and V).
+// Run's kernels take K and V); g / beta strides of 0 mean contiguous (B, T, HV).
 template <template <typename, int, bool> class Run>
-cudaError_t dispatch(const LinearChunkParams& p, bool supported, cudaStream_t stream) {
+cudaError_t dispatch(const LinearChunkParams& p_in, bool supported, cudaStream_t stream) {
+  LinearChunkParams p = p_in;
+  if (p.g_stride_b == 0 && p.g_stride_t == 0 && p.g_stride_h == 0) {
+    p.g_stride_b = static_cast<int64_t>(p.T) * p.HV, p.g_stride_t = p.HV, p.g_stride_h = 1;
+  }
   if (!supported || p.H < 1 || p.HV % p.H != 0 || p.HV > 65535 || p.B > 65535 ||
       p.N > 65535) {
     return cudaErrorInvalidValue;
@@ -42,6 +46,13 @@ struct Forward {
   static cudaError_t run(const LinearChunkParams& p, cudaStream_t s) { return run_typed<Elem, kD, kDelta>(p, s); }
 };
 template <typename Elem, int kD, bool kDelta>
+struct LocalOnly {
+  static cudaError_t run(const LinearChunkParams& p, cudaStream_t s) {
+    return p.V == 64 ? launch_linear_chunk_local<Elem, kD, 64, kDelta>(p, s)
+                     : launch_linear_chunk_local<Elem, kD, 128, kDelta>(p, s);
+  }
+};
+template <typename Elem, int kD, bool kDelta>
 struct ScanOnly {
   static cudaError_t run(const LinearChunkParams& p, cudaStream_t s) {
     return launch_linear_chunk_scan<Elem, kD, kLinearScanCols, kDelta>(p, s);
@@ -52,6 +63,10 @@ struct ScanOnly {
 
 cudaError_t run_linear_chunk_fwd(const LinearChunkParams& p, cudaStream_t stream) {
   return dispatch<Forward>(p, linear_chunk_supported(p.K, p.V), stream);
+}
+
+cudaError_t run_linear_chunk_local(const LinearChunkParams& p, cudaStream_t stream) {
+  return dispatch<LocalOnly>(p, linear_chunk_supported(p.K, p.V), stream);
 }
 
 cudaError_t run_linear_state_scan(const LinearChunkParams& p, cudaStream_t stream) {

@@ -44,6 +44,9 @@ cudaError_t run_linear_chunk_fwd(const LinearChunkParams& p, cudaStream_t stream
 // (linear_chunk_params.h). cudaErrorInvalidValue for sizes
 // linear_chunk_supported rejects.
 cudaError_t run_linear_state_scan(const LinearChunkParams& p, cudaStream_t stream);
+// The chunk-local kernel alone (op linear_chunk_prepare: the training path's
+// chunk operands, with p.m_out / p.b_out).
+cudaError_t run_linear_chunk_local(const LinearChunkParams& p, cudaStream_t stream);
 cudaError_t run_linear_state_scan_bwd(const LinearScanBwdParams& p, cudaStream_t stream);
 // The chunk-local gradients without the delta rule (linear_chunk_bwd_local.cu):
 // K and V each 64 or 128, else cudaErrorInvalidValue.

@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
   // b = chunk-local inclusive cumulative sum of g (padding rows add 0, so b
   // stays at the last token's value), beta (padding rows 0).
   if (tid < C) {
-    const int64_t gate = (static_cast<int64_t>(b) * p.T + t0 + tid) * p.HV + hv;
+    const int64_t gate = b * p.g_stride_b + static_cast<int64_t>(t0 + tid) * p.g_stride_t + hv * p.g_stride_h;
     float x = (p.g != nullptr && tid < len) ? p.g[gate] : 0.f;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -153,6 +153,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (tid >= 32 && tid < C) s_b[tid] += s_warp0_total;
   __syncthreads();
+  if (p.b_out != nullptr && tid < C) p.b_out[row0 + tid] = s_b[tid];
 
   // M = (Q K^T o Gamma) on j <= i; A = diag(beta) (K K^T o Gamma) on j < i.
   {
@@ -192,6 +193,10 @@ __global__ void __launch_bounds__(kThreads)
         const float g0 = j <= i ? __expf(bi - s_b[j]) : 0.f;
         const float g1 = j + 1 <= i ? __expf(bi - s_b[j + 1]) : 0.f;
         store_pair<Elem>(s_m, TileC::offset(i, j), acc_qk[n][2 * half] * g0, acc_qk[n][2 * half + 1] * g1);
+        if (p.m_out != nullptr) {
+          store_pair_global<Elem>(static_cast<Elem*>(p.m_out) + (row0 + i) * C + j, acc_qk[n][2 * half] * g0,
+                                  acc_qk[n][2 * half + 1] * g1);
+        }
         if (kDelta) {
           const float bt = s_beta[i];
           s_a[i * kFStride + j] = j < i ? bt * acc_kk[n][2 * half] * g0 : 0.f;

@@ -47,8 +47,10 @@ struct LinearChunkParams {
   int64_t q_stride_b = 0, q_stride_t = 0, q_stride_h = 0;
   int64_t k_stride_b = 0, k_stride_t = 0, k_stride_h = 0;
   int64_t v_stride_b = 0, v_stride_t = 0, v_stride_h = 0;
-  const float* g = nullptr;     // contiguous (B, T, HV) log decays; nullptr: none
-  const float* beta = nullptr;  // contiguous (B, T, HV); nullptr: 1 (delta rule)
+  const float* g = nullptr;     // (B, T, HV) log decays; nullptr: none
+  const float* beta = nullptr;  // (B, T, HV), g's strides; nullptr: 1 (delta rule)
+  // g's and beta's strides in elements (0: contiguous (B, T, HV), set by the launcher).
+  int64_t g_stride_b = 0, g_stride_t = 0, g_stride_h = 0;
   // Varlen: cu_seqlens (N + 1) and chunk_offsets (N + 1), both int32; nullptr: dense.
   const int32_t* cu_seqlens = nullptr;
   const int32_t* chunk_offsets = nullptr;
@@ -59,6 +61,10 @@ struct LinearChunkParams {
   void* u = nullptr;        // (.., V), delta rule only (else the scan reads v)
   void* o_intra = nullptr;  // (.., V)
   float* decay_last = nullptr;  // (B, HV, chunks): e^{b_last}
+  // The training path also keeps M = Q K^T o Gamma (rows of 64, input dtype)
+  // and b (fp32), workspace layout; nullptr: not written.
+  void* m_out = nullptr;
+  float* b_out = nullptr;
   // States fp32 (state_in.ptr nullptr: zeros; state_out.ptr nullptr: not written).
   LinearStateRef state_in, state_out;
   const void* indices = nullptr;  // (N,) int32 / int64 slots of indexed state refs

@@ -160,67 +160,39 @@ def _prepare(q, k, v, g, beta, delta):
 class _ScalarDecayChunks(torch.autograd.Function):
     """q, k, v already per value head and in chunks (B, HV, N, C, .), in the state dtype;
     g, beta (B, HV, N, C) (zeros / ones where absent); h0 (B, HV, K, V).
-    scan_dtype: None runs the two scans over chunks as loops of torch ops here; a dtype runs
-    them as the ops linear_state_scan[_bwd] with their operands in that dtype (the CUDA
-    kernels take float16 / bfloat16).
+    Every chunk's part in batched torch ops, the two scans over chunks as loops.
     Returns (o chunks, final state)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, scale, delta, scan_dtype):
+    def forward(ctx, q, k, v, g, beta, h0, scale, delta):
         P = _prepare(q, k, v, g, beta, delta)
-        if scan_dtype is None:
-            S, starts, updates, outs = h0, [], [], []
-            for c in range(q.shape[2]):
-                starts.append(S)
-                u = P["u"][:, :, c] - P["w"][:, :, c] @ S if delta else v[:, :, c]
-                outs.append(scale * ((P["e"][:, :, c, :, None] * q[:, :, c]) @ S + P["m"][:, :, c] @ u))
-                S = P["d"][:, :, c, None, None] * S + P["kt"][:, :, c].transpose(-1, -2) @ u
-                updates.append(u)
-            o, starts, u = torch.stack(outs, 2), torch.stack(starts, 2), torch.stack(updates, 2)
-        else:
-            # O = scale (diag(e^b) Q S0 + M (U - W S0)) = O_intra + Qt S0.
-            U = P["u"] if delta else v
-            qt = scale * P["e"][..., None] * q
-            if delta:
-                qt = qt - scale * P["m"] @ P["w"]
-            o_intra = scale * P["m"] @ U
-            op = lambda x: x.to(scan_dtype)
-            o, S, starts, u = ops.linear_state_scan(op(qt), op(P["kt"]), op(U), op(P["w"]) if delta else None,
-                                                    op(o_intra), P["d"], h0)
-            o, u = o.to(q.dtype), (u.to(q.dtype) if delta else v)
-        ctx.save_for_backward(q, k, v, g, beta, starts, u)
-        ctx.args = (scale, delta, scan_dtype)
-        return o, S
+        S, starts, updates, outs = h0, [], [], []
+        for c in range(q.shape[2]):
+            starts.append(S)
+            u = P["u"][:, :, c] - P["w"][:, :, c] @ S if delta else v[:, :, c]
+            outs.append(scale * ((P["e"][:, :, c, :, None] * q[:, :, c]) @ S + P["m"][:, :, c] @ u))
+            S = P["d"][:, :, c, None, None] * S + P["kt"][:, :, c].transpose(-1, -2) @ u
+            updates.append(u)
+        ctx.save_for_backward(q, k, v, g, beta, torch.stack(starts, 2), torch.stack(updates, 2))
+        ctx.args = (scale, delta)
+        return torch.stack(outs, 2), S
 
     @staticmethod
     def backward(ctx, do, dS):
         q, k, v, g, beta, S0, u = ctx.saved_tensors
-        scale, delta, scan_dtype = ctx.args
+        scale, delta = ctx.args
         P = _prepare(q, k, v, g, beta, delta)
         do = torch.zeros_like(u) if do is None else do
+        dS = torch.zeros_like(S0[:, :, 0]) if dS is None else dS
         eq = P["e"][..., None] * q
-        if scan_dtype is None:
-            dS = torch.zeros_like(S0[:, :, 0]) if dS is None else dS
-            du, dS1 = [None] * q.shape[2], [None] * q.shape[2]
-            for c in reversed(range(q.shape[2])):
-                dS1[c] = dS
-                du[c] = scale * P["m"][:, :, c].transpose(-1, -2) @ do[:, :, c] + P["kt"][:, :, c] @ dS
-                dS = scale * eq[:, :, c].transpose(-1, -2) @ do[:, :, c] + P["d"][:, :, c, None, None] * dS
-                if delta:
-                    dS = dS - P["w"][:, :, c].transpose(-1, -2) @ du[c]
-            du, dS1 = torch.stack(du, 2), torch.stack(dS1, 2)
-        else:
-            op = lambda x: x.to(scan_dtype)
-            du, dS1, dS = ops.linear_state_scan_bwd(
-                op(scale * eq), op(P["kt"]), op(P["w"]) if delta else None,
-                op(scale * P["m"].transpose(-1, -2) @ do), op(do), P["d"], dS)
-            # The chunk-local gradients in one op (a kernel on CUDA); without the delta rule dv = du.
-            dq, dk, db, dv, dbeta = ops.linear_chunk_bwd_local(
-                op(q), op(k), op(v), op(do), P["b"], S0, dS1, scale, beta if delta else None,
-                op(u) if delta else None, op(du) if delta else None)
-            if not delta:
-                dv, dbeta = du.to(q.dtype), None
-            return dq, dk, dv, db.flip(-1).cumsum(-1).flip(-1), dbeta, dS, None, None, None
+        du, dS1 = [None] * q.shape[2], [None] * q.shape[2]
+        for c in reversed(range(q.shape[2])):
+            dS1[c] = dS
+            du[c] = scale * P["m"][:, :, c].transpose(-1, -2) @ do[:, :, c] + P["kt"][:, :, c] @ dS
+            dS = scale * eq[:, :, c].transpose(-1, -2) @ do[:, :, c] + P["d"][:, :, c, None, None] * dS
+            if delta:
+                dS = dS - P["w"][:, :, c].transpose(-1, -2) @ du[c]
+        du, dS1 = torch.stack(du, 2), torch.stack(dS1, 2)
         gam, e, b = P["gam"], P["e"], P["b"]
         dm = torch.tril(scale * do @ u.transpose(-1, -2))
         do_s0 = do @ S0.transpose(-1, -2)                      # dO S0^T (C x K)
@@ -253,7 +225,44 @@ class _ScalarDecayChunks(torch.autograd.Function):
         G = dgam * gam
         db = db + G.sum(-1) - G.sum(-2) + de * e
         dg = db.flip(-1).cumsum(-1).flip(-1)
-        return dq, dk, dv, dg, dbeta, dS, None, None, None
+        return dq, dk, dv, dg, dbeta, dS, None, None
+
+
+
+
+class _ChunkOps(torch.autograd.Function):
+    """The same function through the training path's ops: linear_chunk_prepare (every
+    chunk's part) and linear_state_scan in the forward; linear_state_scan_bwd and
+    linear_chunk_bwd_local in the backward (CUDA kernels for fp16 / bf16 operands, ATen
+    otherwise). Inputs as _ScalarDecayChunks' (state dtype); the ops take q, k, v (and the
+    gradients they multiply) in op_dtype. Returns (o chunks in the state dtype, final state)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, scale, delta, op_dtype):
+        qo, ko, vo = q.to(op_dtype), k.to(op_dtype), v.to(op_dtype)
+        qt, kt, w, U, o_intra, decay, m, b = ops.linear_chunk_prepare(qo, ko, vo, g, beta, scale, delta)
+        o, S, starts, u = ops.linear_state_scan(qt, kt, U if delta else vo, w if delta else None, o_intra,
+                                                decay, h0)
+        ctx.save_for_backward(qo, ko, vo, beta, kt, w, m, b, decay, starts, u)
+        ctx.args = (scale, delta)
+        return o.to(q.dtype), S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        q, k, v, beta, kt, w, m, b, decay, S0, u = ctx.saved_tensors
+        scale, delta = ctx.args
+        dt, sd = q.dtype, b.dtype
+        do = torch.zeros_like(v) if do is None else do.to(dt)
+        x = (m.transpose(-1, -2) @ do) * scale  # X = scale M^T dO, in the operands' dtype
+        qs = (scale * b.exp()[..., None] * q.to(sd)).to(dt)
+        du, dS1, dS0 = ops.linear_state_scan_bwd(qs, kt, w if delta else None, x, do, decay, dS)
+        dq, dk, db, dv, dbeta = ops.linear_chunk_bwd_local(
+            q, k, v, do, b, S0, dS1, scale, beta if delta else None, u if delta else None,
+            du.to(dt) if delta else None)
+        if not delta:
+            dv, dbeta = du, None
+        dg = db.flip(-1).cumsum(-1).flip(-1)
+        return dq, dk, dv, dg, dbeta, dS0, None, None, None
 
 
 def _scalar_decay_sequence(q, k, v, g, beta, S, scale, delta, scan_dtype):
@@ -268,7 +277,10 @@ def _scalar_decay_sequence(q, k, v, g, beta, S, scale, delta, scan_dtype):
     vc = _to_chunks(v.to(sd), N)
     gc = _to_chunks(g.to(sd), N) if g is not None else q.new_zeros(B, HV, N, CHUNK, dtype=sd)
     bc = _to_chunks(beta.to(sd), N) if beta is not None else q.new_ones(B, HV, N, CHUNK, dtype=sd)
-    o, S = _ScalarDecayChunks.apply(qc, kc, vc, gc, bc, S, scale, delta, scan_dtype)
+    if scan_dtype is None:
+        o, S = _ScalarDecayChunks.apply(qc, kc, vc, gc, bc, S, scale, delta)
+    else:
+        o, S = _ChunkOps.apply(qc, kc, vc, gc, bc, S, scale, delta, scan_dtype)
     return _from_chunks(o, T), S
 
 
