@@ -14,11 +14,11 @@ against the measured copy bandwidth.
     python -m benchmarks.linear --smoke        # tiny shapes on the CPU: checks the plumbing
 Carry fla's wheel (fla-core) to the GPU machine as the device README says.
 fastattn's CUDA kernels (forward without gradients, decode) are switched on
-(the default; FASTATTN_LINEAR_CUDA=0 times the torch form instead); forward +
-backward runs the chunked form in torch ops (fastattn/linear/chunked.py) until
-the backward kernels land, its two scans over chunks as loops of torch ops
-("fastattn") or in the scan kernels ("fastattn scan kernels",
-FASTATTN_LINEAR_CUDA_SCANS=1; --no-scans leaves those rows out).
+(the default; FASTATTN_LINEAR_CUDA=0 times the torch form instead). Forward +
+backward runs the chunked form (fastattn/linear/chunked.py) in torch ops with its
+scans as Python loops ("fastattn", the library's default until the training
+kernels have run on a GPU) and through the training kernels ("fastattn train
+kernels", FASTATTN_LINEAR_CUDA_TRAIN=1; --no-train-kernels leaves those rows out).
 """
 import argparse
 import os
@@ -195,8 +195,8 @@ def main():
     ap.add_argument("--ops", default="gdn,simple_gla")
     ap.add_argument("--modes", default="fwd,fwd_bwd", help="chunked modes: fwd, fwd_bwd")
     ap.add_argument("--decode", default="1,8,64,256", help="decode batch sizes ('' for none)")
-    ap.add_argument("--no-scans", dest="scans", action="store_false",
-                    help="leave out the 'fastattn scan kernels' rows (FASTATTN_LINEAR_CUDA_SCANS=1)")
+    ap.add_argument("--no-train-kernels", dest="train_kernels", action="store_false",
+                    help="leave out the 'fastattn train kernels' rows (FASTATTN_LINEAR_CUDA_TRAIN=1)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -204,9 +204,9 @@ def main():
         sys.exit("benchmarks need a CUDA GPU (or --smoke)")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     impls = {"fastattn": {"gdn": ours.chunk_gated_delta_rule, "simple_gla": ours.chunk_simple_gla}}
-    if args.scans and "fwd_bwd" in args.modes.split(","):
-        # The training path with its scans over chunks in the CUDA kernels (opt-in in the library).
-        impls["fastattn scan kernels"] = dict(impls["fastattn"], env={"FASTATTN_LINEAR_CUDA_SCANS": "1"},
+    if args.train_kernels and "fwd_bwd" in args.modes.split(","):
+        # The training path through its CUDA kernels (opt-in in the library).
+        impls["fastattn train kernels"] = dict(impls["fastattn"], env={"FASTATTN_LINEAR_CUDA_TRAIN": "1"},
                                               modes=("fwd_bwd",))
     fla, why = fla_ops() if not args.smoke else (None, "smoke run")
     if fla is not None:

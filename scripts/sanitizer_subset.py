@@ -177,7 +177,7 @@ def main():
                                gk=-torch.rand(1, 5, 2, 256, device="cuda"))
     # The training path's scan kernels (forward scan with its saved states, reverse
     # scan): gradients of a gated delta rule (K 64, V 128) and of a simple GLA.
-    os.environ["FASTATTN_LINEAR_CUDA_SCANS"] = "1"
+    os.environ["FASTATTN_LINEAR_CUDA_TRAIN"] = "1"
     q, k = (torch.randn(2, 130, 2, 64, device="cuda", dtype=dt, requires_grad=True) for _ in range(2))
     v = torch.randn(2, 130, 4, 128, device="cuda", dtype=dt, requires_grad=True)
     g = -torch.rand(2, 130, 4, device="cuda")

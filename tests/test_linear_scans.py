@@ -341,9 +341,9 @@ def test_cuda_chunk_bwd_local_kernel_matches_the_aten_op(dtype, K, V, delta):
     ("linear", 64, 64), ("simple_gla", 128, 128), ("delta", 64, 64), ("gated_delta", 64, 64),
     ("gated_delta", 128, 128), ("simple_gla", 64, 128), ("gated_delta", 128, 64)])
 def test_cuda_training_path_through_the_scan_kernels(family, K, V, monkeypatch):
-    """FASTATTN_LINEAR_CUDA_SCANS=1: chunk_* calls that need gradients run the scans
+    """FASTATTN_LINEAR_CUDA_TRAIN=1: chunk_* calls that need gradients run the scans
     over chunks in the kernels; bf16 against the float64 recurrence, 2x / 3x rule."""
-    monkeypatch.setenv("FASTATTN_LINEAR_CUDA_SCANS", "1")
+    monkeypatch.setenv("FASTATTN_LINEAR_CUDA_TRAIN", "1")
     gate, has_beta, _ = FAMILIES[family]
     check_cuda_training_call(family, inputs(2, 300, 2, 4, K, V, torch.bfloat16, gate=gate, beta=has_beta,
                                             h0=True, seed=K + V))

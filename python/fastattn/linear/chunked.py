@@ -1,27 +1,27 @@
-"""The chunked form of fastattn.linear's recurrence in torch ops: the
-gradient path on CUDA until the chunk-local backward kernels land, batched over
-(batch, value head) and over chunks of C = 64 tokens, float32 inside (float64
-for float64 inputs). It is also the algorithm the CUDA kernels implement
-(csrc/cuda/linear/linear_chunk_params.h has the forward).
+"""The chunked form of fastattn.linear's recurrence: the gradient path for
+CUDA (and the CPU's reference of it), batched over (batch, value head) and
+over chunks of C = 64 tokens, float32 inside (float64 for float64 inputs).
 
 Scalar decays (per token and value head) or none, delta rule or not: with b
 the chunk-local cumulative log decay (e^{b_i - b_j}, j <= i, never above 1),
 Gamma_ij = e^{b_i - b_j} on j <= i, M = (Q K^T o Gamma), A = diag(beta)
 (K K^T o Gamma) strictly below the diagonal, T = (I + A)^{-1}, W = T diag(beta
 e^b) K, U = T diag(beta) V (without the delta rule W = 0, U = V), every chunk's
-part computed for all chunks at once; then one loop over chunks carries the
+part computed for all chunks at once; then one scan over chunks carries the
 state S0:
     u = U - W S0,  O = scale (diag(e^b) Q S0 + M u),  S1 = e^{b_last} S0 + Kt^T u,
 with Kt = diag(e^{b_last - b}) K. The backward is written out (not autograd):
-a reverse loop carries dS,
+a reverse scan carries dS,
     du = scale M^T dO + Kt dS1,  dS0 = scale (diag(e^b) Q)^T dO - W^T du + e^{b_last} dS1,
 then every chunk's gradients follow at once (through T: dA = -T^T dT T^T). It
 keeps the state at every chunk start and u: 4 (K V + C V) bytes per chunk per
-(batch, value head) in float32. The two loops over chunks (the forward scan
-and the backward's reverse scan) run as the ops linear_state_scan[_bwd]: in
-ATen on the CPU, in the CUDA kernels of csrc/cuda/linear/linear_chunk_scan*.cu
-for fp16/bf16 with K in {64, 128} and V a multiple of 32 when FASTATTN_LINEAR_CUDA_SCANS=1
-(opt-in until their first GPU run), else as loops of torch ops here.
+(batch, value head) in float32.
+
+Two implementations of that function: _ChunkOps runs it through the training
+ops (linear_chunk_prepare, linear_state_scan[_bwd], linear_chunk_bwd_local:
+ATen on the CPU, CUDA kernels for fp16/bf16 with K, V in {64, 128}, opt-in
+with FASTATTN_LINEAR_CUDA_TRAIN=1 until their first GPU run); _ScalarDecayChunks
+in torch ops with the scans as Python loops (CUDA's default until then).
 
 Per-key decays (GLA) keep the autograd path below (_per_key_sequence), which
 forms the (C, C, K) factors explicitly (4 C^2 K bytes per (batch, value head)
@@ -266,8 +266,8 @@ class _ChunkOps(torch.autograd.Function):
 
 
 def _scalar_decay_sequence(q, k, v, g, beta, S, scale, delta, scan_dtype):
-    """Same contract as _per_key_sequence, for g (B, T, HV) or None (scan_dtype:
-    _ScalarDecayChunks')."""
+    """Same contract as _per_key_sequence, for g (B, T, HV) or None; scan_dtype None runs
+    _ScalarDecayChunks, a dtype _ChunkOps with its operands in that dtype."""
     B, T, H, K = q.shape
     HV = v.shape[2]
     N = max(1, (T + CHUNK - 1) // CHUNK)
@@ -291,21 +291,21 @@ def _sequence(q, k, v, g, beta, S, scale, delta, scan_dtype):
 
 
 def _scan_kernels_enabled() -> bool:
-    # Opt-in until the kernels' first GPU test run: FASTATTN_LINEAR_CUDA_SCANS=1 runs the
-    # gradient path's scans over chunks through the CUDA kernels of linear_state_scan[_bwd].
-    return os.environ.get("FASTATTN_LINEAR_CUDA_SCANS", "0") == "1"
+    # Opt-in until the kernels' first GPU test run: FASTATTN_LINEAR_CUDA_TRAIN=1 runs the
+    # gradient path through the training ops' CUDA kernels (_ChunkOps).
+    return os.environ.get("FASTATTN_LINEAR_CUDA_TRAIN", "0") == "1"
 
 
 def scan_dtype_for(q, v):
-    """The operand dtype of the scans over chunks, or None for the loops of torch ops: on the
-    CPU the ops in the state dtype (no rounding: the loops' function exactly); on CUDA the
-    ops' kernels in q's dtype where they serve (float16 / bfloat16, K in {64, 128}, V a
-    multiple of 32: csrc/cuda/linear/linear_chunk_launch.h, linear_scan_supported)."""
+    """The operand dtype of the training ops (_ChunkOps), or None for the torch form with
+    loops (_ScalarDecayChunks): on the CPU the ops in the state dtype (no rounding: the same
+    function as the loops); on CUDA the ops' kernels in q's dtype where they serve (float16 /
+    bfloat16, K and V in {64, 128}) and FASTATTN_LINEAR_CUDA_TRAIN=1."""
     if q.device.type == "cpu":
         return torch.float64 if q.dtype == torch.float64 else torch.float32
     K, V = q.shape[-1], v.shape[-1]
     if (q.device.type == "cuda" and _scan_kernels_enabled() and q.dtype in (torch.float16, torch.bfloat16)
-            and K in (64, 128) and V % 32 == 0):
+            and K in (64, 128) and V in (64, 128)):
         return q.dtype
     return None
 
