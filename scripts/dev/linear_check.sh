@@ -15,7 +15,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
   python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   echo "build: $(( $(date +%s) - t0 )) s"
 fi
-python -m pytest -q -m cuda tests/test_linear.py tests/test_linear_inference.py tests/test_linear_scans.py -p no:cacheprovider \
+python -m pytest -q -m cuda tests/test_linear.py tests/test_linear_inference.py tests/test_linear_train_ops.py -p no:cacheprovider \
   ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} > "$OUT/linear_tests.log" 2>&1
 echo "linear gpu tests: $(tail -1 "$OUT/linear_tests.log")"
 grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/linear_tests.log" | head -30

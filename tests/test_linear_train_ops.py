@@ -1,8 +1,10 @@
-"""The two scans over chunks of fastattn.linear's chunked training path (ops
-linear_state_scan / linear_state_scan_bwd) against loops of their definitions
-(csrc/ops.cpp); bad input; opcheck; on CUDA the scan kernels against the same
-ops computed in ATen, and the training path through them against the float64
-recurrence."""
+"""The ops of fastattn.linear's chunked training path against their definitions
+(csrc/ops.cpp): linear_chunk_prepare (every chunk's part of the forward),
+linear_state_scan / linear_state_scan_bwd (the scans over chunks, against
+loops of their definitions) and linear_chunk_bwd_local (the chunk-local
+gradients, against autograd of one chunk's function); bad input; opcheck; on
+CUDA each kernel against the same op computed in ATen, and the training path
+through the kernels against the float64 recurrence."""
 import pytest
 import torch
 
@@ -340,9 +342,9 @@ def test_cuda_chunk_bwd_local_kernel_matches_the_aten_op(dtype, K, V, delta):
 @pytest.mark.parametrize("family,K,V", [
     ("linear", 64, 64), ("simple_gla", 128, 128), ("delta", 64, 64), ("gated_delta", 64, 64),
     ("gated_delta", 128, 128), ("simple_gla", 64, 128), ("gated_delta", 128, 64)])
-def test_cuda_training_path_through_the_scan_kernels(family, K, V, monkeypatch):
-    """FASTATTN_LINEAR_CUDA_TRAIN=1: chunk_* calls that need gradients run the scans
-    over chunks in the kernels; bf16 against the float64 recurrence, 2x / 3x rule."""
+def test_cuda_training_path_through_the_kernels(family, K, V, monkeypatch):
+    """FASTATTN_LINEAR_CUDA_TRAIN=1: chunk_* calls that need gradients run the training
+    kernels; bf16 against the float64 recurrence, 2x / 3x rule."""
     monkeypatch.setenv("FASTATTN_LINEAR_CUDA_TRAIN", "1")
     gate, has_beta, _ = FAMILIES[family]
     check_cuda_training_call(family, inputs(2, 300, 2, 4, K, V, torch.bfloat16, gate=gate, beta=has_beta,
