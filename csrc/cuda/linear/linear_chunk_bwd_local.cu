@@ -155,6 +155,33 @@ __device__ __forceinline__ void rows_to_global(float* dst, int cols, const float
   }
 }
 
+// Fragment n8 tile `n` of the warp's 16 rows (x[0..1]: row my_row, x[2..3]: my_row + 8) into a shared tile.
+template <typename Elem, typename Tile>
+__device__ __forceinline__ void fragment_to_shared(char* tile, int n, const float (&x)[4], int my_row, int lane) {
+  const int j0 = acc_col(lane, 8 * n, 0);
+  store_pair<Elem>(tile, Tile::offset(my_row, j0), x[0], x[1]);
+  store_pair<Elem>(tile, Tile::offset(my_row + 8, j0), x[2], x[3]);
+}
+
+// dots[h]: this lane's part of the dot of accumulator row my_row + 8 h with the same row of a
+// shared tile (quad-reduce it); then acc's rows are scaled by f[h].
+template <typename Elem, typename Tile, int kN>
+__device__ __forceinline__ void row_dots_then_scale(float (&dots)[2], float (&acc)[kN][4], const char* tile,
+                                                    const float (&f)[2], int my_row, int lane) {
+  dots[0] = dots[1] = 0.f;
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float x0, x1;
+      load_pair<Elem>(tile, Tile::offset(my_row + 8 * half, acc_col(lane, 8 * n, 0)), x0, x1);
+      dots[half] += x0 * acc[n][2 * half] + x1 * acc[n][2 * half + 1];
+      acc[n][2 * half] *= f[half];
+      acc[n][2 * half + 1] *= f[half];
+    }
+  }
+}
+
 // fp32 (K x V) global -> the shared S tile in the input dtype.
 template <typename Elem, typename TileS>
 __device__ __forceinline__ void state_to_shared(char* tile, const float* src, int tid) {
@@ -246,9 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         row_g[e >> 1] += g;
         if (j <= i) atomicAdd(&s_col[j], g);
       }
-      const int j0 = acc_col(lane, 8 * n, 0);
-      store_pair<Elem>(s_mg, TileC::offset(my_row, j0), mg[0], mg[1]);
-      store_pair<Elem>(s_mg, TileC::offset(my_row + 8, j0), mg[2], mg[3]);
+      fragment_to_shared<Elem, TileC>(s_mg, n, mg, my_row, lane);
     }
     add_row_terms(s_db, my_row, row_owner, row_g[0], row_g[1]);
   }
@@ -276,19 +301,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[kNK][4];
     zero(acc);
     rows_times_transposed<Elem, TileV, TileS>(acc, do_tile, s_tile, warp, lane);
-    float de[2] = {0.f, 0.f};
+    float de[2];
     const float f[2] = {p.scale * e_row[0], p.scale * e_row[1]};
-#pragma unroll
-    for (int n = 0; n < kNK; ++n) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float q0, q1;
-        load_pair<Elem>(s_q, TileK::offset(my_row + 8 * half, acc_col(lane, 8 * n, 0)), q0, q1);
-        de[half] += q0 * acc[n][2 * half] + q1 * acc[n][2 * half + 1];
-        acc[n][2 * half] *= f[half];
-        acc[n][2 * half + 1] *= f[half];
-      }
-    }
+    row_dots_then_scale<Elem, TileK>(de, acc, s_q, f, my_row, lane);
     add_row_terms(s_db, my_row, row_owner, f[0] * de[0], f[1] * de[1]);
     chunk_matrix_times<Elem, TileK, false>(acc, mg_tile, k_tile, warp, lane);
     rows_to_global<kNK, false>(p.dq + row0 * kK, kK, acc, my_row, lane);
@@ -299,11 +314,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     rows_times_transposed<Elem, TileV, TileS>(acc, ptx::smem_u32(smem + L::kDu), s_tile, warp, lane);
 #pragma unroll
     for (int n = 0; n < kNK; ++n) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        store_pair<Elem>(smem + L::kW, TileK::offset(my_row + 8 * half, acc_col(lane, 8 * n, 0)),
-                         -acc[n][2 * half], -acc[n][2 * half + 1]);
-      }
+      const float neg[4] = {-acc[n][0], -acc[n][1], -acc[n][2], -acc[n][3]};
+      fragment_to_shared<Elem, TileK>(smem + L::kW, n, neg, my_row, lane);
     }
   }
   __syncthreads();  // S0 read by every warp; dW complete
@@ -314,19 +326,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[kNK][4];
     zero(acc);
     rows_times_transposed<Elem, TileV, TileS>(acc, u_tile, s_tile, warp, lane);
-    float skt[2] = {0.f, 0.f};
+    float skt[2];
     const float f[2] = {__expf(b_last - s_b[my_row]), __expf(b_last - s_b[my_row + 8])};
-#pragma unroll
-    for (int n = 0; n < kNK; ++n) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float k0, k1;
-        load_pair<Elem>(s_k, TileK::offset(my_row + 8 * half, acc_col(lane, 8 * n, 0)), k0, k1);
-        skt[half] += k0 * acc[n][2 * half] + k1 * acc[n][2 * half + 1];
-        acc[n][2 * half] *= f[half];
-        acc[n][2 * half + 1] *= f[half];
-      }
-    }
+    row_dots_then_scale<Elem, TileK>(skt, acc, s_k, f, my_row, lane);
     skt[0] = f[0] * quad_sum(skt[0]);
     skt[1] = f[1] * quad_sum(skt[1]);
     if (row_owner) {
@@ -357,27 +359,15 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int j = acc_col(lane, 8 * n, e);
           t[e] = s_beta[j] * (dv_[n][e] + __expf(s_b[j]) * dw_[n][e]);
         }
-        const int j0 = acc_col(lane, 8 * n, 0);
-        store_pair<Elem>(smem + L::kDt, TileC::offset(my_row, j0), t[0], t[1]);
-        store_pair<Elem>(smem + L::kDt, TileC::offset(my_row + 8, j0), t[2], t[3]);
+        fragment_to_shared<Elem, TileC>(smem + L::kDt, n, t, my_row, lane);
       }
     }
     {  // dV = beta o T^T du; dbeta += rowsum(V o T^T du).
       float acc[kNV][4];
       zero(acc);
       chunk_matrix_times<Elem, TileV, true>(acc, t_tile, du_tile, warp, lane);
-      float r[2] = {0.f, 0.f};
-#pragma unroll
-      for (int n = 0; n < kNV; ++n) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float v0, v1;
-          load_pair<Elem>(smem + L::kVal, TileV::offset(my_row + 8 * half, acc_col(lane, 8 * n, 0)), v0, v1);
-          r[half] += v0 * acc[n][2 * half] + v1 * acc[n][2 * half + 1];
-          acc[n][2 * half] *= beta_row[half];
-          acc[n][2 * half + 1] *= beta_row[half];
-        }
-      }
+      float r[2];
+      row_dots_then_scale<Elem, TileV>(r, acc, smem + L::kVal, beta_row, my_row, lane);
       add_row_terms(s_dbeta, my_row, row_owner, r[0], r[1]);
       rows_to_global<kNV, false>(p.dv + row0 * kV, kV, acc, my_row, lane);
     }
@@ -385,19 +375,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       float acc[kNK][4];
       zero(acc);
       chunk_matrix_times<Elem, TileK, true>(acc, t_tile, w_tile, warp, lane);
-      float r[2] = {0.f, 0.f};
-#pragma unroll
-      for (int n = 0; n < kNK; ++n) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float k0, k1;
-          load_pair<Elem>(s_k, TileK::offset(my_row + 8 * half, acc_col(lane, 8 * n, 0)), k0, k1);
-          r[half] += k0 * acc[n][2 * half] + k1 * acc[n][2 * half + 1];
-          const float f = beta_row[half] * e_row[half];
-          acc[n][2 * half] *= f;
-          acc[n][2 * half + 1] *= f;
-        }
-      }
+      float r[2];
+      const float f[2] = {beta_row[0] * e_row[0], beta_row[1] * e_row[1]};
+      row_dots_then_scale<Elem, TileK>(r, acc, s_k, f, my_row, lane);
       r[0] = quad_sum(r[0]) * e_row[0];
       r[1] = quad_sum(r[1]) * e_row[1];
       if (row_owner) {
@@ -415,11 +395,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       zero(acc);
       rows_times_transposed<Elem, TileC, TileC>(acc, dt_tile, t_tile, warp, lane);
 #pragma unroll
-      for (int n = 0; n < kNC; ++n) {
-        const int j0 = acc_col(lane, 8 * n, 0);
-        store_pair<Elem>(s_y, TileC::offset(my_row, j0), acc[n][0], acc[n][1]);
-        store_pair<Elem>(s_y, TileC::offset(my_row + 8, j0), acc[n][2], acc[n][3]);
-      }
+      for (int n = 0; n < kNC; ++n) fragment_to_shared<Elem, TileC>(s_y, n, acc[n], my_row, lane);
     }
     __syncthreads();  // Y complete; Mg no longer read (X takes its place)
     {  // dA = -T^T Y (strictly lower); X = beta o dA o Gamma; G += beta o dA o KK o Gamma.
@@ -444,9 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           row_g[e >> 1] += g;
           if (j < i) atomicAdd(&s_col[j], g);
         }
-        const int j0 = acc_col(lane, 8 * n, 0);
-        store_pair<Elem>(s_mg, TileC::offset(my_row, j0), x[0], x[1]);
-        store_pair<Elem>(s_mg, TileC::offset(my_row + 8, j0), x[2], x[3]);
+        fragment_to_shared<Elem, TileC>(s_mg, n, x, my_row, lane);
       }
       add_row_terms(s_db, my_row, row_owner, row_g[0], row_g[1]);
       add_row_terms(s_dbeta, my_row, row_owner, row_b[0], row_b[1]);
