@@ -124,7 +124,12 @@ def build_extension():
                          glob.glob("csrc/cpu/*.cpp"))
     cuda_glue = sorted(glob.glob("csrc/torch/*_cuda.cpp"))
     cpp_sources = [s for s in cpp_sources if s not in cuda_glue]
-    cxx_flags = ["-O3", f"-std={_host_cxx_std()}", "-fopenmp"]
+    # Debug information is opt-in (FASTATTN_DEBUG_INFO=1: host -g and device -lineinfo, for
+    # profilers' and compute-sanitizer's source lines): the wheel users install carries
+    # machine code only. Line tables of the heavily unrolled kernels were about three
+    # quarters of the device code, and host debug info another quarter of the extension.
+    debug_info = os.environ.get("FASTATTN_DEBUG_INFO") == "1"
+    cxx_flags = ["-O3", f"-std={_host_cxx_std()}", "-fopenmp"] + ([] if debug_info else ["-g0"])
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     use_cuda, reason = _cuda_available_for_build()
@@ -161,8 +166,7 @@ def build_extension():
         "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_OPERATORS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        "-lineinfo",
-    ] + _cuda_archs() + defines
+    ] + (["-lineinfo"] if debug_info else []) + _cuda_archs() + defines
     # Dev A/B builds: extra nvcc flags, e.g. tuning macros of the kernels.
     nvcc_flags += os.environ.get("FASTATTN_NVCC_EXTRA", "").split()
     if os.environ.get("FASTATTN_NVCC_THREADS"):

@@ -10,6 +10,8 @@ attention's fp32 per-part ops; softcap, ALiBi and left-padded decode.
 
     compute-sanitizer --tool memcheck  python scripts/sanitizer_subset.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_subset.py
+
+(A build with FASTATTN_DEBUG_INFO=1 gives its reports source lines.)
 """
 import os
 
