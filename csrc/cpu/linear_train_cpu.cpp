@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ch
   const at::Tensor dq = scale * e.unsqueeze(-1) * do_s0 + at::matmul(mg, Kc);
   at::Tensor dk = to_end.unsqueeze(-1) * dkt + at::matmul(mg.transpose(-1, -2), Q);
   const at::Tensor s_kt = to_end * (Kc * dkt).sum(-1);
-  at::Tensor G = dm * qk * gam;
+  at::Tensor G = mg * qk;  // with Mg as rounded for the products (the kernel takes G's sums from them)
   at::Tensor db = scale * (Q * do_s0).sum(-1) * e - s_kt;
   at::Tensor dv = at::empty({0}, q.options().dtype(sd)), dbeta = at::empty({0}, q.options().dtype(sd));
   if (delta) {

@@ -3,19 +3,23 @@
 // (chunk, value head, batch row); warp w owns chunk rows 16w..16w+15 of every
 // C-row product (mma.sync m16n8k16, fp32 accumulators). U is u (the forward's
 // updates) with the delta rule, else V:
-//   qk = Q K^T, dM = tril(scale dO U^T)   -> Mg = dM o Gamma (shared, input dtype) and
-//                                            the row / column sums of G = dM o qk o Gamma
+//   Mg = tril(scale dO U^T) o Gamma       (shared, input dtype)
 //   dq = scale e o (dO S0^T) + Mg K        (S0, then dS1, in shared memory in the input dtype)
 //   dk = e^{b_last - b} o (U dS1^T) + Mg^T Q  (Mg^T through ldmatrix.trans)
 // and with the delta rule, T = (I + A)^{-1} recomputed (linear_ut_inverse.h):
 //   dW = -du S0^T;  dT = du (beta V)^T + dW (beta e K)^T;  dV = beta o T^T du;
 //   dK += beta e o T^T dW;  dA = -T^T dT T^T (strictly lower);  dK += (X + X^T) K
-//   with X = beta o dA o Gamma; dbeta and db gather their row terms.
+//   with X = beta o dA o Gamma; dbeta's row terms from row dots.
+// db needs the row and column sums of G = Mg o (Q K^T) (+ X o (K K^T)); they
+// are row dots of the products above: rowsum_i(Mg o Q K^T) = q_i . (Mg K)_i
+// and colsum_j = k_j . (Mg^T Q)_j (likewise with X and K), so with the e^b
+// and e^{b_last - b} terms  db_i = q_i . dq_i - k_i . (dk_i before the delta
+// rule's terms) + the delta rule's terms (+ the last row's): no C x C sums.
 // dk is accumulated in global memory by the one thread that owns each element
-// in every product (the same fragment layout each time). db / dbeta gather
-// their row terms in shared memory: each row's terms are added by the one lane
-// (a quad's first) that owns the row in every product, in order, so the row
-// sums need no atomics; the column sums of G do.
+// in every product (the same fragment layout each time); db / dbeta gather
+// their row terms in shared memory, each row's terms added by the one lane (a
+// quad's first) that owns the row in every product, in order. No atomics: the
+// results are deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -61,9 +65,9 @@ struct BwdLocalSmem {
   static constexpr int kOnes = kBeta + C * 4;                      // ones (delta rule)
   static constexpr int kDb = kOnes + C * 4;                        // db's row terms
   static constexpr int kDbeta = kDb + C * 4;                       // dbeta's row terms
-  static constexpr int kCol = kDbeta + C * 4;                      // column sums of G
-  static constexpr int kRed = kCol + C * 4;  // <S0, dS1> per warp (4), sum of the Kt terms (1)
-  static constexpr int kTotal = kRed + 8 * 4;
+  static constexpr int kSkt = kDbeta + C * 4;                      // rowsum(Kt o U dS1^T) per row
+  static constexpr int kRed = kSkt + C * 4;                        // <S0, dS1> per warp (4)
+  static constexpr int kTotal = kRed + 4 * 4;
 };
 
 __device__ __forceinline__ float quad_sum(float x) {
@@ -122,12 +126,10 @@ __device__ __forceinline__ void chunk_matrix_times(float (&acc)[TileB::kCols / 8
   }
 }
 
-// Helpers of the kernel below: the sums a row's owner lane adds into a
-// shared row array (quad-reduced first), and the fragment loop over the
-// warp's rows of a 16 x (8 kN) accumulator.
+// Helpers of the kernel below: the terms a row's owner lane adds into a
+// shared row array, and the fragment loops over the warp's rows of a
+// 16 x (8 kN) accumulator.
 __device__ __forceinline__ void add_row_terms(float* rows, int my_row, bool owner, float r0, float r1) {
-  r0 = quad_sum(r0);
-  r1 = quad_sum(r1);
   if (owner) {
     rows[my_row] += r0;
     rows[my_row + 8] += r1;
@@ -163,11 +165,11 @@ __device__ __forceinline__ void fragment_to_shared(char* tile, int n, const floa
   store_pair<Elem>(tile, Tile::offset(my_row + 8, j0), x[2], x[3]);
 }
 
-// dots[h]: this lane's part of the dot of accumulator row my_row + 8 h with the same row of a
-// shared tile (quad-reduce it); then acc's rows are scaled by f[h].
+// dots[h]: the dot of accumulator row my_row + 8 h with the same row of a shared tile,
+// reduced over the row's quad (every lane of the quad gets it).
 template <typename Elem, typename Tile, int kN>
-__device__ __forceinline__ void row_dots_then_scale(float (&dots)[2], float (&acc)[kN][4], const char* tile,
-                                                    const float (&f)[2], int my_row, int lane) {
+__device__ __forceinline__ void row_dots(float (&dots)[2], const float (&acc)[kN][4], const char* tile,
+                                         int my_row, int lane) {
   dots[0] = dots[1] = 0.f;
 #pragma unroll
   for (int n = 0; n < kN; ++n) {
@@ -176,9 +178,21 @@ __device__ __forceinline__ void row_dots_then_scale(float (&dots)[2], float (&ac
       float x0, x1;
       load_pair<Elem>(tile, Tile::offset(my_row + 8 * half, acc_col(lane, 8 * n, 0)), x0, x1);
       dots[half] += x0 * acc[n][2 * half] + x1 * acc[n][2 * half + 1];
-      acc[n][2 * half] *= f[half];
-      acc[n][2 * half + 1] *= f[half];
     }
+  }
+  dots[0] = quad_sum(dots[0]);
+  dots[1] = quad_sum(dots[1]);
+}
+
+// acc's rows my_row + 8 h scaled by f[h].
+template <int kN>
+__device__ __forceinline__ void scale_rows(float (&acc)[kN][4], const float (&f)[2]) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    acc[n][0] *= f[0];
+    acc[n][1] *= f[0];
+    acc[n][2] *= f[1];
+    acc[n][3] *= f[1];
   }
 }
 
@@ -209,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* s_beta = reinterpret_cast<float*>(smem + L::kBeta);
   float* s_db = reinterpret_cast<float*>(smem + L::kDb);
   float* s_dbeta = reinterpret_cast<float*>(smem + L::kDbeta);
-  float* s_col = reinterpret_cast<float*>(smem + L::kCol);
+  float* s_skt = reinterpret_cast<float*>(smem + L::kSkt);
   float* s_red = reinterpret_cast<float*>(smem + L::kRed);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t chunk = (static_cast<int64_t>(blockIdx.z) * p.HV + blockIdx.y) * p.chunks + blockIdx.x;
@@ -231,13 +245,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   ptx::cp_async_commit();
   if (tid < C) {
     s_b[tid] = p.b[row0 + tid];
-    s_db[tid] = s_dbeta[tid] = s_col[tid] = 0.f;
+    s_db[tid] = s_dbeta[tid] = 0.f;
     if constexpr (kDelta) {
       s_beta[tid] = p.beta[row0 + tid];
       reinterpret_cast<float*>(smem + L::kOnes)[tid] = 1.f;
     }
   }
-  if (tid == 0) s_red[4] = 0.f;
   state_to_shared<Elem, TileS>(smem + L::kS, s0, tid);
   {  // <S0, dS1> from the fp32 values.
     float dot = 0.f;
@@ -253,13 +266,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool row_owner = (lane & 3) == 0;
   const float e_row[2] = {__expf(s_b[my_row]), __expf(s_b[my_row + 8])};
 
-  {  // Mg = tril(scale dO U^T) o Gamma; the sums of G = Mg o (Q K^T); A (delta rule).
-    float qk[kNC][4], dm[kNC][4];
-    zero(qk);
+  {  // Mg = tril(scale dO U^T) o Gamma.
+    float dm[kNC][4];
     zero(dm);
-    rows_times_transposed<Elem, TileK, TileK>(qk, q_tile, k_tile, warp, lane);
     rows_times_transposed<Elem, TileV, TileV>(dm, do_tile, u_tile, warp, lane);
-    float row_g[2] = {0.f, 0.f};
 #pragma unroll
     for (int n = 0; n < kNC; ++n) {
       float mg[4];
@@ -267,15 +277,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         const int i = acc_row(lane, 16 * warp, e), j = acc_col(lane, 8 * n, e);
         // Gamma only where j <= i: the exponent is then <= 0 for decays <= 0.
-        const float gam = j <= i ? __expf(s_b[i] - s_b[j]) : 0.f;
-        mg[e] = p.scale * dm[n][e] * gam;
-        const float g = mg[e] * qk[n][e];
-        row_g[e >> 1] += g;
-        if (j <= i) atomicAdd(&s_col[j], g);
+        mg[e] = j <= i ? p.scale * dm[n][e] * __expf(s_b[i] - s_b[j]) : 0.f;
       }
       fragment_to_shared<Elem, TileC>(s_mg, n, mg, my_row, lane);
     }
-    add_row_terms(s_db, my_row, row_owner, row_g[0], row_g[1]);
   }
   if constexpr (kDelta) {  // A = diag(beta) (K K^T o Gamma), strictly lower, fp32.
     float kk[kNC][4];
@@ -297,15 +302,16 @@ __global__ void __launch_bounds__(kThreads, 1)
                             reinterpret_cast<const float*>(smem + L::kOnes), smem + L::kT, warp, lane);
   }
 
-  {  // dq = scale e o (dO S0^T) + Mg K; db += scale e o rowsum(q o dO S0^T).
+  {  // dq = scale e o (dO S0^T) + Mg K; db += q . dq.
     float acc[kNK][4];
     zero(acc);
     rows_times_transposed<Elem, TileV, TileS>(acc, do_tile, s_tile, warp, lane);
-    float de[2];
     const float f[2] = {p.scale * e_row[0], p.scale * e_row[1]};
-    row_dots_then_scale<Elem, TileK>(de, acc, s_q, f, my_row, lane);
-    add_row_terms(s_db, my_row, row_owner, f[0] * de[0], f[1] * de[1]);
+    scale_rows(acc, f);
     chunk_matrix_times<Elem, TileK, false>(acc, mg_tile, k_tile, warp, lane);
+    float dots[2];  // q . dq = the e^b term of db plus rowsum(Mg o Q K^T)
+    row_dots<Elem, TileK>(dots, acc, s_q, my_row, lane);
+    add_row_terms(s_db, my_row, row_owner, dots[0], dots[1]);
     rows_to_global<kNK, false>(p.dq + row0 * kK, kK, acc, my_row, lane);
   }
   if constexpr (kDelta) {  // dW = -du S0^T, to shared memory (input dtype).
@@ -322,21 +328,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   state_to_shared<Elem, TileS>(smem + L::kS, ds1, tid);
   __syncthreads();
 
-  {  // dk = e^{b_last - b} o (U dS1^T) + Mg^T Q; db -= rowsum(Kt o U dS1^T).
+  {  // dk = e^{b_last - b} o (U dS1^T) + Mg^T Q; db -= k . dk (the Kt terms and colsum(G)).
     float acc[kNK][4];
     zero(acc);
     rows_times_transposed<Elem, TileV, TileS>(acc, u_tile, s_tile, warp, lane);
-    float skt[2];
     const float f[2] = {__expf(b_last - s_b[my_row]), __expf(b_last - s_b[my_row + 8])};
-    row_dots_then_scale<Elem, TileK>(skt, acc, s_k, f, my_row, lane);
-    skt[0] = f[0] * quad_sum(skt[0]);
-    skt[1] = f[1] * quad_sum(skt[1]);
-    if (row_owner) {
-      s_db[my_row] -= skt[0];
-      s_db[my_row + 8] -= skt[1];
-      atomicAdd(&s_red[4], skt[0] + skt[1]);
-    }
+    scale_rows(acc, f);
+    float skt[2];
+    row_dots<Elem, TileK>(skt, acc, s_k, my_row, lane);
     chunk_matrix_times<Elem, TileK, true>(acc, mg_tile, q_tile, warp, lane);
+    float dots[2];
+    row_dots<Elem, TileK>(dots, acc, s_k, my_row, lane);
+    if (row_owner) {
+      s_db[my_row] -= dots[0];
+      s_db[my_row + 8] -= dots[1];
+      s_skt[my_row] = skt[0];
+      s_skt[my_row + 8] = skt[1];
+    }
     rows_to_global<kNK, false>(p.dk + row0 * kK, kK, acc, my_row, lane);
   }
 
@@ -367,7 +375,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       zero(acc);
       chunk_matrix_times<Elem, TileV, true>(acc, t_tile, du_tile, warp, lane);
       float r[2];
-      row_dots_then_scale<Elem, TileV>(r, acc, smem + L::kVal, beta_row, my_row, lane);
+      row_dots<Elem, TileV>(r, acc, smem + L::kVal, my_row, lane);
+      scale_rows(acc, beta_row);
       add_row_terms(s_dbeta, my_row, row_owner, r[0], r[1]);
       rows_to_global<kNV, false>(p.dv + row0 * kV, kV, acc, my_row, lane);
     }
@@ -377,9 +386,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       chunk_matrix_times<Elem, TileK, true>(acc, t_tile, w_tile, warp, lane);
       float r[2];
       const float f[2] = {beta_row[0] * e_row[0], beta_row[1] * e_row[1]};
-      row_dots_then_scale<Elem, TileK>(r, acc, s_k, f, my_row, lane);
-      r[0] = quad_sum(r[0]) * e_row[0];
-      r[1] = quad_sum(r[1]) * e_row[1];
+      row_dots<Elem, TileK>(r, acc, s_k, my_row, lane);
+      scale_rows(acc, f);
+      r[0] *= e_row[0];
+      r[1] *= e_row[1];
       if (row_owner) {
         s_dbeta[my_row] += r[0];
         s_dbeta[my_row + 8] += r[1];
@@ -398,13 +408,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int n = 0; n < kNC; ++n) fragment_to_shared<Elem, TileC>(s_y, n, acc[n], my_row, lane);
     }
     __syncthreads();  // Y complete; Mg no longer read (X takes its place)
-    {  // dA = -T^T Y (strictly lower); X = beta o dA o Gamma; G += beta o dA o KK o Gamma.
+    {  // dA = -T^T Y (strictly lower); X = beta o dA o Gamma; dbeta += rowsum(dA o K K^T o Gamma).
       float da[kNC][4], kk[kNC][4];
       zero(da);
       zero(kk);
       chunk_matrix_times<Elem, TileC, true>(da, t_tile, ptx::smem_u32(s_y), warp, lane);
       rows_times_transposed<Elem, TileK, TileK>(kk, k_tile, k_tile, warp, lane);
-      float row_g[2] = {0.f, 0.f}, row_b[2] = {0.f, 0.f};
+      float row_b[2] = {0.f, 0.f};
 #pragma unroll
       for (int n = 0; n < kNC; ++n) {
         float x[4];
@@ -412,33 +422,36 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int e = 0; e < 4; ++e) {
           const int i = acc_row(lane, 16 * warp, e), j = acc_col(lane, 8 * n, e);
           const float gam = j < i ? __expf(s_b[i] - s_b[j]) : 0.f;
-          const float dav = j < i ? -da[n][e] : 0.f;
-          const float kkg = kk[n][e] * gam;
-          row_b[e >> 1] += dav * kkg;
-          x[e] = beta_row[e >> 1] * dav * gam;
-          const float g = x[e] * kk[n][e];
-          row_g[e >> 1] += g;
-          if (j < i) atomicAdd(&s_col[j], g);
+          const float dag = j < i ? -da[n][e] * gam : 0.f;
+          row_b[e >> 1] += dag * kk[n][e];
+          x[e] = beta_row[e >> 1] * dag;
         }
         fragment_to_shared<Elem, TileC>(s_mg, n, x, my_row, lane);
       }
-      add_row_terms(s_db, my_row, row_owner, row_g[0], row_g[1]);
-      add_row_terms(s_dbeta, my_row, row_owner, row_b[0], row_b[1]);
+      add_row_terms(s_dbeta, my_row, row_owner, quad_sum(row_b[0]), quad_sum(row_b[1]));
     }
     __syncthreads();  // X complete
-    {  // dK += (X + X^T) K.
+    {  // dK += (X + X^T) K; db += rowsum(X o K K^T) - colsum(X o K K^T) = k . X K - k . X^T K.
       float acc[kNK][4];
       zero(acc);
       chunk_matrix_times<Elem, TileK, false>(acc, mg_tile, k_tile, warp, lane);
+      float rows_x[2], both[2];
+      row_dots<Elem, TileK>(rows_x, acc, s_k, my_row, lane);
       chunk_matrix_times<Elem, TileK, true>(acc, mg_tile, k_tile, warp, lane);
+      row_dots<Elem, TileK>(both, acc, s_k, my_row, lane);
+      add_row_terms(s_db, my_row, row_owner, 2.f * rows_x[0] - both[0], 2.f * rows_x[1] - both[1]);
       rows_to_global<kNK, true>(p.dk + row0 * kK, kK, acc, my_row, lane);
     }
   }
   __syncthreads();
   if (tid < C) {
-    float db = s_db[tid] - s_col[tid];
-    // b_last moves every Kt row and the carried state: d/db_last of Kt^T U and of e^{b_last} S0.
-    if (tid == C - 1) db += s_red[4] + (s_red[0] + s_red[1] + s_red[2] + s_red[3]) * __expf(b_last);
+    float db = s_db[tid];
+    if (tid == C - 1) {
+      // b_last moves every Kt row and the carried state: d/db_last of Kt^T U and of e^{b_last} S0.
+      float skt_sum = 0.f;
+      for (int j = 0; j < C; ++j) skt_sum += s_skt[j];
+      db += skt_sum + (s_red[0] + s_red[1] + s_red[2] + s_red[3]) * __expf(b_last);
+    }
     p.db[row0 + tid] = db;
     if constexpr (kDelta) p.dbeta[row0 + tid] = s_dbeta[tid];
   }
