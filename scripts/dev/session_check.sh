@@ -31,6 +31,7 @@ if has build && [ -z "${SKIP_BUILD:-}" ]; then
 fi
 if has linear; then
   timeout ${LINEAR_TIMEOUT:-240} python -m pytest -q -m cuda tests/test_linear_inference.py tests/test_linear.py \
+    tests/test_linear_train_ops.py \
     -p no:cacheprovider > "$OUT/linear_tests.log" 2>&1
   summary+=("linear GPU tests: $(tail -1 "$OUT/linear_tests.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/linear_tests.log" | head -15
@@ -38,6 +39,7 @@ fi
 if has suite; then
   timeout ${SUITE_TIMEOUT:-420} python -m pytest -q -m cuda tests -p no:cacheprovider \
     --deselect tests/test_linear_inference.py --deselect tests/test_linear.py \
+    --deselect tests/test_linear_train_ops.py \
     --deselect tests/test_distributed.py --deselect tests/test_partial_ops.py > "$OUT/suite.log" 2>&1
   summary+=("GPU suite (pytest -m cuda tests; linear, distributed, partial-op files deselected: own stages): $(tail -1 "$OUT/suite.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -15
