@@ -253,7 +253,8 @@ class _ChunkOps(torch.autograd.Function):
         scale, delta = ctx.args
         dt, sd = q.dtype, b.dtype
         do = torch.zeros_like(v) if do is None else do.to(dt)
-        x = (m.transpose(-1, -2) @ do) * scale  # X = scale M^T dO, in the operands' dtype
+        # X = scale M^T dO: formed in the state dtype, rounded once to the operands' dtype.
+        x = (scale * (m.transpose(-1, -2).to(sd) @ do.to(sd))).to(dt)
         qs = (scale * b.exp()[..., None] * q.to(sd)).to(dt)
         du, dS1, dS0 = ops.linear_state_scan_bwd(qs, kt, w if delta else None, x, do, decay, dS)
         dq, dk, db, dv, dbeta = ops.linear_chunk_bwd_local(
