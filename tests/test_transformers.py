@@ -155,8 +155,44 @@ def test_unsupported_arguments_raise():
     for kwargs, what in [({"output_attentions": True}, "output_attentions")]:
         with pytest.raises(NotImplementedError, match=what):
             fx.fastattn_attention_forward(M(), q, k, k, None, **kwargs)
-    with pytest.raises(NotImplementedError, match="4-D attention mask"):
-        fx.fastattn_attention_forward(M(), q, k, k, torch.ones(1, 1, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="3-D one"):
+        fx.fastattn_attention_forward(M(), q, k, k, torch.ones(1, 5, 5, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="softcap with a 4-D attention mask"):
+        fx.fastattn_attention_forward(M(), q, k, k, torch.ones(1, 1, 5, 5, dtype=torch.bool), softcap=5.0)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_custom_4d_mask(kind, monkeypatch):
+    """A model's own 4-D mask (here block-diagonal causal: two packed sequences, and a
+    per-batch pattern) runs in fastattn's kernels: output and gradients match the float64
+    masked math, GQA included."""
+    class M(torch.nn.Module):
+        is_causal = True
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 11, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 11, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 11, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    doc = torch.tensor([0] * 6 + [1] * 5)
+    pos = torch.arange(11)
+    allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    allowed = torch.stack([allowed, pos[None, :] <= pos[:, None]])[:, None]  # (2, 1, 11, 11)
+    mask = allowed if kind == "bool" else torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(
+        ~allowed, torch.finfo(torch.float64).min)
+    import fastattn.functional as ff
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the 4-D mask went to torch's SDPA")
+
+    monkeypatch.setattr(ff, "_torch_sdpa", no_fallback)
+    out, _ = fx.fastattn_attention_forward(M(), q, k, v, mask, scaling=0.3)
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    ref = (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * do).sum(), [q, k, v]),
+                    torch.autograd.grad((ref * do).sum(), [q, k, v])):
+        torch.testing.assert_close(a, b)
 
 
 def test_model_trains_with_attention_dropout():

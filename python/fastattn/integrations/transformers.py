@@ -17,6 +17,7 @@ Every attention call then runs on fastattn's kernels:
   restarting at 0, or flash-attn style `cu_seq_lens_q/k` keyword arguments
   from `DataCollatorWithFlattening`): varlen over the packed sequences;
 - `sliding_window` (Mistral, Qwen2, ...): window_size=(sliding_window - 1, 0);
+- a model's own 4-D mask: fastattn's SDPA, which runs it in the kernels;
 - a value head dim other than the query's (DeepSeek V2 / V3's latent attention):
   the narrower side is zero-padded, the output cut back to the value head dim.
 
@@ -30,7 +31,7 @@ import torch
 import transformers
 from transformers import AttentionInterface
 
-from ..functional import flash_attn_func, flash_attn_varlen_func
+from ..functional import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from ..padding import pad_head_dims, pad_input, unpad_input
 
 NAME = "fastattn"
@@ -96,11 +97,12 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
                                      v.reshape(B * Sk, *v.shape[2:]), cu_q.to(torch.int32),
                                      cu_k.to(torch.int32), max_q, max_k, **common)
         out = out.reshape(B, Sq, *out.shape[1:])
+    elif attention_mask is not None and attention_mask.dim() == 4:
+        out = _custom_mask_attention(q, k, v, attention_mask, common)
     elif attention_mask is not None:  # padded batch: unpad to varlen, pad back
         if attention_mask.dim() != 2:
-            raise NotImplementedError(f"fastattn: expected the (batch, keys) padding mask, got a "
-                                      f"{attention_mask.dim()}-D attention mask (custom masks are "
-                                      "not supported)")
+            raise ValueError(f"fastattn: expected a (batch, keys) padding mask or a 4-D attention mask, "
+                             f"got a {attention_mask.dim()}-D one")
         key_mask = attention_mask[:, -Sk:]
         k_rows, k_index, cu_k, max_k, _ = unpad_input(k, key_mask)
         v_rows = v.reshape(B * Sk, *v.shape[2:])[k_index]
@@ -110,6 +112,20 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
     else:
         out = flash_attn_func(q, k, v, **common)
     return out[..., :dv].to(query.dtype), None
+
+
+def _custom_mask_attention(q, k, v, mask, common):
+    """A model's own 4-D mask ((batch|1, heads|1, queries, keys); bool: True attends, float:
+    added to the scores; causality and windows are in it) through fastattn's SDPA, which runs
+    it in the kernels (a bool mask as a block mask: hidden blocks are skipped)."""
+    unsupported = [n for n in ("sinks", "softcap") if common[n] is not None and common[n] != 0.0]
+    if unsupported:
+        raise NotImplementedError(f"fastattn: {' and '.join(unsupported)} with a 4-D attention mask are not "
+                                  "supported (the padding-mask path takes them)")
+    t = lambda x: x.transpose(1, 2)  # (B, S, H, D) <-> (B, H, S, D)
+    out = scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask, dropout_p=common["dropout_p"],
+                                       scale=common["softmax_scale"], enable_gqa=q.shape[2] != k.shape[2])
+    return t(out)
 
 
 def register(name=NAME):
