@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
@@ -103,9 +104,18 @@ LinearRecurrentParams make_params(const LinearRecurrentProblem& s, const at::Ten
 // fp16/bf16, a decay per (token, head) or none, and for varlen batches an
 // average of at least 8 tokens per sequence (decode batches, one to a few
 // tokens per sequence, stay on the recurrence kernel, which needs no workspace).
+// K != V instantiations of the chunked kernels have not run on a GPU yet: they
+// serve only with FASTATTN_LINEAR_CUDA_TRAIN=1 (the switch of the linear
+// kernels awaiting their first GPU run; python/fastattn/linear/chunked.py).
+bool unverified_kernels_enabled() {
+  const char* v = std::getenv("FASTATTN_LINEAR_CUDA_TRAIN");
+  return v != nullptr && v[0] == '1';
+}
+
 bool chunked_serves(const LinearRecurrentProblem& s, const at::Tensor& q) {
   constexpr int64_t kChunk = LinearChunkParams::kChunk;
   return s.T > kChunk && (!s.varlen || s.T >= 8 * s.N) && !s.g_per_key &&
+         (s.K == s.V || unverified_kernels_enabled()) &&
          (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
          gpu::linear_chunk_supported(static_cast<int>(s.K), static_cast<int>(s.V)) && s.B <= 65535 &&
          s.N <= 65535;

@@ -103,6 +103,8 @@ def _chunk_kernels_serve(q, v, g):
     K and V in {64, 128}, fp16/bf16, a decay per (token, head) or none. (Varlen batches of
     short sequences run its recurrence kernel.)"""
     K, V = q.shape[-1], v.shape[-1]
+    if K != V and os.environ.get("FASTATTN_LINEAR_CUDA_TRAIN", "0") != "1":
+        return False  # K != V instantiations: not yet run on a GPU (opt-in, as the training kernels)
     return K in (64, 128) and V in (64, 128) and q.dtype in (torch.float16, torch.bfloat16) and (
         g is None or g.dim() == 3)
 

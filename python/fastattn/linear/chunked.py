@@ -20,7 +20,8 @@ keeps the state at every chunk start and u: 4 (K V + C V) bytes per chunk per
 Two implementations of that function: _ChunkOps runs it through the training
 ops (linear_chunk_prepare, linear_state_scan[_bwd], linear_chunk_bwd_local:
 ATen on the CPU, CUDA kernels for fp16/bf16 with K, V in {64, 128}, opt-in
-with FASTATTN_LINEAR_CUDA_TRAIN=1 until their first GPU run); _ScalarDecayChunks
+with FASTATTN_LINEAR_CUDA_TRAIN=1 until their first GPU run; the same switch lets
+the inference forward's chunked kernels take K != V); _ScalarDecayChunks
 in torch ops with the scans as Python loops (CUDA's default until then).
 
 Per-key decays (GLA) keep the autograd path below (_per_key_sequence), which
