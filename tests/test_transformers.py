@@ -159,6 +159,8 @@ def test_unsupported_arguments_raise():
         fx.fastattn_attention_forward(M(), q, k, k, torch.ones(1, 5, 5, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="softcap with a 4-D attention mask"):
         fx.fastattn_attention_forward(M(), q, k, k, torch.ones(1, 1, 5, 5, dtype=torch.bool), softcap=5.0)
+    with pytest.raises(NotImplementedError, match="sinks with a 4-D attention mask"):
+        fx.fastattn_attention_forward(M(), q, k, k, torch.ones(1, 1, 5, 5, dtype=torch.bool), s_aux=torch.zeros(4))
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])

@@ -118,7 +118,7 @@ def _custom_mask_attention(q, k, v, mask, common):
     """A model's own 4-D mask ((batch|1, heads|1, queries, keys); bool: True attends, float:
     added to the scores; causality and windows are in it) through fastattn's SDPA, which runs
     it in the kernels (a bool mask as a block mask: hidden blocks are skipped)."""
-    unsupported = [n for n in ("sinks", "softcap") if common[n] is not None and common[n] != 0.0]
+    unsupported = (["sinks"] if common["sinks"] is not None else []) + (["softcap"] if common["softcap"] else [])
     if unsupported:
         raise NotImplementedError(f"fastattn: {' and '.join(unsupported)} with a 4-D attention mask are not "
                                   "supported (the padding-mask path takes them)")

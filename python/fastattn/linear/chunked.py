@@ -229,8 +229,6 @@ class _ScalarDecayChunks(torch.autograd.Function):
         return dq, dk, dv, dg, dbeta, dS, None, None
 
 
-
-
 class _ChunkOps(torch.autograd.Function):
     """The same function through the training path's ops: linear_chunk_prepare (every
     chunk's part) and linear_state_scan in the forward; linear_state_scan_bwd and
