@@ -6,7 +6,8 @@
 # anchor. Stages: STAGES="build linear suite bench dist cp" (default all):
 # dist = the context-parallel GPU tests, cp = benchmarks.context_parallel at
 # N = 1 and a 2-process gloo sanity run on the one GPU; sanitize = memcheck over
-# scripts/sanitizer_subset.py.
+# scripts/sanitizer_subset.py; mixed = the one-launch mixed-batch (BatchAttention)
+# GPU tests and benchmarks.paged --mixed-only (not in the default list).
 #   bash scripts/dev/session_check.sh
 #   STAGES="linear bench" SKIP_BUILD=1 bash scripts/dev/session_check.sh
 set -uo pipefail
@@ -36,6 +37,14 @@ if has linear; then
   summary+=("linear GPU tests: $(tail -1 "$OUT/linear_tests.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/linear_tests.log" | head -15
 fi
+if has mixed; then
+  timeout ${MIXED_TIMEOUT:-150} python -m pytest -q -m cuda tests/test_batch_attention.py \
+    tests/test_example_continuous_batching.py -p no:cacheprovider > "$OUT/mixed_tests.log" 2>&1
+  summary+=("mixed-batch GPU tests: $(tail -1 "$OUT/mixed_tests.log")")
+  grep -E "^(FAILED|ERROR)" "$OUT/mixed_tests.log" | head -15
+  timeout ${MIXED_BENCH_TIMEOUT:-120} python -m benchmarks.paged --no-flex --mixed-only --out "$OUT" \
+    > "$OUT/paged_mixed.log" 2>&1; tail -14 "$OUT/paged_mixed.log"
+fi
 if has suite; then
   timeout ${SUITE_TIMEOUT:-420} python -m pytest -q -m cuda tests -p no:cacheprovider \
     --deselect tests/test_linear_inference.py --deselect tests/test_linear.py \
@@ -58,7 +67,7 @@ if has cp; then
     --modes fwd --reps 1 --methods ring,ulysses > "$OUT/cp_gloo.log" 2>&1; tail -8 "$OUT/cp_gloo.log"
 fi
 if has bench; then
-  timeout ${BENCH_TIMEOUT:-200} python -m benchmarks.linear --quick --rounds ${BENCH_ROUNDS:-3} \
+  timeout ${BENCH_TIMEOUT:-200} python -m benchmarks.linear --quick --rounds ${BENCH_ROUNDS:-3} ${BENCH_ARGS:-} \
     --out "$OUT" > "$OUT/linear_bench.log" 2>&1
   tail -30 "$OUT/linear_bench.log"
 fi
