@@ -116,6 +116,60 @@ def test_chunked_kernels_take_key_and_value_dims_that_differ(family, K, V, monke
     assert_close_rule("state", S.cpu(), base_S, ref_S, OUT_FACTOR)
 
 
+def run_chunk_gla(t):
+    return la.chunk_gla(t["q"], t["k"], t["v"], t["g"], initial_state=t["h0"], output_final_state=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [65, 1000, 4097])
+@pytest.mark.parametrize("dtype,K,V", [(torch.bfloat16, 128, 128), (torch.float16, 64, 64),
+                                       (torch.bfloat16, 64, 128), (torch.bfloat16, 128, 64)])
+def test_chunked_gla_kernels_match_the_definition(T, dtype, K, V, monkeypatch):
+    """Per-key decays (chunk_gla) through the chunked kernels (their own chunk-local kernel,
+    the scan with per-row decays; opt-in until this test has passed on a GPU): the 2x rule
+    against the recurrence in the input precision, GVA, an initial state."""
+    monkeypatch.setenv("FASTATTN_LINEAR_CUDA_TRAIN", "1")
+    B = 2 if T < 4000 else 1
+    t = inputs(B, T, 2, 4, K, V, dtype, gate="key", h0=True, seed=T + K)
+    with torch.no_grad():
+        o, S = run_chunk_gla(to(t, "cuda"))
+    _, ref_o, ref_S = run_naive("gla", t, torch.float64)
+    _, base_o, base_S = run_naive("gla", t, dtype)
+    assert_close_rule("o", o.cpu(), base_o, ref_o, OUT_FACTOR)
+    assert_close_rule("state", S.cpu(), base_S, ref_S, OUT_FACTOR)
+
+
+@pytest.mark.cuda
+def test_chunked_gla_kernels_with_extreme_and_mixed_decays(monkeypatch):
+    """Channels decaying by e^-20 per token beside channels that never decay, in one head:
+    M's blocks are formed through a reference row so that no factor e^{-b} overflows; the
+    result stays finite and within the 2x rule; varlen sequences equal separate calls."""
+    monkeypatch.setenv("FASTATTN_LINEAR_CUDA_TRAIN", "1")
+    T, K = 700, 128
+    t = inputs(1, T, 2, 2, K, K, torch.bfloat16, gate="key", h0=False, seed=3)
+    t["g"][..., : K // 4] = -20.0
+    t["g"][..., K // 4: K // 2] = 0.0
+    t["h0"] = None
+    with torch.no_grad():
+        o, S = run_chunk_gla(to(t, "cuda"))
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    _, ref_o, ref_S = run_naive("gla", t, torch.float64)
+    _, base_o, base_S = run_naive("gla", t, torch.bfloat16)
+    assert_close_rule("o", o.cpu(), base_o, ref_o, OUT_FACTOR)
+    assert_close_rule("state", S.cpu(), base_S, ref_S, OUT_FACTOR)
+    # Varlen: three sequences in one call (the chunked path: >= 8 tokens per sequence).
+    cu = torch.tensor([0, 130, 131, T], dtype=torch.int32)
+    with torch.no_grad():
+        o_var, S_var = la.chunk_gla(*(t[n].cuda() for n in ("q", "k", "v", "g")), output_final_state=True,
+                                    cu_seqlens=cu.cuda())
+        for n in range(3):
+            sl = slice(int(cu[n]), int(cu[n + 1]))
+            o_n, S_n = la.chunk_gla(*(t[x][:, sl].cuda() for x in ("q", "k", "v", "g")),
+                                    output_final_state=True)
+            torch.testing.assert_close(o_var[:, sl], o_n, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(S_var[n], S_n[0], atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("g_value", [None, -20.0, 0.0])
 def test_chunked_kernels_on_32k_tokens(g_value):

@@ -104,18 +104,20 @@ LinearRecurrentParams make_params(const LinearRecurrentProblem& s, const at::Ten
 // fp16/bf16, a decay per (token, head) or none, and for varlen batches an
 // average of at least 8 tokens per sequence (decode batches, one to a few
 // tokens per sequence, stay on the recurrence kernel, which needs no workspace).
-// K != V instantiations of the chunked kernels have not run on a GPU yet: they
-// serve only with FASTATTN_LINEAR_CUDA_TRAIN=1 (the switch of the linear
-// kernels awaiting their first GPU run; python/fastattn/linear/chunked.py).
+// Instantiations that have not run on a GPU yet, K != V and per-key decays
+// (GLA, no delta rule), serve only with FASTATTN_LINEAR_CUDA_TRAIN=1 (the
+// switch of the linear kernels awaiting their first GPU run;
+// python/fastattn/linear/chunked.py).
 bool unverified_kernels_enabled() {
   const char* v = std::getenv("FASTATTN_LINEAR_CUDA_TRAIN");
   return v != nullptr && v[0] == '1';
 }
 
-bool chunked_serves(const LinearRecurrentProblem& s, const at::Tensor& q) {
+bool chunked_serves(const LinearRecurrentProblem& s, const at::Tensor& q, bool delta) {
   constexpr int64_t kChunk = LinearChunkParams::kChunk;
-  return s.T > kChunk && (!s.varlen || s.T >= 8 * s.N) && !s.g_per_key &&
-         (s.K == s.V || unverified_kernels_enabled()) &&
+  const bool verified = s.K == s.V && !s.g_per_key;
+  return s.T > kChunk && (!s.varlen || s.T >= 8 * s.N) && !(s.g_per_key && delta) &&
+         (verified || unverified_kernels_enabled()) &&
          (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
          gpu::linear_chunk_supported(static_cast<int>(s.K), static_cast<int>(s.V)) && s.B <= 65535 &&
          s.N <= 65535;
@@ -152,6 +154,11 @@ void run_chunked(const LinearRecurrentParams& rp, const LinearRecurrentProblem& 
   p.k_stride_b = k.stride(0), p.k_stride_t = k.stride(1), p.k_stride_h = k.stride(2);
   p.v_stride_b = v.stride(0), p.v_stride_t = v.stride(1), p.v_stride_h = v.stride(2);
   p.g = rp.g;
+  p.g_per_key = rp.g_per_key;
+  if (p.g_per_key) {  // g (B, T, HV, K) contiguous (checked with the problem)
+    p.g_stride_h = rp.K, p.g_stride_t = static_cast<int64_t>(rp.HV) * rp.K,
+    p.g_stride_b = static_cast<int64_t>(rp.T) * rp.HV * rp.K;
+  }
   p.beta = rp.beta;
   p.state_in = rp.state_in;
   p.state_out = rp.state_out;
@@ -212,7 +219,7 @@ at::Tensor run_linear(const LinearRecurrentProblem& s, const at::Tensor& q, cons
                                         scale, delta, qk_l2norm);
   if (state_in) p.state_in = state_ref(*state_in, state_v_first, state_indices.has_value());
   if (state_out != nullptr) p.state_out = state_ref(*state_out, state_v_first, out_indexed);
-  if (chunked_serves(s, q)) {
+  if (chunked_serves(s, q, delta)) {
     run_chunked(p, s, q, k, v, cu_seqlens);
   } else {
     glue::check_launch(gpu::run_linear_recurrent(p, at::cuda::getCurrentCUDAStream()), what);

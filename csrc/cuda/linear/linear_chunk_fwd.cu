@@ -13,6 +13,16 @@ namespace {
 
 template <typename Elem, int kK, bool kDelta>
 cudaError_t run_typed(const LinearChunkParams& p, cudaStream_t stream) {
+  if (p.g_per_key) {  // GLA: its own chunk-local kernel, the scan with per-row decays
+    if constexpr (kDelta) {
+      return cudaErrorInvalidValue;
+    } else {
+      cudaError_t err = p.V == 64 ? launch_linear_chunk_local_gla<Elem, kK, 64>(p, stream)
+                                  : launch_linear_chunk_local_gla<Elem, kK, 128>(p, stream);
+      if (err != cudaSuccess) return err;
+      return launch_linear_chunk_scan<Elem, kK, kLinearScanCols, false, true>(p, stream);
+    }
+  }
   cudaError_t err = p.V == 64 ? launch_linear_chunk_local<Elem, kK, 64, kDelta>(p, stream)
                               : launch_linear_chunk_local<Elem, kK, 128, kDelta>(p, stream);
   if (err != cudaSuccess) return err;
@@ -65,12 +75,13 @@ cudaError_t run_linear_chunk_fwd(const LinearChunkParams& p, cudaStream_t stream
   return dispatch<Forward>(p, linear_chunk_supported(p.K, p.V), stream);
 }
 
+// The training path's ops take no per-key decays (their kernels have no such variant).
 cudaError_t run_linear_chunk_local(const LinearChunkParams& p, cudaStream_t stream) {
-  return dispatch<LocalOnly>(p, linear_chunk_supported(p.K, p.V), stream);
+  return dispatch<LocalOnly>(p, linear_chunk_supported(p.K, p.V) && !p.g_per_key, stream);
 }
 
 cudaError_t run_linear_state_scan(const LinearChunkParams& p, cudaStream_t stream) {
-  return dispatch<ScanOnly>(p, linear_scan_supported(p.K, p.V), stream);
+  return dispatch<ScanOnly>(p, linear_scan_supported(p.K, p.V) && !p.g_per_key, stream);
 }
 
 }  // namespace gpu

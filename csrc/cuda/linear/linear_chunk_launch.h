@@ -31,8 +31,8 @@ inline int64_t linear_chunk_workspace_elems(const LinearChunkParams& p) {
   // Qt, Kt (+ W) rows of K; O_intra (+ U) rows of V.
   return rows * ((p.delta ? 3 : 2) * p.K + (p.delta ? 2 : 1) * p.V);
 }
-inline int64_t linear_chunk_workspace_floats(const LinearChunkParams& p) {
-  return static_cast<int64_t>(p.B) * p.HV * p.chunks;
+inline int64_t linear_chunk_workspace_floats(const LinearChunkParams& p) {  // e^{b_last}
+  return static_cast<int64_t>(p.B) * p.HV * p.chunks * (p.g_per_key ? p.K : 1);
 }
 
 // Runs the chunk-local kernel, then the scan; p carries the workspace
@@ -54,8 +54,12 @@ cudaError_t run_linear_chunk_bwd_local(const LinearChunkBwdLocalParams& p, cudaS
 
 template <typename Elem, int kK, int kV, bool kDelta>
 cudaError_t launch_linear_chunk_local(const LinearChunkParams& p, cudaStream_t stream);
-template <typename Elem, int kK, int kVt, bool kDelta>
+template <typename Elem, int kK, int kVt, bool kDelta, bool kPerKey = false>
 cudaError_t launch_linear_chunk_scan(const LinearChunkParams& p, cudaStream_t stream);
+// Per-key decays (GLA, no delta rule): the chunk-local kernel of
+// linear_chunk_local_gla.cu; the scan then runs with kPerKey.
+template <typename Elem, int kK, int kV>
+cudaError_t launch_linear_chunk_local_gla(const LinearChunkParams& p, cudaStream_t stream);
 template <typename Elem, int kK, int kVt, bool kDelta>
 cudaError_t launch_linear_chunk_scan_bwd(const LinearScanBwdParams& p, cudaStream_t stream);
 

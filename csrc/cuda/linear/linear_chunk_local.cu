@@ -42,30 +42,6 @@ struct LocalSmem {
   static constexpr int kTotal = kBeta + C * 4 + 16;
 };
 
-// acc (16 rows of warp `warp` x kN columns) = a_tile[rows, 0:C] @ b_tile[0:C, 0:kN],
-// a_tile C x C, b_tile C x kN, both padded shared tiles.
-template <typename Elem, int kN>
-__device__ __forceinline__ void rows_times_tile(float (&acc)[kN / 8][4], uint32_t a_tile, uint32_t b_tile,
-                                                int warp, int lane) {
-  using TileC = SmemTile<C, C>;
-  using TileN = SmemTile<C, kN>;
-#pragma unroll
-  for (int n = 0; n < kN / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  const int a_off = a_lane_offset<TileC>(lane), b_off = b_trans_lane_offset<TileN>(lane);
-#pragma unroll
-  for (int k0 = 0; k0 < C; k0 += 16) {
-    uint32_t a[4];
-    load_a<TileC>(a, a_tile, a_off, 16 * warp, k0);
-#pragma unroll
-    for (int n0 = 0; n0 < kN; n0 += 16) {
-      uint32_t b[4];
-      load_b_trans_pair<TileN>(b, b_tile, b_off, k0, n0);
-      ptx::mma_m16n8k16<Elem>(acc[n0 / 8], a, b[0], b[1]);
-      ptx::mma_m16n8k16<Elem>(acc[n0 / 8 + 1], a, b[2], b[3]);
-    }
-  }
-}
-
 // operand <- T operand (C x kN, in place in shared memory, after every warp
 // has read it) and a copy to the workspace rows at dst.
 template <typename Elem, int kN>
@@ -108,22 +84,8 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wc = blockIdx.x, hv = blockIdx.y, b = blockIdx.z;  // wc: workspace chunk
   const int h = hv / (p.HV / p.H);
-  // Tokens [t0, t0 + len) of batch row b.
-  int t0, seq_end;
-  if (p.cu_seqlens != nullptr) {
-    if (wc >= p.chunk_offsets[p.N]) return;  // past the last chunk (the grid is an upper bound)
-    int lo = 0, hi = p.N;  // the last sequence n with chunk_offsets[n] <= wc
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (p.chunk_offsets[mid] <= wc) lo = mid; else hi = mid;
-    }
-    // Clamped into [0, T]: a bad cu_seqlens reads nothing out of range.
-    seq_end = min(max(p.cu_seqlens[lo + 1], 0), p.T);
-    t0 = min(max(p.cu_seqlens[lo], 0) + (wc - p.chunk_offsets[lo]) * C, seq_end);
-  } else {
-    t0 = wc * C;
-    seq_end = p.T;
-  }
+  int t0, seq_end;  // tokens [t0, t0 + len) of batch row b
+  if (!chunk_tokens(p, wc, t0, seq_end)) return;
   const int len = min(C, seq_end - t0);
   const int64_t row0 = ((static_cast<int64_t>(b) * p.HV + hv) * p.chunks + wc) * C;  // workspace row
 
@@ -265,20 +227,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   // O_intra = scale M U (U = V without the delta rule).
-  {
-    float acc[kV / 8][4];
-    rows_times_tile<Elem, kV>(acc, ptx::smem_u32(s_m), ptx::smem_u32(s_v), warp, lane);
-    Elem* oi = static_cast<Elem*>(p.o_intra) + row0 * kV;
-#pragma unroll
-    for (int n = 0; n < kV / 8; ++n) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = acc_row(lane, 16 * warp, 2 * half), j = acc_col(lane, 8 * n, 0);
-        store_pair_global<Elem>(oi + i * kV + j, p.scale * acc[n][2 * half],
-                                p.scale * acc[n][2 * half + 1]);
-      }
-    }
-  }
+  intra_chunk_output<Elem, kV>(static_cast<Elem*>(p.o_intra) + row0 * kV, s_m, s_v, p.scale, warp, lane);
 }
 
 }  // namespace

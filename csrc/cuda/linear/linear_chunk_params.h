@@ -47,7 +47,8 @@ struct LinearChunkParams {
   int64_t q_stride_b = 0, q_stride_t = 0, q_stride_h = 0;
   int64_t k_stride_b = 0, k_stride_t = 0, k_stride_h = 0;
   int64_t v_stride_b = 0, v_stride_t = 0, v_stride_h = 0;
-  const float* g = nullptr;     // (B, T, HV) log decays; nullptr: none
+  const float* g = nullptr;     // (B, T, HV) log decays, (B, T, HV, K) with g_per_key; nullptr: none
+  bool g_per_key = false;       // GLA: no delta rule; g's key channels contiguous
   const float* beta = nullptr;  // (B, T, HV), g's strides; nullptr: 1 (delta rule)
   // g's and beta's strides in elements (0: contiguous (B, T, HV), set by the launcher).
   int64_t g_stride_b = 0, g_stride_t = 0, g_stride_h = 0;
@@ -60,7 +61,7 @@ struct LinearChunkParams {
   void* kt = nullptr;       // (.., K)
   void* u = nullptr;        // (.., V), delta rule only (else the scan reads v)
   void* o_intra = nullptr;  // (.., V)
-  float* decay_last = nullptr;  // (B, HV, chunks): e^{b_last}
+  float* decay_last = nullptr;  // (B, HV, chunks): e^{b_last}; (B, HV, chunks, K) with g_per_key
   // The training path also keeps M = Q K^T o Gamma (rows of 64, input dtype)
   // and b (fp32), workspace layout; nullptr: not written.
   void* m_out = nullptr;

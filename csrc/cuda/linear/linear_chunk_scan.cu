@@ -8,7 +8,9 @@
 //     O = O_intra + X (to global); u = U - Y (to shared)
 //     S = e^{b_last} S + Kt^T u                       Kt^T through ldmatrix.trans
 // The next chunk's Qt / W / Kt / U / O_intra tiles stream in (cp.async,
-// two stages) while the current chunk computes.
+// two stages) while the current chunk computes. With per-key decays (kPerKey,
+// GLA: no delta rule) e^{b_last} is a vector over the key rows:
+// S = diag(e^{b_last}) S + Kt^T V.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -43,9 +45,10 @@ struct ScanSmem {
   static constexpr int kTotal = kUpd + (kDelta ? TileVt::kBytes : 0);
 };
 
-template <typename Elem, int kK, int kVt, bool kDelta>
+template <typename Elem, int kK, int kVt, bool kDelta, bool kPerKey>
 __global__ void __launch_bounds__(kThreads, 1)
     linear_chunk_scan_kernel(const __grid_constant__ LinearChunkParams p) {
+  static_assert(!(kDelta && kPerKey), "per-key decays take no delta rule here");
   using L = ScanSmem<kK, kVt, kDelta>;
   using TileK = typename L::TileK;
   using TileVt = typename L::TileVt;
@@ -101,7 +104,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   char* s_s = smem + L::kS;
   char* s_u = smem + L::kUpd;
-  const float* decay_last = p.decay_last + (static_cast<int64_t>(b) * p.HV + hv) * p.chunks;
+  // e^{b_last} per chunk (per key row and chunk with kPerKey).
+  const float* decay_last = p.decay_last + (static_cast<int64_t>(b) * p.HV + hv) * p.chunks * (kPerKey ? kK : 1);
   Elem* out = static_cast<Elem*>(p.out) + b * p.out_stride_b + hv * p.out_stride_h + v0;  // token 0
   const int64_t out_row_stride = p.out_stride_t;
   // Training outputs (dense only): the state at each chunk start, the updates u.
@@ -120,6 +124,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int stage = (c - c_begin) & 1;
     const int tok = t_begin + (c - c_begin) * C;
     char* st = smem + stage * L::kStage;
+    // This chunk's per-row decays, loaded early: they are needed only after two barriers.
+    float row_decay[kPerKey ? kMT : 1][2];
+    if constexpr (kPerKey) acc_row_factors(row_decay, decay_last + static_cast<int64_t>(c) * kK, lane, warp);
     if (c + 1 < c_end) {
       load_chunk(c + 1, stage ^ 1);
       ptx::cp_async_wait<1>();
@@ -169,9 +176,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
 
     // S = e^{b_last} S + Kt^T u.
-    const float d = decay_last[c];
     const uint32_t u_tile = kDelta ? ptx::smem_u32(s_u) : ptx::smem_u32(st + L::kU);
-    acc_scale(S, d);
+    if constexpr (kPerKey) {
+      acc_scale_rows(S, row_decay);
+    } else {
+      acc_scale(S, decay_last[c]);
+    }
     state_add_trans_product<Elem, TileK, TileVt>(S, ptx::smem_u32(st + L::kKt), u_tile, a_tr_off, u_off, warp);
     __syncthreads();  // this stage and s_s / s_u are rewritten next
   }
@@ -186,10 +196,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
-template <typename Elem, int kK, int kVt, bool kDelta>
+template <typename Elem, int kK, int kVt, bool kDelta, bool kPerKey>
 cudaError_t launch_linear_chunk_scan(const LinearChunkParams& p, cudaStream_t stream) {
   using L = ScanSmem<kK, kVt, kDelta>;
-  auto kernel = linear_chunk_scan_kernel<Elem, kK, kVt, kDelta>;
+  auto kernel = linear_chunk_scan_kernel<Elem, kK, kVt, kDelta, kPerKey>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kTotal);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(p.V / kVt), static_cast<unsigned>(p.HV), static_cast<unsigned>(p.N));
@@ -197,11 +207,13 @@ cudaError_t launch_linear_chunk_scan(const LinearChunkParams& p, cudaStream_t st
   return cudaGetLastError();
 }
 
-#define FASTATTN_LINEAR_SCAN(E, K)                                                                     \
-  template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanCols, true>(const LinearChunkParams&, \
-                                                                             cudaStream_t);            \
-  template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanCols, false>(const LinearChunkParams&,\
-                                                                              cudaStream_t);
+#define FASTATTN_LINEAR_SCAN(E, K)                                                                        \
+  template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanCols, true, false>(                      \
+      const LinearChunkParams&, cudaStream_t);                                                            \
+  template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanCols, false, false>(                     \
+      const LinearChunkParams&, cudaStream_t);                                                            \
+  template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanCols, false, true>(                      \
+      const LinearChunkParams&, cudaStream_t);
 FASTATTN_LINEAR_SCAN(__half, 64)
 FASTATTN_LINEAR_SCAN(__half, 128)
 FASTATTN_LINEAR_SCAN(__nv_bfloat16, 64)

@@ -8,6 +8,7 @@
 #include "cuda/common/fragment.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/types.h"
+#include "cuda/linear/linear_chunk_params.h"
 
 namespace fastattn {
 namespace linear_tiles {
@@ -128,6 +129,31 @@ __device__ __forceinline__ void acc_scale(float (&acc)[kA][kB][4], float d) {
   }
 }
 
+// Per-row factors of a state slice (per-key decays): f[mt][0] for the rows of
+// elements 0, 1 of m16 tile mt, f[mt][1] for elements 2, 3 (rows as in
+// state_from_global); d indexed by key row.
+template <int kMT>
+__device__ __forceinline__ void acc_row_factors(float (&f)[kMT][2], const float* d, int lane, int warp) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    f[mt][0] = d[acc_row(lane, 16 * (kMT * warp + mt), 0)];
+    f[mt][1] = d[acc_row(lane, 16 * (kMT * warp + mt), 2)];
+  }
+}
+template <int kMT, int kN>
+__device__ __forceinline__ void acc_scale_rows(float (&S)[kMT][kN][4], const float (&f)[kMT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kN; ++nt) {
+      S[mt][nt][0] *= f[mt][0];
+      S[mt][nt][1] *= f[mt][0];
+      S[mt][nt][2] *= f[mt][1];
+      S[mt][nt][3] *= f[mt][1];
+    }
+  }
+}
+
 // The two products of a scan step, for the chunk of C rows and the state
 // slice (linear_chunk_scan.cu, linear_chunk_scan_bwd.cu):
 // acc[i] += A_i S for kA row tiles A_i (C x kK; warp w: rows 16w..16w+15) and
@@ -172,6 +198,70 @@ __device__ __forceinline__ void state_add_trans_product(float (&S)[kMT][kN][4], 
         ptx::mma_m16n8k16<Elem>(S[mt][n0 / 8], a[mt], b[0], b[1]);
         ptx::mma_m16n8k16<Elem>(S[mt][n0 / 8 + 1], a[mt], b[2], b[3]);
       }
+    }
+  }
+}
+
+// The tokens [t0, seq_end) of workspace chunk wc (chunk-local kernels: one CTA
+// per chunk); false for a CTA past the last chunk of a varlen batch (the grid
+// is an upper bound there). Varlen bounds are clamped into [0, T], so a bad
+// cu_seqlens reads nothing out of range.
+__device__ __forceinline__ bool chunk_tokens(const LinearChunkParams& p, int wc, int& t0, int& seq_end) {
+  constexpr int C = LinearChunkParams::kChunk;
+  if (p.cu_seqlens == nullptr) {
+    t0 = wc * C;
+    seq_end = p.T;
+    return true;
+  }
+  if (wc >= p.chunk_offsets[p.N]) return false;
+  int lo = 0, hi = p.N;  // the last sequence n with chunk_offsets[n] <= wc
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (p.chunk_offsets[mid] <= wc) lo = mid; else hi = mid;
+  }
+  seq_end = min(max(p.cu_seqlens[lo + 1], 0), p.T);
+  t0 = min(max(p.cu_seqlens[lo], 0) + (wc - p.chunk_offsets[lo]) * C, seq_end);
+  return true;
+}
+
+// acc (16 rows of warp `warp` x kN columns) = a_tile[rows, 0:C] @ b_tile[0:C, 0:kN],
+// a_tile C x C, b_tile C x kN, both padded shared tiles (C: the chunk).
+template <typename Elem, int kN>
+__device__ __forceinline__ void rows_times_tile(float (&acc)[kN / 8][4], uint32_t a_tile, uint32_t b_tile,
+                                                int warp, int lane) {
+  constexpr int C = LinearChunkParams::kChunk;
+  using TileC = SmemTile<C, C>;
+  using TileN = SmemTile<C, kN>;
+#pragma unroll
+  for (int n = 0; n < kN / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  const int a_off = a_lane_offset<TileC>(lane), b_off = b_trans_lane_offset<TileN>(lane);
+#pragma unroll
+  for (int k0 = 0; k0 < C; k0 += 16) {
+    uint32_t a[4];
+    load_a<TileC>(a, a_tile, a_off, 16 * warp, k0);
+#pragma unroll
+    for (int n0 = 0; n0 < kN; n0 += 16) {
+      uint32_t b[4];
+      load_b_trans_pair<TileN>(b, b_tile, b_off, k0, n0);
+      ptx::mma_m16n8k16<Elem>(acc[n0 / 8], a, b[0], b[1]);
+      ptx::mma_m16n8k16<Elem>(acc[n0 / 8 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// O_intra = scale M V for warp `warp`'s 16 rows (M: C x C, V: C x kV in shared
+// memory) to the workspace rows at oi.
+template <typename Elem, int kV>
+__device__ __forceinline__ void intra_chunk_output(Elem* oi, const char* s_m, const char* s_v, float scale,
+                                                   int warp, int lane) {
+  float acc[kV / 8][4];
+  rows_times_tile<Elem, kV>(acc, ptx::smem_u32(s_m), ptx::smem_u32(s_v), warp, lane);
+#pragma unroll
+  for (int n = 0; n < kV / 8; ++n) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = acc_row(lane, 16 * warp, 2 * half), j = acc_col(lane, 8 * n, 0);
+      store_pair_global<Elem>(oi + i * kV + j, scale * acc[n][2 * half], scale * acc[n][2 * half + 1]);
     }
   }
 }

@@ -100,13 +100,14 @@ def _needs_grad(*tensors) -> bool:
 
 def _chunk_kernels_serve(q, v, g):
     """Whether csrc/torch/linear_cuda.cpp's chunked kernels take a long call (chunked_serves):
-    K and V in {64, 128}, fp16/bf16, a decay per (token, head) or none. (Varlen batches of
-    short sequences run its recurrence kernel.)"""
+    K and V in {64, 128}, fp16/bf16, a decay per (token, head) or none; K != V and per-key
+    decays (GLA) only with FASTATTN_LINEAR_CUDA_TRAIN=1 until those kernels have run on a GPU.
+    (Varlen batches of short sequences run its recurrence kernel.)"""
     K, V = q.shape[-1], v.shape[-1]
-    if K != V and os.environ.get("FASTATTN_LINEAR_CUDA_TRAIN", "0") != "1":
-        return False  # K != V instantiations: not yet run on a GPU (opt-in, as the training kernels)
-    return K in (64, 128) and V in (64, 128) and q.dtype in (torch.float16, torch.bfloat16) and (
-        g is None or g.dim() == 3)
+    unverified = K != V or (g is not None and g.dim() == 4)
+    if unverified and os.environ.get("FASTATTN_LINEAR_CUDA_TRAIN", "0") != "1":
+        return False
+    return K in (64, 128) and V in (64, 128) and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _cuda_kernels_enabled() -> bool:
