@@ -4,7 +4,7 @@ and vs fastattn's causal softmax attention on the same shapes, same run.
 Shapes (B, T, H, D): (4, 4096, 16, 128), (1, 32768, 16, 128), (2, 16384, 32, 128),
 (8, 2048, 32, 64), plus Qwen3-Next's gated delta rule (16 q/k heads, 32 value
 heads, d 128, B 1, T 8k and 32k). Ops: chunk_gated_delta_rule, chunk_simple_gla
-(--ops for others). Forward and forward+backward ms (median of interleaved
+(--ops gdn,simple_gla,gla adds chunk_gla, per-key decays). Forward and forward+backward ms (median of interleaved
 rounds, inputs rotated past the L2), the first call's latency (fla autotunes and
 compiles there), and the decode step (fused_recurrent_gated_delta_rule, T = 1,
 states in a pool) in microseconds for B = 1..256 with its state traffic
@@ -17,8 +17,9 @@ fastattn's CUDA kernels (forward without gradients, decode) are switched on
 (the default; FASTATTN_LINEAR_CUDA=0 times the torch form instead). Forward +
 backward runs the chunked form (fastattn/linear/chunked.py) in torch ops with its
 scans as Python loops ("fastattn", the library's default until the training
-kernels have run on a GPU) and through the training kernels ("fastattn train
-kernels", FASTATTN_LINEAR_CUDA_TRAIN=1; --no-train-kernels leaves those rows out).
+kernels have run on a GPU) and through the training kernels ("fastattn opt-in
+kernels", FASTATTN_LINEAR_CUDA_TRAIN=1, which also times chunk_gla's chunked
+forward kernels; --no-train-kernels leaves those rows out).
 """
 import argparse
 import os
@@ -46,9 +47,10 @@ def fla_ops():
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
         from fla.ops.simple_gla import chunk_simple_gla
+        from fla.ops.gla import chunk_gla
     except Exception as e:  # not installed here
         return None, str(e).splitlines()[0][:80]
-    return {"gdn": chunk_gated_delta_rule, "simple_gla": chunk_simple_gla,
+    return {"gdn": chunk_gated_delta_rule, "simple_gla": chunk_simple_gla, "gla": chunk_gla,
             "gdn_step": fused_recurrent_gated_delta_rule}, None
 
 
@@ -66,6 +68,9 @@ def make_inputs(op, B, T, H, HV, D, device, dtype, requires_grad):
     if op == "simple_gla":
         t["v"] = rnd(B, T, H, D)
         t["g"] = t["g"][..., :H].contiguous()
+    if op == "gla":  # a log decay per key channel
+        t["v"] = rnd(B, T, H, D)
+        t["g"] = -torch.rand(B, T, H, D, device=device, generator=g) * 0.2
     for x in t.values():
         x.requires_grad_(requires_grad)
     return t
@@ -79,6 +84,8 @@ def call(impl_ops, op, t):
     try:
         if op == "gdn":
             return impl_ops["gdn"](t["q"], t["k"], t["v"], t["g"], t["beta"])[0]
+        if op == "gla":
+            return impl_ops["gla"](t["q"], t["k"], t["v"], t["g"])[0]
         return impl_ops["simple_gla"](t["q"], t["k"], t["v"], g=t["g"])[0]
     finally:
         for k, val in saved.items():
@@ -107,7 +114,7 @@ def bench_chunk(shapes, op_names, impls, rounds, device, dtype, modes=("fwd", "f
     tm = timer(device)
     for (B, T, H, HV, D) in shapes:
         for op in op_names:
-            if op == "simple_gla" and HV != H:
+            if op in ("simple_gla", "gla") and HV != H:
                 continue
             cfg = dict(op=op, B=B, T=T, H=H, HV=HV, D=D)
             per_set = 4 * B * T * HV * D * 2
@@ -130,8 +137,8 @@ def bench_chunk(shapes, op_names, impls, rounds, device, dtype, modes=("fwd", "f
                 except Exception as e:  # an implementation that cannot run this shape
                     results.append(Result(cfg, name, "fwd", None, error=str(e).splitlines()[0][:60]))
             # Interleaved rounds: every implementation once per round, medians over rounds.
-            times = {(name, m): [] for name, ops_ in live.items() for m in ops_.get("modes", modes)
-                     if m in modes}
+            times = {(name, m): [] for name, ops_ in live.items()
+                     for m in ops_.get("modes_by_op", {}).get(op, ops_.get("modes", modes)) if m in modes}
             for _ in range(rounds):
                 for name, ops_ in live.items():
                     if (name, "fwd") in times:
@@ -196,18 +203,19 @@ def main():
     ap.add_argument("--modes", default="fwd,fwd_bwd", help="chunked modes: fwd, fwd_bwd")
     ap.add_argument("--decode", default="1,8,64,256", help="decode batch sizes ('' for none)")
     ap.add_argument("--no-train-kernels", dest="train_kernels", action="store_false",
-                    help="leave out the 'fastattn train kernels' rows (FASTATTN_LINEAR_CUDA_TRAIN=1)")
+                    help="leave out the 'fastattn opt-in kernels' rows (FASTATTN_LINEAR_CUDA_TRAIN=1)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks need a CUDA GPU (or --smoke)")
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    impls = {"fastattn": {"gdn": ours.chunk_gated_delta_rule, "simple_gla": ours.chunk_simple_gla}}
-    if args.train_kernels and "fwd_bwd" in args.modes.split(","):
-        # The training path through its CUDA kernels (opt-in in the library).
-        impls["fastattn train kernels"] = dict(impls["fastattn"], env={"FASTATTN_LINEAR_CUDA_TRAIN": "1"},
-                                              modes=("fwd_bwd",))
+    impls = {"fastattn": {"gdn": ours.chunk_gated_delta_rule, "simple_gla": ours.chunk_simple_gla,
+                          "gla": ours.chunk_gla}}
+    if args.train_kernels:
+        # The kernels still opt-in in the library: the training path's, and chunk_gla's forward.
+        impls["fastattn opt-in kernels"] = dict(impls["fastattn"], env={"FASTATTN_LINEAR_CUDA_TRAIN": "1"},
+                                               modes=("fwd_bwd",), modes_by_op={"gla": ("fwd", "fwd_bwd")})
     fla, why = fla_ops() if not args.smoke else (None, "smoke run")
     if fla is not None:
         impls["fla"] = fla
