@@ -262,11 +262,65 @@ def test_paged_kernels_with_the_allocator(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_paged_block_size_not_a_power_of_two(device):
-    """The CPU kernels take any block size; the CUDA kernels refuse clearly."""
+@pytest.mark.parametrize("block_size", [24, 48, 768])
+def test_paged_block_size_not_a_power_of_two(device, block_size):
+    """flash-attn takes any multiple of 256 (768 = 3 x 256), vLLM-style pools 24 or 48:
+    such pages are served as views of pages of their largest power-of-two divisor with
+    the table expanded. Decode with an append through the pages (the new keys land in
+    the caller's pool) and a mixed varlen step, against the float64 reference."""
+    dtype = DTYPES[device][-1]
+    lens = [block_size, 2 * block_size + 5, 1]
+    Hq, Hkv, D = 4, 2, 32
+    gen = torch.Generator().manual_seed(block_size)
+    k_pool, v_pool, table, ks, vs = make_paged(lens, block_size, Hkv, D, dtype, device, generator=gen)
+    # Room for one appended key per sequence: each sequence's block holding position len.
+    for b, n in enumerate(lens):
+        if n % block_size == 0:
+            extra = torch.full((1, block_size, Hkv, D), float("nan"), dtype=dtype, device=device)
+            k_pool, v_pool = torch.cat([k_pool, extra]), torch.cat([v_pool, extra.clone()])
+            col = n // block_size
+            if col >= table.shape[1]:
+                table = torch.cat([table, torch.full_like(table[:, :1], -1)], 1)
+            table[b, col] = k_pool.shape[0] - 1
+    q = torch.randn(3, 1, Hq, D, generator=gen).to(dtype).to(device)
+    k_new = torch.randn(3, 1, Hkv, D, generator=gen).to(dtype).to(device)
+    v_new = torch.randn(3, 1, Hkv, D, generator=gen).to(dtype).to(device)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out = fastattn.flash_attn_with_kvcache(q, k_pool, v_pool, k=k_new, v=v_new, cache_seqlens=seqlens,
+                                           block_table=table, causal=True)
+    for b, n in enumerate(lens):
+        blk, slot = int(table[b, n // block_size]), n % block_size
+        assert torch.equal(k_pool[blk, slot], k_new[b, 0]) and torch.equal(v_pool[blk, slot], v_new[b, 0])
+        kb, vb = torch.cat([ks[b], k_new[b]]), torch.cat([vs[b], v_new[b]])
+        ref, _ = _ref_seq(q[b], kb, vb, D ** -0.5, True, (-1, -1), torch.float64)
+        base, _ = _ref_seq(q[b], kb, vb, D ** -0.5, True, (-1, -1), dtype)
+        assert_close_rule(f"decode seq {b}", out[b], base, ref)
+    # A mixed step through flash_attn_varlen_func: 7 new queries, then 1, then 1.
+    new = [7, 1, 1]
+    full = [n + 1 for n in lens]
+    cu_q = torch.tensor([0, 7, 8, 9], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + list(torch.tensor(full).cumsum(0)), dtype=torch.int32, device=device)
+    qv = torch.randn(sum(new), Hq, D, generator=gen).to(dtype).to(device)
+    out_v = fastattn.flash_attn_varlen_func(qv, k_pool, v_pool, cu_q, cu_k, max(new), max(full), causal=True,
+                                            block_table=table)
+    for b in range(3):
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        kb, vb = torch.cat([ks[b], k_new[b]]), torch.cat([vs[b], v_new[b]])
+        ref, _ = _ref_seq(qv[rows], kb, vb, D ** -0.5, True, (-1, -1), torch.float64)
+        base, _ = _ref_seq(qv[rows], kb, vb, D ** -0.5, True, (-1, -1), dtype)
+        assert_close_rule(f"varlen seq {b}", out_v[rows], base, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_block_size_not_a_power_of_two_with_unviewable_pages(device):
+    """Pages whose rows are not contiguous in the pool cannot be re-viewed as smaller
+    pages: the CUDA kernels refuse clearly, the CPU kernels take them as they are."""
     dtype = DTYPES[device][-1]
     lens = [24, 50, 1]
     k_pool, v_pool, table, ks, vs = make_paged(lens, 24, 2, 32, dtype, device)
+    # Same values, pages laid out (block, head, row, dim) underneath.
+    k_pool = k_pool.transpose(1, 2).contiguous().transpose(1, 2)
+    v_pool = v_pool.transpose(1, 2).contiguous().transpose(1, 2)
     q = torch.randn(3, 2, 4, 32, dtype=dtype, device=device)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     call = lambda: fastattn.flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=seqlens, block_table=table,

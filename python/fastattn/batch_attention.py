@@ -320,6 +320,35 @@ class BatchAttention:
         return (out, lse) if return_lse else out
 
 
+def _check_paged_block_size(k_cache):
+    bs = k_cache.shape[1] if k_cache.dim() == 4 else 0
+    if k_cache.is_cuda and bs & (bs - 1):
+        raise NotImplementedError(f"fastattn: the CUDA paged kernels take power-of-two block sizes "
+                                  f"(1, 2, 4, ..., 256, ...), got block_size={bs} (the CPU backend "
+                                  f"takes any)")
+
+
+def _power_of_two_pages(k_cache, v_cache, block_table):
+    """The paged kernels address a page's rows with shifts and masks. A block size that
+    is not a power of two (flash-attn takes any multiple of 256, e.g. 768) is served as
+    pages of its largest power-of-two divisor: with block_size = m * 2^j, page p becomes
+    pages m p .. m p + m - 1 of 2^j rows, a view of the same pool (appends through it land
+    in the caller's cache), and the block table expands to match (a small device op, no
+    sync). Returns (k_cache, v_cache, block_table) unchanged for power-of-two sizes."""
+    bs = k_cache.shape[1] if k_cache.dim() == 4 else 0
+    if bs == 0 or bs & (bs - 1) == 0 or v_cache.dim() != 4 or v_cache.shape[1] != bs:
+        return k_cache, v_cache, block_table
+    sub = bs & -bs
+    m = bs // sub
+    if any(c.stride(0) != bs * c.stride(1) for c in (k_cache, v_cache)):
+        _check_paged_block_size(k_cache)  # the CPU backend takes the pages as they are
+        return k_cache, v_cache, block_table
+    split = lambda c: c.view(c.shape[0] * m, sub, *c.shape[2:])  # noqa: E731
+    sub_pages = torch.arange(m, device=block_table.device, dtype=torch.int32)
+    table = (block_table.to(torch.int32)[..., None] * m + sub_pages).flatten(-2)
+    return split(k_cache), split(v_cache), table
+
+
 def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, max_seqlen_q,
                            scale, causal, left, right, softcap, slopes, dropout_p=0.0, rng_state=None,
                            k_descale=None, v_descale=None, plan: Optional[BatchAttention] = None):
@@ -328,6 +357,7 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_t
     queries per sequence is a decode step and anything else one paged forward
     launch."""
     batch, sq = cu_seqlens_q.numel() - 1, int(max_seqlen_q)
+    k_cache, v_cache, block_table = _power_of_two_pages(k_cache, v_cache, block_table)
     fp8 = is_fp8_kv(k_cache)
     k_descale = kv_scale_tensor(k_descale, "k_descale", q.device, fp8)
     v_descale = kv_scale_tensor(v_descale, "v_descale", q.device, fp8)

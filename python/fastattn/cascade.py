@@ -26,7 +26,8 @@ import torch
 
 from ._ops import ops
 from .decode import merge_attention_states
-from .functional import _check_flash_dtype, _check_paged_block_size, _softcap, flash_attn_varlen_func
+from .batch_attention import _check_paged_block_size
+from .functional import _check_flash_dtype, _softcap, flash_attn_varlen_func
 from .kv_quant import dequantized_pages, is_fp8_kv, shared_kv_descales
 
 # The prefix part runs on the split-KV decode kernel (GQA-packed rows, KV splits for

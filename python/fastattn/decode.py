@@ -4,7 +4,8 @@ attention-state merge ("recursive attention")."""
 import torch
 
 from ._ops import ops
-from .functional import (_alibi, _apply_sinks, _check_flash_dtype, _check_paged_block_size, _softcap,
+from .batch_attention import _power_of_two_pages
+from .functional import (_alibi, _apply_sinks, _check_flash_dtype, _softcap,
                          _window)
 from .kv_quant import dequantized_query, is_fp8_kv, kv_scale_tensor, per_token_scale
 
@@ -145,7 +146,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError("fastattn: cache_batch_idx cannot be combined with block_table")
         if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.dtype != torch.int32:
             raise TypeError("fastattn: block_table must be a 2-D int32 tensor (batch, max_blocks)")
-        _check_paged_block_size(k_cache)
+        k_cache, v_cache, block_table = _power_of_two_pages(k_cache, v_cache, block_table)
     # Keys a sequence can hold: S_max, or max_blocks * block_size when paged.
     S_max = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     scale = q.size(-1) ** -0.5 if softmax_scale is None else float(softmax_scale)

@@ -328,14 +328,6 @@ def _auto_plan(q, k_cache, cu_seqlens_q, seqlens_k, max_seqlen_q, causal, window
     return plan
 
 
-def _check_paged_block_size(k_cache):
-    bs = k_cache.shape[1] if k_cache.dim() == 4 else 0
-    if k_cache.is_cuda and bs & (bs - 1):
-        raise NotImplementedError(f"fastattn: the CUDA paged kernels take power-of-two block sizes "
-                                  f"(1, 2, 4, ..., 256, ...), got block_size={bs} (the CPU backend "
-                                  f"takes any)")
-
-
 def _check_flash_dtype(q):
     if q.is_cuda and q.dtype not in _CUDA_DTYPES:
         raise TypeError(f"fastattn: flash_attn_* on CUDA takes float16 or bfloat16, got {q.dtype}")
@@ -430,7 +422,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     slopes = _alibi(alibi_slopes, scale)
     p, rng_state = 0.0, None
     if block_table is not None:
-        _check_paged_block_size(k)
         if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 2:
             raise ValueError("fastattn: with block_table, cu_seqlens_k must be a 1-D int32 tensor of "
                              "length batch + 1 (prefix sums of the key counts)")
