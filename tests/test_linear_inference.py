@@ -116,6 +116,28 @@ def test_chunked_kernels_take_key_and_value_dims_that_differ(family, K, V, monke
     assert_close_rule("state", S.cpu(), base_S, ref_S, OUT_FACTOR)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["gated_delta", "delta"])
+def test_chunked_kernels_wide_scan_slice(family, monkeypatch):
+    """Many (sequence, value head) pairs: with FASTATTN_LINEAR_CUDA_TRAIN=1 the scan takes
+    64 value columns per CTA where 32 would need more waves (here 512 CTAs of 139 KB of
+    shared memory, four waves on a 132-SM GPU, against two of the wide slice): the 2x rule
+    against the recurrence, and the default slice's result within rounding."""
+    gate, has_beta, _ = FAMILIES[family]
+    t = inputs(8, 200, 4, 16, 128, 128, torch.bfloat16, gate=gate, beta=has_beta, h0=True, seed=11)
+    t["k"] = torch.nn.functional.normalize(t["k"].float(), dim=-1).to(torch.bfloat16)
+    with torch.no_grad():
+        o_default, S_default = CHUNK_OPS[family](to(t, "cuda"))
+        monkeypatch.setenv("FASTATTN_LINEAR_CUDA_TRAIN", "1")
+        o, S = CHUNK_OPS[family](to(t, "cuda"))
+    _, ref_o, ref_S = run_naive(family, t, torch.float64)
+    _, base_o, base_S = run_naive(family, t, torch.bfloat16)
+    assert_close_rule("o", o.cpu(), base_o, ref_o, OUT_FACTOR)
+    assert_close_rule("state", S.cpu(), base_S, ref_S, OUT_FACTOR)
+    torch.testing.assert_close(o, o_default, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(S, S_default, atol=1e-3, rtol=1e-3)
+
+
 def run_chunk_gla(t):
     return la.chunk_gla(t["q"], t["k"], t["v"], t["g"], initial_state=t["h0"], output_final_state=True)
 

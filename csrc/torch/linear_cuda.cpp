@@ -183,6 +183,11 @@ void run_chunked(const LinearRecurrentParams& rp, const LinearRecurrentProblem& 
   } else {
     p.chunks = static_cast<int>((s.T + kChunk - 1) / kChunk);
   }
+  if (unverified_kernels_enabled()) {  // the wide scan slice: not yet run on a GPU
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    p.scan_cols = gpu::linear_scan_cols_for(p, prop->multiProcessorCount,
+                                            static_cast<int>(prop->sharedMemPerMultiprocessor));
+  }
   auto work = at::empty({gpu::linear_chunk_workspace_elems(p)}, q.options());
   auto work_f = at::empty({gpu::linear_chunk_workspace_floats(p)}, q.options().dtype(at::kFloat));
   const int64_t rows = static_cast<int64_t>(p.B) * p.HV * p.chunks * kChunk;

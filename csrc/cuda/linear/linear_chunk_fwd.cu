@@ -11,6 +11,15 @@ namespace fastattn {
 namespace gpu {
 namespace {
 
+// The scan with the value slice p.scan_cols asks for (scalar decays).
+template <typename Elem, int kK, bool kDelta>
+cudaError_t launch_scan(const LinearChunkParams& p, cudaStream_t stream) {
+  if (p.scan_cols == kLinearScanColsWide && p.V % kLinearScanColsWide == 0) {
+    return launch_linear_chunk_scan<Elem, kK, kLinearScanColsWide, kDelta>(p, stream);
+  }
+  return launch_linear_chunk_scan<Elem, kK, kLinearScanCols, kDelta>(p, stream);
+}
+
 template <typename Elem, int kK, bool kDelta>
 cudaError_t run_typed(const LinearChunkParams& p, cudaStream_t stream) {
   if (p.g_per_key) {  // GLA: its own chunk-local kernel, the scan with per-row decays
@@ -26,7 +35,7 @@ cudaError_t run_typed(const LinearChunkParams& p, cudaStream_t stream) {
   cudaError_t err = p.V == 64 ? launch_linear_chunk_local<Elem, kK, 64, kDelta>(p, stream)
                               : launch_linear_chunk_local<Elem, kK, 128, kDelta>(p, stream);
   if (err != cudaSuccess) return err;
-  return launch_linear_chunk_scan<Elem, kK, kLinearScanCols, kDelta>(p, stream);
+  return launch_scan<Elem, kK, kDelta>(p, stream);
 }
 
 // Runs Run<Elem, key dim, delta rule> for p's sizes (`supported`: whether
@@ -65,7 +74,7 @@ struct LocalOnly {
 template <typename Elem, int kD, bool kDelta>
 struct ScanOnly {
   static cudaError_t run(const LinearChunkParams& p, cudaStream_t s) {
-    return launch_linear_chunk_scan<Elem, kD, kLinearScanCols, kDelta>(p, s);
+    return launch_scan<Elem, kD, kDelta>(p, s);
   }
 };
 

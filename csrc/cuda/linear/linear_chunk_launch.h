@@ -11,8 +11,9 @@
 namespace fastattn {
 namespace gpu {
 
-// Value columns per scan CTA.
+// Value columns per scan CTA, and the wide slice (LinearChunkParams::scan_cols).
 constexpr int kLinearScanCols = 32;
+constexpr int kLinearScanColsWide = 64;
 
 // Whether the chunked kernels serve these sizes: K and V each 64 or 128
 // (other head dims take the other paths of fastattn.linear).
@@ -34,6 +35,13 @@ inline int64_t linear_chunk_workspace_elems(const LinearChunkParams& p) {
 inline int64_t linear_chunk_workspace_floats(const LinearChunkParams& p) {  // e^{b_last}
   return static_cast<int64_t>(p.B) * p.HV * p.chunks * (p.g_per_key ? p.K : 1);
 }
+
+// The scan's value slice for p's grid on a GPU of `sms` multiprocessors with
+// `smem_per_sm` bytes of shared memory each: kLinearScanColsWide when the
+// default slice's CTAs would need more waves than half as many wide CTAs
+// (each of which does about 1.5x the work of a default one), else 0 (the
+// default). Scalar decays only.
+int linear_scan_cols_for(const LinearChunkParams& p, int sms, int smem_per_sm);
 
 // Runs the chunk-local kernel, then the scan; p carries the workspace
 // pointers. cudaErrorInvalidValue for sizes linear_chunk_supported rejects.

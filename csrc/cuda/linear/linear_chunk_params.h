@@ -84,6 +84,11 @@ struct LinearChunkParams {
   int chunks = 0;  // workspace chunks per (batch, head): ceil(T / 64), varlen T / 64 + N
   float scale = 1.f;
   bool delta = false;
+  // Value columns per scan CTA: 0 for the default slice (kLinearScanCols), or
+  // the wide slice (kLinearScanColsWide, V a multiple of it; scalar decays):
+  // half the CTAs, each doing the value-slice work twice, for grids that
+  // would otherwise take a second wave (linear_scan_cols_for).
+  int scan_cols = 0;
   ElemType dtype = ElemType::kBFloat16;
 };
 

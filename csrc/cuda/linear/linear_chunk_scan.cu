@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/linear/linear_chunk_launch.h"
@@ -207,12 +208,36 @@ cudaError_t launch_linear_chunk_scan(const LinearChunkParams& p, cudaStream_t st
   return cudaGetLastError();
 }
 
+int linear_scan_cols_for(const LinearChunkParams& p, int sms, int smem_per_sm) {
+  if (p.g_per_key || p.V % kLinearScanColsWide != 0 || sms <= 0) return 0;
+  const int wide_bytes = p.K == 64 ? (p.delta ? ScanSmem<64, kLinearScanColsWide, true>::kTotal
+                                              : ScanSmem<64, kLinearScanColsWide, false>::kTotal)
+                                   : (p.delta ? ScanSmem<128, kLinearScanColsWide, true>::kTotal
+                                              : ScanSmem<128, kLinearScanColsWide, false>::kTotal);
+  const int narrow_bytes = p.K == 64 ? (p.delta ? ScanSmem<64, kLinearScanCols, true>::kTotal
+                                                : ScanSmem<64, kLinearScanCols, false>::kTotal)
+                                     : (p.delta ? ScanSmem<128, kLinearScanCols, true>::kTotal
+                                                : ScanSmem<128, kLinearScanCols, false>::kTotal);
+  // CTAs per SM by shared memory (1 KB per CTA reserved by the runtime); registers allow
+  // more than shared memory does for both slices (<= 228 registers x 128 threads).
+  auto per_sm = [&](int bytes) { return std::max(1, smem_per_sm / (bytes + 1024)); };
+  const int64_t rows = static_cast<int64_t>(p.HV) * p.N;
+  const int64_t narrow = rows * (p.V / kLinearScanCols), wide = rows * (p.V / kLinearScanColsWide);
+  const int64_t narrow_waves = (narrow + int64_t{sms} * per_sm(narrow_bytes) - 1) / (int64_t{sms} * per_sm(narrow_bytes));
+  const int64_t wide_waves = (wide + int64_t{sms} * per_sm(wide_bytes) - 1) / (int64_t{sms} * per_sm(wide_bytes));
+  return 3 * wide_waves < 2 * narrow_waves ? kLinearScanColsWide : 0;
+}
+
 #define FASTATTN_LINEAR_SCAN(E, K)                                                                        \
   template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanCols, true, false>(                      \
       const LinearChunkParams&, cudaStream_t);                                                            \
   template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanCols, false, false>(                     \
       const LinearChunkParams&, cudaStream_t);                                                            \
   template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanCols, false, true>(                      \
+      const LinearChunkParams&, cudaStream_t);                                                            \
+  template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanColsWide, true, false>(                  \
+      const LinearChunkParams&, cudaStream_t);                                                            \
+  template cudaError_t launch_linear_chunk_scan<E, K, kLinearScanColsWide, false, false>(                 \
       const LinearChunkParams&, cudaStream_t);
 FASTATTN_LINEAR_SCAN(__half, 64)
 FASTATTN_LINEAR_SCAN(__half, 128)
