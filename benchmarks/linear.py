@@ -18,8 +18,9 @@ fastattn's CUDA kernels (forward without gradients, decode) are switched on
 backward runs the chunked form (fastattn/linear/chunked.py) in torch ops with its
 scans as Python loops ("fastattn", the library's default until the training
 kernels have run on a GPU) and through the training kernels ("fastattn opt-in
-kernels", FASTATTN_LINEAR_CUDA_TRAIN=1, which also times chunk_gla's chunked
-forward kernels; --no-train-kernels leaves those rows out).
+kernels", FASTATTN_LINEAR_CUDA_TRAIN=1, which also switches on chunk_gla's
+chunked forward kernels and the forward scan's wide slice; --no-train-kernels
+leaves those rows out).
 """
 import argparse
 import os
@@ -137,8 +138,8 @@ def bench_chunk(shapes, op_names, impls, rounds, device, dtype, modes=("fwd", "f
                 except Exception as e:  # an implementation that cannot run this shape
                     results.append(Result(cfg, name, "fwd", None, error=str(e).splitlines()[0][:60]))
             # Interleaved rounds: every implementation once per round, medians over rounds.
-            times = {(name, m): [] for name, ops_ in live.items()
-                     for m in ops_.get("modes_by_op", {}).get(op, ops_.get("modes", modes)) if m in modes}
+            times = {(name, m): [] for name, ops_ in live.items() for m in ops_.get("modes", modes)
+                     if m in modes}
             for _ in range(rounds):
                 for name, ops_ in live.items():
                     if (name, "fwd") in times:
@@ -213,9 +214,9 @@ def main():
     impls = {"fastattn": {"gdn": ours.chunk_gated_delta_rule, "simple_gla": ours.chunk_simple_gla,
                           "gla": ours.chunk_gla}}
     if args.train_kernels:
-        # The kernels still opt-in in the library: the training path's, and chunk_gla's forward.
-        impls["fastattn opt-in kernels"] = dict(impls["fastattn"], env={"FASTATTN_LINEAR_CUDA_TRAIN": "1"},
-                                               modes=("fwd_bwd",), modes_by_op={"gla": ("fwd", "fwd_bwd")})
+        # The kernels still opt-in in the library: the training path's, chunk_gla's chunked
+        # forward and the forward scan's wide slice.
+        impls["fastattn opt-in kernels"] = dict(impls["fastattn"], env={"FASTATTN_LINEAR_CUDA_TRAIN": "1"})
     fla, why = fla_ops() if not args.smoke else (None, "smoke run")
     if fla is not None:
         impls["fla"] = fla
