@@ -138,6 +138,62 @@ def test_chunked_kernels_wide_scan_slice(family, monkeypatch):
     torch.testing.assert_close(S, S_default, atol=1e-3, rtol=1e-3)
 
 
+SPLIT_OPS = {
+    "linear": lambda t: la.chunk_linear_attn(t["q"], t["k"], t["v"], initial_state=t.get("h0"),
+                                             output_final_state=True, normalize=False),
+    "simple_gla": lambda t: la.chunk_simple_gla(t["q"], t["k"], t["v"], g=t["g"], initial_state=t.get("h0"),
+                                                output_final_state=True),
+    "gla": lambda t: la.chunk_gla(t["q"], t["k"], t["v"], t["g"], initial_state=t.get("h0"),
+                                  output_final_state=True),
+}
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("family", list(SPLIT_OPS))
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_sequence_split_matches_the_definition(device, family, with_h0, monkeypatch):
+    """FASTATTN_LINEAR_SEQ_SPLIT=4: every sequence runs as four segments from zero states,
+    combined afterwards (linear/sequence_split.py: the carried states and each token's
+    share of them): the 2x rule against the recurrence for outputs and the final state,
+    GVA, with and without an initial state; and the unsplit call's result within rounding."""
+    gate = FAMILIES[family][0]
+    cuda = device == "cuda"
+    if cuda:
+        monkeypatch.setenv("FASTATTN_LINEAR_CUDA_TRAIN", "1")  # chunk_gla's chunked kernels
+    dtype, K, V, T = (torch.bfloat16, 64, 64, 1024) if cuda else (torch.float32, 16, 8, 256)
+    t = inputs(2, T, 2, 4, K, V, dtype, gate=gate, h0=with_h0, seed=5 + with_h0)
+    with torch.no_grad():
+        o_whole, S_whole = SPLIT_OPS[family](to(t, device))
+        monkeypatch.setenv("FASTATTN_LINEAR_SEQ_SPLIT", "4")
+        o, S = SPLIT_OPS[family](to(t, device))
+    _, ref_o, ref_S = run_naive(family, t, torch.float64)
+    _, base_o, base_S = run_naive(family, t, dtype)
+    assert_close_rule("o", o.cpu(), base_o, ref_o, OUT_FACTOR)
+    assert_close_rule("state", S.cpu(), base_S, ref_S, OUT_FACTOR)
+    tol = dict(atol=3e-2, rtol=3e-2) if cuda else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o, o_whole, **tol)
+    torch.testing.assert_close(S, S_whole, **tol)
+
+
+def test_sequence_split_applies_only_where_it_can(monkeypatch):
+    """Segments need T to split into multiples of 64 tokens, no delta rule and no varlen;
+    otherwise (and by default) the call is not split; a bad setting is a clear error."""
+    from fastattn.linear import sequence_split as ss
+    q, v = torch.zeros(1, 256, 2, 16), torch.zeros(1, 256, 2, 16)
+    monkeypatch.delenv("FASTATTN_LINEAR_SEQ_SPLIT", raising=False)
+    assert ss.segments(q, v, False, False) == 1  # unset: off
+    monkeypatch.setenv("FASTATTN_LINEAR_SEQ_SPLIT", "4")
+    assert ss.segments(q, v, False, False) == 4
+    assert ss.segments(q, v, True, False) == 1   # delta rule
+    assert ss.segments(q, v, False, True) == 1   # varlen
+    assert ss.segments(q[:, :200], v[:, :200], False, False) == 1  # 50-token segments
+    monkeypatch.setenv("FASTATTN_LINEAR_SEQ_SPLIT", "auto")
+    assert ss.segments(q, v, False, False) == 1  # auto: CUDA only
+    monkeypatch.setenv("FASTATTN_LINEAR_SEQ_SPLIT", "many")
+    with pytest.raises(ValueError, match="FASTATTN_LINEAR_SEQ_SPLIT"):
+        ss.segments(q, v, False, False)
+
+
 def run_chunk_gla(t):
     return la.chunk_gla(t["q"], t["k"], t["v"], t["g"], initial_state=t["h0"], output_final_state=True)
 

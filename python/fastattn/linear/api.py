@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .._ops import ops
-from . import chunked, recurrence
+from . import chunked, recurrence, sequence_split
 
 _FEATURE_MAPS = {
     None: lambda x: x,
@@ -154,6 +154,12 @@ def _run(name, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, ou
             o = ops.linear_recurrent_update(q, k, v, g, beta, state, ssm_state_indices, cu, scale, delta,
                                             use_qk_l2norm_in_kernel, state_v_first)
             return o, pool
+        split = not (token_by_token or pooled or state_v_first)
+        P = sequence_split.segments(q, v, delta, cu is not None) if split else 1
+        if P > 1:  # long sequences over few (sequence, value head) pairs: segments in parallel
+            if use_qk_l2norm_in_kernel:
+                q, k = _l2norm(q), _l2norm(k)
+            return sequence_split.run(P, q, k, v, g, scale, initial_state, output_final_state)
         o, final = ops.linear_recurrent(q, k, v, g, beta, initial_state, ssm_state_indices, cu, scale,
                                         delta, use_qk_l2norm_in_kernel, state_v_first, output_final_state)
         return o, (final if output_final_state else None)
