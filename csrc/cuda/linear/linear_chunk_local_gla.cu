@@ -204,13 +204,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename Elem, int kK, int kV>
 cudaError_t launch_linear_chunk_local_gla(const LinearChunkParams& p, cudaStream_t stream) {
-  using L = GlaSmem<kK, kV>;
-  auto kernel = linear_chunk_local_gla_kernel<Elem, kK, kV>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kTotal);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.HV), static_cast<unsigned>(p.B));
-  kernel<<<grid, kThreads, L::kTotal, stream>>>(p);
-  return cudaGetLastError();
+  return launch_per_chunk(linear_chunk_local_gla_kernel<Elem, kK, kV>, GlaSmem<kK, kV>::kTotal, p, stream);
 }
 
 #define FASTATTN_LINEAR_LOCAL_GLA(E, K, V) \

@@ -3,6 +3,8 @@
 // gradients): cp.async loads of row tiles into padded shared tiles, the
 // coordinates of mma accumulator elements, and the scans' state products.
 #pragma once
+#include <cuda_runtime.h>
+
 #include <cstdint>
 
 #include "cuda/common/fragment.h"
@@ -264,6 +266,18 @@ __device__ __forceinline__ void intra_chunk_output(Elem* oi, const char* s_m, co
       store_pair_global<Elem>(oi + i * kV + j, scale * acc[n][2 * half], scale * acc[n][2 * half + 1]);
     }
   }
+}
+
+// Launches a chunk-local kernel (linear_chunk_local.cu, linear_chunk_local_gla.cu):
+// one CTA per (workspace chunk, value head, batch row).
+template <typename Kernel>
+inline cudaError_t launch_per_chunk(Kernel kernel, int smem_bytes, const LinearChunkParams& p,
+                                    cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.HV), static_cast<unsigned>(p.B));
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace linear_tiles
