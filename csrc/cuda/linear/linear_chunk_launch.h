@@ -60,6 +60,13 @@ cudaError_t run_linear_state_scan_bwd(const LinearScanBwdParams& p, cudaStream_t
 // K and V each 64 or 128, else cudaErrorInvalidValue.
 cudaError_t run_linear_chunk_bwd_local(const LinearChunkBwdLocalParams& p, cudaStream_t stream);
 
+// The (dtype, K, V) triples the chunk-local kernels are instantiated for:
+// FASTATTN_LINEAR_CHUNK_TYPES(M) expands to M(Elem, K, V) for each.
+#define FASTATTN_LINEAR_CHUNK_TYPES(M)                                                         \
+  M(__half, 64, 64) M(__half, 64, 128) M(__half, 128, 64) M(__half, 128, 128)                  \
+  M(__nv_bfloat16, 64, 64) M(__nv_bfloat16, 64, 128) M(__nv_bfloat16, 128, 64)                 \
+  M(__nv_bfloat16, 128, 128)
+
 template <typename Elem, int kK, int kV, bool kDelta>
 cudaError_t launch_linear_chunk_local(const LinearChunkParams& p, cudaStream_t stream);
 template <typename Elem, int kK, int kVt, bool kDelta, bool kPerKey = false>

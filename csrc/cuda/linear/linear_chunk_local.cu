@@ -89,13 +89,7 @@ __global__ void __launch_bounds__(kThreads)
   const int len = min(C, seq_end - t0);
   const int64_t row0 = ((static_cast<int64_t>(b) * p.HV + hv) * p.chunks + wc) * C;  // workspace row
 
-  const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride_b + t0 * p.q_stride_t + h * p.q_stride_h;
-  const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride_b + t0 * p.k_stride_t + h * p.k_stride_h;
-  const Elem* v = static_cast<const Elem*>(p.v) + b * p.v_stride_b + t0 * p.v_stride_t + hv * p.v_stride_h;
-  load_rows_async<TileK>(ptx::smem_u32(s_q), q, p.q_stride_t, len);
-  load_rows_async<TileK>(ptx::smem_u32(s_k), k, p.k_stride_t, len);
-  load_rows_async<TileV>(ptx::smem_u32(s_v), v, p.v_stride_t, len);
-  ptx::cp_async_commit();
+  load_chunk_qkv<Elem, TileK, TileV>(p, b, h, hv, t0, len, s_q, s_k, s_v);
 
   // b = chunk-local inclusive cumulative sum of g (padding rows add 0, so b
   // stays at the last token's value), beta (padding rows 0).
@@ -242,14 +236,7 @@ cudaError_t launch_linear_chunk_local(const LinearChunkParams& p, cudaStream_t s
                                                                 cudaStream_t);                    \
   template cudaError_t launch_linear_chunk_local<E, K, V, false>(const LinearChunkParams&,        \
                                                                  cudaStream_t);
-FASTATTN_LINEAR_LOCAL(__half, 64, 64)
-FASTATTN_LINEAR_LOCAL(__half, 64, 128)
-FASTATTN_LINEAR_LOCAL(__half, 128, 64)
-FASTATTN_LINEAR_LOCAL(__half, 128, 128)
-FASTATTN_LINEAR_LOCAL(__nv_bfloat16, 64, 64)
-FASTATTN_LINEAR_LOCAL(__nv_bfloat16, 64, 128)
-FASTATTN_LINEAR_LOCAL(__nv_bfloat16, 128, 64)
-FASTATTN_LINEAR_LOCAL(__nv_bfloat16, 128, 128)
+FASTATTN_LINEAR_CHUNK_TYPES(FASTATTN_LINEAR_LOCAL)
 #undef FASTATTN_LINEAR_LOCAL
 
 }  // namespace gpu

@@ -226,6 +226,22 @@ __device__ __forceinline__ bool chunk_tokens(const LinearChunkParams& p, int wc,
   return true;
 }
 
+// Starts the cp.async copies of a chunk's q, k (query / key head h) and v (value
+// head hv) rows, tokens [t0, t0 + len) of batch row b, into the padded shared
+// tiles at s_q / s_k (TileK) and s_v (TileV); rows >= len are zero-filled. One
+// commit group.
+template <typename Elem, typename TileK, typename TileV>
+__device__ __forceinline__ void load_chunk_qkv(const LinearChunkParams& p, int b, int h, int hv, int t0, int len,
+                                               char* s_q, char* s_k, char* s_v) {
+  const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride_b + t0 * p.q_stride_t + h * p.q_stride_h;
+  const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride_b + t0 * p.k_stride_t + h * p.k_stride_h;
+  const Elem* v = static_cast<const Elem*>(p.v) + b * p.v_stride_b + t0 * p.v_stride_t + hv * p.v_stride_h;
+  load_rows_async<TileK>(ptx::smem_u32(s_q), q, p.q_stride_t, len);
+  load_rows_async<TileK>(ptx::smem_u32(s_k), k, p.k_stride_t, len);
+  load_rows_async<TileV>(ptx::smem_u32(s_v), v, p.v_stride_t, len);
+  ptx::cp_async_commit();
+}
+
 // acc (16 rows of warp `warp` x kN columns) = a_tile[rows, 0:C] @ b_tile[0:C, 0:kN],
 // a_tile C x C, b_tile C x kN, both padded shared tiles (C: the chunk).
 template <typename Elem, int kN>
