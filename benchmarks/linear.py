@@ -19,8 +19,9 @@ backward runs the chunked form (fastattn/linear/chunked.py) in torch ops with it
 scans as Python loops ("fastattn", the library's default until the training
 kernels have run on a GPU) and through the training kernels ("fastattn opt-in
 kernels", FASTATTN_LINEAR_CUDA_TRAIN=1, which also switches on chunk_gla's
-chunked forward kernels and the forward scan's wide slice; --no-train-kernels
-leaves those rows out).
+chunked forward kernels, the forward scan's wide slice and, with
+FASTATTN_LINEAR_SEQ_SPLIT=auto, the sequence split; --no-train-kernels leaves
+those rows out).
 """
 import argparse
 import os
@@ -215,8 +216,9 @@ def main():
                           "gla": ours.chunk_gla}}
     if args.train_kernels:
         # The kernels still opt-in in the library: the training path's, chunk_gla's chunked
-        # forward and the forward scan's wide slice.
-        impls["fastattn opt-in kernels"] = dict(impls["fastattn"], env={"FASTATTN_LINEAR_CUDA_TRAIN": "1"})
+        # forward, the forward scan's wide slice and the sequence split.
+        impls["fastattn opt-in kernels"] = dict(impls["fastattn"], env={"FASTATTN_LINEAR_CUDA_TRAIN": "1",
+                                                                        "FASTATTN_LINEAR_SEQ_SPLIT": "auto"})
     fla, why = fla_ops() if not args.smoke else (None, "smoke run")
     if fla is not None:
         impls["fla"] = fla
