@@ -188,6 +188,20 @@ def main():
                                      output_final_state=True)
     (o.float().sum() + S.sum()).backward()
     la.chunk_simple_gla(q, k, v[:, :, :2], g=g[..., :2])[0].float().sum().backward()
+    # Opt-in forward paths: chunk_gla's chunked kernels (varlen, a partial last chunk), the
+    # wide scan slice (B 8 x 16 value heads x V 128 with the delta rule) and the sequence split.
+    with torch.no_grad():
+        qg = torch.randn(1, 300, 2, 128, device="cuda", dtype=dt)
+        gk = -torch.rand(1, 300, 2, 128, device="cuda") * 3
+        cu = torch.tensor([0, 130, 131, 300], dtype=torch.int32, device="cuda")
+        la.chunk_gla(qg, qg, qg, gk, cu_seqlens=cu, output_final_state=True)
+        qw = torch.randn(8, 200, 4, 128, device="cuda", dtype=dt)
+        vw = torch.randn(8, 200, 16, 128, device="cuda", dtype=dt)
+        la.chunk_gated_delta_rule(qw, qw, vw, -torch.rand(8, 200, 16, device="cuda"),
+                                  torch.rand(8, 200, 16, device="cuda"), output_final_state=True)
+        os.environ["FASTATTN_LINEAR_SEQ_SPLIT"] = "4"
+        la.chunk_gla(qg[:, :256], qg[:, :256], qg[:, :256], gk[:, :256], output_final_state=True)
+        os.environ.pop("FASTATTN_LINEAR_SEQ_SPLIT")
     torch.cuda.synchronize()
     print("sanitizer subset: done")
 
