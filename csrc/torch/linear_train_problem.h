@@ -46,10 +46,10 @@ inline void check_state(const char* op, const at::Tensor& t, const char* name, c
               ", got ", t.scalar_type());
 }
 
-// rows_k: an operand of K columns (its sizes fix B, HV, N, K); rows_v: one of V columns.
-inline LinearScanProblem check_common(const char* op, const at::Tensor& rows_k, const char* k_name,
-                                      const at::Tensor& rows_v, const char* v_name,
-                                      const at::Tensor& decay_last, std::initializer_list<Named> all) {
+// rows_k: an operand of K columns (its sizes fix B, HV, N, K); rows_v: one of V columns;
+// `all`: the tensors that must share rows_k's device (nullptr entries skipped).
+inline LinearScanProblem chunk_sizes(const char* op, const at::Tensor& rows_k, const char* k_name,
+                                     const at::Tensor& rows_v, const char* v_name, std::initializer_list<Named> all) {
   TORCH_CHECK(rows_k.dim() == 5 && rows_v.dim() == 5, "fastattn.", op, ": ", k_name, " and ", v_name,
               " must be (B, HV, chunks, 64, .), got ", rows_k.sizes(), " and ", rows_v.sizes());
   TORCH_CHECK(at::isFloatingType(rows_k.scalar_type()), "fastattn.", op, ": ", k_name,
@@ -64,6 +64,24 @@ inline LinearScanProblem check_common(const char* op, const at::Tensor& rows_k, 
                   ", ", k_name, " on ", rows_k.device());
     }
   }
+  return s;
+}
+
+// One value per token of the chunk layout, (B, HV, N, 64) in the state dtype (b, g, beta).
+inline void check_per_token(const char* op, const at::Tensor& t, const char* name, const LinearScanProblem& s) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == s.B && t.size(1) == s.HV && t.size(2) == s.N &&
+                  t.size(3) == LinearScanProblem::kChunk,
+              "fastattn.", op, ": ", name, " must have shape (", s.B, ", ", s.HV, ", ", s.N, ", ",
+              LinearScanProblem::kChunk, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == s.state_dtype, "fastattn.", op, ": ", name, " must be ", s.state_dtype,
+              ", got ", t.scalar_type());
+}
+
+// The scans' operands: chunk_sizes plus decay_last (B, HV, N) in the state dtype.
+inline LinearScanProblem check_common(const char* op, const at::Tensor& rows_k, const char* k_name,
+                                      const at::Tensor& rows_v, const char* v_name,
+                                      const at::Tensor& decay_last, std::initializer_list<Named> all) {
+  const LinearScanProblem s = chunk_sizes(op, rows_k, k_name, rows_v, v_name, all);
   TORCH_CHECK(decay_last.dim() == 3 && decay_last.size(0) == s.B && decay_last.size(1) == s.HV &&
                   decay_last.size(2) == s.N,
               "fastattn.", op, ": decay_last must have shape (", s.B, ", ", s.HV, ", ", s.N, "), got ",
@@ -133,29 +151,17 @@ inline LinearScanProblem check_linear_chunk_bwd_local_args(const at::Tensor& q, 
                                                            const std::optional<at::Tensor>& du) {
   using namespace linear_scan_detail;
   constexpr const char* op = "linear_chunk_bwd_local";
-  TORCH_CHECK(q.dim() == 5 && v.dim() == 5, "fastattn.", op, ": q and v must be (B, HV, chunks, 64, .), got ",
-              q.sizes(), " and ", v.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "fastattn.", op, ": q must be a floating dtype, got ",
-              q.scalar_type());
-  LinearScanProblem s;
-  s.B = q.size(0), s.HV = q.size(1), s.N = q.size(2), s.K = q.size(4), s.V = v.size(4);
-  s.state_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const auto& [t, name] : {Named{&k, "k"}, Named{&v, "v"}, Named{&dout, "dout"}, Named{&b, "b"},
-                                Named{&states, "chunk_states"}, Named{&dstates, "chunk_dstates"}}) {
-    TORCH_CHECK(t->device() == q.device(), "fastattn.", op, ": ", name, " is on ", t->device(), ", q on ",
-                q.device());
-  }
+  const LinearScanProblem s =
+      chunk_sizes(op, q, "q", v, "v",
+                  {{&k, "k"}, {&v, "v"}, {&dout, "dout"}, {&b, "b"}, {&states, "chunk_states"},
+                   {&dstates, "chunk_dstates"}, {beta ? &*beta : nullptr, "beta"}, {u ? &*u : nullptr, "u"},
+                   {du ? &*du : nullptr, "du"}});
   const at::ScalarType dt = q.scalar_type();
   check_rows(op, q, "q", s, s.K, dt);
   check_rows(op, k, "k", s, s.K, dt);
   check_rows(op, v, "v", s, s.V, dt);
   check_rows(op, dout, "dout", s, s.V, dt);
-  TORCH_CHECK(b.dim() == 4 && b.size(0) == s.B && b.size(1) == s.HV && b.size(2) == s.N &&
-                  b.size(3) == LinearScanProblem::kChunk,
-              "fastattn.", op, ": b must have shape (", s.B, ", ", s.HV, ", ", s.N, ", ", LinearScanProblem::kChunk,
-              "), got ", b.sizes());
-  TORCH_CHECK(b.scalar_type() == s.state_dtype, "fastattn.", op, ": b must be ", s.state_dtype, ", got ",
-              b.scalar_type());
+  check_per_token(op, b, "b", s);
   for (const auto& [t, name] : {Named{&states, "chunk_states"}, Named{&dstates, "chunk_dstates"}}) {
     TORCH_CHECK(t->dim() == 5 && t->size(0) == s.B && t->size(1) == s.HV && t->size(2) == s.N &&
                     t->size(3) == s.K && t->size(4) == s.V,
@@ -167,10 +173,6 @@ inline LinearScanProblem check_linear_chunk_bwd_local_args(const at::Tensor& q, 
   TORCH_CHECK(beta.has_value() == u.has_value() && u.has_value() == du.has_value(), "fastattn.", op,
               ": the delta rule needs beta, u and du together");
   if (beta) {
-    for (const auto& [t, name] : {Named{&*beta, "beta"}, Named{&*u, "u"}, Named{&*du, "du"}}) {
-      TORCH_CHECK(t->device() == q.device(), "fastattn.", op, ": ", name, " is on ", t->device(), ", q on ",
-                  q.device());
-    }
     TORCH_CHECK(beta->sizes() == b.sizes() && beta->scalar_type() == s.state_dtype, "fastattn.", op,
                 ": beta must be ", s.state_dtype, " of b's shape ", b.sizes(), ", got ", beta->scalar_type(), " ",
                 beta->sizes());
@@ -186,29 +188,14 @@ inline LinearScanProblem check_linear_chunk_prepare_args(const at::Tensor& q, co
                                                          const at::Tensor& beta) {
   using namespace linear_scan_detail;
   constexpr const char* op = "linear_chunk_prepare";
-  TORCH_CHECK(q.dim() == 5 && v.dim() == 5, "fastattn.", op, ": q and v must be (B, HV, chunks, 64, .), got ",
-              q.sizes(), " and ", v.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "fastattn.", op, ": q must be a floating dtype, got ",
-              q.scalar_type());
-  LinearScanProblem s;
-  s.B = q.size(0), s.HV = q.size(1), s.N = q.size(2), s.K = q.size(4), s.V = v.size(4);
-  s.state_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const auto& [t, name] : {Named{&k, "k"}, Named{&v, "v"}, Named{&g, "g"}, Named{&beta, "beta"}}) {
-    TORCH_CHECK(t->device() == q.device(), "fastattn.", op, ": ", name, " is on ", t->device(), ", q on ",
-                q.device());
-  }
+  const LinearScanProblem s =
+      chunk_sizes(op, q, "q", v, "v", {{&k, "k"}, {&v, "v"}, {&g, "g"}, {&beta, "beta"}});
   const at::ScalarType dt = q.scalar_type();
   check_rows(op, q, "q", s, s.K, dt);
   check_rows(op, k, "k", s, s.K, dt);
   check_rows(op, v, "v", s, s.V, dt);
-  for (const auto& [t, name] : {Named{&g, "g"}, Named{&beta, "beta"}}) {
-    TORCH_CHECK(t->dim() == 4 && t->size(0) == s.B && t->size(1) == s.HV && t->size(2) == s.N &&
-                    t->size(3) == LinearScanProblem::kChunk,
-                "fastattn.", op, ": ", name, " must have shape (", s.B, ", ", s.HV, ", ", s.N, ", ",
-                LinearScanProblem::kChunk, "), got ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == s.state_dtype, "fastattn.", op, ": ", name, " must be ", s.state_dtype,
-                ", got ", t->scalar_type());
-  }
+  check_per_token(op, g, "g", s);
+  check_per_token(op, beta, "beta", s);
   return s;
 }
 
